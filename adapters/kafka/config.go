@@ -1,0 +1,214 @@
+package kafka
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/sasl"
+	"github.com/twmb/franz-go/pkg/sasl/plain"
+	"github.com/twmb/franz-go/pkg/sasl/scram"
+)
+
+// Defaults of Config.
+const (
+	ClientIDDefault       = "outbox-relay"
+	TopicTemplateDefault  = "outbox.event.{aggregate_type}"
+	MaxRecordBytesDefault = 1000000
+	CompressionDefault    = "none"
+	DialTimeoutDefault    = 10 * time.Second
+)
+
+// Config configures the Kafka publisher.
+type Config struct {
+	// Brokers are the seed brokers, host:port. Required.
+	Brokers []string
+	// ClientID is sent to the brokers. Default "outbox-relay".
+	ClientID string
+	// TopicTemplate names the topic of rows without a topic of their own; {aggregate_type} and
+	// {event_type} are replaced with the row's values. Default "outbox.event.{aggregate_type}".
+	TopicTemplate string
+	// MaxRecordBytes is the largest record (key, value and headers) sent; larger rows are parked.
+	// Keep it at or below the broker's message.max.bytes. Default 1000000.
+	MaxRecordBytes int
+	// Tombstones lets a NULL payload be published as a tombstone (a record with a null value).
+	// Default false: such rows are parked.
+	Tombstones bool
+	// Linger is how long the producer waits to fill a batch. Default 0.
+	Linger time.Duration
+	// Compression is none, gzip, snappy, lz4 or zstd. Default none.
+	Compression string
+	// AutoCreateTopics asks the brokers to create missing topics. Default false.
+	AutoCreateTopics bool
+	// DialTimeout bounds a connection attempt to a broker. Default 10s.
+	DialTimeout time.Duration
+	// TLS configures TLS to the brokers.
+	TLS TLSConfig
+	// SASL configures authentication.
+	SASL SASLConfig
+}
+
+// TLSConfig configures TLS to the brokers.
+type TLSConfig struct {
+	Enabled  bool   // use TLS. Default false.
+	CAFile   string // PEM file of the CAs to trust; the system pool when empty
+	CertFile string // client certificate (PEM), for mutual TLS
+	KeyFile  string // client key (PEM), for mutual TLS
+	// ServerName overrides the name checked in the brokers' certificates.
+	ServerName string
+}
+
+// SASLConfig configures SASL authentication.
+type SASLConfig struct {
+	Mechanism string // "", PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+	Username  string
+	Password  string // a secret: never logged
+}
+
+var placeholderRE = regexp.MustCompile(`\{[^}]*\}`)
+
+// WithDefaults returns c with zero fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.ClientID == "" {
+		c.ClientID = ClientIDDefault
+	}
+	if c.TopicTemplate == "" {
+		c.TopicTemplate = TopicTemplateDefault
+	}
+	if c.MaxRecordBytes == 0 {
+		c.MaxRecordBytes = MaxRecordBytesDefault
+	}
+	if c.Compression == "" {
+		c.Compression = CompressionDefault
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = DialTimeoutDefault
+	}
+	return c
+}
+
+// Validate reports every invalid field, naming its configuration key.
+func (c Config) Validate() error {
+	var errs []error
+	if len(c.Brokers) == 0 {
+		errs = append(errs, errors.New("kafka.brokers: at least one broker host:port is required"))
+	}
+	for _, b := range c.Brokers {
+		if !strings.Contains(b, ":") {
+			errs = append(errs, fmt.Errorf("kafka.brokers: %q is not host:port", b))
+		}
+	}
+	for _, p := range placeholderRE.FindAllString(c.TopicTemplate, -1) {
+		if p != "{aggregate_type}" && p != "{event_type}" {
+			errs = append(errs, fmt.Errorf("kafka.topic_template: unknown placeholder %s (allowed: {aggregate_type}, {event_type})", p))
+		}
+	}
+	if rest := placeholderRE.ReplaceAllString(c.TopicTemplate, "x"); !topicRE.MatchString(rest) {
+		errs = append(errs, fmt.Errorf("kafka.topic_template: %q does not make a valid topic name ([a-zA-Z0-9._-], at most 249 characters)", c.TopicTemplate))
+	}
+	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 100<<20 {
+		errs = append(errs, fmt.Errorf("kafka.max_record_bytes: must be between 1024 and 104857600, got %d", c.MaxRecordBytes))
+	}
+	if c.Linger < 0 || c.Linger > 10*time.Second {
+		errs = append(errs, fmt.Errorf("kafka.linger: must be between 0 and 10s, got %s", c.Linger))
+	}
+	if _, err := codec(c.Compression); err != nil {
+		errs = append(errs, err)
+	}
+	if c.DialTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("kafka.dial_timeout: must be positive, got %s", c.DialTimeout))
+	}
+	switch strings.ToUpper(c.SASL.Mechanism) {
+	case "":
+	case "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512":
+		if c.SASL.Username == "" || c.SASL.Password == "" {
+			errs = append(errs, errors.New("kafka.sasl.username, kafka.sasl.password: both are required with kafka.sasl.mechanism"))
+		}
+		if !c.TLS.Enabled && strings.ToUpper(c.SASL.Mechanism) == "PLAIN" {
+			errs = append(errs, errors.New("kafka.sasl.mechanism: PLAIN sends the password in clear text; enable kafka.tls.enabled"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got %q", c.SASL.Mechanism))
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		errs = append(errs, errors.New("kafka.tls.cert_file, kafka.tls.key_file: set both or neither"))
+	}
+	return errors.Join(errs...)
+}
+
+func codec(name string) (kgo.CompressionCodec, error) {
+	switch name {
+	case "none":
+		return kgo.NoCompression(), nil
+	case "gzip":
+		return kgo.GzipCompression(), nil
+	case "snappy":
+		return kgo.SnappyCompression(), nil
+	case "lz4":
+		return kgo.Lz4Compression(), nil
+	case "zstd":
+		return kgo.ZstdCompression(), nil
+	}
+	return kgo.NoCompression(), fmt.Errorf("kafka.compression: must be none, gzip, snappy, lz4 or zstd, got %q", name)
+}
+
+// clientOpts returns the franz-go options of c common to producers and consumers.
+func (c Config) clientOpts() ([]kgo.Opt, error) {
+	opts := []kgo.Opt{
+		kgo.SeedBrokers(c.Brokers...),
+		kgo.ClientID(c.ClientID),
+		kgo.DialTimeout(c.DialTimeout),
+	}
+	if c.TLS.Enabled {
+		tc, err := c.TLS.build()
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, kgo.DialTLSConfig(tc))
+	}
+	if m := c.SASL.mechanism(); m != nil {
+		opts = append(opts, kgo.SASL(m))
+	}
+	return opts, nil
+}
+
+func (t TLSConfig) build() (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CAFile != "" {
+		pem, err := os.ReadFile(t.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("kafka.tls.ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("kafka.tls.ca_file: no PEM certificate in %s", t.CAFile)
+		}
+		tc.RootCAs = pool
+	}
+	if t.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("kafka.tls.cert_file: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
+}
+
+func (s SASLConfig) mechanism() sasl.Mechanism {
+	switch strings.ToUpper(s.Mechanism) {
+	case "PLAIN":
+		return plain.Auth{User: s.Username, Pass: s.Password}.AsMechanism()
+	case "SCRAM-SHA-256":
+		return scram.Auth{User: s.Username, Pass: s.Password}.AsSha256Mechanism()
+	case "SCRAM-SHA-512":
+		return scram.Auth{User: s.Username, Pass: s.Password}.AsSha512Mechanism()
+	}
+	return nil
+}

@@ -1,0 +1,162 @@
+package kafka
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// Header names set on every record.
+const (
+	HeaderEventID       = "event-id"
+	HeaderEventType     = "event-type"
+	HeaderAggregateType = "aggregate-type"
+	HeaderOccurredAt    = "occurred-at"
+)
+
+var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
+
+// Publisher publishes outbox rows to Kafka: app.Sink.
+type Publisher struct {
+	cl  *kgo.Client
+	cfg Config
+}
+
+var _ app.Sink = (*Publisher)(nil)
+
+// NewPublisher returns a publisher with an idempotent, acks=all producer. extra options (hooks
+// such as metrics) are added to the client's.
+func NewPublisher(cfg Config, extra ...kgo.Opt) (*Publisher, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	opts, err := cfg.clientOpts()
+	if err != nil {
+		return nil, err
+	}
+	comp, _ := codec(cfg.Compression)
+	opts = append(opts,
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		kgo.ProducerLinger(cfg.Linger),
+		kgo.ProducerBatchCompression(comp),
+		kgo.MaxBufferedRecords(1<<20), // the relay bounds what is in flight; never block Publish
+		kgo.MaxBufferedBytes(0),
+	)
+	if cfg.AutoCreateTopics {
+		opts = append(opts, kgo.AllowAutoTopicCreation())
+	}
+	opts = append(opts, extra...)
+	cl, err := kgo.NewClient(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("new kafka client: %w", err)
+	}
+	return &Publisher{cl: cl, cfg: cfg}, nil
+}
+
+// Client returns the underlying franz-go client.
+func (p *Publisher) Client() *kgo.Client { return p.cl }
+
+// Ping checks that a broker answers a metadata request.
+func (p *Publisher) Ping(ctx context.Context) error {
+	if err := p.cl.Ping(ctx); err != nil {
+		return fmt.Errorf("kafka brokers %s unreachable: %w", strings.Join(p.cfg.Brokers, ","), err)
+	}
+	return nil
+}
+
+// Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
+// says why m cannot be published.
+func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
+	topic := m.Topic
+	if topic == "" {
+		topic = strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType).
+			Replace(p.cfg.TopicTemplate)
+	}
+	if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
+		return nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
+	}
+	if m.AggregateID == "" {
+		return nil, fmt.Errorf("%w: aggregate_id (the record key) is NULL or empty", app.ErrInvalidMessage)
+	}
+	if m.Payload == nil && !p.cfg.Tombstones {
+		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
+	}
+	rec := &kgo.Record{Topic: topic, Key: []byte(m.AggregateID), Value: m.Payload}
+	rec.Headers = append(rec.Headers,
+		kgo.RecordHeader{Key: HeaderEventID, Value: []byte(m.EventID)},
+		kgo.RecordHeader{Key: HeaderEventType, Value: []byte(m.EventType)},
+		kgo.RecordHeader{Key: HeaderAggregateType, Value: []byte(m.AggregateType)},
+		kgo.RecordHeader{Key: HeaderOccurredAt, Value: []byte(m.OccurredAt.UTC().Format(time.RFC3339Nano))},
+	)
+	if m.Headers != nil {
+		var hs map[string]any
+		if err := json.Unmarshal(m.Headers, &hs); err != nil {
+			return nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
+		}
+		for k, v := range hs {
+			s, ok := v.(string)
+			if !ok {
+				return nil, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
+			}
+			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
+		}
+	}
+	size := len(rec.Key) + len(rec.Value)
+	for _, h := range rec.Headers {
+		size += len(h.Key) + len(h.Value)
+	}
+	if size > p.cfg.MaxRecordBytes {
+		return nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", app.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
+	}
+	return rec, nil
+}
+
+// Publish implements app.Sink.
+func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	rec, err := p.Record(m)
+	if err != nil {
+		return err
+	}
+	p.cl.Produce(ctx, rec, func(_ *kgo.Record, err error) { done(classify(err)) })
+	return nil
+}
+
+// Abort implements app.Sink.
+func (p *Publisher) Abort(ctx context.Context) error { return p.cl.AbortBufferedRecords(ctx) }
+
+// Flush waits until every buffered record is acknowledged or failed.
+func (p *Publisher) Flush(ctx context.Context) error { return p.cl.Flush(ctx) }
+
+// Close closes the client.
+func (p *Publisher) Close() { p.cl.Close() }
+
+// classify marks the broker errors that retrying cannot fix as invalid messages.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, permanent := range []error{kerr.MessageTooLarge, kerr.RecordListTooLarge, kerr.InvalidRecord,
+		kerr.InvalidTopicException, kerr.CorruptMessage} {
+		if errors.Is(err, permanent) {
+			return fmt.Errorf("%w: broker rejected the record: %w", app.ErrInvalidMessage, err)
+		}
+	}
+	return err
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

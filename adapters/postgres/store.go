@@ -1,0 +1,300 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// Mark modes: what happens to a row once the broker acknowledged it.
+const (
+	// MarkDelete deletes published rows (the default).
+	MarkDelete = "delete"
+	// MarkRetain stamps published rows with dispatched_at and keeps them until purged.
+	MarkRetain = "retain"
+)
+
+// QueryTimeoutDefault is the default of StoreConfig.QueryTimeout.
+const QueryTimeoutDefault = 30 * time.Second
+
+// StoreConfig configures a Store.
+type StoreConfig struct {
+	// Table is the outbox the relay reads.
+	Table Table
+	// Mark is MarkDelete (default) or MarkRetain.
+	Mark string
+	// QueryTimeout bounds every query of a session, so a stalled connection is noticed.
+	// Default 30s.
+	QueryTimeout time.Duration
+}
+
+// Store is the relay's view of one outbox in PostgreSQL: app.Store.
+type Store struct {
+	conn    *pgx.ConnConfig
+	table   Table
+	timeout time.Duration
+	q       queries
+}
+
+var _ app.Store = (*Store)(nil)
+
+type queries struct {
+	claim, mark, retry, park, failing, parkedKeys, lock, listen string
+}
+
+// ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
+func ParseURL(url string) (*pgx.ConnConfig, error) {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("database.url: %s", redactURL(err.Error()))
+	}
+	return cfg, nil
+}
+
+// NewStore returns a Store connecting with conn, a parsed connection configuration.
+func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
+	t := cfg.Table.WithDefaults()
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Mark == "" {
+		cfg.Mark = MarkDelete
+	}
+	if cfg.QueryTimeout == 0 {
+		cfg.QueryTimeout = QueryTimeoutDefault
+	}
+	mark := `DELETE FROM ` + t.outbox() + ` WHERE id = ANY($1::bigint[])`
+	switch cfg.Mark {
+	case MarkDelete:
+	case MarkRetain:
+		mark = `UPDATE ` + t.outbox() + ` SET dispatched_at = now() WHERE id = ANY($1::bigint[]) AND dispatched_at IS NULL`
+	default:
+		return nil, fmt.Errorf("relay.mark: must be %q or %q, got %q", MarkDelete, MarkRetain, cfg.Mark)
+	}
+	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout}
+	s.q = queries{
+		claim: `SELECT id, event_id::text, aggregate_type, coalesce(aggregate_id, ''), event_type, payload,
+				coalesce(topic, ''), headers::text, occurred_at, created_at, attempts
+			FROM ` + t.outbox() + `
+			WHERE dispatched_at IS NULL AND id > $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+			ORDER BY id LIMIT $2`,
+		mark: mark,
+		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
+				next_attempt_at = now() + $3::interval WHERE id = $1`,
+		park: `WITH m AS (DELETE FROM ` + t.outbox() + ` WHERE id = $1 RETURNING *)
+			INSERT INTO ` + t.parked() + ` (id, event_id, aggregate_type, aggregate_id, event_type, payload,
+				topic, headers, occurred_at, created_at, attempts, reason)
+			SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, headers,
+				occurred_at, created_at, attempts + 1, $2 FROM m
+			ON CONFLICT (id) DO NOTHING`,
+		failing: `SELECT aggregate_type, coalesce(aggregate_id, ''), min(id) FROM ` + t.outbox() + `
+			WHERE attempts > 0 AND dispatched_at IS NULL GROUP BY 1, 2`,
+		parkedKeys: `SELECT DISTINCT aggregate_type, coalesce(aggregate_id, '') FROM ` + t.parked(),
+		lock: `SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on',
+				pg_try_advisory_lock(hashtextextended($1, 0))`,
+		listen: `LISTEN ` + pgx.Identifier{t.Channel()}.Sanitize(),
+	}
+	return s, nil
+}
+
+// Open implements app.Store: it connects one dedicated connection.
+func (s *Store) Open(ctx context.Context) (app.Session, error) {
+	sess := &session{store: s}
+	cfg := s.conn.Copy()
+	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database: %s", Redact(err.Error(), s.conn.Password))
+	}
+	sess.conn = conn
+	return sess, nil
+}
+
+type session struct {
+	store    *Store
+	conn     *pgx.Conn
+	notified atomic.Bool
+}
+
+func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, s.store.timeout)
+}
+
+// TryLead implements app.Session with a session-level advisory lock: it lasts as long as the
+// connection, so a dead relay's leadership ends with its connection.
+func (s *session) TryLead(ctx context.Context) (bool, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	var readOnly, locked bool
+	if err := s.conn.QueryRow(ctx, s.store.q.lock, s.store.table.lockKey()).Scan(&readOnly, &locked); err != nil {
+		return false, s.wrap(err)
+	}
+	if readOnly {
+		if locked {
+			_, _ = s.conn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.store.table.lockKey())
+		}
+		return false, app.ErrReadOnly
+	}
+	if !locked {
+		return false, nil
+	}
+	if _, err := s.conn.Exec(ctx, s.store.q.listen); err != nil {
+		return false, s.wrap(err)
+	}
+	return true, nil
+}
+
+// Claim implements app.Session.
+func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int) ([]app.Message, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	rows, err := s.conn.Query(ctx, s.store.q.claim, afterID, limit)
+	if err != nil {
+		return nil, s.wrap(err)
+	}
+	defer rows.Close()
+	var out []app.Message
+	size := 0
+	for rows.Next() {
+		var m app.Message
+		var headers *string
+		if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &m.AggregateID, &m.EventType, &m.Payload,
+			&m.Topic, &headers, &m.OccurredAt, &m.CreatedAt, &m.Attempts); err != nil {
+			return nil, s.wrap(err)
+		}
+		if headers != nil {
+			m.Headers = []byte(*headers)
+		}
+		out = append(out, m)
+		size += m.Size()
+		if size >= maxBytes {
+			break // memory is bounded by bytes, not by the backlog
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap(err)
+	}
+	return out, nil
+}
+
+// Mark implements app.Session.
+func (s *session) Mark(ctx context.Context, ids []int64) error {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	_, err := s.conn.Exec(ctx, s.store.q.mark, ids)
+	return s.wrap(err)
+}
+
+// Retry implements app.Session.
+func (s *session) Retry(ctx context.Context, id int64, reason string, delay time.Duration) error {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	_, err := s.conn.Exec(ctx, s.store.q.retry, id, truncate(reason, 2000), delay)
+	return s.wrap(err)
+}
+
+// Park implements app.Session.
+func (s *session) Park(ctx context.Context, id int64, reason string) error {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	_, err := s.conn.Exec(ctx, s.store.q.park, id, truncate(reason, 2000))
+	return s.wrap(err)
+}
+
+// Blocked implements app.Session.
+func (s *session) Blocked(ctx context.Context, withParked bool) (app.Blocked, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	out := make(app.Blocked)
+	rows, err := s.conn.Query(ctx, s.store.q.failing)
+	if err != nil {
+		return nil, s.wrap(err)
+	}
+	var at, aid string
+	var id int64
+	_, err = pgx.ForEachRow(rows, []any{&at, &aid, &id}, func() error {
+		out[app.BlockKey(at, aid)] = id
+		return nil
+	})
+	if err != nil {
+		return nil, s.wrap(err)
+	}
+	if !withParked {
+		return out, nil
+	}
+	rows, err = s.conn.Query(ctx, s.store.q.parkedKeys)
+	if err != nil {
+		return nil, s.wrap(err)
+	}
+	_, err = pgx.ForEachRow(rows, []any{&at, &aid}, func() error {
+		out[app.BlockKey(at, aid)] = 0
+		return nil
+	})
+	return out, s.wrap(err)
+}
+
+// Wait implements app.Session.
+func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	_, err := s.conn.WaitForNotification(wctx)
+	if err != nil && wctx.Err() != nil && ctx.Err() == nil && !s.conn.IsClosed() {
+		return nil // the timeout passed: the connection is still good
+	}
+	return s.wrap(err)
+}
+
+// Notified implements app.Session.
+func (s *session) Notified() bool { return s.notified.Swap(false) }
+
+// Close implements app.Session.
+func (s *session) Close(ctx context.Context) error { return s.conn.Close(ctx) }
+
+// wrap translates driver errors at the boundary and keeps secrets out of them.
+func (s *session) wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
+		return fmt.Errorf("%w: %s", app.ErrReadOnly, pgErr.Message)
+	}
+	if s.store.conn.Password != "" && strings.Contains(err.Error(), s.store.conn.Password) {
+		return errors.New(Redact(err.Error(), s.store.conn.Password))
+	}
+	return err
+}
+
+// Redact replaces every occurrence of secret in s.
+func Redact(s, secret string) string {
+	if secret == "" {
+		return s
+	}
+	return strings.ReplaceAll(s, secret, "xxxxx")
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+var urlPassword = regexp.MustCompile(`(://[^:/@\s]*:)[^@\s]*@`)
+var kvPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('[^']*'|\S+)`)
+
+// redactURL removes passwords written in a connection string, URL or key=value form.
+func redactURL(s string) string {
+	s = urlPassword.ReplaceAllString(s, "${1}xxxxx@")
+	return kvPassword.ReplaceAllString(s, "${1}xxxxx")
+}

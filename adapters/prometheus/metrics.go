@@ -1,0 +1,126 @@
+// Package prometheus exposes outbox-relay's metrics with the Prometheus client, from a private
+// registry.
+package prometheus
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	prom "github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/twmb/franz-go/pkg/kerr"
+
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// Metrics records what the relay does: app.RelayObserver.
+type Metrics struct {
+	Registry *prom.Registry
+
+	published     prom.Counter
+	publishErrors *prom.CounterVec
+	parked        prom.Counter
+	latency       prom.Histogram
+	batchSize     prom.Histogram
+	claimDuration prom.Histogram
+	markDuration  prom.Histogram
+	leader        prom.Gauge
+	dbUp          prom.Gauge
+	lastPublish   prom.Gauge
+}
+
+var _ app.RelayObserver = (*Metrics)(nil)
+
+// New returns Metrics registered in a new private registry, with Go and process collectors and
+// outbox_relay_build_info.
+func New(version, revision string) *Metrics {
+	reg := prom.NewRegistry()
+	m := &Metrics{
+		Registry: reg,
+		published: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_events_published_total",
+			Help: "Outbox events acknowledged by the broker."}),
+		publishErrors: prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_publish_errors_total",
+			Help: "Failed publish attempts, by reason."}, []string{"reason"}),
+		parked: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_events_parked_total",
+			Help: "Outbox rows moved to the parked table."}),
+		latency: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_commit_to_ack_seconds",
+			Help:    "Time from a row's insertion to the broker's acknowledgement.",
+			Buckets: []float64{.001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}}),
+		batchSize: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_batch_size_rows",
+			Help: "Rows returned by one claim query.", Buckets: prom.ExponentialBuckets(1, 4, 8)}),
+		claimDuration: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_claim_duration_seconds",
+			Help: "Duration of one claim query.", Buckets: prom.ExponentialBuckets(.0005, 2.5, 10)}),
+		markDuration: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_mark_duration_seconds",
+			Help: "Duration of one statement marking published rows.", Buckets: prom.ExponentialBuckets(.0005, 2.5, 10)}),
+		leader: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_leader",
+			Help: "1 when this replica holds the leadership and publishes, else 0."}),
+		dbUp: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_database_up",
+			Help: "1 when the relay's database session is connected, else 0."}),
+		lastPublish: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_last_publish_timestamp_seconds",
+			Help: "Unix time of the last acknowledged publish."}),
+	}
+	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
+		Help:        "Build information; the value is always 1.",
+		ConstLabels: prom.Labels{"version": version, "revision": revision}})
+	build.Set(1)
+	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
+		m.markDuration, m.leader, m.dbUp, m.lastPublish, build,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Handler serves the registry in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
+}
+
+// Claimed implements app.RelayObserver.
+func (m *Metrics) Claimed(n int, took time.Duration) {
+	m.batchSize.Observe(float64(n))
+	m.claimDuration.Observe(took.Seconds())
+}
+
+// Acked implements app.RelayObserver.
+func (m *Metrics) Acked(msg *app.Message, at time.Time) {
+	m.published.Inc()
+	m.latency.Observe(max(at.Sub(msg.CreatedAt).Seconds(), 0))
+	m.lastPublish.Set(float64(at.UnixNano()) / 1e9)
+}
+
+// Marked implements app.RelayObserver.
+func (m *Metrics) Marked(_ int, took time.Duration) { m.markDuration.Observe(took.Seconds()) }
+
+// Failed implements app.RelayObserver.
+func (m *Metrics) Failed(_ *app.Message, err error) { m.publishErrors.WithLabelValues(Reason(err)).Inc() }
+
+// Parked implements app.RelayObserver.
+func (m *Metrics) Parked(*app.Message, string) { m.parked.Inc() }
+
+// Leading implements app.RelayObserver.
+func (m *Metrics) Leading(leader bool) { m.leader.Set(b2f(leader)) }
+
+// Connected implements app.RelayObserver.
+func (m *Metrics) Connected(up bool) { m.dbUp.Set(b2f(up)) }
+
+// Reason returns a short, bounded label for a publish error: the Kafka error code name when there
+// is one.
+func Reason(err error) string {
+	var ke *kerr.Error
+	switch {
+	case errors.As(err, &ke):
+		return ke.Message
+	case errors.Is(err, app.ErrInvalidMessage):
+		return "invalid_message"
+	default:
+		return "other"
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,7 @@
+// Package app holds the use cases of outbox-relay and the small interfaces (ports) they need.
+//
+// Two families live here. The write side: CreateUser publishes domain events through an
+// EventPublisher inside a UnitOfWork, so an adapter can write them into the outbox in the same
+// transaction as the aggregate. The relay: Relay reads committed outbox rows through a Store,
+// publishes them through a Sink and marks them only after the sink confirmed them.
+package app

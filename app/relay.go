@@ -1,0 +1,421 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync/atomic"
+	"time"
+)
+
+// Relay moves committed outbox rows to a Sink, in order per aggregate, and marks each row only
+// after the sink acknowledged it.
+//
+// One Relay runs per process. Among replicas sharing an outbox, the one whose Session holds the
+// leadership publishes; the others wait and take over when its session ends.
+type Relay struct {
+	cfg   RelayConfig
+	store Store
+	sink  Sink
+	obs   RelayObserver
+	log   *slog.Logger
+
+	leader    atomic.Bool
+	connected atomic.Bool
+	lastAck   atomic.Int64 // unix nanoseconds of the last acknowledgement
+}
+
+// NewRelay returns a relay. cfg is completed with defaults and validated; obs and log may be nil.
+func NewRelay(cfg RelayConfig, store Store, sink Sink, obs RelayObserver, log *slog.Logger) (*Relay, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if store == nil || sink == nil {
+		return nil, errors.New("new relay: store and sink are required")
+	}
+	if obs == nil {
+		obs = NopObserver{}
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Relay{cfg: cfg, store: store, sink: sink, obs: obs, log: log}, nil
+}
+
+// Leader reports whether this relay currently holds the leadership.
+func (r *Relay) Leader() bool { return r.leader.Load() }
+
+// LastAck returns when the broker last acknowledged a message of this relay (zero if never).
+func (r *Relay) LastAck() time.Time {
+	if n := r.lastAck.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
+}
+
+// Connected reports whether this relay's database session is up.
+func (r *Relay) Connected() bool { return r.connected.Load() }
+
+// Run relays until ctx is cancelled. On cancellation it stops claiming, waits up to
+// ShutdownTimeout for what is in flight, marks what was acknowledged, and returns nil.
+// Database failures are retried with capped backoff; Run returns an error only for bugs.
+func (r *Relay) Run(ctx context.Context) error {
+	delay := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		sess, err := r.store.Open(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			r.log.Warn("database unreachable, retrying", "err", err, "retry_in", delay)
+			if !sleep(ctx, jitter(delay)) {
+				break
+			}
+			delay = min(delay*2, r.cfg.ReconnectBackoffMax)
+			continue
+		}
+		r.setConnected(true)
+		delay = 100 * time.Millisecond
+		err = r.session(ctx, sess)
+		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_ = sess.Close(closeCtx)
+		cancel()
+		r.setConnected(false)
+		if ctx.Err() != nil {
+			break
+		}
+		r.log.Warn("database session ended, reconnecting", "err", err, "retry_in", delay)
+		if !sleep(ctx, jitter(delay)) {
+			break
+		}
+		delay = min(delay*2, r.cfg.ReconnectBackoffMax)
+	}
+	return nil
+}
+
+func (r *Relay) setConnected(up bool) {
+	if r.connected.Swap(up) != up {
+		r.obs.Connected(up)
+		if up {
+			r.log.Info("database connected")
+		}
+	}
+}
+
+// session waits for the leadership on sess, then leads until sess fails or ctx ends.
+func (r *Relay) session(ctx context.Context, sess Session) error {
+	standbyLogged := false
+	for {
+		ok, err := sess.TryLead(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("try lead: %w", err)
+		}
+		if ok {
+			break
+		}
+		if !standbyLogged {
+			r.log.Info("standby: another replica leads")
+			standbyLogged = true
+		}
+		if !sleep(ctx, r.cfg.LeaderRetryInterval) {
+			return nil
+		}
+	}
+	r.leader.Store(true)
+	r.obs.Leading(true)
+	r.log.Info("leadership gained")
+	defer func() {
+		r.leader.Store(false)
+		r.obs.Leading(false)
+		r.log.Info("leadership released")
+	}()
+	l := &leadState{
+		Relay:    r,
+		sess:     sess,
+		inflight: make(map[int64]*Message),
+		results:  make(chan result, r.cfg.MaxInFlight+1),
+		memBlock: make(Blocked),
+	}
+	return l.run(ctx)
+}
+
+// result is the broker's verdict on one message.
+type result struct {
+	m   *Message
+	err error
+	at  time.Time
+}
+
+// leadState is the state of one leadership term. It is owned by one goroutine.
+type leadState struct {
+	*Relay
+	sess     Session
+	inflight map[int64]*Message
+	bytes    int
+	results  chan result
+	// dbBlock is reloaded from the database at every rescan; memBlock holds keys blocked by this
+	// term's own failures until their head is acknowledged.
+	dbBlock  Blocked
+	memBlock Blocked
+	cursor   int64
+	rescan   time.Time
+	lastPoll time.Time
+}
+
+func (l *leadState) run(ctx context.Context) error {
+	wake := true
+	for {
+		if err := l.settle(ctx, l.drain()); err != nil {
+			return l.abandon(err)
+		}
+		if ctx.Err() != nil {
+			return l.shutdown(ctx)
+		}
+		if l.sess.Notified() {
+			wake = true
+		}
+		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
+		if room && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
+			more, err := l.claim(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					continue
+				}
+				return l.abandon(err)
+			}
+			wake = more
+			continue
+		}
+		if len(l.inflight) > 0 {
+			timer := time.NewTimer(l.cfg.PollInterval)
+			select {
+			case res := <-l.results:
+				timer.Stop()
+				if err := l.settle(ctx, append([]result{res}, l.drain()...)); err != nil {
+					return l.abandon(err)
+				}
+			case <-timer.C:
+			case <-ctx.Done():
+				timer.Stop()
+			}
+			continue
+		}
+		wait := l.cfg.PollInterval - time.Since(l.lastPoll)
+		if wait > 0 {
+			if err := l.sess.Wait(ctx, wait); err != nil && ctx.Err() == nil {
+				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
+			}
+		}
+		wake = true
+	}
+}
+
+// drain returns the results ready now, without blocking.
+func (l *leadState) drain() []result {
+	var out []result
+	for {
+		select {
+		case res := <-l.results:
+			out = append(out, res)
+		default:
+			return out
+		}
+	}
+}
+
+// claim reads the next rows and hands them to the sink. It reports whether more rows may be
+// waiting right now.
+func (l *leadState) claim(ctx context.Context) (bool, error) {
+	now := time.Now()
+	if l.cursor == 0 || now.Sub(l.rescan) >= l.cfg.PollInterval {
+		// Rescan from the oldest row: rows that committed late with a lower id are found here.
+		l.cursor = 0
+		l.rescan = now
+		blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
+		if err != nil {
+			return false, fmt.Errorf("load blocked keys: %w", err)
+		}
+		l.dbBlock = blocked
+	}
+	limit := min(l.cfg.BatchSize, l.cfg.MaxInFlight-len(l.inflight))
+	budget := max(l.cfg.MaxInFlightBytes-l.bytes, 1)
+	rows, err := l.sess.Claim(ctx, l.cursor, limit, budget)
+	if err != nil {
+		return false, fmt.Errorf("claim: %w", err)
+	}
+	l.lastPoll = time.Now()
+	l.obs.Claimed(len(rows), l.lastPoll.Sub(now))
+	for i := range rows {
+		m := &rows[i]
+		l.cursor = m.ID
+		if _, dup := l.inflight[m.ID]; dup || l.held(m) {
+			continue
+		}
+		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) {
+			l.results <- result{m: m, err: err, at: time.Now()}
+		})
+		if err != nil {
+			if err := l.park(ctx, m, err.Error()); err != nil {
+				return false, err
+			}
+			continue
+		}
+		l.inflight[m.ID] = m
+		l.bytes += m.Size()
+	}
+	more := len(rows) == limit || (len(rows) > 0 && l.bytes >= l.cfg.MaxInFlightBytes)
+	if !more {
+		l.cursor = 0 // caught up: the next claim rescans from the oldest row
+	}
+	return more, nil
+}
+
+// held reports whether m must wait behind an earlier row of its key.
+func (l *leadState) held(m *Message) bool {
+	k := m.orderKey()
+	if head, ok := l.memBlock[k]; ok && head != m.ID {
+		return true
+	}
+	if head, ok := l.dbBlock[k]; ok && head != m.ID {
+		return true
+	}
+	return false
+}
+
+// settle marks the acknowledged messages and records the failures.
+func (l *leadState) settle(ctx context.Context, results []result) error {
+	if len(results) == 0 {
+		return nil
+	}
+	ctx = context.WithoutCancel(ctx) // what the broker acknowledged is marked even when stopping
+	var ids []int64
+	for _, res := range results {
+		if res.err == nil {
+			ids = append(ids, res.m.ID)
+		}
+	}
+	if len(ids) > 0 {
+		start := time.Now()
+		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := l.sess.Mark(mctx, ids)
+		cancel()
+		if err != nil {
+			// The rows stay pending and are published again by the next leader: duplicates
+			// bounded by what was in flight.
+			return fmt.Errorf("mark %d published rows: %w", len(ids), err)
+		}
+		l.obs.Marked(len(ids), time.Since(start))
+	}
+	for _, res := range results {
+		m := res.m
+		delete(l.inflight, m.ID)
+		l.bytes -= m.Size()
+		k := m.orderKey()
+		if res.err == nil {
+			l.obs.Acked(m, res.at)
+			l.lastAck.Store(res.at.UnixNano())
+			if l.memBlock[k] == m.ID {
+				delete(l.memBlock, k)
+				l.cursor = 0
+			}
+			if l.dbBlock[k] == m.ID {
+				delete(l.dbBlock, k)
+				l.cursor = 0
+			}
+			continue
+		}
+		l.obs.Failed(m, res.err)
+		l.cursor = 0 // the failed row and its key's later rows are read again from the start
+		if head, ok := l.memBlock[k]; ok && head < m.ID {
+			continue // an earlier row of this key failed first: this one only waits behind it
+		}
+		if errors.Is(res.err, ErrInvalidMessage) || m.Attempts+1 >= l.cfg.MaxAttempts {
+			if err := l.park(ctx, m, res.err.Error()); err != nil {
+				return err
+			}
+			continue
+		}
+		delay := l.cfg.backoff(m.Attempts + 1)
+		if err := l.sess.Retry(ctx, m.ID, res.err.Error(), delay); err != nil {
+			return fmt.Errorf("record failed attempt of row %d: %w", m.ID, err)
+		}
+		l.memBlock[k] = m.ID
+		l.log.Warn("publish failed, will retry", "row_id", m.ID, "event_id", m.EventID,
+			"aggregate_type", m.AggregateType, "aggregate_id", m.AggregateID,
+			"attempt", m.Attempts+1, "retry_in", delay, "err", res.err)
+	}
+	return nil
+}
+
+// park moves m to the parked rows and applies the order policy to its key.
+func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
+	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
+		return fmt.Errorf("park row %d: %w", m.ID, err)
+	}
+	k := m.orderKey()
+	if l.cfg.OrderPolicy == OrderPolicyWait {
+		l.memBlock[k] = 0
+	} else if l.memBlock[k] == m.ID {
+		delete(l.memBlock, k)
+	}
+	l.obs.Parked(m, reason)
+	l.log.Warn("row parked", "row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,
+		"aggregate_id", m.AggregateID, "attempts", m.Attempts+1, "reason", reason, "order_policy", l.cfg.OrderPolicy)
+	return nil
+}
+
+// abandon ends a term whose session failed: it stops the sink from publishing anything more of
+// this term, since another replica may lead by now.
+func (l *leadState) abandon(cause error) error {
+	if len(l.inflight) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.ShutdownTimeout)
+		_ = l.sink.Abort(ctx)
+		cancel()
+		l.drain()
+	}
+	return cause
+}
+
+// shutdown waits for what is in flight, marks it and ends the term.
+func (l *leadState) shutdown(ctx context.Context) error {
+	deadline := time.NewTimer(l.cfg.ShutdownTimeout)
+	defer deadline.Stop()
+	sctx := context.WithoutCancel(ctx)
+	for len(l.inflight) > 0 {
+		select {
+		case res := <-l.results:
+			if err := l.settle(sctx, append([]result{res}, l.drain()...)); err != nil {
+				return l.abandon(err)
+			}
+		case <-deadline.C:
+			l.log.Warn("shutdown timeout: abandoning unacknowledged rows, they will be published again",
+				"rows", len(l.inflight))
+			return l.abandon(nil)
+		}
+	}
+	l.log.Info("in-flight rows flushed and marked")
+	return nil
+}
+
+// sleep waits d or until ctx ends; it reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// jitter spreads d by ±20% so replicas do not retry in step.
+func jitter(d time.Duration) time.Duration {
+	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
+}

@@ -1,0 +1,120 @@
+package app
+
+import (
+	"context"
+	"time"
+)
+
+// Message is one outbox row claimed by the relay.
+type Message struct {
+	ID            int64     // the row's id: its place in the outbox's order
+	EventID       string    // the event's UUID, sent as the event-id header
+	AggregateType string    // the aggregate's kind, used by the topic template
+	AggregateID   string    // the record key; "" when the column is NULL or empty
+	EventType     string    // sent as the event-type header
+	Payload       []byte    // the record value; nil when the column is NULL
+	Topic         string    // the row's topic override; "" when NULL
+	Headers       []byte    // the row's headers as a JSON object; nil when NULL
+	OccurredAt    time.Time // when the fact happened, as the writer said
+	CreatedAt     time.Time // when the row was inserted (clock of the database)
+	Attempts      int       // failed publish attempts so far
+}
+
+// Size returns an estimate of the bytes m holds in memory.
+func (m *Message) Size() int {
+	return len(m.Payload) + len(m.Headers) + len(m.AggregateID) + len(m.AggregateType) +
+		len(m.EventType) + len(m.Topic) + len(m.EventID) + 96
+}
+
+// orderKey identifies the sequence m belongs to: events of one aggregate keep their order.
+func (m *Message) orderKey() string { return m.AggregateType + "\x00" + m.AggregateID }
+
+// Blocked names the ordering keys that must wait, with the id of the only row of the key that
+// may still be published (the failing head); 0 means none may (the head is parked).
+type Blocked map[string]int64
+
+// BlockKey returns the key used in Blocked for an aggregate.
+func BlockKey(aggregateType, aggregateID string) string { return aggregateType + "\x00" + aggregateID }
+
+// Store opens sessions on the outbox.
+type Store interface {
+	// Open connects a new Session. It fails when the database cannot be reached.
+	Open(ctx context.Context) (Session, error)
+}
+
+// Session is one database connection of the relay. Leadership is tied to it: when the connection
+// ends, the leadership ends with it. Its methods are not safe for concurrent use.
+type Session interface {
+	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
+	// database cannot be written.
+	TryLead(ctx context.Context) (bool, error)
+	// Claim returns pending, due rows with an id above afterID, in id order: at most limit rows
+	// and, past the first row, at most maxBytes of them.
+	Claim(ctx context.Context, afterID int64, limit, maxBytes int) ([]Message, error)
+	// Mark records that the rows were published (deletes them or stamps them dispatched).
+	Mark(ctx context.Context, ids []int64) error
+	// Retry records a failed attempt on a row and makes it due again after delay.
+	Retry(ctx context.Context, id int64, reason string, delay time.Duration) error
+	// Park moves a row out of the pending rows, with the reason it cannot be published.
+	Park(ctx context.Context, id int64, reason string) error
+	// Blocked returns the keys with a failing row and, when withParked, those with a parked row.
+	Blocked(ctx context.Context, withParked bool) (Blocked, error)
+	// Wait blocks until a wake-up notification arrives or timeout passes.
+	Wait(ctx context.Context, timeout time.Duration) error
+	// Notified reports, and clears, whether a wake-up arrived since the last call.
+	Notified() bool
+	// Close ends the session and with it any leadership.
+	Close(ctx context.Context) error
+}
+
+// Sink publishes messages to a broker.
+type Sink interface {
+	// Publish hands m to the broker asynchronously and calls done exactly once with the broker's
+	// verdict: nil means the broker acknowledged m durably. An error wrapping ErrInvalidMessage,
+	// returned at once, means m can never be published as it is; done is then not called.
+	Publish(ctx context.Context, m *Message, done func(error)) error
+	// Abort fails every message not yet acknowledged, and returns once their done calls ran.
+	Abort(ctx context.Context) error
+}
+
+// RelayObserver is told what the relay does, for metrics. Its methods must not block.
+type RelayObserver interface {
+	// Claimed reports a claim query that returned n rows.
+	Claimed(n int, took time.Duration)
+	// Acked reports a message the broker acknowledged.
+	Acked(m *Message, at time.Time)
+	// Marked reports n rows marked as published.
+	Marked(n int, took time.Duration)
+	// Failed reports a publish that failed.
+	Failed(m *Message, err error)
+	// Parked reports a row parked with a reason.
+	Parked(m *Message, reason string)
+	// Leading reports a change of leadership of this process.
+	Leading(leader bool)
+	// Connected reports whether the relay's database session is up.
+	Connected(up bool)
+}
+
+// NopObserver is a RelayObserver that does nothing.
+type NopObserver struct{}
+
+// Claimed implements RelayObserver.
+func (NopObserver) Claimed(int, time.Duration) {}
+
+// Acked implements RelayObserver.
+func (NopObserver) Acked(*Message, time.Time) {}
+
+// Marked implements RelayObserver.
+func (NopObserver) Marked(int, time.Duration) {}
+
+// Failed implements RelayObserver.
+func (NopObserver) Failed(*Message, error) {}
+
+// Parked implements RelayObserver.
+func (NopObserver) Parked(*Message, string) {}
+
+// Leading implements RelayObserver.
+func (NopObserver) Leading(bool) {}
+
+// Connected implements RelayObserver.
+func (NopObserver) Connected(bool) {}

@@ -1,0 +1,320 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// setting is one configuration key: its default, its help, and whether it is a secret (secrets
+// come from the environment or a file, never from a flag, and are never printed).
+type setting struct {
+	key    string
+	def    string
+	help   string
+	secret bool
+}
+
+// envName returns the environment variable of a key: OUTBOX_<SECTION>_<KEY>.
+func envName(key string) string {
+	return "OUTBOX_" + strings.ToUpper(strings.NewReplacer(".", "_", "-", "_").Replace(key))
+}
+
+// flagName returns the flag of a key: --section-key.
+func flagName(key string) string { return strings.NewReplacer(".", "-", "_", "-").Replace(key) }
+
+// settings lists every configuration key. configs/outbox-relay.yaml documents the same keys.
+var settings = []setting{
+	{key: "database.url", def: "", help: "PostgreSQL connection string (URL or key=value)", secret: true},
+	{key: "database.url_file", def: "", help: "file holding database.url (for example a mounted secret)"},
+	{key: "database.schema", def: postgres.SchemaDefault, help: "schema of the outbox tables"},
+	{key: "database.table", def: postgres.TableDefault, help: "outbox table name; the parked table adds _parked"},
+	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
+	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
+
+	{key: "sink", def: "kafka", help: "where events go: kafka"},
+
+	{key: "kafka.brokers", def: "", help: "comma-separated seed brokers host:port"},
+	{key: "kafka.client_id", def: kafka.ClientIDDefault, help: "client id sent to the brokers"},
+	{key: "kafka.topic_template", def: kafka.TopicTemplateDefault, help: "topic of rows without one; {aggregate_type} and {event_type} are replaced"},
+	{key: "kafka.max_record_bytes", def: strconv.Itoa(kafka.MaxRecordBytesDefault), help: "largest record in bytes; larger rows are parked"},
+	{key: "kafka.tombstones", def: "false", help: "publish a NULL payload as a tombstone instead of parking it"},
+	{key: "kafka.linger", def: "0s", help: "time the producer waits to fill a batch"},
+	{key: "kafka.compression", def: kafka.CompressionDefault, help: "none, gzip, snappy, lz4 or zstd"},
+	{key: "kafka.auto_create_topics", def: "false", help: "let the brokers create missing topics"},
+	{key: "kafka.dial_timeout", def: kafka.DialTimeoutDefault.String(), help: "bound on connecting to a broker"},
+	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
+	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
+	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
+	{key: "kafka.tls.key_file", def: "", help: "client key PEM file, for mutual TLS"},
+	{key: "kafka.tls.server_name", def: "", help: "name checked in the brokers' certificates"},
+	{key: "kafka.sasl.mechanism", def: "", help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; empty disables SASL"},
+	{key: "kafka.sasl.username", def: "", help: "SASL user"},
+	{key: "kafka.sasl.password", def: "", help: "SASL password", secret: true},
+	{key: "kafka.sasl.password_file", def: "", help: "file holding kafka.sasl.password"},
+
+	{key: "relay.batch_size", def: strconv.Itoa(app.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
+	{key: "relay.max_in_flight", def: strconv.Itoa(app.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
+	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(app.MaxInFlightBytesDefault), help: "bound in bytes on the rows held in memory"},
+	{key: "relay.poll_interval", def: app.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
+	{key: "relay.leader_retry_interval", def: app.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
+	{key: "relay.max_attempts", def: strconv.Itoa(app.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
+	{key: "relay.retry_backoff_min", def: app.RetryBackoffMinDefault.String(), help: "first delay before retrying a failed row"},
+	{key: "relay.retry_backoff_max", def: app.RetryBackoffMaxDefault.String(), help: "largest delay before retrying a failed row"},
+	{key: "relay.order_policy", def: app.OrderPolicyDefault, help: "when a row is parked, its key's later rows: wait or skip"},
+	{key: "relay.shutdown_timeout", def: app.ShutdownTimeoutDefault.String(), help: "on SIGTERM, how long to wait for in-flight acknowledgements"},
+	{key: "relay.mark", def: postgres.MarkDelete, help: "what to do with published rows: delete or retain"},
+	{key: "relay.retention", def: "24h", help: "with relay.mark=retain, how long published rows are kept"},
+	{key: "relay.purge_interval", def: "1m", help: "with relay.mark=retain, how often old rows are purged"},
+	{key: "relay.purge_batch", def: "5000", help: "with relay.mark=retain, rows deleted per purge statement"},
+	{key: "relay.startup_timeout", def: "15s", help: "bound on reaching the database and the broker at start"},
+
+	{key: "http.addr", def: ":9090", help: "listener for /metrics, /healthz and /readyz; empty disables it"},
+	{key: "http.stall_timeout", def: "60s", help: "not ready when rows are pending and nothing was published for this long"},
+
+	{key: "log.level", def: "info", help: "debug, info, warn or error"},
+	{key: "log.format", def: "json", help: "json or text"},
+}
+
+// Config is the whole configuration, typed and validated.
+type Config struct {
+	DatabaseURL    string
+	ConnectTimeout time.Duration
+	Store          postgres.StoreConfig
+	Sink           string
+	Kafka          kafka.Config
+	Relay          app.RelayConfig
+	Retention      time.Duration
+	PurgeInterval  time.Duration
+	PurgeBatch     int
+	StartupTimeout time.Duration
+	HTTPAddr       string
+	StallTimeout   time.Duration
+	LogLevel       string
+	LogFormat      string
+}
+
+// newViper returns a viper with every key's default and the environment bound.
+func newViper() *viper.Viper {
+	v := viper.New()
+	for _, s := range settings {
+		v.SetDefault(s.key, s.def)
+		_ = v.BindEnv(s.key, envName(s.key))
+	}
+	return v
+}
+
+// addFlags adds a flag for every non-secret key to fs, and --config.
+func addFlags(fs *pflag.FlagSet) {
+	fs.String("config", "", "YAML configuration file (env OUTBOX_CONFIG); configs/outbox-relay.yaml documents every key")
+	for _, s := range settings {
+		if s.secret {
+			continue
+		}
+		fs.String(flagName(s.key), s.def, fmt.Sprintf("%s (env %s)", s.help, envName(s.key)))
+	}
+}
+
+// loadConfig reads the file (if any), the environment and the flags, in increasing precedence.
+func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
+	v := newViper()
+	for _, s := range settings {
+		if f := fs.Lookup(flagName(s.key)); f != nil && !s.secret {
+			if err := v.BindPFlag(s.key, f); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	file, _ := fs.GetString("config")
+	if file == "" {
+		file = os.Getenv("OUTBOX_CONFIG")
+	}
+	if file != "" {
+		v.SetConfigFile(file)
+		if err := v.ReadInConfig(); err != nil {
+			return nil, nil, fmt.Errorf("config file %s: %w", file, err)
+		}
+		known := map[string]bool{}
+		for _, s := range settings {
+			known[s.key] = true
+		}
+		for _, k := range v.AllKeys() {
+			if !known[k] {
+				return nil, nil, fmt.Errorf("config file %s: unknown key %q", file, k)
+			}
+		}
+	}
+	cfg, err := parseConfig(v)
+	return cfg, v, err
+}
+
+// reader converts raw values, collecting errors that name the key.
+type reader struct {
+	v    *viper.Viper
+	errs []error
+}
+
+func (r *reader) str(key string) string { return strings.TrimSpace(r.v.GetString(key)) }
+
+func (r *reader) secret(key, fileKey string) string {
+	if f := r.str(fileKey); f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			r.errs = append(r.errs, fmt.Errorf("%s: %w", fileKey, err))
+			return ""
+		}
+		return strings.TrimSpace(string(b))
+	}
+	return r.str(key)
+}
+
+func (r *reader) int(key string, lo, hi int) int {
+	s := r.str(key)
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		r.errs = append(r.errs, fmt.Errorf("%s: must be an integer between %d and %d, got %q", key, lo, hi, s))
+	}
+	return n
+}
+
+func (r *reader) dur(key string, lo, hi time.Duration) time.Duration {
+	s := r.str(key)
+	d, err := time.ParseDuration(s)
+	if err != nil || d < lo || d > hi {
+		r.errs = append(r.errs, fmt.Errorf("%s: must be a duration between %s and %s (like 500ms, 10s, 2m), got %q", key, lo, hi, s))
+	}
+	return d
+}
+
+func (r *reader) bool(key string) bool {
+	s := r.str(key)
+	b, err := strconv.ParseBool(s)
+	if err != nil {
+		r.errs = append(r.errs, fmt.Errorf("%s: must be true or false, got %q", key, s))
+	}
+	return b
+}
+
+func (r *reader) oneOf(key string, allowed ...string) string {
+	s := r.str(key)
+	for _, a := range allowed {
+		if s == a {
+			return s
+		}
+	}
+	r.errs = append(r.errs, fmt.Errorf("%s: must be one of %s, got %q", key, strings.Join(allowed, ", "), s))
+	return s
+}
+
+func parseConfig(v *viper.Viper) (*Config, error) {
+	r := &reader{v: v}
+	c := &Config{}
+	c.DatabaseURL = r.secret("database.url", "database.url_file")
+	c.ConnectTimeout = r.dur("database.connect_timeout", 100*time.Millisecond, 10*time.Minute)
+	c.Store = postgres.StoreConfig{
+		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table")},
+		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
+		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
+	}
+	if err := c.Store.Table.Validate(); err != nil {
+		r.errs = append(r.errs, err)
+	}
+	c.Sink = r.oneOf("sink", "kafka")
+	var brokers []string
+	for _, b := range strings.Split(r.str("kafka.brokers"), ",") {
+		if b = strings.TrimSpace(b); b != "" {
+			brokers = append(brokers, b)
+		}
+	}
+	c.Kafka = kafka.Config{
+		Brokers:          brokers,
+		ClientID:         r.str("kafka.client_id"),
+		TopicTemplate:    r.str("kafka.topic_template"),
+		MaxRecordBytes:   r.int("kafka.max_record_bytes", 1024, 100<<20),
+		Tombstones:       r.bool("kafka.tombstones"),
+		Linger:           r.dur("kafka.linger", 0, 10*time.Second),
+		Compression:      r.str("kafka.compression"),
+		AutoCreateTopics: r.bool("kafka.auto_create_topics"),
+		DialTimeout:      r.dur("kafka.dial_timeout", 100*time.Millisecond, 10*time.Minute),
+		TLS: kafka.TLSConfig{
+			Enabled:    r.bool("kafka.tls.enabled"),
+			CAFile:     r.str("kafka.tls.ca_file"),
+			CertFile:   r.str("kafka.tls.cert_file"),
+			KeyFile:    r.str("kafka.tls.key_file"),
+			ServerName: r.str("kafka.tls.server_name"),
+		},
+		SASL: kafka.SASLConfig{
+			Mechanism: r.str("kafka.sasl.mechanism"),
+			Username:  r.str("kafka.sasl.username"),
+			Password:  r.secret("kafka.sasl.password", "kafka.sasl.password_file"),
+		},
+	}
+	c.Relay = app.RelayConfig{
+		BatchSize:           r.int("relay.batch_size", 1, 10000),
+		MaxInFlight:         r.int("relay.max_in_flight", 1, 100000),
+		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", 1<<20, 1<<32),
+		PollInterval:        r.dur("relay.poll_interval", 10*time.Millisecond, time.Minute),
+		LeaderRetryInterval: r.dur("relay.leader_retry_interval", 10*time.Millisecond, time.Minute),
+		MaxAttempts:         r.int("relay.max_attempts", 1, 1000),
+		RetryBackoffMin:     r.dur("relay.retry_backoff_min", time.Millisecond, time.Hour),
+		RetryBackoffMax:     r.dur("relay.retry_backoff_max", time.Millisecond, 24*time.Hour),
+		OrderPolicy:         r.oneOf("relay.order_policy", app.OrderPolicyWait, app.OrderPolicySkip),
+		ShutdownTimeout:     r.dur("relay.shutdown_timeout", 100*time.Millisecond, time.Hour),
+	}
+	c.Retention = r.dur("relay.retention", time.Second, 365*24*time.Hour)
+	c.PurgeInterval = r.dur("relay.purge_interval", time.Second, 24*time.Hour)
+	c.PurgeBatch = r.int("relay.purge_batch", 1, 1000000)
+	c.StartupTimeout = r.dur("relay.startup_timeout", 100*time.Millisecond, 10*time.Minute)
+	c.HTTPAddr = r.str("http.addr")
+	c.StallTimeout = r.dur("http.stall_timeout", time.Second, 24*time.Hour)
+	c.LogLevel = r.oneOf("log.level", "debug", "info", "warn", "error")
+	c.LogFormat = r.oneOf("log.format", "json", "text")
+	if len(r.errs) == 0 {
+		c.Relay = c.Relay.WithDefaults()
+		if err := c.Relay.Validate(); err != nil {
+			r.errs = append(r.errs, err)
+		}
+	}
+	return c, errors.Join(r.errs...)
+}
+
+// requireRelay checks what running the relay needs beyond parsing.
+func (c *Config) requireRelay() error {
+	var errs []error
+	if c.DatabaseURL == "" {
+		errs = append(errs, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)"))
+	}
+	if err := c.Kafka.WithDefaults().Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// redacted returns every key and its effective value, secrets replaced, for the start-up log.
+func redacted(v *viper.Viper) map[string]string {
+	out := map[string]string{}
+	keys := make([]string, 0, len(settings))
+	for _, s := range settings {
+		keys = append(keys, s.key)
+	}
+	sort.Strings(keys)
+	for _, s := range settings {
+		val := v.GetString(s.key)
+		if s.secret && val != "" {
+			val = "xxxxx"
+		}
+		out[s.key] = val
+	}
+	return out
+}

@@ -1,0 +1,75 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+)
+
+func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("migrate", "Create or upgrade the outbox tables. Safe to run twice, and from several replicas at once.", stderr)
+	addFlags(fs)
+	example := fs.Bool("example", false, "also create the example service's users table")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, _, err := loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	if cfg.DatabaseURL == "" {
+		return fmt.Errorf("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
+	}
+	pool, err := openPool(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	fmt.Fprintf(stdout, "migrating %s\n", cfg.Store.Table.WithDefaults())
+	applied := 0
+	_, err = postgres.Migrate(ctx, pool, cfg.Store.Table, func(s postgres.MigrationStep) {
+		if s.Applied {
+			applied++
+			fmt.Fprintf(stdout, "  applied          %s\n", s.Name)
+		} else {
+			fmt.Fprintf(stdout, "  already applied  %s\n", s.Name)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("migrate: %s", postgres.Redact(err.Error(), pool.Config().ConnConfig.Password))
+	}
+	if *example {
+		if err := postgres.MigrateExample(ctx, pool, cfg.Store.Table); err != nil {
+			return fmt.Errorf("migrate example: %w", err)
+		}
+		fmt.Fprintln(stdout, "  example users table ready")
+	}
+	fmt.Fprintf(stdout, "done: %d applied\n", applied)
+	return nil
+}
+
+// openPool connects a small pool within database.connect_timeout.
+func openPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
+	pc, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("database.url: invalid connection string")
+	}
+	pc.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	pc.MaxConns = 4
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("database: %s", postgres.Redact(err.Error(), pc.ConnConfig.Password))
+	}
+	cctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
+	defer cancel()
+	if err := pool.Ping(cctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("database %s:%d/%s unreachable: %s", pc.ConnConfig.Host, pc.ConnConfig.Port,
+			pc.ConnConfig.Database, postgres.Redact(err.Error(), pc.ConnConfig.Password))
+	}
+	return pool, nil
+}

@@ -1,0 +1,222 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/plugin/kprom"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
+	fs := newFlagSet("run", "Run the relay: publish committed outbox rows to Kafka until SIGTERM or SIGINT.", stderr)
+	addFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, v, err := loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	if err := cfg.requireRelay(); err != nil {
+		return err
+	}
+	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
+	log.Info("config loaded", "version", version, "config", redacted(v))
+	return serve(ctx, cfg, log, nil)
+}
+
+// daemon is a running relay with its dependencies, as wired by start.
+type daemon struct {
+	cfg       *Config
+	log       *slog.Logger
+	pool      *pgxpool.Pool
+	publisher *kafka.Publisher
+	relay     *app.Relay
+	metrics   *prometheus.Metrics
+	server    *http.Server
+	listener  net.Listener
+}
+
+// serve starts the relay and blocks until ctx ends and the relay has flushed. started, when not
+// nil, is called once everything is up.
+func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*daemon)) error {
+	d, err := start(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer d.close()
+	if started != nil {
+		started(d)
+	}
+	var wg sync.WaitGroup
+	if d.server != nil {
+		wg.Go(func() {
+			if err := d.server.Serve(d.listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server stopped", "err", err)
+			}
+		})
+	}
+	if cfg.Store.Mark == postgres.MarkRetain {
+		wg.Go(func() { d.purge(ctx) })
+	}
+	err = d.relay.Run(ctx)
+	if d.server != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = d.server.Shutdown(sctx)
+		cancel()
+	}
+	wg.Wait()
+	log.Info("relay stopped")
+	return err
+}
+
+// start checks the database and the broker within the startup timeout and wires the relay.
+func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) {
+	connCfg, err := postgres.ParseURL(cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	connCfg.ConnectTimeout = cfg.ConnectTimeout
+	secret := connCfg.Password
+	sctx, cancel := context.WithTimeout(ctx, cfg.StartupTimeout)
+	defer cancel()
+
+	poolCfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("database.url: invalid connection string")
+	}
+	poolCfg.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	poolCfg.MaxConns = 3
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return nil, fmt.Errorf("database: %s", postgres.Redact(err.Error(), secret))
+	}
+	if err := postgres.CheckOutbox(sctx, pool, cfg.Store.Table); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("database %s:%d/%s (within relay.startup_timeout %s): %s", connCfg.Host, connCfg.Port,
+			connCfg.Database, cfg.StartupTimeout, postgres.Redact(err.Error(), secret))
+	}
+
+	metrics := prometheus.New(version, revision)
+	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry))
+	publisher, err := kafka.NewPublisher(cfg.Kafka, kgo.WithHooks(kp))
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	if err := publisher.Ping(sctx); err != nil {
+		pool.Close()
+		publisher.Close()
+		return nil, fmt.Errorf("%w (within relay.startup_timeout %s)", err, cfg.StartupTimeout)
+	}
+	store, err := postgres.NewStore(connCfg, cfg.Store)
+	if err != nil {
+		pool.Close()
+		publisher.Close()
+		return nil, err
+	}
+	relay, err := app.NewRelay(cfg.Relay, store, publisher, metrics, log)
+	if err != nil {
+		pool.Close()
+		publisher.Close()
+		return nil, err
+	}
+	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics}
+	if cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", cfg.HTTPAddr)
+		if err != nil {
+			d.close()
+			return nil, fmt.Errorf("http.addr: %w", err)
+		}
+		d.listener = ln
+		d.server = &http.Server{Handler: d.routes(), ReadHeaderTimeout: 5 * time.Second}
+		log.Info("http listening", "addr", ln.Addr().String())
+	}
+	return d, nil
+}
+
+func (d *daemon) close() {
+	d.publisher.Close()
+	d.pool.Close()
+}
+
+// routes serves /metrics, /healthz and /readyz.
+func (d *daemon) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", d.metrics.Handler())
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.ready(r.Context()); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = fmt.Fprintf(w, "not ready: %v\n", err)
+			return
+		}
+		_, _ = io.WriteString(w, "ready\n")
+	})
+	return mux
+}
+
+// ready reports why the relay is not ready, or nil: the database session must be up, the broker
+// must answer, and a leader must not be stalled with rows pending.
+func (d *daemon) ready(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if !d.relay.Connected() {
+		return errors.New("database session down")
+	}
+	if err := d.pool.Ping(ctx); err != nil {
+		return errors.New("database unreachable")
+	}
+	if err := d.publisher.Ping(ctx); err != nil {
+		return errors.New("kafka unreachable")
+	}
+	if !d.relay.Leader() {
+		return nil // a standby is doing its job: waiting
+	}
+	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout)
+	if err != nil {
+		return errors.New("database query failed")
+	}
+	if stalled && time.Since(d.relay.LastAck()) > d.cfg.StallTimeout {
+		return fmt.Errorf("stalled: rows pending for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
+	}
+	return nil
+}
+
+// purge deletes rows kept past the retention period, in batches, while this replica leads.
+func (d *daemon) purge(ctx context.Context) {
+	t := time.NewTicker(d.cfg.PurgeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !d.relay.Leader() {
+			continue
+		}
+		n, err := postgres.Purge(ctx, d.pool, d.cfg.Store.Table, d.cfg.Retention, d.cfg.PurgeBatch)
+		if err != nil && ctx.Err() == nil {
+			d.log.Warn("purge failed", "err", err)
+		} else if n > 0 {
+			d.log.Info("purged published rows", "rows", n)
+		}
+	}
+}
