@@ -93,7 +93,9 @@ func (m *Metrics) Acked(msg *app.Message, at time.Time) {
 func (m *Metrics) Marked(_ int, took time.Duration) { m.markDuration.Observe(took.Seconds()) }
 
 // Failed implements app.RelayObserver.
-func (m *Metrics) Failed(_ *app.Message, err error) { m.publishErrors.WithLabelValues(Reason(err)).Inc() }
+func (m *Metrics) Failed(_ *app.Message, err error) {
+	m.publishErrors.WithLabelValues(Reason(err)).Inc()
+}
 
 // Parked implements app.RelayObserver.
 func (m *Metrics) Parked(*app.Message, string) { m.parked.Inc() }

@@ -1,0 +1,41 @@
+# outbox-relay — run `make` for the list of targets.
+SHELL := /bin/bash
+GO    ?= go
+BIN   := bin/outbox-relay
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
+# The test timeout is a safety net against hangs, not a performance assertion.
+TEST_FLAGS ?= -race -count=1 -timeout 40m
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## build bin/outbox-relay
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/outbox-relay
+
+.PHONY: demo
+demo: ## run the demo: local Postgres (or OUTBOX_DATABASE_URL), embedded broker, writers, relay, consumer
+	@$(GO) run ./cmd/outbox-relay demo $(DEMO_ARGS)
+
+.PHONY: test
+test: build ## run every test (needs PostgreSQL on 127.0.0.1:5432 or OUTBOX_TEST_DATABASE_URL)
+	$(GO) vet ./...
+	OUTBOX_RELAY_BIN=$(CURDIR)/$(BIN) $(GO) test $(TEST_FLAGS) ./...
+
+.PHONY: lint
+lint: ## go vet and gofmt
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l .)" || (gofmt -l . && exit 1)
+
+.PHONY: bench
+bench: build ## run the benchmark suite and write BENCHMARKS.md figures (minutes)
+	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "bench/run.sh missing"; exit 1; fi
+
+.PHONY: clean
+clean: ## remove build output
+	rm -rf bin

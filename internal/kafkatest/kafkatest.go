@@ -1,0 +1,99 @@
+// Package kafkatest gives tests a Kafka-protocol broker: the real cluster named by KAFKA_BROKERS
+// when set, else an in-process kfake cluster, and helpers to read topics back.
+package kafkatest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var seq atomic.Int64
+
+// Broker is a broker for one test.
+type Broker struct {
+	// Addrs are the seed brokers.
+	Addrs []string
+	// Fake is the kfake cluster, or nil when testing against KAFKA_BROKERS. Tests that inject
+	// errors with Fake.ControlKey skip themselves when it is nil.
+	Fake *kfake.Cluster
+}
+
+// Real reports whether the tests run against a real cluster (KAFKA_BROKERS is set).
+func Real() bool { return os.Getenv("KAFKA_BROKERS") != "" }
+
+// Start returns a broker for t, closed when t ends. opts apply to kfake only.
+func Start(t testing.TB, opts ...kfake.Opt) *Broker {
+	t.Helper()
+	if env := os.Getenv("KAFKA_BROKERS"); env != "" {
+		return &Broker{Addrs: strings.Split(env, ",")}
+	}
+	c, err := kfake.NewCluster(append([]kfake.Opt{kfake.NumBrokers(1), kfake.DefaultNumPartitions(3)}, opts...)...)
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return &Broker{Addrs: c.ListenAddrs(), Fake: c}
+}
+
+// Topic creates a topic with a unique name and the given partitions, and returns its name.
+func (b *Broker) Topic(t testing.TB, prefix string, partitions int32) string {
+	t.Helper()
+	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), seq.Add(1))
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := kadm.NewClient(cl).CreateTopic(ctx, partitions, 1, nil, name)
+	if err == nil {
+		err = resp.Err
+	}
+	if err != nil {
+		t.Fatalf("create topic %s: %v", name, err)
+	}
+	return name
+}
+
+// ReadAll reads topic from the start until want records arrived or no record came for idle.
+func (b *Broker) ReadAll(t testing.TB, topic string, want int, idle time.Duration) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var out []*kgo.Record
+	for len(out) < want {
+		ctx, cancel := context.WithTimeout(context.Background(), idle)
+		fetches := cl.PollFetches(ctx)
+		cancel()
+		n := 0
+		fetches.EachRecord(func(r *kgo.Record) { out = append(out, r); n++ })
+		if n == 0 && ctx.Err() != nil {
+			break
+		}
+	}
+	return out
+}
+
+// Header returns the value of header key of r, or "".
+func Header(r *kgo.Record, key string) string {
+	for _, h := range r.Headers {
+		if h.Key == key {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
