@@ -242,6 +242,13 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("load blocked keys: %w", err)
 		}
 		l.dbBlock = blocked
+		for k, head := range l.memBlock {
+			if head == 0 {
+				// Parked keys are known to the database: an operator may have retried or dropped
+				// the parked row since, and the reload above says whether the key still waits.
+				delete(l.memBlock, k)
+			}
+		}
 	}
 	limit := min(l.cfg.BatchSize, l.cfg.MaxInFlight-len(l.inflight))
 	budget := max(l.cfg.MaxInFlightBytes-l.bytes, 1)
