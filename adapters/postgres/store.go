@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -111,12 +112,25 @@ func (s *Store) Open(ctx context.Context) (app.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
 	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
+	SetApplicationName(cfg)
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %s", Redact(err.Error(), s.conn.Password))
 	}
 	sess.conn = conn
 	return sess, nil
+}
+
+// SetApplicationName names the relay's connections "outbox-relay <hostname>" in pg_stat_activity
+// (and so in 'outbox-relay status'), unless the connection string sets application_name.
+func SetApplicationName(cfg *pgx.ConnConfig) {
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	if cfg.RuntimeParams["application_name"] == "" {
+		host, _ := os.Hostname()
+		cfg.RuntimeParams["application_name"] = truncate(strings.TrimSpace("outbox-relay "+host), 63)
+	}
 }
 
 type session struct {

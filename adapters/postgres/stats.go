@@ -1,0 +1,201 @@
+package postgres
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// BacklogScanRowsDefault is the default number of pending rows Backlog reads.
+const BacklogScanRowsDefault = 10000
+
+// Querier is what the read-only operations need: a pool, a connection or a transaction.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// TopicBacklog is what waits for one topic.
+type TopicBacklog struct {
+	// Topic is the row's topic, or the topic template applied to the row.
+	Topic string `json:"topic"`
+	// Pending is the number of rows not yet published (an estimate when Backlog.Estimated).
+	Pending float64 `json:"pending"`
+	// OldestAge is the age of the topic's oldest pending row; zero when none is pending.
+	OldestAge time.Duration `json:"-"`
+	// Parked is the number of parked rows of the topic.
+	Parked float64 `json:"parked"`
+}
+
+// Backlog is what waits in one outbox, per topic.
+type Backlog struct {
+	// Topics are sorted by name.
+	Topics []TopicBacklog
+	// Pending is the number of pending rows (an estimate when Estimated).
+	Pending float64
+	// OldestAge is the age of the oldest pending row; zero when none is pending.
+	OldestAge time.Duration
+	// Parked is the number of parked rows (an estimate when Estimated).
+	Parked float64
+	// Estimated is true when more pending or parked rows exist than were read: the counts are
+	// then extrapolated from the rows read (see BacklogOf).
+	Estimated bool
+}
+
+// BacklogOf returns the pending and parked rows of t per topic. template is the topic template
+// ({aggregate_type} and {event_type} are replaced) for rows without a topic of their own.
+//
+// It stays cheap on any backlog: it reads at most scanRows pending rows, the oldest first,
+// through the pending index (an index scan bounded by LIMIT), plus one index probe for the newest
+// pending id. Below scanRows pending rows the counts are exact. Above, the total is extrapolated
+// from the density of pending ids in the rows read (ids are dense unless rows were published out
+// of order or rolled back), and each topic's share is taken from the rows read; the oldest ages
+// are exact for every topic present among the oldest scanRows rows, which includes the overall
+// oldest. Parked rows are counted the same way, up to scanRows of them.
+func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRows int) (Backlog, error) {
+	t = t.WithDefaults()
+	if scanRows < 1 {
+		scanRows = BacklogScanRowsDefault
+	}
+	topic := `coalesce(nullif(topic, ''), replace(replace($1::text, '{aggregate_type}', aggregate_type), '{event_type}', event_type))`
+	rows, err := q.Query(ctx, `
+		WITH head AS (
+			SELECT id, created_at, `+topic+` AS topic
+			FROM `+t.outbox()+` WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
+		SELECT topic, count(*), greatest(extract(epoch FROM now() - min(created_at)), 0)::float8,
+			min(id), max(id),
+			(SELECT max(id) FROM `+t.outbox()+` WHERE dispatched_at IS NULL)
+		FROM head GROUP BY topic`, template, scanRows)
+	if err != nil {
+		return Backlog{}, fmt.Errorf("read pending rows of %s: %w", t, err)
+	}
+	type agg struct {
+		n        int64
+		age      float64
+		lo, hi   int64
+		newestID int64
+	}
+	byTopic := map[string]*TopicBacklog{}
+	var total, lo, hi, newest int64
+	lo = -1
+	var a agg
+	var name string
+	_, err = pgx.ForEachRow(rows, []any{&name, &a.n, &a.age, &a.lo, &a.hi, &a.newestID}, func() error {
+		age := time.Duration(a.age * float64(time.Second))
+		byTopic[name] = &TopicBacklog{Topic: name, Pending: float64(a.n), OldestAge: age}
+		total += a.n
+		if lo < 0 || a.lo < lo {
+			lo = a.lo
+		}
+		hi = max(hi, a.hi)
+		newest = a.newestID
+		return nil
+	})
+	if err != nil {
+		return Backlog{}, fmt.Errorf("read pending rows of %s: %w", t, err)
+	}
+	var b Backlog
+	b.Pending = float64(total)
+	if total >= int64(scanRows) && newest > hi {
+		// Extrapolate: the rows past the ones read are assumed as dense in ids as those read,
+		// and spread over topics as those read.
+		density := float64(total) / float64(hi-lo+1)
+		b.Pending = float64(total) + float64(newest-hi)*density
+		b.Estimated = true
+		for _, tb := range byTopic {
+			tb.Pending *= b.Pending / float64(total)
+		}
+	}
+
+	rows, err = q.Query(ctx, `
+		SELECT `+topic+` AS topic, count(*)
+		FROM (SELECT topic, aggregate_type, event_type FROM `+t.parked()+` ORDER BY id LIMIT $2) p
+		GROUP BY 1`, template, scanRows)
+	if err != nil {
+		return Backlog{}, fmt.Errorf("read parked rows of %s: %w", t, err)
+	}
+	var parked int64
+	var n int64
+	_, err = pgx.ForEachRow(rows, []any{&name, &n}, func() error {
+		tb := byTopic[name]
+		if tb == nil {
+			tb = &TopicBacklog{Topic: name}
+			byTopic[name] = tb
+		}
+		tb.Parked = float64(n)
+		parked += n
+		return nil
+	})
+	if err != nil {
+		return Backlog{}, fmt.Errorf("read parked rows of %s: %w", t, err)
+	}
+	b.Parked = float64(parked)
+	if parked >= int64(scanRows) {
+		// More parked rows than read: estimate the total from the table's statistics.
+		var est float64
+		if err := q.QueryRow(ctx, `SELECT greatest(reltuples, $2)::float8 FROM pg_class WHERE oid = $1::regclass`,
+			t.parked(), float64(parked)).Scan(&est); err == nil && est > float64(parked) {
+			for _, tb := range byTopic {
+				tb.Parked *= est / float64(parked)
+			}
+			b.Parked = est
+			b.Estimated = true
+		}
+	}
+
+	for _, tb := range byTopic {
+		b.OldestAge = max(b.OldestAge, tb.OldestAge)
+		b.Topics = append(b.Topics, *tb)
+	}
+	sort.Slice(b.Topics, func(i, j int) bool { return b.Topics[i].Topic < b.Topics[j].Topic })
+	return b, nil
+}
+
+// Holder is the database session holding an outbox's leadership lock.
+type Holder struct {
+	PID             int        `json:"pid"`
+	ClientAddr      string     `json:"client_addr,omitempty"` // empty for a Unix socket or when hidden
+	BackendStart    *time.Time `json:"backend_start,omitempty"`
+	ApplicationName string     `json:"application_name,omitempty"`
+	State           string     `json:"state,omitempty"`
+}
+
+// LeaderOf returns the session holding the leadership of t, or nil when no relay leads. The
+// advisory lock of pg_try_advisory_lock(bigint) shows in pg_locks with the key's high 32 bits in
+// classid, its low 32 bits in objid and objsubid 1. The connection details come from
+// pg_stat_activity: another role's sessions show them only to superusers and members of
+// pg_read_all_stats.
+func LeaderOf(ctx context.Context, q Querier, t Table) (*Holder, error) {
+	t = t.WithDefaults()
+	var h Holder
+	var addr, app, state *string
+	err := q.QueryRow(ctx, `
+		WITH k AS (SELECT hashtextextended($1, 0) AS key)
+		SELECT l.pid, host(a.client_addr), a.backend_start, a.application_name, a.state
+		FROM pg_locks l CROSS JOIN k
+		LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+			AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+			AND l.classid = ((k.key >> 32) & 4294967295)::oid
+			AND l.objid = (k.key & 4294967295)::oid
+		LIMIT 1`, t.lockKey()).Scan(&h.PID, &addr, &h.BackendStart, &app, &state)
+	if err == pgx.ErrNoRows {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read leadership lock of %s: %w", t, err)
+	}
+	if addr != nil {
+		h.ClientAddr = *addr
+	}
+	if app != nil {
+		h.ApplicationName = *app
+	}
+	if state != nil {
+		h.State = *state
+	}
+	return &h, nil
+}
