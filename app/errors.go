@@ -16,3 +16,18 @@ var ErrNotLeader = errors.New("leadership lost")
 // ErrReadOnly is returned by a Session connected to a database that cannot be written (a standby
 // or a read-only node): the relay never publishes what it could not mark.
 var ErrReadOnly = errors.New("database is read-only")
+
+// GroupError is the error a Sink reports for a message that failed together with the other
+// messages of its group, such as every buffered record of one Kafka partition when one of its
+// batches fails. The relay counts such a failure against one key of the group only, so the
+// poison row's neighbours are not parked for its fault.
+type GroupError struct {
+	Group string // names the group, such as "topic/partition"
+	Err   error  // the sink's error
+}
+
+// Error implements error.
+func (e *GroupError) Error() string { return e.Err.Error() }
+
+// Unwrap returns the sink's error.
+func (e *GroupError) Unwrap() error { return e.Err }

@@ -141,6 +141,8 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		inflight: make(map[int64]*Message),
 		results:  make(chan result, r.cfg.MaxInFlight+1),
 		memBlock: make(Blocked),
+		groups:   make(map[string]groupFailure),
+		resend:   make(map[int64]resendAt),
 	}
 	return l.run(ctx)
 }
@@ -163,6 +165,10 @@ type leadState struct {
 	// term's own failures until their head is acknowledged.
 	dbBlock  Blocked
 	memBlock Blocked
+	// groups holds, per group of messages that fail together (GroupError), the failure counted
+	// against a row; resend holds rows whose failure was not counted, until they may go again.
+	groups   map[string]groupFailure
+	resend   map[int64]resendAt
 	cursor   int64
 	rescan   time.Time
 	lastPoll time.Time
@@ -292,6 +298,44 @@ func (l *leadState) held(m *Message) bool {
 	if head, ok := l.dbBlock[k]; ok && head != m.ID {
 		return true
 	}
+	if r, ok := l.resend[m.ID]; ok && time.Now().Before(r.at) {
+		return true
+	}
+	return false
+}
+
+// groupFailure is the failure counted against one row of a group of messages that fail together.
+type groupFailure struct {
+	id  int64  // the row the attempt was counted against
+	key string // its order key
+}
+
+// resendAt holds back a row whose failure was not counted against it.
+type resendAt struct {
+	at time.Time
+	n  int // failures not counted so far, for the backoff
+}
+
+// collateral reports whether m's failure belongs to another row: the sink failed m's whole group
+// (for Kafka, every buffered record of a partition fails when one batch fails fatally) while a
+// failure counted against a row of another key of the group is not resolved yet (neither
+// acknowledged nor parked). No attempt is then recorded against m: it waits a short backoff in
+// memory, shorter than the counted row's, and is sent again. Otherwise m's failure is counted
+// and m becomes the group's counted row.
+func (l *leadState) collateral(m *Message, err error) bool {
+	var ge *GroupError
+	if !errors.As(err, &ge) || ge.Group == "" {
+		return false
+	}
+	k := m.orderKey()
+	if f, ok := l.groups[ge.Group]; ok && f.key != k && l.memBlock[f.key] == f.id {
+		r := l.resend[m.ID]
+		r.n++
+		r.at = time.Now().Add(l.cfg.backoff(r.n) / 2)
+		l.resend[m.ID] = r
+		return true
+	}
+	l.groups[ge.Group] = groupFailure{id: m.ID, key: k}
 	return false
 }
 
@@ -325,6 +369,7 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.bytes -= m.Size()
 		k := m.orderKey()
 		if res.err == nil {
+			delete(l.resend, m.ID)
 			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
 			if l.memBlock[k] == m.ID {
@@ -341,6 +386,13 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.cursor = 0 // the failed row and its key's later rows are read again from the start
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
 			continue // an earlier row of this key failed first: this one only waits behind it
+		}
+		if l.collateral(m, res.err) {
+			l.memBlock[k] = m.ID // the key's later rows wait behind m
+			l.log.Info("publish failed with its group, resending without counting an attempt",
+				"row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,
+				"aggregate_id", m.AggregateID, "retry_in", time.Until(l.resend[m.ID].at).Round(time.Millisecond), "err", res.err)
+			continue
 		}
 		if errors.Is(res.err, ErrInvalidMessage) || m.Attempts+1 >= l.cfg.MaxAttempts {
 			if err := l.park(ctx, m, res.err.Error()); err != nil {
@@ -365,6 +417,7 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
 		return fmt.Errorf("park row %d: %w", m.ID, err)
 	}
+	delete(l.resend, m.ID)
 	k := m.orderKey()
 	if l.cfg.OrderPolicy == OrderPolicyWait {
 		l.memBlock[k] = 0

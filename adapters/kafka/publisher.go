@@ -3,13 +3,11 @@ package kafka
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"regexp"
 	"strings"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/app"
@@ -127,7 +125,7 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	if err != nil {
 		return err
 	}
-	p.cl.Produce(ctx, rec, func(_ *kgo.Record, err error) { done(classify(err)) })
+	p.cl.Produce(ctx, rec, func(r *kgo.Record, err error) { done(classify(r, err)) })
 	return nil
 }
 
@@ -140,18 +138,16 @@ func (p *Publisher) Flush(ctx context.Context) error { return p.cl.Flush(ctx) }
 // Close closes the client.
 func (p *Publisher) Close() { p.cl.Close() }
 
-// classify marks the broker errors that retrying cannot fix as invalid messages.
-func classify(err error) error {
+// classify tags a broker error with the record's partition: franz-go fails every buffered record
+// of a partition when one of its batches fails, so the relay must know which failures belong
+// together. Broker rejections (MESSAGE_TOO_LARGE, TOPIC_AUTHORIZATION_FAILED...) are not marked
+// invalid: a batch holds several rows and the broker does not say which one it refused, so the
+// relay retries with backoff and parks only the row that keeps failing, with the broker's reason.
+func classify(r *kgo.Record, err error) error {
 	if err == nil {
 		return nil
 	}
-	for _, permanent := range []error{kerr.MessageTooLarge, kerr.RecordListTooLarge, kerr.InvalidRecord,
-		kerr.InvalidTopicException, kerr.CorruptMessage} {
-		if errors.Is(err, permanent) {
-			return fmt.Errorf("%w: broker rejected the record: %w", app.ErrInvalidMessage, err)
-		}
-	}
-	return err
+	return &app.GroupError{Group: fmt.Sprintf("%s/%d", r.Topic, r.Partition), Err: err}
 }
 
 func truncate(s string, n int) string {

@@ -1,0 +1,416 @@
+package app_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+)
+
+// poisonEnv is one relay on its own schema and topic.
+type poisonEnv struct {
+	pool   *pgxpool.Pool
+	table  postgres.Table
+	broker *kafkatest.Broker
+	topic  string
+}
+
+func setupPoison(t *testing.T, partitions int32) *poisonEnv {
+	t.Helper()
+	pool, table := dbtest.Schema(t)
+	b := kafkatest.Start(t)
+	return &poisonEnv{pool: pool, table: table, broker: b, topic: b.Topic(t, "poison", partitions)}
+}
+
+// row is an outbox row as a writer could insert it; nil pointers are NULL.
+type row struct {
+	aggType string
+	key     *string
+	payload []byte
+	topic   *string
+	headers *string
+}
+
+func str(s string) *string { return &s }
+
+// insert writes rows in one transaction, in order, and returns their ids.
+func (e *poisonEnv) insert(t *testing.T, rows ...row) []int64 {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	ids := make([]int64, len(rows))
+	for i, r := range rows {
+		if r.aggType == "" {
+			r.aggType = "order"
+		}
+		err := tx.QueryRow(ctx, `INSERT INTO `+pgx.Identifier{e.table.Schema, e.table.Name}.Sanitize()+`
+			(aggregate_type, aggregate_id, event_type, payload, topic, headers)
+			VALUES ($1, $2, 'OrderPlaced', $3, $4, $5::jsonb) RETURNING id`,
+			r.aggType, r.key, r.payload, r.topic, r.headers).Scan(&ids[i])
+		if err != nil {
+			t.Fatalf("insert row %d: %v", i, err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// run starts a relay on e and stops it when t ends.
+func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark string) {
+	t.Helper()
+	conn, err := postgres.ParseURL(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, Mark: mark})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc.Brokers = e.broker.Addrs
+	kc.TopicTemplate = e.topic
+	pub, err := kafka.NewPublisher(kc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rc.PollInterval == 0 {
+		rc.PollInterval = 50 * time.Millisecond
+	}
+	rc.LeaderRetryInterval = 50 * time.Millisecond
+	relay, err := app.NewRelay(rc, store, pub, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := relay.Run(ctx); err != nil {
+			t.Errorf("relay: %v", err)
+		}
+	})
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		pub.Close()
+	})
+}
+
+// parkedRow is a row of the parked table.
+type parkedRow struct {
+	attempts int
+	reason   string
+}
+
+func (e *poisonEnv) parked(t *testing.T) map[int64]parkedRow {
+	t.Helper()
+	rows, err := e.pool.Query(context.Background(), `SELECT id, attempts, reason FROM `+
+		pgx.Identifier{e.table.Schema, e.table.Name + "_parked"}.Sanitize())
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[int64]parkedRow{}
+	var id int64
+	var p parkedRow
+	if _, err := pgx.ForEachRow(rows, []any{&id, &p.attempts, &p.reason}, func() error {
+		out[id] = p
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// pending returns the ids of the outbox rows not published yet, and the attempts of every row.
+func (e *poisonEnv) outbox(t *testing.T) (pending []int64, attempts map[int64]int) {
+	t.Helper()
+	rows, err := e.pool.Query(context.Background(), `SELECT id, attempts, dispatched_at IS NULL FROM `+
+		pgx.Identifier{e.table.Schema, e.table.Name}.Sanitize()+` ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attempts = map[int64]int{}
+	var id int64
+	var n int
+	var isPending bool
+	if _, err := pgx.ForEachRow(rows, []any{&id, &n, &isPending}, func() error {
+		attempts[id] = n
+		if isPending {
+			pending = append(pending, id)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return pending, attempts
+}
+
+// waitParked polls until n rows are parked.
+func (e *poisonEnv) waitParked(t *testing.T, n int) map[int64]parkedRow {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		p := e.parked(t)
+		if len(p) >= n {
+			return p
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("parked rows: got %d, want %d: %v", len(p), n, p)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// keys returns the keys of the records of e's topic, reading until want arrived.
+func (e *poisonEnv) keys(t *testing.T, want int) []string {
+	t.Helper()
+	var out []string
+	for _, r := range e.broker.ReadAll(t, e.topic, want, 10*time.Second) {
+		out = append(out, string(r.Key))
+	}
+	return out
+}
+
+// TestRelayParksInvalidRowsAtOnce: rows that can never be published are parked at the first
+// attempt with a reason that says what is wrong, their keys' later rows wait (order_policy
+// wait), and other keys keep flowing.
+func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 3)
+	cases := []struct {
+		name   string
+		bad    row
+		later  bool // the key can have a later, valid row
+		reason string
+	}{
+		{"invalid topic", row{key: str("k-topic"), payload: []byte("x"), topic: str("bad topic!")}, true, `topic "bad topic!" is not a valid Kafka topic name`},
+		{"topic too long", row{key: str("k-long"), payload: []byte("x"), topic: str(strings.Repeat("t", 250))}, true, "is not a valid Kafka topic name"},
+		{"NULL key", row{aggType: "nullkey", payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
+		{"empty key", row{aggType: "emptykey", key: str(""), payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
+		{"oversized", row{key: str("k-big"), payload: bytes.Repeat([]byte("b"), 3000)}, true, "exceeds kafka.max_record_bytes (2048)"},
+		{"NULL payload", row{key: str("k-null")}, true, "payload is NULL and tombstones are disabled"},
+		{"headers not an object", row{key: str("k-hdr"), payload: []byte("x"), headers: str(`[1, 2]`)}, true, "headers is not a JSON object"},
+		{"header not a string", row{key: str("k-hdr2"), payload: []byte("x"), headers: str(`{"n": 1}`)}, true, `header "n" is not a string`},
+	}
+	var rows []row
+	for _, c := range cases {
+		rows = append(rows, c.bad, row{key: str("good-" + c.name), payload: []byte("ok")})
+		if c.later {
+			rows = append(rows, row{key: c.bad.key, payload: []byte("later")})
+		}
+	}
+	ids := e.insert(t, rows...)
+	e.run(t, app.RelayConfig{MaxAttempts: 5}, kafka.Config{MaxRecordBytes: 2048}, postgres.MarkDelete)
+
+	parked := e.waitParked(t, len(cases))
+	i := 0
+	var laterIDs []int64
+	for _, c := range cases {
+		p, ok := parked[ids[i]]
+		switch {
+		case !ok:
+			t.Errorf("%s: row %d not parked; parked: %v", c.name, ids[i], parked)
+		case p.attempts != 1:
+			t.Errorf("%s: parked after %d attempts, want 1 (at once)", c.name, p.attempts)
+		case !strings.Contains(p.reason, c.reason):
+			t.Errorf("%s: reason %q, want it to contain %q", c.name, p.reason, c.reason)
+		}
+		i += 2
+		if c.later {
+			laterIDs = append(laterIDs, ids[i])
+			i++
+		}
+	}
+	if len(parked) != len(cases) {
+		t.Errorf("parked %d rows, want %d: %v", len(parked), len(cases), parked)
+	}
+	// Other keys keep flowing; a sentinel written last proves the relay went past the held rows.
+	e.insert(t, row{key: str("sentinel"), payload: []byte("ok")})
+	got := e.keys(t, len(cases)+1)
+	want := map[string]bool{"sentinel": true}
+	for _, c := range cases {
+		want["good-"+c.name] = true
+	}
+	for _, k := range got {
+		if !want[k] {
+			t.Errorf("record with key %q published; only valid rows of unblocked keys may be", k)
+		}
+		delete(want, k)
+	}
+	if len(want) > 0 {
+		t.Errorf("valid rows of other keys not published: %v", want)
+	}
+	pending, _ := e.outbox(t)
+	if fmt.Sprint(pending) != fmt.Sprint(laterIDs) {
+		t.Errorf("pending rows %v, want the parked keys' later rows %v waiting (order_policy wait)", pending, laterIDs)
+	}
+}
+
+// TestRelayOrderPolicySkip: with order_policy skip, a parked row's key goes on without it.
+func TestRelayOrderPolicySkip(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 1)
+	ids := e.insert(t,
+		row{key: str("k"), payload: []byte("bad"), topic: str("no/slashes")},
+		row{key: str("k"), payload: []byte("after")},
+		row{key: str("other"), payload: []byte("other")},
+	)
+	e.run(t, app.RelayConfig{OrderPolicy: app.OrderPolicySkip}, kafka.Config{}, postgres.MarkDelete)
+	parked := e.waitParked(t, 1)
+	if _, ok := parked[ids[0]]; !ok {
+		t.Fatalf("row %d not parked: %v", ids[0], parked)
+	}
+	recs := e.broker.ReadAll(t, e.topic, 2, 10*time.Second)
+	var got []string
+	for _, r := range recs {
+		got = append(got, string(r.Key)+"="+string(r.Value))
+	}
+	if fmt.Sprint(got) != "[k=after other=other]" {
+		t.Errorf("records %v, want [k=after other=other]", got)
+	}
+}
+
+// TestRelayTombstones: with kafka.tombstones a NULL payload is published as a record with a null
+// value instead of being parked.
+func TestRelayTombstones(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 1)
+	e.insert(t, row{key: str("deleted")}, row{key: str("deleted"), payload: []byte{}})
+	e.run(t, app.RelayConfig{}, kafka.Config{Tombstones: true}, postgres.MarkDelete)
+	recs := e.broker.ReadAll(t, e.topic, 2, 10*time.Second)
+	if len(recs) != 2 {
+		t.Fatalf("got %d records, want 2", len(recs))
+	}
+	if recs[0].Value != nil {
+		t.Errorf("NULL payload published as %q, want a tombstone (null value)", recs[0].Value)
+	}
+	if recs[1].Value == nil {
+		t.Errorf("empty payload published as a tombstone, want an empty value")
+	}
+	if p := e.parked(t); len(p) != 0 {
+		t.Errorf("parked rows %v, want none", p)
+	}
+}
+
+// rejectProduce makes the fake broker reject, with code, every produce to a partition whose records
+// contain marker; the other partitions of such a request get a retriable error and are sent again.
+func rejectProduce(c *kfake.Cluster, marker []byte, code int16) {
+	c.ControlKey(int16(kmsg.Produce), func(kr kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		req := kr.(*kmsg.ProduceRequest)
+		hit := false
+		for _, tp := range req.Topics {
+			for _, p := range tp.Partitions {
+				hit = hit || bytes.Contains(p.Records, marker)
+			}
+		}
+		if !hit {
+			return nil, nil, false
+		}
+		resp := req.ResponseKind().(*kmsg.ProduceResponse)
+		for _, tp := range req.Topics {
+			rt := kmsg.NewProduceResponseTopic()
+			rt.Topic, rt.TopicID = tp.Topic, tp.TopicID
+			for _, p := range tp.Partitions {
+				rp := kmsg.NewProduceResponseTopicPartition()
+				rp.Partition = p.Partition
+				rp.ErrorCode = 6 // NOT_LEADER_OR_FOLLOWER: retried by the producer
+				if bytes.Contains(p.Records, marker) {
+					rp.ErrorCode = code
+				}
+				rt.Partitions = append(rt.Partitions, rp)
+			}
+			resp.Topics = append(resp.Topics, rt)
+		}
+		return resp, nil, true
+	})
+}
+
+// TestRelayBrokerRejection: a row the broker keeps refusing is retried a bounded number of times
+// with backoff, then parked with the broker's reason. Its neighbours in the same partition, which
+// franz-go fails along with it, are sent again without an attempt counted against them.
+func TestRelayBrokerRejection(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name   string
+		code   int16
+		reason string
+		policy string
+	}{
+		{"message too large, wait", 10, "MESSAGE_TOO_LARGE", app.OrderPolicyWait},
+		{"topic authorization failed, skip", 29, "TOPIC_AUTHORIZATION_FAILED", app.OrderPolicySkip},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := setupPoison(t, 1)
+			if e.broker.Fake == nil {
+				t.Skip("needs kfake to inject broker errors (KAFKA_BROKERS is set)")
+			}
+			marker := []byte("POISON-MARKER")
+			rejectProduce(e.broker.Fake, marker, tc.code)
+			rows := []row{{key: str("poison"), payload: marker}}
+			for i := range 10 {
+				rows = append(rows, row{key: str(fmt.Sprintf("k%d", i)), payload: []byte("ok")})
+			}
+			rows = append(rows, row{key: str("poison"), payload: []byte("later")})
+			ids := e.insert(t, rows...)
+			const maxAttempts = 3
+			e.run(t, app.RelayConfig{MaxAttempts: maxAttempts, RetryBackoffMin: 100 * time.Millisecond,
+				RetryBackoffMax: 400 * time.Millisecond, OrderPolicy: tc.policy}, kafka.Config{}, postgres.MarkRetain)
+
+			parked := e.waitParked(t, 1)
+			p, ok := parked[ids[0]]
+			if !ok || len(parked) != 1 {
+				t.Fatalf("parked %v, want only row %d", parked, ids[0])
+			}
+			if p.attempts != maxAttempts {
+				t.Errorf("parked after %d attempts, want %d", p.attempts, maxAttempts)
+			}
+			if !strings.Contains(p.reason, tc.reason) {
+				t.Errorf("reason %q, want the broker's %s", p.reason, tc.reason)
+			}
+			want := 10
+			if tc.policy == app.OrderPolicySkip {
+				want = 11
+			}
+			got := e.keys(t, want)
+			if len(got) != want {
+				t.Fatalf("published %d records %v, want %d", len(got), got, want)
+			}
+			if tc.policy == app.OrderPolicySkip && got[len(got)-1] != "poison" {
+				t.Errorf("the poison key's later row was not published last: %v", got)
+			}
+			pending, attempts := e.outbox(t)
+			wantPending := "[]"
+			if tc.policy == app.OrderPolicyWait {
+				wantPending = fmt.Sprint([]int64{ids[len(ids)-1]})
+			}
+			if fmt.Sprint(pending) != wantPending {
+				t.Errorf("pending rows %v, want %s", pending, wantPending)
+			}
+			for _, id := range ids[1:11] {
+				if attempts[id] != 0 {
+					t.Errorf("row %d of another key has %d failed attempts counted against it, want 0", id, attempts[id])
+				}
+			}
+		})
+	}
+}
