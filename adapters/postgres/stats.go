@@ -40,9 +40,11 @@ type Backlog struct {
 	OldestAge time.Duration
 	// Parked is the number of parked rows (an estimate when Estimated).
 	Parked float64
-	// Estimated is true when more pending or parked rows exist than were read: the counts are
+	// Estimated is true when more pending rows exist than were read: the pending counts are
 	// then extrapolated from the rows read (see BacklogOf).
 	Estimated bool
+	// ParkedEstimated is true when more parked rows exist than were read.
+	ParkedEstimated bool
 }
 
 // BacklogOf returns the pending and parked rows of t per topic. template is the topic template
@@ -142,7 +144,7 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 				tb.Parked *= est / float64(parked)
 			}
 			b.Parked = est
-			b.Estimated = true
+			b.ParkedEstimated = true
 		}
 	}
 

@@ -5,6 +5,7 @@ package prometheus
 import (
 	"errors"
 	"net/http"
+	"runtime"
 	"time"
 
 	prom "github.com/prometheus/client_golang/prometheus"
@@ -63,7 +64,7 @@ func New(version, revision string) *Metrics {
 	}
 	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
 		Help:        "Build information; the value is always 1.",
-		ConstLabels: prom.Labels{"version": version, "revision": revision}})
+		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
 		m.markDuration, m.leader, m.dbUp, m.lastPublish, build,

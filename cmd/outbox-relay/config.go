@@ -82,6 +82,7 @@ var settings = []setting{
 
 	{key: "http.addr", def: ":9090", help: "listener for /metrics, /healthz and /readyz; empty disables it"},
 	{key: "http.stall_timeout", def: "60s", help: "not ready when rows are pending and nothing was published for this long"},
+	{key: "http.backlog_scan_rows", def: strconv.Itoa(postgres.BacklogScanRowsDefault), help: "pending rows read per scrape for the per-topic gauges; counts beyond are extrapolated"},
 
 	{key: "log.level", def: "info", help: "debug, info, warn or error"},
 	{key: "log.format", def: "json", help: "json or text"},
@@ -101,8 +102,10 @@ type Config struct {
 	StartupTimeout time.Duration
 	HTTPAddr       string
 	StallTimeout   time.Duration
-	LogLevel       string
-	LogFormat      string
+	// BacklogScanRows bounds the pending rows read per scrape of the backlog gauges.
+	BacklogScanRows int
+	LogLevel        string
+	LogFormat       string
 }
 
 // newViper returns a viper with every key's default and the environment bound.
@@ -278,6 +281,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	c.StartupTimeout = r.dur("relay.startup_timeout", 100*time.Millisecond, 10*time.Minute)
 	c.HTTPAddr = r.str("http.addr")
 	c.StallTimeout = r.dur("http.stall_timeout", time.Second, 24*time.Hour)
+	c.BacklogScanRows = r.int("http.backlog_scan_rows", 100, 10000000)
 	c.LogLevel = r.oneOf("log.level", "debug", "info", "warn", "error")
 	c.LogFormat = r.oneOf("log.format", "json", "text")
 	if len(r.errs) == 0 {

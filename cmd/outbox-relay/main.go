@@ -38,6 +38,7 @@ func commands() []command {
 		{"run", "run the relay (the daemon)", runCmd},
 		{"migrate", "create or upgrade the outbox tables, idempotently", migrateCmd},
 		{"demo", "run the relay on embedded defaults with writers and a consumer", demoCmd},
+		{"status", "show pending, oldest age and parked rows per topic, and who leads", statusCmd},
 		{"version", "print the version", versionCmd},
 	}
 }

@@ -47,6 +47,8 @@ type daemon struct {
 	publisher *kafka.Publisher
 	relay     *app.Relay
 	metrics   *prometheus.Metrics
+	broker    *brokerCheck
+	started   time.Time
 	server    *http.Server
 	listener  net.Listener
 }
@@ -73,6 +75,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*dae
 	if cfg.Store.Mark == postgres.MarkRetain {
 		wg.Go(func() { d.purge(ctx) })
 	}
+	wg.Go(func() { d.broker.watch(ctx) })
 	err = d.relay.Run(ctx)
 	if d.server != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -101,6 +104,7 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	poolCfg.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
 	poolCfg.MaxConns = 3
+	postgres.SetApplicationName(poolCfg.ConnConfig)
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return nil, fmt.Errorf("database: %s", postgres.Redact(err.Error(), secret))
@@ -112,7 +116,9 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 
 	metrics := prometheus.New(version, revision)
-	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry))
+	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
+	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry),
+		kprom.Histograms(kprom.RequestDurationE2E))
 	publisher, err := kafka.NewPublisher(cfg.Kafka, kgo.WithHooks(kp))
 	if err != nil {
 		pool.Close()
@@ -135,7 +141,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		publisher.Close()
 		return nil, err
 	}
-	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics}
+	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics,
+		broker: newBrokerCheck(publisher.Ping, log), started: time.Now()}
 	if cfg.HTTPAddr != "" {
 		ln, err := net.Listen("tcp", cfg.HTTPAddr)
 		if err != nil {
@@ -170,33 +177,6 @@ func (d *daemon) routes() http.Handler {
 		_, _ = io.WriteString(w, "ready\n")
 	})
 	return mux
-}
-
-// ready reports why the relay is not ready, or nil: the database session must be up, the broker
-// must answer, and a leader must not be stalled with rows pending.
-func (d *daemon) ready(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	if !d.relay.Connected() {
-		return errors.New("database session down")
-	}
-	if err := d.pool.Ping(ctx); err != nil {
-		return errors.New("database unreachable")
-	}
-	if err := d.publisher.Ping(ctx); err != nil {
-		return errors.New("kafka unreachable")
-	}
-	if !d.relay.Leader() {
-		return nil // a standby is doing its job: waiting
-	}
-	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout)
-	if err != nil {
-		return errors.New("database query failed")
-	}
-	if stalled && time.Since(d.relay.LastAck()) > d.cfg.StallTimeout {
-		return fmt.Errorf("stalled: rows pending for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
-	}
-	return nil
 }
 
 // purge deletes rows kept past the retention period, in batches, while this replica leads.

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
+)
+
+// brokerCheckInterval is how long a broker check is reused by readiness probes, and how often the
+// daemon checks the broker to log when it becomes unreachable or reachable again.
+const brokerCheckInterval = 3 * time.Second
+
+// brokerCheck remembers whether the broker answers, so that /readyz costs no broker round trip
+// per probe and a change of state is logged once.
+type brokerCheck struct {
+	ping func(context.Context) error
+	log  *slog.Logger
+
+	mu    sync.Mutex
+	at    time.Time // of the last check
+	err   error     // its result
+	known bool      // a check ran
+	since time.Time // of the last change of state
+}
+
+func newBrokerCheck(ping func(context.Context) error, log *slog.Logger) *brokerCheck {
+	return &brokerCheck{ping: ping, log: log}
+}
+
+// check returns the last result if it is fresh, else asks the broker (bounded by 2s).
+func (b *brokerCheck) check() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.known && time.Since(b.at) < brokerCheckInterval {
+		return b.err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	err := b.ping(ctx)
+	cancel()
+	now := time.Now()
+	switch {
+	case err != nil && (!b.known || b.err == nil):
+		b.log.Warn("kafka unreachable", "err", err)
+		b.since = now
+	case err == nil && b.known && b.err != nil:
+		b.log.Info("kafka reachable again", "down_for", now.Sub(b.since).Round(time.Millisecond))
+		b.since = now
+	}
+	b.at, b.err, b.known = now, err, true
+	return err
+}
+
+// watch checks the broker every brokerCheckInterval until ctx ends, for the log lines.
+func (b *brokerCheck) watch(ctx context.Context) {
+	t := time.NewTicker(brokerCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			_ = b.check()
+		}
+	}
+}
+
+// ready reports why the relay is not ready, or nil: the database session must be up, the
+// database and the broker must answer, and a leader must not be stalled with rows pending. A
+// standby is ready: waiting is its job. It costs one database round trip (two for the leader);
+// the broker's answer is reused for brokerCheckInterval.
+func (d *daemon) ready(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if !d.relay.Connected() {
+		return errors.New("database session down")
+	}
+	if err := d.pool.Ping(ctx); err != nil {
+		return errors.New("database unreachable")
+	}
+	if err := d.broker.check(); err != nil {
+		return fmt.Errorf("kafka unreachable: %w", err)
+	}
+	if !d.relay.Leader() {
+		return nil
+	}
+	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout)
+	if err != nil {
+		return errors.New("database query failed")
+	}
+	progress := d.relay.LastAck()
+	if progress.Before(d.started) {
+		progress = d.started // a relay that just started has not stalled yet
+	}
+	if stalled && time.Since(progress) > d.cfg.StallTimeout {
+		return fmt.Errorf("stalled: rows pending and nothing published for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
+	}
+	return nil
+}
+
+// backlogOf returns the function the metrics call on scrape to read the backlog per topic.
+func backlogOf(cfg *Config, pool *pgxpool.Pool) prometheus.BacklogFunc {
+	return func(ctx context.Context) (prometheus.Backlog, error) {
+		b, err := postgres.BacklogOf(ctx, pool, cfg.Store.Table, cfg.Kafka.TopicTemplate, cfg.BacklogScanRows)
+		if err != nil {
+			return prometheus.Backlog{}, err
+		}
+		out := prometheus.Backlog{Estimated: b.Estimated || b.ParkedEstimated}
+		for _, t := range b.Topics {
+			out.Topics = append(out.Topics, prometheus.TopicBacklog{Topic: t.Topic, Pending: t.Pending,
+				OldestAge: t.OldestAge, Parked: t.Parked})
+		}
+		return out, nil
+	}
+}

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+)
+
+// statusReport is what 'outbox-relay status --json' prints.
+type statusReport struct {
+	Outbox string `json:"outbox"`
+	// Pending counts rows not yet published; extrapolated when PendingEstimated.
+	Pending          int64         `json:"pending"`
+	PendingEstimated bool          `json:"pending_estimated"`
+	OldestAgeSeconds float64       `json:"oldest_pending_age_seconds"`
+	Parked           int64         `json:"parked"`
+	ParkedEstimated  bool          `json:"parked_estimated"`
+	Topics           []statusTopic `json:"topics"`
+	// Leader is the session holding the leadership lock; null when no relay leads.
+	Leader *postgres.Holder `json:"leader"`
+}
+
+type statusTopic struct {
+	Topic            string  `json:"topic"`
+	Pending          int64   `json:"pending"`
+	OldestAgeSeconds float64 `json:"oldest_pending_age_seconds"`
+	Parked           int64   `json:"parked"`
+}
+
+func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("status", "Show the outbox's backlog per topic (pending rows, age of the oldest, parked rows) and\n"+
+		"which relay holds the leadership. A readable table by default, --json for scripts.", stderr)
+	addFlags(fs)
+	asJSON := fs.Bool("json", false, "print JSON instead of a table")
+	scanRows := fs.Int("scan-rows", 100000, "pending rows read at most; beyond, counts are extrapolated and marked estimated")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, _, err := loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	if cfg.DatabaseURL == "" {
+		return fmt.Errorf("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
+	}
+	pool, err := openPool(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	table := cfg.Store.Table.WithDefaults()
+	qctx, cancel := context.WithTimeout(ctx, cfg.Store.QueryTimeout)
+	defer cancel()
+	if err := postgres.CheckOutbox(qctx, pool, table); err != nil {
+		return err
+	}
+	b, err := postgres.BacklogOf(qctx, pool, table, cfg.Kafka.TopicTemplate, *scanRows)
+	if err != nil {
+		return err
+	}
+	leader, err := postgres.LeaderOf(qctx, pool, table)
+	if err != nil {
+		return err
+	}
+	rep := statusReport{
+		Outbox:           table.String(),
+		Pending:          int64(math.Round(b.Pending)),
+		PendingEstimated: b.Estimated,
+		OldestAgeSeconds: b.OldestAge.Seconds(),
+		Parked:           int64(math.Round(b.Parked)),
+		ParkedEstimated:  b.ParkedEstimated,
+		Topics:           []statusTopic{},
+		Leader:           leader,
+	}
+	for _, t := range b.Topics {
+		rep.Topics = append(rep.Topics, statusTopic{Topic: t.Topic, Pending: int64(math.Round(t.Pending)),
+			OldestAgeSeconds: t.OldestAge.Seconds(), Parked: int64(math.Round(t.Parked))})
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printStatus(stdout, rep)
+	return nil
+}
+
+func printStatus(w io.Writer, r statusReport) {
+	approx, approxParked := "", ""
+	if r.PendingEstimated {
+		approx = "~"
+	}
+	if r.ParkedEstimated {
+		approxParked = "~"
+	}
+	fmt.Fprintf(w, "outbox   %s\n", r.Outbox)
+	if h := r.Leader; h != nil {
+		parts := []string{fmt.Sprintf("pid %d", h.PID)}
+		if h.ApplicationName != "" {
+			parts = append(parts, fmt.Sprintf("application %q", h.ApplicationName))
+		}
+		if h.ClientAddr != "" {
+			parts = append(parts, "client "+h.ClientAddr)
+		}
+		if h.BackendStart != nil {
+			parts = append(parts, fmt.Sprintf("connected %s (%s ago)", h.BackendStart.UTC().Format(time.RFC3339),
+				time.Since(*h.BackendStart).Round(time.Second)))
+		}
+		fmt.Fprintf(w, "leader   %s\n", strings.Join(parts, ", "))
+	} else {
+		fmt.Fprintln(w, "leader   none: no relay holds the leadership")
+	}
+	fmt.Fprintf(w, "pending  %s%d", approx, r.Pending)
+	if r.Pending > 0 {
+		fmt.Fprintf(w, " (oldest %s)", age(r.OldestAgeSeconds))
+	}
+	fmt.Fprintf(w, "\nparked   %s%d\n", approxParked, r.Parked)
+	if r.PendingEstimated || r.ParkedEstimated {
+		fmt.Fprintln(w, "(~ counts extrapolated from the oldest rows read; raise --scan-rows for exact counts)")
+	}
+	if len(r.Topics) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "TOPIC\tPENDING\tOLDEST\tPARKED\t")
+	for _, t := range r.Topics {
+		oldest := "-"
+		if t.Pending > 0 {
+			oldest = age(t.OldestAgeSeconds)
+		}
+		fmt.Fprintf(tw, "%s\t%s%d\t%s\t%s%d\t\n", t.Topic, approx, t.Pending, oldest, approxParked, t.Parked)
+	}
+	_ = tw.Flush()
+}
+
+// age renders seconds for a person: 850ms, 12.3s, 4m10s, 2h5m0s.
+func age(s float64) string {
+	d := time.Duration(s * float64(time.Second))
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	default:
+		return d.Round(time.Second).String()
+	}
+}
