@@ -31,6 +31,9 @@ func (d templateData) ChannelLiteral() string { return "'" + d.t.Channel() + "'"
 func (d templateData) Name(s string) string   { return d.t.name(s) }
 func (d templateData) Users() string          { return pgx.Identifier{d.t.Schema, "users"}.Sanitize() }
 
+// Table returns the quoted name of the example's table name in the outbox's schema.
+func (d templateData) Table(name string) string { return pgx.Identifier{d.t.Schema, name}.Sanitize() }
+
 // Migrate applies the outbox migrations of t that are not applied yet, in order, each in its own
 // transaction. It is idempotent and safe to run from several processes at once: an advisory
 // lock serializes them. progress, when not nil, is called after each step.
