@@ -39,6 +39,7 @@ func commands() []command {
 		{"migrate", "create or upgrade the outbox tables, idempotently", migrateCmd},
 		{"demo", "run the relay on embedded defaults with writers and a consumer", demoCmd},
 		{"status", "show pending, oldest age and parked rows per topic, and who leads", statusCmd},
+		{"parked", "list, retry or drop parked rows (rows the relay gave up on)", parkedCmd},
 		{"version", "print the version", versionCmd},
 	}
 }
