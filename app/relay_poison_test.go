@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +28,45 @@ type poisonEnv struct {
 	table  postgres.Table
 	broker *kafkatest.Broker
 	topic  string
+	obs    *parkCounter
+	logs   *syncBuffer
+}
+
+// parkCounter is a RelayObserver counting parked rows, as the metric does.
+type parkCounter struct {
+	app.NopObserver
+	mu sync.Mutex
+	n  int
+}
+
+func (c *parkCounter) Parked(*app.Message, string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.n++
+}
+
+func (c *parkCounter) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// syncBuffer collects the relay's log lines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
 
 func setupPoison(t *testing.T, partitions int32) *poisonEnv {
@@ -96,7 +136,8 @@ func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark 
 		rc.PollInterval = 50 * time.Millisecond
 	}
 	rc.LeaderRetryInterval = 50 * time.Millisecond
-	relay, err := app.NewRelay(rc, store, pub, nil, nil)
+	e.obs, e.logs = &parkCounter{}, &syncBuffer{}
+	relay, err := app.NewRelay(rc, store, pub, e.obs, slog.New(slog.NewJSONHandler(e.logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,6 +282,13 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 	}
 	if len(parked) != len(cases) {
 		t.Errorf("parked %d rows, want %d: %v", len(parked), len(cases), parked)
+	}
+	// One metric increment and one log line per parked row.
+	if n := e.obs.count(); n != len(cases) {
+		t.Errorf("observer told of %d parked rows, want %d", n, len(cases))
+	}
+	if n := strings.Count(e.logs.String(), `"msg":"row parked"`); n != len(cases) {
+		t.Errorf("%d 'row parked' log lines, want %d", n, len(cases))
 	}
 	// Other keys keep flowing; a sentinel written last proves the relay went past the held rows.
 	e.insert(t, row{key: str("sentinel"), payload: []byte("ok")})
