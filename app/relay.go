@@ -188,11 +188,11 @@ func (l *leadState) run(ctx context.Context) error {
 		}
 		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
 		if room && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
-			more, err := l.claim(ctx)
+			// Not cancelled by a stop: a query interrupted by cancellation closes the connection
+			// (pgx), and the rows in flight could then not be marked once acknowledged. The
+			// store's query timeout bounds the claim.
+			more, err := l.claim(context.WithoutCancel(ctx))
 			if err != nil {
-				if ctx.Err() != nil {
-					continue
-				}
 				return l.abandon(err)
 			}
 			wake = more
