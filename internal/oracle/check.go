@@ -1,0 +1,192 @@
+package oracle
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// HeaderEventID is the record header that carries the event id.
+const HeaderEventID = "event-id"
+
+// Report is what Check found on the topics.
+type Report struct {
+	Committed  int // events whose transaction committed
+	RolledBack int // events whose transaction rolled back
+	Records    int // records read
+	// Lost lists committed event ids with no record (L).
+	Lost []string
+	// Phantoms lists rolled-back event ids that have a record (P).
+	Phantoms []string
+	// Duplicates counts records beyond the first of their event id (D).
+	Duplicates int
+	// Reorders describes records whose key's sequence went backwards, repeats ignored (O).
+	Reorders []string
+	// NoHeader counts records without the event-id header (H).
+	NoHeader int
+	// Foreign counts records with an event id the loader never wrote.
+	Foreign int
+}
+
+// String summarizes r on one line.
+func (r Report) String() string {
+	return fmt.Sprintf("committed=%d rolled_back=%d records=%d lost=%d phantoms=%d duplicates=%d reorders=%d no_header=%d foreign=%d",
+		r.Committed, r.RolledBack, r.Records, len(r.Lost), len(r.Phantoms), r.Duplicates, len(r.Reorders), r.NoHeader, r.Foreign)
+}
+
+// Assert fails t unless r shows no loss, no phantom, no reorder, every header present, no
+// foreign record, and at most maxDuplicates duplicates.
+func (r Report) Assert(t testing.TB, maxDuplicates int) {
+	t.Helper()
+	t.Logf("oracle: %s (duplicates bound %d)", r, maxDuplicates)
+	if len(r.Lost) > 0 {
+		t.Errorf("L: %d committed events lost, first: %v", len(r.Lost), r.Lost[:min(5, len(r.Lost))])
+	}
+	if len(r.Phantoms) > 0 {
+		t.Errorf("P: %d rolled-back events published, first: %v", len(r.Phantoms), r.Phantoms[:min(5, len(r.Phantoms))])
+	}
+	if r.Duplicates > maxDuplicates {
+		t.Errorf("D: %d duplicates, bound %d", r.Duplicates, maxDuplicates)
+	}
+	if len(r.Reorders) > 0 {
+		t.Errorf("O: %d reorders, first: %v", len(r.Reorders), r.Reorders[:min(5, len(r.Reorders))])
+	}
+	if r.NoHeader > 0 {
+		t.Errorf("H: %d records without the %s header", r.NoHeader, HeaderEventID)
+	}
+	if r.Foreign > 0 {
+		t.Errorf("%d records with an event id the loader never wrote", r.Foreign)
+	}
+	if r.Committed == 0 {
+		t.Errorf("no event committed: the test proved nothing")
+	}
+}
+
+// Check reads every topic of l from offset 0 until every committed event arrived or timeout
+// passed, then up to the topics' end, and checks the records against what l wrote. Unknown
+// outcomes are resolved first. Call it once the relay has nothing left to publish.
+func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Duration) (Report, error) {
+	if _, err := l.Resolve(ctx); err != nil {
+		return Report{}, err
+	}
+	events, outcomes := l.snapshot()
+	var rep Report
+	for _, o := range outcomes {
+		switch o {
+		case Committed:
+			rep.Committed++
+		case RolledBack:
+			rep.RolledBack++
+		}
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(l.Topics()...),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(200*time.Millisecond))
+	if err != nil {
+		return rep, err
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+
+	seen := map[string]int{}
+	type pos struct {
+		topic string
+		part  int32
+	}
+	next := map[pos]int64{}  // next offset to read per partition
+	last := map[string]int{} // highest sequence seen per key
+	missing := func() int {
+		n := 0
+		for id, o := range outcomes {
+			if o == Committed && seen[id] == 0 {
+				n++
+			}
+		}
+		return n
+	}
+	caughtUp := func() (bool, error) {
+		ectx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		ends, err := adm.ListEndOffsets(ectx, l.Topics()...)
+		if err != nil {
+			return false, err
+		}
+		done := true
+		ends.Each(func(o kadm.ListedOffset) {
+			if o.Err == nil && next[pos{o.Topic, o.Partition}] < o.Offset {
+				done = false
+			}
+		})
+		return done, ends.Error()
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		fetches := cl.PollFetches(pctx)
+		cancel()
+		fetches.EachRecord(func(r *kgo.Record) {
+			rep.Records++
+			next[pos{r.Topic, r.Partition}] = r.Offset + 1
+			id := ""
+			for _, h := range r.Headers {
+				if h.Key == HeaderEventID {
+					id = string(h.Value)
+				}
+			}
+			if id == "" {
+				rep.NoHeader++
+				return
+			}
+			seen[id]++
+			if seen[id] > 1 {
+				rep.Duplicates++
+				return
+			}
+			ev, known := events[id]
+			if !known {
+				rep.Foreign++
+				return
+			}
+			if outcomes[id] != Committed {
+				rep.Phantoms = append(rep.Phantoms, id)
+				return
+			}
+			var p Payload
+			if err := json.Unmarshal(r.Value, &p); err != nil || p.Key != ev.Key || p.Seq != ev.Seq || string(r.Key) != ev.Key {
+				rep.Reorders = append(rep.Reorders, fmt.Sprintf("record of event %s does not match it (key %q)", id, r.Key))
+				return
+			}
+			if prev, ok := last[p.Key]; ok && p.Seq <= prev {
+				rep.Reorders = append(rep.Reorders, fmt.Sprintf("key %s: seq %d after %d (%s[%d]@%d)", p.Key, p.Seq, prev, r.Topic, r.Partition, r.Offset))
+			}
+			last[p.Key] = max(last[p.Key], p.Seq)
+		})
+		if err := ctx.Err(); err != nil {
+			return rep, err
+		}
+		if fetches.NumRecords() > 0 {
+			continue
+		}
+		if missing() == 0 || time.Now().After(deadline) {
+			done, err := caughtUp()
+			if err != nil && time.Now().After(deadline.Add(30*time.Second)) {
+				return rep, fmt.Errorf("list end offsets: %w", err)
+			}
+			if done || time.Now().After(deadline.Add(30*time.Second)) {
+				break
+			}
+		}
+	}
+	for id, o := range outcomes {
+		if o == Committed && seen[id] == 0 {
+			rep.Lost = append(rep.Lost, fmt.Sprintf("%s(%s#%d)", id, events[id].Key, events[id].Seq))
+		}
+	}
+	slices.Sort(rep.Lost)
+	return rep, nil
+}

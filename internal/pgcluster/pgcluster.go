@@ -1,0 +1,218 @@
+// Package pgcluster gives a test a PostgreSQL cluster of its own, which it may stop hard, restart
+// or make read-only without disturbing other tests: initdb and pg_ctl from the server binaries,
+// on a free port, in a temporary directory, removed when the test ends.
+//
+// The server refuses to run as root, so when the test runs as root the commands run as the
+// postgres OS user.
+package pgcluster
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// BinDirDefault holds the server binaries when PGBIN is not set.
+const BinDirDefault = "/usr/lib/postgresql/15/bin"
+
+// Cluster is one throwaway PostgreSQL server.
+type Cluster struct {
+	t    testing.TB
+	bin  string
+	dir  string
+	Port int
+	run  *user.User // nil: run as the current user
+}
+
+// Start initializes and starts a cluster for t, stopped and removed when t ends. settings are
+// extra postgresql.conf lines. It skips t when the server binaries are missing.
+func Start(t testing.TB, settings ...string) *Cluster {
+	t.Helper()
+	bin := os.Getenv("PGBIN")
+	if bin == "" {
+		bin = BinDirDefault
+	}
+	if _, err := os.Stat(filepath.Join(bin, "initdb")); err != nil {
+		t.Skipf("PostgreSQL server binaries not found in %s (set PGBIN): %v", bin, err)
+	}
+	c := &Cluster{t: t, bin: bin}
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			t.Skipf("running as root and no postgres user to run the server: %v", err)
+		}
+		c.run = u
+	}
+	dir, err := os.MkdirTemp("", "pgcluster-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.dir = dir
+	t.Cleanup(func() {
+		c.ctl("stop", "-m", "immediate")
+		_ = os.RemoveAll(dir)
+	})
+	if c.run != nil {
+		uid, _ := strconv.Atoi(c.run.Uid)
+		gid, _ := strconv.Atoi(c.run.Gid)
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := c.cmd("initdb", "-D", c.data(), "-U", "postgres", "--auth=trust", "--no-sync",
+		"-E", "UTF8", "--locale=C").CombinedOutput(); err != nil {
+		t.Fatalf("initdb: %v\n%s", err, out)
+	}
+	c.Port = freePort(t)
+	conf := []string{
+		"listen_addresses = '127.0.0.1'",
+		fmt.Sprintf("port = %d", c.Port),
+		"unix_socket_directories = '" + dir + "'",
+		"fsync = off",
+		"synchronous_commit = on",
+		"full_page_writes = off",
+		"shared_buffers = 16MB",
+		"max_connections = 50",
+		"logging_collector = off",
+	}
+	conf = append(conf, settings...)
+	f, err := os.OpenFile(filepath.Join(c.data(), "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteString("\n" + strings.Join(conf, "\n") + "\n")
+	_ = f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	return c
+}
+
+func (c *Cluster) data() string { return filepath.Join(c.dir, "data") }
+
+func (c *Cluster) cmd(name string, args ...string) *exec.Cmd {
+	path := filepath.Join(c.bin, name)
+	if c.run == nil {
+		return exec.Command(path, args...)
+	}
+	// runuser keeps the environment small and needs no password.
+	return exec.Command("runuser", append([]string{"-u", c.run.Username, "--", path}, args...)...)
+}
+
+func (c *Cluster) ctl(args ...string) ([]byte, error) {
+	args = append([]string{args[0], "-D", c.data(), "-w", "-t", "120"}, args[1:]...)
+	return c.cmd("pg_ctl", args...).CombinedOutput()
+}
+
+// URL returns the connection string of the cluster's postgres database.
+func (c *Cluster) URL() string {
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", c.Port)
+}
+
+// Addr returns the cluster's host:port.
+func (c *Cluster) Addr() string { return fmt.Sprintf("127.0.0.1:%d", c.Port) }
+
+// Start starts the server and waits until it accepts connections.
+func (c *Cluster) Start() {
+	c.t.Helper()
+	if out, err := c.ctl("start", "-l", filepath.Join(c.dir, "server.log")); err != nil {
+		log, _ := os.ReadFile(filepath.Join(c.dir, "server.log"))
+		c.t.Fatalf("pg_ctl start: %v\n%s\n%s", err, out, log)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := pgx.Connect(ctx, c.URL())
+		cancel()
+		if err == nil {
+			_ = conn.Close(context.Background())
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("cluster on port %d not accepting connections: %v", c.Port, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// StopImmediate stops the server the hard way (pg_ctl stop -m immediate): no checkpoint, every
+// connection dropped, crash recovery at the next start.
+func (c *Cluster) StopImmediate() {
+	c.t.Helper()
+	if out, err := c.ctl("stop", "-m", "immediate"); err != nil {
+		c.t.Fatalf("pg_ctl stop: %v\n%s", err, out)
+	}
+}
+
+// Exec runs sql on a fresh connection to the cluster.
+func (c *Cluster) Exec(ctx context.Context, sql string, args ...any) error {
+	conn, err := pgx.Connect(ctx, c.URL())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	_, err = conn.Exec(ctx, sql, args...)
+	return err
+}
+
+// SetReadOnly makes every new transaction of the cluster read-only (or writable again) and
+// terminates every other connection, so that clients reconnect to a node that refuses writes: the
+// effect of a failover onto a standby, without one.
+func (c *Cluster) SetReadOnly(ctx context.Context, on bool) error {
+	conn, err := pgx.Connect(ctx, c.URL())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	for _, q := range []string{
+		fmt.Sprintf(`ALTER SYSTEM SET default_transaction_read_only = %t`, on),
+		`SELECT pg_reload_conf()`,
+	} {
+		if _, err := conn.Exec(ctx, q); err != nil {
+			return fmt.Errorf("%s: %w", q, err)
+		}
+	}
+	if !on {
+		return nil
+	}
+	// Wait until the setting is in force for new sessions, then end the old ones.
+	for {
+		probe, err := pgx.Connect(ctx, c.URL())
+		if err != nil {
+			return err
+		}
+		var ro string
+		err = probe.QueryRow(ctx, `SHOW default_transaction_read_only`).Scan(&ro)
+		_ = probe.Close(context.Background())
+		if err != nil {
+			return err
+		}
+		if ro == "on" {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_, err = conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+		WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'`)
+	return err
+}
+
+func freePort(t testing.TB) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
