@@ -1,0 +1,35 @@
+package memory_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/outbox-relay/outbox-relay/adapters/memory"
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/sinktest"
+)
+
+func TestSinkConformance(t *testing.T) {
+	sinktest.Run(t, func(t *testing.T) *sinktest.Env {
+		s := memory.NewSink()
+		s.Reject = func(m *app.Message) error {
+			if m.Topic == "refused" {
+				return fmt.Errorf("topic %q refused", m.Topic)
+			}
+			return nil
+		}
+		return &sinktest.Env{
+			Sink: s,
+			Delivered: func(*testing.T) []sinktest.Delivered {
+				var out []sinktest.Delivered
+				for _, d := range s.Deliveries() {
+					out = append(out, sinktest.Delivered{Key: d.Key, Payload: d.Payload, Headers: d.Headers})
+				}
+				return out
+			},
+			Pause:  func(*testing.T) { s.Hold() },
+			Resume: func(*testing.T) { s.Release() },
+			Reject: func(m *app.Message) { m.Topic = "refused" },
+		}
+	})
+}

@@ -1,0 +1,404 @@
+// Package sinktest is the conformance suite of the relay's publisher port, app.Sink: every sink
+// (Kafka, RabbitMQ, in-memory) runs it from its own tests against a real broker, and passes it.
+//
+// The suite checks what the relay relies on: per-key order, the headers consumers use, invalid
+// messages refused at once, broker refusals surfaced through done, nothing reported acknowledged
+// before the broker confirmed it, and Abort settling every message before it returns.
+package sinktest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/domain"
+)
+
+// Delivered is a message as a consumer of the broker reads it.
+type Delivered struct {
+	Key     string            // the aggregate id: the Kafka record key, or the aggregate-id header
+	Headers map[string]string // every header
+	Payload []byte
+}
+
+// Env is one sink under test with its broker, fresh for each test of the suite.
+type Env struct {
+	// Sink is the sink under test; it sends every message to a destination of this Env only.
+	Sink app.Sink
+	// Delivered returns every message the broker holds for this Env so far, in the broker's
+	// order (per key at least). It is called repeatedly until enough messages arrived.
+	Delivered func(t *testing.T) []Delivered
+	// Pause stops the broker's acknowledgements from reaching the sink, until Resume. Both nil
+	// when the Env cannot do it (the tests needing it are skipped).
+	Pause, Resume func(t *testing.T)
+	// Reject changes m so that the broker refuses it (a missing topic, an unroutable routing
+	// key...); nil when the Env cannot (the test is skipped).
+	Reject func(m *app.Message)
+}
+
+// Timeout bounds every wait of the suite. It is generous: the machine may be loaded.
+var Timeout = 60 * time.Second
+
+// Run runs the suite. newEnv is called once per test, with that test's t; register cleanups on it.
+func Run(t *testing.T, newEnv func(t *testing.T) *Env) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, e *Env)
+	}{
+		{"PerKeyOrder", testPerKeyOrder},
+		{"Headers", testHeaders},
+		{"InvalidMessageRefusedAtOnce", testInvalid},
+		{"BrokerRefusalSurfaced", testRefusal},
+		{"NothingAckedBeforeConfirm", testNoEarlyAck},
+		{"Abort", testAbort},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.fn(t, newEnv(t))
+		})
+	}
+}
+
+// message returns a valid message of key with sequence number seq in its payload.
+func message(id int64, key string, seq int) *app.Message {
+	payload, _ := json.Marshal(map[string]any{"key": key, "seq": seq})
+	now := time.Now()
+	return &app.Message{ID: id, EventID: domain.NewID(), AggregateType: "order", AggregateID: key,
+		EventType: "OrderPlaced", Payload: payload, OccurredAt: now, CreatedAt: now}
+}
+
+// tracker publishes messages and records their verdicts; it fails the test on a second done.
+type tracker struct {
+	t       *testing.T
+	sink    app.Sink
+	mu      sync.Mutex
+	verdict map[string]error // by event id, once done ran
+	calls   map[string]int
+	changed chan struct{}
+}
+
+func newTracker(t *testing.T, s app.Sink) *tracker {
+	return &tracker{t: t, sink: s, verdict: map[string]error{}, calls: map[string]int{}, changed: make(chan struct{}, 1)}
+}
+
+func (tr *tracker) publish(m *app.Message) error {
+	return tr.sink.Publish(context.Background(), m, func(err error) {
+		tr.mu.Lock()
+		tr.calls[m.EventID]++
+		if tr.calls[m.EventID] > 1 {
+			tr.t.Errorf("done called %d times for event %s", tr.calls[m.EventID], m.EventID)
+		}
+		tr.verdict[m.EventID] = err
+		tr.mu.Unlock()
+		select {
+		case tr.changed <- struct{}{}:
+		default:
+		}
+	})
+}
+
+func (tr *tracker) mustPublish(m *app.Message) {
+	tr.t.Helper()
+	if err := tr.publish(m); err != nil {
+		tr.t.Fatalf("publish %s: %v", m.EventID, err)
+	}
+}
+
+// settled returns how many of ids have a verdict, and how many of those are acknowledgements.
+func (tr *tracker) settled(ids []string) (n, acked int) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	for _, id := range ids {
+		if err, ok := tr.verdict[id]; ok {
+			n++
+			if err == nil {
+				acked++
+			}
+		}
+	}
+	return n, acked
+}
+
+// wait blocks until every id has a verdict.
+func (tr *tracker) wait(ids []string) {
+	tr.t.Helper()
+	deadline := time.Now().Add(Timeout)
+	for {
+		if n, _ := tr.settled(ids); n == len(ids) {
+			return
+		}
+		if time.Now().After(deadline) {
+			n, _ := tr.settled(ids)
+			tr.t.Fatalf("%d of %d messages have no verdict after %s", len(ids)-n, len(ids), Timeout)
+		}
+		select {
+		case <-tr.changed:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (tr *tracker) err(id string) (error, bool) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	err, ok := tr.verdict[id]
+	return err, ok
+}
+
+// waitDelivered polls e.Delivered until want event ids are all there.
+func waitDelivered(t *testing.T, e *Env, want []string) []Delivered {
+	t.Helper()
+	deadline := time.Now().Add(Timeout)
+	for {
+		got := e.Delivered(t)
+		seen := map[string]bool{}
+		for _, d := range got {
+			seen[d.Headers["event-id"]] = true
+		}
+		missing := 0
+		for _, id := range want {
+			if !seen[id] {
+				missing++
+			}
+		}
+		if missing == 0 {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d acknowledged messages are not at the broker after %s", missing, len(want), Timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func testPerKeyOrder(t *testing.T, e *Env) {
+	tr := newTracker(t, e.Sink)
+	const keys, per = 4, 40
+	var ids []string
+	var id int64
+	for seq := range per {
+		for k := range keys {
+			id++
+			m := message(id, fmt.Sprintf("key-%d", k), seq)
+			tr.mustPublish(m)
+			ids = append(ids, m.EventID)
+		}
+	}
+	tr.wait(ids)
+	for _, evID := range ids {
+		if err, _ := tr.err(evID); err != nil {
+			t.Fatalf("event %s failed: %v", evID, err)
+		}
+	}
+	got := waitDelivered(t, e, ids)
+	last := map[string]int{}
+	count := map[string]int{}
+	for _, d := range got {
+		var p struct {
+			Key string
+			Seq int
+		}
+		if err := json.Unmarshal(d.Payload, &p); err != nil {
+			t.Fatalf("payload %q: %v", d.Payload, err)
+		}
+		if d.Key != p.Key {
+			t.Errorf("message of key %q delivered with key %q", p.Key, d.Key)
+		}
+		prev, ok := last[p.Key]
+		if ok && p.Seq <= prev {
+			continue // a repeat, allowed (at least once); ignoring repeats, seq must increase
+		}
+		if (ok && p.Seq != prev+1) || (!ok && p.Seq != 0) {
+			t.Errorf("key %s: seq %d delivered after %d (missing or out of order)", p.Key, p.Seq, prev)
+		}
+		last[p.Key] = p.Seq
+		count[p.Key]++
+	}
+	for k := range keys {
+		if key := fmt.Sprintf("key-%d", k); count[key] != per {
+			t.Errorf("key %s: %d distinct messages delivered, want %d", key, count[key], per)
+		}
+	}
+}
+
+func testHeaders(t *testing.T, e *Env) {
+	tr := newTracker(t, e.Sink)
+	m := message(1, "order-7", 0)
+	m.OccurredAt = time.Date(2026, 3, 4, 5, 6, 7, 890123456, time.FixedZone("X", 3600))
+	m.Headers = []byte(`{"content-type":"application/json","trace-id":"trace-42"}`)
+	tr.mustPublish(m)
+	tr.wait([]string{m.EventID})
+	if err, _ := tr.err(m.EventID); err != nil {
+		t.Fatalf("publish failed: %v", err)
+	}
+	got := waitDelivered(t, e, []string{m.EventID})
+	d := got[len(got)-1]
+	want := map[string]string{
+		"event-id":       m.EventID,
+		"event-type":     "OrderPlaced",
+		"aggregate-type": "order",
+		"occurred-at":    "2026-03-04T04:06:07.890123456Z",
+		"content-type":   "application/json",
+		"trace-id":       "trace-42",
+	}
+	for k, v := range want {
+		if d.Headers[k] != v {
+			t.Errorf("header %s = %q, want %q", k, d.Headers[k], v)
+		}
+	}
+	if d.Key != "order-7" {
+		t.Errorf("key %q, want order-7", d.Key)
+	}
+	if string(d.Payload) != string(m.Payload) {
+		t.Errorf("payload %q, want %q", d.Payload, m.Payload)
+	}
+}
+
+func testInvalid(t *testing.T, e *Env) {
+	tr := newTracker(t, e.Sink)
+	notObject := message(1, "k", 0)
+	notObject.Headers = []byte(`["a"]`)
+	noKey := message(2, "", 0)
+	for _, m := range []*app.Message{notObject, noKey} {
+		err := tr.publish(m)
+		if !errors.Is(err, app.ErrInvalidMessage) {
+			t.Errorf("publish of an invalid message returned %v, want an error wrapping app.ErrInvalidMessage", err)
+		}
+	}
+	good := message(3, "k", 1)
+	tr.mustPublish(good)
+	tr.wait([]string{good.EventID})
+	if err, _ := tr.err(good.EventID); err != nil {
+		t.Fatalf("valid message after invalid ones failed: %v", err)
+	}
+	for _, m := range []*app.Message{notObject, noKey} {
+		if _, called := tr.err(m.EventID); called {
+			t.Errorf("done was called for a message refused by Publish")
+		}
+	}
+}
+
+func testRefusal(t *testing.T, e *Env) {
+	if e.Reject == nil {
+		t.Skip("this env cannot make the broker refuse a message")
+	}
+	tr := newTracker(t, e.Sink)
+	bad := message(1, "k", 0)
+	e.Reject(bad)
+	tr.mustPublish(bad)
+	good := message(2, "other", 0)
+	tr.mustPublish(good)
+	tr.wait([]string{bad.EventID, good.EventID})
+	if err, _ := tr.err(bad.EventID); err == nil {
+		t.Errorf("a message the broker refused was reported acknowledged")
+	} else {
+		t.Logf("refusal surfaced: %v", err)
+	}
+	if err, _ := tr.err(good.EventID); err != nil {
+		t.Errorf("a valid message published after a refused one failed: %v", err)
+	}
+	waitDelivered(t, e, []string{good.EventID})
+}
+
+func testNoEarlyAck(t *testing.T, e *Env) {
+	if e.Pause == nil {
+		t.Skip("this env cannot hold the broker's acknowledgements")
+	}
+	tr := newTracker(t, e.Sink)
+	e.Pause(t)
+	var ids []string
+	for i := range 10 {
+		m := message(int64(i+1), fmt.Sprintf("k%d", i%3), i)
+		tr.mustPublish(m)
+		ids = append(ids, m.EventID)
+	}
+	// While the broker's answers are held back, nothing may be reported acknowledged.
+	for range 10 {
+		if _, acked := tr.settled(ids); acked > 0 {
+			t.Fatalf("%d messages reported acknowledged while the broker's acknowledgements were held back", acked)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.Resume(t)
+	tr.wait(ids)
+	var acked []string
+	for _, id := range ids {
+		if err, _ := tr.err(id); err == nil {
+			acked = append(acked, id)
+		}
+	}
+	if len(acked) != len(ids) {
+		t.Errorf("%d of %d messages acknowledged after the broker resumed, want all", len(acked), len(ids))
+	}
+	waitDelivered(t, e, acked)
+}
+
+func testAbort(t *testing.T, e *Env) {
+	tr := newTracker(t, e.Sink)
+	if e.Pause != nil {
+		e.Pause(t)
+	}
+	var ids []string
+	for i := range 10 {
+		m := message(int64(i+1), "k", i)
+		tr.mustPublish(m)
+		ids = append(ids, m.EventID)
+	}
+	type outcome struct {
+		err     error
+		settled int
+		acked   int
+	}
+	aborted := make(chan outcome, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), Timeout)
+		defer cancel()
+		err := e.Sink.Abort(ctx)
+		n, acked := tr.settled(ids)
+		aborted <- outcome{err, n, acked}
+	}()
+	var res outcome
+	resumed := e.Pause == nil
+	select {
+	case res = <-aborted:
+		if !resumed && res.acked > 0 {
+			t.Errorf("Abort returned with %d messages acknowledged while the broker's acknowledgements were held back", res.acked)
+		}
+	case <-time.After(3 * time.Second):
+		// Some sinks (Kafka) wait for the requests in flight to be answered before aborting.
+		e.Resume(t)
+		resumed = true
+		res = <-aborted
+	}
+	if !resumed {
+		e.Resume(t)
+	}
+	if res.err != nil {
+		t.Errorf("Abort: %v", res.err)
+	}
+	if res.settled != len(ids) {
+		t.Errorf("Abort returned with %d of %d messages settled, want all", res.settled, len(ids))
+	}
+	var acked []string
+	for _, id := range ids {
+		if err, _ := tr.err(id); err == nil {
+			acked = append(acked, id)
+		}
+	}
+	waitDelivered(t, e, acked)
+	// The sink works after Abort.
+	m := message(100, "k", 100)
+	tr.mustPublish(m)
+	tr.wait([]string{m.EventID})
+	if err, _ := tr.err(m.EventID); err != nil {
+		t.Errorf("publish after Abort failed: %v", err)
+	}
+	waitDelivered(t, e, []string{m.EventID})
+	t.Logf("aborted %d, acknowledged %d of %d", len(ids)-len(acked), len(acked), len(ids))
+}
