@@ -231,7 +231,8 @@ type relayOpts struct {
 	cfg      app.RelayConfig     // zero: relayConfig()
 	kafka    func(*kafka.Config) // adjusts the publisher's configuration
 	kgoOpts  []kgo.Opt
-	observer app.RelayObserver // called besides the relay's probe
+	observer app.RelayObserver         // called besides the relay's probe
+	store    func(app.Store) app.Store // decorates the relay's store
 }
 
 // relay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
@@ -276,7 +277,11 @@ func (e *env) startRelay(o relayOpts) *relay {
 		e.t.Fatal(err)
 	}
 	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: &logBuffer{}}
-	r.Relay, err = app.NewRelay(o.cfg, store, r.sink, r.probe, slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	var st app.Store = store
+	if o.store != nil {
+		st = o.store(st)
+	}
+	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
 	if err != nil {
 		e.t.Fatal(err)
 	}
