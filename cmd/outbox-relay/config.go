@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 	"strconv"
@@ -88,6 +89,16 @@ var settings = []setting{
 	{key: "log.format", def: "json", help: "json or text"},
 }
 
+// fixedKeys are producer settings that would weaken the delivery guarantees. They are refused
+// with the reason, rather than as unknown keys: the producer is always idempotent with acks=all.
+var fixedKeys = map[string]string{
+	"kafka.acks":                     "the producer always waits for every in-sync replica (acks=all); fewer acks lose acknowledged events",
+	"kafka.idempotent":               "the producer is always idempotent; without it a retried batch is duplicated or reordered",
+	"kafka.enable_idempotence":       "the producer is always idempotent; without it a retried batch is duplicated or reordered",
+	"kafka.max_in_flight_requests":   "the idempotent producer keeps order with up to 5 requests in flight per broker; not idempotent, more than 1 reorders",
+	"kafka.max_in_flight_per_broker": "the idempotent producer keeps order with up to 5 requests in flight per broker; not idempotent, more than 1 reorders",
+}
+
 // Config is the whole configuration, typed and validated.
 type Config struct {
 	DatabaseURL    string
@@ -153,9 +164,17 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 			known[s.key] = true
 		}
 		for _, k := range v.AllKeys() {
-			if !known[k] {
-				return nil, nil, fmt.Errorf("config file %s: unknown key %q", file, k)
+			if why, ok := fixedKeys[k]; ok {
+				return nil, nil, fmt.Errorf("config file %s: %s: not configurable: %s", file, k, why)
 			}
+			if !known[k] {
+				return nil, nil, fmt.Errorf("config file %s: unknown key %q (run 'outbox-relay run --help' for the keys)", file, k)
+			}
+		}
+	}
+	for k, why := range fixedKeys {
+		if os.Getenv(envName(k)) != "" {
+			return nil, nil, fmt.Errorf("%s (%s): not configurable: %s", k, envName(k), why)
 		}
 	}
 	cfg, err := parseConfig(v)
@@ -280,6 +299,9 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	c.PurgeBatch = r.int("relay.purge_batch", 1, 1000000)
 	c.StartupTimeout = r.dur("relay.startup_timeout", 100*time.Millisecond, 10*time.Minute)
 	c.HTTPAddr = r.str("http.addr")
+	if _, _, err := net.SplitHostPort(c.HTTPAddr); c.HTTPAddr != "" && err != nil {
+		r.errs = append(r.errs, fmt.Errorf("http.addr: must be host:port or :port (empty disables the listener), got %q", c.HTTPAddr))
+	}
 	c.StallTimeout = r.dur("http.stall_timeout", time.Second, 24*time.Hour)
 	c.BacklogScanRows = r.int("http.backlog_scan_rows", 100, 10000000)
 	c.LogLevel = r.oneOf("log.level", "debug", "info", "warn", "error")
@@ -298,9 +320,25 @@ func (c *Config) requireRelay() error {
 	var errs []error
 	if c.DatabaseURL == "" {
 		errs = append(errs, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)"))
+	} else if _, err := postgres.ParseURL(c.DatabaseURL); err != nil {
+		errs = append(errs, err) // names database.url, without the password
 	}
 	if err := c.Kafka.WithDefaults().Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	for key, file := range map[string]string{"kafka.tls.ca_file": c.Kafka.TLS.CAFile,
+		"kafka.tls.cert_file": c.Kafka.TLS.CertFile, "kafka.tls.key_file": c.Kafka.TLS.KeyFile} {
+		if file == "" {
+			continue
+		}
+		if f, err := os.Open(file); err != nil {
+			errs = append(errs, fmt.Errorf("%s: must be a readable PEM file: %w", key, err))
+		} else {
+			_ = f.Close()
+		}
+	}
+	if c.Kafka.SASL.Mechanism == "" && (c.Kafka.SASL.Username != "" || c.Kafka.SASL.Password != "") {
+		errs = append(errs, errors.New("kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when kafka.sasl.username or a password is set"))
 	}
 	return errors.Join(errs...)
 }
