@@ -1,0 +1,142 @@
+// Package rabbitmq publishes outbox rows to a RabbitMQ exchange (AMQP 0-9-1) with publisher
+// confirms: the relay's app.Sink for RabbitMQ.
+package rabbitmq
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"regexp"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// Defaults of Config.
+const (
+	ExchangeDefault            = "outbox"
+	ExchangeTypeDefault        = "topic"
+	RoutingKeyTemplateDefault  = "{aggregate_type}.{event_type}"
+	MaxMessageBytesDefault     = 16 << 20
+	DialTimeoutDefault         = 10 * time.Second
+	HeartbeatDefault           = 10 * time.Second
+	ReconnectBackoffMinDefault = 100 * time.Millisecond
+	ReconnectBackoffMaxDefault = 10 * time.Second
+)
+
+// Config configures the RabbitMQ publisher.
+type Config struct {
+	// URL is the broker's address, amqp://user:password@host:5672/vhost (amqps:// for TLS, with
+	// the system's CAs). Required. A secret: never logged.
+	URL string
+	// Exchange receives the messages. Default "outbox". "" is the broker's default exchange,
+	// which routes a message to the queue named by its routing key.
+	Exchange string
+	// ExchangeType is the type the exchange is declared with: direct, fanout, topic or headers.
+	// Default "topic".
+	ExchangeType string
+	// NoDeclare skips declaring the exchange (durable, of ExchangeType) at each connection; it
+	// must then exist, which is checked. Default false: the exchange is declared.
+	NoDeclare bool
+	// RoutingKeyTemplate makes each message's routing key; {aggregate_type}, {event_type} and
+	// {aggregate_id} are replaced with the row's values. Default "{aggregate_type}.{event_type}".
+	RoutingKeyTemplate string
+	// DropUnroutable lets the broker drop a message no queue is bound for. Default false: messages
+	// are published mandatory, and one the broker returns as unroutable fails (the relay retries
+	// it, then parks it with the broker's reason).
+	DropUnroutable bool
+	// MaxMessageBytes is the largest body sent; larger rows are parked. Keep it at or below the
+	// broker's max_message_size. Default 16 MiB.
+	MaxMessageBytes int
+	// DialTimeout bounds connecting to the broker, TLS and AMQP handshakes included. Default 10s.
+	DialTimeout time.Duration
+	// Heartbeat is the AMQP heartbeat interval, which notices a dead connection. Default 10s.
+	Heartbeat time.Duration
+	// ReconnectBackoffMin and ReconnectBackoffMax bound the exponential delay between
+	// reconnection attempts. Defaults 100ms and 10s.
+	ReconnectBackoffMin, ReconnectBackoffMax time.Duration
+}
+
+var placeholderRE = regexp.MustCompile(`\{[^}]*\}`)
+
+// WithDefaults returns c with zero fields set to their defaults. Exchange is left alone: its
+// zero value is the default exchange, and the default of the configuration key is "outbox".
+func (c Config) WithDefaults() Config {
+	if c.ExchangeType == "" {
+		c.ExchangeType = ExchangeTypeDefault
+	}
+	if c.RoutingKeyTemplate == "" {
+		c.RoutingKeyTemplate = RoutingKeyTemplateDefault
+	}
+	if c.MaxMessageBytes == 0 {
+		c.MaxMessageBytes = MaxMessageBytesDefault
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = DialTimeoutDefault
+	}
+	if c.Heartbeat == 0 {
+		c.Heartbeat = HeartbeatDefault
+	}
+	if c.ReconnectBackoffMin == 0 {
+		c.ReconnectBackoffMin = ReconnectBackoffMinDefault
+	}
+	if c.ReconnectBackoffMax == 0 {
+		c.ReconnectBackoffMax = ReconnectBackoffMaxDefault
+	}
+	return c
+}
+
+// Validate reports every invalid field, naming its configuration key. It never prints the URL.
+func (c Config) Validate() error {
+	var errs []error
+	if c.URL == "" {
+		errs = append(errs, errors.New("rabbitmq.url: required with sink rabbitmq (set OUTBOX_RABBITMQ_URL or rabbitmq.url_file)"))
+	} else if _, err := amqp.ParseURI(c.URL); err != nil {
+		errs = append(errs, errors.New("rabbitmq.url: not an amqp:// or amqps:// URL"))
+	}
+	switch c.ExchangeType {
+	case "direct", "fanout", "topic", "headers":
+	default:
+		errs = append(errs, fmt.Errorf("rabbitmq.exchange_type: must be direct, fanout, topic or headers, got %q", c.ExchangeType))
+	}
+	if len(c.Exchange) > 255 {
+		errs = append(errs, fmt.Errorf("rabbitmq.exchange: at most 255 bytes, got %d", len(c.Exchange)))
+	}
+	for _, p := range placeholderRE.FindAllString(c.RoutingKeyTemplate, -1) {
+		if p != "{aggregate_type}" && p != "{event_type}" && p != "{aggregate_id}" {
+			errs = append(errs, fmt.Errorf("rabbitmq.routing_key_template: unknown placeholder %s (allowed: {aggregate_type}, {event_type}, {aggregate_id})", p))
+		}
+	}
+	if c.MaxMessageBytes < 1024 || c.MaxMessageBytes > 512<<20 {
+		errs = append(errs, fmt.Errorf("rabbitmq.max_message_bytes: must be between 1024 and 536870912, got %d", c.MaxMessageBytes))
+	}
+	if c.DialTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("rabbitmq.dial_timeout: must be positive, got %s", c.DialTimeout))
+	}
+	if c.Heartbeat < time.Second {
+		errs = append(errs, fmt.Errorf("rabbitmq.heartbeat: must be at least 1s, got %s", c.Heartbeat))
+	}
+	if c.ReconnectBackoffMin <= 0 || c.ReconnectBackoffMax < c.ReconnectBackoffMin {
+		errs = append(errs, fmt.Errorf("rabbitmq.reconnect_backoff_max: must be at least %s, got %s", c.ReconnectBackoffMin, c.ReconnectBackoffMax))
+	}
+	return errors.Join(errs...)
+}
+
+// Password returns the password in URL, to keep it out of logs; "" when there is none.
+func (c Config) Password() string {
+	u, err := url.Parse(c.URL)
+	if err != nil || u.User == nil {
+		return ""
+	}
+	p, _ := u.User.Password()
+	return p
+}
+
+// host returns host:port/vhost of URL, safe to log.
+func (c Config) host() string {
+	uri, err := amqp.ParseURI(c.URL)
+	if err != nil {
+		return "(invalid url)"
+	}
+	return fmt.Sprintf("%s:%d/%s", uri.Host, uri.Port, uri.Vhost)
+}
