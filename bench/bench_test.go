@@ -1,0 +1,98 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+)
+
+// TestMain lets the test binary serve as the benchmark's child processes, as the bench binary
+// does: the smoke test below starts its broker, relay and baselines from os.Executable().
+func TestMain(m *testing.M) {
+	if cfg := os.Getenv(childEnv); cfg != "" {
+		if err := runChild(cfg); err != nil {
+			log.Printf("bench child: %v", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestSmoke runs every section of the benchmark at its smallest size, so the suite cannot rot:
+// it checks that each section completes and writes well-formed results and charts. It asserts no
+// timing: numbers belong to 'make bench'.
+func TestSmoke(t *testing.T) {
+	dbtest.Pool(t) // fails with a clear message when PostgreSQL is unreachable
+	opts, err := parseFlags([]string{"-scale", "smoke", "-db", dbtest.URL(), "-out", t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var logs bytes.Buffer
+	res, err := run(ctx, opts, log.New(&logs, "", 0))
+	if err != nil {
+		t.Fatalf("bench smoke run: %v\n%s", err, logs.String())
+	}
+
+	data, err := os.ReadFile(filepath.Join(opts.Out, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got results
+	if err := json.Unmarshal(data, &got); err != nil {
+		t.Fatalf("results.json is not valid: %v", err)
+	}
+	if want := len(opts.Scale.Matrix) * len(drainVariants); len(got.Drain) != want {
+		t.Errorf("drain results: got %d, want %d", len(got.Drain), want)
+	}
+	for _, d := range got.Drain {
+		if d.Error != "" || d.EventsPerSec <= 0 || d.CPUSec <= 0 || d.PeakRSS <= 0 {
+			t.Errorf("drain %s %s: incomplete result %+v", caseLabel(d.drainCase), d.Variant, d)
+		}
+	}
+	if got.Steady == nil || len(got.Steady.Steps) == 0 || len(got.Steady.Latency) != 2 {
+		t.Fatalf("steady section incomplete: %+v", got.Steady)
+	}
+	for _, l := range got.Steady.Latency {
+		if l.Events == 0 || len(l.CDF) != 100 || l.P50 > l.P99 || l.P99 > l.Max {
+			t.Errorf("latency %s at %.0f/s: malformed %+v", l.Mode, l.OfferedPerSec, l)
+		}
+	}
+	if got.Write == nil || got.Write.NotifyTxSec <= 0 || got.Write.PollTxSec <= 0 {
+		t.Errorf("write-cost section incomplete: %+v", got.Write)
+	}
+	if len(got.Health) != 2 {
+		t.Fatalf("table health: got %d modes, want 2", len(got.Health))
+	}
+	for _, h := range got.Health {
+		if len(h.Samples) < 2 || h.ExplainStart == "" || h.ExplainEnd == "" {
+			t.Errorf("table health %s: incomplete: %d samples", h.Mode, len(h.Samples))
+		}
+		if last := h.Samples[len(h.Samples)-1]; last.Events < opts.Scale.HealthEvents || last.Pending != 0 {
+			t.Errorf("table health %s: last sample %+v, want %d events and nothing pending", h.Mode, last, opts.Scale.HealthEvents)
+		}
+	}
+	if got.Memory == nil || got.Memory.Drained == 0 || got.Memory.PeakRSS == 0 {
+		t.Errorf("memory section incomplete: %+v", got.Memory)
+	}
+	if len(got.Targets) == 0 || len(res.Targets) != len(got.Targets) {
+		t.Errorf("targets: %d in results.json, %d returned", len(got.Targets), len(res.Targets))
+	}
+	for _, name := range []string{"drain-throughput.png", "latency.png", "table-health.png"} {
+		b, err := os.ReadFile(filepath.Join(opts.Out, name))
+		if err != nil {
+			t.Errorf("chart %s: %v", name, err)
+		} else if !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
+			t.Errorf("chart %s is not a PNG", name)
+		}
+	}
+}

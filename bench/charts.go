@@ -1,0 +1,132 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+)
+
+// charts draws the PNG charts of the results into the output directory.
+func (b *bench) charts() error {
+	if len(b.res.Drain) > 0 {
+		if err := b.drainChart(filepath.Join(b.opts.Out, "drain-throughput.png")); err != nil {
+			return err
+		}
+	}
+	if b.res.Steady != nil && len(b.res.Steady.Latency) > 0 {
+		if err := b.latencyChart(filepath.Join(b.opts.Out, "latency.png")); err != nil {
+			return err
+		}
+	}
+	if len(b.res.Health) > 0 {
+		if err := b.healthChart(filepath.Join(b.opts.Out, "table-health.png")); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// drainChart: events/s of every variant, grouped by case.
+func (b *bench) drainChart(path string) error {
+	p := plot.New()
+	p.Title.Text = "Drain of a preloaded backlog (higher is better)"
+	p.Y.Label.Text = "events/s"
+	var names []string
+	for _, dc := range b.opts.Scale.Matrix {
+		names = append(names, caseLabel(dc))
+	}
+	w := vg.Points(9)
+	for i, v := range drainVariants {
+		vals := make(plotter.Values, len(b.opts.Scale.Matrix))
+		for j, dc := range b.opts.Scale.Matrix {
+			for _, d := range b.res.Drain {
+				if d.drainCase == dc && d.Variant == v {
+					vals[j] = d.EventsPerSec
+				}
+			}
+		}
+		bars, err := plotter.NewBarChart(vals, w)
+		if err != nil {
+			return err
+		}
+		bars.LineStyle.Width = 0
+		bars.Color = plotutil.Color(i)
+		bars.Offset = w * vg.Length(float64(i)-float64(len(drainVariants)-1)/2)
+		p.Add(bars)
+		p.Legend.Add(v, bars)
+	}
+	p.Legend.Top = true
+	p.NominalX(names...)
+	p.X.Tick.Label.Rotation = 0.5
+	p.X.Tick.Label.XAlign = -1
+	p.X.Tick.Label.YAlign = -0.5
+	p.Add(plotter.NewGrid())
+	return p.Save(vg.Length(max(len(names), 3))*1.6*vg.Inch, 5*vg.Inch, path)
+}
+
+// latencyChart: commit-to-ack latency by percentile, one line per run, log scale.
+func (b *bench) latencyChart(path string) error {
+	p := plot.New()
+	p.Title.Text = "Commit-to-ack latency (lower is better)"
+	p.X.Label.Text = "percentile"
+	p.Y.Label.Text = "ms (log scale)"
+	p.Y.Scale = plot.LogScale{}
+	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	for i, l := range b.res.Steady.Latency {
+		if len(l.samples) == 0 {
+			continue
+		}
+		var pts plotter.XYs
+		for q := 0.0; q <= 99.9; q += 0.1 {
+			pts = append(pts, plotter.XY{X: q, Y: max(quantile(l.samples, q/100), 0.01)})
+		}
+		line, err := plotter.NewLine(pts)
+		if err != nil {
+			return err
+		}
+		line.Color = plotutil.Color(i)
+		line.Dashes = plotutil.Dashes(i)
+		line.Width = vg.Points(1.5)
+		p.Add(line)
+		p.Legend.Add(fmt.Sprintf("%s, %.0f ev/s", map[string]string{"notify": "NOTIFY wake-up", "poll": "polling alone"}[l.Mode],
+			l.OfferedPerSec), line)
+	}
+	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Add(plotter.NewGrid())
+	return p.Save(7*vg.Inch, 5*vg.Inch, path)
+}
+
+// healthChart: table and index size against events written, per mark mode.
+func (b *bench) healthChart(path string) error {
+	p := plot.New()
+	p.Title.Text = "Outbox size while events flow through the relay"
+	p.X.Label.Text = "events written"
+	p.Y.Label.Text = "table + indexes, MiB"
+	for i, h := range b.res.Health {
+		var pts plotter.XYs
+		for _, s := range h.Samples {
+			pts = append(pts, plotter.XY{X: float64(s.Events), Y: mib(s.TableBytes + s.IndexBytes)})
+		}
+		line, points, err := plotter.NewLinePoints(pts)
+		if err != nil {
+			return err
+		}
+		line.Color, points.Color = plotutil.Color(i), plotutil.Color(i)
+		points.Shape = plotutil.Shape(i)
+		p.Add(line, points)
+		label := h.Mode + " mode"
+		if h.Retention != "" {
+			label += ", retention " + h.Retention
+		}
+		p.Legend.Add(label, line, points)
+	}
+	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Add(plotter.NewGrid())
+	return p.Save(7*vg.Inch, 4.5*vg.Inch, path)
+}

@@ -1,0 +1,621 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/pprof"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/plugin/kprom"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// childEnv names the environment variable that turns this binary (or the test binary) into a
+// child process of the benchmark: its value is a JSON childConfig.
+const childEnv = "OUTBOX_BENCH_CHILD"
+
+// Child roles. Every role but kfake is measured: its CPU and memory are its own process's.
+const (
+	roleKfake   = "kfake"   // the broker: a kfake cluster, in a process of its own
+	roleRelay   = "relay"   // app.Relay with postgres.Store and kafka.Publisher, wired like 'outbox-relay run'
+	roleNaive   = "naive"   // SELECT ... FOR UPDATE SKIP LOCKED, ProduceSync, DELETE, COMMIT
+	roleSQLOnly = "sqlonly" // the relay's own claim and mark statements, no broker
+	roleProduce = "produce" // raw franz-go produce of the same records, no database
+)
+
+// topic is the topic every bench event goes to: the default template with aggregate_type bench.
+const topic = "outbox.event.bench"
+
+// childConfig configures one child process.
+type childConfig struct {
+	Role        string        `json:"role"`
+	DatabaseURL string        `json:"database_url,omitempty"`
+	Schema      string        `json:"schema,omitempty"`
+	Brokers     []string      `json:"brokers,omitempty"`
+	Partitions  int           `json:"partitions,omitempty"`
+	Mark        string        `json:"mark,omitempty"`
+	Expect      int64         `json:"expect,omitempty"` // stop once this many rows are marked; 0: until "stop"
+	Relay       relaySettings `json:"relay"`
+	Latency     bool          `json:"latency,omitempty"` // record commit-to-ack latencies
+	Retention   time.Duration `json:"retention,omitempty"`
+	Profile     string        `json:"profile,omitempty"` // write a CPU profile of the work here
+	// For the produce role: what to produce.
+	Events      int64 `json:"events,omitempty"`
+	PayloadSize int   `json:"payload_size,omitempty"`
+	Keys        int   `json:"keys,omitempty"`
+}
+
+// relaySettings are the relay settings a run uses; zero means the relay's default.
+type relaySettings struct {
+	BatchSize        int           `json:"batch_size,omitempty"`
+	MaxInFlight      int           `json:"max_in_flight,omitempty"`
+	MaxInFlightBytes int           `json:"max_in_flight_bytes,omitempty"`
+	PollInterval     time.Duration `json:"poll_interval,omitempty"`
+}
+
+// childReport is what a measured child prints: everything since "go" or the last "reset".
+type childReport struct {
+	Events      int64     `json:"events"`
+	WallSec     float64   `json:"wall_sec"`
+	CPUUserSec  float64   `json:"cpu_user_sec"`
+	CPUSysSec   float64   `json:"cpu_sys_sec"`
+	PeakRSS     int64     `json:"peak_rss_bytes"`         // highest sampled RSS since go/reset (every 20ms)
+	HWM         int64     `json:"vm_hwm_bytes"`           // the kernel's high-water mark of RSS for the process
+	LatenciesMS []float64 `json:"latencies_ms,omitempty"` // sorted commit-to-ack latencies
+}
+
+// runChild runs the child role described by the JSON in cfgJSON, talking to the parent over
+// stdin (commands) and stdout (lines "ready", "progress N", "report {json}").
+func runChild(cfgJSON string) error {
+	var cfg childConfig
+	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
+		return fmt.Errorf("child config: %w", err)
+	}
+	signal.Ignore(syscall.SIGINT) // the parent decides when children end
+	ctx := context.Background()
+	if cfg.Role == roleKfake {
+		return runKfake(cfg)
+	}
+	c := &child{cfg: cfg, out: bufio.NewWriter(os.Stdout)}
+	return c.run(ctx)
+}
+
+func runKfake(cfg childConfig) error {
+	cl, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic))
+	if err != nil {
+		return fmt.Errorf("start kfake: %w", err)
+	}
+	defer cl.Close()
+	fmt.Printf("ready %s\n", strings.Join(cl.ListenAddrs(), ","))
+	_, _ = io.Copy(io.Discard, os.Stdin) // run until the parent closes stdin
+	return nil
+}
+
+// child is a measured child process.
+type child struct {
+	cfg    childConfig
+	outMu  sync.Mutex
+	out    *bufio.Writer
+	events atomic.Int64 // rows marked (or records acknowledged, for produce)
+
+	mu        sync.Mutex
+	frozen    bool // the final report was printed when the work completed
+	profiling bool
+	lat       []float64
+	peak      int64
+	base      syscall.Rusage
+	baseAt    time.Time
+	baseCount int64
+}
+
+func (c *child) println(format string, args ...any) {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	fmt.Fprintf(c.out, format+"\n", args...)
+	_ = c.out.Flush()
+}
+
+// work runs one measured role until ctx ends or its work is done.
+type work func(ctx context.Context) error
+
+func (c *child) run(ctx context.Context) error {
+	var w work
+	var err error
+	switch c.cfg.Role {
+	case roleRelay:
+		w, err = c.relay(ctx)
+	case roleNaive:
+		w, err = c.naive(ctx)
+	case roleSQLOnly:
+		w, err = c.sqlOnly(ctx)
+	case roleProduce:
+		w, err = c.produce(ctx)
+	default:
+		err = fmt.Errorf("unknown role %q", c.cfg.Role)
+	}
+	if err != nil {
+		return err
+	}
+	c.println("ready")
+	cmds := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			cmds <- strings.TrimSpace(sc.Text())
+		}
+		close(cmds)
+	}()
+	if cmd := <-cmds; cmd != "go" {
+		return fmt.Errorf("expected go, got %q", cmd)
+	}
+	c.reset()
+	if c.cfg.Profile != "" {
+		f, err := os.Create(c.cfg.Profile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		c.profiling = true
+	}
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan error, 1)
+	go func() { done <- w(wctx) }()
+	go c.sample(wctx)
+	for {
+		select {
+		case cmd, ok := <-cmds:
+			switch {
+			case !ok || cmd == "stop":
+				stop()
+				if done != nil {
+					if err := <-done; err != nil {
+						return err
+					}
+				}
+				c.mu.Lock()
+				frozen := c.frozen
+				c.mu.Unlock()
+				if !frozen {
+					c.report()
+				}
+				return nil
+			case cmd == "reset":
+				c.reset()
+			case cmd == "report":
+				c.report()
+			}
+		case err := <-done:
+			// The work ended by itself (its expected rows are done, and freeze reported them).
+			if err != nil {
+				return err
+			}
+			done = nil
+			stop()
+		}
+	}
+}
+
+// reset starts a new measurement window.
+func (c *child) reset() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &c.base)
+	c.baseAt = time.Now()
+	c.baseCount = c.events.Load()
+	c.lat = c.lat[:0]
+	c.peak = rss()
+}
+
+// report prints the measurements of the current window.
+func (c *child) report() {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	c.mu.Lock()
+	r := childReport{
+		Events:     c.events.Load() - c.baseCount,
+		WallSec:    time.Since(c.baseAt).Seconds(),
+		CPUUserSec: tv(ru.Utime) - tv(c.base.Utime),
+		CPUSysSec:  tv(ru.Stime) - tv(c.base.Stime),
+		PeakRSS:    max(c.peak, rss()),
+		HWM:        hwm(),
+	}
+	r.LatenciesMS = append([]float64(nil), c.lat...)
+	c.mu.Unlock()
+	sort.Float64s(r.LatenciesMS)
+	b, _ := json.Marshal(r)
+	c.println("report %s", b)
+}
+
+// sample records the peak RSS and prints progress until ctx ends.
+func (c *child) sample(ctx context.Context) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	n := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r := rss()
+		c.mu.Lock()
+		c.peak = max(c.peak, r)
+		c.mu.Unlock()
+		if n++; n%5 == 0 {
+			c.println("progress %d", c.events.Load())
+		}
+	}
+}
+
+func tv(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+
+// rss returns the resident set size of this process, from /proc/self/statm.
+func rss() int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0
+	}
+	pages, _ := strconv.ParseInt(f[1], 10, 64)
+	return pages * int64(os.Getpagesize())
+}
+
+// hwm returns the peak resident set size of this process (VmHWM), in bytes.
+func hwm() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// relay wires app.Relay as 'outbox-relay run' does (Prometheus metrics and kprom hooks included,
+// no HTTP listener) and runs it until the expected rows are marked.
+func (c *child) relay(ctx context.Context) (work, error) {
+	connCfg, err := postgres.ParseURL(c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	metrics := prometheus.New("bench", "bench")
+	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry))
+	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers}, kgo.WithHooks(kp))
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := pub.Ping(pctx); err != nil {
+		return nil, err
+	}
+	table := postgres.Table{Schema: c.cfg.Schema}
+	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark})
+	if err != nil {
+		return nil, err
+	}
+	rcfg := app.RelayConfig{
+		BatchSize:        c.cfg.Relay.BatchSize,
+		MaxInFlight:      c.cfg.Relay.MaxInFlight,
+		MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes,
+		PollInterval:     c.cfg.Relay.PollInterval,
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	obs := &countingObserver{RelayObserver: metrics, c: c}
+	relay, err := app.NewRelay(rcfg, store, pub, obs, log)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) error {
+		defer pub.Close()
+		rctx, stop := context.WithCancel(ctx)
+		defer stop()
+		var wg sync.WaitGroup
+		if c.cfg.Mark == postgres.MarkRetain && c.cfg.Retention > 0 {
+			wg.Go(func() { c.purge(rctx, table) }) // the purge loop of 'outbox-relay run' in retain mode
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- relay.Run(rctx) }()
+		if c.cfg.Expect > 0 {
+			go func() {
+				t := time.NewTicker(2 * time.Millisecond)
+				defer t.Stop()
+				for c.events.Load() < c.cfg.Expect && rctx.Err() == nil {
+					<-t.C
+				}
+				c.freeze()
+				stop()
+			}()
+		}
+		err := <-errc
+		stop()
+		wg.Wait()
+		return err
+	}, nil
+}
+
+// purge deletes retained rows older than the retention, every second, as the daemon does.
+func (c *child) purge(ctx context.Context, table postgres.Table) {
+	pool, err := newPool(ctx, c.cfg.DatabaseURL, 1)
+	if err != nil {
+		return
+	}
+	defer pool.Close()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		_, _ = postgres.Purge(ctx, pool, table, c.cfg.Retention, 5000)
+	}
+}
+
+// freeze takes the report at the moment the expected work completed, so the shutdown is not
+// counted.
+func (c *child) freeze() {
+	if c.profiling {
+		pprof.StopCPUProfile()
+	}
+	c.report()
+	c.mu.Lock()
+	c.frozen = true
+	c.mu.Unlock()
+}
+
+// countingObserver counts marked rows and records commit-to-ack latencies, then passes every
+// call on to the relay's Prometheus metrics.
+type countingObserver struct {
+	app.RelayObserver
+	c *child
+}
+
+func (o *countingObserver) Acked(m *app.Message, at time.Time) {
+	o.RelayObserver.Acked(m, at)
+	if o.c.cfg.Latency {
+		d := float64(at.Sub(m.CreatedAt)) / float64(time.Millisecond)
+		o.c.mu.Lock()
+		o.c.lat = append(o.c.lat, d)
+		o.c.mu.Unlock()
+	}
+}
+
+func (o *countingObserver) Marked(n int, took time.Duration) {
+	o.RelayObserver.Marked(n, took)
+	o.c.events.Add(int64(n))
+}
+
+// producerOpts are the producer settings of kafka.Publisher, for the baselines.
+func producerOpts(brokers []string) []kgo.Opt {
+	return []kgo.Opt{
+		kgo.SeedBrokers(brokers...),
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		kgo.ProducerLinger(0),
+		kgo.ProducerBatchCompression(kgo.NoCompression()),
+	}
+}
+
+// naive is the one-loop relay many projects start with: in one transaction, lock the oldest
+// 1000 rows, produce them synchronously, delete them, commit.
+func (c *child) naive(ctx context.Context) (work, error) {
+	conn, err := pgx.Connect(ctx, c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := kgo.NewClient(append(producerOpts(c.cfg.Brokers), kgo.MaxBufferedRecords(1<<20))...)
+	if err != nil {
+		return nil, err
+	}
+	t := pgx.Identifier{c.cfg.Schema, "outbox"}.Sanitize()
+	sel := `SELECT id, event_id::text, aggregate_type, aggregate_id, event_type, payload, occurred_at
+		FROM ` + t + ` ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED`
+	del := `DELETE FROM ` + t + ` WHERE id = ANY($1)`
+	return func(ctx context.Context) error {
+		defer cl.Close()
+		defer conn.Close(context.Background())
+		for ctx.Err() == nil {
+			n, err := c.naiveBatch(ctx, conn, cl, sel, del)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			c.events.Add(int64(n))
+			if c.cfg.Expect > 0 && c.events.Load() >= c.cfg.Expect {
+				c.freeze()
+				return nil
+			}
+			if n == 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		return nil
+	}, nil
+}
+
+func (c *child) naiveBatch(ctx context.Context, conn *pgx.Conn, cl *kgo.Client, sel, del string) (int, error) {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	rows, err := tx.Query(ctx, sel)
+	if err != nil {
+		return 0, err
+	}
+	var ids []int64
+	var recs []*kgo.Record
+	for rows.Next() {
+		var id int64
+		var eventID, aggType, aggID, evType string
+		var payload []byte
+		var occurred time.Time
+		if err := rows.Scan(&id, &eventID, &aggType, &aggID, &evType, &payload, &occurred); err != nil {
+			return 0, err
+		}
+		ids = append(ids, id)
+		recs = append(recs, &kgo.Record{Topic: "outbox.event." + aggType, Key: []byte(aggID), Value: payload,
+			Headers: []kgo.RecordHeader{
+				{Key: kafka.HeaderEventID, Value: []byte(eventID)},
+				{Key: kafka.HeaderEventType, Value: []byte(evType)},
+				{Key: kafka.HeaderAggregateType, Value: []byte(aggType)},
+				{Key: kafka.HeaderOccurredAt, Value: []byte(occurred.UTC().Format(time.RFC3339Nano))},
+			}})
+	}
+	if err := rows.Err(); err != nil {
+		return 0, err
+	}
+	if len(ids) == 0 {
+		return 0, tx.Commit(ctx)
+	}
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		return 0, err
+	}
+	if _, err := tx.Exec(ctx, del, ids); err != nil {
+		return 0, err
+	}
+	return len(ids), tx.Commit(ctx)
+}
+
+// sqlOnly claims and marks with the relay's own Store, in the relay's batch size, with no broker:
+// the database's share of the relay's work, done serially on one connection.
+func (c *child) sqlOnly(ctx context.Context) (work, error) {
+	connCfg, err := postgres.ParseURL(c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: postgres.Table{Schema: c.cfg.Schema}, Mark: c.cfg.Mark})
+	if err != nil {
+		return nil, err
+	}
+	sess, err := store.Open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cfg := app.RelayConfig{BatchSize: c.cfg.Relay.BatchSize, MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes}.WithDefaults()
+	return func(ctx context.Context) error {
+		defer func() { _ = sess.Close(context.Background()) }()
+		var cursor int64
+		ids := make([]int64, 0, cfg.BatchSize)
+		for ctx.Err() == nil {
+			rows, err := sess.Claim(ctx, cursor, cfg.BatchSize, cfg.MaxInFlightBytes)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			if len(rows) == 0 {
+				cursor = 0
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			ids = ids[:0]
+			for i := range rows {
+				ids = append(ids, rows[i].ID)
+			}
+			cursor = ids[len(ids)-1]
+			if err := sess.Mark(ctx, ids); err != nil {
+				return err
+			}
+			c.events.Add(int64(len(ids)))
+			if c.cfg.Expect > 0 && c.events.Load() >= c.cfg.Expect {
+				c.freeze()
+				return nil
+			}
+		}
+		return nil
+	}, nil
+}
+
+// produce sends Events records shaped like the relay's (key, value, the four headers) with the
+// relay's producer settings and at most MaxInFlight records unacknowledged, with no database.
+func (c *child) produce(ctx context.Context) (work, error) {
+	inflight := app.RelayConfig{MaxInFlight: c.cfg.Relay.MaxInFlight, BatchSize: c.cfg.Relay.BatchSize}.WithDefaults().MaxInFlight
+	cl, err := kgo.NewClient(append(producerOpts(c.cfg.Brokers), kgo.MaxBufferedRecords(inflight))...)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := cl.Ping(pctx); err != nil {
+		return nil, err
+	}
+	keys := make([][]byte, c.cfg.Keys)
+	for i := range keys {
+		keys[i] = []byte(strconv.Itoa(i))
+	}
+	return func(ctx context.Context) error {
+		defer cl.Close()
+		var failed atomic.Value
+		now := []byte(time.Now().UTC().Format(time.RFC3339Nano))
+		for i := int64(1); i <= c.cfg.Events && ctx.Err() == nil; i++ {
+			off := payloadOffset(i, c.cfg.PayloadSize)
+			rec := &kgo.Record{Topic: topic, Key: keys[i%int64(len(keys))], Value: slab[off : off+int64(c.cfg.PayloadSize)],
+				Headers: []kgo.RecordHeader{
+					{Key: kafka.HeaderEventID, Value: []byte(newUUID())},
+					{Key: kafka.HeaderEventType, Value: []byte("bench.created")},
+					{Key: kafka.HeaderAggregateType, Value: []byte("bench")},
+					{Key: kafka.HeaderOccurredAt, Value: now},
+				}}
+			cl.Produce(ctx, rec, func(_ *kgo.Record, err error) {
+				if err != nil {
+					failed.CompareAndSwap(nil, err)
+					return
+				}
+				c.events.Add(1)
+			})
+		}
+		if err := cl.Flush(ctx); err != nil && ctx.Err() == nil {
+			return err
+		}
+		if err, _ := failed.Load().(error); err != nil {
+			return err
+		}
+		c.freeze()
+		return nil
+	}, nil
+}
+
+// newUUID returns a random (version 4) UUID in text form.
+func newUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}

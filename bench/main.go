@@ -1,0 +1,249 @@
+// Command bench measures outbox-relay on this machine, with its baselines in the same run, and
+// writes results.json and PNG charts.
+//
+// Every measured party runs in a process of its own, started from this binary: the broker (a kfake
+// cluster), the relay (app.Relay with postgres.Store and kafka.Publisher, wired as 'outbox-relay
+// run' wires it) and each baseline. CPU time and memory are read from the measured process only
+// (getrusage, /proc/self). The writers and the coordinator run in this process.
+//
+//	go run ./bench -scale 1 -out bench/results
+//
+// -scale smoke runs every section at a tiny size in well under a minute; -scale 1 is the full
+// size (1M-event drains); fractions such as 0.25 shrink every section proportionally.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// databaseURLDefault is the database used when neither -db nor OUTBOX_BENCH_DATABASE_URL is set.
+const databaseURLDefault = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+
+func main() {
+	if cfg := os.Getenv(childEnv); cfg != "" {
+		if err := runChild(cfg); err != nil {
+			fmt.Fprintln(os.Stderr, "bench child:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	opts, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if _, err := run(ctx, opts, log.New(os.Stderr, "", log.Ltime)); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// options are the command line of the benchmark.
+type options struct {
+	ScaleName   string
+	Scale       scale
+	DatabaseURL string
+	Out         string
+	Sections    []string
+	Partitions  int
+	Profile     bool
+}
+
+// sections, in the order they run.
+var allSections = []string{"drain", "steady", "write", "health", "memory"}
+
+func parseFlags(args []string) (options, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	scaleFlag := fs.String("scale", "smoke", "smoke (under a minute), or a factor of the full size: 1 = 1M-event drains (about 30 minutes)")
+	db := fs.String("db", "", "PostgreSQL URL (default $OUTBOX_BENCH_DATABASE_URL, else "+databaseURLDefault+")")
+	out := fs.String("out", "bench/results", "directory for results.json and the PNG charts")
+	only := fs.String("only", strings.Join(allSections, ","), "sections to run, comma-separated: "+strings.Join(allSections, ","))
+	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
+	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof)")
+	if err := fs.Parse(args); err != nil {
+		return options{}, err
+	}
+	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile}
+	if o.DatabaseURL == "" {
+		o.DatabaseURL = os.Getenv("OUTBOX_BENCH_DATABASE_URL")
+	}
+	if o.DatabaseURL == "" {
+		o.DatabaseURL = databaseURLDefault
+	}
+	sc, err := parseScale(*scaleFlag)
+	if err != nil {
+		return o, err
+	}
+	o.Scale = sc
+	for _, s := range strings.Split(*only, ",") {
+		s = strings.TrimSpace(s)
+		if !slices.Contains(allSections, s) {
+			return o, fmt.Errorf("-only: unknown section %q (allowed: %s)", s, strings.Join(allSections, ","))
+		}
+		o.Sections = append(o.Sections, s)
+	}
+	if o.Partitions < 1 || o.Partitions > 1000 {
+		return o, fmt.Errorf("-partitions: must be between 1 and 1000, got %d", o.Partitions)
+	}
+	return o, nil
+}
+
+// scale sizes every section.
+type scale struct {
+	Factor       float64       `json:"factor"`
+	DrainSmall   int64         `json:"drain_events_small"` // events in the 256 B and 1 KB drains (1M at full size)
+	DrainLarge   int64         `json:"drain_events_large"` // events in the 16 KB drains (100k at full size)
+	Matrix       []drainCase   `json:"-"`
+	Step         time.Duration `json:"steady_step"`     // duration of one offered rate in the search
+	LatencyRun   time.Duration `json:"latency_run"`     // duration of one latency measurement
+	WriteRun     time.Duration `json:"write_run"`       // duration of one write-cost measurement
+	WriteRepeats int           `json:"write_repeats"`   // alternations of trigger on and off
+	HealthEvents int64         `json:"health_events"`   // events through the relay per mark mode (1M at full size)
+	Backlog      int64         `json:"memory_backlog"`  // rows preloaded for the memory run (5M at full size)
+	MaxRate      int           `json:"steady_max_rate"` // the search stops here
+}
+
+// drainCase is one payload size and key count of the drain matrix.
+type drainCase struct {
+	Payload int   `json:"payload_bytes"`
+	Keys    int   `json:"keys"`
+	Events  int64 `json:"events"`
+}
+
+func parseScale(s string) (scale, error) {
+	if s == "smoke" {
+		sc := scale{Factor: 0, DrainSmall: 4000, DrainLarge: 1000, Step: 1500 * time.Millisecond,
+			LatencyRun: 1500 * time.Millisecond, WriteRun: time.Second, WriteRepeats: 1, HealthEvents: 4000,
+			Backlog: 8000, MaxRate: 1000}
+		sc.Matrix = []drainCase{{256, 100, sc.DrainSmall}, {16 << 10, 1, sc.DrainLarge}}
+		return sc, nil
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f <= 0 || f > 10 {
+		return scale{}, fmt.Errorf("-scale: must be smoke or a factor in (0, 10], got %q", s)
+	}
+	sc := scale{
+		Factor:       f,
+		DrainSmall:   max(int64(1e6*f), 1000),
+		DrainLarge:   max(int64(1e5*f), 100),
+		Step:         max(time.Duration(float64(12*time.Second)*f), 3*time.Second),
+		LatencyRun:   max(time.Duration(float64(20*time.Second)*f), 4*time.Second),
+		WriteRun:     max(time.Duration(float64(10*time.Second)*f), 3*time.Second),
+		WriteRepeats: 2,
+		HealthEvents: max(int64(1e6*f), 1000),
+		Backlog:      max(int64(5e6*f), 1000),
+		MaxRate:      64000,
+	}
+	for _, p := range []int{256, 1 << 10, 16 << 10} {
+		for _, k := range []int{1, 100, 10000} {
+			n := sc.DrainSmall
+			if p == 16<<10 {
+				n = sc.DrainLarge
+			}
+			sc.Matrix = append(sc.Matrix, drainCase{p, k, n})
+		}
+	}
+	return sc, nil
+}
+
+// bench is one run of the benchmark.
+type bench struct {
+	opts options
+	log  *log.Logger
+	pool *pgxpool.Pool
+	res  *results
+	exe  string
+}
+
+// run runs the sections of opts and writes results.json and the charts into opts.Out.
+func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	pool, err := newPool(ctx, opts.DatabaseURL, 16)
+	if err != nil {
+		return nil, err
+	}
+	defer pool.Close()
+	if err := os.MkdirAll(opts.Out, 0o755); err != nil {
+		return nil, err
+	}
+	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
+		Started: time.Now().UTC(), Partitions: opts.Partitions}}
+	b.res.Machine = machineInfo(ctx, pool)
+	sections := map[string]func(context.Context) error{
+		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,
+	}
+	var errs []error
+	for _, s := range allSections {
+		if !slices.Contains(opts.Sections, s) || ctx.Err() != nil {
+			continue
+		}
+		start := time.Now()
+		lg.Printf("section %s", s)
+		if err := sections[s](ctx); err != nil {
+			errs = append(errs, fmt.Errorf("section %s: %w", s, err))
+			lg.Printf("section %s failed: %v", s, err)
+		}
+		lg.Printf("section %s done in %s", s, time.Since(start).Round(time.Second))
+		if err := b.save(); err != nil {
+			return b.res, err
+		}
+	}
+	b.res.Finished = time.Now().UTC()
+	b.res.Targets = b.targets()
+	if err := b.save(); err != nil {
+		return b.res, err
+	}
+	if err := b.charts(); err != nil {
+		errs = append(errs, fmt.Errorf("charts: %w", err))
+	}
+	b.summary(os.Stdout)
+	return b.res, errors.Join(errs...)
+}
+
+// save writes results.json.
+func (b *bench) save() error {
+	data, err := json.MarshalIndent(b.res, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(b.opts.Out, "results.json"), append(data, '\n'), 0o644)
+}
+
+// newPool opens a pool of at most size connections.
+func newPool(ctx context.Context, url string, size int32) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, errors.New("database url: invalid connection string")
+	}
+	cfg.MaxConns = size
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("database unreachable: %w", err)
+	}
+	return pool, nil
+}

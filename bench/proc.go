@@ -1,0 +1,243 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+)
+
+// proc is a running child process.
+type proc struct {
+	role     string
+	info     string // what the child said with "ready"
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
+	ready    chan string
+	reports  chan childReport
+	progress atomic.Int64
+	stderr   *bytes.Buffer
+	exited   chan struct{}
+	err      error
+}
+
+// start starts a child with cfg and waits until it says it is ready.
+func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
+	data, _ := json.Marshal(cfg)
+	cmd := exec.Command(b.exe)
+	cmd.Env = append(os.Environ(), childEnv+"="+string(data))
+	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
+		stderr: &bytes.Buffer{}, exited: make(chan struct{})}
+	cmd.Stderr = &lockedWriter{w: p.stderr}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	p.stdin = stdin
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", cfg.Role, err)
+	}
+	go func() {
+		r := bufio.NewReaderSize(stdout, 1<<20)
+		for {
+			line, err := r.ReadString('\n')
+			line = strings.TrimSpace(line)
+			switch {
+			case strings.HasPrefix(line, "ready"):
+				p.ready <- strings.TrimSpace(strings.TrimPrefix(line, "ready"))
+			case strings.HasPrefix(line, "progress "):
+				n, _ := strconv.ParseInt(strings.TrimPrefix(line, "progress "), 10, 64)
+				p.progress.Store(n)
+			case strings.HasPrefix(line, "report "):
+				var rep childReport
+				if json.Unmarshal([]byte(strings.TrimPrefix(line, "report ")), &rep) == nil {
+					p.reports <- rep
+					p.progress.Store(max(p.progress.Load(), rep.Events))
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	select {
+	case info := <-p.ready:
+		p.info = info
+		return p, nil
+	case <-p.exited:
+		return nil, fmt.Errorf("%s exited before it was ready: %v: %s", cfg.Role, p.err, p.stderrText())
+	case <-time.After(60 * time.Second):
+		p.kill()
+		return nil, fmt.Errorf("%s not ready within 60s: %s", cfg.Role, p.stderrText())
+	case <-ctx.Done():
+		p.kill()
+		return nil, ctx.Err()
+	}
+}
+
+// send writes one command line to the child.
+func (p *proc) send(cmd string) error {
+	_, err := io.WriteString(p.stdin, cmd+"\n")
+	return err
+}
+
+// report waits for the child's next report.
+func (p *proc) report(ctx context.Context, timeout time.Duration) (childReport, error) {
+	select {
+	case r := <-p.reports:
+		return r, nil
+	case <-p.exited:
+		select {
+		case r := <-p.reports:
+			return r, nil
+		default:
+		}
+		return childReport{}, fmt.Errorf("%s exited: %v: %s", p.role, p.err, p.stderrText())
+	case <-time.After(timeout):
+		return childReport{}, fmt.Errorf("%s: no report within %s (progress %d)", p.role, timeout, p.progress.Load())
+	case <-ctx.Done():
+		return childReport{}, ctx.Err()
+	}
+}
+
+// stop asks the child to stop and waits for it to exit (killing it after 30s).
+func (p *proc) stop() error {
+	_ = p.send("stop")
+	_ = p.stdin.Close()
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		p.kill()
+		<-p.exited
+		return fmt.Errorf("%s did not stop within 30s", p.role)
+	}
+	if p.err != nil {
+		return fmt.Errorf("%s: %v: %s", p.role, p.err, p.stderrText())
+	}
+	return nil
+}
+
+func (p *proc) kill() {
+	if p.cmd.Process != nil {
+		_ = p.cmd.Process.Kill()
+	}
+}
+
+func (p *proc) stderrText() string {
+	s := p.stderr.String()
+	if len(s) > 2000 {
+		s = "..." + s[len(s)-2000:]
+	}
+	return strings.TrimSpace(s)
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// broker is a kfake cluster in a child process.
+type broker struct {
+	p     *proc
+	addrs []string
+}
+
+// startBroker starts a fresh kfake process with the bench topic; a fresh broker per measured run
+// keeps the broker's memory (kfake holds every record) out of the next run.
+func (b *bench) startBroker(ctx context.Context) (*broker, error) {
+	p, err := b.start(ctx, childConfig{Role: roleKfake, Partitions: b.opts.Partitions})
+	if err != nil {
+		return nil, err
+	}
+	return &broker{p: p, addrs: strings.Split(p.info, ",")}, nil
+}
+
+func (br *broker) close() { _ = br.p.stop() }
+
+// schema creates a fresh schema with the outbox migrated, and returns its name.
+func (b *bench) schema(ctx context.Context, section string) (string, error) {
+	name := fmt.Sprintf("bench_%d_%s", os.Getpid(), section)
+	if _, err := b.pool.Exec(ctx, `DROP SCHEMA IF EXISTS `+name+` CASCADE`); err != nil {
+		return "", err
+	}
+	if _, err := postgres.Migrate(ctx, b.pool, postgres.Table{Schema: name}, nil); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+// dropSchema removes a schema made by schema.
+func (b *bench) dropSchema(name string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, _ = b.pool.Exec(ctx, `DROP SCHEMA IF EXISTS `+name+` CASCADE`)
+}
+
+// slabSize is the size of the random bytes payloads are cut from: random, so PostgreSQL's TOAST
+// compression gains nothing, as with real, varied payloads.
+const slabSize = 1 << 20
+
+var slab = func() []byte {
+	b := make([]byte, slabSize)
+	_, _ = rand.Read(b)
+	return b
+}()
+
+// payloadOffset is where event i's payload starts in the slab.
+func payloadOffset(i int64, size int) int64 { return (i * 7919) % int64(slabSize-size) }
+
+// preload inserts n events of size bytes over keys keys, in id order, with statements of 50k
+// rows generated inside the database, then analyzes the table.
+func (b *bench) preload(ctx context.Context, schema string, n int64, size, keys int) error {
+	t := pgx.Identifier{schema, "outbox"}.Sanitize()
+	const chunk = 50000
+	for from := int64(1); from <= n; from += chunk {
+		to := min(from+chunk-1, n)
+		_, err := b.pool.Exec(ctx, `INSERT INTO `+t+` (aggregate_type, aggregate_id, event_type, payload)
+			SELECT 'bench', (i % $3)::text, 'bench.created', substring($4::bytea from ((i * 7919) % ($5::bigint - $6::bigint))::int + 1 for $6::int)
+			FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i`, from, to, keys, slab, slabSize, size)
+		if err != nil {
+			return fmt.Errorf("preload: %w", err)
+		}
+	}
+	if _, err := b.pool.Exec(ctx, `VACUUM (ANALYZE) `+t); err != nil {
+		return fmt.Errorf("vacuum after preload: %w", err)
+	}
+	return nil
+}
+
+// setTrigger enables or disables the outbox's NOTIFY trigger.
+func (b *bench) setTrigger(ctx context.Context, schema string, on bool) error {
+	verb := "DISABLE"
+	if on {
+		verb = "ENABLE"
+	}
+	_, err := b.pool.Exec(ctx, `ALTER TABLE `+pgx.Identifier{schema, "outbox"}.Sanitize()+` `+verb+` TRIGGER outbox_notify`)
+	return err
+}

@@ -1,0 +1,363 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+)
+
+// writeResult is the writers' rate, flat out, with or without the NOTIFY trigger.
+type writeResult struct {
+	Notify   bool    `json:"notify"`
+	Round    int     `json:"round"`
+	TxPerSec float64 `json:"tx_per_sec"`
+}
+
+// writeResults is the write-cost section.
+type writeResults struct {
+	Runs         []writeResult `json:"runs"`
+	NotifyTxSec  float64       `json:"notify_tx_per_sec"`  // median with the trigger
+	PollTxSec    float64       `json:"polling_tx_per_sec"` // median without it
+	NotifyFactor float64       `json:"notify_factor"`      // NotifyTxSec / PollTxSec
+}
+
+// writeCost measures 8 writers flat out (one event per transaction) with the trigger enabled and
+// disabled, alternating. No relay runs (its CPU would differ between the two); one connection
+// LISTENs and consumes the notifications, as the relay's session would.
+func (b *bench) writeCost(ctx context.Context) error {
+	schema, err := b.schema(ctx, "write")
+	if err != nil {
+		return err
+	}
+	defer b.dropSchema(schema)
+	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{postgres.Table{Schema: schema}.WithDefaults().Channel()}.Sanitize()); err != nil {
+		return err
+	}
+	lctx, stopListen := context.WithCancel(ctx)
+	listened := make(chan struct{})
+	go func() {
+		defer close(listened)
+		for lctx.Err() == nil {
+			if _, err := conn.WaitForNotification(lctx); err != nil && lctx.Err() == nil {
+				return
+			}
+		}
+	}()
+	defer func() { stopListen(); <-listened }()
+	w, err := b.newWriters(ctx, schema)
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	res := &writeResults{}
+	b.res.Write = res
+	var on, off []float64
+	for round := range b.opts.Scale.WriteRepeats {
+		for _, notify := range []bool{true, false} {
+			if err := b.setTrigger(ctx, schema, notify); err != nil {
+				return err
+			}
+			if _, err := b.pool.Exec(ctx, `TRUNCATE `+pgx.Identifier{schema, "outbox"}.Sanitize()); err != nil {
+				return err
+			}
+			c0 := w.committed.Load()
+			start := time.Now()
+			wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.WriteRun)
+			w.run(wctx, 0)
+			cancel()
+			if err := w.failure(); err != nil {
+				return err
+			}
+			r := writeResult{Notify: notify, Round: round, TxPerSec: float64(w.committed.Load()-c0) / time.Since(start).Seconds()}
+			res.Runs = append(res.Runs, r)
+			if notify {
+				on = append(on, r.TxPerSec)
+			} else {
+				off = append(off, r.TxPerSec)
+			}
+			b.log.Printf("write cost notify=%t round %d: %.0f tx/s", notify, round, r.TxPerSec)
+		}
+	}
+	res.NotifyTxSec, res.PollTxSec = median(on), median(off)
+	if res.PollTxSec > 0 {
+		res.NotifyFactor = res.NotifyTxSec / res.PollTxSec
+	}
+	return b.setTrigger(ctx, schema, true)
+}
+
+func median(s []float64) float64 {
+	if len(s) == 0 {
+		return 0
+	}
+	s = slices.Clone(s)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// healthSample is the outbox's state after some events went through the relay.
+type healthSample struct {
+	Events      int64   `json:"events"` // events written so far
+	ElapsedSec  float64 `json:"elapsed_sec"`
+	TableBytes  int64   `json:"table_bytes"` // heap and TOAST (pg_table_size)
+	IndexBytes  int64   `json:"index_bytes"` // every index (pg_indexes_size)
+	LiveTuples  int64   `json:"live_tuples"` // pg_stat_user_tables, approximate
+	DeadTuples  int64   `json:"dead_tuples"`
+	Vacuums     int64   `json:"autovacuums"` // autovacuum runs on the outbox so far
+	Pending     int64   `json:"pending"`     // committed but not yet marked
+	PollMs      float64 `json:"poll_ms"`     // execution time of the claim query from the head (EXPLAIN ANALYZE)
+	PollBuffers int64   `json:"poll_buffers"`
+}
+
+// healthResult is the table-health run of one mark mode.
+type healthResult struct {
+	Mode         string         `json:"mode"`
+	Retention    string         `json:"retention,omitempty"`
+	Events       int64          `json:"events"`
+	OfferedRate  float64        `json:"offered_per_sec"`
+	Samples      []healthSample `json:"samples"`
+	ExplainStart string         `json:"explain_start"`
+	ExplainEnd   string         `json:"explain_end"`
+	SizeGrowth   float64        `json:"size_growth"` // table+index size at the end / at half-way
+}
+
+// healthRate is the rate at which the table-health runs write: steady, well within what the
+// relay sustains, so the table holds a short queue rather than a backlog.
+const healthRate = 10000
+
+// health sends HealthEvents events through the relay in delete mode and in retain mode (with a
+// short retention and the daemon's purge loop), sampling the table as it goes.
+func (b *bench) health(ctx context.Context) error {
+	retention := 10 * time.Second
+	if b.opts.ScaleName == "smoke" {
+		retention = time.Second
+	}
+	for _, mode := range []string{postgres.MarkDelete, postgres.MarkRetain} {
+		hr, err := b.healthRun(ctx, mode, retention)
+		if err != nil {
+			return fmt.Errorf("%s mode: %w", mode, err)
+		}
+		b.res.Health = append(b.res.Health, hr)
+	}
+	return nil
+}
+
+func (b *bench) healthRun(ctx context.Context, mode string, retention time.Duration) (healthResult, error) {
+	hr := healthResult{Mode: mode, Events: b.opts.Scale.HealthEvents, OfferedRate: healthRate}
+	cfg := childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Mark: mode}
+	if mode == postgres.MarkRetain {
+		cfg.Retention = retention
+		hr.Retention = retention.String()
+	}
+	schema, err := b.schema(ctx, "health")
+	if err != nil {
+		return hr, err
+	}
+	defer b.dropSchema(schema)
+	cfg.Schema = schema
+	br, err := b.startBroker(ctx)
+	if err != nil {
+		return hr, err
+	}
+	defer br.close()
+	cfg.Brokers = br.addrs
+	relay, err := b.start(ctx, cfg)
+	if err != nil {
+		return hr, err
+	}
+	defer func() { _ = relay.stop() }()
+	if err := relay.send("go"); err != nil {
+		return hr, err
+	}
+	w, err := b.newWriters(ctx, schema)
+	if err != nil {
+		return hr, err
+	}
+	defer w.close()
+	w.n, w.perTx = 4, 10
+	table := pgx.Identifier{schema, "outbox"}.Sanitize()
+	start := time.Now()
+	sample := func() error {
+		s, text, err := b.tableState(ctx, schema, table)
+		if err != nil {
+			return err
+		}
+		s.Events = w.committed.Load()
+		s.Pending = s.Events - relay.progress.Load()
+		s.ElapsedSec = time.Since(start).Seconds()
+		hr.Samples = append(hr.Samples, s)
+		if hr.ExplainStart == "" && s.Events > 0 {
+			hr.ExplainStart = text
+		}
+		hr.ExplainEnd = text
+		return nil
+	}
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan struct{})
+	go func() { w.run(wctx, healthRate); close(done) }()
+	total := b.opts.Scale.HealthEvents
+	next := total / 20
+	for {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Millisecond):
+		}
+		if err := w.failure(); err != nil {
+			return hr, err
+		}
+		n := w.committed.Load()
+		if n >= next || n >= total {
+			if err := sample(); err != nil {
+				return hr, err
+			}
+			next += total / 10
+		}
+		if n >= total {
+			stop()
+			<-done
+			break
+		}
+	}
+	if err := waitCaughtUp(ctx, w, relay, 2*time.Minute); err != nil {
+		return hr, err
+	}
+	if err := sample(); err != nil {
+		return hr, err
+	}
+	var mid, end int64
+	for _, s := range hr.Samples {
+		if mid == 0 && s.Events >= total/2 {
+			mid = s.TableBytes + s.IndexBytes
+		}
+		end = s.TableBytes + s.IndexBytes
+	}
+	if mid > 0 {
+		hr.SizeGrowth = float64(end) / float64(mid)
+	}
+	last := hr.Samples[len(hr.Samples)-1]
+	b.log.Printf("health %s: %d events, table %.1f MiB + index %.1f MiB, dead %d, autovacuums %d, poll %.2f ms (start %.2f ms), growth end/mid %.2f",
+		mode, last.Events, mib(last.TableBytes), mib(last.IndexBytes), last.DeadTuples, last.Vacuums, last.PollMs,
+		hr.Samples[0].PollMs, hr.SizeGrowth)
+	return hr, nil
+}
+
+// claimSQL is the claim statement of postgres.Store, with the cursor at the head (a rescan, the
+// most expensive case) and the default batch size.
+func claimSQL(table string) string {
+	return `SELECT id, event_id::text, aggregate_type, coalesce(aggregate_id, ''), event_type, payload,
+		coalesce(topic, ''), headers::text, occurred_at, created_at, attempts
+	FROM ` + table + `
+	WHERE dispatched_at IS NULL AND id > 0 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+	ORDER BY id LIMIT 1000`
+}
+
+// tableState reads the outbox's size and statistics and explains the claim query.
+func (b *bench) tableState(ctx context.Context, schema, table string) (healthSample, string, error) {
+	var s healthSample
+	err := b.pool.QueryRow(ctx, `SELECT pg_table_size(c.oid), pg_indexes_size(c.oid),
+			coalesce(st.n_live_tup, 0), coalesce(st.n_dead_tup, 0), coalesce(st.autovacuum_count, 0)
+		FROM pg_class c LEFT JOIN pg_stat_user_tables st ON st.relid = c.oid
+		WHERE c.oid = $1::regclass`, table).Scan(&s.TableBytes, &s.IndexBytes, &s.LiveTuples, &s.DeadTuples, &s.Vacuums)
+	if err != nil {
+		return s, "", fmt.Errorf("table state: %w", err)
+	}
+	var plan []struct {
+		Plan struct {
+			SharedHit  int64 `json:"Shared Hit Blocks"`
+			SharedRead int64 `json:"Shared Read Blocks"`
+		} `json:"Plan"`
+		ExecutionTime float64 `json:"Execution Time"`
+	}
+	var raw []byte
+	if err := b.pool.QueryRow(ctx, `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) `+claimSQL(table)).Scan(&raw); err != nil {
+		return s, "", fmt.Errorf("explain claim: %w", err)
+	}
+	if err := json.Unmarshal(raw, &plan); err != nil || len(plan) == 0 {
+		return s, "", fmt.Errorf("explain claim: unexpected output %s", raw)
+	}
+	s.PollMs = plan[0].ExecutionTime
+	s.PollBuffers = plan[0].Plan.SharedHit + plan[0].Plan.SharedRead
+	rows, err := b.pool.Query(ctx, `EXPLAIN (ANALYZE, BUFFERS) `+claimSQL(table))
+	if err != nil {
+		return s, "", err
+	}
+	var text string
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			return s, "", err
+		}
+		text += line + "\n"
+	}
+	return s, text, rows.Err()
+}
+
+// memoryResult is the relay's memory while it works through a large backlog.
+type memoryResult struct {
+	Backlog          int64   `json:"backlog_rows"`
+	Payload          int     `json:"payload_bytes"`
+	Drained          int64   `json:"drained_rows"` // rows the relay published during the measurement
+	EventsPerSec     float64 `json:"events_per_sec"`
+	PeakRSS          int64   `json:"peak_rss_bytes"`
+	HWM              int64   `json:"vm_hwm_bytes"`
+	MaxInFlight      int     `json:"max_in_flight"`
+	MaxInFlightBytes int     `json:"max_in_flight_bytes"`
+	PreloadSec       float64 `json:"preload_sec"`
+}
+
+// memory preloads Backlog rows and lets the relay, with its default limits, publish the first
+// fifth of them (at least one drain's worth), watching its memory.
+func (b *bench) memory(ctx context.Context) error {
+	n := b.opts.Scale.Backlog
+	drain := min(n, max(n/5, b.opts.Scale.DrainSmall))
+	dc := drainCase{Payload: 256, Keys: 100, Events: drain}
+	schema, err := b.schema(ctx, "memory")
+	if err != nil {
+		return err
+	}
+	defer b.dropSchema(schema)
+	start := time.Now()
+	if err := b.preload(ctx, schema, n, dc.Payload, dc.Keys); err != nil {
+		return err
+	}
+	mr := memoryResult{Backlog: n, Payload: dc.Payload, PreloadSec: time.Since(start).Seconds(),
+		MaxInFlight: 4000, MaxInFlightBytes: 32 << 20}
+	br, err := b.startBroker(ctx)
+	if err != nil {
+		return err
+	}
+	defer br.close()
+	p, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
+		Brokers: br.addrs, Mark: postgres.MarkDelete, Expect: drain})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = p.stop() }()
+	if err := p.send("go"); err != nil {
+		return err
+	}
+	rep, err := p.report(ctx, time.Duration(drain/500+120)*time.Second)
+	if err != nil {
+		return err
+	}
+	mr.Drained, mr.EventsPerSec, mr.PeakRSS, mr.HWM = rep.Events, float64(rep.Events)/rep.WallSec, rep.PeakRSS, rep.HWM
+	b.res.Memory = &mr
+	b.log.Printf("memory: backlog %d rows, relay published %d at %.0f ev/s, peak RSS %.1f MiB (VmHWM %.1f MiB)",
+		n, rep.Events, mr.EventsPerSec, mib(mr.PeakRSS), mib(mr.HWM))
+	return nil
+}

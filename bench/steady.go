@@ -1,0 +1,352 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+)
+
+// writersN is the number of concurrent writers of the steady-state and write-cost sections.
+const writersN = 8
+
+// stepResult is one offered rate of the search for the highest rate with flat lag.
+type stepResult struct {
+	OfferedPerSec  float64 `json:"offered_per_sec"`  // 0: writers as fast as they can
+	AchievedPerSec float64 `json:"achieved_per_sec"` // committed writer transactions per second
+	RelayPerSec    float64 `json:"relay_per_sec"`    // rows marked per second
+	LagStart       int64   `json:"lag_start"`        // committed but not yet marked, at the start
+	LagEnd         int64   `json:"lag_end"`
+	LagMax         int64   `json:"lag_max"`
+	LagSlope       float64 `json:"lag_slope_per_sec"` // least-squares slope of lag over the second half
+	Flat           bool    `json:"flat"`
+	WriterLimited  bool    `json:"writer_limited"` // writers reached less than 90% of the offered rate
+}
+
+// latencyResult is commit-to-ack latency at one rate with or without the wake-up.
+type latencyResult struct {
+	Mode          string    `json:"mode"` // "notify" or "poll"
+	OfferedPerSec float64   `json:"offered_per_sec"`
+	Events        int       `json:"events"`
+	P50           float64   `json:"p50_ms"`
+	P99           float64   `json:"p99_ms"`
+	P999          float64   `json:"p999_ms"`
+	Max           float64   `json:"max_ms"`
+	CPUMsPer10k   float64   `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
+	CDF           []float64 `json:"cdf_ms"`               // the 1st..100th percentiles
+	samples       []float64
+}
+
+// steadyResults is the steady-state section.
+type steadyResults struct {
+	Steps           []stepResult    `json:"steps"`
+	MaxFlatPerSec   float64         `json:"max_flat_per_sec"`
+	WriterLimited   bool            `json:"writer_limited"` // the search ended because writers could not go faster
+	WriterMaxPerSec float64         `json:"writer_max_per_sec,omitempty"`
+	Latency         []latencyResult `json:"latency"`
+}
+
+// steady runs the search for the highest flat rate and the latency measurements.
+func (b *bench) steady(ctx context.Context) error {
+	schema, err := b.schema(ctx, "steady")
+	if err != nil {
+		return err
+	}
+	defer b.dropSchema(schema)
+	br, err := b.startBroker(ctx)
+	if err != nil {
+		return err
+	}
+	defer br.close()
+	relay, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
+		Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = relay.stop() }()
+	if err := relay.send("go"); err != nil {
+		return err
+	}
+	w, err := b.newWriters(ctx, schema)
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	res := &steadyResults{}
+	b.res.Steady = res
+
+	// The search: double the offered rate until lag grows or the writers cannot keep up.
+	for rate := 500.0; rate <= float64(b.opts.Scale.MaxRate) && ctx.Err() == nil; rate *= 2 {
+		st, err := b.step(ctx, w, relay, rate)
+		if err != nil {
+			return err
+		}
+		res.Steps = append(res.Steps, st)
+		b.log.Printf("steady offered %6.0f/s: writers %6.0f/s relay %6.0f/s lag %d..%d (max %d, slope %.0f/s) flat=%t",
+			st.OfferedPerSec, st.AchievedPerSec, st.RelayPerSec, st.LagStart, st.LagEnd, st.LagMax, st.LagSlope, st.Flat)
+		if st.Flat && !st.WriterLimited {
+			res.MaxFlatPerSec = rate
+		}
+		if !st.Flat || st.WriterLimited {
+			res.WriterLimited = st.WriterLimited
+			break
+		}
+	}
+	if res.WriterLimited || len(res.Steps) > 0 && res.Steps[len(res.Steps)-1].Flat {
+		// The writers are the limit: measure how fast they go flat out, and whether the relay keeps up.
+		st, err := b.step(ctx, w, relay, 0)
+		if err != nil {
+			return err
+		}
+		res.Steps = append(res.Steps, st)
+		res.WriterMaxPerSec = st.AchievedPerSec
+		b.log.Printf("steady writers flat out: %6.0f/s relay %6.0f/s lag %d..%d (max %d) flat=%t",
+			st.AchievedPerSec, st.RelayPerSec, st.LagStart, st.LagEnd, st.LagMax, st.Flat)
+		if st.Flat {
+			res.MaxFlatPerSec = max(res.MaxFlatPerSec, st.AchievedPerSec)
+		}
+	}
+
+	// Latency at 1k/s and at half the highest flat rate, with the wake-up and with polling alone.
+	rates := []float64{1000}
+	if half := math.Round(res.MaxFlatPerSec/2/100) * 100; half > 1000 {
+		rates = append(rates, half)
+	}
+	for _, mode := range []string{"notify", "poll"} {
+		if err := b.setTrigger(ctx, schema, mode == "notify"); err != nil {
+			return err
+		}
+		for _, rate := range rates {
+			lr, err := b.latencyRun(ctx, w, relay, mode, rate)
+			if err != nil {
+				return err
+			}
+			res.Latency = append(res.Latency, lr)
+			b.log.Printf("latency %-6s at %6.0f/s: p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (%d events, relay cpu %.1f ms/10k)",
+				mode, rate, lr.P50, lr.P99, lr.P999, lr.Max, lr.Events, lr.CPUMsPer10k)
+		}
+	}
+	return b.setTrigger(ctx, schema, true)
+}
+
+// step offers rate events/s (0: flat out) for one step and watches the lag.
+func (b *bench) step(ctx context.Context, w *writers, relay *proc, rate float64) (stepResult, error) {
+	if err := waitCaughtUp(ctx, w, relay, 30*time.Second); err != nil {
+		return stepResult{}, err
+	}
+	st := stepResult{OfferedPerSec: rate}
+	lag := func() int64 { return w.committed.Load() - relay.progress.Load() }
+	c0, m0 := w.committed.Load(), relay.progress.Load()
+	st.LagStart = lag()
+	start := time.Now()
+	dur := b.opts.Scale.Step
+	var ts, ls []float64
+	wctx, stop := context.WithTimeout(ctx, dur)
+	done := make(chan struct{})
+	go func() { w.run(wctx, rate); close(done) }()
+	tick := time.NewTicker(100 * time.Millisecond)
+	for wctx.Err() == nil {
+		select {
+		case <-tick.C:
+		case <-wctx.Done():
+		}
+		l := lag()
+		st.LagMax = max(st.LagMax, l)
+		ts = append(ts, time.Since(start).Seconds())
+		ls = append(ls, float64(l))
+	}
+	tick.Stop()
+	<-done
+	stop()
+	if err := w.failure(); err != nil {
+		return st, err
+	}
+	el := time.Since(start).Seconds()
+	st.LagEnd = lag()
+	st.AchievedPerSec = float64(w.committed.Load()-c0) / el
+	st.RelayPerSec = float64(relay.progress.Load()-m0) / el
+	half := len(ts) / 2
+	st.LagSlope = slope(ts[half:], ls[half:])
+	st.WriterLimited = rate > 0 && st.AchievedPerSec < 0.9*rate
+	// Flat: over the second half the lag grows by less than 5% of the rate per second, and the
+	// relay ends less than one second of events behind.
+	rateRef := max(rate, st.AchievedPerSec)
+	st.Flat = st.LagSlope < 0.05*rateRef && float64(st.LagEnd) < max(rateRef, 1000)
+	return st, nil
+}
+
+// latencyRun offers rate events/s for one run and returns the relay's commit-to-ack latencies.
+func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode string, rate float64) (latencyResult, error) {
+	if err := waitCaughtUp(ctx, w, relay, 30*time.Second); err != nil {
+		return latencyResult{}, err
+	}
+	if err := relay.send("reset"); err != nil {
+		return latencyResult{}, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.LatencyRun)
+	w.run(wctx, rate)
+	cancel()
+	if err := w.failure(); err != nil {
+		return latencyResult{}, err
+	}
+	if err := waitCaughtUp(ctx, w, relay, 30*time.Second); err != nil {
+		return latencyResult{}, err
+	}
+	if err := relay.send("report"); err != nil {
+		return latencyResult{}, err
+	}
+	rep, err := relay.report(ctx, 30*time.Second)
+	if err != nil {
+		return latencyResult{}, err
+	}
+	s := rep.LatenciesMS
+	lr := latencyResult{Mode: mode, OfferedPerSec: rate, Events: len(s), samples: s,
+		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1)}
+	if len(s) > 0 {
+		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(s)) / 10000)
+	}
+	for q := 1; q <= 100; q++ {
+		lr.CDF = append(lr.CDF, round3(quantile(s, float64(q)/100)))
+	}
+	return lr, nil
+}
+
+// waitCaughtUp waits until the relay marked everything the writers committed.
+func waitCaughtUp(ctx context.Context, w *writers, relay *proc, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for relay.progress.Load() < w.committed.Load() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("relay did not catch up within %s: committed %d, marked %d", timeout,
+				w.committed.Load(), relay.progress.Load())
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-relay.exited:
+			return fmt.Errorf("relay exited: %v: %s", relay.err, relay.stderrText())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// writers append events to the outbox with postgres.Writer, one event per transaction, like an
+// application's use cases do.
+type writers struct {
+	pool      *pgxpool.Pool
+	w         *postgres.Writer
+	committed atomic.Int64
+	mu        sync.Mutex
+	err       error
+	perTx     int // events per transaction (1 unless a section says otherwise)
+	n         int // concurrent writers
+}
+
+func (b *bench) newWriters(ctx context.Context, schema string) (*writers, error) {
+	pool, err := newPool(ctx, b.opts.DatabaseURL, writersN+2)
+	if err != nil {
+		return nil, err
+	}
+	wr, err := postgres.NewWriter(postgres.Table{Schema: schema})
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &writers{pool: pool, w: wr, perTx: 1, n: writersN}, nil
+}
+
+func (w *writers) close() { w.pool.Close() }
+
+func (w *writers) failure() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	err := w.err
+	w.err = nil
+	return err
+}
+
+// run writes at rate events/s in total (0: as fast as the writers go) until ctx ends. Each writer
+// keeps its own schedule, so a slow commit is caught up rather than lowering the offered rate.
+func (w *writers) run(ctx context.Context, rate float64) {
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range w.n {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), uint64(start.UnixNano())))
+			var interval time.Duration
+			if rate > 0 {
+				interval = time.Duration(float64(time.Second) * float64(w.n) * float64(w.perTx) / rate)
+			}
+			next := start.Add(time.Duration(rng.Int64N(int64(max(interval, 1)))))
+			msgs := make([]postgres.Message, w.perTx)
+			for k := 0; ctx.Err() == nil; k++ {
+				if interval > 0 {
+					if d := time.Until(next); d > 0 {
+						select {
+						case <-ctx.Done():
+							return
+						case <-time.After(d):
+						}
+					}
+					next = next.Add(interval)
+				}
+				for j := range msgs {
+					off := rng.Int64N(slabSize - 256)
+					msgs[j] = postgres.Message{AggregateType: "bench", AggregateID: strconv.Itoa(rng.IntN(100)),
+						EventType: "bench.created", Payload: slab[off : off+256]}
+				}
+				// A started transaction is finished even when the run ends, so every commit is counted.
+				txctx := context.WithoutCancel(ctx)
+				err := pgx.BeginFunc(txctx, w.pool, func(tx pgx.Tx) error { return w.w.Append(txctx, tx, msgs...) })
+				if err != nil {
+					w.mu.Lock()
+					w.err = err
+					w.mu.Unlock()
+					return
+				}
+				w.committed.Add(int64(len(msgs)))
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// slope returns the least-squares slope of ys over xs.
+func slope(xs, ys []float64) float64 {
+	n := float64(len(xs))
+	if n < 2 {
+		return 0
+	}
+	var sx, sy, sxx, sxy float64
+	for i := range xs {
+		sx += xs[i]
+		sy += ys[i]
+		sxx += xs[i] * xs[i]
+		sxy += xs[i] * ys[i]
+	}
+	d := n*sxx - sx*sx
+	if d == 0 {
+		return 0
+	}
+	return (n*sxy - sx*sy) / d
+}
+
+// quantile returns the q-quantile of sorted s (nearest rank), or 0 for an empty s.
+func quantile(s []float64, q float64) float64 {
+	if len(s) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+func round3(f float64) float64 { return math.Round(f*1000) / 1000 }
