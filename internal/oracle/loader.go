@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -86,6 +87,7 @@ type Loader struct {
 	keys, ledger, deferred string
 
 	mu       sync.Mutex
+	topicOf  map[string]string // per-key topic overrides
 	events   map[string]Event
 	outcome  map[string]Outcome
 	failures int
@@ -118,7 +120,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, table postgres.Table, cfg Conf
 		keys:     pgx.Identifier{table.Schema, "oracle_keys"}.Sanitize(),
 		ledger:   pgx.Identifier{table.Schema, "oracle_ledger"}.Sanitize(),
 		deferred: pgx.Identifier{table.Schema, "oracle_deferred"}.Sanitize(),
-		events:   make(map[string]Event), outcome: make(map[string]Outcome)}
+		events:   make(map[string]Event), outcome: make(map[string]Outcome), topicOf: make(map[string]string)}
 	ddl := `CREATE TABLE IF NOT EXISTS ` + l.keys + ` (key text PRIMARY KEY, seq int NOT NULL DEFAULT 0);
 		CREATE TABLE IF NOT EXISTS ` + l.ledger + ` (event_id uuid PRIMARY KEY);
 		CREATE TABLE IF NOT EXISTS ` + l.deferred + ` (v int UNIQUE DEFERRABLE INITIALLY DEFERRED);`
@@ -135,8 +137,22 @@ func New(ctx context.Context, pool *pgxpool.Pool, table postgres.Table, cfg Conf
 // Key returns the name of key number i.
 func Key(i int) string { return fmt.Sprintf("k%04d", i) }
 
+// SetTopic sends the events of key to topic from now on, and adds topic to the topics Check
+// reads.
+func (l *Loader) SetTopic(key, topic string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.topicOf[key] = topic
+}
+
 // TopicOf returns the topic of key.
 func (l *Loader) TopicOf(key string) string {
+	l.mu.Lock()
+	t, ok := l.topicOf[key]
+	l.mu.Unlock()
+	if ok {
+		return t
+	}
 	h := 0
 	for _, c := range key {
 		h = h*31 + int(c)
@@ -148,7 +164,17 @@ func (l *Loader) TopicOf(key string) string {
 }
 
 // Topics returns the topics the loader writes to.
-func (l *Loader) Topics() []string { return l.cfg.Topics }
+func (l *Loader) Topics() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := append([]string(nil), l.cfg.Topics...)
+	for _, t := range l.topicOf {
+		if !slices.Contains(out, t) {
+			out = append(out, t)
+		}
+	}
+	return out
+}
 
 // Run writes txs transactions with the configured number of workers, and returns when they are
 // written or ctx ends. Transactions that fail (the database is down, the connection was cut) are
@@ -203,7 +229,7 @@ func (l *Loader) one(ctx context.Context, rng *rand.Rand) error {
 	r := rng.Float64()
 	rollback := r < l.cfg.RollbackRatio
 	failCommit := !rollback && r < l.cfg.RollbackRatio+l.cfg.FailCommitRatio
-	p, err := l.begin(ctx, key, l.cfg.EventsPerTx, rng)
+	p, err := l.begin(ctx, key, l.cfg.EventsPerTx, l.cfg.PayloadBytes, rng)
 	if err != nil {
 		return err
 	}
@@ -234,10 +260,24 @@ type Pending struct {
 // Begin opens a transaction that writes n events of key, and leaves it open: the key's row stays
 // locked until Commit or Rollback. key may be any name, not only one of the loader's keys.
 func (l *Loader) Begin(ctx context.Context, key string, n int) (*Pending, error) {
-	return l.begin(ctx, key, n, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+	return l.BeginPadded(ctx, key, n, l.cfg.PayloadBytes)
 }
 
-func (l *Loader) begin(ctx context.Context, key string, n int, rng *rand.Rand) (*Pending, error) {
+// BeginPadded is Begin with payloads padded to about pad bytes.
+func (l *Loader) BeginPadded(ctx context.Context, key string, n, pad int) (*Pending, error) {
+	return l.begin(ctx, key, n, pad, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+}
+
+// Write writes n events of key in one transaction and commits it.
+func (l *Loader) Write(ctx context.Context, key string, n int) error {
+	p, err := l.Begin(ctx, key, n)
+	if err != nil {
+		return err
+	}
+	return p.Commit(ctx)
+}
+
+func (l *Loader) begin(ctx context.Context, key string, n, pad int, rng *rand.Rand) (*Pending, error) {
 	tx, err := l.pool.Begin(ctx)
 	if err != nil {
 		return nil, err
@@ -256,7 +296,7 @@ func (l *Loader) begin(ctx context.Context, key string, n int, rng *rand.Rand) (
 		ev := Event{ID: domain.NewID(), Key: key, Topic: topic, Seq: last - n + 1 + i}
 		ids[i] = ev.ID
 		p.Events = append(p.Events, ev)
-		payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", l.cfg.PayloadBytes)})
+		payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", pad)})
 		occurred := time.Now()
 		if l.cfg.ClockSkew > 0 {
 			occurred = occurred.Add(time.Duration((rng.Float64()*2 - 1) * float64(l.cfg.ClockSkew)))

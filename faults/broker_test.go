@@ -1,0 +1,274 @@
+package faults_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/oracle"
+)
+
+// produceError answers a produce request with code on every partition it carries.
+func produceError(req kmsg.Request, code int16) kmsg.Response {
+	r := req.(*kmsg.ProduceRequest)
+	resp := r.ResponseKind().(*kmsg.ProduceResponse)
+	for _, t := range r.Topics {
+		rt := kmsg.NewProduceResponseTopic()
+		rt.Topic, rt.TopicID = t.Topic, t.TopicID
+		for _, p := range t.Partitions {
+			rp := kmsg.NewProduceResponseTopicPartition()
+			rp.Partition = p.Partition
+			rp.ErrorCode = code
+			rp.BaseOffset = -1
+			rt.Partitions = append(rt.Partitions, rp)
+		}
+		resp.Topics = append(resp.Topics, rt)
+	}
+	return resp
+}
+
+// Entry 10: the broker answers produce requests with retriable errors (NOT_LEADER_FOR_PARTITION
+// refused before the write, REQUEST_TIMED_OUT after it), and metadata requests fail: no reorder,
+// no loss, no duplicate.
+func TestFault10RetriableBrokerErrors(t *testing.T) {
+	t.Parallel()
+	e := setup(t, options{kfake: []kfake.Opt{}, load: oracle.Config{Workers: 6}})
+	if e.broker.Fake == nil {
+		t.Skip("injects errors into kfake: KAFKA_BROKERS is set")
+	}
+	c := e.broker.Fake
+	var produces, notLeader, metaCuts atomic.Int64
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if n := produces.Add(1); n%3 == 0 && notLeader.Load() < 40 {
+			notLeader.Add(1)
+			return produceError(req, kerr.NotLeaderForPartition.Code), nil, true
+		}
+		return nil, nil, false
+	})
+	var metadata atomic.Int64
+	c.ControlKey(int16(kmsg.Metadata), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if n := metadata.Add(1); n%4 == 0 && metaCuts.Load() < 10 {
+			metaCuts.Add(1)
+			return nil, errors.New("injected metadata failure"), true // closes the connection
+		}
+		return nil, nil, false
+	})
+	timedOut := c.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Err: kerr.RequestTimedOut, Count: 15})
+	leaderless := c.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Metadata}, Topic: e.topics[0], Err: kerr.LeaderNotAvailable, Count: 5})
+	r := e.startRelay(relayOpts{})
+	e.loader.Run(e.ctx, 800)
+	e.waitDrained(120 * time.Second)
+	r.stop(t)
+	if notLeader.Load() == 0 || timedOut.Hits() == 0 {
+		t.Errorf("faults injected: %d NOT_LEADER_FOR_PARTITION, %d REQUEST_TIMED_OUT: want both", notLeader.Load(), timedOut.Hits())
+	}
+	t.Logf("injected %d NOT_LEADER_FOR_PARTITION, %d REQUEST_TIMED_OUT (after the write), %d metadata connection cuts, %d LEADER_NOT_AVAILABLE",
+		notLeader.Load(), timedOut.Hits(), metaCuts.Load(), leaderless.Hits())
+	rep := e.check(0)
+	result(t, 10, rep, "retriable errors retried by the idempotent producer")
+}
+
+// Entry 11: every broker connection is cut repeatedly while records are produced. The
+// idempotent producer resends with the same sequence numbers: no duplicate within the session.
+func TestFault11BrokerConnectionsCut(t *testing.T) {
+	t.Parallel()
+	e := setup(t, options{brokerGate: true, load: oracle.Config{Workers: 6}})
+	r := e.startRelay(relayOpts{})
+	e.waitLeader(r)
+	stop := e.loader.Go(e.ctx)
+	defer stop()
+	cuts := 0
+	for i := range 10 {
+		want := int64(50 * (i + 1))
+		e.eventually(60*time.Second, "progress", func() (bool, string) {
+			return r.probe.acked.Load() >= want, itoa(r.probe.acked.Load()) + " acknowledged"
+		})
+		cuts += e.gate.Cut()
+	}
+	stop()
+	e.waitDrained(120 * time.Second)
+	r.stop(t)
+	if cuts == 0 {
+		t.Error("no connection was cut")
+	}
+	t.Logf("cut %d broker connections", cuts)
+	rep := e.check(0)
+	result(t, 11, rep, itoa(int64(cuts))+" connections cut, idempotent producer")
+}
+
+// Entry 12: the broker is unreachable for a while (connections cut and refused), then back. The
+// relay marks nothing while it is down, and resumes by itself.
+func TestFault12BrokerDown(t *testing.T) {
+	t.Parallel()
+	e := setup(t, options{brokerGate: true})
+	r := e.startRelay(relayOpts{})
+	e.waitLeader(r)
+	stop := e.loader.Go(e.ctx)
+	defer stop()
+	e.eventually(60*time.Second, "progress", func() (bool, string) {
+		return r.probe.acked.Load() >= 200, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
+	e.gate.Down()
+	down := time.Now()
+	time.Sleep(4 * time.Second) // the outage
+	pendingDown, err := e.pending()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := time.Now()
+	e.gate.Up()
+	// No acknowledgement can arrive while no connection exists; allow a second for callbacks of
+	// responses read just before the cut.
+	if n := r.probe.acksBetween(down.Add(time.Second), up); n != 0 {
+		t.Errorf("%d rows acknowledged while the broker was down", n)
+	}
+	if pendingDown == 0 {
+		t.Error("no row waited during the outage: the loader wrote nothing")
+	}
+	acked := r.probe.acked.Load()
+	e.eventually(90*time.Second, "progress after the outage", func() (bool, string) {
+		return r.probe.acked.Load() > acked+100, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
+	stop()
+	e.waitDrained(120 * time.Second)
+	r.stop(t)
+	rep := e.check(relayConfig().MaxInFlight)
+	result(t, 12, rep, "4 s outage: nothing marked while down, resumed alone")
+}
+
+// Entry 13: rows the broker refuses for good (a record too large for its topic, a missing topic,
+// a topic the relay may not write) are parked with the broker's reason after bounded attempts;
+// the other keys keep flowing; the parked keys' later events wait; once the configuration is
+// fixed and the rows retried, everything is delivered in order.
+func TestFault13PoisonParked(t *testing.T) {
+	t.Parallel()
+	e := setup(t, options{kfake: []kfake.Opt{}})
+	if e.broker.Fake == nil {
+		t.Skip("injects authorization errors into kfake: KAFKA_BROKERS is set")
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker.Addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	small := "faults-small-" + itoa(time.Now().UnixNano())
+	if _, err := adm.CreateTopic(e.ctx, 1, 1, map[string]*string{"max.message.bytes": ptr("4000")}, small); err != nil {
+		t.Fatal(err)
+	}
+	missing := "faults-missing-" + itoa(time.Now().UnixNano())
+	denied := e.broker.Topic(t, "faults-denied", 1)
+	deny := e.broker.Fake.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: denied, Err: kerr.TopicAuthorizationFailed, Count: -1})
+	e.loader.SetTopic("poison-big", small)
+	e.loader.SetTopic("poison-missing", missing)
+	e.loader.SetTopic("poison-denied", denied)
+
+	cfg := relayConfig()
+	cfg.MaxAttempts = 3
+	cfg.RetryBackoffMax = 200 * time.Millisecond
+	obs := &parkLog{}
+	r := e.startRelay(relayOpts{cfg: cfg, observer: obs, kgoOpts: []kgo.Opt{kgo.UnknownTopicRetries(1)}})
+	stop := e.loader.Go(e.ctx)
+	defer stop()
+	big, err := e.loader.BeginPadded(e.ctx, "poison-big", 1, 20000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := big.Commit(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"poison-big", "poison-missing", "poison-denied"} {
+		if key != "poison-big" {
+			if err := e.loader.Write(e.ctx, key, 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.loader.Write(e.ctx, key, 2); err != nil { // they must wait behind the first
+			t.Fatal(err)
+		}
+	}
+	e.eventually(120*time.Second, "the three poison rows parked", func() (bool, string) {
+		return r.probe.parked.Load() >= 3, itoa(r.probe.parked.Load()) + " parked"
+	})
+	acked := r.probe.acked.Load()
+	e.eventually(60*time.Second, "other keys flowing", func() (bool, string) {
+		return r.probe.acked.Load() > acked+100, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
+	parked, err := postgres.ListParked(e.ctx, e.pool, e.table, postgres.ParkedFilter{All: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"poison-big": "MESSAGE_TOO_LARGE", "poison-missing": "UNKNOWN_TOPIC", "poison-denied": "TOPIC_AUTHORIZATION_FAILED"}
+	for _, p := range parked {
+		key := deref(p.AggregateID)
+		t.Logf("parked row %d key %s after %d attempts: %s", p.ID, key, p.Attempts, p.Reason)
+		if w, ok := want[key]; !ok || !strings.Contains(p.Reason, w) {
+			t.Errorf("parked row %d of key %s: reason %q, want the broker's %s", p.ID, key, p.Reason, w)
+		}
+		delete(want, key)
+	}
+	for key := range want {
+		t.Errorf("key %s: no row parked", key)
+	}
+	if n := obs.count(); n != len(parked) {
+		t.Errorf("%d parked reports to the observer (the metric), want %d", n, len(parked))
+	}
+	if n := r.logs.count("row parked"); n != len(parked) {
+		t.Errorf("%d 'row parked' log lines, want %d", n, len(parked))
+	}
+	stop()
+	// Everything else is published: only the parked keys' later rows wait.
+	e.eventually(60*time.Second, "only the parked keys' rows pending", func() (bool, string) {
+		n, err := e.pending()
+		return err == nil && n == 6, itoa(int64(n)) + " pending, want 6"
+	})
+
+	// Fix the configuration, retry the parked rows: everything is delivered, in order.
+	if _, err := adm.AlterTopicConfigs(e.ctx, []kadm.AlterConfig{{Name: "max.message.bytes", Value: ptr("1000000")}}, small); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.CreateTopic(e.ctx, 1, 1, nil, missing); err != nil {
+		t.Fatal(err)
+	}
+	deny.Remove()
+	if _, err := postgres.RetryParked(e.ctx, e.pool, e.table, postgres.ParkedFilter{All: true}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitDrained(120 * time.Second)
+	r.stop(t)
+	rep := e.check(0)
+	result(t, 13, rep, "3 rows parked with the broker's reason, others flowed, retried after the fix")
+}
+
+// parkLog counts parked rows reported to the observer.
+type parkLog struct {
+	app.NopObserver
+	n atomic.Int64
+}
+
+func (p *parkLog) Parked(*app.Message, string) { p.n.Add(1) }
+func (p *parkLog) count() int                  { return int(p.n.Load()) }
+
+func ptr[T any](v T) *T { return &v }
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+var _ = context.Background
