@@ -220,6 +220,51 @@ func (f *fixture) write(ctx context.Context, rng *rand.Rand, o writeOpts) (*writ
 	return w, nil
 }
 
+// backlog commits perKey events for every key, one transaction and one INSERT per key, so the
+// relay has rows to chew on from the start.
+func (f *fixture) backlog(perKey int) {
+	f.t.Helper()
+	ctx := context.Background()
+	for _, key := range f.keys {
+		byToken := map[string]*written{}
+		err := pgx.BeginFunc(ctx, f.pool, func(tx pgx.Tx) error {
+			var top int64
+			if err := tx.QueryRow(ctx, `UPDATE `+f.seqTable()+` SET seq = seq + $2 WHERE key = $1 RETURNING seq`,
+				key, perKey).Scan(&top); err != nil {
+				return err
+			}
+			payloads, headers := make([][]byte, perKey), make([]string, perKey)
+			for i := range perKey {
+				w := &written{token: fmt.Sprintf("tok-%d", f.tokens.Add(1)), key: key, seq: top - int64(perKey) + 1 + int64(i)}
+				payloads[i], _ = json.Marshal(eventPayload{Key: key, Seq: w.seq, Token: w.token})
+				h, _ := json.Marshal(map[string]string{"x-seq": strconv.FormatInt(w.seq, 10), "x-token": w.token})
+				headers[i] = string(h)
+				byToken[w.token] = w
+			}
+			rows, err := tx.Query(ctx, `INSERT INTO `+f.outbox()+` (aggregate_type, aggregate_id, event_type, payload, headers)
+				SELECT $1, $2, 'SequenceBumped', p, h::jsonb FROM unnest($3::bytea[], $4::text[]) WITH ORDINALITY AS u(p, h, n)
+				ORDER BY n RETURNING id, event_id::text, headers->>'x-token'`, aggType, key, payloads, headers)
+			if err != nil {
+				return err
+			}
+			var id int64
+			var eventID, token string
+			_, err = pgx.ForEachRow(rows, []any{&id, &eventID, &token}, func() error {
+				byToken[token].rowID, byToken[token].eventID = id, eventID
+				return nil
+			})
+			return err
+		})
+		if err != nil {
+			f.t.Fatalf("backlog of %s: %v", key, err)
+		}
+		for _, w := range byToken {
+			w.state = txCommitted
+			f.oracle.add(w)
+		}
+	}
+}
+
 // load describes concurrent writers.
 type load struct {
 	writers  int
