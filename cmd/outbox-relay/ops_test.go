@@ -1,0 +1,512 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+)
+
+// opsRelay is a relay daemon running in the test process, as 'outbox-relay run' wires it.
+type opsRelay struct {
+	d    *daemon
+	base string // http://host:port
+	logs *syncBuffer
+}
+
+// startOpsRelay starts serve() on the outbox table with the broker addrs; extra are config keys.
+func startOpsRelay(t *testing.T, table postgres.Table, brokers []string, extra map[string]string) *opsRelay {
+	t.Helper()
+	v := newViper()
+	v.Set("database.url", dbtest.URL())
+	v.Set("database.schema", table.Schema)
+	v.Set("database.table", table.Name)
+	v.Set("kafka.brokers", strings.Join(brokers, ","))
+	v.Set("http.addr", "127.0.0.1:0")
+	v.Set("relay.poll_interval", "100ms")
+	v.Set("relay.leader_retry_interval", "100ms")
+	v.Set("log.level", "debug")
+	for k, val := range extra {
+		v.Set(k, val)
+	}
+	cfg, err := parseConfig(v)
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	logs := &syncBuffer{}
+	log := newLogger(logs, cfg.LogLevel, "json")
+	ctx, cancel := context.WithCancel(context.Background())
+	started := make(chan *daemon, 1)
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, cfg, log, func(d *daemon) { started <- d }) }()
+	var d *daemon
+	select {
+	case d = <-started:
+	case err := <-done:
+		cancel()
+		t.Fatalf("relay did not start: %v", err)
+	case <-time.After(60 * time.Second):
+		cancel()
+		t.Fatal("relay did not start within 60s")
+	}
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("relay: %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Error("relay did not stop within 60s")
+		}
+		if t.Failed() {
+			t.Logf("relay log:\n%s", logs.String())
+		}
+	})
+	return &opsRelay{d: d, base: "http://" + d.listener.Addr().String(), logs: logs}
+}
+
+// scrape reads /metrics and returns the families by name.
+func (r *opsRelay) scrape(t *testing.T) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := http.Get(r.base + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("scrape: status %d", resp.StatusCode)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse /metrics: %v", err)
+	}
+	return mfs
+}
+
+// readyz returns the status code and body of /readyz.
+func (r *opsRelay) readyz(t *testing.T) (int, string) {
+	t.Helper()
+	resp, err := http.Get(r.base + "/readyz")
+	if err != nil {
+		t.Fatalf("readyz: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// value returns the value of the sample of family name whose labels include want, and whether
+// it exists. Counters, gauges and untyped samples give their value; histograms their count.
+func value(mfs map[string]*dto.MetricFamily, name string, want map[string]string) (float64, bool) {
+	mf := mfs[name]
+	if mf == nil {
+		return 0, false
+	}
+next:
+	for _, m := range mf.GetMetric() {
+		have := map[string]string{}
+		for _, l := range m.GetLabel() {
+			have[l.GetName()] = l.GetValue()
+		}
+		for k, v := range want {
+			if have[k] != v {
+				continue next
+			}
+		}
+		switch {
+		case m.Counter != nil:
+			return m.GetCounter().GetValue(), true
+		case m.Gauge != nil:
+			return m.GetGauge().GetValue(), true
+		case m.Histogram != nil:
+			return float64(m.GetHistogram().GetSampleCount()), true
+		case m.Untyped != nil:
+			return m.GetUntyped().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// eventually polls cond every 100ms until it returns "" or the deadline passes.
+func eventually(t *testing.T, within time.Duration, what string, cond func() string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	last := ""
+	for time.Now().Before(deadline) {
+		if last = cond(); last == "" {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s: %s", what, within, last)
+}
+
+// insertRows writes n pending rows of topic, one key per row, and returns their ids.
+func insertRows(t *testing.T, pool *pgxpool.Pool, table postgres.Table, topic string, n int) {
+	t.Helper()
+	_, err := pool.Exec(context.Background(), `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+		(aggregate_type, aggregate_id, event_type, payload, topic)
+		SELECT 'order', 'k-' || gen_random_uuid(), 'OrderPlaced', '{}'::bytea, $1 FROM generate_series(1, $2)`, topic, n)
+	if err != nil {
+		t.Fatalf("insert rows: %v", err)
+	}
+}
+
+// holdLeadership takes the outbox's leadership lock on a connection of the test, so that a relay
+// started now is a standby; release ends it.
+func holdLeadership(t *testing.T, table postgres.Table) (release func()) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ok bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`,
+		"outbox-relay:"+table.String()).Scan(&ok); err != nil || !ok {
+		t.Fatalf("take the leadership lock: %v %v", ok, err)
+	}
+	var once sync.Once
+	release = func() { once.Do(func() { _ = conn.Close(ctx) }) }
+	t.Cleanup(release)
+	return release
+}
+
+// TestMetricsEndToEnd scrapes /metrics while a backlog builds up behind a standby relay, drains
+// when it takes the leadership, and while the broker rejects some produce requests.
+func TestMetricsEndToEnd(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	topic := broker.Topic(t, "ops-metrics", 3)
+	release := holdLeadership(t, table)
+	r := startOpsRelay(t, table, broker.Addrs, nil)
+	topicL := map[string]string{"topic": topic}
+
+	// A standby: ready, not leading, and the backlog it cannot publish shows in the gauges.
+	eventually(t, 30*time.Second, "standby ready", func() string {
+		if code, body := r.readyz(t); code != http.StatusOK {
+			return body
+		}
+		return ""
+	})
+	const n = 300
+	insertRows(t, pool, table, topic, n)
+	var maxAge float64
+	eventually(t, 30*time.Second, "pending and oldest age rise", func() string {
+		mfs := r.scrape(t)
+		p, _ := value(mfs, "outbox_relay_pending_rows", topicL)
+		age, _ := value(mfs, "outbox_relay_oldest_pending_age_seconds", topicL)
+		leader, _ := value(mfs, "outbox_relay_leader", nil)
+		maxAge = max(maxAge, age)
+		if p != n || age <= 0 || leader != 0 {
+			return fmt.Sprintf("pending %v, oldest age %v, leader %v", p, age, leader)
+		}
+		return ""
+	})
+	eventually(t, 30*time.Second, "oldest age keeps rising while nothing is published", func() string {
+		age, _ := value(r.scrape(t), "outbox_relay_oldest_pending_age_seconds", topicL)
+		if age <= maxAge {
+			return fmt.Sprintf("age %v, was %v", age, maxAge)
+		}
+		return ""
+	})
+
+	// The standby takes over and drains: the gauges return to zero.
+	release()
+	eventually(t, 60*time.Second, "drained", func() string {
+		mfs := r.scrape(t)
+		p, okP := value(mfs, "outbox_relay_pending_rows", topicL)
+		age, okA := value(mfs, "outbox_relay_oldest_pending_age_seconds", topicL)
+		leader, _ := value(mfs, "outbox_relay_leader", nil)
+		if !okP || !okA || p != 0 || age != 0 || leader != 1 {
+			return fmt.Sprintf("pending %v (%v), oldest age %v (%v), leader %v", p, okP, age, okA, leader)
+		}
+		return ""
+	})
+	mfs := r.scrape(t)
+	if got := len(broker.ReadAll(t, topic, n, 5*time.Second)); got != n {
+		t.Fatalf("topic holds %d records, want %d", got, n)
+	}
+	for name, want := range map[string]float64{
+		"outbox_relay_events_published_total": n,
+		"outbox_relay_commit_to_ack_seconds":  n, // the histogram counts every event published
+	} {
+		if got, _ := value(mfs, name, nil); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if ts, _ := value(mfs, "outbox_relay_last_publish_timestamp_seconds", nil); ts < float64(time.Now().Add(-time.Hour).Unix()) {
+		t.Errorf("outbox_relay_last_publish_timestamp_seconds = %v, want a recent time", ts)
+	}
+	if bs, _ := value(mfs, "outbox_relay_batch_size_rows", nil); bs == 0 {
+		t.Error("outbox_relay_batch_size_rows observed no claim")
+	}
+	if bi, ok := value(mfs, "outbox_relay_build_info", map[string]string{"version": version}); !ok || bi != 1 {
+		t.Errorf("outbox_relay_build_info = %v (%v), want 1", bi, ok)
+	}
+	if _, ok := value(mfs, "outbox_relay_kafka_produce_records_total", nil); !ok {
+		t.Error("franz-go client metrics (kprom) missing")
+	}
+	if t.Failed() {
+		return
+	}
+	if broker.Fake == nil {
+		checkQueriedMetrics(t, r.scrape(t))
+		t.Log("KAFKA_BROKERS set: injected produce failures skipped")
+		return
+	}
+
+	// Injected failures: the broker rejects some produce requests with a non-retriable error
+	// (the client does not retry it; the relay decides).
+	// Rows are written one at a time so that each failed request holds exactly the records the
+	// control function counts.
+	var failRequests, failedRecords atomic.Int64
+	failRequests.Store(3)
+	broker.Fake.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		broker.Fake.KeepControl()
+		if failRequests.Load() == 0 {
+			return nil, nil, false
+		}
+		failRequests.Add(-1)
+		preq := req.(*kmsg.ProduceRequest)
+		resp := preq.ResponseKind().(*kmsg.ProduceResponse)
+		resp.Version = preq.Version
+		for _, rt := range preq.Topics {
+			st := kmsg.NewProduceResponseTopic()
+			st.Topic, st.TopicID = rt.Topic, rt.TopicID
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewProduceResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = kerr.InvalidRecord.Code
+				st.Partitions = append(st.Partitions, sp)
+				var batch kmsg.RecordBatch
+				if err := batch.ReadFrom(rp.Records); err == nil {
+					failedRecords.Add(int64(batch.NumRecords))
+				}
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
+	const m = 5
+	for i := range m {
+		insertRows(t, pool, table, topic, 1)
+		eventually(t, 30*time.Second, fmt.Sprintf("row %d published or parked", i), func() string {
+			var pending int
+			_ = pool.QueryRow(context.Background(), `SELECT count(*) FROM `+
+				pgx.Identifier{table.Schema, table.Name}.Sanitize()).Scan(&pending)
+			if pending != 0 {
+				return fmt.Sprintf("%d pending", pending)
+			}
+			return ""
+		})
+	}
+	injected := failedRecords.Load()
+	if injected != 3 {
+		t.Fatalf("the broker failed %d records, want 3 (one per failed request)", injected)
+	}
+	eventually(t, 30*time.Second, "errors counted", func() string {
+		mfs := r.scrape(t)
+		errs, _ := value(mfs, "outbox_relay_publish_errors_total", map[string]string{"reason": kerr.InvalidRecord.Message})
+		parkedTotal, _ := value(mfs, "outbox_relay_events_parked_total", nil)
+		parked, _ := value(mfs, "outbox_relay_parked_rows", topicL)
+		published, _ := value(mfs, "outbox_relay_events_published_total", nil)
+		latency, _ := value(mfs, "outbox_relay_commit_to_ack_seconds", nil)
+		// Whether a rejected row is retried or parked at once is the relay's policy; either way
+		// every failure is counted, and every row is either published or parked.
+		if errs != float64(injected) || parked != parkedTotal ||
+			published+parkedTotal != float64(n+m) || latency != published {
+			return fmt.Sprintf("errors %v, parked total %v, parked rows %v, published %v, latency count %v; injected %d",
+				errs, parkedTotal, parked, published, latency, injected)
+		}
+		return ""
+	})
+	checkQueriedMetrics(t, r.scrape(t))
+}
+
+// TestReadyzBrokerCut cuts every connection to the broker: /readyz turns not ready, and ready
+// again when the broker answers.
+func TestReadyzBrokerCut(t *testing.T) {
+	t.Parallel()
+	if kafkatest.Real() {
+		t.Skip("KAFKA_BROKERS set: the broker cannot be cut from the test")
+	}
+	_, table := dbtest.Schema(t)
+	gate := &cutListeners{}
+	broker := kafkatest.Start(t, kfake.ListenFn(gate.listen))
+	r := startOpsRelay(t, table, broker.Addrs, nil)
+	waitReady := func(what string) {
+		eventually(t, 30*time.Second, what, func() string {
+			if code, body := r.readyz(t); code != http.StatusOK {
+				return fmt.Sprintf("%d %s", code, body)
+			}
+			return ""
+		})
+	}
+	waitReady("ready at start")
+	gate.cut(true)
+	eventually(t, 30*time.Second, "not ready while the broker is cut", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, "kafka unreachable") {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	if resp, err := http.Get(r.base + "/healthz"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz while the broker is cut: %v %v, want 200: the process is alive", resp, err)
+	}
+	gate.cut(false)
+	waitReady("ready again once the broker answers")
+	eventually(t, 30*time.Second, "broker state changes logged", func() string {
+		if !strings.Contains(r.logs.String(), `"msg":"kafka unreachable"`) ||
+			!strings.Contains(r.logs.String(), `"msg":"kafka reachable again"`) {
+			return "no kafka unreachable / reachable again lines"
+		}
+		return ""
+	})
+}
+
+// TestReadyzStall holds a pending row behind a parked row of its key (order policy wait): the
+// leader publishes nothing, and after http.stall_timeout /readyz says stalled; when the parked
+// row is dropped the row is published and the relay is ready again.
+func TestReadyzStall(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	topic := broker.Topic(t, "ops-stall", 1)
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"http.stall_timeout": "2s"})
+	ctx := context.Background()
+	eventually(t, 30*time.Second, "leader and ready", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusOK || !r.d.relay.Leader() {
+			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.relay.Leader())
+		}
+		return ""
+	})
+	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()+`
+		(id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, occurred_at, created_at, attempts, reason)
+		VALUES (-1, gen_random_uuid(), 'order', 'stuck', 'OrderPlaced', '{}', $1, now(), now(), 1, 'test')`, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+		(aggregate_type, aggregate_id, event_type, payload, topic) VALUES ('order', 'stuck', 'OrderPlaced', '{}', $1)`, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "stalled", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, "stalled") {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	if _, err := pool.Exec(ctx, `DELETE FROM `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "ready after the row was published", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusOK {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	if got := len(broker.ReadAll(t, topic, 1, 5*time.Second)); got != 1 {
+		t.Fatalf("topic holds %d records, want 1", got)
+	}
+}
+
+// cutListeners wraps kfake's listeners so a test can cut every connection to the broker and
+// refuse new ones (the broker stops answering), then let them through again.
+type cutListeners struct {
+	mu    sync.Mutex
+	down  bool
+	conns map[net.Conn]bool
+}
+
+func (c *cutListeners) listen(network, addr string) (net.Listener, error) {
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &cutListener{Listener: ln, c: c}, nil
+}
+
+// cut closes every open connection and refuses new ones while down.
+func (c *cutListeners) cut(down bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.down = down
+	if down {
+		for conn := range c.conns {
+			_ = conn.Close()
+		}
+		c.conns = nil
+	}
+}
+
+type cutListener struct {
+	net.Listener
+	c *cutListeners
+}
+
+func (l *cutListener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		l.c.mu.Lock()
+		if l.c.down {
+			l.c.mu.Unlock()
+			_ = conn.Close()
+			continue
+		}
+		if l.c.conns == nil {
+			l.c.conns = map[net.Conn]bool{}
+		}
+		l.c.conns[conn] = true
+		l.c.mu.Unlock()
+		return conn, nil
+	}
+}
+
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
