@@ -77,8 +77,8 @@ func (c ConsumerConfig) WithDefaults() ConsumerConfig {
 // Validate reports every invalid field, naming its configuration key.
 func (c ConsumerConfig) Validate() error {
 	var errs []error
-	if c.Group == "" {
-		errs = append(errs, errors.New("consumer.group: required"))
+	if !topicRE.MatchString(c.Group) {
+		errs = append(errs, fmt.Errorf("consumer.group: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Group))
 	}
 	if len(c.Topics) == 0 {
 		errs = append(errs, errors.New("consumer.topics: at least one topic is required"))

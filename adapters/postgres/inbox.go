@@ -61,6 +61,16 @@ func (i *Inbox) Once(ctx context.Context, consumer, eventID string, fn func(ctx 
 	return ran, nil
 }
 
+// Check reports an error naming the missing piece when the inbox tables are not there.
+func (i *Inbox) Check(ctx context.Context) error {
+	for _, t := range []string{i.inbox, i.welcomes} {
+		if _, err := i.pool.Exec(ctx, `SELECT 1 FROM `+t+` LIMIT 0`); err != nil {
+			return fmt.Errorf("table %s: %w (create it with 'outbox-relay migrate --example')", t, err)
+		}
+	}
+	return nil
+}
+
 // Processed reports whether consumer processed eventID.
 func (i *Inbox) Processed(ctx context.Context, consumer, eventID string) (bool, error) {
 	var ok bool

@@ -57,7 +57,11 @@ type Config struct {
 	ReconnectBackoffMin, ReconnectBackoffMax time.Duration
 }
 
-var placeholderRE = regexp.MustCompile(`\{[^}]*\}`)
+var (
+	placeholderRE = regexp.MustCompile(`\{[^}]*\}`)
+	exchangeRE    = regexp.MustCompile(`^[a-zA-Z0-9._:-]{0,255}$`)
+	templateRE    = regexp.MustCompile(`^[a-zA-Z0-9._:/{}-]{1,255}$`)
+)
 
 // WithDefaults returns c with zero fields set to their defaults. Exchange is left alone: its
 // zero value is the default exchange, and the default of the configuration key is "outbox".
@@ -99,8 +103,11 @@ func (c Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("rabbitmq.exchange_type: must be direct, fanout, topic or headers, got %q", c.ExchangeType))
 	}
-	if len(c.Exchange) > 255 {
-		errs = append(errs, fmt.Errorf("rabbitmq.exchange: at most 255 bytes, got %d", len(c.Exchange)))
+	if !exchangeRE.MatchString(c.Exchange) {
+		errs = append(errs, fmt.Errorf("rabbitmq.exchange: must match %s (empty: the default exchange), got %q", exchangeRE, c.Exchange))
+	}
+	if !templateRE.MatchString(c.RoutingKeyTemplate) {
+		errs = append(errs, fmt.Errorf("rabbitmq.routing_key_template: must match %s, got %q", templateRE, c.RoutingKeyTemplate))
 	}
 	for _, p := range placeholderRE.FindAllString(c.RoutingKeyTemplate, -1) {
 		if p != "{aggregate_type}" && p != "{event_type}" && p != "{aggregate_id}" {

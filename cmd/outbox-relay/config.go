@@ -15,6 +15,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app"
 )
 
@@ -44,7 +45,7 @@ var settings = []setting{
 	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
 	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
 
-	{key: "sink", def: "kafka", help: "where events go: kafka"},
+	{key: "sink", def: "kafka", help: "where events go: kafka or rabbitmq"},
 
 	{key: "kafka.brokers", def: "", help: "comma-separated seed brokers host:port"},
 	{key: "kafka.client_id", def: kafka.ClientIDDefault, help: "client id sent to the brokers"},
@@ -64,6 +65,27 @@ var settings = []setting{
 	{key: "kafka.sasl.username", def: "", help: "SASL user"},
 	{key: "kafka.sasl.password", def: "", help: "SASL password", secret: true},
 	{key: "kafka.sasl.password_file", def: "", help: "file holding kafka.sasl.password"},
+
+	{key: "rabbitmq.url", def: "", help: "with sink rabbitmq: amqp://user:password@host:5672/vhost (amqps:// for TLS)", secret: true},
+	{key: "rabbitmq.url_file", def: "", help: "file holding rabbitmq.url"},
+	{key: "rabbitmq.exchange", def: rabbitmq.ExchangeDefault, help: "exchange events are published to; empty is the default exchange"},
+	{key: "rabbitmq.exchange_type", def: rabbitmq.ExchangeTypeDefault, help: "type the exchange is declared with: direct, fanout, topic or headers"},
+	{key: "rabbitmq.declare_exchange", def: "true", help: "declare the exchange (durable) at each connection; false: it must exist"},
+	{key: "rabbitmq.routing_key_template", def: rabbitmq.RoutingKeyTemplateDefault, help: "routing key; {aggregate_type}, {event_type} and {aggregate_id} are replaced"},
+	{key: "rabbitmq.drop_unroutable", def: "false", help: "let the broker drop messages no queue is bound for (default: they fail, are retried, then parked)"},
+	{key: "rabbitmq.max_message_bytes", def: strconv.Itoa(rabbitmq.MaxMessageBytesDefault), help: "largest message body in bytes; larger rows are parked"},
+	{key: "rabbitmq.dial_timeout", def: rabbitmq.DialTimeoutDefault.String(), help: "bound on connecting to the broker"},
+	{key: "rabbitmq.heartbeat", def: rabbitmq.HeartbeatDefault.String(), help: "AMQP heartbeat interval: how fast a dead connection is noticed"},
+	{key: "rabbitmq.reconnect_backoff_max", def: rabbitmq.ReconnectBackoffMaxDefault.String(), help: "largest delay between reconnections to the broker"},
+
+	{key: "consumer.group", def: "outbox-welcome", help: "'consume': Kafka consumer group, also the consumer's name in the inbox"},
+	{key: "consumer.topics", def: "outbox.event.user", help: "'consume': comma-separated topics read"},
+	{key: "consumer.dead_letter_topic", def: "outbox.dead-letter.welcome", help: "'consume': topic receiving events that cannot be processed, reason in the dead-letter-reason header"},
+	{key: "consumer.max_attempts", def: strconv.Itoa(kafka.ConsumerMaxAttemptsDefault), help: "'consume': attempts at a failing event before it is dead-lettered"},
+	{key: "consumer.retry_backoff", def: kafka.ConsumerRetryBackoffDefault.String(), help: "'consume': first delay before retrying a failing event (doubles)"},
+	{key: "consumer.retry_backoff_max", def: kafka.ConsumerRetryBackoffMaxDefault.String(), help: "'consume': largest delay before retrying a failing event"},
+	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
+	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
 
 	{key: "relay.batch_size", def: strconv.Itoa(app.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
 	{key: "relay.max_in_flight", def: strconv.Itoa(app.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
@@ -106,13 +128,17 @@ type Config struct {
 	Store          postgres.StoreConfig
 	Sink           string
 	Kafka          kafka.Config
-	Relay          app.RelayConfig
-	Retention      time.Duration
-	PurgeInterval  time.Duration
-	PurgeBatch     int
-	StartupTimeout time.Duration
-	HTTPAddr       string
-	StallTimeout   time.Duration
+	RabbitMQ       rabbitmq.Config
+	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
+	Consumer         kafka.ConsumerConfig
+	ConsumerHTTPAddr string
+	Relay            app.RelayConfig
+	Retention        time.Duration
+	PurgeInterval    time.Duration
+	PurgeBatch       int
+	StartupTimeout   time.Duration
+	HTTPAddr         string
+	StallTimeout     time.Duration
 	// BacklogScanRows bounds the pending rows read per scrape of the backlog gauges.
 	BacklogScanRows int
 	LogLevel        string
@@ -252,7 +278,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	if err := c.Store.Table.Validate(); err != nil {
 		r.errs = append(r.errs, err)
 	}
-	c.Sink = r.oneOf("sink", "kafka")
+	c.Sink = r.oneOf("sink", "kafka", "rabbitmq")
 	var brokers []string
 	for _, b := range strings.Split(r.str("kafka.brokers"), ",") {
 		if b = strings.TrimSpace(b); b != "" {
@@ -281,6 +307,47 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			Username:  r.str("kafka.sasl.username"),
 			Password:  r.secret("kafka.sasl.password", "kafka.sasl.password_file"),
 		},
+	}
+	c.RabbitMQ = rabbitmq.Config{
+		URL:                 r.secret("rabbitmq.url", "rabbitmq.url_file"),
+		Exchange:            r.str("rabbitmq.exchange"),
+		ExchangeType:        r.str("rabbitmq.exchange_type"),
+		NoDeclare:           !r.bool("rabbitmq.declare_exchange"),
+		RoutingKeyTemplate:  r.str("rabbitmq.routing_key_template"),
+		DropUnroutable:      r.bool("rabbitmq.drop_unroutable"),
+		MaxMessageBytes:     r.int("rabbitmq.max_message_bytes", 1024, 512<<20),
+		DialTimeout:         r.dur("rabbitmq.dial_timeout", 100*time.Millisecond, 10*time.Minute),
+		Heartbeat:           r.dur("rabbitmq.heartbeat", time.Second, 10*time.Minute),
+		ReconnectBackoffMax: r.dur("rabbitmq.reconnect_backoff_max", 100*time.Millisecond, 10*time.Minute),
+	}
+	rc := c.RabbitMQ.WithDefaults()
+	if rc.URL == "" && c.Sink != "rabbitmq" {
+		rc.URL = "amqp://localhost/" // only required with sink rabbitmq; check the other keys anyway
+	}
+	if err := rc.Validate(); err != nil {
+		r.errs = append(r.errs, err)
+	}
+	var topics []string
+	for _, t := range strings.Split(r.str("consumer.topics"), ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			topics = append(topics, t)
+		}
+	}
+	c.Consumer = kafka.ConsumerConfig{
+		Group:           r.str("consumer.group"),
+		Topics:          topics,
+		DeadLetterTopic: r.str("consumer.dead_letter_topic"),
+		MaxAttempts:     r.int("consumer.max_attempts", 1, 100),
+		RetryBackoff:    r.dur("consumer.retry_backoff", time.Millisecond, time.Minute),
+		RetryBackoffMax: r.dur("consumer.retry_backoff_max", time.Millisecond, 10*time.Minute),
+		MaxPollRecords:  r.int("consumer.max_poll_records", 1, 100000),
+	}
+	if err := c.Consumer.WithDefaults().Validate(); err != nil {
+		r.errs = append(r.errs, err)
+	}
+	c.ConsumerHTTPAddr = r.str("consumer.http_addr")
+	if _, _, err := net.SplitHostPort(c.ConsumerHTTPAddr); c.ConsumerHTTPAddr != "" && err != nil {
+		r.errs = append(r.errs, fmt.Errorf("consumer.http_addr: must be host:port or :port (empty disables the listener), got %q", c.ConsumerHTTPAddr))
 	}
 	c.Relay = app.RelayConfig{
 		BatchSize:           r.int("relay.batch_size", 1, 10000),
@@ -322,6 +389,9 @@ func (c *Config) requireRelay() error {
 		errs = append(errs, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)"))
 	} else if _, err := postgres.ParseURL(c.DatabaseURL); err != nil {
 		errs = append(errs, err) // names database.url, without the password
+	}
+	if c.Sink == "rabbitmq" {
+		return errors.Join(errs...) // rabbitmq.* was validated by parseConfig
 	}
 	if err := c.Kafka.WithDefaults().Validate(); err != nil {
 		errs = append(errs, err)

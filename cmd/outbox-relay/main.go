@@ -38,6 +38,7 @@ func commands() []command {
 		{"run", "run the relay (the daemon)", runCmd},
 		{"migrate", "create or upgrade the outbox tables, idempotently", migrateCmd},
 		{"demo", "run the relay on embedded defaults with writers and a consumer", demoCmd},
+		{"consume", "run the example consumer: welcome each new user once (Kafka group, inbox)", consumeCmd},
 		{"status", "show pending, oldest age and parked rows per topic, and who leads", statusCmd},
 		{"parked", "list, retry or drop parked rows (rows the relay gave up on)", parkedCmd},
 		{"version", "print the version", versionCmd},
@@ -142,7 +143,7 @@ func newLogger(w io.Writer, level, format string, secrets ...string) *slog.Logge
 
 // secretsOf returns the secret values of cfg, to keep them out of logs and errors.
 func secretsOf(cfg *Config) []string {
-	out := []string{cfg.Kafka.SASL.Password}
+	out := []string{cfg.Kafka.SASL.Password, cfg.RabbitMQ.Password()}
 	if cc, err := pgx.ParseConfig(cfg.DatabaseURL); err == nil {
 		out = append(out, cc.Password)
 	}

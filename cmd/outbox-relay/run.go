@@ -15,7 +15,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/plugin/kprom"
 
-	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app"
@@ -44,7 +43,7 @@ type daemon struct {
 	cfg       *Config
 	log       *slog.Logger
 	pool      *pgxpool.Pool
-	publisher *kafka.Publisher
+	publisher relaySink
 	relay     *app.Relay
 	metrics   *prometheus.Metrics
 	broker    *brokerCheck
@@ -118,9 +117,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
 	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry),
-		kprom.Histograms(kprom.RequestDurationE2E),
-		kprom.FetchAndProduceDetail(kprom.ByNode, kprom.ByTopic, kprom.Batches, kprom.Records, kprom.UncompressedBytes))
-	publisher, err := kafka.NewPublisher(cfg.Kafka, kgo.WithHooks(kp))
+		kprom.Histograms(kprom.RequestDurationE2E))
+	publisher, err := newRelaySink(cfg, log, kgo.WithHooks(kp))
 	if err != nil {
 		pool.Close()
 		return nil, err

@@ -1,0 +1,35 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// relaySink is the sink the relay publishes to, as the daemon uses it.
+type relaySink interface {
+	app.Sink
+	// Ping checks that the broker answers.
+	Ping(ctx context.Context) error
+	// Close releases the sink's connections.
+	Close()
+}
+
+var (
+	_ relaySink = (*kafka.Publisher)(nil)
+	_ relaySink = (*rabbitmq.Publisher)(nil)
+)
+
+// newRelaySink returns the sink named by the sink key: Kafka (kafkaOpts are added to its
+// client's options) or RabbitMQ.
+func newRelaySink(cfg *Config, log *slog.Logger, kafkaOpts ...kgo.Opt) (relaySink, error) {
+	if cfg.Sink == "rabbitmq" {
+		return rabbitmq.NewPublisher(cfg.RabbitMQ, log.With("sink", "rabbitmq"))
+	}
+	return kafka.NewPublisher(cfg.Kafka, kafkaOpts...)
+}
