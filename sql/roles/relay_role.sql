@@ -1,11 +1,36 @@
 -- Least-privilege role for outbox-relay: no DDL, only what the relay does on its own tables
 -- (read, mark and delete outbox rows; move poison rows to the parked table; read migrations).
 -- Run as the tables' owner after `outbox-relay migrate`, for example:
---   psql -v role=outbox_relay -v password=secret -v schema=public -v table=outbox -f relay_role.sql
-SELECT format('CREATE ROLE %I LOGIN', :'role')
+--   psql -v role=outbox_relay -v password="$RELAY_PASSWORD" -v schema=public -v table=outbox -f relay_role.sql
+-- Every variable is optional: role outbox_relay, schema public, table outbox; without password
+-- the role gets none (for certificate or peer authentication). Running it again is harmless.
+-- `outbox-relay parked retry` inserts into the outbox: run it as the owner, not as this role.
+\set ON_ERROR_STOP on
+\if :{?role}
+\else
+\set role outbox_relay
+\endif
+\if :{?schema}
+\else
+\set schema public
+\endif
+\if :{?table}
+\else
+\set table outbox
+\endif
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION', :'role')
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') \gexec
+\if :{?password}
 SELECT format('ALTER ROLE %I PASSWORD %L', :'role', :'password') \gexec
+\endif
+-- USAGE only: the role can reach the tables, not create objects in the schema.
 SELECT format('GRANT USAGE ON SCHEMA %I TO %I', :'schema', :'role') \gexec
-SELECT format('GRANT SELECT, UPDATE, DELETE ON %I.%I TO %I', :'schema', :'table', :'role') \gexec
-SELECT format('GRANT SELECT, INSERT, DELETE ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
+-- Claim (SELECT), mark (DELETE, or UPDATE dispatched_at with relay.mark=retain), record a failed
+-- attempt (UPDATE attempts, last_error, next_attempt_at) and park (DELETE). No INSERT: only
+-- the application writes events.
+SELECT format('GRANT SELECT, DELETE ON %I.%I TO %I', :'schema', :'table', :'role') \gexec
+SELECT format('GRANT UPDATE (attempts, last_error, next_attempt_at, dispatched_at) ON %I.%I TO %I',
+              :'schema', :'table', :'role') \gexec
+-- Park (INSERT) and know which keys wait behind a parked row (SELECT).
+SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec
