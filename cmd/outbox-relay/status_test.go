@@ -55,18 +55,18 @@ func TestStatusJSONAgreesWithDatabase(t *testing.T) {
 		t.Fatalf("status of an empty outbox: %+v", empty)
 	}
 
-	exec(`INSERT INTO `+outbox+` (aggregate_type, aggregate_id, event_type, payload, topic, created_at)
+	exec(`INSERT INTO ` + outbox + ` (aggregate_type, aggregate_id, event_type, payload, topic, created_at)
 		SELECT 'order', 'o' || g, 'OrderPlaced', '{}', 'orders', now() - interval '90 seconds' + g * interval '1 second'
 		FROM generate_series(1, 7) g`)
 	exec(`INSERT INTO ` + outbox + ` (aggregate_type, aggregate_id, event_type, payload)
 		SELECT 'user', 'u' || g, 'UserCreated', '{}' FROM generate_series(1, 4) g`)
-	exec(`INSERT INTO `+outbox+` (aggregate_type, aggregate_id, event_type, payload, topic, dispatched_at)
+	exec(`INSERT INTO ` + outbox + ` (aggregate_type, aggregate_id, event_type, payload, topic, dispatched_at)
 		VALUES ('order', 'done', 'OrderPlaced', '{}', 'orders', now())`) // published, retained: not pending
-	exec(`INSERT INTO `+parked+` (id, event_id, aggregate_type, aggregate_id, event_type, payload, topic,
+	exec(`INSERT INTO ` + parked + ` (id, event_id, aggregate_type, aggregate_id, event_type, payload, topic,
 			occurred_at, created_at, attempts, reason)
 		SELECT -g, gen_random_uuid(), 'order', 'p' || g, 'OrderPlaced', '{}', 'orders', now(), now(), 3, 'test'
 		FROM generate_series(1, 2) g`)
-	exec(`INSERT INTO `+parked+` (id, event_id, aggregate_type, aggregate_id, event_type, payload, topic,
+	exec(`INSERT INTO ` + parked + ` (id, event_id, aggregate_type, aggregate_id, event_type, payload, topic,
 			occurred_at, created_at, attempts, reason)
 		VALUES (-10, gen_random_uuid(), 'invoice', 'i1', 'InvoiceSent', '{}', NULL, now(), now(), 1, 'test')`)
 
