@@ -1,5 +1,16 @@
 package faults_test
 
-import "strconv"
+import (
+	"strconv"
+	"strings"
+)
 
 func strconvItoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+func fmtInts(v []int64) string {
+	s := make([]string, len(v))
+	for i, n := range v {
+		s[i] = strconv.FormatInt(n, 10)
+	}
+	return strings.Join(s, " ")
+}
