@@ -95,7 +95,16 @@ func (p *proxy) cut() {
 	for c := range p.conns {
 		_ = c.Close()
 	}
-	p.cuts++
+	if len(p.conns) > 0 {
+		p.cuts++
+	}
+}
+
+// cutCount returns how many cuts closed at least one connection.
+func (p *proxy) cutCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cuts
 }
 
 func (p *proxy) pause() {
