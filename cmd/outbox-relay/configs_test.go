@@ -184,3 +184,67 @@ func checkQueriedMetrics(t *testing.T, mfs map[string]*dto.MetricFamily) {
 		}
 	}
 }
+
+// TestDeploymentFilesUseKnownSettings checks that the relay's configuration embedded in the
+// Kubernetes ConfigMap loads, and that every OUTBOX_ variable the deployment files set is one
+// the relay reads.
+func TestDeploymentFilesUseKnownSettings(t *testing.T) {
+	t.Parallel()
+	known := map[string]bool{"OUTBOX_CONFIG": true}
+	for _, s := range settings {
+		known[envName(s.key)] = true
+	}
+	envRE := regexp.MustCompile(`\b(OUTBOX_[A-Z0-9_]+)\b`)
+	for _, f := range []string{"../../configs/kubernetes.yaml", "../../configs/docker-compose.yaml", "../../Dockerfile"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range envRE.FindAllStringSubmatch(string(b), -1) {
+			if !known[m[1]] {
+				t.Errorf("%s sets %s, which the relay does not read", f, m[1])
+			}
+		}
+	}
+
+	b, err := os.ReadFile("../../configs/kubernetes.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		v := viper.New()
+		v.SetConfigType("yaml")
+		if err := v.ReadConfig(strings.NewReader(doc)); err != nil {
+			t.Fatalf("kubernetes.yaml: %v", err)
+		}
+		if v.GetString("kind") != "ConfigMap" {
+			continue
+		}
+		data := v.GetStringMapString("data")
+		cfg, ok := data["outbox-relay.yaml"]
+		if !ok {
+			t.Fatalf("ConfigMap has no outbox-relay.yaml: %v", data)
+		}
+		found = true
+		path := filepath.Join(t.TempDir(), "outbox-relay.yaml")
+		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		fs := newFlagSet("run", "", os.Stderr)
+		addFlags(fs)
+		if err := fs.Parse([]string{"--config", path}); err != nil {
+			t.Fatal(err)
+		}
+		c, _, err := loadConfig(fs)
+		if err != nil {
+			t.Fatalf("the ConfigMap's configuration does not load: %v", err)
+		}
+		if len(c.Kafka.Brokers) != 3 {
+			t.Errorf("ConfigMap brokers %v, want 3", c.Kafka.Brokers)
+		}
+	}
+	if !found {
+		t.Fatal("kubernetes.yaml has no ConfigMap")
+	}
+}
