@@ -117,7 +117,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
 	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry),
-		kprom.Histograms(kprom.RequestDurationE2E))
+		kprom.Histograms(kprom.RequestDurationE2E),
+		kprom.FetchAndProduceDetail(kprom.ByNode, kprom.ByTopic, kprom.Batches, kprom.Records, kprom.UncompressedBytes))
 	publisher, err := newRelaySink(cfg, log, kgo.WithHooks(kp))
 	if err != nil {
 		pool.Close()
