@@ -21,6 +21,7 @@ const brokerCheckInterval = 3 * time.Second
 // brokerCheck remembers whether the broker answers, so that /readyz costs no broker round trip
 // per probe and a change of state is logged once.
 type brokerCheck struct {
+	name string // the sink: kafka or rabbitmq
 	ping func(context.Context) error
 	log  *slog.Logger
 
@@ -31,8 +32,8 @@ type brokerCheck struct {
 	since time.Time // of the last change of state
 }
 
-func newBrokerCheck(ping func(context.Context) error, log *slog.Logger) *brokerCheck {
-	return &brokerCheck{ping: ping, log: log}
+func newBrokerCheck(name string, ping func(context.Context) error, log *slog.Logger) *brokerCheck {
+	return &brokerCheck{name: name, ping: ping, log: log}
 }
 
 // check returns the last result if it is fresh, else asks the broker (bounded by 2s).
@@ -48,10 +49,10 @@ func (b *brokerCheck) check() error {
 	now := time.Now()
 	switch {
 	case err != nil && (!b.known || b.err == nil):
-		b.log.Warn("kafka unreachable", "err", err)
+		b.log.Warn(b.name+" unreachable", "err", err)
 		b.since = now
 	case err == nil && b.known && b.err != nil:
-		b.log.Info("kafka reachable again", "down_for", now.Sub(b.since).Round(time.Millisecond))
+		b.log.Info(b.name+" reachable again", "down_for", now.Sub(b.since).Round(time.Millisecond))
 		b.since = now
 	}
 	b.at, b.err, b.known = now, err, true
@@ -86,7 +87,7 @@ func (d *daemon) ready(ctx context.Context) error {
 		return errors.New("database unreachable")
 	}
 	if err := d.broker.check(); err != nil {
-		return fmt.Errorf("kafka unreachable: %w", err)
+		return fmt.Errorf("%s unreachable: %w", d.broker.name, err)
 	}
 	if !d.relay.Leader() {
 		return nil
@@ -105,10 +106,16 @@ func (d *daemon) ready(ctx context.Context) error {
 	return nil
 }
 
-// backlogOf returns the function the metrics call on scrape to read the backlog per topic.
+// backlogOf returns the function the metrics call on scrape to read the backlog per topic: the
+// Kafka topic of each row, or with another sink its topic column or else its aggregate_type
+// (a routing key template may hold the aggregate id: too many label values).
 func backlogOf(cfg *Config, pool *pgxpool.Pool) prometheus.BacklogFunc {
+	template := cfg.Kafka.TopicTemplate
+	if cfg.Sink != "kafka" {
+		template = "{aggregate_type}"
+	}
 	return func(ctx context.Context) (prometheus.Backlog, error) {
-		b, err := postgres.BacklogOf(ctx, pool, cfg.Store.Table, cfg.Kafka.TopicTemplate, cfg.BacklogScanRows)
+		b, err := postgres.BacklogOf(ctx, pool, cfg.Store.Table, template, cfg.BacklogScanRows)
 		if err != nil {
 			return prometheus.Backlog{}, err
 		}

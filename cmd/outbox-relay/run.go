@@ -142,7 +142,7 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		return nil, err
 	}
 	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics,
-		broker: newBrokerCheck(publisher.Ping, log), started: time.Now()}
+		broker: newBrokerCheck(cfg.Sink, publisher.Ping, log), started: time.Now()}
 	if cfg.HTTPAddr != "" {
 		ln, err := net.Listen("tcp", cfg.HTTPAddr)
 		if err != nil {

@@ -61,7 +61,11 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := postgres.CheckOutbox(qctx, pool, table); err != nil {
 		return err
 	}
-	b, err := postgres.BacklogOf(qctx, pool, table, cfg.Kafka.TopicTemplate, *scanRows)
+	template := cfg.Kafka.TopicTemplate
+	if cfg.Sink != "kafka" {
+		template = "{aggregate_type}" // as the metrics label it: see backlogOf
+	}
+	b, err := postgres.BacklogOf(qctx, pool, table, template, *scanRows)
 	if err != nil {
 		return err
 	}
