@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -360,8 +361,14 @@ func TestRelayTombstones(t *testing.T) {
 
 // rejectProduce makes the fake broker reject, with code, every produce to a partition whose records
 // contain marker; the other partitions of such a request get a retriable error and are sent again.
-func rejectProduce(c *kfake.Cluster, marker []byte, code int16) {
+// It returns a function that stops the rejections: the broker's configuration is fixed.
+func rejectProduce(c *kfake.Cluster, marker []byte, code int16) (fix func()) {
+	var fixed atomic.Bool
 	c.ControlKey(int16(kmsg.Produce), func(kr kmsg.Request) (kmsg.Response, error, bool) {
+		if fixed.Load() {
+			c.DropControl()
+			return nil, nil, false
+		}
 		c.KeepControl()
 		req := kr.(*kmsg.ProduceRequest)
 		hit := false
@@ -390,6 +397,7 @@ func rejectProduce(c *kfake.Cluster, marker []byte, code int16) {
 		}
 		return resp, nil, true
 	})
+	return func() { fixed.Store(true) }
 }
 
 // TestRelayBrokerRejection: a row the broker keeps refusing is retried a bounded number of times
@@ -413,7 +421,7 @@ func TestRelayBrokerRejection(t *testing.T) {
 				t.Skip("needs kfake to inject broker errors (KAFKA_BROKERS is set)")
 			}
 			marker := []byte("POISON-MARKER")
-			rejectProduce(e.broker.Fake, marker, tc.code)
+			fix := rejectProduce(e.broker.Fake, marker, tc.code)
 			rows := []row{{key: str("poison"), payload: marker}}
 			for i := range 10 {
 				rows = append(rows, row{key: str(fmt.Sprintf("k%d", i)), payload: []byte("ok")})
@@ -443,8 +451,8 @@ func TestRelayBrokerRejection(t *testing.T) {
 			if len(got) != want {
 				t.Fatalf("published %d records %v, want %d", len(got), got, want)
 			}
-			if tc.policy == app.OrderPolicySkip && got[len(got)-1] != "poison" {
-				t.Errorf("the poison key's later row was not published last: %v", got)
+			if n := strings.Count(fmt.Sprint(got), "poison"); tc.policy == app.OrderPolicySkip && n != 1 {
+				t.Errorf("the poison key's later row published %d times, want once (order_policy skip): %v", n, got)
 			}
 			pending, attempts := e.outbox(t)
 			wantPending := "[]"
@@ -458,6 +466,26 @@ func TestRelayBrokerRejection(t *testing.T) {
 				if attempts[id] != 0 {
 					t.Errorf("row %d of another key has %d failed attempts counted against it, want 0", id, attempts[id])
 				}
+			}
+
+			// Once the broker accepts the row, retrying it from the parked table delivers it, and
+			// with order_policy wait its key's later row after it.
+			fix()
+			retried, err := postgres.RetryParked(context.Background(), e.pool, e.table, postgres.ParkedFilter{IDs: ids[:1]})
+			if err != nil || len(retried) != 1 {
+				t.Fatalf("retry parked row: %v, %d rows", err, len(retried))
+			}
+			recs := e.broker.ReadAll(t, e.topic, want+2, 10*time.Second)
+			var tail []string
+			for _, r := range recs[want:] {
+				tail = append(tail, string(r.Key)+"="+string(r.Value))
+			}
+			wantTail := "[poison=POISON-MARKER poison=later]"
+			if tc.policy == app.OrderPolicySkip {
+				wantTail = "[poison=POISON-MARKER]" // the later row went out before
+			}
+			if fmt.Sprint(tail) != wantTail {
+				t.Errorf("after the retry the topic ends with %v, want %s", tail, wantTail)
 			}
 		})
 	}
