@@ -11,7 +11,6 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/app"
-	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/tlstest"
 )
 
@@ -68,10 +67,7 @@ func readOne(t *testing.T, cfg kafka.Config, topic string) string {
 // relay does, and checks that a wrong password or an untrusted certificate is refused without the
 // password showing in the error.
 func TestTLSAndSASL(t *testing.T) {
-	if kafkatest.Real() {
-		t.Skip("configures kfake's TLS and SASL; KAFKA_BROKERS is set")
-	}
-	t.Parallel()
+	t.Parallel() // an in-process kfake of its own, KAFKA_BROKERS or not: the test sets its TLS and users
 	certs := tlstest.New(t)
 	const topic = "secure"
 	const password = "Kafka-pa55word-xyz"
@@ -94,8 +90,12 @@ func TestTLSAndSASL(t *testing.T) {
 			if c.mechanism != "" {
 				opts = append(opts, kfake.EnableSASL(), kfake.Superuser(c.mechanism, "relay", password))
 			}
-			b := kafkatest.Start(t, opts...)
-			cfg := kafka.Config{Brokers: b.Addrs, TopicTemplate: topic}
+			cluster, err := kfake.NewCluster(append(opts, kfake.NumBrokers(1))...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(cluster.Close)
+			cfg := kafka.Config{Brokers: cluster.ListenAddrs(), TopicTemplate: topic}
 			if c.tls {
 				cfg.TLS = kafka.TLSConfig{Enabled: true, CAFile: certs.CAFile}
 			}
