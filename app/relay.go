@@ -70,7 +70,11 @@ func (r *Relay) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				break
 			}
-			r.log.Warn("database unreachable, retrying", "err", err, "retry_in", delay)
+			level := slog.LevelWarn
+			if delay > 100*time.Millisecond {
+				level = slog.LevelDebug // still down: the change of state was logged already
+			}
+			r.log.Log(ctx, level, "database unreachable, retrying", "err", err, "retry_in", delay)
 			if !sleep(ctx, jitter(delay)) {
 				break
 			}
@@ -306,8 +310,9 @@ func (l *leadState) held(m *Message) bool {
 
 // groupFailure is the failure counted against one row of a group of messages that fail together.
 type groupFailure struct {
-	id  int64  // the row the attempt was counted against
-	key string // its order key
+	id       int64     // the row the attempt was counted against
+	key      string    // its order key
+	resolved time.Time // when that row was acknowledged or parked; zero while it is failing
 }
 
 // resendAt holds back a row whose failure was not counted against it.
@@ -318,17 +323,17 @@ type resendAt struct {
 
 // collateral reports whether m's failure belongs to another row: the sink failed m's whole group
 // (for Kafka, every buffered record of a partition fails when one batch fails fatally) while a
-// failure counted against a row of another key of the group is not resolved yet (neither
-// acknowledged nor parked). No attempt is then recorded against m: it waits a short backoff in
-// memory, shorter than the counted row's, and is sent again. Otherwise m's failure is counted
-// and m becomes the group's counted row.
-func (l *leadState) collateral(m *Message, err error) bool {
+// failure counted against a row of another key of the group was not resolved yet (neither
+// acknowledged nor parked when m's failure was reported). No attempt is then recorded against m:
+// it waits a short backoff in memory and is sent again. Otherwise m's failure is counted and m
+// becomes the group's counted row.
+func (l *leadState) collateral(m *Message, res result) bool {
 	var ge *GroupError
-	if !errors.As(err, &ge) || ge.Group == "" {
+	if !errors.As(res.err, &ge) || ge.Group == "" {
 		return false
 	}
 	k := m.orderKey()
-	if f, ok := l.groups[ge.Group]; ok && f.key != k && l.memBlock[f.key] == f.id {
+	if f, ok := l.groups[ge.Group]; ok && f.key != k && (f.resolved.IsZero() || res.at.Before(f.resolved)) {
 		r := l.resend[m.ID]
 		r.n++
 		r.at = time.Now().Add(l.cfg.backoff(r.n) / 2)
@@ -337,6 +342,17 @@ func (l *leadState) collateral(m *Message, err error) bool {
 	}
 	l.groups[ge.Group] = groupFailure{id: m.ID, key: k}
 	return false
+}
+
+// resolved records that row id no longer fails: acknowledged or parked.
+func (l *leadState) resolved(id int64) {
+	delete(l.resend, id)
+	for g, f := range l.groups {
+		if f.id == id && f.resolved.IsZero() {
+			f.resolved = time.Now()
+			l.groups[g] = f
+		}
+	}
 }
 
 // settle marks the acknowledged messages and records the failures.
@@ -369,7 +385,7 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.bytes -= m.Size()
 		k := m.orderKey()
 		if res.err == nil {
-			delete(l.resend, m.ID)
+			l.resolved(m.ID)
 			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
 			if l.memBlock[k] == m.ID {
@@ -387,9 +403,9 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
 			continue // an earlier row of this key failed first: this one only waits behind it
 		}
-		if l.collateral(m, res.err) {
+		if l.collateral(m, res) {
 			l.memBlock[k] = m.ID // the key's later rows wait behind m
-			l.log.Info("publish failed with its group, resending without counting an attempt",
+			l.log.Debug("publish failed with its group, resending without counting an attempt",
 				"row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,
 				"aggregate_id", m.AggregateID, "retry_in", time.Until(l.resend[m.ID].at).Round(time.Millisecond), "err", res.err)
 			continue
@@ -417,7 +433,7 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
 		return fmt.Errorf("park row %d: %w", m.ID, err)
 	}
-	delete(l.resend, m.ID)
+	l.resolved(m.ID)
 	k := m.orderKey()
 	if l.cfg.OrderPolicy == OrderPolicyWait {
 		l.memBlock[k] = 0
