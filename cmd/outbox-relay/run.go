@@ -135,7 +135,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		publisher.Close()
 		return nil, err
 	}
-	relay, err := app.NewRelay(cfg.Relay, store, publisher, metrics, log)
+	// Every line of the relay names its outbox: one process may serve several in a fleet.
+	relay, err := app.NewRelay(cfg.Relay, store, publisher, metrics, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
 	if err != nil {
 		pool.Close()
 		publisher.Close()
