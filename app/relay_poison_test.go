@@ -298,10 +298,15 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 	for _, c := range cases {
 		want["good-"+c.name] = true
 	}
+	seen := map[string]bool{}
 	for _, k := range got {
-		if !want[k] {
+		switch {
+		case seen[k]:
+			t.Errorf("record with key %q published twice", k)
+		case !want[k]:
 			t.Errorf("record with key %q published; only valid rows of unblocked keys may be", k)
 		}
+		seen[k] = true
 		delete(want, k)
 	}
 	if len(want) > 0 {
