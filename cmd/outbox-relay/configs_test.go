@@ -248,3 +248,34 @@ func TestDeploymentFilesUseKnownSettings(t *testing.T) {
 		t.Fatal("kubernetes.yaml has no ConfigMap")
 	}
 }
+
+// checkMetricsDocumented checks that README.md's Operations section names every outbox_relay_
+// metric the relay exported in mfs (franz-go's are documented as the outbox_relay_kafka_ group).
+func checkMetricsDocumented(t *testing.T, mfs map[string]*dto.MetricFamily) {
+	t.Helper()
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ops, ok := strings.Cut(string(b), "\n## Operations\n")
+	if !ok {
+		t.Fatal("README.md has no Operations section")
+	}
+	if i := strings.Index(ops, "\n## "); i >= 0 {
+		ops = ops[:i]
+	}
+	for name := range mfs {
+		if !strings.HasPrefix(name, "outbox_relay_") {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(name, "outbox_relay_kafka_"); ok {
+			if !strings.Contains(ops, "`outbox_relay_kafka_*`") || !strings.Contains(ops, "`"+rest+"`") {
+				t.Errorf("README.md Operations does not document %s", name)
+			}
+			continue
+		}
+		if !strings.Contains(ops, "`"+name+"`") && !strings.Contains(ops, "`"+name+"{") {
+			t.Errorf("README.md Operations does not document %s", name)
+		}
+	}
+}

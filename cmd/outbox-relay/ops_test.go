@@ -274,6 +274,7 @@ func TestMetricsEndToEnd(t *testing.T) {
 	}
 	if broker.Fake == nil {
 		checkQueriedMetrics(t, r.scrape(t))
+		checkMetricsDocumented(t, r.scrape(t))
 		t.Log("KAFKA_BROKERS set: injected produce failures skipped")
 		return
 	}
@@ -344,6 +345,7 @@ func TestMetricsEndToEnd(t *testing.T) {
 		return ""
 	})
 	checkQueriedMetrics(t, r.scrape(t))
+	checkMetricsDocumented(t, r.scrape(t))
 }
 
 // TestReadyzBrokerCut cuts every connection to the broker: /readyz turns not ready, and ready
