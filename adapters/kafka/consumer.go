@@ -22,6 +22,7 @@ const (
 	ConsumerRetryBackoffDefault    = 200 * time.Millisecond
 	ConsumerRetryBackoffMaxDefault = 5 * time.Second
 	ConsumerMaxPollRecordsDefault  = 500
+	ConsumerSessionTimeoutDefault  = 45 * time.Second
 )
 
 // Header names the consumer adds to a dead-lettered record, besides the original's headers.
@@ -55,6 +56,9 @@ type ConsumerConfig struct {
 	RetryBackoff, RetryBackoffMax time.Duration
 	// MaxPollRecords bounds the records processed between two offset commits. Default 500.
 	MaxPollRecords int
+	// SessionTimeout is how long the group waits for a member that stopped heartbeating (a
+	// crashed process) before giving its partitions to the others. Default 45s; 6s to 5m.
+	SessionTimeout time.Duration
 }
 
 // WithDefaults returns c with zero fields set to their defaults.
@@ -70,6 +74,9 @@ func (c ConsumerConfig) WithDefaults() ConsumerConfig {
 	}
 	if c.MaxPollRecords == 0 {
 		c.MaxPollRecords = ConsumerMaxPollRecordsDefault
+	}
+	if c.SessionTimeout == 0 {
+		c.SessionTimeout = ConsumerSessionTimeoutDefault
 	}
 	return c
 }
@@ -102,6 +109,9 @@ func (c ConsumerConfig) Validate() error {
 	}
 	if c.MaxPollRecords < 1 || c.MaxPollRecords > 100000 {
 		errs = append(errs, fmt.Errorf("consumer.max_poll_records: must be between 1 and 100000, got %d", c.MaxPollRecords))
+	}
+	if c.SessionTimeout < 6*time.Second || c.SessionTimeout > 5*time.Minute {
+		errs = append(errs, fmt.Errorf("consumer.session_timeout: must be between 6s and 5m, got %s", c.SessionTimeout))
 	}
 	return errors.Join(errs...)
 }
@@ -245,6 +255,7 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	}
 	opts = append(opts,
 		kgo.ConsumerGroup(ccfg.Group),
+		kgo.SessionTimeout(ccfg.SessionTimeout),
 		kgo.ConsumeTopics(ccfg.Topics...),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.DisableAutoCommit(),

@@ -139,11 +139,11 @@ func (c Config) Password() string {
 	return p
 }
 
-// host returns host:port/vhost of URL, safe to log.
+// host returns the host, port and vhost of URL, safe to log.
 func (c Config) host() string {
 	uri, err := amqp.ParseURI(c.URL)
 	if err != nil {
 		return "(invalid url)"
 	}
-	return fmt.Sprintf("%s:%d/%s", uri.Host, uri.Port, uri.Vhost)
+	return fmt.Sprintf("%s:%d (vhost %s)", uri.Host, uri.Port, uri.Vhost)
 }

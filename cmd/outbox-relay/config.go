@@ -85,6 +85,7 @@ var settings = []setting{
 	{key: "consumer.retry_backoff", def: kafka.ConsumerRetryBackoffDefault.String(), help: "'consume': first delay before retrying a failing event (doubles)"},
 	{key: "consumer.retry_backoff_max", def: kafka.ConsumerRetryBackoffMaxDefault.String(), help: "'consume': largest delay before retrying a failing event"},
 	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
+	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
 	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
 
 	{key: "relay.batch_size", def: strconv.Itoa(app.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
@@ -341,6 +342,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		RetryBackoff:    r.dur("consumer.retry_backoff", time.Millisecond, time.Minute),
 		RetryBackoffMax: r.dur("consumer.retry_backoff_max", time.Millisecond, 10*time.Minute),
 		MaxPollRecords:  r.int("consumer.max_poll_records", 1, 100000),
+		SessionTimeout:  r.dur("consumer.session_timeout", 6*time.Second, 5*time.Minute),
 	}
 	if err := c.Consumer.WithDefaults().Validate(); err != nil {
 		r.errs = append(r.errs, err)
