@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/tcpproxy"
 )
 
 // opsRelay is a relay daemon running in the test process, as 'outbox-relay run' wires it.
@@ -437,6 +439,41 @@ func TestReadyzStall(t *testing.T) {
 	})
 	if got := len(broker.ReadAll(t, topic, 1, 5*time.Second)); got != 1 {
 		t.Fatalf("topic holds %d records, want 1", got)
+	}
+}
+
+// TestReadyzDatabaseDown cuts the relay's connections to PostgreSQL (through a proxy) and
+// refuses new ones: /readyz turns not ready, and ready again once the database is reachable.
+func TestReadyzDatabaseDown(t *testing.T) {
+	t.Parallel()
+	_, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	u, err := url.Parse(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := tcpproxy.New(u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = proxy.Close() })
+	u.Host = proxy.Addr()
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"database.url": u.String()})
+	readyz := func(want int, body string) func() string {
+		return func() string {
+			if code, b := r.readyz(t); code != want || !strings.Contains(b, body) {
+				return fmt.Sprintf("%d %s", code, b)
+			}
+			return ""
+		}
+	}
+	eventually(t, 30*time.Second, "ready at start", readyz(http.StatusOK, "ready"))
+	proxy.Down()
+	eventually(t, 30*time.Second, "not ready while the database is unreachable", readyz(http.StatusServiceUnavailable, "database"))
+	proxy.Up()
+	eventually(t, 60*time.Second, "ready again once the database answers", readyz(http.StatusOK, "ready"))
+	if !strings.Contains(r.logs.String(), `"msg":"database session ended, reconnecting"`) {
+		t.Errorf("no log line for the lost database session")
 	}
 }
 
