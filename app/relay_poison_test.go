@@ -248,6 +248,7 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 		{"NULL key", row{aggType: "nullkey", payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
 		{"empty key", row{aggType: "emptykey", key: str(""), payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
 		{"oversized", row{key: str("k-big"), payload: bytes.Repeat([]byte("b"), 3000)}, true, "exceeds kafka.max_record_bytes (2048)"},
+		{"oversized headers", row{key: str("k-bighdr"), payload: []byte("x"), headers: str(`{"trace": "` + strings.Repeat("h", 3000) + `"}`)}, true, "exceeds kafka.max_record_bytes (2048)"},
 		{"NULL payload", row{key: str("k-null")}, true, "payload is NULL and tombstones are disabled"},
 		{"headers not an object", row{key: str("k-hdr"), payload: []byte("x"), headers: str(`[1, 2]`)}, true, "headers is not a JSON object"},
 		{"header not a string", row{key: str("k-hdr2"), payload: []byte("x"), headers: str(`{"n": 1}`)}, true, `header "n" is not a string`},
