@@ -53,6 +53,7 @@ type Publisher struct {
 	sent   map[uint64]*pending    // sent on the current channel and not confirmed, by delivery tag
 	ret    map[string]amqp.Return // messages the broker returned, by message id, until their confirm
 	closed bool
+	conn   *amqp.Connection // of the current session, nil between sessions
 	wake   chan struct{}
 
 	connected atomic.Bool
@@ -195,7 +196,7 @@ func (p *Publisher) Ping(ctx context.Context) error {
 		return err
 	}
 	_ = ch.Close()
-	_ = conn.Close()
+	_ = conn.CloseDeadline(time.Now().Add(time.Second))
 	return nil
 }
 
@@ -203,8 +204,13 @@ func (p *Publisher) Ping(ctx context.Context) error {
 func (p *Publisher) Close() {
 	p.mu.Lock()
 	p.closed = true
+	conn := p.conn
 	p.mu.Unlock()
 	p.stop()
+	if conn != nil {
+		// Unblocks a publish stuck on a broker that stopped reading (a resource alarm).
+		_ = conn.CloseDeadline(time.Now().Add(time.Second))
+	}
 	<-p.done
 	p.mu.Lock()
 	failed := p.queue
@@ -253,10 +259,15 @@ func (p *Publisher) run(ctx context.Context) {
 		}
 		delay = p.cfg.ReconnectBackoffMin
 		p.log.Info("rabbitmq connected", "broker", p.cfg.host(), "exchange", p.cfg.Exchange)
+		p.mu.Lock()
+		p.conn = conn
+		p.mu.Unlock()
 		p.connected.Store(true)
 		err = p.session(ctx, conn, ch)
 		p.connected.Store(false)
-		_ = conn.Close()
+		p.mu.Lock()
+		p.conn = nil
+		p.mu.Unlock()
 		p.requeue()
 		if ctx.Err() != nil {
 			return
@@ -299,7 +310,7 @@ func (p *Publisher) dial(ctx context.Context) (*amqp.Connection, *amqp.Channel, 
 	}
 	ch, err := conn.Channel()
 	if err != nil {
-		_ = conn.Close()
+		_ = conn.CloseDeadline(time.Now().Add(time.Second))
 		return nil, nil, fmt.Errorf("rabbitmq %s: open channel: %w", p.cfg.host(), err)
 	}
 	if p.cfg.Exchange != "" {
@@ -309,12 +320,12 @@ func (p *Publisher) dial(ctx context.Context) (*amqp.Connection, *amqp.Channel, 
 			err = ch.ExchangeDeclare(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil)
 		}
 		if err != nil {
-			_ = conn.Close()
+			_ = conn.CloseDeadline(time.Now().Add(time.Second))
 			return nil, nil, fmt.Errorf("rabbitmq %s: exchange %q (rabbitmq.exchange): %w", p.cfg.host(), p.cfg.Exchange, err)
 		}
 	}
 	if err := ch.Confirm(false); err != nil {
-		_ = conn.Close()
+		_ = conn.CloseDeadline(time.Now().Add(time.Second))
 		return nil, nil, fmt.Errorf("rabbitmq %s: enable publisher confirms: %w", p.cfg.host(), err)
 	}
 	return conn, ch, nil
@@ -355,8 +366,9 @@ func (p *Publisher) session(ctx context.Context, conn *amqp.Connection, ch *amqp
 		}
 	}()
 	defer func() {
-		_ = ch.Close()
-		_ = conn.Close()
+		// Closing the connection closes the channel and the notification channels, which ends
+		// the receiver. The deadline bounds the handshake with a broker that does not answer.
+		_ = conn.CloseDeadline(time.Now().Add(time.Second))
 		<-recvDone
 	}()
 

@@ -1,6 +1,7 @@
 package rabbitmq_test
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -185,5 +186,50 @@ func TestPublisherMessageProperties(t *testing.T) {
 		d.ContentType != "application/json" || d.RoutingKey != "user.UserCreated" {
 		t.Errorf("delivery mode %d, message id %q, type %q, content type %q, routing key %q; want persistent, %s, UserCreated, application/json, user.UserCreated",
 			d.DeliveryMode, d.MessageId, d.Type, d.ContentType, d.RoutingKey, m.EventID)
+	}
+}
+
+// TestPublisherCloseWhileBrokerSilent closes a publisher whose broker stopped answering (its
+// confirms held back by the proxy): Close returns, and the unconfirmed messages fail with
+// ErrClosed instead of being reported published.
+func TestPublisherCloseWhileBrokerSilent(t *testing.T) {
+	t.Parallel()
+	exchange := "outbox-close-" + domain.NewID()[:8]
+	newQueueReader(t, exchange, "#")
+	px := startProxy(t, brokerHost(t))
+	// A long heartbeat: only Close itself may end the silent connection.
+	pub, err := rabbitmq.NewPublisher(rabbitmq.Config{URL: viaProxy(t, px.addr()), Exchange: exchange,
+		Heartbeat: 10 * time.Minute}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pub.Ping(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for !pub.Connected() && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	px.pause()
+	results := make(chan error, 5)
+	for i := range 5 {
+		m := &app.Message{ID: int64(i + 1), EventID: domain.NewID(), AggregateType: "user", AggregateID: "u",
+			EventType: "UserCreated", Payload: []byte(`{}`), OccurredAt: time.Now()}
+		if err := pub.Publish(t.Context(), m, func(err error) { results <- err }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	closed := make(chan struct{})
+	go func() { pub.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		px.resume()
+		t.Fatal("Close did not return within 30s while the broker was silent")
+	}
+	for range 5 {
+		if err := <-results; !errors.Is(err, rabbitmq.ErrClosed) {
+			t.Errorf("message settled with %v, want ErrClosed", err)
+		}
 	}
 }
