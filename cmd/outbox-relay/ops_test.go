@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -271,6 +272,7 @@ func TestMetricsEndToEnd(t *testing.T) {
 	if _, ok := value(mfs, "outbox_relay_kafka_produce_records_total", nil); !ok {
 		t.Error("franz-go client metrics (kprom) missing")
 	}
+	checkStateChangeLogs(t, r.logs.String(), n)
 	if t.Failed() {
 		return
 	}
@@ -348,6 +350,38 @@ func TestMetricsEndToEnd(t *testing.T) {
 	})
 	checkQueriedMetrics(t, r.scrape(t))
 	checkMetricsDocumented(t, r.scrape(t))
+}
+
+// checkStateChangeLogs checks that the relay logged its changes of state at info level and
+// nothing per event: after publishing events, few info lines, none about one row.
+func checkStateChangeLogs(t *testing.T, logs string, events int) {
+	t.Helper()
+	info := 0
+	for line := range strings.Lines(logs) {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Errorf("log line is not JSON: %q", line)
+			continue
+		}
+		if rec["level"] != "INFO" {
+			continue
+		}
+		info++
+		if _, ok := rec["row_id"]; ok {
+			t.Errorf("info line about one row: %s", line)
+		}
+	}
+	if info > 20 {
+		t.Errorf("%d info lines for %d events: want one per change of state", info, events)
+	}
+	for _, msg := range []string{"standby: another replica leads", "leadership gained", "database connected"} {
+		if !strings.Contains(logs, `"msg":"`+msg+`"`) {
+			t.Errorf("no %q line", msg)
+		}
+	}
+	if !strings.Contains(logs, `"outbox":"`) {
+		t.Error("relay lines do not name their outbox")
+	}
 }
 
 // TestReadyzBrokerCut cuts every connection to the broker: /readyz turns not ready, and ready
