@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -443,6 +444,16 @@ func TestReadyzStall(t *testing.T) {
 		}
 		return ""
 	})
+	// status names the relay's own session as the leader.
+	var st statusReport
+	if err := json.Unmarshal([]byte(runStatus(t, table.Schema, "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	host, _ := os.Hostname()
+	if st.Leader == nil || !strings.HasPrefix(st.Leader.ApplicationName, "outbox-relay ") ||
+		!strings.HasPrefix("outbox-relay "+host, st.Leader.ApplicationName) { // truncated to 63 bytes
+		t.Errorf("status leader %+v, want the relay's session named %q", st.Leader, "outbox-relay "+host)
+	}
 	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()+`
 		(id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, occurred_at, created_at, attempts, reason)
 		VALUES (-1, gen_random_uuid(), 'order', 'stuck', 'OrderPlaced', '{}', $1, now(), now(), 1, 'test')`, topic)
