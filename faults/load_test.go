@@ -10,6 +10,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
+	"github.com/outbox-relay/outbox-relay/internal/pgcluster"
 )
 
 // Entry 17: a long open transaction holds an outbox row (and pins the snapshot) while others
@@ -76,7 +77,10 @@ func histogramAbove(t *testing.T, m *prometheus.Metrics, name string, le float64
 // is not asserted here (no timing in tests): make bench measures it.
 func TestFault18ManyEvents(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{load: oracle.Config{EventsPerTx: 25, Workers: 4, Keys: 64}})
+	// A cluster of its own: another test's open transaction on a shared server would keep VACUUM
+	// from reclaiming anything.
+	c := pgcluster.Start(t)
+	e := setup(t, options{cluster: c, load: oracle.Config{EventsPerTx: 25, Workers: 4, Keys: 64}})
 	cfg := relayConfig()
 	cfg.BatchSize = 1000
 	cfg.MaxInFlight = 5000
@@ -112,15 +116,19 @@ func TestFault18ManyEvents(t *testing.T) {
 func TestFault19BacklogAtStart(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{load: oracle.Config{Keys: 64, PayloadBytes: 1000}})
+	start := time.Now()
 	if err := e.loader.Bulk(e.ctx, 40000, 5000); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("backlog written in %s", time.Since(start).Round(time.Millisecond))
+	start = time.Now()
 	cfg := relayConfig()
 	cfg.BatchSize = 10000
 	cfg.MaxInFlight = 100000
 	cfg.MaxInFlightBytes = 1 << 20
 	r := e.startRelay(relayOpts{cfg: cfg})
 	e.waitDrained(300 * time.Second)
+	t.Logf("backlog drained in %s", time.Since(start).Round(time.Millisecond))
 	r.stop(t)
 	r.sink.mu.Lock()
 	maxBytes := r.sink.maxBytes

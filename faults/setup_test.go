@@ -295,7 +295,7 @@ func (e *env) startRelay(o relayOpts) *relay {
 	}()
 	e.t.Cleanup(func() {
 		r.stop(e.t)
-		if e.t.Failed() {
+		if e.t.Failed() || os.Getenv("FAULTS_LOGS") != "" {
 			e.t.Logf("logs of %s:\n%s", r.name, r.logs.tail(60))
 		}
 	})
