@@ -14,6 +14,11 @@ import (
 // such events to their dead-letter destination at once instead of retrying them.
 var ErrInvalidEvent = errors.New("invalid event")
 
+// ErrUnavailable is wrapped by adapters when a dependency (the database) cannot be reached or
+// failed transiently: the same work will succeed later. Consumers retry such failures without
+// counting them against the event, so an outage delays events instead of dead-lettering them.
+var ErrUnavailable = errors.New("dependency unavailable")
+
 // Mailer is the output port that sends messages to users.
 type Mailer interface {
 	// SendWelcome sends the welcome message of user userID to email. eventID names the event

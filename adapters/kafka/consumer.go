@@ -156,7 +156,8 @@ func (o Outcome) String() string {
 }
 
 // Handler processes one event. An error wrapping app.ErrInvalidEvent sends the record to the
-// dead-letter topic at once; any other error is retried up to ConsumerConfig.MaxAttempts. A
+// dead-letter topic at once; one wrapping app.ErrUnavailable is retried until it succeeds (the
+// partition waits); any other error is retried up to ConsumerConfig.MaxAttempts. A
 // Handler must be idempotent: records are delivered at least once.
 type Handler func(ctx context.Context, ev Event) (Outcome, error)
 
@@ -336,7 +337,8 @@ func (c *Consumer) partition(ctx context.Context, recs []*kgo.Record) {
 }
 
 // record handles r until it is processed, skipped or dead-lettered; it reports false when ctx
-// ended first.
+// ended first. Failures wrapping app.ErrUnavailable (the database is down) are retried for as
+// long as they last, without counting as attempts.
 func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 	delay := c.cfg.RetryBackoff
 	for attempt := 1; ; attempt++ {
@@ -349,6 +351,16 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 			return false
 		}
 		c.obs.Failed(r.Topic, err)
+		if errors.Is(err, app.ErrUnavailable) && !errors.Is(err, app.ErrInvalidEvent) {
+			attempt--
+			c.log.Warn("event not handled, a dependency is unavailable; retrying", "topic", r.Topic,
+				"partition", r.Partition, "offset", r.Offset, "retry_in", delay, "err", err)
+			if !sleepCtx(ctx, delay) {
+				return false
+			}
+			delay = min(delay*2, c.cfg.RetryBackoffMax)
+			continue
+		}
 		invalid := errors.Is(err, app.ErrInvalidEvent)
 		if invalid || attempt >= c.cfg.MaxAttempts {
 			return c.deadLetter(ctx, r, err, attempt, invalid)

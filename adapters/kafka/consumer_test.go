@@ -51,6 +51,14 @@ func (c *consumerCounts) DeadLettered(_ string, invalid bool) {
 	}
 }
 func (c *consumerCounts) Committed(int) {}
+
+// counts returns the failed, dead-lettered and invalid dead-lettered counts.
+func (c *consumerCounts) counts() (failed, dead, invalid int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failed, c.dead, c.invalid
+}
+
 func (c *consumerCounts) get(o kafka.Outcome) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -304,8 +312,8 @@ func TestConsumerEndToEndExactlyOnceEffects(t *testing.T) {
 	if d := obs.get(kafka.Duplicate); d < users {
 		t.Errorf("repeats skipped: %d, want at least %d", d, users)
 	}
-	if obs.dead != 0 {
-		t.Errorf("%d records dead-lettered, want none", obs.dead)
+	if _, dead, _ := obs.counts(); dead != 0 {
+		t.Errorf("%d records dead-lettered, want none", dead)
 	}
 	t.Logf("processed %d, repeats skipped %d", obs.get(kafka.Processed), obs.get(kafka.Duplicate))
 }
@@ -416,8 +424,8 @@ func TestConsumerPoisonGoesToDeadLetterTopic(t *testing.T) {
 	if n := failingAttempts.Load(); n != 3 {
 		t.Errorf("failing record tried %d times, want 3 (consumer.max_attempts)", n)
 	}
-	if obs.dead != 3 || obs.invalid != 2 {
-		t.Errorf("dead-letter metric: %d (%d invalid), want 3 (2 invalid)", obs.dead, obs.invalid)
+	if _, dead, invalid := obs.counts(); dead != 3 || invalid != 2 {
+		t.Errorf("dead-letter metric: %d (%d invalid), want 3 (2 invalid)", dead, invalid)
 	}
 	if obs.get(kafka.Ignored) != 1 {
 		t.Errorf("ignored events: %d, want 1 (the UserRenamed)", obs.get(kafka.Ignored))
@@ -432,5 +440,66 @@ func TestConsumerPoisonGoesToDeadLetterTopic(t *testing.T) {
 	defer mu.Unlock()
 	if len(order) == 0 || order[len(order)-1] != good2ID {
 		t.Errorf("handling order %v: want %s last", order, good2ID)
+	}
+}
+
+// TestConsumerWaitsOutUnavailableDependency: failures wrapping app.ErrUnavailable (the database is
+// down) do not count as attempts: the event is handled once the dependency is back, never
+// dead-lettered, and the records behind it follow in order.
+func TestConsumerWaitsOutUnavailableDependency(t *testing.T) {
+	t.Parallel()
+	b := kafkatest.Start(t)
+	topic := b.Topic(t, "unavailable", 1)
+	dlt := b.Topic(t, "unavailable-dlt", 1)
+	ctx := context.Background()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var ids []string
+	for range 3 {
+		id := domain.NewID()
+		ids = append(ids, id)
+		if err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Key: []byte("k"), Value: []byte("{}"),
+			Headers: []kgo.RecordHeader{{Key: kafka.HeaderEventID, Value: []byte(id)}}}).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mu sync.Mutex
+	var handled []string
+	var outage atomic.Int64
+	handler := func(_ context.Context, ev kafka.Event) (kafka.Outcome, error) {
+		if ev.ID == ids[0] && outage.Add(1) <= 8 {
+			return 0, fmt.Errorf("send welcome: %w: connection refused", app.ErrUnavailable)
+		}
+		mu.Lock()
+		handled = append(handled, ev.ID)
+		mu.Unlock()
+		return kafka.Processed, nil
+	}
+	obs := &consumerCounts{}
+	c, err := kafka.NewConsumer(kafka.Config{Brokers: b.Addrs}, kafka.ConsumerConfig{Group: "unavailable-" + domain.NewID()[:8],
+		Topics: []string{topic}, DeadLetterTopic: dlt, MaxAttempts: 2, RetryBackoff: 5 * time.Millisecond,
+		RetryBackoffMax: 20 * time.Millisecond}, handler, obs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runConsumer(t, c)
+	waitFor(t, "the three events to be handled", 60*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(handled) == 3
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	for i, id := range ids {
+		if handled[i] != id {
+			t.Errorf("handled %v, want %v (in order)", handled, ids)
+			break
+		}
+	}
+	if failed, dead, _ := obs.counts(); dead != 0 || failed != 8 {
+		t.Errorf("%d events dead-lettered and %d failed attempts reported during the outage, want 0 and 8", dead, failed)
 	}
 }

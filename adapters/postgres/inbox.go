@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -56,7 +59,7 @@ func (i *Inbox) Once(ctx context.Context, consumer, eventID string, fn func(ctx 
 		return nil
 	})
 	if err != nil {
-		return false, err
+		return false, unavailable(err)
 	}
 	return ran, nil
 }
@@ -105,6 +108,32 @@ func (m *WelcomeMailer) SendWelcome(ctx context.Context, userID, email, eventID 
 		return fmt.Errorf("record welcome message: %w", invalid(err))
 	}
 	return nil
+}
+
+// unavailable wraps app.ErrUnavailable around the errors that say the database could not be
+// reached or failed transiently: connection failures and timeouts, SQLSTATE class 08
+// (connection exception), 57P01-57P03 (shutdown, cannot connect now), 53300 (too many
+// connections), 40001 and 40P01 (serialization failure, deadlock).
+func unavailable(err error) error {
+	if errors.Is(err, app.ErrInvalidEvent) || errors.Is(err, context.Canceled) {
+		return err
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case strings.HasPrefix(pgErr.Code, "08"), pgErr.Code == "57P01", pgErr.Code == "57P02", pgErr.Code == "57P03",
+			pgErr.Code == "53300", pgErr.Code == "40001", pgErr.Code == "40P01":
+			return fmt.Errorf("%w: %w", app.ErrUnavailable, err)
+		}
+		return err
+	}
+	var connErr *pgconn.ConnectError
+	var netErr net.Error
+	if errors.As(err, &connErr) || errors.As(err, &netErr) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: %w", app.ErrUnavailable, err)
+	}
+	return err
 }
 
 // invalid wraps app.ErrInvalidEvent around the errors that say a value can never be stored
