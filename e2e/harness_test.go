@@ -505,24 +505,7 @@ func readTopic(t *testing.T, addrs []string, topic string) []*kgo.Record {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	admCl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ends, err := kadm.NewClient(admCl).ListEndOffsets(ctx, topic)
-	admCl.Close()
-	if err != nil {
-		t.Fatalf("list end offsets of %s: %v", topic, err)
-	}
-	want := map[int32]int64{}
-	ends.Each(func(o kadm.ListedOffset) {
-		if o.Err != nil {
-			t.Fatalf("end offset of %s/%d: %v", topic, o.Partition, o.Err)
-		}
-		if o.Offset > 0 {
-			want[o.Partition] = o.Offset
-		}
-	})
+	want := endOffsets(t, addrs, topic)
 	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
 	if err != nil {
@@ -558,6 +541,65 @@ func readTopic(t *testing.T, addrs []string, topic string) []*kgo.Record {
 		}
 		return int(a.Offset - b.Offset)
 	})
+	return out
+}
+
+// endOffsets returns the end offset of every partition of topic that holds records.
+func endOffsets(t *testing.T, addrs []string, topic string) map[int32]int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, topic)
+	if err != nil {
+		t.Fatalf("list end offsets of %s: %v", topic, err)
+	}
+	out := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Err != nil {
+			t.Fatalf("end offset of %s/%d: %v", topic, o.Partition, o.Err)
+		}
+		if o.Offset > 0 {
+			out[o.Partition] = o.Offset
+		}
+	})
+	return out
+}
+
+// repeatsPerRun splits records (one topic) into the runs of successive relays, cut at the end
+// offsets taken after each relay ended, and returns for each run how many of its records repeat
+// an event an earlier run published: what the end of the previous relay cost.
+func repeatsPerRun(records []*kgo.Record, cuts []map[int32]int64) []int {
+	runOf := func(r *kgo.Record) int {
+		n := 0
+		for _, c := range cuts {
+			if r.Offset >= c[r.Partition] {
+				n++
+			}
+		}
+		return n
+	}
+	byRun := make([][]*kgo.Record, len(cuts)+1)
+	for _, r := range records {
+		i := runOf(r)
+		byRun[i] = append(byRun[i], r)
+	}
+	out := make([]int, len(byRun))
+	before := map[string]bool{}
+	for i, rs := range byRun {
+		for _, r := range rs {
+			if before[kafkatest.Header(r, kafka.HeaderEventID)] {
+				out[i]++
+			}
+		}
+		for _, r := range rs {
+			before[kafkatest.Header(r, kafka.HeaderEventID)] = true
+		}
+	}
 	return out
 }
 
