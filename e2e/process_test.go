@@ -207,7 +207,13 @@ func TestTwoRelayProcesses(t *testing.T) {
 	// The killed replica comes back as a standby.
 	back := startRelayProc(t, "relay-a2", env)
 	backAddr := back.httpAddr(t, time.Minute)
-	time.Sleep(500 * time.Millisecond)
+	deadline = time.Now().Add(time.Minute)
+	for back.logLine("standby: another replica leads") == nil {
+		if time.Now().After(deadline) || !back.running() {
+			t.Fatalf("restarted replica never reported itself standby")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if v, err := metric(backAddr, "outbox_relay_leader"); err != nil || v != 0 {
 		t.Errorf("restarted replica: outbox_relay_leader = %v (err %v), want 0 while the other leads", v, err)
 	}
