@@ -147,6 +147,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		memBlock: make(Blocked),
 		groups:   make(map[string]groupFailure),
 		resend:   make(map[int64]resendAt),
+		markDone: make(chan markResult, 1),
 	}
 	return l.run(ctx)
 }
@@ -156,6 +157,12 @@ type result struct {
 	m   *Message
 	err error
 	at  time.Time
+}
+
+// markResult is the outcome of one Mark of the rows in leadState.marking.
+type markResult struct {
+	err  error
+	took time.Duration
 }
 
 // leadState is the state of one leadership term. It is owned by one goroutine.
@@ -176,11 +183,25 @@ type leadState struct {
 	cursor   int64
 	rescan   time.Time
 	lastPoll time.Time
+	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
+	// database's commit of a mark does not hold up the next claim: marking is the batch being
+	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
+	// rescan does not publish them again and they count against the in-flight bounds.
+	marking  []*Message
+	toMark   []*Message
+	markDone chan markResult
 }
 
 func (l *leadState) run(ctx context.Context) error {
 	wake := true
 	for {
+		select {
+		case res := <-l.markDone:
+			if err := l.marked(ctx, res); err != nil {
+				return l.abandon(err)
+			}
+		default:
+		}
 		if err := l.settle(ctx, l.drain()); err != nil {
 			return l.abandon(err)
 		}
@@ -208,6 +229,11 @@ func (l *leadState) run(ctx context.Context) error {
 			case res := <-l.results:
 				timer.Stop()
 				if err := l.settle(ctx, append([]result{res}, l.drain()...)); err != nil {
+					return l.abandon(err)
+				}
+			case res := <-l.markDone:
+				timer.Stop()
+				if err := l.marked(ctx, res); err != nil {
 					return l.abandon(err)
 				}
 			case <-timer.C:
@@ -295,12 +321,14 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 
 // held reports whether m must wait behind an earlier row of its key.
 func (l *leadState) held(m *Message) bool {
-	k := m.orderKey()
-	if head, ok := l.memBlock[k]; ok && head != m.ID {
-		return true
-	}
-	if head, ok := l.dbBlock[k]; ok && head != m.ID {
-		return true
+	if len(l.memBlock) > 0 || len(l.dbBlock) > 0 { // the order key is built only when some key waits
+		k := m.orderKey()
+		if head, ok := l.memBlock[k]; ok && head != m.ID {
+			return true
+		}
+		if head, ok := l.dbBlock[k]; ok && head != m.ID {
+			return true
+		}
 	}
 	if r, ok := l.resend[m.ID]; ok && time.Now().Before(r.at) {
 		return true
@@ -355,49 +383,36 @@ func (l *leadState) resolved(id int64) {
 	}
 }
 
-// settle marks the acknowledged messages and records the failures.
+// settle queues the acknowledged messages for marking and records the failures.
 func (l *leadState) settle(ctx context.Context, results []result) error {
 	if len(results) == 0 {
 		return nil
 	}
 	ctx = context.WithoutCancel(ctx) // what the broker acknowledged is marked even when stopping
-	var ids []int64
-	for _, res := range results {
-		if res.err == nil {
-			ids = append(ids, res.m.ID)
-		}
-	}
-	if len(ids) > 0 {
-		start := time.Now()
-		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := l.sess.Mark(mctx, ids)
-		cancel()
-		if err != nil {
-			// The rows stay pending and are published again by the next leader: duplicates
-			// bounded by what was in flight.
-			return fmt.Errorf("mark %d published rows: %w", len(ids), err)
-		}
-		l.obs.Marked(len(ids), time.Since(start))
-	}
+	defer l.startMark(ctx)
 	for _, res := range results {
 		m := res.m
-		delete(l.inflight, m.ID)
-		l.bytes -= m.Size()
-		k := m.orderKey()
 		if res.err == nil {
+			l.toMark = append(l.toMark, m) // in flight until marked
 			l.resolved(m.ID)
 			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
-			if l.memBlock[k] == m.ID {
-				delete(l.memBlock, k)
-				l.cursor = 0
-			}
-			if l.dbBlock[k] == m.ID {
-				delete(l.dbBlock, k)
-				l.cursor = 0
+			if len(l.memBlock) > 0 || len(l.dbBlock) > 0 { // the order key is built only when some key waits
+				k := m.orderKey()
+				if l.memBlock[k] == m.ID {
+					delete(l.memBlock, k)
+					l.cursor = 0
+				}
+				if l.dbBlock[k] == m.ID {
+					delete(l.dbBlock, k)
+					l.cursor = 0
+				}
 			}
 			continue
 		}
+		delete(l.inflight, m.ID)
+		l.bytes -= m.Size()
+		k := m.orderKey()
 		l.obs.Failed(m, res.err)
 		l.cursor = 0 // the failed row and its key's later rows are read again from the start
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
@@ -428,6 +443,45 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 	return nil
 }
 
+// startMark marks the acknowledged rows waiting in toMark on a goroutine of its own, unless a mark
+// is running: its result comes back on markDone, and the next batch starts then.
+func (l *leadState) startMark(ctx context.Context) {
+	if l.marking != nil || len(l.toMark) == 0 {
+		return
+	}
+	l.marking, l.toMark = l.toMark, nil
+	ids := make([]int64, len(l.marking))
+	for i, m := range l.marking {
+		ids[i] = m.ID
+	}
+	ctx = context.WithoutCancel(ctx)
+	go func() {
+		start := time.Now()
+		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := l.sess.Mark(mctx, ids)
+		cancel()
+		l.markDone <- markResult{err: err, took: time.Since(start)} // buffered: one mark at a time
+	}()
+}
+
+// marked ends the running mark: its rows leave the in-flight set, and the next batch starts.
+func (l *leadState) marked(ctx context.Context, res markResult) error {
+	batch := l.marking
+	l.marking = nil
+	if res.err != nil {
+		// The rows stay pending and are published again by the next leader: duplicates
+		// bounded by what was in flight.
+		return fmt.Errorf("mark %d published rows: %w", len(batch), res.err)
+	}
+	for _, m := range batch {
+		delete(l.inflight, m.ID)
+		l.bytes -= m.Size()
+	}
+	l.obs.Marked(len(batch), res.took)
+	l.startMark(ctx)
+	return nil
+}
+
 // park moves m to the parked rows and applies the order policy to its key.
 func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
@@ -455,6 +509,10 @@ func (l *leadState) abandon(cause error) error {
 		cancel()
 		l.drain()
 	}
+	if l.marking != nil {
+		<-l.markDone // the session is closed next: let the running mark end first (it has a timeout)
+		l.marking = nil
+	}
 	return cause
 }
 
@@ -467,6 +525,10 @@ func (l *leadState) shutdown(ctx context.Context) error {
 		select {
 		case res := <-l.results:
 			if err := l.settle(sctx, append([]result{res}, l.drain()...)); err != nil {
+				return l.abandon(err)
+			}
+		case res := <-l.markDone:
+			if err := l.marked(sctx, res); err != nil {
 				return l.abandon(err)
 			}
 		case <-deadline.C:

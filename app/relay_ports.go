@@ -43,7 +43,8 @@ type Store interface {
 }
 
 // Session is one database connection of the relay. Leadership is tied to it: when the connection
-// ends, the leadership ends with it. Its methods are not safe for concurrent use.
+// ends, the leadership ends with it. Its methods are not safe for concurrent use, except Mark:
+// one Mark at a time may run beside the other methods (the relay marks while it claims).
 type Session interface {
 	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
 	// database cannot be written.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -27,7 +28,18 @@ var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
 type Publisher struct {
 	cl  *kgo.Client
 	cfg Config
+
+	// topics caches the valid topic of each (topic override, aggregate type, event type): the
+	// template expansion and the name check cost more than the rest of a record.
+	topicsMu sync.Mutex
+	topics   map[topicKey]string
 }
+
+// topicKey is what a row's topic depends on.
+type topicKey struct{ topic, aggregateType, eventType string }
+
+// topicCacheSize bounds the topic cache; it is emptied when full.
+const topicCacheSize = 4096
 
 var _ app.Sink = (*Publisher)(nil)
 
@@ -58,7 +70,7 @@ func NewPublisher(cfg Config, extra ...kgo.Opt) (*Publisher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new kafka client: %w", err)
 	}
-	return &Publisher{cl: cl, cfg: cfg}, nil
+	return &Publisher{cl: cl, cfg: cfg, topics: make(map[topicKey]string)}, nil
 }
 
 // Client returns the underlying franz-go client.
@@ -75,13 +87,28 @@ func (p *Publisher) Ping(ctx context.Context) error {
 // Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
 // says why m cannot be published.
 func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
-	topic := m.Topic
-	if topic == "" {
-		topic = strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType).
-			Replace(p.cfg.TopicTemplate)
+	key := topicKey{m.Topic, m.AggregateType, m.EventType}
+	if m.Topic != "" {
+		key.aggregateType, key.eventType = "", "" // an override does not depend on them
 	}
-	if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
-		return nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
+	p.topicsMu.Lock()
+	topic, cached := p.topics[key]
+	p.topicsMu.Unlock()
+	if !cached {
+		topic = m.Topic
+		if topic == "" {
+			topic = strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType).
+				Replace(p.cfg.TopicTemplate)
+		}
+		if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
+			return nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
+		}
+		p.topicsMu.Lock()
+		if len(p.topics) >= topicCacheSize {
+			clear(p.topics)
+		}
+		p.topics[key] = topic
+		p.topicsMu.Unlock()
 	}
 	if m.AggregateID == "" {
 		return nil, fmt.Errorf("%w: aggregate_id (the record key) is NULL or empty", app.ErrInvalidMessage)
@@ -89,7 +116,8 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	if m.Payload == nil && !p.cfg.Tombstones {
 		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
 	}
-	rec := &kgo.Record{Topic: topic, Key: []byte(m.AggregateID), Value: m.Payload}
+	rec := &kgo.Record{Topic: topic, Key: []byte(m.AggregateID), Value: m.Payload,
+		Headers: make([]kgo.RecordHeader, 0, 4)}
 	rec.Headers = append(rec.Headers,
 		kgo.RecordHeader{Key: HeaderEventID, Value: []byte(m.EventID)},
 		kgo.RecordHeader{Key: HeaderEventType, Value: []byte(m.EventType)},

@@ -49,7 +49,7 @@ type Store struct {
 var _ app.Store = (*Store)(nil)
 
 type queries struct {
-	claim, mark, retry, park, failing, parkedKeys, lock, listen string
+	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
 }
 
 // ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
@@ -103,11 +103,14 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		lock: `SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on',
 				pg_try_advisory_lock(hashtextextended($1, 0))`,
 		listen: `LISTEN ` + pgx.Identifier{t.Channel()}.Sanitize(),
+		// Whether the session whose backend is $1 still holds an advisory lock: the leadership.
+		leading: `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted)`,
 	}
 	return s, nil
 }
 
-// Open implements app.Store: it connects one dedicated connection.
+// Open implements app.Store: it connects one dedicated connection, and a second one for marks on
+// the first Mark.
 func (s *Store) Open(ctx context.Context) (app.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
@@ -118,6 +121,7 @@ func (s *Store) Open(ctx context.Context) (app.Session, error) {
 		return nil, fmt.Errorf("connect to database: %s", Redact(err.Error(), s.conn.Password))
 	}
 	sess.conn = conn
+	sess.pid = conn.PgConn().PID()
 	return sess, nil
 }
 
@@ -137,6 +141,10 @@ type session struct {
 	store    *Store
 	conn     *pgx.Conn
 	notified atomic.Bool
+	pid      uint32 // conn's backend process id
+	// markConn runs the marks, so a mark's commit does not hold up the claims on conn. It is
+	// used by one Mark at a time and closed by Close.
+	markConn *pgx.Conn
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -176,7 +184,7 @@ func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int)
 		return nil, s.wrap(err)
 	}
 	defer rows.Close()
-	var out []app.Message
+	out := make([]app.Message, 0, limit) // one allocation: the batch is usually full
 	size := 0
 	for rows.Next() {
 		var m app.Message
@@ -202,10 +210,54 @@ func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int)
 }
 
 // Mark implements app.Session.
+// It runs on the session's mark connection, so it may run beside the other methods, and commits
+// only if the session still holds the leadership (else it returns app.ErrNotLeader): as when
+// the marks ran on the session's own connection, a term's marks end with its leadership.
 func (s *session) Mark(ctx context.Context, ids []int64) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.conn.Exec(ctx, s.store.q.mark, ids)
+	if s.markConn == nil || s.markConn.IsClosed() {
+		cfg := s.store.conn.Copy()
+		SetApplicationName(cfg)
+		// Its own name, so an operator (or a test) ending the leader's session by name ends the
+		// leadership's connection only.
+		cfg.RuntimeParams["application_name"] = truncate(cfg.RuntimeParams["application_name"]+" marks", 63)
+		conn, err := pgx.ConnectConfig(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("connect to database: %s", Redact(err.Error(), s.store.conn.Password))
+		}
+		s.markConn = conn
+	}
+	// One round trip for the statements, a second for the commit once the check passed.
+	b := &pgx.Batch{}
+	b.Queue(`BEGIN`)
+	b.Queue(s.store.q.mark, ids)
+	b.Queue(s.store.q.leading, s.pid)
+	br := s.markConn.SendBatch(ctx, b)
+	_, err := br.Exec()
+	if err == nil {
+		_, err = br.Exec()
+	}
+	leading := false
+	if err == nil {
+		err = br.QueryRow().Scan(&leading)
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	end := `COMMIT`
+	if err != nil || !leading {
+		end = `ROLLBACK`
+	}
+	if _, eerr := s.markConn.Exec(ctx, end); err == nil {
+		err = eerr
+	}
+	if err == nil && !leading {
+		err = app.ErrNotLeader
+	}
+	if err != nil && !s.markConn.IsClosed() && s.markConn.PgConn().TxStatus() != 'I' {
+		_ = s.markConn.Close(ctx) // left in a transaction: reconnect on the next Mark
+	}
 	return s.wrap(err)
 }
 
@@ -272,7 +324,12 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 func (s *session) Notified() bool { return s.notified.Swap(false) }
 
 // Close implements app.Session.
-func (s *session) Close(ctx context.Context) error { return s.conn.Close(ctx) }
+func (s *session) Close(ctx context.Context) error {
+	if s.markConn != nil {
+		_ = s.markConn.Close(ctx)
+	}
+	return s.conn.Close(ctx)
+}
 
 // wrap translates driver errors at the boundary and keeps secrets out of them.
 func (s *session) wrap(err error) error {
