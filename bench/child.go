@@ -75,13 +75,31 @@ type relaySettings struct {
 
 // childReport is what a measured child prints: everything since "go" or the last "reset".
 type childReport struct {
-	Events      int64     `json:"events"`
-	WallSec     float64   `json:"wall_sec"`
-	CPUUserSec  float64   `json:"cpu_user_sec"`
-	CPUSysSec   float64   `json:"cpu_sys_sec"`
-	PeakRSS     int64     `json:"peak_rss_bytes"`         // highest sampled RSS since go/reset (every 20ms)
-	HWM         int64     `json:"vm_hwm_bytes"`           // the kernel's high-water mark of RSS for the process
-	LatenciesMS []float64 `json:"latencies_ms,omitempty"` // sorted commit-to-ack latencies
+	Events      int64       `json:"events"`
+	WallSec     float64     `json:"wall_sec"`
+	CPUUserSec  float64     `json:"cpu_user_sec"`
+	CPUSysSec   float64     `json:"cpu_sys_sec"`
+	PeakRSS     int64       `json:"peak_rss_bytes"`         // highest sampled RSS since go/reset (every 20ms)
+	HWM         int64       `json:"vm_hwm_bytes"`           // the kernel's high-water mark of RSS for the process
+	LatenciesMS []float64   `json:"latencies_ms,omitempty"` // sorted insert-to-ack latencies (created_at to ack)
+	Acks        []ack       `json:"acks,omitempty"`         // when each event was acknowledged
+	Relay       *relayStats `json:"relay,omitempty"`
+}
+
+// ack is the broker's acknowledgement of one event, for commit-to-ack latencies.
+type ack struct {
+	EventID string `json:"e"`
+	At      int64  `json:"t"` // unix nanoseconds
+}
+
+// relayStats is what the relay's observer saw: how its time went to claims and marks.
+type relayStats struct {
+	Claims     int64   `json:"claims"`
+	ClaimRows  int64   `json:"claim_rows"`
+	ClaimSec   float64 `json:"claim_sec"`
+	Marks      int64   `json:"marks"`
+	MarkSec    float64 `json:"mark_sec"`
+	EmptyClaim int64   `json:"empty_claims"`
 }
 
 // runChild runs the child role described by the JSON in cfgJSON, talking to the parent over
@@ -122,6 +140,8 @@ type child struct {
 	frozen    bool // the final report was printed when the work completed
 	profiling bool
 	lat       []float64
+	acks      []ack
+	stats     *relayStats // kept by the relay's observer, under mu
 	peak      int64
 	base      syscall.Rusage
 	baseAt    time.Time
@@ -227,7 +247,11 @@ func (c *child) reset() {
 	c.baseAt = time.Now()
 	c.baseCount = c.events.Load()
 	c.lat = c.lat[:0]
+	c.acks = nil
 	c.peak = rss()
+	if c.stats != nil {
+		*c.stats = relayStats{}
+	}
 }
 
 // report prints the measurements of the current window.
@@ -244,6 +268,12 @@ func (c *child) report() {
 		HWM:        hwm(),
 	}
 	r.LatenciesMS = append([]float64(nil), c.lat...)
+	r.Acks = c.acks
+	c.acks = nil
+	if c.stats != nil {
+		st := *c.stats
+		r.Relay = &st
+	}
 	c.mu.Unlock()
 	sort.Float64s(r.LatenciesMS)
 	b, _ := json.Marshal(r)
@@ -332,6 +362,7 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		PollInterval:     c.cfg.Relay.PollInterval,
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c.stats = &relayStats{}
 	obs := &countingObserver{RelayObserver: metrics, c: c}
 	relay, err := app.NewRelay(rcfg, store, pub, obs, log)
 	if err != nil {
@@ -409,13 +440,30 @@ func (o *countingObserver) Acked(m *app.Message, at time.Time) {
 		d := float64(at.Sub(m.CreatedAt)) / float64(time.Millisecond)
 		o.c.mu.Lock()
 		o.c.lat = append(o.c.lat, d)
+		o.c.acks = append(o.c.acks, ack{EventID: m.EventID, At: at.UnixNano()})
 		o.c.mu.Unlock()
 	}
 }
 
 func (o *countingObserver) Marked(n int, took time.Duration) {
 	o.RelayObserver.Marked(n, took)
+	o.c.mu.Lock()
+	o.c.stats.Marks++
+	o.c.stats.MarkSec += took.Seconds()
+	o.c.mu.Unlock()
 	o.c.events.Add(int64(n))
+}
+
+func (o *countingObserver) Claimed(n int, took time.Duration) {
+	o.RelayObserver.Claimed(n, took)
+	o.c.mu.Lock()
+	o.c.stats.Claims++
+	o.c.stats.ClaimRows += int64(n)
+	o.c.stats.ClaimSec += took.Seconds()
+	if n == 0 {
+		o.c.stats.EmptyClaim++
+	}
+	o.c.mu.Unlock()
 }
 
 // producerOpts are the producer settings of kafka.Publisher, for the baselines.

@@ -22,15 +22,16 @@ var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, varia
 // drainResult is one drain of a preloaded backlog.
 type drainResult struct {
 	drainCase
-	Variant      string  `json:"variant"`
-	WallSec      float64 `json:"wall_sec"`
-	EventsPerSec float64 `json:"events_per_sec"`
-	CPUSec       float64 `json:"cpu_sec"`        // user+system CPU of the measured process during the drain
-	CPUMsPer10k  float64 `json:"cpu_ms_per_10k"` // CPUSec per 10k events, in milliseconds
-	PeakRSS      int64   `json:"peak_rss_bytes"` // highest RSS sampled every 20ms during the drain
-	HWM          int64   `json:"vm_hwm_bytes"`   // the process's lifetime RSS peak (VmHWM)
-	PreloadSec   float64 `json:"preload_sec,omitempty"`
-	Error        string  `json:"error,omitempty"`
+	Variant      string      `json:"variant"`
+	WallSec      float64     `json:"wall_sec"`
+	EventsPerSec float64     `json:"events_per_sec"`
+	CPUSec       float64     `json:"cpu_sec"`        // user+system CPU of the measured process during the drain
+	CPUMsPer10k  float64     `json:"cpu_ms_per_10k"` // CPUSec per 10k events, in milliseconds
+	PeakRSS      int64       `json:"peak_rss_bytes"` // highest RSS sampled every 20ms during the drain
+	HWM          int64       `json:"vm_hwm_bytes"`   // the process's lifetime RSS peak (VmHWM)
+	PreloadSec   float64     `json:"preload_sec,omitempty"`
+	Error        string      `json:"error,omitempty"`
+	Relay        *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
 }
 
 // drain measures every case of the matrix with every variant.
@@ -73,6 +74,7 @@ func (b *bench) drainOne(ctx context.Context, dc drainCase, variant string, cfg 
 	r.CPUMsPer10k = r.CPUSec * 1000 / (float64(rep.Events) / 10000)
 	r.PeakRSS = rep.PeakRSS
 	r.HWM = rep.HWM
+	r.Relay = rep.Relay
 	return r
 }
 

@@ -75,6 +75,7 @@ func parseFlags(args []string) (options, error) {
 	out := fs.String("out", "bench/results", "directory for results.json and the PNG charts")
 	only := fs.String("only", strings.Join(allSections, ","), "sections to run, comma-separated: "+strings.Join(allSections, ","))
 	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
+	cases := fs.String("cases", "", "drain cases to run, as payload/keys pairs (e.g. 256/100,16384/1); default every case of the scale")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
@@ -89,6 +90,21 @@ func parseFlags(args []string) (options, error) {
 	sc, err := parseScale(*scaleFlag)
 	if err != nil {
 		return o, err
+	}
+	if *cases != "" {
+		var keep []drainCase
+		for _, c := range strings.Split(*cases, ",") {
+			var p, k int
+			if _, err := fmt.Sscanf(strings.TrimSpace(c), "%d/%d", &p, &k); err != nil {
+				return o, fmt.Errorf("-cases: %q is not payload/keys", c)
+			}
+			n := sc.DrainSmall
+			if p > 1<<10 {
+				n = sc.DrainLarge
+			}
+			keep = append(keep, drainCase{Payload: p, Keys: k, Events: n})
+		}
+		sc.Matrix = keep
 	}
 	o.Scale = sc
 	for _, s := range strings.Split(*only, ",") {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -32,7 +33,8 @@ type stepResult struct {
 	WriterLimited  bool    `json:"writer_limited"` // writers reached less than 90% of the offered rate
 }
 
-// latencyResult is commit-to-ack latency at one rate with or without the wake-up.
+// latencyResult is commit-to-ack latency at one rate with or without the wake-up: from the
+// moment the writer's COMMIT returned to the broker's acknowledgement reaching the relay.
 type latencyResult struct {
 	Mode          string    `json:"mode"` // "notify" or "poll"
 	OfferedPerSec float64   `json:"offered_per_sec"`
@@ -41,9 +43,13 @@ type latencyResult struct {
 	P99           float64   `json:"p99_ms"`
 	P999          float64   `json:"p999_ms"`
 	Max           float64   `json:"max_ms"`
-	CPUMsPer10k   float64   `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
-	CDF           []float64 `json:"cdf_ms"`               // the 1st..100th percentiles
-	samples       []float64
+	CDF           []float64 `json:"cdf_ms"` // the 1st..100th percentiles
+	// Insert-to-ack (created_at, set at INSERT, to the acknowledgement) adds the writer's own
+	// commit time: it is what the relay's outbox_relay_commit_to_ack_seconds histogram sees.
+	InsertP50   float64 `json:"insert_to_ack_p50_ms"`
+	InsertP99   float64 `json:"insert_to_ack_p99_ms"`
+	CPUMsPer10k float64 `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
+	samples     []float64
 }
 
 // steadyResults is the steady-state section.
@@ -192,9 +198,11 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 	if err := relay.send("reset"); err != nil {
 		return latencyResult{}, err
 	}
+	w.track()
 	wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.LatencyRun)
 	w.run(wctx, rate)
 	cancel()
+	commits := w.untrack()
 	if err := w.failure(); err != nil {
 		return latencyResult{}, err
 	}
@@ -208,11 +216,21 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 	if err != nil {
 		return latencyResult{}, err
 	}
-	s := rep.LatenciesMS
+	var s []float64
+	for _, a := range rep.Acks {
+		if c, ok := commits[a.EventID]; ok {
+			s = append(s, float64(a.At-c)/1e6)
+		}
+	}
+	if len(s) < len(commits) {
+		return latencyResult{}, fmt.Errorf("%d of %d committed events acknowledged", len(s), len(commits))
+	}
+	sort.Float64s(s)
 	lr := latencyResult{Mode: mode, OfferedPerSec: rate, Events: len(s), samples: s,
-		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1)}
-	if len(s) > 0 {
-		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(s)) / 10000)
+		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1),
+		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99)}
+	if len(rep.LatenciesMS) > 0 {
+		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(rep.LatenciesMS)) / 10000)
 	}
 	for q := 1; q <= 100; q++ {
 		lr.CDF = append(lr.CDF, round3(quantile(s, float64(q)/100)))
@@ -247,8 +265,24 @@ type writers struct {
 	committed atomic.Int64
 	mu        sync.Mutex
 	err       error
-	perTx     int // events per transaction (1 unless a section says otherwise)
-	n         int // concurrent writers
+	perTx     int              // events per transaction (1 unless a section says otherwise)
+	n         int              // concurrent writers
+	commits   map[string]int64 // when tracking: event id -> unix nanoseconds its COMMIT returned
+}
+
+// track starts recording when each event's commit returned; untrack stops and returns them.
+func (w *writers) track() {
+	w.mu.Lock()
+	w.commits = make(map[string]int64)
+	w.mu.Unlock()
+}
+
+func (w *writers) untrack() map[string]int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c := w.commits
+	w.commits = nil
+	return c
 }
 
 func (b *bench) newWriters(ctx context.Context, schema string) (*writers, error) {
@@ -302,7 +336,7 @@ func (w *writers) run(ctx context.Context, rate float64) {
 				for j := range msgs {
 					off := rng.Int64N(slabSize - 256)
 					msgs[j] = postgres.Message{AggregateType: "bench", AggregateID: strconv.Itoa(rng.IntN(100)),
-						EventType: "bench.created", Payload: slab[off : off+256]}
+						EventType: "bench.created", Payload: slab[off : off+256], EventID: newUUID()}
 				}
 				// A started transaction is finished even when the run ends, so every commit is counted.
 				txctx := context.WithoutCancel(ctx)
@@ -313,7 +347,15 @@ func (w *writers) run(ctx context.Context, rate float64) {
 					w.mu.Unlock()
 					return
 				}
+				now := time.Now().UnixNano()
 				w.committed.Add(int64(len(msgs)))
+				w.mu.Lock()
+				if w.commits != nil {
+					for _, m := range msgs {
+						w.commits[m.EventID] = now
+					}
+				}
+				w.mu.Unlock()
 			}
 		})
 	}
