@@ -3,6 +3,9 @@ package main_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -79,8 +82,14 @@ func TestConsumeCommandKilledAndRestarted(t *testing.T) {
 		recs = append(recs, &kgo.Record{Topic: topic, Key: []byte(u.ID()), Value: payload, Headers: []kgo.RecordHeader{
 			{Key: kafka.HeaderEventID, Value: []byte(domain.NewID())}, {Key: kafka.HeaderEventType, Value: []byte("UserCreated")}}})
 	}
-	// Every record twice: the second copy comes after all the first ones.
+	// Every record twice: the second copy comes after all the first ones. One poison record
+	// (its payload does not decode) sits in the middle.
 	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	poison := &kgo.Record{Topic: topic, Key: []byte("poison"), Value: []byte("{not json"), Headers: []kgo.RecordHeader{
+		{Key: kafka.HeaderEventID, Value: []byte(domain.NewID())}, {Key: kafka.HeaderEventType, Value: []byte("UserCreated")}}}
+	if err := cl.ProduceSync(ctx, poison).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
 	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
@@ -88,6 +97,12 @@ func TestConsumeCommandKilledAndRestarted(t *testing.T) {
 	}
 
 	group := "consume-" + domain.NewID()[:8]
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ln.Addr().String()
+	_ = ln.Close()
 	env := []string{
 		"OUTBOX_DATABASE_URL=" + dbtest.URL(),
 		"OUTBOX_DATABASE_SCHEMA=" + table.Schema,
@@ -97,7 +112,7 @@ func TestConsumeCommandKilledAndRestarted(t *testing.T) {
 		"OUTBOX_CONSUMER_DEAD_LETTER_TOPIC=" + dlt,
 		"OUTBOX_CONSUMER_MAX_POLL_RECORDS=10",
 		"OUTBOX_CONSUMER_SESSION_TIMEOUT=6s", // the killed member's partitions move on sooner
-		"OUTBOX_CONSUMER_HTTP_ADDR=",
+		"OUTBOX_CONSUMER_HTTP_ADDR=" + metricsAddr,
 		"OUTBOX_LOG_FORMAT=text",
 	}
 	welcomes := func() (n, distinct int) {
@@ -151,6 +166,18 @@ func TestConsumeCommandKilledAndRestarted(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// The poison record sits behind about a hundred records of its partition: the first process,
+	// killed after about sixty records in all, did not reach it; the second dead-lettered it.
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape the consumer's metrics: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	want := fmt.Sprintf("outbox_consumer_dead_lettered_total{kind=%q,topic=%q} 1", "invalid", topic)
+	if !strings.Contains(string(body), want) {
+		t.Errorf("/metrics lacks %s:\n%s", want, body)
+	}
 	if err := second.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -171,8 +198,8 @@ func TestConsumeCommandKilledAndRestarted(t *testing.T) {
 	if offs, err := adm.ListEndOffsets(ctx, dlt); err == nil {
 		offs.Each(func(o kadm.ListedOffset) { dead += o.Offset })
 	}
-	if dead != 0 {
-		t.Errorf("%d records dead-lettered, want none", dead)
+	if dead != 1 {
+		t.Errorf("%d records dead-lettered, want 1 (the poison record)", dead)
 	}
 	t.Logf("killed after %d welcomes; %d records (each twice) consumed by two processes", killedAt, users)
 }
