@@ -70,6 +70,22 @@ func histogramAbove(t *testing.T, m *prometheus.Metrics, name string, le float64
 	return 0
 }
 
+// counterValue returns the value of counter name.
+func counterValue(t *testing.T, m *prometheus.Metrics, name string) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && mf.GetType() == dto.MetricType_COUNTER {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("metric %s not found", name)
+	return 0
+}
+
 // Entry 18 at test scale: 50,000 events through the relay in five rounds of 10,000 written while
 // the relay is stopped, then published. Each round the outbox is vacuumed (as autovacuum would):
 // the space of published rows is reused, so the outbox's size at the peak of each round (10,000
