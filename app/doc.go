@@ -3,5 +3,7 @@
 // Two families live here. The write side: CreateUser publishes domain events through an
 // EventPublisher inside a UnitOfWork, so an adapter can write them into the outbox in the same
 // transaction as the aggregate. The relay: Relay reads committed outbox rows through a Store,
-// publishes them through a Sink and marks them only after the sink confirmed them.
+// publishes them through a Sink and marks them only after the sink confirmed them. The consumer
+// side: SendWelcome, driven by UserCreated events, welcomes each user once through a Mailer,
+// made idempotent by an Inbox that records each event id in the same transaction.
 package app

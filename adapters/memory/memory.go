@@ -1,6 +1,6 @@
 // Package memory holds in-memory adapters for tests and development: a UnitOfWork whose
 // Publisher records the domain events a use case emitted, committed only when the unit of work
-// succeeds.
+// succeeds, and Sink, an in-memory broker for the relay.
 package memory
 
 import (
