@@ -44,6 +44,10 @@ var ErrClosed = errors.New("rabbitmq: publisher closed")
 // Publisher reconnects with capped exponential backoff and publishes again, first and in their
 // order, the messages that were not confirmed: a broker outage delays messages, it does not fail
 // them. Those republished messages may reach consumers twice; message_id is the event id.
+//
+// A broker nack (an internal error of a queue, rare) fails only its message, while later messages
+// of the same key may already be confirmed: the relay then publishes the nacked one again after
+// them. Kafka's idempotent producer fails the whole partition instead; AMQP has no equivalent.
 type Publisher struct {
 	cfg Config
 	log *slog.Logger
