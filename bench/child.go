@@ -574,6 +574,10 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Marks commit only while the session leads, as the relay's do.
+	if ok, err := sess.TryLead(ctx); err != nil || !ok {
+		return nil, fmt.Errorf("sql-only: take the leadership: %v", err)
+	}
 	cfg := app.RelayConfig{BatchSize: c.cfg.Relay.BatchSize, MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes}.WithDefaults()
 	return func(ctx context.Context) error {
 		defer func() { _ = sess.Close(context.Background()) }()

@@ -144,9 +144,9 @@ type drainCase struct {
 
 func parseScale(s string) (scale, error) {
 	if s == "smoke" {
-		sc := scale{Factor: 0, DrainSmall: 4000, DrainLarge: 1000, Step: 1500 * time.Millisecond,
-			LatencyRun: 1500 * time.Millisecond, WriteRun: time.Second, WriteRepeats: 1, HealthEvents: 4000,
-			Backlog: 8000, MaxRate: 1000}
+		sc := scale{Factor: 0, DrainSmall: 2000, DrainLarge: 500, Step: time.Second,
+			LatencyRun: time.Second, WriteRun: time.Second, WriteRepeats: 1, HealthEvents: 2000,
+			Backlog: 4000, MaxRate: 1000}
 		sc.Matrix = []drainCase{{256, 100, sc.DrainSmall}, {16 << 10, 1, sc.DrainLarge}}
 		return sc, nil
 	}
