@@ -1,7 +1,6 @@
 package faults_test
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -56,7 +55,3 @@ func TestFault02Rollbacks(t *testing.T) {
 	}
 	result(t, 2, rep, "rolled-back and failed-commit events never published")
 }
-
-func itoa(n int64) string { return strconvItoa(n) }
-
-var _ = context.Background

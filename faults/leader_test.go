@@ -1,7 +1,6 @@
 package faults_test
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -111,5 +110,3 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 	rep := e.check(relayConfig().MaxInFlight)
 	result(t, 9, rep, "old leader stops at its next database call; in-flight batch republished")
 }
-
-var _ = context.Background

@@ -5,8 +5,9 @@ import (
 	"strings"
 )
 
-func strconvItoa(n int64) string { return strconv.FormatInt(n, 10) }
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
+// fmtInts formats v separated by spaces.
 func fmtInts(v []int64) string {
 	s := make([]string, len(v))
 	for i, n := range v {
