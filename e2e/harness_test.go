@@ -278,12 +278,17 @@ type load struct {
 func (f *fixture) run(l load, stop <-chan struct{}) (wait func()) {
 	var wg sync.WaitGroup
 	ctx := context.Background()
+	// A test that ends early (t.Fatal) stops its writers before its database goes away.
+	quit := make(chan struct{})
+	f.t.Cleanup(func() { close(quit); wg.Wait() })
 	for i := range l.writers {
 		rng := rand.New(rand.NewPCG(uint64(i)+1, uint64(time.Now().UnixNano())))
 		wg.Go(func() {
 			for n := 0; l.perWrite == 0 || n < l.perWrite; n++ {
 				select {
 				case <-stop:
+					return
+				case <-quit:
 					return
 				default:
 				}
