@@ -80,8 +80,9 @@ func TestFault10RetriableBrokerErrors(t *testing.T) {
 	result(t, 10, rep, "retriable errors retried by the idempotent producer")
 }
 
-// Entry 11: every broker connection is cut repeatedly while records are produced. The
-// idempotent producer resends with the same sequence numbers: no duplicate within the session.
+// Entry 11: every broker connection is cut repeatedly while records are produced, then stalled
+// silently for 3 s. The idempotent producer resends with the same sequence numbers: no duplicate
+// within the session.
 func TestFault11BrokerConnectionsCut(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{brokerGate: true, load: oracle.Config{Workers: 6}})
@@ -97,6 +98,14 @@ func TestFault11BrokerConnectionsCut(t *testing.T) {
 		})
 		cuts += e.gate.Cut()
 	}
+	// Then the connections go silent for a while (no error, no answer), and come back.
+	e.gate.Stall()
+	time.Sleep(3 * time.Second)
+	e.gate.Resume()
+	acked := r.probe.acked.Load()
+	e.eventually(60*time.Second, "progress after the stall", func() (bool, string) {
+		return r.probe.acked.Load() > acked+50, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
 	stop()
 	e.waitDrained(120 * time.Second)
 	r.stop(t)
@@ -105,7 +114,7 @@ func TestFault11BrokerConnectionsCut(t *testing.T) {
 	}
 	t.Logf("cut %d broker connections", cuts)
 	rep := e.check(0)
-	result(t, 11, rep, itoa(int64(cuts))+" connections cut, idempotent producer")
+	result(t, 11, rep, itoa(int64(cuts))+" connections cut, then a 3 s stall; idempotent producer")
 }
 
 // Entry 12: the broker is unreachable for a while (connections cut and refused), then back. The

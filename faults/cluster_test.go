@@ -101,7 +101,9 @@ func TestFault15DatabaseReadOnly(t *testing.T) {
 
 // Entry 16: the database connection is cut after the broker acknowledged a batch and before the
 // batch was marked (the marking statement waits on a lock, then the connection drops). The relay
-// reconnects and publishes the batch again: duplicates bounded by what was in flight.
+// reconnects and publishes the batch again: duplicates bounded by what was in flight. Then the
+// connection stalls silently for longer than the query timeout: the relay drops the session and
+// reconnects when the network is back.
 func TestFault16MarkFailsAfterPublish(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
@@ -114,7 +116,7 @@ func TestFault16MarkFailsAfterPublish(t *testing.T) {
 	url := strings.Replace(dbtest.URL(), host, proxy.Addr(), 1)
 	e.loader.Run(e.ctx, 300)
 	held, release := e.holdRows()
-	r := e.startRelay(relayOpts{name: "fault16", url: url})
+	r := e.startRelay(relayOpts{name: "fault16", url: url, timeout: time.Second})
 	e.eventually(60*time.Second, "the held batch acknowledged", func() (bool, string) {
 		n := e.records()
 		return n >= int64(held), itoa(n) + " records"
@@ -128,12 +130,34 @@ func TestFault16MarkFailsAfterPublish(t *testing.T) {
 	})
 	e.loader.Run(e.ctx, 100)
 	e.waitDrained(60 * time.Second)
+
+	// Then the network goes silent instead (a partition: no error, no answer) for longer than the
+	// query timeout: the relay gives the session up, and reconnects once the network is back.
+	connects := r.probe.connects.Load()
+	stop := e.loader.Go(e.ctx)
+	defer stop()
+	acked := r.probe.acked.Load()
+	e.eventually(60*time.Second, "progress", func() (bool, string) {
+		return r.probe.acked.Load() > acked+100, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
+	proxy.Stall()
+	time.Sleep(3 * time.Second) // the partition
+	proxy.Resume()
+	e.eventually(60*time.Second, "a new session after the partition", func() (bool, string) {
+		return r.probe.connects.Load() > connects, itoa(r.probe.connects.Load()-connects) + " new sessions"
+	})
+	acked = r.probe.acked.Load()
+	e.eventually(60*time.Second, "progress after the partition", func() (bool, string) {
+		return r.probe.acked.Load() > acked+100, itoa(r.probe.acked.Load()) + " acknowledged"
+	})
+	stop()
+	e.waitDrained(60 * time.Second)
 	r.stop(t)
-	// Bound: what was in flight, once for the terminated session and once more should the cut
-	// also catch the session that replaced it.
-	rep := e.check(2 * relayConfig().MaxInFlight)
+	// Bound: what was in flight, once for the terminated session, once more should the cut also
+	// catch the session that replaced it, and once for the partition.
+	rep := e.check(3 * relayConfig().MaxInFlight)
 	if rep.Duplicates == 0 {
 		t.Error("no duplicate: the cut did not land between the acknowledgement and the mark")
 	}
-	result(t, 16, rep, "unmarked batch republished after reconnecting")
+	result(t, 16, rep, "unmarked batch republished after reconnecting; 3 s silent partition survived")
 }

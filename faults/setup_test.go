@@ -233,6 +233,7 @@ type relayOpts struct {
 	kgoOpts  []kgo.Opt
 	observer app.RelayObserver         // called besides the relay's probe
 	store    func(app.Store) app.Store // decorates the relay's store
+	timeout  time.Duration             // the store's query timeout; 10s when zero
 }
 
 // relay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
@@ -263,7 +264,10 @@ func (e *env) startRelay(o relayOpts) *relay {
 	}
 	conn.ConnectTimeout = 5 * time.Second
 	conn.RuntimeParams["application_name"] = o.name
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, QueryTimeout: 10 * time.Second})
+	if o.timeout == 0 {
+		o.timeout = 10 * time.Second
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, QueryTimeout: o.timeout})
 	if err != nil {
 		e.t.Fatal(err)
 	}
