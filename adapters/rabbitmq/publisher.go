@@ -192,9 +192,13 @@ func (p *Publisher) Abort(context.Context) error {
 // Connected reports whether the publisher has a channel in confirm mode right now.
 func (p *Publisher) Connected() bool { return p.connected.Load() }
 
-// Ping checks, on a connection of its own, that the broker accepts the credentials and that the
-// exchange exists (or can be declared).
+// Ping checks that the broker answers: true at once while the publisher's own connection is up
+// (its heartbeats watch it), else checked on a connection of its own, which reports why the
+// broker is unreachable, refuses the credentials or the exchange.
 func (p *Publisher) Ping(ctx context.Context) error {
+	if p.connected.Load() {
+		return nil
+	}
 	conn, ch, err := p.dial(ctx)
 	if err != nil {
 		return err
