@@ -177,6 +177,10 @@ func TestTwoRelayProcesses(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	other := 1 - first
+	// The standby published nothing: one publisher at a time.
+	if n, err := metric(addrs[other], "outbox_relay_events_published_total"); err != nil || n != 0 {
+		t.Errorf("standby: outbox_relay_events_published_total = %v (err %v), want 0", n, err)
+	}
 
 	// SIGKILL the leader; an event committed after that must come out through the other one.
 	killed := time.Now()
@@ -224,6 +228,9 @@ func TestTwoRelayProcesses(t *testing.T) {
 	close(stop)
 	wait()
 	f.waitDrained(2 * time.Minute)
+	if n, err := metric(backAddr, "outbox_relay_events_published_total"); err != nil || n != 0 {
+		t.Errorf("restarted standby: outbox_relay_events_published_total = %v (err %v), want 0", n, err)
+	}
 	for _, p := range []*relayProc{procs[other], back} {
 		if code := p.terminate(t, time.Minute); code != 0 {
 			t.Errorf("%s exited %d after SIGTERM, want 0", p.name, code)
