@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/app"
@@ -217,8 +218,9 @@ func (NopConsumerObserver) Committed(int) {}
 // are done and whenever partitions are revoked; so a crash, a restart or a rebalance delivers
 // again at most what was not committed, and the Handler's inbox skips it.
 type Consumer struct {
-	cl     *kgo.Client
-	cfg    ConsumerConfig
+	cl         *kgo.Client
+	cfg        ConsumerConfig
+	autoCreate bool
 	handle Handler
 	obs    ConsumerObserver
 	log    *slog.Logger
@@ -249,7 +251,7 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Consumer{cfg: ccfg, handle: handle, obs: obs, log: log, done: make(map[topicPartition]*kgo.Record)}
+	c := &Consumer{cfg: ccfg, autoCreate: kcfg.AutoCreateTopics, handle: handle, obs: obs, log: log, done: make(map[topicPartition]*kgo.Record)}
 	opts, err := kcfg.clientOpts()
 	if err != nil {
 		return nil, err
@@ -280,10 +282,22 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 // Client returns the underlying franz-go client.
 func (c *Consumer) Client() *kgo.Client { return c.cl }
 
-// Ping checks that a broker answers a metadata request.
+// Ping checks that a broker answers a metadata request and, unless topics are created
+// automatically, that the dead-letter topic exists: a poison event would otherwise stall its
+// partition until the topic is created.
 func (c *Consumer) Ping(ctx context.Context) error {
 	if err := c.cl.Ping(ctx); err != nil {
 		return fmt.Errorf("kafka brokers unreachable: %w", err)
+	}
+	if c.autoCreate {
+		return nil
+	}
+	topics, err := kadm.NewClient(c.cl).ListTopics(ctx, c.cfg.DeadLetterTopic)
+	if err != nil {
+		return fmt.Errorf("kafka metadata: %w", err)
+	}
+	if d, ok := topics[c.cfg.DeadLetterTopic]; !ok || d.Err != nil {
+		return fmt.Errorf("consumer.dead_letter_topic: topic %q does not exist (create it, or set kafka.auto_create_topics)", c.cfg.DeadLetterTopic)
 	}
 	return nil
 }

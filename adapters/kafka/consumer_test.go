@@ -503,3 +503,32 @@ func TestConsumerWaitsOutUnavailableDependency(t *testing.T) {
 		t.Errorf("%d events dead-lettered and %d failed attempts reported during the outage, want 0 and 8", dead, failed)
 	}
 }
+
+// TestConsumerPingChecksDeadLetterTopic: a missing dead-letter topic is reported at start, naming
+// the key, instead of stalling a partition at the first poison event.
+func TestConsumerPingChecksDeadLetterTopic(t *testing.T) {
+	t.Parallel()
+	b := kafkatest.Start(t)
+	topic := b.Topic(t, "ping", 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	noop := func(context.Context, kafka.Event) (kafka.Outcome, error) { return kafka.Processed, nil }
+	missing, err := kafka.NewConsumer(kafka.Config{Brokers: b.Addrs}, kafka.ConsumerConfig{Group: "ping",
+		Topics: []string{topic}, DeadLetterTopic: "no-such-dlt-" + domain.NewID()[:8]}, noop, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer missing.Close()
+	if err := missing.Ping(ctx); err == nil || !strings.Contains(err.Error(), "consumer.dead_letter_topic") {
+		t.Errorf("ping with a missing dead-letter topic: %v, want an error naming consumer.dead_letter_topic", err)
+	}
+	present, err := kafka.NewConsumer(kafka.Config{Brokers: b.Addrs}, kafka.ConsumerConfig{Group: "ping",
+		Topics: []string{topic}, DeadLetterTopic: b.Topic(t, "ping-dlt", 1)}, noop, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer present.Close()
+	if err := present.Ping(ctx); err != nil {
+		t.Errorf("ping: %v", err)
+	}
+}
