@@ -221,9 +221,9 @@ type Consumer struct {
 	cl         *kgo.Client
 	cfg        ConsumerConfig
 	autoCreate bool
-	handle Handler
-	obs    ConsumerObserver
-	log    *slog.Logger
+	handle     Handler
+	obs        ConsumerObserver
+	log        *slog.Logger
 
 	mu   sync.Mutex
 	done map[topicPartition]*kgo.Record // the last finished record of each partition, not yet committed
