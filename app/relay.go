@@ -223,7 +223,10 @@ func (l *leadState) run(ctx context.Context) error {
 			wake = more
 			continue
 		}
-		if len(l.inflight) > 0 {
+		// Wait for the broker while it has rows to acknowledge, or for the running mark when
+		// nothing can be claimed before it ends. Rows that only wait for their mark do not keep
+		// the loop from watching for wake-ups while there is room.
+		if !room || len(l.inflight) > len(l.marking)+len(l.toMark) {
 			timer := time.NewTimer(l.cfg.PollInterval)
 			select {
 			case res := <-l.results:
@@ -243,14 +246,23 @@ func (l *leadState) run(ctx context.Context) error {
 			continue
 		}
 		wait := l.cfg.PollInterval - time.Since(l.lastPoll)
+		short := l.marking != nil && wait > markWatch // look at the running mark again soon
+		if short {
+			wait = markWatch
+		}
 		if wait > 0 {
 			if err := l.sess.Wait(ctx, wait); err != nil && ctx.Err() == nil {
 				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
 			}
 		}
-		wake = true
+		if !short {
+			wake = true // the poll interval passed
+		}
 	}
 }
+
+// markWatch is how long the loop waits for a wake-up before it looks at a running mark again.
+const markWatch = 5 * time.Millisecond
 
 // drain returns the results ready now, without blocking.
 func (l *leadState) drain() []result {
