@@ -87,6 +87,9 @@ func TestSmoke(t *testing.T) {
 	if len(got.Targets) == 0 || len(res.Targets) != len(got.Targets) {
 		t.Errorf("targets: %d in results.json, %d returned", len(got.Targets), len(res.Targets))
 	}
+	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("### Targets")) {
+		t.Errorf("tables.md missing or without the targets table: %v", err)
+	}
 	for _, name := range []string{"drain-throughput.png", "latency.png", "table-health.png"} {
 		b, err := os.ReadFile(filepath.Join(opts.Out, name))
 		if err != nil {

@@ -231,6 +231,9 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	if err := b.charts(); err != nil {
 		errs = append(errs, fmt.Errorf("charts: %w", err))
 	}
+	if err := b.writeTables(); err != nil {
+		errs = append(errs, fmt.Errorf("tables: %w", err))
+	}
 	b.summary(os.Stdout)
 	return b.res, errors.Join(errs...)
 }

@@ -1,0 +1,179 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// writeTables writes the results as Markdown tables (tables.md), for BENCHMARKS.md.
+func (b *bench) writeTables() error {
+	var sb strings.Builder
+	b.tables(&sb)
+	return os.WriteFile(filepath.Join(b.opts.Out, "tables.md"), []byte(sb.String()), 0o644)
+}
+
+func (b *bench) tables(w io.Writer) {
+	r := b.res
+	m := r.Machine
+	fmt.Fprintf(w, "Run of %s to %s, scale %s, %d partitions. Machine: %s, %d cores, %d MiB; %s; %s; Go %s; load average at start %s.\n\n",
+		r.Started.Format("2006-01-02 15:04Z"), r.Finished.Format("15:04Z"), r.Scale, r.Partitions, m.CPU, m.Cores,
+		m.MemoryMiB, m.Kernel, firstWords(m.Postgres, 2), m.Go, m.LoadAvg)
+
+	if len(r.Drain) > 0 {
+		fmt.Fprintln(w, "### Drain")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| payload, keys | events | variant | events/s | CPU ms / 10k events | peak RSS MiB | relay vs naive | relay vs SQL-only | relay vs produce-only |")
+		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|")
+		for _, dc := range b.opts.Scale.Matrix {
+			rates := map[string]float64{}
+			for _, d := range r.Drain {
+				if d.drainCase == dc && d.Error == "" {
+					rates[d.Variant] = d.EventsPerSec
+				}
+			}
+			for _, d := range r.Drain {
+				if d.drainCase != dc {
+					continue
+				}
+				if d.Error != "" {
+					fmt.Fprintf(w, "| %s | %d | %s | error: %s | | | | | |\n", caseLabel(dc), d.Events, d.Variant, d.Error)
+					continue
+				}
+				ratios := "| | |"
+				if d.Variant == variantRelay {
+					ratios = fmt.Sprintf("%s | %s | %s |", ratio(d.EventsPerSec, rates[variantNaive]),
+						ratio(d.EventsPerSec, rates[variantSQLOnly]), ratio(d.EventsPerSec, rates[variantProduce]))
+				}
+				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.1f | %.1f | %s\n", caseLabel(dc), d.Events, d.Variant,
+					d.EventsPerSec, d.CPUMsPer10k, mib(max(d.PeakRSS, d.HWM)), ratios)
+			}
+		}
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "Relay database time (from its observer): claims and marks, and how many rows a claim returned on average.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| payload, keys | wall s | claims | rows / claim | claim s | marks | rows / mark | mark s (beside the claims) |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|")
+		for _, d := range r.Drain {
+			if d.Variant != variantRelay || d.Relay == nil {
+				continue
+			}
+			s := d.Relay
+			fmt.Fprintf(w, "| %s | %.1f | %d | %.0f | %.1f | %d | %.0f | %.1f |\n", caseLabel(d.drainCase), d.WallSec, s.Claims,
+				float64(s.ClaimRows)/float64(max(s.Claims, 1)), s.ClaimSec, s.Marks, float64(d.Events)/float64(max(s.Marks, 1)), s.MarkSec)
+		}
+		fmt.Fprintln(w)
+	}
+
+	if s := r.Steady; s != nil {
+		fmt.Fprintln(w, "### Steady state (8 writers, one event per transaction)")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| offered ev/s | writers committed ev/s | relay marked ev/s | lag start | lag end | lag max | lag slope ev/s² | flat |")
+		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|---:|---|")
+		for _, st := range s.Steps {
+			offered := fmt.Sprintf("%.0f", st.OfferedPerSec)
+			if st.OfferedPerSec == 0 {
+				offered = "flat out"
+			}
+			flat := fmt.Sprint(st.Flat)
+			if st.WriterLimited {
+				flat += " (writers below 90% of offered)"
+			}
+			fmt.Fprintf(w, "| %s | %.0f | %.0f | %d | %d | %d | %.0f | %s |\n", offered, st.AchievedPerSec, st.RelayPerSec,
+				st.LagStart, st.LagEnd, st.LagMax, st.LagSlope, flat)
+		}
+		fmt.Fprintf(w, "\nHighest rate with flat lag: %.0f ev/s", s.MaxFlatPerSec)
+		if s.WriterMaxPerSec > 0 {
+			fmt.Fprintf(w, " (the 8 writers flat out reach %.0f ev/s)", s.WriterMaxPerSec)
+		}
+		fmt.Fprintln(w, ".")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| wake-up | offered ev/s | events | commit-to-ack p50 ms | p99 ms | p99.9 ms | max ms | insert-to-ack p50 ms | p99 ms | relay CPU ms / 10k |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, l := range s.Latency {
+			mode := "NOTIFY"
+			if l.Mode == "poll" {
+				mode = "polling alone"
+			}
+			fmt.Fprintf(w, "| %s | %.0f | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f |\n", mode, l.OfferedPerSec, l.Events,
+				l.P50, l.P99, l.P999, l.Max, l.InsertP50, l.InsertP99, l.CPUMsPer10k)
+		}
+		fmt.Fprintln(w)
+	}
+
+	if wc := r.Write; wc != nil {
+		fmt.Fprintln(w, "### Write-side cost (8 writers flat out, one event per transaction)")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| NOTIFY trigger | round | tx/s |")
+		fmt.Fprintln(w, "|---|---:|---:|")
+		for _, run := range wc.Runs {
+			fmt.Fprintf(w, "| %s | %d | %.0f |\n", onOff(run.Notify), run.Round, run.TxPerSec)
+		}
+		fmt.Fprintf(w, "\nMedian: %.0f tx/s with the trigger, %.0f without: %.2fx.\n\n", wc.NotifyTxSec, wc.PollTxSec, wc.NotifyFactor)
+	}
+
+	if len(r.Health) > 0 {
+		fmt.Fprintln(w, "### Table health")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| mode | events written | table MiB | index MiB | live tuples | dead tuples | autovacuums | pending | claim ms (EXPLAIN ANALYZE) | claim buffers |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, h := range r.Health {
+			mode := h.Mode
+			if h.Retention != "" {
+				mode += " (retention " + h.Retention + ")"
+			}
+			for _, s := range h.Samples {
+				fmt.Fprintf(w, "| %s | %d | %.2f | %.2f | %d | %d | %d | %d | %.2f | %d |\n", mode, s.Events, mib(s.TableBytes),
+					mib(s.IndexBytes), s.LiveTuples, s.DeadTuples, s.Vacuums, s.Pending, s.PollMs, s.PollBuffers)
+			}
+		}
+		fmt.Fprintln(w)
+		for _, h := range r.Health {
+			fmt.Fprintf(w, "Claim query plan, %s mode, at the start:\n\n```\n%s```\n\nand at the end:\n\n```\n%s```\n\n",
+				h.Mode, h.ExplainStart, h.ExplainEnd)
+		}
+	}
+
+	if mr := r.Memory; mr != nil {
+		fmt.Fprintln(w, "### Memory with a large backlog")
+		fmt.Fprintln(w)
+		fmt.Fprintf(w, "Backlog of %d rows of %d B; the relay (defaults: max_in_flight %d rows, max_in_flight_bytes %d MiB) published %d of them at %.0f ev/s with a peak RSS of %.1f MiB (VmHWM %.1f MiB).\n\n",
+			mr.Backlog, mr.Payload, mr.MaxInFlight, mr.MaxInFlightBytes>>20, mr.Drained, mr.EventsPerSec, mib(mr.PeakRSS), mib(mr.HWM))
+	}
+
+	if len(r.Targets) > 0 {
+		fmt.Fprintln(w, "### Targets")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| target | want | got | met |")
+		fmt.Fprintln(w, "|---|---|---|---|")
+		for _, t := range r.Targets {
+			met := "yes"
+			if !t.Met {
+				met = "**no**"
+			}
+			fmt.Fprintf(w, "| %s | %s | %s | %s |\n", t.Name, t.Target, t.Got, met)
+		}
+		fmt.Fprintln(w)
+	}
+}
+
+func ratio(a, b float64) string {
+	if b == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", a/b)
+}
+
+func onOff(b bool) string {
+	if b {
+		return "enabled"
+	}
+	return "disabled"
+}
+
+func firstWords(s string, n int) string {
+	f := strings.Fields(s)
+	return strings.Join(f[:min(n, len(f))], " ")
+}
