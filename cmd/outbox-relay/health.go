@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
+	"github.com/outbox-relay/outbox-relay/app"
 )
 
 // brokerCheckInterval is how long a broker check is reused by readiness probes, and how often the
@@ -96,14 +98,39 @@ func (d *daemon) ready(ctx context.Context) error {
 	if err != nil {
 		return errors.New("database query failed")
 	}
+	// Progress is the last acknowledgement, or the start of this leadership term: a replica that
+	// just took over a backlog has not stalled yet.
 	progress := d.relay.LastAck()
-	if progress.Before(d.started) {
-		progress = d.started // a relay that just started has not stalled yet
+	if since := d.leading.since(); progress.Before(since) {
+		progress = since
 	}
 	if stalled && time.Since(progress) > d.cfg.StallTimeout {
 		return fmt.Errorf("stalled: rows pending and nothing published for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
 	}
 	return nil
+}
+
+// leaderClock passes the relay's observations on and remembers when this replica last became
+// the leader.
+type leaderClock struct {
+	app.RelayObserver
+	at atomic.Int64 // unix nanoseconds
+}
+
+// Leading implements app.RelayObserver.
+func (c *leaderClock) Leading(leader bool) {
+	if leader {
+		c.at.Store(time.Now().UnixNano())
+	}
+	c.RelayObserver.Leading(leader)
+}
+
+// since returns when the current (or last) leadership term began; zero if never.
+func (c *leaderClock) since() time.Time {
+	if n := c.at.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
 }
 
 // backlogOf returns the function the metrics call on scrape to read the backlog per topic: the

@@ -47,7 +47,7 @@ type daemon struct {
 	relay     *app.Relay
 	metrics   *prometheus.Metrics
 	broker    *brokerCheck
-	started   time.Time
+	leading   *leaderClock
 	server    *http.Server
 	listener  net.Listener
 }
@@ -136,14 +136,15 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		return nil, err
 	}
 	// Every line of the relay names its outbox: one process may serve several in a fleet.
-	relay, err := app.NewRelay(cfg.Relay, store, publisher, metrics, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
+	leading := &leaderClock{RelayObserver: metrics}
+	relay, err := app.NewRelay(cfg.Relay, store, publisher, leading, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
 	if err != nil {
 		pool.Close()
 		publisher.Close()
 		return nil, err
 	}
 	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics,
-		broker: newBrokerCheck(cfg.Sink, publisher.Ping, log), started: time.Now()}
+		broker: newBrokerCheck(cfg.Sink, publisher.Ping, log), leading: leading}
 	if cfg.HTTPAddr != "" {
 		ln, err := net.Listen("tcp", cfg.HTTPAddr)
 		if err != nil {
