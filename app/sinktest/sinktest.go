@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -56,6 +57,7 @@ func Run(t *testing.T, newEnv func(t *testing.T) *Env) {
 		{"BrokerRefusalSurfaced", testRefusal},
 		{"NothingAckedBeforeConfirm", testNoEarlyAck},
 		{"Abort", testAbort},
+		{"RelayMarksOnlyConfirmed", testRelayMarks},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -401,4 +403,191 @@ func testAbort(t *testing.T, e *Env) {
 	}
 	waitDelivered(t, e, []string{m.EventID})
 	t.Logf("aborted %d, acknowledged %d of %d", len(ids)-len(acked), len(acked), len(ids))
+}
+
+// memStore is an in-memory app.Store for the relay test: it keeps rows in id order and checks,
+// at each Mark, that the sink confirmed every row marked.
+type memStore struct {
+	t      *testing.T
+	mu     sync.Mutex
+	rows   []app.Message
+	marked map[int64]bool
+	check  func(ids []int64)
+}
+
+func (s *memStore) Open(context.Context) (app.Session, error) { return memSession{s}, nil }
+
+func (s *memStore) markedCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.marked)
+}
+
+type memSession struct{ s *memStore }
+
+func (m memSession) TryLead(context.Context) (bool, error) { return true, nil }
+
+func (m memSession) Claim(_ context.Context, afterID int64, limit, _ int) ([]app.Message, error) {
+	m.s.mu.Lock()
+	defer m.s.mu.Unlock()
+	var out []app.Message
+	for _, r := range m.s.rows {
+		if r.ID > afterID && !m.s.marked[r.ID] {
+			out = append(out, r)
+			if len(out) == limit {
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+func (m memSession) Mark(_ context.Context, ids []int64) error {
+	m.s.check(ids)
+	m.s.mu.Lock()
+	defer m.s.mu.Unlock()
+	for _, id := range ids {
+		m.s.marked[id] = true
+	}
+	return nil
+}
+
+func (m memSession) Retry(_ context.Context, id int64, reason string, _ time.Duration) error {
+	m.s.t.Errorf("row %d failed: %s", id, reason)
+	return nil
+}
+
+func (m memSession) Park(_ context.Context, id int64, reason string) error {
+	m.s.t.Errorf("row %d parked: %s", id, reason)
+	m.s.mu.Lock()
+	defer m.s.mu.Unlock()
+	m.s.marked[id] = true
+	return nil
+}
+
+func (m memSession) Blocked(context.Context, bool) (app.Blocked, error) { return app.Blocked{}, nil }
+
+func (m memSession) Wait(ctx context.Context, timeout time.Duration) error {
+	select {
+	case <-ctx.Done():
+	case <-time.After(timeout):
+	}
+	return nil
+}
+
+func (m memSession) Notified() bool { return false }
+
+func (m memSession) Close(context.Context) error { return nil }
+
+// confirmedSink wraps the sink under test and records the rows it reported confirmed.
+type confirmedSink struct {
+	app.Sink
+	mu        sync.Mutex
+	handed    int
+	confirmed map[int64]bool
+}
+
+func (c *confirmedSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	c.mu.Lock()
+	c.handed++
+	c.mu.Unlock()
+	return c.Sink.Publish(ctx, m, func(err error) {
+		if err == nil {
+			c.mu.Lock()
+			c.confirmed[m.ID] = true
+			c.mu.Unlock()
+		}
+		done(err)
+	})
+}
+
+// testRelayMarks runs the relay over the sink: while the broker's acknowledgements are held
+// back nothing is marked; afterwards every row is marked, each only after the sink confirmed it,
+// and every row is at the broker in order per key.
+func testRelayMarks(t *testing.T, e *Env) {
+	sink := &confirmedSink{Sink: e.Sink, confirmed: map[int64]bool{}}
+	store := &memStore{t: t, marked: map[int64]bool{}}
+	store.check = func(ids []int64) {
+		sink.mu.Lock()
+		defer sink.mu.Unlock()
+		for _, id := range ids {
+			if !sink.confirmed[id] {
+				t.Errorf("row %d marked before the sink confirmed it", id)
+			}
+		}
+	}
+	const keys, per = 3, 10
+	var ids []string
+	for seq := range per {
+		for k := range keys {
+			m := message(int64(len(store.rows)+1), fmt.Sprintf("rk-%d", k), seq)
+			store.rows = append(store.rows, *m)
+			ids = append(ids, m.EventID)
+		}
+	}
+	relay, err := app.NewRelay(app.RelayConfig{PollInterval: 20 * time.Millisecond, BatchSize: 10, MaxInFlight: 100},
+		store, sink, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Pause != nil {
+		e.Pause(t)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("relay: %v", err)
+		}
+	}()
+	if e.Pause != nil {
+		deadline := time.Now().Add(Timeout)
+		for {
+			sink.mu.Lock()
+			handed := sink.handed
+			sink.mu.Unlock()
+			if handed >= len(ids) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the relay handed %d of %d rows to the sink", handed, len(ids))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		for range 5 {
+			if n := store.markedCount(); n > 0 {
+				t.Fatalf("%d rows marked while the broker's acknowledgements were held back", n)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		e.Resume(t)
+	}
+	deadline := time.Now().Add(Timeout)
+	for store.markedCount() < len(ids) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d rows marked after %s", store.markedCount(), len(ids), Timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := waitDelivered(t, e, ids)
+	last := map[string]int{}
+	for _, d := range got {
+		var p struct {
+			Key string
+			Seq int
+		}
+		if err := json.Unmarshal(d.Payload, &p); err != nil || !strings.HasPrefix(p.Key, "rk-") {
+			continue // another test's message in a shared destination, or not ours
+		}
+		prev, ok := last[p.Key]
+		if ok && p.Seq <= prev {
+			continue
+		}
+		if (ok && p.Seq != prev+1) || (!ok && p.Seq != 0) {
+			t.Errorf("key %s: seq %d delivered after %d", p.Key, p.Seq, prev)
+		}
+		last[p.Key] = p.Seq
+	}
 }
