@@ -62,15 +62,8 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 	if scanRows < 1 {
 		scanRows = BacklogScanRowsDefault
 	}
-	topic := `coalesce(nullif(topic, ''), replace(replace($1::text, '{aggregate_type}', aggregate_type), '{event_type}', event_type))`
-	rows, err := q.Query(ctx, `
-		WITH head AS (
-			SELECT id, created_at, `+topic+` AS topic
-			FROM `+t.outbox()+` WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
-		SELECT topic, count(*), greatest(extract(epoch FROM now() - min(created_at)), 0)::float8,
-			min(id), max(id),
-			(SELECT max(id) FROM `+t.outbox()+` WHERE dispatched_at IS NULL)
-		FROM head GROUP BY topic`, template, scanRows)
+	pendingSQL, parkedSQL := BacklogSQL(t)
+	rows, err := q.Query(ctx, pendingSQL, template, scanRows)
 	if err != nil {
 		return Backlog{}, fmt.Errorf("read pending rows of %s: %w", t, err)
 	}
@@ -112,10 +105,7 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 		}
 	}
 
-	rows, err = q.Query(ctx, `
-		SELECT `+topic+` AS topic, count(*)
-		FROM (SELECT topic, aggregate_type, event_type FROM `+t.parked()+` ORDER BY id LIMIT $2) p
-		GROUP BY 1`, template, scanRows)
+	rows, err = q.Query(ctx, parkedSQL, template, scanRows)
 	if err != nil {
 		return Backlog{}, fmt.Errorf("read parked rows of %s: %w", t, err)
 	}
@@ -154,6 +144,27 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 	}
 	sort.Slice(b.Topics, func(i, j int) bool { return b.Topics[i].Topic < b.Topics[j].Topic })
 	return b, nil
+}
+
+// BacklogSQL returns the two queries BacklogOf runs on t, for EXPLAIN: the pending rows per
+// topic and the parked rows per topic. Both take the topic template as $1 and the most rows to
+// read as $2.
+func BacklogSQL(t Table) (pending, parked string) {
+	t = t.WithDefaults()
+	topic := `coalesce(nullif(topic, ''), replace(replace($1::text, '{aggregate_type}', aggregate_type), '{event_type}', event_type))`
+	pending = `
+		WITH head AS (
+			SELECT id, created_at, ` + topic + ` AS topic
+			FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
+		SELECT topic, count(*), greatest(extract(epoch FROM now() - min(created_at)), 0)::float8,
+			min(id), max(id),
+			(SELECT max(id) FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL)
+		FROM head GROUP BY topic`
+	parked = `
+		SELECT ` + topic + ` AS topic, count(*)
+		FROM (SELECT topic, aggregate_type, event_type FROM ` + t.parked() + ` ORDER BY id LIMIT $2) p
+		GROUP BY 1`
+	return pending, parked
 }
 
 // Holder is the database session holding an outbox's leadership lock.
