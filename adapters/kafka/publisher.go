@@ -59,6 +59,10 @@ func NewPublisher(cfg Config, extra ...kgo.Opt) (*Publisher, error) {
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.ProducerLinger(cfg.Linger),
 		kgo.ProducerBatchCompression(comp),
+		// Never pack rows into a batch larger than the broker takes: it refuses the whole batch
+		// (MESSAGE_TOO_LARGE), the batches behind it still succeed, and keys are reordered.
+		// kafka.max_record_bytes is documented to be at most the broker's limit.
+		kgo.ProducerBatchMaxBytes(int32(cfg.MaxRecordBytes)),
 		kgo.MaxBufferedRecords(1<<20), // the relay bounds what is in flight; never block Publish
 		kgo.MaxBufferedBytes(0),
 	)
