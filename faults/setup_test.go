@@ -35,6 +35,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/tcpproxy"
 )
 
+var topicSeq atomic.Int64
+
 // relayBin is the outbox-relay binary the process-level tests run.
 var relayBin string
 
@@ -71,6 +73,7 @@ type options struct {
 	kfake      []kfake.Opt
 	partitions int32
 	topics     int
+	topicConf  map[string]*string // configuration of the env's topics
 	load       oracle.Config
 }
 
@@ -132,7 +135,24 @@ func setup(t *testing.T, o options) *env {
 		o.topics = 2
 	}
 	for range o.topics {
-		e.topics = append(e.topics, e.broker.Topic(t, "faults", o.partitions))
+		if o.topicConf == nil {
+			e.topics = append(e.topics, e.broker.Topic(t, "faults", o.partitions))
+			continue
+		}
+		name := fmt.Sprintf("faults-conf-%d-%d", os.Getpid(), topicSeq.Add(1))
+		cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker.Addrs...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := kadm.NewClient(cl).CreateTopic(ctx, o.partitions, 1, o.topicConf, name)
+		cl.Close()
+		if err == nil {
+			err = resp.Err
+		}
+		if err != nil {
+			t.Fatalf("create topic %s: %v", name, err)
+		}
+		e.topics = append(e.topics, name)
 	}
 	o.load.Topics = e.topics
 	l, err := oracle.New(ctx, e.pool, e.table, o.load)
