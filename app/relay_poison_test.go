@@ -182,6 +182,20 @@ func (e *poisonEnv) parked(t *testing.T) map[int64]parkedRow {
 }
 
 // pending returns the ids of the outbox rows not published yet, and the attempts of every row.
+// outboxEventually reads the outbox until its pending rows print as want, or 30 s passed: a row is
+// marked a moment after the broker acknowledged it, so after a consumer may already read it.
+func (e *poisonEnv) outboxEventually(t *testing.T, want string) (pending []int64, attempts map[int64]int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		pending, attempts = e.outbox(t)
+		if fmt.Sprint(pending) == want || time.Now().After(deadline) {
+			return pending, attempts
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func (e *poisonEnv) outbox(t *testing.T) (pending []int64, attempts map[int64]int) {
 	t.Helper()
 	rows, err := e.pool.Query(context.Background(), `SELECT id, attempts, dispatched_at IS NULL FROM `+
@@ -313,7 +327,7 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 	if len(want) > 0 {
 		t.Errorf("valid rows of other keys not published: %v", want)
 	}
-	pending, _ := e.outbox(t)
+	pending, _ := e.outboxEventually(t, fmt.Sprint(laterIDs))
 	if fmt.Sprint(pending) != fmt.Sprint(laterIDs) {
 		t.Errorf("pending rows %v, want the parked keys' later rows %v waiting (order_policy wait)", pending, laterIDs)
 	}
@@ -460,11 +474,11 @@ func TestRelayBrokerRejection(t *testing.T) {
 			if n := strings.Count(fmt.Sprint(got), "poison"); tc.policy == app.OrderPolicySkip && n != 1 {
 				t.Errorf("the poison key's later row published %d times, want once (order_policy skip): %v", n, got)
 			}
-			pending, attempts := e.outbox(t)
 			wantPending := "[]"
 			if tc.policy == app.OrderPolicyWait {
 				wantPending = fmt.Sprint([]int64{ids[len(ids)-1]})
 			}
+			pending, attempts := e.outboxEventually(t, wantPending)
 			if fmt.Sprint(pending) != wantPending {
 				t.Errorf("pending rows %v, want %s", pending, wantPending)
 			}

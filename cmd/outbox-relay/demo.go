@@ -177,7 +177,8 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 					return
 				case <-t.C:
 				}
-				_, err := createUser.Execute(writeCtx, app.CreateUserCommand{
+				// Not cancelled mid-transaction: a user whose COMMIT went out is counted as written.
+				_, err := createUser.Execute(context.WithoutCancel(writeCtx), app.CreateUserCommand{
 					Name: fmt.Sprintf("User %d-%d", w, n), Email: fmt.Sprintf("user-%d-%d-%s@example.com", w, n, domain.NewID()[:8])})
 				if err != nil {
 					if writeCtx.Err() == nil {
