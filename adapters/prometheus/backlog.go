@@ -43,8 +43,8 @@ type BacklogOptions struct {
 	Timeout time.Duration
 	// Cache is how long a read is reused by the next scrapes. Default 1s.
 	Cache time.Duration
-	// MaxTopics bounds the topic label's values; the others are summed under OtherTopic.
-	// Default 100.
+	// MaxTopics bounds the topic label's values, OtherTopic included: the first MaxTopics-1
+	// topics seen keep their label, later ones are summed under OtherTopic. Default 100.
 	MaxTopics int
 	// Log receives read failures at debug level (the backlog_query_success gauge shows them).
 	Log *slog.Logger
@@ -145,25 +145,30 @@ func (c *backlogCollector) Collect(ch chan<- prom.Metric) {
 	}
 }
 
-// fold keeps at most MaxTopics topic labels (the largest backlogs), sums the rest under
-// OtherTopic, and remembers the topics reported.
+// fold keeps the topic label's values bounded: the first MaxTopics-1 topics seen (the largest
+// first) keep their label for the life of the process; the others are summed under OtherTopic.
 func (c *backlogCollector) fold(b Backlog) Backlog {
-	if len(b.Topics) > c.opts.MaxTopics {
-		topics := append([]TopicBacklog(nil), b.Topics...)
-		// Keep topics already reported first, then the largest: labels stay stable.
-		sortTopics(topics, c.topics)
-		other := TopicBacklog{Topic: OtherTopic}
-		for _, t := range topics[c.opts.MaxTopics-1:] {
-			other.Pending += t.Pending
-			other.Parked += t.Parked
-			other.OldestAge = max(other.OldestAge, t.OldestAge)
-		}
-		b.Topics = append(topics[:c.opts.MaxTopics-1], other)
-	}
-	for _, t := range b.Topics {
-		if len(c.topics) < c.opts.MaxTopics-1 || c.topics[t.Topic] {
+	topics := append([]TopicBacklog(nil), b.Topics...)
+	sortTopics(topics, c.topics)
+	other := TopicBacklog{Topic: OtherTopic}
+	folded := false
+	b.Topics = b.Topics[:0:0]
+	for _, t := range topics {
+		if !c.topics[t.Topic] && len(c.topics) < c.opts.MaxTopics-1 {
 			c.topics[t.Topic] = true
 		}
+		if c.topics[t.Topic] {
+			b.Topics = append(b.Topics, t)
+			continue
+		}
+		folded = true
+		other.Pending += t.Pending
+		other.Parked += t.Parked
+		other.OldestAge = max(other.OldestAge, t.OldestAge)
+	}
+	if folded {
+		b.Topics = append(b.Topics, other)
+		c.topics[OtherTopic] = true // reported as 0 once nothing overflows
 	}
 	return b
 }
