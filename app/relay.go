@@ -183,6 +183,9 @@ type leadState struct {
 	cursor   int64
 	rescan   time.Time
 	lastPoll time.Time
+	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
+	// the byte budget takes.
+	rowBytes int
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
@@ -261,6 +264,10 @@ func (l *leadState) run(ctx context.Context) error {
 	}
 }
 
+// rescanSkipMin is the number of rows in flight from which a rescan skips them by id: below it,
+// reading them again costs less than the extra query.
+const rescanSkipMin = 256
+
 // markWatch is how long the loop waits for a wake-up before it looks at a running mark again.
 const markWatch = 5 * time.Millisecond
 
@@ -297,12 +304,40 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 				delete(l.memBlock, k)
 			}
 		}
+		if lister, ok := l.sess.(PendingLister); ok && len(l.inflight) >= rescanSkipMin {
+			// The rows in flight fill the head of the outbox: look past them by id only, and
+			// read rows from the first pending one not in flight, instead of fetching again (and
+			// dropping) whole rows the sink already has.
+			ids, err := lister.PendingIDs(ctx, 0, len(l.inflight)+1)
+			if err != nil {
+				return false, fmt.Errorf("rescan: %w", err)
+			}
+			for _, id := range ids {
+				if _, in := l.inflight[id]; !in {
+					l.cursor = id - 1
+					break
+				}
+				l.cursor = id
+			}
+		}
 	}
 	limit := min(l.cfg.BatchSize, l.cfg.MaxInFlight-len(l.inflight))
 	budget := max(l.cfg.MaxInFlightBytes-l.bytes, 1)
+	if l.rowBytes > 0 {
+		// Rows past the byte budget would be read and sent by the database only to be dropped:
+		// with a 10000-row batch and 1 MiB of 1 kB rows, nine rows in ten.
+		limit = max(1, min(limit, budget/l.rowBytes+1))
+	}
 	rows, err := l.sess.Claim(ctx, l.cursor, limit, budget)
 	if err != nil {
 		return false, fmt.Errorf("claim: %w", err)
+	}
+	if len(rows) > 0 {
+		size := 0
+		for i := range rows {
+			size += rows[i].Size()
+		}
+		l.rowBytes = max(1, size/len(rows))
 	}
 	l.lastPoll = time.Now()
 	l.obs.Claimed(len(rows), l.lastPoll.Sub(now))
