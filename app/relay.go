@@ -264,6 +264,10 @@ func (l *leadState) run(ctx context.Context) error {
 	}
 }
 
+// rescanSkipMin is the number of rows in flight from which a rescan skips them by id: below it,
+// reading them again costs less than the extra query.
+const rescanSkipMin = 256
+
 // markWatch is how long the loop waits for a wake-up before it looks at a running mark again.
 const markWatch = 5 * time.Millisecond
 
@@ -298,6 +302,22 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 				// Parked keys are known to the database: an operator may have retried or dropped
 				// the parked row since, and the reload above says whether the key still waits.
 				delete(l.memBlock, k)
+			}
+		}
+		if lister, ok := l.sess.(PendingLister); ok && len(l.inflight) >= rescanSkipMin {
+			// The rows in flight fill the head of the outbox: look past them by id only, and
+			// read rows from the first pending one not in flight, instead of fetching again (and
+			// dropping) whole rows the sink already has.
+			ids, err := lister.PendingIDs(ctx, 0, len(l.inflight)+1)
+			if err != nil {
+				return false, fmt.Errorf("rescan: %w", err)
+			}
+			for _, id := range ids {
+				if _, in := l.inflight[id]; !in {
+					l.cursor = id - 1
+					break
+				}
+				l.cursor = id
 			}
 		}
 	}

@@ -68,6 +68,14 @@ type Session interface {
 	Close(ctx context.Context) error
 }
 
+// PendingLister is a Session that can list pending rows by id alone. The relay uses it, when the
+// session has it, to rescan past the rows it has in flight without reading them again.
+type PendingLister interface {
+	// PendingIDs returns the ids of the rows Claim would return for afterID and limit, without
+	// reading the rows themselves.
+	PendingIDs(ctx context.Context, afterID int64, limit int) ([]int64, error)
+}
+
 // Sink publishes messages to a broker.
 type Sink interface {
 	// Publish hands m to the broker asynchronously and calls done exactly once with the broker's

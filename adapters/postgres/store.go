@@ -49,7 +49,7 @@ type Store struct {
 var _ app.Store = (*Store)(nil)
 
 type queries struct {
-	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
+	claim, pendingIDs, mark, retry, park, failing, parkedKeys, lock, listen, leading string
 }
 
 // ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
@@ -86,6 +86,9 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		claim: `SELECT id, event_id::text, aggregate_type, coalesce(aggregate_id, ''), event_type, payload,
 				coalesce(topic, ''), headers::text, occurred_at, created_at, attempts
 			FROM ` + t.outbox() + `
+			WHERE dispatched_at IS NULL AND id > $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+			ORDER BY id LIMIT $2`,
+		pendingIDs: `SELECT id FROM ` + t.outbox() + `
 			WHERE dispatched_at IS NULL AND id > $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
 			ORDER BY id LIMIT $2`,
 		mark: mark,
@@ -207,6 +210,20 @@ func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int)
 		return nil, s.wrap(err)
 	}
 	return out, nil
+}
+
+var _ app.PendingLister = (*session)(nil)
+
+// PendingIDs implements app.PendingLister.
+func (s *session) PendingIDs(ctx context.Context, afterID int64, limit int) ([]int64, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	rows, err := s.conn.Query(ctx, s.store.q.pendingIDs, afterID, limit)
+	if err != nil {
+		return nil, s.wrap(err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	return ids, s.wrap(err)
 }
 
 // Mark implements app.Session.
