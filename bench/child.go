@@ -58,7 +58,8 @@ type childConfig struct {
 	Relay       relaySettings `json:"relay"`
 	Latency     bool          `json:"latency,omitempty"` // record commit-to-ack latencies
 	Retention   time.Duration `json:"retention,omitempty"`
-	Profile     string        `json:"profile,omitempty"` // write a CPU profile of the work here
+	Profile     string        `json:"profile,omitempty"`  // write a CPU profile of the work here
+	AppName     string        `json:"app_name,omitempty"` // application_name of its database sessions
 	// For the produce role: what to produce.
 	Events      int64 `json:"events,omitempty"`
 	PayloadSize int   `json:"payload_size,omitempty"`
@@ -79,6 +80,7 @@ type childReport struct {
 	WallSec     float64     `json:"wall_sec"`
 	CPUUserSec  float64     `json:"cpu_user_sec"`
 	CPUSysSec   float64     `json:"cpu_sys_sec"`
+	DBCPUSec    float64     `json:"db_cpu_sec"`             // CPU of its PostgreSQL backends (by application_name)
 	PeakRSS     int64       `json:"peak_rss_bytes"`         // highest sampled RSS since go/reset (every 20ms)
 	HWM         int64       `json:"vm_hwm_bytes"`           // the kernel's high-water mark of RSS for the process
 	LatenciesMS []float64   `json:"latencies_ms,omitempty"` // sorted insert-to-ack latencies (created_at to ack)
@@ -141,6 +143,9 @@ type child struct {
 	profiling bool
 	lat       []float64
 	acks      []ack
+	monMu     sync.Mutex
+	monitor   *pgx.Conn // finds this child's backends; under monMu
+	dbBase    float64
 	stats     *relayStats // kept by the relay's observer, under mu
 	peak      int64
 	base      syscall.Rusage
@@ -175,6 +180,14 @@ func (c *child) run(ctx context.Context) error {
 	}
 	if err != nil {
 		return err
+	}
+	if c.cfg.DatabaseURL != "" && c.cfg.AppName != "" {
+		mon, err := pgx.Connect(ctx, c.cfg.DatabaseURL)
+		if err != nil {
+			return err
+		}
+		defer mon.Close(context.Background())
+		c.monitor = mon
 	}
 	c.println("ready")
 	cmds := make(chan string)
@@ -244,6 +257,7 @@ func (c *child) reset() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &c.base)
+	c.dbBase = c.dbCPU()
 	c.baseAt = time.Now()
 	c.baseCount = c.events.Load()
 	c.lat = c.lat[:0]
@@ -258,12 +272,14 @@ func (c *child) reset() {
 func (c *child) report() {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	db := c.dbCPU()
 	c.mu.Lock()
 	r := childReport{
 		Events:     c.events.Load() - c.baseCount,
 		WallSec:    time.Since(c.baseAt).Seconds(),
 		CPUUserSec: tv(ru.Utime) - tv(c.base.Utime),
 		CPUSysSec:  tv(ru.Stime) - tv(c.base.Stime),
+		DBCPUSec:   db - c.dbBase,
 		PeakRSS:    max(c.peak, rss()),
 		HWM:        hwm(),
 	}
@@ -301,6 +317,63 @@ func (c *child) sample(ctx context.Context) {
 	}
 }
 
+// connConfig returns the database configuration of the child's sessions, named AppName.
+func (c *child) connConfig() (*pgx.ConnConfig, error) {
+	cfg, err := postgres.ParseURL(c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	if c.cfg.AppName != "" {
+		cfg.RuntimeParams["application_name"] = c.cfg.AppName
+	}
+	return cfg, nil
+}
+
+// dbCPU returns the CPU seconds used so far by the child's PostgreSQL backends (the server runs
+// on this machine): its sessions are found by application_name, their CPU in /proc.
+func (c *child) dbCPU() float64 {
+	c.monMu.Lock()
+	defer c.monMu.Unlock()
+	if c.monitor == nil || c.cfg.AppName == "" {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rows, err := c.monitor.Query(ctx, `SELECT pid FROM pg_stat_activity WHERE application_name IN ($1, $1 || ' marks')`, c.cfg.AppName)
+	if err != nil {
+		return 0
+	}
+	pids, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		return 0
+	}
+	var sum float64
+	for _, pid := range pids {
+		sum += procCPU(int(pid))
+	}
+	return sum
+}
+
+// procCPU returns the user+system CPU seconds of process pid, from /proc/<pid>/stat.
+func procCPU(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
 func tv(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
 
 // rss returns the resident set size of this process, from /proc/self/statm.
@@ -335,7 +408,7 @@ func hwm() int64 {
 // relay wires app.Relay as 'outbox-relay run' does (Prometheus metrics and kprom hooks included,
 // no HTTP listener) and runs it until the expected rows are marked.
 func (c *child) relay(ctx context.Context) (work, error) {
-	connCfg, err := postgres.ParseURL(c.cfg.DatabaseURL)
+	connCfg, err := c.connConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -479,7 +552,11 @@ func producerOpts(brokers []string) []kgo.Opt {
 // naive is the one-loop relay many projects start with: in one transaction, lock the oldest
 // 1000 rows, produce them synchronously, delete them, commit.
 func (c *child) naive(ctx context.Context) (work, error) {
-	conn, err := pgx.Connect(ctx, c.cfg.DatabaseURL)
+	connCfg, err := c.connConfig()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := pgx.ConnectConfig(ctx, connCfg)
 	if err != nil {
 		return nil, err
 	}
@@ -562,7 +639,7 @@ func (c *child) naiveBatch(ctx context.Context, conn *pgx.Conn, cl *kgo.Client, 
 // sqlOnly claims and marks with the relay's own Store, in the relay's batch size, with no broker:
 // the database's share of the relay's work, done serially on one connection.
 func (c *child) sqlOnly(ctx context.Context) (work, error) {
-	connCfg, err := postgres.ParseURL(c.cfg.DatabaseURL)
+	connCfg, err := c.connConfig()
 	if err != nil {
 		return nil, err
 	}

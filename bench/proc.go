@@ -21,6 +21,11 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
+var childSeq atomic.Int64
+
+// cpu returns the CPU seconds the child process used so far.
+func (p *proc) cpu() float64 { return procCPU(p.cmd.Process.Pid) }
+
 // proc is a running child process.
 type proc struct {
 	role     string
@@ -37,6 +42,9 @@ type proc struct {
 
 // start starts a child with cfg and waits until it says it is ready.
 func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
+	if cfg.AppName == "" && cfg.Role != roleKfake {
+		cfg.AppName = fmt.Sprintf("bench-%d-%d", os.Getpid(), childSeq.Add(1))
+	}
 	data, _ := json.Marshal(cfg)
 	cmd := exec.Command(b.exe)
 	cmd.Env = append(os.Environ(), childEnv+"="+string(data))

@@ -25,8 +25,8 @@ func (b *bench) tables(w io.Writer) {
 	if len(r.Drain) > 0 {
 		fmt.Fprintln(w, "### Drain")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| payload, keys | events | variant | events/s | CPU ms / 10k events | peak RSS MiB | relay vs naive | relay vs SQL-only | relay vs produce-only |")
-		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| payload, keys | events | variant | events/s | CPU ms / 10k: own | database | broker | all | peak RSS MiB | relay vs naive | relay vs SQL-only | relay vs produce-only |")
+		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, dc := range b.opts.Scale.Matrix {
 			rates := map[string]float64{}
 			for _, d := range r.Drain {
@@ -39,7 +39,7 @@ func (b *bench) tables(w io.Writer) {
 					continue
 				}
 				if d.Error != "" {
-					fmt.Fprintf(w, "| %s | %d | %s | error: %s | | | | | |\n", caseLabel(dc), d.Events, d.Variant, d.Error)
+					fmt.Fprintf(w, "| %s | %d | %s | error: %s | | | | | | | | |\n", caseLabel(dc), d.Events, d.Variant, d.Error)
 					continue
 				}
 				ratios := "| | |"
@@ -47,8 +47,8 @@ func (b *bench) tables(w io.Writer) {
 					ratios = fmt.Sprintf("%s | %s | %s |", ratio(d.EventsPerSec, rates[variantNaive]),
 						ratio(d.EventsPerSec, rates[variantSQLOnly]), ratio(d.EventsPerSec, rates[variantProduce]))
 				}
-				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.1f | %.1f | %s\n", caseLabel(dc), d.Events, d.Variant,
-					d.EventsPerSec, d.CPUMsPer10k, mib(max(d.PeakRSS, d.HWM)), ratios)
+				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.1f | %s\n", caseLabel(dc), d.Events, d.Variant,
+					d.EventsPerSec, d.CPUMsPer10k, d.DBCPUMsPer10k, d.BrokerCPUMsPer10k, d.TotalCPUMsPer10k, mib(max(d.PeakRSS, d.HWM)), ratios)
 			}
 		}
 		fmt.Fprintln(w)
