@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/spf13/pflag"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
@@ -17,14 +19,7 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, _, err := loadConfig(fs)
-	if err != nil {
-		return err
-	}
-	if cfg.DatabaseURL == "" {
-		return fmt.Errorf("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
-	}
-	pool, err := openPool(ctx, cfg)
+	cfg, pool, err := loadDatabase(ctx, fs)
 	if err != nil {
 		return err
 	}
@@ -50,6 +45,22 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	fmt.Fprintf(stdout, "done: %d applied\n", applied)
 	return nil
+}
+
+// loadDatabase loads the configuration of a command that needs only the database, and connects.
+func loadDatabase(ctx context.Context, fs *pflag.FlagSet) (*Config, *pgxpool.Pool, error) {
+	cfg, _, err := loadConfig(fs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if cfg.DatabaseURL == "" {
+		return nil, nil, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
+	}
+	pool, err := openPool(ctx, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cfg, pool, nil
 }
 
 // openPool connects a small pool within database.connect_timeout.

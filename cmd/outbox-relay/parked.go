@@ -58,14 +58,7 @@ func parkedCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if sub != "list" && len(*ids) == 0 && *key == "" && *aggType == "" && !*all {
 		return fmt.Errorf("%s needs a selection: --id, --key, --aggregate-type or --all", sub)
 	}
-	cfg, _, err := loadConfig(fs)
-	if err != nil {
-		return err
-	}
-	if cfg.DatabaseURL == "" {
-		return errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
-	}
-	pool, err := openPool(ctx, cfg)
+	cfg, pool, err := loadDatabase(ctx, fs)
 	if err != nil {
 		return err
 	}

@@ -43,14 +43,7 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, _, err := loadConfig(fs)
-	if err != nil {
-		return err
-	}
-	if cfg.DatabaseURL == "" {
-		return fmt.Errorf("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
-	}
-	pool, err := openPool(ctx, cfg)
+	cfg, pool, err := loadDatabase(ctx, fs)
 	if err != nil {
 		return err
 	}
