@@ -59,7 +59,7 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("drain %s %s: incomplete result %+v", caseLabel(d.drainCase), d.Variant, d)
 		}
 	}
-	if got.Steady == nil || len(got.Steady.Steps) == 0 || len(got.Steady.Latency) != 2 {
+	if got.Steady == nil || len(got.Steady.Steps) == 0 || len(got.Steady.Latency) != 3 {
 		t.Fatalf("steady section incomplete: %+v", got.Steady)
 	}
 	for _, l := range got.Steady.Latency {

@@ -92,7 +92,8 @@ func (b *bench) latencyChart(path string) error {
 		line.Dashes = plotutil.Dashes(i)
 		line.Width = vg.Points(1.5)
 		p.Add(line)
-		p.Legend.Add(fmt.Sprintf("%s, %.0f ev/s", map[string]string{"notify": "NOTIFY wake-up", "poll": "polling alone"}[l.Mode],
+		p.Legend.Add(fmt.Sprintf("%s, %.0f ev/s", map[string]string{"notify": "NOTIFY wake-up", "poll": "polling every 500 ms",
+			"poll-fast": "polling every 50 ms"}[l.Mode],
 			l.OfferedPerSec), line)
 	}
 	p.Legend.Top = true

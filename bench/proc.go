@@ -34,7 +34,8 @@ type proc struct {
 	stdin    io.WriteCloser
 	ready    chan string
 	reports  chan childReport
-	progress atomic.Int64
+	progress atomic.Int64 // rows the child marked, plus offset
+	offset   int64        // set before "go": what earlier children of the same run marked
 	stderr   *bytes.Buffer
 	exited   chan struct{}
 	err      error
@@ -73,12 +74,12 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 				p.ready <- strings.TrimSpace(strings.TrimPrefix(line, "ready"))
 			case strings.HasPrefix(line, "progress "):
 				n, _ := strconv.ParseInt(strings.TrimPrefix(line, "progress "), 10, 64)
-				p.progress.Store(n)
+				p.progress.Store(p.offset + n)
 			case strings.HasPrefix(line, "report "):
 				var rep childReport
 				if json.Unmarshal([]byte(strings.TrimPrefix(line, "report ")), &rep) == nil {
 					p.reports <- rep
-					p.progress.Store(max(p.progress.Load(), rep.Events))
+					p.progress.Store(max(p.progress.Load(), p.offset+rep.Events))
 				}
 			}
 			if err != nil {

@@ -38,6 +38,7 @@ type stepResult struct {
 type latencyResult struct {
 	Mode          string    `json:"mode"` // "notify" or "poll"
 	OfferedPerSec float64   `json:"offered_per_sec"`
+	WrittenPerSec float64   `json:"written_per_sec"` // what the writers committed
 	Events        int       `json:"events"`
 	P50           float64   `json:"p50_ms"`
 	P99           float64   `json:"p99_ms"`
@@ -127,9 +128,30 @@ func (b *bench) steady(ctx context.Context) error {
 	if half := math.Round(res.MaxFlatPerSec/2/100) * 100; half > 1000 {
 		rates = append(rates, half)
 	}
-	for _, mode := range []string{"notify", "poll"} {
+	for _, mode := range []string{"notify", "poll", "poll-fast"} {
 		if err := b.setTrigger(ctx, schema, mode == "notify"); err != nil {
 			return err
+		}
+		if mode == "poll-fast" {
+			// Polling alone with a short interval: the alternative to the wake-up when NOTIFY
+			// costs the writers too much (see the write-cost section).
+			if err := waitCaughtUp(ctx, w, relay, 30*time.Second); err != nil {
+				return err
+			}
+			if err := relay.stop(); err != nil {
+				return err
+			}
+			base := relay.progress.Load()
+			relay, err = b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
+				Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true, Relay: relaySettings{PollInterval: fastPoll}})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = relay.stop() }()
+			relay.offset = base
+			if err := relay.send("go"); err != nil {
+				return err
+			}
 		}
 		for _, rate := range rates {
 			lr, err := b.latencyRun(ctx, w, relay, mode, rate)
@@ -137,12 +159,15 @@ func (b *bench) steady(ctx context.Context) error {
 				return err
 			}
 			res.Latency = append(res.Latency, lr)
-			b.log.Printf("latency %-6s at %6.0f/s: p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (%d events, relay cpu %.1f ms/10k)",
-				mode, rate, lr.P50, lr.P99, lr.P999, lr.Max, lr.Events, lr.CPUMsPer10k)
+			b.log.Printf("latency %-6s at %6.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (%d events, relay cpu %.1f ms/10k)",
+				mode, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.Max, lr.Events, lr.CPUMsPer10k)
 		}
 	}
 	return b.setTrigger(ctx, schema, true)
 }
+
+// fastPoll is the poll interval of the "poll-fast" latency runs.
+const fastPoll = 50 * time.Millisecond
 
 // step offers rate events/s (0: flat out) for one step and watches the lag.
 func (b *bench) step(ctx context.Context, w *writers, relay *proc, rate float64) (stepResult, error) {
@@ -199,10 +224,12 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		return latencyResult{}, err
 	}
 	w.track()
+	start := time.Now()
 	wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.LatencyRun)
 	w.run(wctx, rate)
 	cancel()
 	commits := w.untrack()
+	written := float64(len(commits)) / time.Since(start).Seconds()
 	if err := w.failure(); err != nil {
 		return latencyResult{}, err
 	}
@@ -226,7 +253,7 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		return latencyResult{}, fmt.Errorf("%d of %d committed events acknowledged", len(s), len(commits))
 	}
 	sort.Float64s(s)
-	lr := latencyResult{Mode: mode, OfferedPerSec: rate, Events: len(s), samples: s,
+	lr := latencyResult{Mode: mode, OfferedPerSec: rate, WrittenPerSec: written, Events: len(s), samples: s,
 		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1),
 		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99)}
 	if len(rep.LatenciesMS) > 0 {
