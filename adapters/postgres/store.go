@@ -187,7 +187,7 @@ func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int)
 		return nil, s.wrap(err)
 	}
 	defer rows.Close()
-	out := make([]app.Message, 0, limit) // one allocation: the batch is usually full
+	out := make([]app.Message, 0, min(limit, 256)) // a few growths for a full batch; small when caught up
 	size := 0
 	for rows.Next() {
 		var m app.Message
