@@ -212,6 +212,7 @@ func (c *child) run(ctx context.Context) error {
 			return err
 		}
 		c.profiling = true
+		defer c.stopProfile()
 	}
 	wctx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -491,13 +492,20 @@ func (c *child) purge(ctx context.Context, table postgres.Table) {
 // freeze takes the report at the moment the expected work completed, so the shutdown is not
 // counted.
 func (c *child) freeze() {
-	if c.profiling {
-		pprof.StopCPUProfile()
-	}
+	c.stopProfile()
 	c.report()
 	c.mu.Lock()
 	c.frozen = true
 	c.mu.Unlock()
+}
+
+func (c *child) stopProfile() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.profiling {
+		pprof.StopCPUProfile()
+		c.profiling = false
+	}
 }
 
 // countingObserver counts marked rows and records commit-to-ack latencies, then passes every

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"sync"
@@ -74,8 +75,12 @@ func (b *bench) steady(ctx context.Context) error {
 		return err
 	}
 	defer br.close()
+	profile := ""
+	if b.opts.Profile {
+		profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-steady-cpu.pprof"))
+	}
 	relay, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
-		Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true})
+		Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true, Profile: profile})
 	if err != nil {
 		return err
 	}
