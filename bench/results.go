@@ -140,7 +140,7 @@ func (b *bench) targets() []targetResult {
 		add("relay CPU per 10k events, 256 B and 1 KB drains (max)", "<= 50 ms", cpu <= 50, "%.1f ms", cpu)
 	}
 	for _, h := range b.res.Health {
-		add("table size flat ("+h.Mode+" mode), size end / half-way", "<= 1.25", h.SizeGrowth > 0 && h.SizeGrowth <= 1.25,
+		add("table size flat ("+h.Mode+" mode): size at the end / after the half-way VACUUM", "<= 1.25", h.SizeGrowth > 0 && h.SizeGrowth <= 1.25,
 			"%.2f", h.SizeGrowth)
 	}
 	return out

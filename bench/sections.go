@@ -121,6 +121,7 @@ type healthSample struct {
 	Pending     int64   `json:"pending"`     // committed but not yet marked
 	PollMs      float64 `json:"poll_ms"`     // execution time of the claim query from the head (EXPLAIN ANALYZE)
 	PollBuffers int64   `json:"poll_buffers"`
+	AfterVacuum bool    `json:"after_vacuum,omitempty"` // taken right after the half-way VACUUM
 }
 
 // healthResult is the table-health run of one mark mode.
@@ -132,7 +133,7 @@ type healthResult struct {
 	Samples      []healthSample `json:"samples"`
 	ExplainStart string         `json:"explain_start"`
 	ExplainEnd   string         `json:"explain_end"`
-	SizeGrowth   float64        `json:"size_growth"` // table+index size at the end / at half-way
+	SizeGrowth   float64        `json:"size_growth"` // table+index size at the end / right after the half-way VACUUM
 }
 
 // healthRate is the rate at which the table-health runs write: steady, well within what the
@@ -212,6 +213,7 @@ func (b *bench) healthRun(ctx context.Context, mode string, retention time.Durat
 	go func() { w.run(wctx, healthRate); close(done) }()
 	total := b.opts.Scale.HealthEvents
 	next := total / 20
+	vacuumed := false
 	for {
 		select {
 		case <-done:
@@ -227,6 +229,18 @@ func (b *bench) healthRun(ctx context.Context, mode string, retention time.Durat
 			}
 			next += total / 10
 		}
+		if !vacuumed && n >= total/2 {
+			// autovacuum_naptime (60 s by default) is longer than this run: do once, half-way,
+			// what autovacuum would do, so the second half shows whether the space is reused.
+			vacuumed = true
+			if _, err := b.pool.Exec(ctx, `VACUUM `+table); err != nil {
+				return hr, fmt.Errorf("vacuum: %w", err)
+			}
+			if err := sample(); err != nil {
+				return hr, err
+			}
+			hr.Samples[len(hr.Samples)-1].AfterVacuum = true
+		}
 		if n >= total {
 			stop()
 			<-done
@@ -241,7 +255,7 @@ func (b *bench) healthRun(ctx context.Context, mode string, retention time.Durat
 	}
 	var mid, end int64
 	for _, s := range hr.Samples {
-		if mid == 0 && s.Events >= total/2 {
+		if s.AfterVacuum {
 			mid = s.TableBytes + s.IndexBytes
 		}
 		end = s.TableBytes + s.IndexBytes

@@ -70,8 +70,8 @@ func (b *bench) tables(w io.Writer) {
 	if s := r.Steady; s != nil {
 		fmt.Fprintln(w, "### Steady state (8 writers, one event per transaction)")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| offered ev/s | writers committed ev/s | relay marked ev/s | lag start | lag end | lag max | lag slope ev/s² | flat |")
-		fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|---:|---|")
+		fmt.Fprintln(w, "| wake-up | offered ev/s | writers committed ev/s | relay marked ev/s | lag start | lag end | lag max | lag slope ev/s² | flat |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---|")
 		for _, st := range s.Steps {
 			offered := fmt.Sprintf("%.0f", st.OfferedPerSec)
 			if st.OfferedPerSec == 0 {
@@ -81,12 +81,17 @@ func (b *bench) tables(w io.Writer) {
 			if st.WriterLimited {
 				flat += " (writers below 90% of offered)"
 			}
-			fmt.Fprintf(w, "| %s | %.0f | %.0f | %d | %d | %d | %.0f | %s |\n", offered, st.AchievedPerSec, st.RelayPerSec,
+			mode := map[string]string{"notify": "NOTIFY", "poll": "polling (500 ms)"}[st.Mode]
+			fmt.Fprintf(w, "| %s | %s | %.0f | %.0f | %d | %d | %d | %.0f | %s |\n", mode, offered, st.AchievedPerSec, st.RelayPerSec,
 				st.LagStart, st.LagEnd, st.LagMax, st.LagSlope, flat)
 		}
-		fmt.Fprintf(w, "\nHighest rate with flat lag: %.0f ev/s", s.MaxFlatPerSec)
+		fmt.Fprintf(w, "\nHighest rate with flat lag: %.0f ev/s with the NOTIFY wake-up", s.MaxFlatPerSec)
 		if s.WriterMaxPerSec > 0 {
 			fmt.Fprintf(w, " (the 8 writers flat out reach %.0f ev/s)", s.WriterMaxPerSec)
+		}
+		fmt.Fprintf(w, "; %.0f ev/s with polling alone", s.PollMaxFlatPerSec)
+		if s.PollWriterMaxPerSec > 0 {
+			fmt.Fprintf(w, " (writers flat out: %.0f ev/s)", s.PollWriterMaxPerSec)
 		}
 		fmt.Fprintln(w, ".")
 		fmt.Fprintln(w)
@@ -123,7 +128,11 @@ func (b *bench) tables(w io.Writer) {
 				mode += " (retention " + h.Retention + ")"
 			}
 			for _, s := range h.Samples {
-				fmt.Fprintf(w, "| %s | %d | %.2f | %.2f | %d | %d | %d | %d | %.2f | %d |\n", mode, s.Events, mib(s.TableBytes),
+				ev := fmt.Sprint(s.Events)
+				if s.AfterVacuum {
+					ev += " (after VACUUM)"
+				}
+				fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | %d | %d | %d | %d | %.2f | %d |\n", mode, ev, mib(s.TableBytes),
 					mib(s.IndexBytes), s.LiveTuples, s.DeadTuples, s.Vacuums, s.Pending, s.PollMs, s.PollBuffers)
 			}
 		}
