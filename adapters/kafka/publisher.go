@@ -22,6 +22,10 @@ const (
 	HeaderOccurredAt    = "occurred-at"
 )
 
+// recordBatchOverhead bounds the bytes a batch of one record adds to the record's key, value
+// and headers: the batch header (61) and the record's own lengths, offset and timestamp (36).
+const recordBatchOverhead = 61 + 36
+
 var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
 
 // Publisher publishes outbox rows to Kafka: app.Sink.
@@ -141,7 +145,11 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
 		}
 	}
-	size := len(rec.Key) + len(rec.Value)
+	// A record travels in a batch, and the broker's limit (like the producer's batch cap, set to
+	// kafka.max_record_bytes) counts the batch header and the record's framing too: at most 61 +
+	// 36 bytes, and 10 per header. A record that fits only without them would fail in the
+	// producer, after its key's later rows were handed over, and they would go out first.
+	size := len(rec.Key) + len(rec.Value) + recordBatchOverhead + 10*len(rec.Headers)
 	for _, h := range rec.Headers {
 		size += len(h.Key) + len(h.Value)
 	}
