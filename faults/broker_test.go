@@ -302,3 +302,65 @@ func TestFault13BatchesWithinBrokerLimit(t *testing.T) {
 	rep := e.check(0)
 	result(t, 13, rep, "3,000 rows of 0.5 kB under a 20 kB topic limit: no batch refused")
 }
+
+// Entry 13, a record at the limit: its key, value and headers fit kafka.max_record_bytes but, with
+// the framing it travels in, it does not fit the broker's limit. It must be parked before it is
+// sent, like any record too large, so that its key's later rows (handed over in the same claim)
+// wait behind it instead of going out first.
+func TestFault13RecordAtTheLimit(t *testing.T) {
+	t.Parallel()
+	const limit = 20000
+	e := setup(t, options{partitions: 1, topics: 1, topicConf: map[string]*string{"max.message.bytes": ptr(itoa(limit))},
+		load: oracle.Config{Keys: 4}})
+	// The record's size as the relay counts it: key + value + headers (event-id 44, event-type 21,
+	// aggregate-type 19, occurred-at 11+20..30). Aim 30 bytes under the limit.
+	value := limit - 30 - len("edge") - (44 + 21 + 19 + 11 + 30)
+	pad := value - len(`{"key":"edge","seq":1,"pad":""}`)
+	head, err := e.loader.BeginPadded(e.ctx, "edge", 1, pad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := head.Commit(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.loader.Write(e.ctx, "edge", 5); err != nil {
+		t.Fatal(err)
+	}
+	e.loader.Run(e.ctx, 100)
+	cfg := relayConfig()
+	cfg.MaxAttempts = 3
+	cfg.RetryBackoffMax = 200 * time.Millisecond
+	r := e.startRelay(relayOpts{cfg: cfg, kafka: func(c *kafka.Config) { c.MaxRecordBytes = limit }})
+	e.eventually(60*time.Second, "the row at the limit parked", func() (bool, string) {
+		return r.probe.parked.Load() >= 1, itoa(r.probe.parked.Load()) + " parked"
+	})
+	e.eventually(60*time.Second, "only the key's later rows pending", func() (bool, string) {
+		n, err := e.pending()
+		return err == nil && n == 5, itoa(int64(n)) + " pending, want 5"
+	})
+	parked, err := postgres.ListParked(e.ctx, e.pool, e.table, postgres.ParkedFilter{All: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range parked {
+		t.Logf("parked row %d key %s after %d attempts: %s", p.ID, deref(p.AggregateID), p.Attempts, p.Reason)
+	}
+	r.stop(t)
+	// The fix: a larger limit on the topic and in the relay; the parked row is retried.
+	cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker.Addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := kadm.NewClient(cl).AlterTopicConfigs(e.ctx, []kadm.AlterConfig{{Name: "max.message.bytes", Value: ptr("1000000")}}, e.topics[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := postgres.RetryParked(e.ctx, e.pool, e.table, postgres.ParkedFilter{All: true}); err != nil {
+		t.Fatal(err)
+	}
+	r2 := e.startRelay(relayOpts{})
+	e.waitDrained(60 * time.Second)
+	r2.stop(t)
+	rep := e.check(0)
+	result(t, 13, rep, "a row fitting kafka.max_record_bytes only without its framing: parked before it was sent, its key waited")
+}
