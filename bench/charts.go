@@ -16,6 +16,9 @@ func (b *bench) charts() error {
 		if err := b.drainChart(filepath.Join(b.opts.Out, "drain-throughput.png")); err != nil {
 			return err
 		}
+		if err := b.ratioChart(filepath.Join(b.opts.Out, "drain-ratios.png")); err != nil {
+			return err
+		}
 	}
 	if b.res.Steady != nil && len(b.res.Steady.Latency) > 0 {
 		if err := b.latencyChart(filepath.Join(b.opts.Out, "latency.png")); err != nil {
@@ -40,12 +43,14 @@ func (b *bench) drainChart(path string) error {
 		names = append(names, caseLabel(dc))
 	}
 	w := vg.Points(9)
+	top := 0.0
 	for i, v := range drainVariants {
 		vals := make(plotter.Values, len(b.opts.Scale.Matrix))
 		for j, dc := range b.opts.Scale.Matrix {
 			for _, d := range b.res.Drain {
 				if d.drainCase == dc && d.Variant == v {
 					vals[j] = d.EventsPerSec
+					top = max(top, d.EventsPerSec)
 				}
 			}
 		}
@@ -59,6 +64,63 @@ func (b *bench) drainChart(path string) error {
 		p.Add(bars)
 		p.Legend.Add(v, bars)
 	}
+	p.Y.Min, p.Y.Max = 0, top*1.25 // room for the legend above the bars
+	p.Legend.Top = true
+	p.NominalX(names...)
+	p.X.Tick.Label.Rotation = 0.5
+	p.X.Tick.Label.XAlign = -1
+	p.X.Tick.Label.YAlign = -0.5
+	p.Add(plotter.NewGrid())
+	return p.Save(vg.Length(max(len(names), 3))*1.6*vg.Inch, 5*vg.Inch, path)
+}
+
+// ratioChart: the relay's drain rate divided by each baseline's, per case, with the targets.
+func (b *bench) ratioChart(path string) error {
+	p := plot.New()
+	p.Title.Text = "Relay drain rate / baseline drain rate (targets: 1.5x naive, 0.6x SQL-only)"
+	p.Y.Label.Text = "ratio"
+	var names []string
+	for _, dc := range b.opts.Scale.Matrix {
+		names = append(names, caseLabel(dc))
+	}
+	rate := func(dc drainCase, v string) float64 {
+		for _, d := range b.res.Drain {
+			if d.drainCase == dc && d.Variant == v && d.Error == "" {
+				return d.EventsPerSec
+			}
+		}
+		return 0
+	}
+	w := vg.Points(10)
+	bases := []string{variantNaive, variantSQLOnly, variantProduce}
+	top := 1.5
+	for i, base := range bases {
+		vals := make(plotter.Values, len(b.opts.Scale.Matrix))
+		for j, dc := range b.opts.Scale.Matrix {
+			if r := rate(dc, base); r > 0 {
+				vals[j] = rate(dc, variantRelay) / r
+				top = max(top, vals[j])
+			}
+		}
+		bars, err := plotter.NewBarChart(vals, w)
+		if err != nil {
+			return err
+		}
+		bars.LineStyle.Width = 0
+		bars.Color = plotutil.Color(i + 1)
+		bars.Offset = w * vg.Length(float64(i)-float64(len(bases)-1)/2)
+		p.Add(bars)
+		p.Legend.Add("relay / "+base, bars)
+	}
+	for _, target := range []float64{1.5, 0.6, 1} {
+		line, err := plotter.NewLine(plotter.XYs{{X: -0.5, Y: target}, {X: float64(len(names)) - 0.5, Y: target}})
+		if err != nil {
+			return err
+		}
+		line.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+		p.Add(line)
+	}
+	p.Y.Min, p.Y.Max = 0, top*1.3 // room for the legend above the bars
 	p.Legend.Top = true
 	p.NominalX(names...)
 	p.X.Tick.Label.Rotation = 0.5
@@ -77,12 +139,18 @@ func (b *bench) latencyChart(path string) error {
 	p.Y.Scale = plot.LogScale{}
 	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
 	for i, l := range b.res.Steady.Latency {
-		if len(l.samples) == 0 {
-			continue
-		}
 		var pts plotter.XYs
-		for q := 0.0; q <= 99.9; q += 0.1 {
-			pts = append(pts, plotter.XY{X: q, Y: max(quantile(l.samples, q/100), 0.01)})
+		switch {
+		case len(l.samples) > 0:
+			for q := 0.0; q <= 99.9; q += 0.1 {
+				pts = append(pts, plotter.XY{X: q, Y: max(quantile(l.samples, q/100), 0.01)})
+			}
+		case len(l.CDF) > 0: // redrawn from results.json: the percentiles only
+			for q, v := range l.CDF {
+				pts = append(pts, plotter.XY{X: float64(q + 1), Y: max(v, 0.01)})
+			}
+		default:
+			continue
 		}
 		line, err := plotter.NewLine(pts)
 		if err != nil {

@@ -46,6 +46,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	if opts.Replot {
+		if err := replot(opts); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if _, err := run(ctx, opts, log.New(os.Stderr, "", log.Ltime)); err != nil {
@@ -63,6 +70,7 @@ type options struct {
 	Sections    []string
 	Partitions  int
 	Profile     bool
+	Replot      bool
 }
 
 // sections, in the order they run.
@@ -76,11 +84,12 @@ func parseFlags(args []string) (options, error) {
 	only := fs.String("only", strings.Join(allSections, ","), "sections to run, comma-separated: "+strings.Join(allSections, ","))
 	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
 	cases := fs.String("cases", "", "drain cases to run, as payload/keys pairs (e.g. 256/100,16384/1); default every case of the scale")
+	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
-	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile}
+	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot}
 	if o.DatabaseURL == "" {
 		o.DatabaseURL = os.Getenv("OUTBOX_BENCH_DATABASE_URL")
 	}
@@ -236,6 +245,29 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	}
 	b.summary(os.Stdout)
 	return b.res, errors.Join(errs...)
+}
+
+// replot redraws the charts and tables of a results.json.
+func replot(opts options) error {
+	data, err := os.ReadFile(filepath.Join(opts.Out, "results.json"))
+	if err != nil {
+		return err
+	}
+	b := &bench{opts: opts, res: &results{}}
+	if err := json.Unmarshal(data, b.res); err != nil {
+		return fmt.Errorf("results.json: %w", err)
+	}
+	b.opts.ScaleName = b.res.Scale
+	b.opts.Scale.Matrix = nil
+	for _, d := range b.res.Drain {
+		if !slices.Contains(b.opts.Scale.Matrix, d.drainCase) {
+			b.opts.Scale.Matrix = append(b.opts.Scale.Matrix, d.drainCase)
+		}
+	}
+	if err := b.charts(); err != nil {
+		return err
+	}
+	return b.writeTables()
 }
 
 // save writes results.json.
