@@ -30,8 +30,9 @@ type Cluster struct {
 	t    testing.TB
 	bin  string
 	dir  string
-	Port int
 	run  *user.User // nil: run as the current user
+	// Port is the server's TCP port on 127.0.0.1.
+	Port int
 }
 
 // Start initializes and starts a cluster for t, stopped and removed when t ends. settings are
