@@ -27,10 +27,10 @@ const BinDirDefault = "/usr/lib/postgresql/15/bin"
 
 // Cluster is one throwaway PostgreSQL server.
 type Cluster struct {
-	t    testing.TB
-	bin  string
-	dir  string
-	run  *user.User // nil: run as the current user
+	t   testing.TB
+	bin string
+	dir string
+	run *user.User // nil: run as the current user
 	// Port is the server's TCP port on 127.0.0.1.
 	Port int
 }
