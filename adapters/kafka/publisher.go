@@ -124,13 +124,22 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	if m.Payload == nil && !p.cfg.Tombstones {
 		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
 	}
-	rec := &kgo.Record{Topic: topic, Key: []byte(m.AggregateID), Value: m.Payload,
-		Headers: make([]kgo.RecordHeader, 0, 4)}
+	// The key and the four header values share one allocation: a record costs the relay less CPU.
+	buf := make([]byte, 0, len(m.AggregateID)+len(m.EventID)+len(m.EventType)+len(m.AggregateType)+len(time.RFC3339Nano))
+	piece := func(s string) []byte {
+		start := len(buf)
+		buf = append(buf, s...)
+		return buf[start:len(buf):len(buf)]
+	}
+	keyBytes, eventID, eventType, aggregateType := piece(m.AggregateID), piece(m.EventID), piece(m.EventType), piece(m.AggregateType)
+	start := len(buf)
+	buf = m.OccurredAt.UTC().AppendFormat(buf, time.RFC3339Nano)
+	rec := &kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload, Headers: make([]kgo.RecordHeader, 0, 4)}
 	rec.Headers = append(rec.Headers,
-		kgo.RecordHeader{Key: HeaderEventID, Value: []byte(m.EventID)},
-		kgo.RecordHeader{Key: HeaderEventType, Value: []byte(m.EventType)},
-		kgo.RecordHeader{Key: HeaderAggregateType, Value: []byte(m.AggregateType)},
-		kgo.RecordHeader{Key: HeaderOccurredAt, Value: []byte(m.OccurredAt.UTC().Format(time.RFC3339Nano))},
+		kgo.RecordHeader{Key: HeaderEventID, Value: eventID},
+		kgo.RecordHeader{Key: HeaderEventType, Value: eventType},
+		kgo.RecordHeader{Key: HeaderAggregateType, Value: aggregateType},
+		kgo.RecordHeader{Key: HeaderOccurredAt, Value: buf[start:len(buf):len(buf)]},
 	)
 	if m.Headers != nil {
 		var hs map[string]any
