@@ -2,6 +2,7 @@ package faults_test
 
 import (
 	"errors"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -48,12 +49,28 @@ func TestFault10RetriableBrokerErrors(t *testing.T) {
 		t.Skip("injects errors into kfake: KAFKA_BROKERS is set")
 	}
 	c := e.broker.Fake
+	// Only partitions the broker already took a batch of from this producer are refused: for a
+	// producer it has no state of on a partition, a broker (2.5+, and kfake) accepts any first
+	// sequence, so a pipelined second batch would be written ahead of the refused first one. A
+	// real leader change refuses that second batch too; a one-request refusal cannot.
+	seen := map[string]bool{} // control functions run one at a time
 	var produces, notLeader, metaCuts atomic.Int64
 	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
 		c.KeepControl()
-		if n := produces.Add(1); n%3 == 0 && notLeader.Load() < 40 {
+		known := true
+		for _, tp := range req.(*kmsg.ProduceRequest).Topics {
+			for _, p := range tp.Partitions {
+				known = known && seen[tp.Topic+"/"+strconv.Itoa(int(p.Partition))]
+			}
+		}
+		if n := produces.Add(1); known && n%3 == 0 && notLeader.Load() < 40 {
 			notLeader.Add(1)
 			return produceError(req, kerr.NotLeaderForPartition.Code), nil, true
+		}
+		for _, tp := range req.(*kmsg.ProduceRequest).Topics {
+			for _, p := range tp.Partitions {
+				seen[tp.Topic+"/"+strconv.Itoa(int(p.Partition))] = true
+			}
 		}
 		return nil, nil, false
 	})
