@@ -1,7 +1,8 @@
 // Command outbox-relay publishes the rows of a PostgreSQL transactional outbox to Kafka, in order
 // per aggregate, marking each row only after the broker acknowledged it.
 //
-// Commands: run, migrate, demo, status, version. Configuration comes from an optional YAML file,
+// Commands: run, migrate, status, parked, consume, demo, version. Configuration comes from an
+// optional YAML file,
 // environment variables OUTBOX_<SECTION>_<KEY> and flags; see configs/outbox-relay.yaml.
 package main
 
