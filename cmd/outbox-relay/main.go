@@ -2,8 +2,8 @@
 // per aggregate, marking each row only after the broker acknowledged it.
 //
 // Commands: run, migrate, status, parked, consume, demo, version. Configuration comes from an
-// optional YAML file,
-// environment variables OUTBOX_<SECTION>_<KEY> and flags; see configs/outbox-relay.yaml.
+// optional YAML file, environment variables OUTBOX_<SECTION>_<KEY> and flags; see
+// configs/outbox-relay.yaml.
 package main
 
 import (
