@@ -21,6 +21,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 // poisonEnv is one relay on its own schema and topic.
@@ -30,7 +31,7 @@ type poisonEnv struct {
 	broker *kafkatest.Broker
 	topic  string
 	obs    *parkCounter
-	logs   *syncBuffer
+	logs   *logbuf.Buffer
 }
 
 // parkCounter is a RelayObserver counting parked rows, as the metric does.
@@ -50,24 +51,6 @@ func (c *parkCounter) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.n
-}
-
-// syncBuffer collects the relay's log lines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 func setupPoison(t *testing.T, partitions int32) *poisonEnv {
@@ -137,7 +120,7 @@ func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark 
 		rc.PollInterval = 50 * time.Millisecond
 	}
 	rc.LeaderRetryInterval = 50 * time.Millisecond
-	e.obs, e.logs = &parkCounter{}, &syncBuffer{}
+	e.obs, e.logs = &parkCounter{}, &logbuf.Buffer{}
 	relay, err := app.NewRelay(rc, store, pub, e.obs, slog.New(slog.NewJSONHandler(e.logs, nil)))
 	if err != nil {
 		t.Fatal(err)

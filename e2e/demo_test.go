@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 var summaryRE = regexp.MustCompile(`summary: (\d+) users written \((\d+) failed\), (\d+) events received, (\d+) missing, (\d+) duplicates`)
@@ -40,7 +41,7 @@ func TestDemoLikeANewUser(t *testing.T) {
 	}
 	// Only what a new user might set: the database, and a schema of this test's own.
 	cmd.Env = append(cmd.Env, "OUTBOX_DATABASE_URL="+dbtest.URL(), "OUTBOX_DATABASE_SCHEMA="+schema)
-	out := &syncBuffer{}
+	out := &logbuf.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -40,6 +40,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 // ---------------------------------------------------------------------------------------------
@@ -674,24 +675,6 @@ func (tl *tail) has(eventID string) bool {
 // ---------------------------------------------------------------------------------------------
 // The relay in process.
 
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // lastLines returns at most n bytes of the end of s, from a line start.
 func lastBytes(s string, n int) string {
 	if len(s) <= n {
@@ -721,7 +704,7 @@ func (f *fixture) startRelay(cfg app.RelayConfig) (stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &logbuf.Buffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	relay, err := app.NewRelay(cfg, store, pub, nil, log)
 	if err != nil {
@@ -779,7 +762,7 @@ func (f *fixture) relayEnv(extra ...string) []string {
 type relayProc struct {
 	name   string
 	cmd    *exec.Cmd
-	logs   *syncBuffer
+	logs   *logbuf.Buffer
 	exited chan struct{}
 	err    error // cmd.Wait's result, set before exited closes
 }
@@ -788,7 +771,7 @@ type relayProc struct {
 // it still runs; its logs are shown when the test fails.
 func startRelayProc(t *testing.T, name string, env []string) *relayProc {
 	t.Helper()
-	p := &relayProc{name: name, logs: &syncBuffer{}, exited: make(chan struct{})}
+	p := &relayProc{name: name, logs: &logbuf.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(relayBinary(t), "run")
 	p.cmd.Env = env
 	p.cmd.Stdout = p.logs

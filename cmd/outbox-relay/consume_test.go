@@ -20,12 +20,13 @@ import (
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 // subcommandProc is one outbox-relay process.
 type subcommandProc struct {
 	cmd    *exec.Cmd
-	stderr *lockedBuffer
+	stderr *logbuf.Buffer
 	done   chan error
 }
 
@@ -40,7 +41,7 @@ func startSubcommand(t *testing.T, env []string, args ...string) *subcommandProc
 		}
 	}
 	cmd.Env = append(cmd.Env, env...)
-	p := &subcommandProc{cmd: cmd, stderr: &lockedBuffer{}, done: make(chan error, 1)}
+	p := &subcommandProc{cmd: cmd, stderr: &logbuf.Buffer{}, done: make(chan error, 1)}
 	cmd.Stderr = p.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -28,6 +28,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 	"github.com/outbox-relay/outbox-relay/internal/tcpproxy"
 )
 
@@ -35,7 +36,7 @@ import (
 type opsRelay struct {
 	d    *daemon
 	base string // http://host:port
-	logs *syncBuffer
+	logs *logbuf.Buffer
 }
 
 // startOpsRelay starts serve() on the outbox table with the broker addrs; extra are config keys.
@@ -57,7 +58,7 @@ func startOpsRelay(t *testing.T, table postgres.Table, brokers []string, extra m
 	if err != nil {
 		t.Fatalf("config: %v", err)
 	}
-	logs := &syncBuffer{}
+	logs := &logbuf.Buffer{}
 	log := newLogger(logs, cfg.LogLevel, "json")
 	ctx, cancel := context.WithCancel(context.Background())
 	started := make(chan *daemon, 1)
@@ -579,22 +580,4 @@ func (l *cutListener) Accept() (net.Conn, error) {
 		l.c.mu.Unlock()
 		return conn, nil
 	}
-}
-
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

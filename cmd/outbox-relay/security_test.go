@@ -1,7 +1,6 @@
 package main_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,32 +25,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 	"github.com/outbox-relay/outbox-relay/internal/pgcluster"
 	"github.com/outbox-relay/outbox-relay/internal/tlstest"
 )
 
-// lockedBuffer collects a process's output.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // relayProc is a running outbox-relay process.
 type relayProc struct {
 	cmd  *exec.Cmd
-	out  *lockedBuffer // stdout and stderr
+	out  *logbuf.Buffer // stdout and stderr
 	done chan struct{}
 	err  error
 }
@@ -61,7 +42,7 @@ type relayProc struct {
 // killed when t ends if still running.
 func startProc(t *testing.T, env []string, args ...string) *relayProc {
 	t.Helper()
-	p := &relayProc{cmd: exec.Command(relayBin(t), args...), out: &lockedBuffer{}, done: make(chan struct{})}
+	p := &relayProc{cmd: exec.Command(relayBin(t), args...), out: &logbuf.Buffer{}, done: make(chan struct{})}
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "OUTBOX_") {
 			p.cmd.Env = append(p.cmd.Env, kv)
