@@ -15,7 +15,7 @@ type Message struct {
 	Payload       []byte    // the record value; nil when the column is NULL
 	Topic         string    // the row's topic override; "" when NULL
 	Headers       []byte    // the row's headers as a JSON object; nil when NULL
-	OccurredAt    time.Time // when the fact happened, as the writer said
+	OccurredAt    time.Time // when the fact happened, as the writer said; zero for 'infinity' (sinks refuse it)
 	CreatedAt     time.Time // when the row was inserted (clock of the database)
 	Attempts      int       // failed publish attempts so far
 }

@@ -90,8 +90,9 @@ type childReport struct {
 
 // ack is the broker's acknowledgement of one event, for commit-to-ack latencies.
 type ack struct {
-	EventID string `json:"e"`
-	At      int64  `json:"t"` // unix nanoseconds
+	EventID   string `json:"e"`
+	At        int64  `json:"t"` // unix nanoseconds
+	Published int64  `json:"p"` // when the relay handed the event to the producer, unix nanoseconds
 }
 
 // relayStats is what the relay's observer saw: how its time went to claims and marks.
@@ -143,6 +144,7 @@ type child struct {
 	profiling bool
 	lat       []float64
 	acks      []ack
+	published map[int64]int64 // row id -> when handed to the producer (unix ns), until acknowledged
 	monMu     sync.Mutex
 	monitor   *pgx.Conn // finds this child's backends; under monMu
 	dbBase    float64
@@ -438,7 +440,11 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c.stats = &relayStats{}
 	obs := &countingObserver{RelayObserver: metrics, c: c}
-	relay, err := app.NewRelay(rcfg, store, pub, obs, log)
+	var sink app.Sink = pub
+	if c.cfg.Latency {
+		sink = &timingSink{Sink: pub, c: c}
+	}
+	relay, err := app.NewRelay(rcfg, store, sink, obs, log)
 	if err != nil {
 		return nil, err
 	}
@@ -508,6 +514,24 @@ func (c *child) stopProfile() {
 	}
 }
 
+// timingSink records when the relay hands each event to the producer, to split commit-to-ack
+// latency into the relay's wake-up and claim (commit to publish) and the broker (publish to ack).
+type timingSink struct {
+	app.Sink
+	c *child
+}
+
+func (t *timingSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	now := time.Now().UnixNano()
+	t.c.mu.Lock()
+	if t.c.published == nil {
+		t.c.published = make(map[int64]int64)
+	}
+	t.c.published[m.ID] = now
+	t.c.mu.Unlock()
+	return t.Sink.Publish(ctx, m, done)
+}
+
 // countingObserver counts marked rows and records commit-to-ack latencies, then passes every
 // call on to the relay's Prometheus metrics.
 type countingObserver struct {
@@ -521,7 +545,8 @@ func (o *countingObserver) Acked(m *app.Message, at time.Time) {
 		d := float64(at.Sub(m.CreatedAt)) / float64(time.Millisecond)
 		o.c.mu.Lock()
 		o.c.lat = append(o.c.lat, d)
-		o.c.acks = append(o.c.acks, ack{EventID: m.EventID, At: at.UnixNano()})
+		o.c.acks = append(o.c.acks, ack{EventID: m.EventID, At: at.UnixNano(), Published: o.c.published[m.ID]})
+		delete(o.c.published, m.ID)
 		o.c.mu.Unlock()
 	}
 }

@@ -52,6 +52,10 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
 		stderr: &bytes.Buffer{}, exited: make(chan struct{})}
 	cmd.Stderr = &lockedWriter{w: p.stderr}
+	if os.Getenv("BENCH_CHILD_STDERR") != "" {
+		// For digging into a run (GODEBUG=gctrace=1, for instance): the children's stderr shown too.
+		cmd.Stderr = io.MultiWriter(cmd.Stderr, os.Stderr)
+	}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err

@@ -49,8 +49,14 @@ type latencyResult struct {
 	CDF           []float64 `json:"cdf_ms"` // the 1st..100th percentiles
 	// Insert-to-ack (created_at, set at INSERT, to the acknowledgement) adds the writer's own
 	// commit time: it is what the relay's outbox_relay_commit_to_ack_seconds histogram sees.
-	InsertP50   float64 `json:"insert_to_ack_p50_ms"`
-	InsertP99   float64 `json:"insert_to_ack_p99_ms"`
+	InsertP50 float64 `json:"insert_to_ack_p50_ms"`
+	InsertP99 float64 `json:"insert_to_ack_p99_ms"`
+	// Commit-to-ack split at the moment the relay handed the event to the producer: commit to
+	// publish is the relay's wake-up and claim, publish to ack the producer and the broker.
+	PublishP50  float64 `json:"commit_to_publish_p50_ms"`
+	PublishP99  float64 `json:"commit_to_publish_p99_ms"`
+	AckP50      float64 `json:"publish_to_ack_p50_ms"`
+	AckP99      float64 `json:"publish_to_ack_p99_ms"`
 	CPUMsPer10k float64 `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
 	samples     []float64
 }
@@ -184,8 +190,8 @@ func (b *bench) steady(ctx context.Context) error {
 				return err
 			}
 			res.Latency = append(res.Latency, lr)
-			b.log.Printf("latency %-6s at %6.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (%d events, relay cpu %.1f ms/10k)",
-				mode, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.Max, lr.Events, lr.CPUMsPer10k)
+			b.log.Printf("latency %-6s at %6.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (commit-to-publish p50 %.2f p99 %.2f, publish-to-ack p50 %.2f p99 %.2f; %d events, relay cpu %.1f ms/10k)",
+				mode, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.Max, lr.PublishP50, lr.PublishP99, lr.AckP50, lr.AckP99, lr.Events, lr.CPUMsPer10k)
 		}
 	}
 	return b.setTrigger(ctx, schema, true)
@@ -274,19 +280,26 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 	if err != nil {
 		return latencyResult{}, err
 	}
-	var s []float64
+	var s, toPub, toAck []float64
 	for _, a := range rep.Acks {
 		if c, ok := commits[a.EventID]; ok {
 			s = append(s, float64(a.At-c)/1e6)
+			if a.Published != 0 {
+				toPub = append(toPub, float64(a.Published-c)/1e6)
+				toAck = append(toAck, float64(a.At-a.Published)/1e6)
+			}
 		}
 	}
+	sort.Float64s(toPub)
+	sort.Float64s(toAck)
 	if len(s) < len(commits) {
 		return latencyResult{}, fmt.Errorf("%d of %d committed events acknowledged", len(s), len(commits))
 	}
 	sort.Float64s(s)
 	lr := latencyResult{Mode: mode, OfferedPerSec: rate, WrittenPerSec: written, Events: len(s), samples: s,
 		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1),
-		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99)}
+		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99),
+		PublishP50: quantile(toPub, .5), PublishP99: quantile(toPub, .99), AckP50: quantile(toAck, .5), AckP99: quantile(toAck, .99)}
 	if len(rep.LatenciesMS) > 0 {
 		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(rep.LatenciesMS)) / 10000)
 	}

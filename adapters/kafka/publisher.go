@@ -121,6 +121,9 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	if m.AggregateID == "" {
 		return nil, fmt.Errorf("%w: aggregate_id (the record key) is NULL or empty", app.ErrInvalidMessage)
 	}
+	if m.OccurredAt.IsZero() {
+		return nil, fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
+	}
 	if m.Payload == nil && !p.cfg.Tombstones {
 		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
 	}

@@ -39,10 +39,14 @@ var _ app.Sink = (*Sink)(nil)
 func NewSink() *Sink { return &Sink{} }
 
 // Publish implements app.Sink. Like the other sinks, it refuses with app.ErrInvalidMessage a
-// message without an aggregate id or whose headers are not a JSON object of strings.
+// message without an aggregate id or a finite occurred_at, or whose headers are not a JSON
+// object of strings.
 func (s *Sink) Publish(_ context.Context, m *app.Message, done func(error)) error {
 	if m.AggregateID == "" {
 		return fmt.Errorf("%w: aggregate_id is NULL or empty", app.ErrInvalidMessage)
+	}
+	if m.OccurredAt.IsZero() {
+		return fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
 	}
 	if m.Headers != nil {
 		var hs map[string]string

@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/outbox-relay/outbox-relay/app"
 )
@@ -148,6 +149,7 @@ type session struct {
 	// markConn runs the marks, so a mark's commit does not hold up the claims on conn. It is
 	// used by one Mark at a time and closed by Close.
 	markConn *pgx.Conn
+	dec      claimDecoder // reused by every Claim of the session
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -178,29 +180,36 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// Claim implements app.Session.
+// Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
+// connection that cannot return it (the simple protocol) is read with Scan.
 func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	rows, err := s.conn.Query(ctx, s.store.q.claim, afterID, limit)
+	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, afterID, limit)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
 	defer rows.Close()
 	out := make([]app.Message, 0, min(limit, 256)) // a few growths for a full batch; small when caught up
+	scan := !decodable(rows.FieldDescriptions())
+	if s.dec.intern == nil {
+		s.dec.intern = make(map[string]string)
+	}
+	s.dec.reset()
 	size := 0
 	for rows.Next() {
-		var m app.Message
-		var headers *string
-		if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &m.AggregateID, &m.EventType, &m.Payload,
-			&m.Topic, &headers, &m.OccurredAt, &m.CreatedAt, &m.Attempts); err != nil {
+		if scan {
+			out, err = scanClaimed(out, rows)
+		} else {
+			out, err = s.dec.decode(out, rows.RawValues())
+		}
+		if err != nil {
 			return nil, s.wrap(err)
 		}
-		if headers != nil {
-			m.Headers = []byte(*headers)
+		size += out[len(out)-1].Size()
+		if !scan {
+			size += s.dec.pendingText()
 		}
-		out = append(out, m)
-		size += m.Size()
 		if size >= maxBytes {
 			break // memory is bounded by bytes, not by the backlog
 		}
@@ -209,7 +218,31 @@ func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int)
 	if err := rows.Err(); err != nil {
 		return nil, s.wrap(err)
 	}
+	if !scan {
+		s.dec.finish(out)
+	}
 	return out, nil
+}
+
+// scanClaimed appends the message of the current row to out, with Scan.
+func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
+	var m app.Message
+	var headers *string
+	var occurred, created pgtype.Timestamptz
+	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &m.AggregateID, &m.EventType, &m.Payload,
+		&m.Topic, &headers, &occurred, &created, &m.Attempts); err != nil {
+		return out, err
+	}
+	if headers != nil {
+		m.Headers = []byte(*headers)
+	}
+	if occurred.InfinityModifier == pgtype.Finite { // infinite: zero, refused by the sinks
+		m.OccurredAt = occurred.Time
+	}
+	if created.InfinityModifier == pgtype.Finite {
+		m.CreatedAt = created.Time
+	}
+	return append(out, m), nil
 }
 
 var _ app.PendingLister = (*session)(nil)

@@ -111,6 +111,9 @@ func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
 	if m.Payload == nil {
 		return "", amqp.Publishing{}, fmt.Errorf("%w: payload is NULL (RabbitMQ has no tombstones)", app.ErrInvalidMessage)
 	}
+	if m.OccurredAt.IsZero() {
+		return "", amqp.Publishing{}, fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
+	}
 	if len(m.Payload) > p.cfg.MaxMessageBytes {
 		return "", amqp.Publishing{}, fmt.Errorf("%w: body of %d bytes exceeds rabbitmq.max_message_bytes (%d)", app.ErrInvalidMessage, len(m.Payload), p.cfg.MaxMessageBytes)
 	}

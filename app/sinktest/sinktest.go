@@ -267,7 +267,9 @@ func testInvalid(t *testing.T, e *Env) {
 	notObject := message(1, "k", 0)
 	notObject.Headers = []byte(`["a"]`)
 	noKey := message(2, "", 0)
-	for _, m := range []*app.Message{notObject, noKey} {
+	infinite := message(4, "k", 0)
+	infinite.OccurredAt = time.Time{} // the claim's decoding of occurred_at 'infinity'
+	for _, m := range []*app.Message{notObject, noKey, infinite} {
 		err := tr.publish(m)
 		if !errors.Is(err, app.ErrInvalidMessage) {
 			t.Errorf("publish of an invalid message returned %v, want an error wrapping app.ErrInvalidMessage", err)
@@ -279,7 +281,7 @@ func testInvalid(t *testing.T, e *Env) {
 	if err, _ := tr.err(good.EventID); err != nil {
 		t.Fatalf("valid message after invalid ones failed: %v", err)
 	}
-	for _, m := range []*app.Message{notObject, noKey} {
+	for _, m := range []*app.Message{notObject, noKey, infinite} {
 		if _, called := tr.err(m.EventID); called {
 			t.Errorf("done was called for a message refused by Publish")
 		}

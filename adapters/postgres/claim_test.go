@@ -1,0 +1,172 @@
+package postgres_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/md5"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+)
+
+// TestClaimDecodesEveryColumn checks the claim's own decoding of binary rows against the same rows
+// read with pgx's Scan (a session in the simple protocol, which returns text and takes the Scan
+// path): every column, NULLs, odd values, payloads across and above the shared chunks, rows cut
+// by the byte budget, and messages of earlier claims left intact by later ones.
+func TestClaimDecodesEveryColumn(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	// Rows of every shape, then 3000 ordinary rows whose payloads fill several chunks.
+	_, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload, topic, headers, occurred_at) VALUES
+		('order', 'o-1', 'OrderPlaced', '\x00ff00', NULL, NULL, '2026-03-04 05:06:07.123456+00'),
+		('order', NULL, 'OrderPlaced', 'x', 'orders.special', '{"tenant": "acme", "q": "a \"b\""}', now()),
+		('order', '', 'OrderPlaced', NULL, NULL, '{}', '1970-01-01 00:00:00+00'),
+		('ördér', 'ключ-☃', 'Événement', '', NULL, NULL, '1999-12-31 23:59:59.999999+00'),
+		('order', 'o-2', 'OrderPlaced', 'y', NULL, NULL, 'infinity'),
+		('order', 'o-3', 'OrderPlaced', 'z', NULL, NULL, '-infinity'),
+		('order', 'o-4', 'OrderPlaced', decode(repeat('ab', 100000), 'hex'), NULL, NULL, '1900-06-01 12:00:00+00')`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'bulk', 'k-' || (i % 97), 'Bulk' || (i % 3), convert_to(repeat(md5(i::text), 1 + i % 40), 'UTF8')
+		FROM generate_series(1, 3000) AS i`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE `+ident+` SET attempts = 3 WHERE aggregate_id = 'o-1'`); err != nil {
+		t.Fatal(err)
+	}
+
+	claimAll := func(url string, batch int) [][]app.Message {
+		t.Helper()
+		conn, err := postgres.ParseURL(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sess, err := store.Open(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = sess.Close(ctx) }()
+		var claims [][]app.Message
+		after := int64(0)
+		for {
+			rows, err := sess.Claim(ctx, after, batch, 1<<30)
+			if err != nil {
+				t.Fatalf("claim after %d: %v", after, err)
+			}
+			if len(rows) == 0 {
+				return claims
+			}
+			claims = append(claims, rows)
+			after = rows[len(rows)-1].ID
+		}
+	}
+	sep := "?"
+	if strings.Contains(dbtest.URL(), "?") {
+		sep = "&"
+	}
+	binary := claimAll(dbtest.URL(), 500)
+	scanned := claimAll(dbtest.URL()+sep+"default_query_exec_mode=simple_protocol", 3007)
+	var got, want []app.Message
+	for _, c := range binary {
+		got = append(got, c...)
+	}
+	for _, c := range scanned {
+		want = append(want, c...)
+	}
+	if len(got) != 3007 || len(want) != 3007 {
+		t.Fatalf("claimed %d rows decoded, %d scanned; want 3007 each", len(got), len(want))
+	}
+	for i := range got {
+		g, w := got[i], want[i]
+		if g.ID != w.ID || g.EventID != w.EventID || g.AggregateType != w.AggregateType ||
+			g.AggregateID != w.AggregateID || g.EventType != w.EventType || g.Topic != w.Topic ||
+			g.Attempts != w.Attempts || !g.OccurredAt.Equal(w.OccurredAt) || !g.CreatedAt.Equal(w.CreatedAt) ||
+			!bytes.Equal(g.Payload, w.Payload) || (g.Payload == nil) != (w.Payload == nil) ||
+			!bytes.Equal(g.Headers, w.Headers) || (g.Headers == nil) != (w.Headers == nil) {
+			t.Fatalf("row %d decoded differs from scanned:\n got %s\nwant %s", i, show(g), show(w))
+		}
+	}
+	// Spot checks against the values written, so both paths are not wrong the same way.
+	if got[0].Attempts != 3 || !bytes.Equal(got[0].Payload, []byte{0, 0xff, 0}) ||
+		!got[0].OccurredAt.Equal(time.Date(2026, 3, 4, 5, 6, 7, 123456000, time.UTC)) || got[0].Headers != nil {
+		t.Errorf("row 0 = %s", show(got[0]))
+	}
+	if got[1].AggregateID != "" || got[1].Topic != "orders.special" || !strings.Contains(string(got[1].Headers), `"tenant": "acme"`) {
+		t.Errorf("row 1 = %s", show(got[1]))
+	}
+	if got[2].Payload != nil || string(got[2].Headers) != "{}" {
+		t.Errorf("row 2 = %s, want a NULL payload and {} headers", show(got[2]))
+	}
+	if got[3].AggregateType != "ördér" || got[3].AggregateID != "ключ-☃" || got[3].Payload == nil || len(got[3].Payload) != 0 {
+		t.Errorf("row 3 = %s, want the text as written and an empty, non-NULL payload", show(got[3]))
+	}
+	if !got[4].OccurredAt.IsZero() || !got[5].OccurredAt.IsZero() {
+		t.Errorf("infinite occurred_at decoded as %s and %s, want the zero time", got[4].OccurredAt, got[5].OccurredAt)
+	}
+	if len(got[6].Payload) != 100000 || got[6].Payload[0] != 0xab {
+		t.Errorf("large payload: %d bytes", len(got[6].Payload))
+	}
+	for i := 7; i < len(got); i++ {
+		n := i - 6
+		wantPayload := strings.Repeat(fmt.Sprintf("%x", md5sum(n)), 1+n%40)
+		if string(got[i].Payload) != wantPayload || got[i].AggregateID != fmt.Sprintf("k-%d", n%97) {
+			t.Fatalf("bulk row %d (claimed in batch %d) = %s", n, i/500, show(got[i]))
+		}
+	}
+
+	// The byte budget: a claim stops at the first row that reaches it.
+	conn, _ := postgres.ParseURL(dbtest.URL())
+	store, _ := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
+	sess, err := store.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sess.Close(ctx) }()
+	// An empty payload as the first value of a fresh session: still empty, not NULL.
+	rows, err := sess.Claim(ctx, got[2].ID, 1, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1 || rows[0].Payload == nil || len(rows[0].Payload) != 0 {
+		t.Fatalf("first claim of a session: %d rows, payload %v; want one row with an empty payload", len(rows), rows)
+	}
+	rows, err = sess.Claim(ctx, got[6].ID, 1000, 10_000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := 0
+	for i := range rows {
+		size += rows[i].Size()
+	}
+	if len(rows) == 0 || len(rows) == 1000 || size < 10_000 || size-rows[len(rows)-1].Size() >= 10_000 {
+		t.Errorf("claim with a 10000-byte budget returned %d rows of %d bytes", len(rows), size)
+	}
+}
+
+func show(m app.Message) string {
+	p := m.Payload
+	if len(p) > 40 {
+		p = p[:40]
+	}
+	return fmt.Sprintf("{id %d event %q agg %q/%q type %q topic %q attempts %d occurred %s created %s payload %d:%q headers %q}",
+		m.ID, m.EventID, m.AggregateType, m.AggregateID, m.EventType, m.Topic, m.Attempts, m.OccurredAt, m.CreatedAt,
+		len(m.Payload), p, m.Headers)
+}
+
+func md5sum(n int) [16]byte { return md5.Sum([]byte(fmt.Sprint(n))) }
