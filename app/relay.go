@@ -147,8 +147,13 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		memBlock: make(Blocked),
 		groups:   make(map[string]groupFailure),
 		resend:   make(map[int64]resendAt),
+		markReq:  make(chan []int64),
 		markDone: make(chan markResult, 1),
 	}
+	// One goroutine runs the term's marks, one at a time: a goroutine per mark grew a fresh stack
+	// for the driver's calls every time, which was a tenth of the relay's CPU at low rates.
+	go l.markLoop(context.WithoutCancel(ctx))
+	defer close(l.markReq)
 	return l.run(ctx)
 }
 
@@ -194,6 +199,7 @@ type leadState struct {
 	// rescan does not publish them again and they count against the in-flight bounds.
 	marking  []*Message
 	toMark   []*Message
+	markReq  chan []int64 // to markLoop: the ids of the next mark
 	markDone chan markResult
 }
 
@@ -445,7 +451,7 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		return nil
 	}
 	ctx = context.WithoutCancel(ctx) // what the broker acknowledged is marked even when stopping
-	defer l.startMark(ctx)
+	defer l.startMark()
 	for _, res := range results {
 		m := res.m
 		if res.err == nil {
@@ -499,9 +505,9 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 	return nil
 }
 
-// startMark marks the acknowledged rows waiting in toMark on a goroutine of its own, unless a mark
+// startMark hands the acknowledged rows waiting in toMark to markLoop, unless a mark
 // is running: its result comes back on markDone, and the next batch starts then.
-func (l *leadState) startMark(ctx context.Context) {
+func (l *leadState) startMark() {
 	if l.marking != nil || len(l.toMark) == 0 {
 		return
 	}
@@ -510,14 +516,19 @@ func (l *leadState) startMark(ctx context.Context) {
 	for i, m := range l.marking {
 		ids[i] = m.ID
 	}
-	ctx = context.WithoutCancel(ctx)
-	go func() {
+	l.markReq <- ids
+}
+
+// markLoop runs the marks sent on markReq until it is closed. The acknowledged rows are marked
+// even when the relay is stopping: ctx is not cancelled by a stop.
+func (l *leadState) markLoop(ctx context.Context) {
+	for ids := range l.markReq {
 		start := time.Now()
 		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err := l.sess.Mark(mctx, ids)
 		cancel()
 		l.markDone <- markResult{err: err, took: time.Since(start)} // buffered: one mark at a time
-	}()
+	}
 }
 
 // marked ends the running mark: its rows leave the in-flight set, and the next batch starts.
@@ -534,7 +545,7 @@ func (l *leadState) marked(ctx context.Context, res markResult) error {
 		l.bytes -= m.Size()
 	}
 	l.obs.Marked(len(batch), res.took)
-	l.startMark(ctx)
+	l.startMark()
 	return nil
 }
 

@@ -10,7 +10,7 @@ import (
 const (
 	BatchSizeDefault           = 1000
 	MaxInFlightDefault         = 4000
-	MaxInFlightBytesDefault    = 32 << 20
+	MaxInFlightBytesDefault    = 4 << 20
 	PollIntervalDefault        = 500 * time.Millisecond
 	LeaderRetryIntervalDefault = time.Second
 	MaxAttemptsDefault         = 10
@@ -37,7 +37,9 @@ type RelayConfig struct {
 	// MaxInFlight is the most rows published but not yet marked. It bounds the duplicates a crash
 	// can cause. Default 4000; at least BatchSize, at most 100000.
 	MaxInFlight int
-	// MaxInFlightBytes bounds the memory held by rows in flight, in bytes. Default 32 MiB.
+	// MaxInFlightBytes bounds the memory held by rows in flight, in bytes. Default 4 MiB: a
+	// sidecar's memory stays near 64 MiB whatever the payload size, and the 4000 rows of
+	// MaxInFlight still fit when rows are small (see BENCHMARKS.md).
 	MaxInFlightBytes int
 	// PollInterval is how often the outbox is read without a wake-up notification, and how often
 	// the relay rescans from the oldest row. Default 500ms.

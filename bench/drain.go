@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
@@ -46,7 +48,7 @@ func (b *bench) drain(ctx context.Context) error {
 				return ctx.Err()
 			}
 			profile := ""
-			if b.opts.Profile && v == variantRelay && dc.Payload == 256 && dc.Keys == 100 {
+			if b.opts.Profile && v == variantRelay && dc.Payload == b.profilePayload() && dc.Keys == 100 {
 				profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-cpu.pprof"))
 			}
 			r := b.drainOne(ctx, dc, v, childConfig{Mark: postgres.MarkDelete, Profile: profile})
@@ -154,3 +156,12 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// profilePayload is the payload size of the drain whose relay is profiled: 256 B, or
+// BENCH_PROFILE_PAYLOAD.
+func (b *bench) profilePayload() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_PROFILE_PAYLOAD")); err == nil {
+		return n
+	}
+	return 256
+}

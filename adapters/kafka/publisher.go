@@ -92,9 +92,34 @@ func (p *Publisher) Ping(ctx context.Context) error {
 	return nil
 }
 
+// produced is a record in flight: the record, its four fixed headers and the relay's callback in
+// one allocation. The record's Context is the produced itself, so the promise finds the callback
+// without a closure per record.
+type produced struct {
+	context.Context
+	rec     kgo.Record
+	headers [4]kgo.RecordHeader
+	done    func(error)
+}
+
+// promise is the promise of every record: it hands the broker's verdict to the relay's callback.
+func promise(r *kgo.Record, err error) {
+	pr := r.Context.(*produced)
+	pr.done(classify(r, err))
+}
+
 // Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
 // says why m cannot be published.
 func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
+	pr, err := p.record(m)
+	if err != nil {
+		return nil, err
+	}
+	pr.rec.Context = nil
+	return &pr.rec, nil
+}
+
+func (p *Publisher) record(m *app.Message) (*produced, error) {
 	key := topicKey{m.Topic, m.AggregateType, m.EventType}
 	if m.Topic != "" {
 		key.aggregateType, key.eventType = "", "" // an override does not depend on them
@@ -137,8 +162,10 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	keyBytes, eventID, eventType, aggregateType := piece(m.AggregateID), piece(m.EventID), piece(m.EventType), piece(m.AggregateType)
 	start := len(buf)
 	buf = m.OccurredAt.UTC().AppendFormat(buf, time.RFC3339Nano)
-	rec := &kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload, Headers: make([]kgo.RecordHeader, 0, 4)}
-	rec.Headers = append(rec.Headers,
+	pr := &produced{rec: kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload}}
+	rec := &pr.rec
+	rec.Context = pr
+	rec.Headers = append(pr.headers[:0],
 		kgo.RecordHeader{Key: HeaderEventID, Value: eventID},
 		kgo.RecordHeader{Key: HeaderEventType, Value: eventType},
 		kgo.RecordHeader{Key: HeaderAggregateType, Value: aggregateType},
@@ -168,16 +195,17 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	if size > p.cfg.MaxRecordBytes {
 		return nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", app.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
 	}
-	return rec, nil
+	return pr, nil
 }
 
 // Publish implements app.Sink.
 func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error)) error {
-	rec, err := p.Record(m)
+	pr, err := p.record(m)
 	if err != nil {
 		return err
 	}
-	p.cl.Produce(ctx, rec, func(r *kgo.Record, err error) { done(classify(r, err)) })
+	pr.Context, pr.done = ctx, done
+	p.cl.Produce(ctx, &pr.rec, promise)
 	return nil
 }
 
