@@ -177,30 +177,34 @@ type leadState struct {
 	inflight map[int64]*Message
 	bytes    int
 	results  chan result
-	// dbBlock is reloaded from the database at every rescan; memBlock holds keys blocked by this
-	// term's own failures until their head is acknowledged.
+	// dbBlock is reloaded from the database once per poll interval; memBlock holds keys blocked
+	// by this term's own failures until their head is acknowledged.
 	dbBlock  Blocked
 	memBlock Blocked
 	// groups holds, per group of messages that fail together (GroupError), the failure counted
 	// against a row; resend holds rows whose failure was not counted, until they may go again.
 	groups   map[string]groupFailure
 	resend   map[int64]resendAt
-	cursor   int64
-	rescan   time.Time
 	lastPoll time.Time
 	// blockedAt is when dbBlock was last loaded.
 	blockedAt time.Time
+	// skip holds the ids in flight for the next claim (reused).
+	skip []int64
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
-	// rescan does not publish them again and they count against the in-flight bounds.
+	// claim does not publish them again and they count against the in-flight bounds.
 	marking  []*Message
 	toMark   []*Message
 	markReq  chan []int64 // to markLoop: the ids of the next mark
 	markDone chan markResult
+	// toMarkSince is when the oldest row of toMark was acknowledged: a mark waits up to markDelay
+	// to gather more rows (see startMark). stopping marks at once.
+	toMarkSince time.Time
+	stopping    bool
 }
 
 func (l *leadState) run(ctx context.Context) error {
@@ -223,6 +227,7 @@ func (l *leadState) run(ctx context.Context) error {
 			wake = true
 		}
 		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
+		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
 		if room && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
 			// Not cancelled by a stop: a query interrupted by cancellation closes the connection
 			// (pgx), and the rows in flight could then not be marked once acknowledged. The
@@ -237,8 +242,13 @@ func (l *leadState) run(ctx context.Context) error {
 		// Wait for the broker while it has rows to acknowledge, or for the running mark when
 		// nothing can be claimed before it ends. Rows that only wait for their mark do not keep
 		// the loop from watching for wake-ups while there is room.
+		markIn, markPending := l.markDue()
 		if !room || len(l.inflight) > len(l.marking)+len(l.toMark) {
-			timer := time.NewTimer(l.cfg.PollInterval)
+			d := l.cfg.PollInterval
+			if markPending {
+				d = min(d, markIn)
+			}
+			timer := time.NewTimer(d)
 			select {
 			case res := <-l.results:
 				timer.Stop()
@@ -261,6 +271,9 @@ func (l *leadState) run(ctx context.Context) error {
 		if short {
 			wait = markWatch
 		}
+		if markPending && wait > markIn { // start the waiting mark when it is due
+			wait, short = markIn, true
+		}
 		if wait > 0 {
 			if err := l.sess.Wait(ctx, wait); err != nil && ctx.Err() == nil {
 				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
@@ -272,12 +285,14 @@ func (l *leadState) run(ctx context.Context) error {
 	}
 }
 
-// rescanSkipMin is the number of rows in flight from which a rescan skips them by id: below it,
-// reading them again costs less than the extra query.
-const rescanSkipMin = 256
-
 // markWatch is how long the loop waits for a wake-up before it looks at a running mark again.
 const markWatch = 5 * time.Millisecond
+
+// markDelay is how long acknowledged rows may wait for more to be marked with them. Without it,
+// at a thousand events a second each mark carried one or two rows, and marks (two round trips
+// and a commit each) were most of the relay's database work; rows are marked at the latest this
+// much later, and at once when BatchSize rows wait or the in-flight bounds are reached.
+const markDelay = 10 * time.Millisecond
 
 // drain returns the results ready now, without blocking.
 func (l *leadState) drain() []result {
@@ -296,45 +311,30 @@ func (l *leadState) drain() []result {
 // waiting right now.
 func (l *leadState) claim(ctx context.Context) (bool, error) {
 	now := time.Now()
-	if l.cursor == 0 || now.Sub(l.rescan) >= l.cfg.PollInterval {
-		// Rescan from the oldest row: rows that committed late with a lower id are found here.
-		l.cursor = 0
-		l.rescan = now
-		// The blocked keys are reloaded once per poll interval, not at every rescan: a relay that
-		// is caught up rescans at every wake-up, and two more queries per claim doubled its CPU
-		// per event at low rates. This term's own failures are in memBlock meanwhile.
-		if l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval {
-			l.blockedAt = now
-			blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
-			if err != nil {
-				return false, fmt.Errorf("load blocked keys: %w", err)
-			}
-			l.dbBlock = blocked
-			for k, head := range l.memBlock {
-				if head == 0 {
-					// Parked keys are known to the database: an operator may have retried or
-					// dropped the parked row since, and the reload above says whether the key
-					// still waits.
-					delete(l.memBlock, k)
-				}
+	// The blocked keys are reloaded once per poll interval, not at every claim: a relay that is
+	// caught up claims at every wake-up, and two more queries per claim doubled its CPU per event
+	// at low rates. This term's own failures are in memBlock meanwhile.
+	if l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval {
+		l.blockedAt = now
+		blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
+		if err != nil {
+			return false, fmt.Errorf("load blocked keys: %w", err)
+		}
+		l.dbBlock = blocked
+		for k, head := range l.memBlock {
+			if head == 0 {
+				// Parked keys are known to the database: an operator may have retried or dropped
+				// the parked row since, and the reload above says whether the key still waits.
+				delete(l.memBlock, k)
 			}
 		}
-		if lister, ok := l.sess.(PendingLister); ok && len(l.inflight) >= rescanSkipMin {
-			// The rows in flight fill the head of the outbox: look past them by id only, and
-			// read rows from the first pending one not in flight, instead of fetching again (and
-			// dropping) whole rows the sink already has.
-			ids, err := lister.PendingIDs(ctx, 0, len(l.inflight)+1)
-			if err != nil {
-				return false, fmt.Errorf("rescan: %w", err)
-			}
-			for _, id := range ids {
-				if _, in := l.inflight[id]; !in {
-					l.cursor = id - 1
-					break
-				}
-				l.cursor = id
-			}
-		}
+	}
+	// Every claim reads from the oldest pending row, past the rows in flight, in one snapshot: a
+	// cursor carried from one claim to the next would pass over a row whose transaction was
+	// still open, and the next row of its key, committed after it, would go out first.
+	l.skip = l.skip[:0]
+	for id := range l.inflight {
+		l.skip = append(l.skip, id)
 	}
 	limit := min(l.cfg.BatchSize, l.cfg.MaxInFlight-len(l.inflight))
 	budget := max(l.cfg.MaxInFlightBytes-l.bytes, 1)
@@ -343,7 +343,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		// with a 10000-row batch and 1 MiB of 1 kB rows, nine rows in ten.
 		limit = max(1, min(limit, budget/l.rowBytes+1))
 	}
-	rows, err := l.sess.Claim(ctx, l.cursor, limit, budget)
+	rows, err := l.sess.Claim(ctx, l.skip, limit, budget)
 	if err != nil {
 		return false, fmt.Errorf("claim: %w", err)
 	}
@@ -358,7 +358,6 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	l.obs.Claimed(len(rows), l.lastPoll.Sub(now))
 	for i := range rows {
 		m := &rows[i]
-		l.cursor = m.ID
 		if _, dup := l.inflight[m.ID]; dup || l.held(m) {
 			continue
 		}
@@ -374,11 +373,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		l.inflight[m.ID] = m
 		l.bytes += m.Size()
 	}
-	more := len(rows) == limit || (len(rows) > 0 && l.bytes >= l.cfg.MaxInFlightBytes)
-	if !more {
-		l.cursor = 0 // caught up: the next claim rescans from the oldest row
-	}
-	return more, nil
+	return len(rows) == limit || (len(rows) > 0 && l.bytes >= l.cfg.MaxInFlightBytes), nil
 }
 
 // held reports whether m must wait behind an earlier row of its key.
@@ -451,10 +446,13 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		return nil
 	}
 	ctx = context.WithoutCancel(ctx) // what the broker acknowledged is marked even when stopping
-	defer l.startMark()
+	defer l.startMark(false)
 	for _, res := range results {
 		m := res.m
 		if res.err == nil {
+			if len(l.toMark) == 0 {
+				l.toMarkSince = time.Now()
+			}
 			l.toMark = append(l.toMark, m) // in flight until marked
 			l.resolved(m.ID)
 			l.obs.Acked(m, res.at)
@@ -463,11 +461,9 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 				k := m.orderKey()
 				if l.memBlock[k] == m.ID {
 					delete(l.memBlock, k)
-					l.cursor = 0
 				}
 				if l.dbBlock[k] == m.ID {
 					delete(l.dbBlock, k)
-					l.cursor = 0
 				}
 			}
 			continue
@@ -476,7 +472,6 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.bytes -= m.Size()
 		k := m.orderKey()
 		l.obs.Failed(m, res.err)
-		l.cursor = 0 // the failed row and its key's later rows are read again from the start
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
 			continue // an earlier row of this key failed first: this one only waits behind it
 		}
@@ -505,10 +500,14 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 	return nil
 }
 
-// startMark hands the acknowledged rows waiting in toMark to markLoop, unless a mark
-// is running: its result comes back on markDone, and the next batch starts then.
-func (l *leadState) startMark() {
+// startMark hands the acknowledged rows waiting in toMark to markLoop, unless a mark is running
+// (its result comes back on markDone, and the next batch starts then) or the rows may still wait
+// for others (markDelay); now starts them regardless.
+func (l *leadState) startMark(now bool) {
 	if l.marking != nil || len(l.toMark) == 0 {
+		return
+	}
+	if !now && !l.stopping && len(l.toMark) < l.cfg.BatchSize && time.Since(l.toMarkSince) < markDelay {
 		return
 	}
 	l.marking, l.toMark = l.toMark, nil
@@ -517,6 +516,15 @@ func (l *leadState) startMark() {
 		ids[i] = m.ID
 	}
 	l.markReq <- ids
+}
+
+// markDue reports whether rows wait for a mark that has not started, and how long until it is
+// due.
+func (l *leadState) markDue() (time.Duration, bool) {
+	if l.marking != nil || len(l.toMark) == 0 {
+		return 0, false
+	}
+	return max(markDelay-time.Since(l.toMarkSince), 0), true
 }
 
 // markLoop runs the marks sent on markReq until it is closed. The acknowledged rows are marked
@@ -545,7 +553,7 @@ func (l *leadState) marked(ctx context.Context, res markResult) error {
 		l.bytes -= m.Size()
 	}
 	l.obs.Marked(len(batch), res.took)
-	l.startMark()
+	l.startMark(false)
 	return nil
 }
 
@@ -588,6 +596,8 @@ func (l *leadState) shutdown(ctx context.Context) error {
 	deadline := time.NewTimer(l.cfg.ShutdownTimeout)
 	defer deadline.Stop()
 	sctx := context.WithoutCancel(ctx)
+	l.stopping = true
+	l.startMark(true)
 	for len(l.inflight) > 0 {
 		select {
 		case res := <-l.results:

@@ -49,9 +49,11 @@ type Session interface {
 	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
 	// database cannot be written.
 	TryLead(ctx context.Context) (bool, error)
-	// Claim returns pending, due rows with an id above afterID, in id order: at most limit rows
-	// and, past the first row, at most maxBytes of them.
-	Claim(ctx context.Context, afterID int64, limit, maxBytes int) ([]Message, error)
+	// Claim returns pending, due rows in id order from the oldest, leaving out the rows whose ids
+	// are in skip (the relay's rows in flight): at most limit rows and, past the first row, at
+	// most maxBytes of them. It reads them in one snapshot, so it never returns a row while
+	// leaving out (outside skip) an earlier row of its key that committed before it.
+	Claim(ctx context.Context, skip []int64, limit, maxBytes int) ([]Message, error)
 	// Mark records that the rows were published (deletes them or stamps them dispatched).
 	Mark(ctx context.Context, ids []int64) error
 	// Retry records a failed attempt on a row and makes it due again after delay.
@@ -66,14 +68,6 @@ type Session interface {
 	Notified() bool
 	// Close ends the session and with it any leadership.
 	Close(ctx context.Context) error
-}
-
-// PendingLister is a Session that can list pending rows by id alone. The relay uses it, when the
-// session has it, to rescan past the rows it has in flight without reading them again.
-type PendingLister interface {
-	// PendingIDs returns the ids of the rows Claim would return for afterID and limit, without
-	// reading the rows themselves.
-	PendingIDs(ctx context.Context, afterID int64, limit int) ([]int64, error)
 }
 
 // Sink publishes messages to a broker.

@@ -691,10 +691,10 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 	cfg := app.RelayConfig{BatchSize: c.cfg.Relay.BatchSize, MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes}.WithDefaults()
 	return func(ctx context.Context) error {
 		defer func() { _ = sess.Close(context.Background()) }()
-		var cursor int64
 		ids := make([]int64, 0, cfg.BatchSize)
 		for ctx.Err() == nil {
-			rows, err := sess.Claim(ctx, cursor, cfg.BatchSize, cfg.MaxInFlightBytes)
+			// Each batch is marked before the next claim: nothing in flight to skip.
+			rows, err := sess.Claim(ctx, nil, cfg.BatchSize, cfg.MaxInFlightBytes)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -702,7 +702,6 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 				return err
 			}
 			if len(rows) == 0 {
-				cursor = 0
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
@@ -710,7 +709,6 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			for i := range rows {
 				ids = append(ids, rows[i].ID)
 			}
-			cursor = ids[len(ids)-1]
 			if err := sess.Mark(ctx, ids); err != nil {
 				return err
 			}

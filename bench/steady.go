@@ -58,6 +58,10 @@ type latencyResult struct {
 	AckP50      float64 `json:"publish_to_ack_p50_ms"`
 	AckP99      float64 `json:"publish_to_ack_p99_ms"`
 	CPUMsPer10k float64 `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
+	// Database round trips of the relay per event: claims (and those that found nothing), marks.
+	ClaimsPerEvent      float64 `json:"claims_per_event"`
+	EmptyClaimsPerEvent float64 `json:"empty_claims_per_event"`
+	MarksPerEvent       float64 `json:"marks_per_event"`
 	samples     []float64
 }
 
@@ -190,8 +194,9 @@ func (b *bench) steady(ctx context.Context) error {
 				return err
 			}
 			res.Latency = append(res.Latency, lr)
-			b.log.Printf("latency %-6s at %6.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (commit-to-publish p50 %.2f p99 %.2f, publish-to-ack p50 %.2f p99 %.2f; %d events, relay cpu %.1f ms/10k)",
-				mode, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.Max, lr.PublishP50, lr.PublishP99, lr.AckP50, lr.AckP99, lr.Events, lr.CPUMsPer10k)
+			b.log.Printf("latency %-6s at %6.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms max %.2f ms (commit-to-publish p50 %.2f p99 %.2f, publish-to-ack p50 %.2f p99 %.2f; %d events, relay cpu %.1f ms/10k; per event %.2f claims (%.2f empty), %.2f marks)",
+				mode, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.Max, lr.PublishP50, lr.PublishP99, lr.AckP50, lr.AckP99, lr.Events, lr.CPUMsPer10k,
+				lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent)
 		}
 	}
 	return b.setTrigger(ctx, schema, true)
@@ -302,6 +307,10 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		PublishP50: quantile(toPub, .5), PublishP99: quantile(toPub, .99), AckP50: quantile(toAck, .5), AckP99: quantile(toAck, .99)}
 	if len(rep.LatenciesMS) > 0 {
 		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(rep.LatenciesMS)) / 10000)
+	}
+	if st := rep.Relay; st != nil && len(s) > 0 {
+		n := float64(len(s))
+		lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent = round3(float64(st.Claims)/n), round3(float64(st.EmptyClaim)/n), round3(float64(st.Marks)/n)
 	}
 	for q := 1; q <= 100; q++ {
 		lr.CDF = append(lr.CDF, round3(quantile(s, float64(q)/100)))

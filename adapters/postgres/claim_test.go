@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/md5"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -63,17 +64,22 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		}
 		defer func() { _ = sess.Close(ctx) }()
 		var claims [][]app.Message
-		after := int64(0)
+		var skip []int64 // every row claimed so far: the next claim reads past them
 		for {
-			rows, err := sess.Claim(ctx, after, batch, 1<<30)
+			rows, err := sess.Claim(ctx, skip, batch, 1<<30)
 			if err != nil {
-				t.Fatalf("claim after %d: %v", after, err)
+				t.Fatalf("claim skipping %d rows: %v", len(skip), err)
 			}
 			if len(rows) == 0 {
 				return claims
 			}
 			claims = append(claims, rows)
-			after = rows[len(rows)-1].ID
+			for _, r := range rows {
+				if slices.Contains(skip, r.ID) {
+					t.Fatalf("claim returned row %d, which it was told to skip", r.ID)
+				}
+				skip = append(skip, r.ID)
+			}
 		}
 	}
 	sep := "?"
@@ -139,14 +145,18 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	}
 	defer func() { _ = sess.Close(ctx) }()
 	// An empty payload as the first value of a fresh session: still empty, not NULL.
-	rows, err := sess.Claim(ctx, got[2].ID, 1, 1<<30)
+	rows, err := sess.Claim(ctx, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(rows) != 1 || rows[0].Payload == nil || len(rows[0].Payload) != 0 {
 		t.Fatalf("first claim of a session: %d rows, payload %v; want one row with an empty payload", len(rows), rows)
 	}
-	rows, err = sess.Claim(ctx, got[6].ID, 1000, 10_000)
+	var first7 []int64
+	for _, m := range got[:7] {
+		first7 = append(first7, m.ID)
+	}
+	rows, err = sess.Claim(ctx, first7, 1000, 10_000)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,7 @@ type Store struct {
 var _ app.Store = (*Store)(nil)
 
 type queries struct {
-	claim, pendingIDs, mark, retry, park, failing, parkedKeys, lock, listen, leading string
+	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
 }
 
 // ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
@@ -90,10 +90,8 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		claim: `SELECT id, event_id::text, aggregate_type, coalesce(aggregate_id, ''), event_type, payload,
 				coalesce(topic, ''), headers::text, occurred_at, created_at, attempts
 			FROM ` + t.outbox() + `
-			WHERE dispatched_at IS NULL AND id > $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-			ORDER BY id LIMIT $2`,
-		pendingIDs: `SELECT id FROM ` + t.outbox() + `
-			WHERE dispatched_at IS NULL AND id > $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+			WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+				AND id NOT IN (SELECT unnest($1::bigint[]))
 			ORDER BY id LIMIT $2`,
 		mark: mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
@@ -190,10 +188,12 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 
 // Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
 // connection that cannot return it (the simple protocol) is read with Scan.
-func (s *session) Claim(ctx context.Context, afterID int64, limit, maxBytes int) ([]app.Message, error) {
+func (s *session) Claim(ctx context.Context, skip []int64, limit, maxBytes int) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, afterID, limit)
+	// One statement, so one snapshot; the ids to skip are a hashed set (NOT IN a subquery), not a
+	// list compared row by row.
+	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, skip, limit)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
@@ -251,20 +251,6 @@ func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 		m.CreatedAt = created.Time
 	}
 	return append(out, m), nil
-}
-
-var _ app.PendingLister = (*session)(nil)
-
-// PendingIDs implements app.PendingLister.
-func (s *session) PendingIDs(ctx context.Context, afterID int64, limit int) ([]int64, error) {
-	ctx, cancel := s.op(ctx)
-	defer cancel()
-	rows, err := s.conn.Query(ctx, s.store.q.pendingIDs, afterID, limit)
-	if err != nil {
-		return nil, s.wrap(err)
-	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	return ids, s.wrap(err)
 }
 
 // Mark implements app.Session.

@@ -193,7 +193,7 @@ func TestWriterAppendRoundTripsEveryColumn(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = sess.Close(ctx) }()
-	claimed, err := sess.Claim(ctx, 0, n+10, 1<<30)
+	claimed, err := sess.Claim(ctx, nil, n+10, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -429,12 +430,12 @@ type memSession struct{ s *memStore }
 
 func (m memSession) TryLead(context.Context) (bool, error) { return true, nil }
 
-func (m memSession) Claim(_ context.Context, afterID int64, limit, _ int) ([]app.Message, error) {
+func (m memSession) Claim(_ context.Context, skip []int64, limit, _ int) ([]app.Message, error) {
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
 	var out []app.Message
 	for _, r := range m.s.rows {
-		if r.ID > afterID && !m.s.marked[r.ID] {
+		if !slices.Contains(skip, r.ID) && !m.s.marked[r.ID] {
 			out = append(out, r)
 			if len(out) == limit {
 				break
