@@ -62,7 +62,7 @@ type latencyResult struct {
 	ClaimsPerEvent      float64 `json:"claims_per_event"`
 	EmptyClaimsPerEvent float64 `json:"empty_claims_per_event"`
 	MarksPerEvent       float64 `json:"marks_per_event"`
-	samples     []float64
+	samples             []float64
 }
 
 // steadyResults is the steady-state section.
