@@ -164,6 +164,20 @@ type result struct {
 	at  time.Time
 }
 
+// readAhead is a claim run beside the publishing of the previous one.
+type readAhead struct {
+	rows          []Message
+	limit, budget int
+	err           error
+	took          time.Duration
+}
+
+// parkReq is a park put off while a claim reads ahead.
+type parkReq struct {
+	m      *Message
+	reason string
+}
+
 // markResult is the outcome of one Mark of the rows in leadState.marking.
 type markResult struct {
 	err  error
@@ -190,6 +204,14 @@ type leadState struct {
 	blockedAt time.Time
 	// skip holds the ids in flight for the next claim (reused).
 	skip []int64
+	// next brings the claim read ahead while the rows of the previous one go to the sink. The
+	// session is used by nothing else until await takes its result into ahead; the parks of that
+	// time wait in toPark.
+	next      chan readAhead
+	ahead     *readAhead
+	skipAhead []int64
+	toPark    []parkReq
+	send      []*Message // the rows of the current claim that go to the sink (reused)
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
@@ -210,6 +232,9 @@ type leadState struct {
 func (l *leadState) run(ctx context.Context) error {
 	wake := true
 	for {
+		if err := l.await(ctx); err != nil {
+			return l.abandon(err)
+		}
 		select {
 		case res := <-l.markDone:
 			if err := l.marked(ctx, res); err != nil {
@@ -332,48 +357,136 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// Every claim reads from the oldest pending row, past the rows in flight, in one snapshot: a
 	// cursor carried from one claim to the next would pass over a row whose transaction was
 	// still open, and the next row of its key, committed after it, would go out first.
-	l.skip = l.skip[:0]
-	for id := range l.inflight {
-		l.skip = append(l.skip, id)
+	var rows []Message
+	var limit, budget int
+	if a := l.ahead; a != nil {
+		l.ahead = nil
+		if a.err != nil {
+			return false, fmt.Errorf("claim: %w", a.err)
+		}
+		rows, limit, budget = a.rows, a.limit, a.budget
+		l.obs.Claimed(len(rows), a.took)
+	} else {
+		l.skip = l.skip[:0]
+		for id := range l.inflight {
+			l.skip = append(l.skip, id)
+		}
+		limit, budget = l.claimSize(len(l.inflight), l.bytes)
+		budget = max(budget, 1) // the loop claims only below the bounds; the first row always fits
+		var err error
+		rows, err = l.sess.Claim(ctx, l.skip, limit, budget)
+		if err != nil {
+			return false, fmt.Errorf("claim: %w", err)
+		}
+		l.obs.Claimed(len(rows), time.Since(now))
 	}
-	limit := min(l.cfg.BatchSize, l.cfg.MaxInFlight-len(l.inflight))
-	budget := max(l.cfg.MaxInFlightBytes-l.bytes, 1)
-	if l.rowBytes > 0 {
-		// Rows past the byte budget would be read and sent by the database only to be dropped:
-		// with a 10000-row batch and 1 MiB of 1 kB rows, nine rows in ten.
-		limit = max(1, min(limit, budget/l.rowBytes+1))
-	}
-	rows, err := l.sess.Claim(ctx, l.skip, limit, budget)
-	if err != nil {
-		return false, fmt.Errorf("claim: %w", err)
+	size := 0
+	for i := range rows {
+		size += rows[i].Size()
 	}
 	if len(rows) > 0 {
-		size := 0
-		for i := range rows {
-			size += rows[i].Size()
-		}
 		l.rowBytes = max(1, size/len(rows))
 	}
 	l.lastPoll = time.Now()
-	l.obs.Claimed(len(rows), l.lastPoll.Sub(now))
+	// Rows may be waiting if the claim stopped at its row or byte bound.
+	more := len(rows) == limit || (len(rows) > 0 && size >= budget)
+	// The rows that go to the sink: not in flight already, not waiting behind an earlier row.
+	l.send = l.send[:0]
 	for i := range rows {
 		m := &rows[i]
-		if _, dup := l.inflight[m.ID]; dup || l.held(m) {
+		if _, dup := l.inflight[m.ID]; !dup && !l.held(m) {
+			l.send = append(l.send, m)
+		}
+	}
+	// A full batch: read the next one ahead while this one goes to the sink, if the bounds leave
+	// room for both. It skips the rows in flight and those of this batch that go to the sink, as
+	// a claim after it would; a row held back here must not be skipped, or a later row of its key
+	// could be read without it.
+	if more {
+		if nextLimit, nextBudget := l.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
+			l.skipAhead = l.skipAhead[:0]
+			for id := range l.inflight {
+				l.skipAhead = append(l.skipAhead, id)
+			}
+			for _, m := range l.send {
+				l.skipAhead = append(l.skipAhead, m.ID)
+			}
+			l.next = make(chan readAhead, 1)
+			go func(skip []int64, next chan<- readAhead) {
+				start := time.Now()
+				rows, err := l.sess.Claim(ctx, skip, nextLimit, nextBudget)
+				next <- readAhead{rows: rows, limit: nextLimit, budget: nextBudget, err: err, took: time.Since(start)}
+			}(l.skipAhead, l.next)
+		}
+	}
+	for _, m := range l.send {
+		if l.held(m) { // an earlier row of its key was refused just now: the key waits
 			continue
 		}
 		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) {
 			l.results <- result{m: m, err: err, at: time.Now()}
 		})
 		if err != nil {
-			if err := l.park(ctx, m, err.Error()); err != nil {
-				return false, err
+			// Parked once the session is free; until then the key's later rows wait, as the
+			// park would make them.
+			l.toPark = append(l.toPark, parkReq{m: m, reason: err.Error()})
+			if l.cfg.OrderPolicy == OrderPolicyWait {
+				l.memBlock[m.orderKey()] = 0
 			}
 			continue
 		}
 		l.inflight[m.ID] = m
 		l.bytes += m.Size()
 	}
-	return len(rows) == limit || (len(rows) > 0 && l.bytes >= l.cfg.MaxInFlightBytes), nil
+	if l.next == nil {
+		if err := l.parkPutOff(ctx); err != nil {
+			return false, err
+		}
+	}
+	return more, nil
+}
+
+// claimSize returns the most rows and bytes a claim may return with inflight rows of bytes in
+// flight; both are 0 when the bounds leave no room.
+func (l *leadState) claimSize(inflight, bytes int) (limit, budget int) {
+	limit = min(l.cfg.BatchSize, l.cfg.MaxInFlight-inflight)
+	if limit <= 0 {
+		return 0, 0
+	}
+	budget = l.cfg.MaxInFlightBytes - bytes
+	if budget <= 0 {
+		return 0, 0
+	}
+	if l.rowBytes > 0 {
+		// Rows past the byte budget would be read and sent by the database only to be dropped:
+		// with a 10000-row batch and 1 MiB of 1 kB rows, nine rows in ten.
+		limit = max(1, min(limit, budget/l.rowBytes+1))
+	}
+	return limit, budget
+}
+
+// await waits for the claim reading ahead, if any, and keeps its result for the next claim; the
+// session is free again, and the parks put off meanwhile are done.
+func (l *leadState) await(ctx context.Context) error {
+	if l.next == nil {
+		return nil
+	}
+	res := <-l.next
+	l.next = nil
+	l.ahead = &res
+	return l.parkPutOff(ctx)
+}
+
+// parkPutOff parks the rows refused while a claim was reading ahead.
+func (l *leadState) parkPutOff(ctx context.Context) error {
+	for len(l.toPark) > 0 {
+		p := l.toPark[0]
+		l.toPark = l.toPark[1:]
+		if err := l.park(ctx, p.m, p.reason); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // held reports whether m must wait behind an earlier row of its key.
@@ -578,6 +691,11 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 // abandon ends a term whose session failed: it stops the sink from publishing anything more of
 // this term, since another replica may lead by now.
 func (l *leadState) abandon(cause error) error {
+	if l.next != nil {
+		<-l.next // the session is closed next: let the claim reading ahead end first
+		l.next = nil
+	}
+	l.toPark = nil // still pending in the outbox: the next leader sees them again
 	if len(l.inflight) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.ShutdownTimeout)
 		_ = l.sink.Abort(ctx)

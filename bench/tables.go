@@ -104,6 +104,17 @@ func (b *bench) tables(w io.Writer) {
 				l.P50, l.P99, l.P999, l.Max, l.InsertP50, l.InsertP99, l.CPUMsPer10k)
 		}
 		fmt.Fprintln(w)
+		fmt.Fprintln(w, "Where the time goes: commit to the relay handing the event to the producer (wake-up and claim), then to the broker's acknowledgement; and the relay's database round trips per event.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| wake-up | offered ev/s | commit-to-publish p50 ms | p99 ms | publish-to-ack p50 ms | p99 ms | claims / event | empty claims / event | marks / event |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, l := range s.Latency {
+			mode := map[string]string{"notify": "NOTIFY", "poll": "polling alone (500 ms)",
+				"poll-fast": "polling alone (50 ms)"}[l.Mode]
+			fmt.Fprintf(w, "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", mode, l.OfferedPerSec,
+				l.PublishP50, l.PublishP99, l.AckP50, l.AckP99, l.ClaimsPerEvent, l.EmptyClaimsPerEvent, l.MarksPerEvent)
+		}
+		fmt.Fprintln(w)
 	}
 
 	if wc := r.Write; wc != nil {

@@ -136,6 +136,48 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		}
 	}
 
+	// Rows in flight in several runs and alone: the claim leaves out exactly them.
+	{
+		conn, _ := postgres.ParseURL(dbtest.URL())
+		store, _ := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
+		sess, err := store.Open(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		skipped := map[int64]bool{}
+		var skip []int64
+		for i, m := range got[:100] {
+			if i != 10 && i != 50 {
+				skip = append(skip, m.ID)
+				skipped[m.ID] = true
+			}
+		}
+		for _, i := range []int{200, 300, 3006} {
+			skip = append(skip, got[i].ID)
+			skipped[got[i].ID] = true
+		}
+		slices.Reverse(skip) // the order of the ids does not matter
+		rows, err := sess.Claim(ctx, skip, 5000, 1<<30)
+		_ = sess.Close(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want []int64
+		for _, m := range got {
+			if !skipped[m.ID] {
+				want = append(want, m.ID)
+			}
+		}
+		var gotIDs []int64
+		for _, r := range rows {
+			gotIDs = append(gotIDs, r.ID)
+		}
+		if !slices.Equal(gotIDs, want) {
+			t.Fatalf("claim skipping %d ids in runs returned %d rows, want %d (first %v, want first %v)",
+				len(skip), len(gotIDs), len(want), gotIDs[:min(5, len(gotIDs))], want[:5])
+		}
+	}
+
 	// The byte budget: a claim stops at the first row that reaches it.
 	conn, _ := postgres.ParseURL(dbtest.URL())
 	store, _ := postgres.NewStore(conn, postgres.StoreConfig{Table: table})

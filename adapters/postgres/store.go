@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -56,6 +57,16 @@ type queries struct {
 	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
 }
 
+// claimPart is one ordered range of the claim query.
+func claimPart(t Table, cond string) string {
+	return `(SELECT id, event_id::text AS event_id, aggregate_type, coalesce(aggregate_id, '') AS aggregate_id,
+			event_type, payload, coalesce(topic, '') AS topic, headers::text AS headers, occurred_at, created_at, attempts
+		FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
+			AND id NOT IN (SELECT unnest($3::bigint[]))
+		ORDER BY id LIMIT $4)`
+}
+
 // ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
 func ParseURL(url string) (*pgx.ConnConfig, error) {
 	cfg, err := pgx.ParseConfig(url)
@@ -87,13 +98,12 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	}
 	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout}
 	s.q = queries{
-		claim: `SELECT id, event_id::text, aggregate_type, coalesce(aggregate_id, ''), event_type, payload,
-				coalesce(topic, ''), headers::text, occurred_at, created_at, attempts
-			FROM ` + t.outbox() + `
-			WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-				AND id NOT IN (SELECT unnest($1::bigint[]))
-			ORDER BY id LIMIT $2`,
-		mark: mark,
+		// The claim reads from the oldest pending row in two ordered ranges, below and above the
+		// longest run of consecutive ids in flight ($1..$2), leaving out the other ids in flight
+		// ($3) one by one; the run needs no check, as no other row can have an id inside it. One
+		// statement, so one snapshot.
+		claim: claimPart(t, `id < $1`) + ` UNION ALL ` + claimPart(t, `id > $2`) + ` ORDER BY id LIMIT $4`,
+		mark:  mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
 				next_attempt_at = now() + $3::interval WHERE id = $1`,
 		park: `WITH m AS (DELETE FROM ` + t.outbox() + ` WHERE id = $1 RETURNING *)
@@ -156,6 +166,8 @@ type session struct {
 	// used by one Mark at a time and closed by Close.
 	markConn *pgx.Conn
 	dec      claimDecoder // reused by every Claim of the session
+	sorted   []int64      // reused by skipRun
+	rest     []int64      // reused by skipRun
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -191,9 +203,8 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 func (s *session) Claim(ctx context.Context, skip []int64, limit, maxBytes int) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	// One statement, so one snapshot; the ids to skip are a hashed set (NOT IN a subquery), not a
-	// list compared row by row.
-	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, skip, limit)
+	lo, hi, rest := s.skipRun(skip)
+	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
@@ -230,6 +241,44 @@ func (s *session) Claim(ctx context.Context, skip []int64, limit, maxBytes int) 
 		s.dec.finish(out)
 	}
 	return out, nil
+}
+
+// skipRun splits the ids to skip into the longest run of consecutive ids, [lo, hi], which the
+// claim passes over by range (the run holds every id between its ends, so no other row can be
+// inside it), and the rest, which the claim leaves out one by one. While a backlog drains, the
+// rows in flight are usually one run and rest is empty.
+func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
+	if len(skip) == 0 {
+		return 1, 0, nil // an empty run: id < 1 and id > 0 cover every id
+	}
+	lo, hi = skip[0], skip[0]
+	for _, id := range skip {
+		lo, hi = min(lo, id), max(hi, id)
+	}
+	if hi-lo+1 == int64(len(skip)) { // the ids are distinct: they fill [lo, hi]
+		return lo, hi, nil
+	}
+	sorted := append(s.sorted[:0], skip...)
+	slices.Sort(sorted)
+	s.sorted = sorted
+	lo, hi = sorted[0], sorted[0]
+	start := sorted[0]
+	for i := 1; i < len(sorted); i++ {
+		if sorted[i] != sorted[i-1]+1 {
+			start = sorted[i]
+		}
+		if sorted[i]-start > hi-lo {
+			lo, hi = start, sorted[i]
+		}
+	}
+	rest = s.rest[:0]
+	for _, id := range sorted {
+		if id < lo || id > hi {
+			rest = append(rest, id)
+		}
+	}
+	s.rest = rest
+	return lo, hi, rest
 }
 
 // scanClaimed appends the message of the current row to out, with Scan.
