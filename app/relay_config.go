@@ -42,7 +42,7 @@ type RelayConfig struct {
 	// MaxInFlight still fit when rows are small (see BENCHMARKS.md).
 	MaxInFlightBytes int
 	// PollInterval is how often the outbox is read without a wake-up notification, and how often
-	// the relay rescans from the oldest row. Default 500ms.
+	// the keys blocked behind failing or parked rows are reloaded. Default 500ms.
 	PollInterval time.Duration
 	// LeaderRetryInterval is how often a standby replica tries to take the leadership. Default 1s.
 	LeaderRetryInterval time.Duration

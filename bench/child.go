@@ -692,9 +692,16 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 	return func(ctx context.Context) error {
 		defer func() { _ = sess.Close(context.Background()) }()
 		ids := make([]int64, 0, cfg.BatchSize)
+		rowBytes := 0
 		for ctx.Err() == nil {
-			// Each batch is marked before the next claim: nothing in flight to skip.
-			rows, err := sess.Claim(ctx, nil, cfg.BatchSize, cfg.MaxInFlightBytes)
+			// Each batch is marked before the next claim: nothing in flight to skip. Like the
+			// relay, ask for no more rows than the byte budget takes: the database would read and
+			// send the others only for them to be dropped.
+			limit := cfg.BatchSize
+			if rowBytes > 0 {
+				limit = max(1, min(limit, cfg.MaxInFlightBytes/rowBytes+1))
+			}
+			rows, err := sess.Claim(ctx, nil, limit, cfg.MaxInFlightBytes)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -706,9 +713,12 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 				continue
 			}
 			ids = ids[:0]
+			size := 0
 			for i := range rows {
 				ids = append(ids, rows[i].ID)
+				size += rows[i].Size()
 			}
+			rowBytes = max(1, size/len(rows))
 			if err := sess.Mark(ctx, ids); err != nil {
 				return err
 			}

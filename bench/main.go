@@ -78,7 +78,7 @@ var allSections = []string{"drain", "steady", "write", "health", "memory"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	scaleFlag := fs.String("scale", "smoke", "smoke (under a minute), or a factor of the full size: 1 = 1M-event drains (about 30 minutes)")
+	scaleFlag := fs.String("scale", "smoke", "smoke (under a minute), or a factor of the full size: 1 = 1M-event drains (about 20 minutes here)")
 	db := fs.String("db", "", "PostgreSQL URL (default $OUTBOX_BENCH_DATABASE_URL, else "+databaseURLDefault+")")
 	out := fs.String("out", "bench/results", "directory for results.json and the PNG charts")
 	only := fs.String("only", strings.Join(allSections, ","), "sections to run, comma-separated: "+strings.Join(allSections, ","))

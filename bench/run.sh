@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite (make bench). BENCH_SCALE=smoke for a run under a minute, 1 (the
-# default) for the full size (1M-event drains, about 30 minutes). Extra arguments go to the bench
+# default) for the full size (1M-event drains, about 20 minutes on the development machine). Extra arguments go to the bench
 # command (see `go run ./bench -h`). Results, charts and the relay's CPU profile land in
 # bench/results/ (BENCH_OUT to change).
 set -euo pipefail
