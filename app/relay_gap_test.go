@@ -65,14 +65,7 @@ func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	conn, err := postgres.ParseURL(dbtest.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
+	store := dbtest.Store(t, table)
 	sink := &gateSink{Sink: memory.NewSink(), reached: make(chan struct{}), open: make(chan struct{})}
 	// Batches of 5 rows: the backlog takes four claims. A long poll interval keeps the periodic
 	// rescan out of the way.

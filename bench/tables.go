@@ -98,8 +98,7 @@ func (b *bench) tables(w io.Writer) {
 		fmt.Fprintln(w, "| wake-up | offered ev/s | written ev/s | events | commit-to-ack p50 ms | p99 ms | p99.9 ms | max ms | insert-to-ack p50 ms | p99 ms | relay CPU ms / 10k |")
 		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, l := range s.Latency {
-			mode := map[string]string{"notify": "NOTIFY", "poll": "polling alone (500 ms)",
-				"poll-fast": "polling alone (50 ms)"}[l.Mode]
+			mode := latencyModes[l.Mode]
 			fmt.Fprintf(w, "| %s | %.0f | %.0f | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f |\n", mode, l.OfferedPerSec, l.WrittenPerSec, l.Events,
 				l.P50, l.P99, l.P999, l.Max, l.InsertP50, l.InsertP99, l.CPUMsPer10k)
 		}
@@ -109,8 +108,7 @@ func (b *bench) tables(w io.Writer) {
 		fmt.Fprintln(w, "| wake-up | offered ev/s | commit-to-publish p50 ms | p99 ms | publish-to-ack p50 ms | p99 ms | claims / event | empty claims / event | marks / event |")
 		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, l := range s.Latency {
-			mode := map[string]string{"notify": "NOTIFY", "poll": "polling alone (500 ms)",
-				"poll-fast": "polling alone (50 ms)"}[l.Mode]
+			mode := latencyModes[l.Mode]
 			fmt.Fprintf(w, "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", mode, l.OfferedPerSec,
 				l.PublishP50, l.PublishP99, l.AckP50, l.AckP99, l.ClaimsPerEvent, l.EmptyClaimsPerEvent, l.MarksPerEvent)
 		}
@@ -195,3 +193,6 @@ func firstWords(s string, n int) string {
 	f := strings.Fields(s)
 	return strings.Join(f[:min(n, len(f))], " ")
 }
+
+// latencyModes names the latency runs' wake-up modes in the tables.
+var latencyModes = map[string]string{"notify": "NOTIFY", "poll": "polling alone (500 ms)", "poll-fast": "polling alone (50 ms)"}

@@ -12,7 +12,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
@@ -50,19 +49,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 
 	claimAll := func(url string, batch int) [][]app.Message {
 		t.Helper()
-		conn, err := postgres.ParseURL(url)
-		if err != nil {
-			t.Fatal(err)
-		}
-		store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-		if err != nil {
-			t.Fatal(err)
-		}
-		sess, err := store.Open(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() { _ = sess.Close(ctx) }()
+		sess := dbtest.Session(t, table, url)
 		var claims [][]app.Message
 		var skip []int64 // every row claimed so far: the next claim reads past them
 		for {
@@ -138,12 +125,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 
 	// Rows in flight in several runs and alone: the claim leaves out exactly them.
 	{
-		conn, _ := postgres.ParseURL(dbtest.URL())
-		store, _ := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-		sess, err := store.Open(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
+		sess := dbtest.Session(t, table, dbtest.URL())
 		skipped := map[int64]bool{}
 		var skip []int64
 		for i, m := range got[:100] {
@@ -158,7 +140,6 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		}
 		slices.Reverse(skip) // the order of the ids does not matter
 		rows, err := sess.Claim(ctx, skip, 5000, 1<<30)
-		_ = sess.Close(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -179,13 +160,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	}
 
 	// The byte budget: a claim stops at the first row that reaches it.
-	conn, _ := postgres.ParseURL(dbtest.URL())
-	store, _ := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	sess, err := store.Open(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sess.Close(ctx) }()
+	sess := dbtest.Session(t, table, dbtest.URL())
 	// An empty payload as the first value of a fresh session: still empty, not NULL.
 	rows, err := sess.Claim(ctx, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30)
 	if err != nil {

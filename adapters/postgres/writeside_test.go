@@ -180,19 +180,7 @@ func TestWriterAppendRoundTripsEveryColumn(t *testing.T) {
 	}
 
 	// The relay reads the same values back through its Store.
-	conn, err := postgres.ParseURL(dbtest.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess, err := store.Open(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sess.Close(ctx) }()
+	sess := dbtest.Session(t, table, dbtest.URL())
 	claimed, err := sess.Claim(ctx, nil, n+10, 1<<30)
 	if err != nil {
 		t.Fatal(err)

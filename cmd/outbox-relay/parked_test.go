@@ -16,7 +16,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -99,19 +98,7 @@ func TestParkedCommand(t *testing.T) {
 	j, m := insert("j", "x"), insert("m", "y")
 
 	// Park the rows the way the relay does.
-	conn, err := postgres.ParseURL(dbtest.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess, err := store.Open(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sess.Close(ctx) }()
+	sess := dbtest.Session(t, table, dbtest.URL())
 	for _, id := range []int64{bad, j, m} {
 		if err := sess.Park(ctx, id, fmt.Sprintf("MESSAGE_TOO_LARGE: row %d refused", id)); err != nil {
 			t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
 )
 
 // URLDefault is the database used when OUTBOX_TEST_DATABASE_URL is not set.
@@ -91,4 +92,35 @@ func sanitize(s string) string {
 		out = out[len(out)-30:]
 	}
 	return out
+}
+
+// Store returns the relay's store on table in the test database.
+func Store(t testing.TB, table postgres.Table) *postgres.Store {
+	t.Helper()
+	return storeAt(t, table, URL())
+}
+
+// Session opens a relay session on table, closed when t ends. url is the connection string
+// (URL() unless a test needs other connection settings).
+func Session(t testing.TB, table postgres.Table, url string) app.Session {
+	t.Helper()
+	sess, err := storeAt(t, table, url).Open(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sess.Close(context.Background()) })
+	return sess
+}
+
+func storeAt(t testing.TB, table postgres.Table, url string) *postgres.Store {
+	t.Helper()
+	conn, err := postgres.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store
 }
