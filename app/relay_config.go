@@ -38,8 +38,8 @@ type RelayConfig struct {
 	// can cause. Default 4000; at least BatchSize, at most 100000.
 	MaxInFlight int
 	// MaxInFlightBytes bounds the memory held by rows in flight, in bytes. Default 4 MiB: a
-	// sidecar's memory stays near 64 MiB whatever the payload size, and the 4000 rows of
-	// MaxInFlight still fit when rows are small (see BENCHMARKS.md).
+	// sidecar stays under 64 MiB resident with rows up to 1 KB (about 115 MiB with 16 KB rows),
+	// and the 4000 rows of MaxInFlight still fit when rows are small (see BENCHMARKS.md).
 	MaxInFlightBytes int
 	// PollInterval is how often the outbox is read without a wake-up notification, and how often
 	// the keys blocked behind failing or parked rows are reloaded. Default 500ms.
