@@ -367,10 +367,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		rows, limit, budget = a.rows, a.limit, a.budget
 		l.obs.Claimed(len(rows), a.took)
 	} else {
-		l.skip = l.skip[:0]
-		for id := range l.inflight {
-			l.skip = append(l.skip, id)
-		}
+		l.skip = l.appendInflight(l.skip[:0])
 		limit, budget = l.claimSize(len(l.inflight), l.bytes)
 		budget = max(budget, 1) // the loop claims only below the bounds; the first row always fits
 		var err error
@@ -404,10 +401,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// could be read without it.
 	if more {
 		if nextLimit, nextBudget := l.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
-			l.skipAhead = l.skipAhead[:0]
-			for id := range l.inflight {
-				l.skipAhead = append(l.skipAhead, id)
-			}
+			l.skipAhead = l.appendInflight(l.skipAhead[:0])
 			for _, m := range l.send {
 				l.skipAhead = append(l.skipAhead, m.ID)
 			}
@@ -444,6 +438,14 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		}
 	}
 	return more, nil
+}
+
+// appendInflight appends the ids in flight to dst, for a claim to skip.
+func (l *leadState) appendInflight(dst []int64) []int64 {
+	for id := range l.inflight {
+		dst = append(dst, id)
+	}
+	return dst
 }
 
 // claimSize returns the most rows and bytes a claim may return with inflight rows of bytes in

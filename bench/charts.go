@@ -64,14 +64,7 @@ func (b *bench) drainChart(path string) error {
 		p.Add(bars)
 		p.Legend.Add(v, bars)
 	}
-	p.Y.Min, p.Y.Max = 0, top*1.25 // room for the legend above the bars
-	p.Legend.Top = true
-	p.NominalX(names...)
-	p.X.Tick.Label.Rotation = 0.5
-	p.X.Tick.Label.XAlign = -1
-	p.X.Tick.Label.YAlign = -0.5
-	p.Add(plotter.NewGrid())
-	return p.Save(vg.Length(max(len(names), 3))*1.6*vg.Inch, 5*vg.Inch, path)
+	return saveCaseChart(p, names, top*1.25, path)
 }
 
 // ratioChart: the relay's drain rate divided by each baseline's, per case, with the targets.
@@ -120,14 +113,7 @@ func (b *bench) ratioChart(path string) error {
 		line.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
 		p.Add(line)
 	}
-	p.Y.Min, p.Y.Max = 0, top*1.3 // room for the legend above the bars
-	p.Legend.Top = true
-	p.NominalX(names...)
-	p.X.Tick.Label.Rotation = 0.5
-	p.X.Tick.Label.XAlign = -1
-	p.X.Tick.Label.YAlign = -0.5
-	p.Add(plotter.NewGrid())
-	return p.Save(vg.Length(max(len(names), 3))*1.6*vg.Inch, 5*vg.Inch, path)
+	return saveCaseChart(p, names, top*1.3, path)
 }
 
 // latencyChart: commit-to-ack latency by percentile, one line per run, log scale.
@@ -198,4 +184,17 @@ func (b *bench) healthChart(path string) error {
 	p.Legend.Left = true
 	p.Add(plotter.NewGrid())
 	return p.Save(7*vg.Inch, 4.5*vg.Inch, path)
+}
+
+// saveCaseChart finishes a bar chart with one group per drain case (names) and saves it: the
+// y axis up to yMax (room for the legend above the bars), slanted case names, a grid.
+func saveCaseChart(p *plot.Plot, names []string, yMax float64, path string) error {
+	p.Y.Min, p.Y.Max = 0, yMax
+	p.Legend.Top = true
+	p.NominalX(names...)
+	p.X.Tick.Label.Rotation = 0.5
+	p.X.Tick.Label.XAlign = -1
+	p.X.Tick.Label.YAlign = -0.5
+	p.Add(plotter.NewGrid())
+	return p.Save(vg.Length(max(len(names), 3))*1.6*vg.Inch, 5*vg.Inch, path)
 }

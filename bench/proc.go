@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -12,13 +11,13 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 var childSeq atomic.Int64
@@ -36,7 +35,7 @@ type proc struct {
 	reports  chan childReport
 	progress atomic.Int64 // rows the child marked, plus offset
 	offset   int64        // set before "go": what earlier children of the same run marked
-	stderr   *bytes.Buffer
+	stderr   *logbuf.Buffer
 	exited   chan struct{}
 	err      error
 }
@@ -50,8 +49,8 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 	cmd := exec.Command(b.exe)
 	cmd.Env = append(os.Environ(), childEnv+"="+string(data))
 	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
-		stderr: &bytes.Buffer{}, exited: make(chan struct{})}
-	cmd.Stderr = &lockedWriter{w: p.stderr}
+		stderr: &logbuf.Buffer{}, exited: make(chan struct{})}
+	cmd.Stderr = p.stderr
 	if os.Getenv("BENCH_CHILD_STDERR") != "" {
 		// For digging into a run (GODEBUG=gctrace=1, for instance): the children's stderr shown too.
 		cmd.Stderr = io.MultiWriter(cmd.Stderr, os.Stderr)
@@ -162,17 +161,6 @@ func (p *proc) stderrText() string {
 		s = "..." + s[len(s)-2000:]
 	}
 	return strings.TrimSpace(s)
-}
-
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 // broker is a kfake cluster in a child process.
