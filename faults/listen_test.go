@@ -25,7 +25,14 @@ func TestFault05ListenConnectionKilled(t *testing.T) {
 		e.eventually(60*time.Second, "progress", func() (bool, string) {
 			return r.probe.acked.Load() >= want, itoa(r.probe.acked.Load()) + " acknowledged"
 		})
-		if n := e.terminate("fault05"); n != 1 {
+		// The relay may be between a kill and its reconnect (the loader can run ahead of the
+		// last kill's backoff): wait until it has a session again, then kill exactly that one.
+		var n int
+		e.eventually(30*time.Second, "a relay session to kill", func() (bool, string) {
+			n = e.terminate("fault05")
+			return n > 0, itoa(r.probe.connects.Load()) + " connects so far"
+		})
+		if n != 1 {
 			t.Fatalf("terminated %d sessions, want 1", n)
 		}
 	}
