@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -147,6 +148,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		memBlock: make(Blocked),
 		groups:   make(map[string]groupFailure),
 		resend:   make(map[int64]resendAt),
+		failing:  make(map[string]int),
 		markReq:  make(chan []int64),
 		markDone: make(chan markResult, 1),
 	}
@@ -227,6 +229,47 @@ type leadState struct {
 	// to gather more rows (see startMark). stopping marks at once.
 	toMarkSince time.Time
 	stopping    bool
+	// failing counts, per order key, the failures the sink reported that settle has not yet
+	// taken. The sink's callback adds to it before the result reaches the results channel, so a
+	// later row of a key whose row just failed is held back at once, not only after the loop
+	// reads the failure: in between, the broker would take the later row first. failingN is the
+	// total, read without the lock on the path of every row.
+	failMu   sync.Mutex
+	failing  map[string]int
+	failingN atomic.Int64
+}
+
+// reported is the sink's callback for m: it notes a failure's key in failing before handing the
+// verdict to the loop.
+func (l *leadState) reported(m *Message, err error) {
+	if err != nil {
+		l.failMu.Lock()
+		l.failing[m.orderKey()]++
+		l.failMu.Unlock()
+		l.failingN.Add(1)
+	}
+	l.results <- result{m: m, err: err, at: time.Now()}
+}
+
+// taken removes one failure of m's key from failing: settle has taken it.
+func (l *leadState) taken(m *Message) {
+	k := m.orderKey()
+	l.failMu.Lock()
+	if l.failing[k]--; l.failing[k] <= 0 {
+		delete(l.failing, k)
+	}
+	l.failMu.Unlock()
+	l.failingN.Add(-1)
+}
+
+// unsettled reports whether a failure of m's key was reported and not yet settled.
+func (l *leadState) unsettled(m *Message) bool {
+	if l.failingN.Load() == 0 {
+		return false
+	}
+	l.failMu.Lock()
+	defer l.failMu.Unlock()
+	return l.failing[m.orderKey()] > 0
 }
 
 func (l *leadState) run(ctx context.Context) error {
@@ -414,12 +457,10 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		}
 	}
 	for _, m := range l.send {
-		if l.held(m) { // an earlier row of its key was refused just now: the key waits
+		if l.held(m) { // an earlier row of its key was refused or failed just now: the key waits
 			continue
 		}
-		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) {
-			l.results <- result{m: m, err: err, at: time.Now()}
-		})
+		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) { l.reported(m, err) })
 		if err != nil {
 			// Parked once the session is free; until then the key's later rows wait, as the
 			// park would make them.
@@ -505,7 +546,7 @@ func (l *leadState) held(m *Message) bool {
 	if r, ok := l.resend[m.ID]; ok && time.Now().Before(r.at) {
 		return true
 	}
-	return false
+	return l.unsettled(m)
 }
 
 // groupFailure is the failure counted against one row of a group of messages that fail together.
@@ -585,6 +626,7 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		}
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
+		l.taken(m) // the key stays held below, by memBlock or the park's order policy
 		k := m.orderKey()
 		l.obs.Failed(m, res.err)
 		if head, ok := l.memBlock[k]; ok && head < m.ID {

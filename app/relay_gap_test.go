@@ -116,3 +116,70 @@ func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 		t.Errorf("%d deliveries, want 22: %v", len(order), order)
 	}
 }
+
+// failFirstSink refuses the first row of key "k" the instant it is handed over: its verdict
+// reaches the relay while the relay is still handing over the rest of the claim, as a broker's
+// rejection does when its answer comes back between two Publish calls.
+type failFirstSink struct {
+	*memory.Sink
+	failed bool
+}
+
+func (f *failFirstSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	if m.AggregateID == "k" && !f.failed {
+		f.failed = true
+		done(&app.GroupError{Group: "t/0", Err: fmt.Errorf("MESSAGE_TOO_LARGE (injected)")})
+		return nil
+	}
+	return f.Sink.Publish(ctx, m, done)
+}
+
+// TestRelayHoldsAKeyTheMomentItsRowFails: key k's first row fails while the relay hands over
+// the rest of the same claim, which holds k's second row. The second row must wait for the first
+// to be published again, not go out ahead of it because the relay had not yet read the failure.
+func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := postgres.NewWriter(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs := []postgres.Message{
+		{AggregateType: "order", AggregateID: "k", EventType: "k-1", Payload: []byte("1")},
+		{AggregateType: "order", AggregateID: "other", EventType: "other", Payload: []byte("o")},
+		{AggregateType: "order", AggregateID: "k", EventType: "k-2", Payload: []byte("2")},
+	}
+	if err := w.Append(ctx, pool, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	sink := &failFirstSink{Sink: memory.NewSink()}
+	relay, err := app.NewRelay(app.RelayConfig{RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond},
+		dbtest.Store(t, table), sink, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(rctx) }()
+	defer func() {
+		stop()
+		<-done
+	}()
+
+	var order []string
+	for ctx.Err() == nil {
+		order = order[:0]
+		for _, d := range sink.Deliveries() {
+			order = append(order, d.Message.EventType)
+		}
+		if len(order) >= 3 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if want := "[other k-1 k-2]"; fmt.Sprint(order) != want {
+		t.Fatalf("deliveries %v, want %s: k-2 must wait for k-1's retry", order, want)
+	}
+}
