@@ -13,6 +13,10 @@ var ErrInvalidMessage = errors.New("invalid message")
 // ErrNotLeader is returned by a Session when it lost the leadership it held.
 var ErrNotLeader = errors.New("leadership lost")
 
+// ErrNoHorizon is wrapped by Session.Horizon when the outbox cannot give one (its ids are
+// cached per session, or cannot be read): every claim then reads from the oldest pending row.
+var ErrNoHorizon = errors.New("no id horizon")
+
 // ErrReadOnly is returned by a Session connected to a database that cannot be written (a standby
 // or a read-only node): the relay never publishes what it could not mark.
 var ErrReadOnly = errors.New("database is read-only")

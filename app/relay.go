@@ -169,6 +169,7 @@ type result struct {
 // readAhead is a claim run beside the publishing of the previous one.
 type readAhead struct {
 	rows          []Message
+	from, horizon int64
 	limit, budget int
 	err           error
 	took          time.Duration
@@ -217,6 +218,16 @@ type leadState struct {
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
+	// from is where the next claim starts: every pending, due row below it is in flight or its
+	// key waits behind a failing head (whose id the claim then starts at, see start), and no row
+	// can still commit below it, as it never passes the session's Horizon. Claims from the
+	// oldest row (from = 0) once per poll interval find rows put back from the parked table.
+	from        int64
+	noHorizon   bool  // the session said it has none: every claim reads from the oldest row
+	horizonSeen int64 // the last horizon the session returned
+	// unsent is the lowest id of a row the read-ahead skips that was not handed to the sink
+	// after all (its key began to wait meanwhile); 0 for none.
+	unsent int64
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
@@ -382,6 +393,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// The blocked keys are reloaded once per poll interval, not at every claim: a relay that is
 	// caught up claims at every wake-up, and two more queries per claim doubled its CPU per event
 	// at low rates. This term's own failures are in memBlock meanwhile.
+	full := false
 	if l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval {
 		l.blockedAt = now
 		blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
@@ -396,10 +408,16 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 				delete(l.memBlock, k)
 			}
 		}
+		// A key released by the reload may have its parked row back in the outbox, below
+		// from: this claim reads from the oldest row, after the reload. Rows read ahead before
+		// it could hold the key's later rows without that one.
+		full = true
+		l.ahead = nil
 	}
-	// Every claim reads from the oldest pending row, past the rows in flight, in one snapshot: a
-	// cursor carried from one claim to the next would pass over a row whose transaction was
-	// still open, and the next row of its key, committed after it, would go out first.
+	// Every claim reads from the oldest pending row it has not accounted for, past the rows in
+	// flight, in one snapshot: a cursor carried from one claim to the next would pass over a row
+	// whose transaction was still open, and the next row of its key, committed after it, would
+	// go out first. from never passes the horizon, below which no transaction is open.
 	var rows []Message
 	var limit, budget int
 	if a := l.ahead; a != nil {
@@ -409,16 +427,22 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		}
 		rows, limit, budget = a.rows, a.limit, a.budget
 		l.obs.Claimed(len(rows), a.took)
+		l.advance(a.from, a.horizon, rows)
 	} else {
+		horizon, err := l.horizon(ctx)
+		if err != nil {
+			return false, err
+		}
+		from := l.start(full)
 		l.skip = l.appendInflight(l.skip[:0])
 		limit, budget = l.claimSize(len(l.inflight), l.bytes)
 		budget = max(budget, 1) // the loop claims only below the bounds; the first row always fits
-		var err error
-		rows, err = l.sess.Claim(ctx, l.skip, limit, budget)
+		rows, err = l.sess.Claim(ctx, from, l.skip, limit, budget)
 		if err != nil {
 			return false, fmt.Errorf("claim: %w", err)
 		}
 		l.obs.Claimed(len(rows), time.Since(now))
+		l.advance(from, horizon, rows)
 	}
 	size := 0
 	for i := range rows {
@@ -449,15 +473,21 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 				l.skipAhead = append(l.skipAhead, m.ID)
 			}
 			l.next = make(chan readAhead, 1)
+			// The horizon known now was read before the read-ahead's snapshot, as advance needs.
+			from, horizon := l.start(false), l.horizonSeen
 			go func(skip []int64, next chan<- readAhead) {
 				start := time.Now()
-				rows, err := l.sess.Claim(ctx, skip, nextLimit, nextBudget)
-				next <- readAhead{rows: rows, limit: nextLimit, budget: nextBudget, err: err, took: time.Since(start)}
+				rows, err := l.sess.Claim(ctx, from, skip, nextLimit, nextBudget)
+				next <- readAhead{rows: rows, from: from, horizon: horizon, limit: nextLimit, budget: nextBudget,
+					err: err, took: time.Since(start)}
 			}(l.skipAhead, l.next)
 		}
 	}
 	for _, m := range l.send {
 		if l.held(m) { // an earlier row of its key was refused or failed just now: the key waits
+			if l.next != nil && (l.unsent == 0 || m.ID < l.unsent) {
+				l.unsent = m.ID // the read-ahead passes over it: claims must come back to it
+			}
 			continue
 		}
 		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) { l.reported(m, err) })
@@ -479,6 +509,62 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		}
 	}
 	return more, nil
+}
+
+// horizon asks the session for its horizon (see Session.Horizon), once it is known to have one.
+func (l *leadState) horizon(ctx context.Context) (int64, error) {
+	if l.noHorizon {
+		return 0, nil
+	}
+	h, err := l.sess.Horizon(ctx)
+	if errors.Is(err, ErrNoHorizon) {
+		l.noHorizon = true
+		l.log.Warn("every claim reads from the oldest pending row", "reason", err)
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read the id horizon: %w", err)
+	}
+	l.horizonSeen = h
+	return h, nil
+}
+
+// start returns where the next claim starts: at from, or at the oldest failing head of a key if
+// it is lower (a head waiting for its retry is passed over by claims until it is due), or at the
+// oldest row when full.
+func (l *leadState) start(full bool) int64 {
+	if full || l.noHorizon {
+		return 0
+	}
+	from := l.from
+	for _, head := range l.memBlock {
+		if head > 0 && head < from {
+			from = head
+		}
+	}
+	for _, head := range l.dbBlock {
+		if head > 0 && head < from {
+			from = head
+		}
+	}
+	return from
+}
+
+// advance moves where claims start after a claim from from, whose snapshot was taken after the
+// session's horizon was horizon, returned rows (in id order). Below the first row returned,
+// every pending, due row at or above from was in flight; below horizon+1, every row that will
+// ever commit (but for parked rows put back) has. So the next claim may start at the lower of
+// the two, and never goes back below from.
+func (l *leadState) advance(from, horizon int64, rows []Message) {
+	next := horizon + 1
+	if len(rows) > 0 {
+		next = min(next, rows[0].ID)
+	}
+	l.from = max(from, next)
+	if l.unsent > 0 {
+		l.from = min(l.from, l.unsent)
+		l.unsent = 0
+	}
 }
 
 // appendInflight appends the ids in flight to dst, for a claim to skip.

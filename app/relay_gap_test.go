@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/adapters/memory"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
@@ -181,5 +184,120 @@ func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 	}
 	if want := "[other k-1 k-2]"; fmt.Sprint(order) != want {
 		t.Fatalf("deliveries %v, want %s: k-2 must wait for k-1's retry", order, want)
+	}
+}
+
+// fromStore records where each claim of its sessions starts.
+type fromStore struct {
+	app.Store
+	mu    sync.Mutex
+	froms []int64
+}
+
+func (s *fromStore) Open(ctx context.Context) (app.Session, error) {
+	sess, err := s.Store.Open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &fromSession{Session: sess, s: s}, nil
+}
+
+func (s *fromStore) maxFrom() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Max(append([]int64{0}, s.froms...))
+}
+
+type fromSession struct {
+	app.Session
+	s *fromStore
+}
+
+func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+	f.s.mu.Lock()
+	f.s.froms = append(f.s.froms, from)
+	f.s.mu.Unlock()
+	return f.Session.Claim(ctx, from, skip, limit, maxBytes)
+}
+
+// TestRelayClaimsStartPastWhatItPublished: once the horizon has passed the rows the relay
+// published, its claims start after them instead of walking the index from the oldest entry (in
+// delete mode, over every row deleted since the last vacuum); what comes next is still
+// delivered in order.
+func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := postgres.NewWriter(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wave := func(name string, n int) {
+		t.Helper()
+		var msgs []postgres.Message
+		for i := range n {
+			msgs = append(msgs, postgres.Message{AggregateType: "order", AggregateID: fmt.Sprintf("k%d", i%3),
+				EventType: fmt.Sprintf("%s-%02d", name, i), Payload: []byte("x")})
+		}
+		if err := w.Append(ctx, pool, msgs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	delivered := func(sink *memory.Sink, n int) []string {
+		t.Helper()
+		for ctx.Err() == nil {
+			var got []string
+			for _, d := range sink.Deliveries() {
+				got = append(got, d.Message.EventType)
+			}
+			if len(got) >= n {
+				return got
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatal("timed out waiting for deliveries")
+		return nil
+	}
+	wave("a", 30)
+	var lastA int64
+	if err := pool.QueryRow(ctx, `SELECT max(id) FROM `+pgx.Identifier{table.Schema, table.Name}.Sanitize()).Scan(&lastA); err != nil {
+		t.Fatal(err)
+	}
+	store := &fromStore{Store: dbtest.Store(t, table)}
+	sink := memory.NewSink()
+	// A long poll interval: no claim from the oldest row but the first, so every later claim
+	// starts where the relay's horizon lets it.
+	relay, err := app.NewRelay(app.RelayConfig{BatchSize: 5, PollInterval: time.Minute}, store, sink, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(rctx) }()
+	defer func() {
+		stop()
+		<-done
+	}()
+	delivered(sink, 30)
+	for _, name := range []string{"b", "c", "d"} { // each wave's claims let the horizon take a step
+		time.Sleep(150 * time.Millisecond)
+		wave(name, 12)
+	}
+	got := delivered(sink, 66)
+	if from := store.maxFrom(); from <= lastA {
+		t.Errorf("claims started at most at id %d, want past the first wave (ids up to %d)", from, lastA)
+	}
+	// Per key, the events arrive in the order they were written.
+	last := map[string]string{}
+	for _, d := range sink.Deliveries() {
+		k := d.Message.AggregateID
+		if d.Message.EventType < last[k] && d.Message.EventType[0] == last[k][0] {
+			t.Errorf("key %s: %s after %s", k, d.Message.EventType, last[k])
+		}
+		last[k] = d.Message.EventType
+	}
+	if len(got) != 66 {
+		t.Errorf("%d deliveries, want 66", len(got))
 	}
 }

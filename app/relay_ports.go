@@ -49,11 +49,18 @@ type Session interface {
 	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
 	// database cannot be written.
 	TryLead(ctx context.Context) (bool, error)
-	// Claim returns pending, due rows in id order from the oldest, leaving out the rows whose ids
-	// are in skip (the relay's rows in flight): at most limit rows and, past the first row, at
-	// most maxBytes of them. It reads them in one snapshot, so it never returns a row while
-	// leaving out (outside skip) an earlier row of its key that committed before it.
-	Claim(ctx context.Context, skip []int64, limit, maxBytes int) ([]Message, error)
+	// Claim returns pending, due rows with ids from from, in id order, leaving out the rows whose
+	// ids are in skip (the relay's rows in flight): at most limit rows and, past the first row,
+	// at most maxBytes of them. It reads them in one snapshot, so it never returns a row while
+	// leaving out (outside skip, at or above from) an earlier row of its key that committed
+	// before it.
+	Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]Message, error)
+	// Horizon returns an id at or below which no new row can appear, except rows put back from
+	// the parked table: every row with an id up to it is committed or never will be. Claims
+	// may then start past the pending rows below it that the relay accounted for, instead of
+	// walking from the oldest row (in delete mode, over every row deleted since the last
+	// vacuum). 0 means none is known; an error wrapping ErrNoHorizon means none ever will be.
+	Horizon(ctx context.Context) (int64, error)
 	// Mark records that the rows were published (deletes them or stamps them dispatched).
 	Mark(ctx context.Context, ids []int64) error
 	// Retry records a failed attempt on a row and makes it due again after delay.

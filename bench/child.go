@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -693,6 +694,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 		defer func() { _ = sess.Close(context.Background()) }()
 		ids := make([]int64, 0, cfg.BatchSize)
 		rowBytes := 0
+		var from int64
 		for ctx.Err() == nil {
 			// Each batch is marked before the next claim: nothing in flight to skip. Like the
 			// relay, ask for no more rows than the byte budget takes: the database would read and
@@ -701,7 +703,12 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			if rowBytes > 0 {
 				limit = max(1, min(limit, cfg.MaxInFlightBytes/rowBytes+1))
 			}
-			rows, err := sess.Claim(ctx, nil, limit, cfg.MaxInFlightBytes)
+			// Like the relay, start past the rows already marked, but never past the horizon.
+			horizon, err := sess.Horizon(ctx)
+			if err != nil && !errors.Is(err, app.ErrNoHorizon) {
+				return err
+			}
+			rows, err := sess.Claim(ctx, from, nil, limit, cfg.MaxInFlightBytes)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -709,9 +716,12 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 				return err
 			}
 			if len(rows) == 0 {
+				from = max(from, horizon+1)
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
+			// Every row from from to the last one returned was returned, and is marked below.
+			from = max(from, min(horizon+1, rows[len(rows)-1].ID+1))
 			ids = ids[:0]
 			size := 0
 			for i := range rows {

@@ -53,7 +53,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		var claims [][]app.Message
 		var skip []int64 // every row claimed so far: the next claim reads past them
 		for {
-			rows, err := sess.Claim(ctx, skip, batch, 1<<30)
+			rows, err := sess.Claim(ctx, 0, skip, batch, 1<<30)
 			if err != nil {
 				t.Fatalf("claim skipping %d rows: %v", len(skip), err)
 			}
@@ -139,7 +139,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 			skipped[got[i].ID] = true
 		}
 		slices.Reverse(skip) // the order of the ids does not matter
-		rows, err := sess.Claim(ctx, skip, 5000, 1<<30)
+		rows, err := sess.Claim(ctx, 0, skip, 5000, 1<<30)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -162,7 +162,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	// The byte budget: a claim stops at the first row that reaches it.
 	sess := dbtest.Session(t, table, dbtest.URL())
 	// An empty payload as the first value of a fresh session: still empty, not NULL.
-	rows, err := sess.Claim(ctx, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30)
+	rows, err := sess.Claim(ctx, 0, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +173,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	for _, m := range got[:7] {
 		first7 = append(first7, m.ID)
 	}
-	rows, err = sess.Claim(ctx, first7, 1000, 10_000)
+	rows, err = sess.Claim(ctx, 0, first7, 1000, 10_000)
 	if err != nil {
 		t.Fatal(err)
 	}

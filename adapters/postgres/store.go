@@ -63,7 +63,7 @@ func claimPart(t Table, cond string) string {
 			event_type, payload, coalesce(topic, '') AS topic, headers::text AS headers, occurred_at, created_at, attempts
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
-			AND id NOT IN (SELECT unnest($3::bigint[]))
+			AND id >= $5 AND id NOT IN (SELECT unnest($3::bigint[]))
 		ORDER BY id LIMIT $4)`
 }
 
@@ -98,10 +98,10 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	}
 	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout}
 	s.q = queries{
-		// The claim reads from the oldest pending row in two ordered ranges, below and above the
-		// longest run of consecutive ids in flight ($1..$2), leaving out the other ids in flight
-		// ($3) one by one; the run needs no check, as no other row can have an id inside it. One
-		// statement, so one snapshot.
+		// The claim reads from id $5 in two ordered ranges, below and above the longest run of
+		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
+		// one; the run needs no check, as no other row can have an id inside it. One statement,
+		// so one snapshot.
 		claim: claimPart(t, `id < $1`) + ` UNION ALL ` + claimPart(t, `id > $2`) + ` ORDER BY id LIMIT $4`,
 		mark:  mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
@@ -168,6 +168,7 @@ type session struct {
 	dec      claimDecoder // reused by every Claim of the session
 	sorted   []int64      // reused by skipRun
 	rest     []int64      // reused by skipRun
+	hz       horizon      // Horizon's state (horizon.go)
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -200,11 +201,11 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 
 // Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
 // connection that cannot return it (the simple protocol) is read with Scan.
-func (s *session) Claim(ctx context.Context, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	lo, hi, rest := s.skipRun(skip)
-	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit)
+	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
 	if err != nil {
 		return nil, s.wrap(err)
 	}

@@ -430,12 +430,12 @@ type memSession struct{ s *memStore }
 
 func (m memSession) TryLead(context.Context) (bool, error) { return true, nil }
 
-func (m memSession) Claim(_ context.Context, skip []int64, limit, _ int) ([]app.Message, error) {
+func (m memSession) Claim(_ context.Context, from int64, skip []int64, limit, _ int) ([]app.Message, error) {
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
 	var out []app.Message
 	for _, r := range m.s.rows {
-		if !slices.Contains(skip, r.ID) && !m.s.marked[r.ID] {
+		if r.ID >= from && !slices.Contains(skip, r.ID) && !m.s.marked[r.ID] {
 			out = append(out, r)
 			if len(out) == limit {
 				break
@@ -444,6 +444,8 @@ func (m memSession) Claim(_ context.Context, skip []int64, limit, _ int) ([]app.
 	}
 	return out, nil
 }
+
+func (m memSession) Horizon(context.Context) (int64, error) { return 0, nil }
 
 func (m memSession) Mark(_ context.Context, ids []int64) error {
 	m.s.check(ids)

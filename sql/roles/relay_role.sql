@@ -31,6 +31,11 @@ SELECT format('GRANT USAGE ON SCHEMA %I TO %I', :'schema', :'role') \gexec
 SELECT format('GRANT SELECT, DELETE ON %I.%I TO %I', :'schema', :'table', :'role') \gexec
 SELECT format('GRANT UPDATE (attempts, last_error, next_attempt_at, dispatched_at) ON %I.%I TO %I',
               :'schema', :'table', :'role') \gexec
+-- Read the last value of the outbox's id sequence (never draw from it): with pg_locks it tells
+-- the relay below which id no transaction can still add a row, so claims skip the rows deleted
+-- since the last vacuum. Without it the relay works, reading from the oldest row every time.
+SELECT format('GRANT SELECT ON SEQUENCE %s TO %I',
+              pg_get_serial_sequence(format('%I.%I', :'schema', :'table'), 'id'), :'role') \gexec
 -- Park (INSERT) and know which keys wait behind a parked row (SELECT).
 SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec

@@ -1,0 +1,105 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// horizonEvery is how often Horizon looks at the writers again. Each look is one round trip
+// reading the sequence and pg_locks; the horizon trails the newest id by about two of these.
+const horizonEvery = 50 * time.Millisecond
+
+// horizon finds ids below which no row can appear any more.
+//
+// A writer's INSERT takes a RowExclusiveLock on the outbox before it draws its id from the
+// sequence, and keeps it until its transaction ends. So once every transaction that held that
+// lock when the sequence's last value was F has ended, every row with an id up to F is committed
+// or never will be. (A transaction's xid is no such bound: an INSERT draws its id before the
+// transaction is given an xid.) Only rows with the ids the relay did not draw from the sequence,
+// those 'parked retry' puts back, can appear below it; the relay finds them in the claims it
+// makes from the oldest row once per poll interval.
+type horizon struct {
+	resolved bool
+	off      bool   // no horizon: the sequence caches ids per session, or cannot be read
+	table    uint32 // the outbox's oid
+	seq      uint32 // its id sequence's oid
+	safe     int64  // every id up to safe is committed or never will be
+	cand     int64  // the sequence's last value at the last look...
+	candVx   []string
+	hasCand  bool // ...and the transactions that held the outbox's write lock then
+	last     time.Time
+}
+
+// Horizon implements app.Session.
+func (s *session) Horizon(ctx context.Context) (int64, error) {
+	h := &s.hz
+	if h.off || time.Since(h.last) < horizonEvery {
+		return h.safe, nil
+	}
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	h.last = time.Now()
+	if !h.resolved {
+		var seq *uint32
+		var cache *int64
+		err := s.conn.QueryRow(ctx, `SELECT $1::text::regclass::oid, pg_get_serial_sequence($1::text, 'id')::regclass::oid,
+				(SELECT seqcache FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence($1::text, 'id')::regclass)`,
+			s.store.table.outbox()).Scan(&h.table, &seq, &cache)
+		if err != nil {
+			return 0, s.wrap(err)
+		}
+		h.resolved = true
+		switch {
+		case seq == nil:
+			h.off = true
+			return 0, fmt.Errorf("%w: %s.id has no sequence", app.ErrNoHorizon, s.store.table)
+		case cache == nil || *cache != 1:
+			// A session caching ids can insert, much later, a row with an id below the last one.
+			h.off = true
+			return 0, fmt.Errorf("%w: the sequence of %s.id caches ids per session (CACHE > 1)", app.ErrNoHorizon, s.store.table)
+		}
+		h.seq = *seq
+	}
+	// Two statements in one round trip, in this order: a transaction that drew an id up to the
+	// last value read by the first holds the lock, if still open, when the second reads pg_locks.
+	b := &pgx.Batch{}
+	b.Queue(`SELECT coalesce(pg_sequence_last_value($1::oid::regclass), 0)`, h.seq)
+	b.Queue(`SELECT coalesce(array_agg(virtualtransaction), '{}') FROM pg_locks
+		WHERE locktype = 'relation' AND relation = $1::oid AND mode = 'RowExclusiveLock'
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`, h.table)
+	br := s.conn.SendBatch(ctx, b)
+	var last int64
+	var holders []string
+	err := br.QueryRow().Scan(&last)
+	if err == nil {
+		err = br.QueryRow().Scan(&holders)
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
+		h.off = true
+		return 0, fmt.Errorf("%w: cannot read the sequence of %s.id (grant SELECT on it: sql/roles/relay_role.sql): %s",
+			app.ErrNoHorizon, s.store.table, pgErr.Message)
+	}
+	if err != nil {
+		return 0, s.wrap(err)
+	}
+	if h.hasCand && !slices.ContainsFunc(h.candVx, func(vx string) bool { return slices.Contains(holders, vx) }) {
+		h.safe = max(h.safe, h.cand)
+		h.hasCand = false
+	}
+	if !h.hasCand { // a candidate is kept until it resolves, so a stream of writers cannot starve it
+		h.cand, h.candVx, h.hasCand = last, holders, true
+	}
+	return h.safe, nil
+}

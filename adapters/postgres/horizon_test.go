@@ -1,0 +1,91 @@
+package postgres_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+)
+
+// TestHorizonStopsBelowOpenWriters: the horizon never passes the id of a row whose transaction
+// is still open, though rows with higher ids commit meanwhile, and moves past it once it commits.
+func TestHorizonStopsBelowOpenWriters(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	insert := `INSERT INTO ` + ident + ` (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', 'k', 'e', 'p') RETURNING id`
+	var first int64
+	if err := pool.QueryRow(ctx, insert).Scan(&first); err != nil {
+		t.Fatal(err)
+	}
+	open, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = open.Rollback(context.Background()) }()
+	var held int64
+	if err := open.QueryRow(ctx, insert).Scan(&held); err != nil {
+		t.Fatal(err)
+	}
+	var last int64
+	for range 5 {
+		if err := pool.QueryRow(ctx, insert).Scan(&last); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	sess := dbtest.Session(t, table, dbtest.URL())
+	horizon := func() int64 {
+		t.Helper()
+		time.Sleep(60 * time.Millisecond) // past the session's pause between looks
+		h, err := sess.Horizon(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	for range 4 {
+		if h := horizon(); h >= held {
+			t.Fatalf("horizon %d while row %d is uncommitted", h, held)
+		}
+	}
+	if err := open.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var h int64
+	for range 10 {
+		if h = horizon(); h >= last {
+			break
+		}
+	}
+	if h < last {
+		t.Fatalf("horizon %d after every writer committed, want at least %d", h, last)
+	}
+}
+
+// TestHorizonRefusesCachedSequences: a sequence that hands ids out in blocks per session can
+// insert a row below ids already committed at any later time: no horizon then, and claims read
+// from the oldest row.
+func TestHorizonRefusesCachedSequences(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	if _, err := pool.Exec(ctx, `ALTER TABLE `+ident+` ALTER COLUMN id SET CACHE 20`); err != nil {
+		t.Fatal(err)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	if _, err := sess.Horizon(ctx); !errors.Is(err, app.ErrNoHorizon) {
+		t.Fatalf("horizon error %v, want ErrNoHorizon", err)
+	}
+	if h, err := sess.Horizon(ctx); err != nil || h != 0 {
+		t.Fatalf("second call: %d, %v; want 0 and no error", h, err)
+	}
+}
