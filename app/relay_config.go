@@ -41,8 +41,9 @@ type RelayConfig struct {
 	// sidecar stays under 64 MiB resident with rows up to 1 KB (about 115 MiB with 16 KB rows),
 	// and the 4000 rows of MaxInFlight still fit when rows are small (see BENCHMARKS.md).
 	MaxInFlightBytes int
-	// PollInterval is how often the outbox is read without a wake-up notification, and how often
-	// the keys blocked behind failing or parked rows are reloaded. Default 500ms.
+	// PollInterval is how often the outbox is read without a wake-up notification, how often
+	// the keys blocked behind failing or parked rows are reloaded, and how often a claim reads
+	// from the oldest row rather than from the id horizon. Default 500ms.
 	PollInterval time.Duration
 	// LeaderRetryInterval is how often a standby replica tries to take the leadership. Default 1s.
 	LeaderRetryInterval time.Duration
