@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/memory"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
@@ -42,13 +43,7 @@ func (g *gateSink) Publish(ctx context.Context, m *app.Message, done func(error)
 // rescan from the oldest row.)
 func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	w, err := postgres.NewWriter(table)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, table, w, ctx := writerEnv(t)
 	event := func(key, name string) postgres.Message {
 		return postgres.Message{AggregateType: "order", AggregateID: key, EventType: name, Payload: []byte(name)}
 	}
@@ -72,17 +67,7 @@ func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 	sink := &gateSink{Sink: memory.NewSink(), reached: make(chan struct{}), open: make(chan struct{})}
 	// Batches of 5 rows: the backlog takes four claims. A long poll interval keeps the periodic
 	// rescan out of the way.
-	relay, err := app.NewRelay(app.RelayConfig{BatchSize: 5, MaxInFlight: 100, PollInterval: time.Minute}, store, sink, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- relay.Run(rctx) }()
-	defer func() {
-		stop()
-		<-done
-	}()
+	startRelay(t, ctx, app.RelayConfig{BatchSize: 5, MaxInFlight: 100, PollInterval: time.Minute}, store, sink)
 
 	select {
 	case <-sink.reached: // the first claim read past k-1, which it could not see
@@ -97,17 +82,7 @@ func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 	}
 	close(sink.open)
 
-	var order []string
-	for ctx.Err() == nil {
-		order = order[:0]
-		for _, d := range sink.Deliveries() {
-			order = append(order, d.Message.EventType)
-		}
-		if len(order) >= 22 {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	order := deliveredTypes(t, ctx, sink.Sink, 22)
 	i1, i2 := slices.Index(order, "k-1"), slices.Index(order, "k-2")
 	if i1 < 0 || i2 < 0 {
 		t.Fatalf("deliveries %v: k-1 or k-2 missing", order)
@@ -142,13 +117,7 @@ func (f *failFirstSink) Publish(ctx context.Context, m *app.Message, done func(e
 // to be published again, not go out ahead of it because the relay had not yet read the failure.
 func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	w, err := postgres.NewWriter(table)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, table, w, ctx := writerEnv(t)
 	msgs := []postgres.Message{
 		{AggregateType: "order", AggregateID: "k", EventType: "k-1", Payload: []byte("1")},
 		{AggregateType: "order", AggregateID: "other", EventType: "other", Payload: []byte("o")},
@@ -158,30 +127,9 @@ func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	sink := &failFirstSink{Sink: memory.NewSink()}
-	relay, err := app.NewRelay(app.RelayConfig{RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond},
-		dbtest.Store(t, table), sink, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- relay.Run(rctx) }()
-	defer func() {
-		stop()
-		<-done
-	}()
-
-	var order []string
-	for ctx.Err() == nil {
-		order = order[:0]
-		for _, d := range sink.Deliveries() {
-			order = append(order, d.Message.EventType)
-		}
-		if len(order) >= 3 {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	startRelay(t, ctx, app.RelayConfig{RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond},
+		dbtest.Store(t, table), sink)
+	order := deliveredTypes(t, ctx, sink.Sink, 3)
 	if want := "[other k-1 k-2]"; fmt.Sprint(order) != want {
 		t.Fatalf("deliveries %v, want %s: k-2 must wait for k-1's retry", order, want)
 	}
@@ -226,13 +174,7 @@ func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit
 // delivered in order.
 func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	w, err := postgres.NewWriter(table)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, table, w, ctx := writerEnv(t)
 	wave := func(name string, n int) {
 		t.Helper()
 		var msgs []postgres.Message
@@ -244,21 +186,6 @@ func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	delivered := func(sink *memory.Sink, n int) []string {
-		t.Helper()
-		for ctx.Err() == nil {
-			var got []string
-			for _, d := range sink.Deliveries() {
-				got = append(got, d.Message.EventType)
-			}
-			if len(got) >= n {
-				return got
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		t.Fatal("timed out waiting for deliveries")
-		return nil
-	}
 	wave("a", 30)
 	var lastA int64
 	if err := pool.QueryRow(ctx, `SELECT max(id) FROM `+pgx.Identifier{table.Schema, table.Name}.Sanitize()).Scan(&lastA); err != nil {
@@ -268,23 +195,13 @@ func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 	sink := memory.NewSink()
 	// A long poll interval: no claim from the oldest row but the first, so every later claim
 	// starts where the relay's horizon lets it.
-	relay, err := app.NewRelay(app.RelayConfig{BatchSize: 5, PollInterval: time.Minute}, store, sink, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- relay.Run(rctx) }()
-	defer func() {
-		stop()
-		<-done
-	}()
-	delivered(sink, 30)
+	startRelay(t, ctx, app.RelayConfig{BatchSize: 5, PollInterval: time.Minute}, store, sink)
+	deliveredTypes(t, ctx, sink, 30)
 	for _, name := range []string{"b", "c", "d"} { // each wave's claims let the horizon take a step
 		time.Sleep(150 * time.Millisecond)
 		wave(name, 12)
 	}
-	got := delivered(sink, 66)
+	got := deliveredTypes(t, ctx, sink, 66)
 	if from := store.maxFrom(); from <= lastA {
 		t.Errorf("claims started at most at id %d, want past the first wave (ids up to %d)", from, lastA)
 	}
@@ -300,4 +217,53 @@ func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 	if len(got) != 66 {
 		t.Errorf("%d deliveries, want 66", len(got))
 	}
+}
+
+// startRelay runs a relay over store and sink until the test ends.
+func startRelay(t *testing.T, ctx context.Context, cfg app.RelayConfig, store app.Store, sink app.Sink) {
+	t.Helper()
+	relay, err := app.NewRelay(cfg, store, sink, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(rctx) }()
+	t.Cleanup(func() {
+		stop()
+		<-done
+	})
+}
+
+// deliveredTypes waits until sink holds at least n deliveries and returns their event types in
+// delivery order; it fails the test when ctx ends first.
+func deliveredTypes(t *testing.T, ctx context.Context, sink *memory.Sink, n int) []string {
+	t.Helper()
+	for {
+		var got []string
+		for _, d := range sink.Deliveries() {
+			got = append(got, d.Message.EventType)
+		}
+		if len(got) >= n {
+			return got
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("timed out with %d deliveries, want %d: %v", len(got), n, got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// writerEnv returns a fresh outbox, a writer for it and a context that ends with the test (at
+// most a minute).
+func writerEnv(t *testing.T) (*pgxpool.Pool, postgres.Table, *postgres.Writer, context.Context) {
+	t.Helper()
+	pool, table := dbtest.Schema(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	w, err := postgres.NewWriter(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pool, table, w, ctx
 }
