@@ -3,6 +3,7 @@ package app_test
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"testing"
@@ -266,4 +267,60 @@ func writerEnv(t *testing.T) (*pgxpool.Pool, postgres.Table, *postgres.Writer, c
 		t.Fatal(err)
 	}
 	return pool, table, w, ctx
+}
+
+// TestRelayHorizonUnderWritersThatInsertFirst: writers whose transaction starts with the outbox
+// INSERT (so the row's id is drawn before the transaction has an xid) and commit a random moment
+// later (now and then 80-200 ms), six at once, while the relay drains with claims from the id horizon (a long poll
+// interval: no claim from the oldest row but the first). Every event arrives, each key in order.
+func TestRelayHorizonUnderWritersThatInsertFirst(t *testing.T) {
+	t.Parallel()
+	pool, table, w, ctx := writerEnv(t)
+	sink := memory.NewSink()
+	startRelay(t, ctx, app.RelayConfig{BatchSize: 20, PollInterval: time.Minute}, dbtest.Store(t, table), sink)
+
+	const writers, perWriter = 6, 120
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for i := range writers {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), 7))
+			for n := range perWriter {
+				tx, err := pool.Begin(ctx)
+				if err != nil {
+					errs <- err
+					return
+				}
+				err = w.Append(ctx, tx, postgres.Message{AggregateType: "order", AggregateID: fmt.Sprintf("w%d", i),
+					EventType: fmt.Sprintf("%04d", n), Payload: []byte("x")})
+				if err == nil {
+					pause := time.Duration(rng.IntN(4000)) * time.Microsecond
+					if rng.IntN(15) == 0 { // now and then longer than the horizon's pause between looks
+						pause = time.Duration(80+rng.IntN(120)) * time.Millisecond
+					}
+					time.Sleep(pause)
+					err = tx.Commit(ctx)
+				}
+				if err != nil {
+					_ = tx.Rollback(ctx)
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	deliveredTypes(t, ctx, sink, writers*perWriter)
+	last := map[string]string{}
+	for _, d := range sink.Deliveries() {
+		k, ev := d.Message.AggregateID, d.Message.EventType
+		if ev <= last[k] {
+			t.Errorf("key %s: %s after %s", k, ev, last[k])
+		}
+		last[k] = ev
+	}
 }
