@@ -78,7 +78,11 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 	}
 	a := e.startRelay(relayOpts{name: "fault09-a"})
 	e.waitLeader(a)
-	b := e.startRelay(relayOpts{name: "fault09-b"})
+	// The standby tries every 20 ms: the old leader reconnects 80-120 ms after its session dies,
+	// and with the default 100 ms here it took the lock back first about one run in fifteen.
+	bcfg := relayConfig()
+	bcfg.LeaderRetryInterval = 20 * time.Millisecond
+	b := e.startRelay(relayOpts{name: "fault09-b", cfg: bcfg})
 	stop := e.loader.Go(e.ctx)
 	defer stop()
 	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
