@@ -14,33 +14,16 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/sinktest"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
-
-// confirmLog wraps a sink and records which rows the sink reported confirmed.
-type confirmLog struct {
-	app.Sink
-	mu        sync.Mutex
-	confirmed map[int64]bool
-}
-
-func (c *confirmLog) Publish(ctx context.Context, m *app.Message, done func(error)) error {
-	return c.Sink.Publish(ctx, m, func(err error) {
-		if err == nil {
-			c.mu.Lock()
-			c.confirmed[m.ID] = true
-			c.mu.Unlock()
-		}
-		done(err)
-	})
-}
 
 // markCheck wraps the store so that every Mark checks that the sink confirmed each row first.
 type markCheck struct {
 	app.Store
 	t       *testing.T
-	log     *confirmLog
+	log     *sinktest.ConfirmLog
 	marked  atomic.Int64
 	badMark atomic.Int64
 }
@@ -59,14 +42,10 @@ type markCheckSession struct {
 }
 
 func (m *markCheckSession) Mark(ctx context.Context, ids []int64) error {
-	m.s.log.mu.Lock()
-	for _, id := range ids {
-		if !m.s.log.confirmed[id] {
-			m.s.badMark.Add(1)
-			m.s.t.Errorf("row %d marked before RabbitMQ confirmed it", id)
-		}
+	for _, id := range m.s.log.Unconfirmed(ids) {
+		m.s.badMark.Add(1)
+		m.s.t.Errorf("row %d marked before RabbitMQ confirmed it", id)
 	}
-	m.s.log.mu.Unlock()
 	m.s.marked.Add(int64(len(ids)))
 	return m.Session.Mark(ctx, ids)
 }
@@ -97,7 +76,7 @@ func TestRelayToRabbitMQSurvivesConnectionCuts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pub.Close()
-	sink := &confirmLog{Sink: pub, confirmed: map[int64]bool{}}
+	sink := sinktest.NewConfirmLog(pub)
 	connCfg, err := postgres.ParseURL(dbtest.URL())
 	if err != nil {
 		t.Fatal(err)

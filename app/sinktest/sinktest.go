@@ -484,15 +484,20 @@ func (m memSession) Notified() bool { return false }
 
 func (m memSession) Close(context.Context) error { return nil }
 
-// confirmedSink wraps the sink under test and records the rows it reported confirmed.
-type confirmedSink struct {
+// ConfirmLog wraps a sink and records which rows it reported confirmed, so a test can check
+// that a row is marked only after its confirmation.
+type ConfirmLog struct {
 	app.Sink
 	mu        sync.Mutex
 	handed    int
 	confirmed map[int64]bool
 }
 
-func (c *confirmedSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+// NewConfirmLog returns a ConfirmLog over s.
+func NewConfirmLog(s app.Sink) *ConfirmLog { return &ConfirmLog{Sink: s, confirmed: map[int64]bool{}} }
+
+// Publish implements app.Sink.
+func (c *ConfirmLog) Publish(ctx context.Context, m *app.Message, done func(error)) error {
 	c.mu.Lock()
 	c.handed++
 	c.mu.Unlock()
@@ -506,19 +511,35 @@ func (c *confirmedSink) Publish(ctx context.Context, m *app.Message, done func(e
 	})
 }
 
+// Unconfirmed returns those of ids the sink has not reported confirmed.
+func (c *ConfirmLog) Unconfirmed(ids []int64) []int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []int64
+	for _, id := range ids {
+		if !c.confirmed[id] {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// Handed returns how many messages were handed to the sink.
+func (c *ConfirmLog) Handed() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.handed
+}
+
 // testRelayMarks runs the relay over the sink: while the broker's acknowledgements are held
 // back nothing is marked; afterwards every row is marked, each only after the sink confirmed it,
 // and every row is at the broker in order per key.
 func testRelayMarks(t *testing.T, e *Env) {
-	sink := &confirmedSink{Sink: e.Sink, confirmed: map[int64]bool{}}
+	sink := NewConfirmLog(e.Sink)
 	store := &memStore{t: t, marked: map[int64]bool{}}
 	store.check = func(ids []int64) {
-		sink.mu.Lock()
-		defer sink.mu.Unlock()
-		for _, id := range ids {
-			if !sink.confirmed[id] {
-				t.Errorf("row %d marked before the sink confirmed it", id)
-			}
+		for _, id := range sink.Unconfirmed(ids) {
+			t.Errorf("row %d marked before the sink confirmed it", id)
 		}
 	}
 	const keys, per = 3, 10
@@ -550,9 +571,7 @@ func testRelayMarks(t *testing.T, e *Env) {
 	if e.Pause != nil {
 		deadline := time.Now().Add(Timeout)
 		for {
-			sink.mu.Lock()
-			handed := sink.handed
-			sink.mu.Unlock()
+			handed := sink.Handed()
 			if handed >= len(ids) {
 				break
 			}
