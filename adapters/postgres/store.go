@@ -169,6 +169,7 @@ type session struct {
 	sorted   []int64      // reused by skipRun
 	rest     []int64      // reused by skipRun
 	hz       horizon      // Horizon's state (horizon.go)
+	lastRows int          // rows the last Claim returned: the next one's first capacity
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -210,7 +211,9 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 		return nil, s.wrap(err)
 	}
 	defer rows.Close()
-	out := make([]app.Message, 0, min(limit, 256)) // a few growths for a full batch; small when caught up
+	// As many as the last claim returned, so a backlog's full batches are read without growing
+	// the slice (each growth copied every message so far), and a caught-up relay's are small.
+	out := make([]app.Message, 0, min(limit, max(64, s.lastRows)))
 	scan := !decodable(rows.FieldDescriptions())
 	if s.dec.intern == nil {
 		s.dec.intern = make(map[string]string)
@@ -241,6 +244,7 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	if !scan {
 		s.dec.finish(out)
 	}
+	s.lastRows = len(out)
 	return out, nil
 }
 
