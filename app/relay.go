@@ -152,6 +152,11 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		markReq:  make(chan []int64),
 		markDone: make(chan markResult, 1),
 	}
+	if rel, ok := sess.(Releaser); ok {
+		if rs, ok := r.sink.(ReleasingSink); ok && rs.ReleasesMessages() {
+			l.releaser = rel
+		}
+	}
 	// One goroutine runs the term's marks, one at a time: a goroutine per mark grew a fresh stack
 	// for the driver's calls every time, which was a tenth of the relay's CPU at low rates.
 	go l.markLoop(context.WithoutCancel(ctx))
@@ -228,6 +233,9 @@ type leadState struct {
 	// unsent is the lowest id of a row the read-ahead skips that was not handed to the sink
 	// after all (its key began to wait meanwhile); 0 for none.
 	unsent int64
+	// releaser, when the session and the sink allow it, lets the session reuse the memory of
+	// the rows marked (see Releaser).
+	releaser Releaser
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
@@ -794,6 +802,9 @@ func (l *leadState) marked(ctx context.Context, res markResult) error {
 	for _, m := range batch {
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
+	}
+	if l.releaser != nil {
+		l.releaser.Release(batch) // published and marked: nothing refers to them any more
 	}
 	l.obs.Marked(len(batch), res.took)
 	l.startMark(false)

@@ -77,6 +77,20 @@ type Session interface {
 	Close(ctx context.Context) error
 }
 
+// Releaser is implemented by a Session that reuses the memory of the messages its claims
+// returned. Release tells it that nothing refers any more to the payloads and headers of msgs:
+// the relay calls it for the rows it marked, when the sink is a ReleasingSink.
+type Releaser interface {
+	Release(msgs []*Message)
+}
+
+// ReleasingSink is implemented by a Sink that keeps no reference to a message, its payload or
+// its headers once it called the message's done.
+type ReleasingSink interface {
+	// ReleasesMessages reports whether the sink lets go of each message when it calls done.
+	ReleasesMessages() bool
+}
+
 // Sink publishes messages to a broker.
 type Sink interface {
 	// Publish hands m to the broker asynchronously and calls done exactly once with the broker's
@@ -87,7 +101,8 @@ type Sink interface {
 	Abort(ctx context.Context) error
 }
 
-// RelayObserver is told what the relay does, for metrics. Its methods must not block.
+// RelayObserver is told what the relay does, for metrics. Its methods must not block, nor keep a
+// message's Payload or Headers after they return (their memory may be reused, see Releaser).
 type RelayObserver interface {
 	// Claimed reports a claim query that returned n rows.
 	Claimed(n int, took time.Duration)

@@ -45,7 +45,10 @@ type topicKey struct{ topic, aggregateType, eventType string }
 // topicCacheSize bounds the topic cache; it is emptied when full.
 const topicCacheSize = 4096
 
-var _ app.Sink = (*Publisher)(nil)
+var (
+	_ app.Sink          = (*Publisher)(nil)
+	_ app.ReleasingSink = (*Publisher)(nil)
+)
 
 // NewPublisher returns a publisher with an idempotent, acks=all producer. extra options (hooks
 // such as metrics) are added to the client's.
@@ -208,6 +211,10 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	p.cl.Produce(ctx, &pr.rec, promise)
 	return nil
 }
+
+// ReleasesMessages implements app.ReleasingSink: franz-go refers to a record's value and headers
+// until it calls the record's promise, which calls done; the relay's callback keeps nothing.
+func (p *Publisher) ReleasesMessages() bool { return true }
 
 // Abort implements app.Sink.
 func (p *Publisher) Abort(ctx context.Context) error { return p.cl.AbortBufferedRecords(ctx) }

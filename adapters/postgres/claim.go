@@ -69,6 +69,9 @@ type claimDecoder struct {
 	text   []byte            // the text columns of every row of the batch, end to end
 	spans  []textSpans       // where each message's text columns are in text
 	chunk  []byte            // the free end of the current chunk for payloads and headers
+	cur    *chunk            // the current chunk, as handed out by pool
+	pieces int               // pieces copied into cur so far
+	pool   chunks            // hands out the chunks, and takes them back (chunks.go)
 }
 
 // pendingText returns the bytes of text columns decoded but not yet set by finish for the last
@@ -158,10 +161,12 @@ func (d *claimDecoder) bytes(b []byte) []byte {
 		return append(make([]byte, 0, len(b)), b...)
 	}
 	if len(b) > cap(d.chunk)-len(d.chunk) {
-		d.chunk = make([]byte, 0, chunkSize)
+		d.cur = d.pool.next(d.cur, d.pieces)
+		d.chunk, d.pieces = d.cur.buf, 0
 	}
 	start := len(d.chunk)
 	d.chunk = append(d.chunk, b...)
+	d.pieces++
 	return d.chunk[start:len(d.chunk):len(d.chunk)] // full slice: an append by a reader copies
 }
 

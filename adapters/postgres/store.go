@@ -51,7 +51,10 @@ type Store struct {
 	q       queries
 }
 
-var _ app.Store = (*Store)(nil)
+var (
+	_ app.Store    = (*Store)(nil)
+	_ app.Releaser = (*session)(nil)
+)
 
 type queries struct {
 	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
@@ -247,6 +250,10 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	s.lastRows = len(out)
 	return out, nil
 }
+
+// Release implements app.Releaser: the chunks the claims copied the payloads and headers of msgs
+// into may be reused once every piece in them was released.
+func (s *session) Release(msgs []*app.Message) { s.dec.pool.release(msgs) }
 
 // skipRun splits the ids to skip into the longest run of consecutive ids, [lo, hi], which the
 // claim passes over by range (the run holds every id between its ends, so no other row can be

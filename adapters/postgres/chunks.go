@@ -1,0 +1,97 @@
+package postgres
+
+import (
+	"sync"
+	"unsafe"
+
+	"github.com/outbox-relay/outbox-relay/app"
+)
+
+// chunksFreeMax bounds the chunks kept for reuse (chunkSize each, 4 MiB in all): what the relay
+// holds in flight is bounded by its configuration, and a few spare chunks cover the turnover.
+const chunksFreeMax = 16
+
+// chunks hands out the chunks the claims copy payloads and headers into, and takes them back
+// for reuse once every piece copied into one was released: while a backlog drains, the payloads
+// are most of what the relay allocates, and reusing their memory spares the garbage collector
+// most of its work. A chunk one of whose pieces is never released (a row dropped unpublished, a
+// session ended) is simply left to the garbage collector.
+//
+// The claim (decoder) and Release may run on two goroutines (the relay reads ahead while it
+// marks), hence the lock; the decoder takes it once per chunk, not per piece.
+type chunks struct {
+	mu   sync.Mutex
+	live []*chunk // chunks handed out, the current one included
+	free [][]byte
+}
+
+// chunk is one chunk handed out.
+type chunk struct {
+	buf      []byte
+	pieces   int  // pieces copied into it; set when full
+	released int  // pieces released so far
+	full     bool // no more pieces go into it
+}
+
+// next retires cur (nil at first), which takes no more pieces after the pieces it holds, and
+// returns an empty chunk: a free one if any.
+func (c *chunks) next(cur *chunk, pieces int) *chunk {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cur != nil {
+		cur.pieces, cur.full = pieces, true
+		c.reuse(cur)
+	}
+	var buf []byte
+	if n := len(c.free); n > 0 {
+		buf, c.free = c.free[n-1][:0], c.free[:n-1]
+	} else {
+		buf = make([]byte, 0, chunkSize)
+	}
+	ch := &chunk{buf: buf}
+	c.live = append(c.live, ch)
+	return ch
+}
+
+// reuse takes ch back if it is full and every piece of it was released. c.mu is held.
+func (c *chunks) reuse(ch *chunk) {
+	if !ch.full || ch.released < ch.pieces {
+		return
+	}
+	for i, l := range c.live {
+		if l == ch {
+			c.live = append(c.live[:i], c.live[i+1:]...)
+			break
+		}
+	}
+	if len(c.free) < chunksFreeMax {
+		c.free = append(c.free, ch.buf)
+	}
+}
+
+// release records that nothing refers to the pieces of msgs any more.
+func (c *chunks) release(msgs []*app.Message) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, m := range msgs {
+		c.releasePiece(m.Payload)
+		c.releasePiece(m.Headers)
+	}
+}
+
+// releasePiece releases b if it was copied into a live chunk (big payloads have their own
+// allocation, and rows read with Scan are not in chunks). c.mu is held.
+func (c *chunks) releasePiece(b []byte) {
+	if len(b) == 0 {
+		return // empty pieces are not in chunks
+	}
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	for _, ch := range c.live {
+		base := uintptr(unsafe.Pointer(unsafe.SliceData(ch.buf[:1])))
+		if p >= base && p < base+uintptr(cap(ch.buf)) {
+			ch.released++
+			c.reuse(ch)
+			return
+		}
+	}
+}

@@ -1,0 +1,74 @@
+package postgres_test
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"unsafe"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+)
+
+// TestClaimReusesReleasedChunks: once every payload copied into a chunk is released, a later
+// claim copies its payloads into that memory; payloads not released stay intact.
+func TestClaimReusesReleasedChunks(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	const size = 60 << 10 // four to a chunk of 256 KiB
+	// Row i's payload is size bytes of value i.
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'o', 'k' || i, 'e', decode(repeat(lpad(to_hex(i), 2, '0'), $1), 'hex') FROM generate_series(1, 24) i`, size); err != nil {
+		t.Fatal(err)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	rel, ok := sess.(app.Releaser)
+	if !ok {
+		t.Fatal("the postgres session is not an app.Releaser")
+	}
+	var skip []int64
+	claim := func(n int) []*app.Message {
+		t.Helper()
+		rows, err := sess.Claim(ctx, 0, skip, n, 1<<30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := make([]*app.Message, len(rows))
+		for i := range rows {
+			out[i] = &rows[i]
+			skip = append(skip, rows[i].ID)
+		}
+		return out
+	}
+	intact := func(what string, msgs []*app.Message) {
+		t.Helper()
+		for _, m := range msgs {
+			if want := bytes.Repeat([]byte{byte(m.ID - skip[0] + 1)}, size); !bytes.Equal(m.Payload, want) {
+				t.Fatalf("%s: row %d's payload changed (first byte %d)", what, m.ID, m.Payload[0])
+			}
+		}
+	}
+	addr := func(m *app.Message) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(m.Payload))) }
+
+	first := claim(8) // rows 1-4 fill a chunk, 5-8 the next
+	intact("first claim", first)
+	rel.Release(first[:4])
+	second := claim(8) // row 9 starts a chunk: the released one
+	intact("second claim", second)
+	intact("rows of the first claim not released", first[4:])
+	if addr(second[0]) != addr(first[0]) {
+		t.Errorf("row 9 was not copied into the released chunk")
+	}
+	third := claim(8) // rows 5-8's chunk is full but not released: not reused
+	intact("third claim", third)
+	intact("rows of the first claim not released, after another claim", first[4:])
+	for _, m := range third {
+		if addr(m) == addr(first[4]) {
+			t.Errorf("row %d was copied into a chunk whose rows were not released", m.ID)
+		}
+	}
+}
