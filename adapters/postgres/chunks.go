@@ -7,15 +7,22 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 )
 
-// chunksFreeMax bounds the chunks kept for reuse (chunkSize each, 4 MiB in all): what the relay
-// holds in flight is bounded by its configuration, and a few spare chunks cover the turnover.
-const chunksFreeMax = 16
+// chunksFreeMax bounds the chunks kept for reuse (chunkSize each): a chunk comes back when its
+// last row is marked, about as often as a claim needs a new one, so a few cover the turnover;
+// each one kept is memory the process holds.
+const chunksFreeMax = 4
+
+// chunksLiveMax bounds the chunks followed until their pieces are released (16 MiB of chunks,
+// four times the default relay.max_in_flight_bytes). Past it the oldest is forgotten: left to
+// the garbage collector, as is a chunk some piece of which is never released (a row dropped
+// unpublished, a claim read ahead and dropped), which would otherwise be held here for ever.
+const chunksLiveMax = 64
 
 // chunks hands out the chunks the claims copy payloads and headers into, and takes them back
 // for reuse once every piece copied into one was released: while a backlog drains, the payloads
 // are most of what the relay allocates, and reusing their memory spares the garbage collector
 // most of its work. A chunk one of whose pieces is never released (a row dropped unpublished, a
-// session ended) is simply left to the garbage collector.
+// session ended) is left to the garbage collector (see chunksLiveMax).
 //
 // The claim (decoder) and Release may run on two goroutines (the relay reads ahead while it
 // marks), hence the lock; the decoder takes it once per chunk, not per piece.
@@ -47,6 +54,10 @@ func (c *chunks) next(cur *chunk, pieces int) *chunk {
 		buf, c.free = c.free[n-1][:0], c.free[:n-1]
 	} else {
 		buf = make([]byte, 0, chunkSize)
+	}
+	if len(c.live) >= chunksLiveMax {
+		c.live[0] = nil
+		c.live = c.live[1:]
 	}
 	ch := &chunk{buf: buf}
 	c.live = append(c.live, ch)

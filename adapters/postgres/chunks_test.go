@@ -3,6 +3,7 @@ package postgres_test
 import (
 	"bytes"
 	"context"
+	"runtime"
 	"testing"
 	"unsafe"
 
@@ -70,5 +71,38 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 		if addr(m) == addr(first[4]) {
 			t.Errorf("row %d was copied into a chunk whose rows were not released", m.ID)
 		}
+	}
+}
+
+// TestClaimForgetsChunksNeverReleased: claims whose rows are never released (the relay drops
+// some rows unpublished) do not keep their chunks alive: the session follows a bounded number.
+func TestClaimForgetsChunksNeverReleased(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	// 200 rows of 60 KiB: 50 chunks' worth, claimed again and again without a release.
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'o', 'k', 'e', decode(repeat('ab', 60 << 10), 'hex') FROM generate_series(1, 200)`); err != nil {
+		t.Fatal(err)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	var before, after runtime.MemStats
+	claimAll := func() {
+		for range 4 {
+			if _, err := sess.Claim(ctx, 0, nil, 200, 1<<30); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	claimAll()
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	claimAll() // 12 MiB more read, none of it released
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	// What the session may hold: the chunks it follows (16 MiB) and its free ones.
+	if grown := int64(after.HeapAlloc) - int64(before.HeapAlloc); grown > 8<<20 {
+		t.Errorf("live heap grew by %d MiB over claims nothing refers to", grown>>20)
 	}
 }
