@@ -220,6 +220,7 @@ type leadState struct {
 	skipAhead []int64
 	toPark    []parkReq
 	send      []*Message // the rows of the current claim that go to the sink (reused)
+	unused    []*Message // the rows of the current claim that do not (reused)
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
@@ -420,7 +421,14 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		// from: this claim reads from the oldest row, after the reload. Rows read ahead before
 		// it could hold the key's later rows without that one.
 		full = true
-		l.ahead = nil
+		if a := l.ahead; a != nil {
+			l.ahead = nil
+			l.unused = l.unused[:0]
+			for i := range a.rows {
+				l.unused = append(l.unused, &a.rows[i])
+			}
+			l.release(l.unused) // never handed to the sink
+		}
 	}
 	// Every claim reads from the oldest pending row it has not accounted for, past the rows in
 	// flight, in one snapshot: a cursor carried from one claim to the next would pass over a row
@@ -463,11 +471,13 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// Rows may be waiting if the claim stopped at its row or byte bound.
 	more := len(rows) == limit || (len(rows) > 0 && size >= budget)
 	// The rows that go to the sink: not in flight already, not waiting behind an earlier row.
-	l.send = l.send[:0]
+	l.send, l.unused = l.send[:0], l.unused[:0]
 	for i := range rows {
 		m := &rows[i]
 		if _, dup := l.inflight[m.ID]; !dup && !l.held(m) {
 			l.send = append(l.send, m)
+		} else {
+			l.unused = append(l.unused, m)
 		}
 	}
 	// A full batch: read the next one ahead while this one goes to the sink, if the bounds leave
@@ -496,6 +506,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 			if l.next != nil && (l.unsent == 0 || m.ID < l.unsent) {
 				l.unsent = m.ID // the read-ahead passes over it: claims must come back to it
 			}
+			l.unused = append(l.unused, m)
 			continue
 		}
 		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) { l.reported(m, err) })
@@ -511,12 +522,21 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		l.inflight[m.ID] = m
 		l.bytes += m.Size()
 	}
+	l.release(l.unused) // read but not handed to the sink: held back, or in flight already
 	if l.next == nil {
 		if err := l.parkPutOff(ctx); err != nil {
 			return false, err
 		}
 	}
 	return more, nil
+}
+
+// release lets the session reuse the memory of msgs, which nothing refers to any more, when the
+// session and the sink allow it (see Releaser).
+func (l *leadState) release(msgs []*Message) {
+	if l.releaser != nil && len(msgs) > 0 {
+		l.releaser.Release(msgs)
+	}
 }
 
 // horizon asks the session for its horizon (see Session.Horizon), once it is known to have one.
@@ -803,9 +823,7 @@ func (l *leadState) marked(ctx context.Context, res markResult) error {
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
 	}
-	if l.releaser != nil {
-		l.releaser.Release(batch) // published and marked: nothing refers to them any more
-	}
+	l.release(batch) // published and marked: nothing refers to them any more
 	l.obs.Marked(len(batch), res.took)
 	l.startMark(false)
 	return nil
