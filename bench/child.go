@@ -695,6 +695,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 		ids := make([]int64, 0, cfg.BatchSize)
 		rowBytes := 0
 		var from int64
+		var done []*app.Message
 		for ctx.Err() == nil {
 			// Each batch is marked before the next claim: nothing in flight to skip. Like the
 			// relay, ask for no more rows than the byte budget takes: the database would read and
@@ -731,6 +732,13 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			rowBytes = max(1, size/len(rows))
 			if err := sess.Mark(ctx, ids); err != nil {
 				return err
+			}
+			if rel, ok := sess.(app.Releaser); ok { // as the relay does once rows are marked
+				done = done[:0]
+				for i := range rows {
+					done = append(done, &rows[i])
+				}
+				rel.Release(done)
 			}
 			c.events.Add(int64(len(ids)))
 			if c.cfg.Expect > 0 && c.events.Load() >= c.cfg.Expect {
