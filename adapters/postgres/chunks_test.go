@@ -77,7 +77,7 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 // TestClaimForgetsChunksNeverReleased: claims whose rows are never released (the relay drops
 // some rows unpublished) do not keep their chunks alive: the session follows a bounded number.
 func TestClaimForgetsChunksNeverReleased(t *testing.T) {
-	t.Parallel()
+	// Not parallel: it measures the process's live heap, which other tests would add to.
 	pool, table := dbtest.Schema(t)
 	ctx := context.Background()
 	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
