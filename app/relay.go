@@ -399,35 +399,12 @@ func (l *leadState) drain() []result {
 // waiting right now.
 func (l *leadState) claim(ctx context.Context) (bool, error) {
 	now := time.Now()
-	// The blocked keys are reloaded once per poll interval, not at every claim: a relay that is
-	// caught up claims at every wake-up, and two more queries per claim doubled its CPU per event
-	// at low rates. This term's own failures are in memBlock meanwhile.
-	full := false
-	if l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval {
-		l.blockedAt = now
-		blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
-		if err != nil {
-			return false, fmt.Errorf("load blocked keys: %w", err)
-		}
-		l.dbBlock = blocked
-		for k, head := range l.memBlock {
-			if head == 0 {
-				// Parked keys are known to the database: an operator may have retried or dropped
-				// the parked row since, and the reload above says whether the key still waits.
-				delete(l.memBlock, k)
-			}
-		}
-		// A key released by the reload may have its parked row back in the outbox, below
-		// from: this claim reads from the oldest row, after the reload. Rows read ahead before
-		// it could hold the key's later rows without that one.
-		full = true
-		if a := l.ahead; a != nil {
-			l.ahead = nil
-			l.unused = l.unused[:0]
-			for i := range a.rows {
-				l.unused = append(l.unused, &a.rows[i])
-			}
-			l.release(l.unused) // never handed to the sink
+	// Once per poll interval the blocked keys are reloaded and the claim reads from the oldest
+	// row (see reload).
+	full := l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval
+	if full {
+		if err := l.reload(ctx, now); err != nil {
+			return false, err
 		}
 	}
 	// Every claim reads from the oldest pending row it has not accounted for, past the rows in
@@ -529,6 +506,37 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		}
 	}
 	return more, nil
+}
+
+// reload reloads the blocked keys, once per poll interval rather than at every claim: a relay
+// that is caught up claims at every wake-up, and two more queries per claim doubled its CPU per
+// event at low rates. This term's own failures are in memBlock meanwhile. The claim after a
+// reload reads from the oldest row: a key it releases may have its parked row back in the
+// outbox, below from; rows read ahead before it could hold the key's later rows without that
+// one, and are dropped.
+func (l *leadState) reload(ctx context.Context, now time.Time) error {
+	l.blockedAt = now
+	blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
+	if err != nil {
+		return fmt.Errorf("load blocked keys: %w", err)
+	}
+	l.dbBlock = blocked
+	for k, head := range l.memBlock {
+		if head == 0 {
+			// Parked keys are known to the database: an operator may have retried or dropped
+			// the parked row since, and the reload above says whether the key still waits.
+			delete(l.memBlock, k)
+		}
+	}
+	if a := l.ahead; a != nil {
+		l.ahead = nil
+		l.unused = l.unused[:0]
+		for i := range a.rows {
+			l.unused = append(l.unused, &a.rows[i])
+		}
+		l.release(l.unused) // never handed to the sink
+	}
+	return nil
 }
 
 // release lets the session reuse the memory of msgs, which nothing refers to any more, when the

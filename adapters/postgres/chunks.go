@@ -35,9 +35,10 @@ type chunks struct {
 // chunk is one chunk handed out.
 type chunk struct {
 	buf      []byte
-	pieces   int  // pieces copied into it; set when full
-	released int  // pieces released so far
-	full     bool // no more pieces go into it
+	base     uintptr // where buf's memory starts, to find a piece's chunk
+	pieces   int     // pieces copied into it; set when full
+	released int     // pieces released so far
+	full     bool    // no more pieces go into it
 }
 
 // next retires cur (nil at first), which takes no more pieces after the pieces it holds, and
@@ -59,7 +60,7 @@ func (c *chunks) next(cur *chunk, pieces int) *chunk {
 		c.live[0] = nil
 		c.live = c.live[1:]
 	}
-	ch := &chunk{buf: buf}
+	ch := &chunk{buf: buf, base: uintptr(unsafe.Pointer(unsafe.SliceData(buf[:1])))}
 	c.live = append(c.live, ch)
 	return ch
 }
@@ -84,25 +85,39 @@ func (c *chunks) reuse(ch *chunk) {
 func (c *chunks) release(msgs []*app.Message) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	var last *chunk // rows released together were mostly copied together: look there first
 	for _, m := range msgs {
-		c.releasePiece(m.Payload)
-		c.releasePiece(m.Headers)
+		last = c.releasePiece(m.Payload, last)
+		last = c.releasePiece(m.Headers, last)
 	}
 }
 
 // releasePiece releases b if it was copied into a live chunk (big payloads have their own
-// allocation, and rows read with Scan are not in chunks). c.mu is held.
-func (c *chunks) releasePiece(b []byte) {
+// allocation, and rows read with Scan are not in chunks), trying hint first. It returns the chunk
+// b was in, if still live, for the next piece's hint. c.mu is held.
+func (c *chunks) releasePiece(b []byte, hint *chunk) *chunk {
 	if len(b) == 0 {
-		return // empty pieces are not in chunks
+		return hint // empty pieces are not in chunks
 	}
 	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
-	for _, ch := range c.live {
-		base := uintptr(unsafe.Pointer(unsafe.SliceData(ch.buf[:1])))
-		if p >= base && p < base+uintptr(cap(ch.buf)) {
-			ch.released++
-			c.reuse(ch)
-			return
+	in := func(ch *chunk) bool { return p >= ch.base && p < ch.base+uintptr(cap(ch.buf)) }
+	ch := hint
+	if ch == nil || !in(ch) {
+		ch = nil
+		for _, l := range c.live {
+			if in(l) {
+				ch = l
+				break
+			}
+		}
+		if ch == nil {
+			return hint
 		}
 	}
+	ch.released++
+	c.reuse(ch)
+	if !ch.full || ch.released < ch.pieces {
+		return ch
+	}
+	return nil // taken back: not live any more
 }
