@@ -197,8 +197,10 @@ type leadState struct {
 	*Relay
 	sess     Session
 	inflight map[int64]*Message
-	bytes    int
-	results  chan result
+	// bytes is the size of the rows in flight not yet acknowledged: the memory they hold.
+	// Acknowledged rows wait for their mark in inflight, but their payloads are released.
+	bytes   int
+	results chan result
 	// dbBlock is reloaded from the database once per poll interval; memBlock holds keys blocked
 	// by this term's own failures until their head is acknowledged.
 	dbBlock  Blocked
@@ -221,6 +223,7 @@ type leadState struct {
 	toPark    []parkReq
 	send      []*Message // the rows of the current claim that go to the sink (reused)
 	unused    []*Message // the rows of the current claim that do not (reused)
+	acked     []*Message // the rows settle found acknowledged, to release (reused)
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
@@ -235,12 +238,13 @@ type leadState struct {
 	// after all (its key began to wait meanwhile); 0 for none.
 	unsent int64
 	// releaser, when the session and the sink allow it, lets the session reuse the memory of
-	// the rows marked (see Releaser).
+	// the rows acknowledged (see Releaser).
 	releaser Releaser
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
-	// claim does not publish them again and they count against the in-flight bounds.
+	// claim does not publish them again and they count against MaxInFlight (the duplicate
+	// bound), not against MaxInFlightBytes (their payloads were released at the ack).
 	marking  []*Message
 	toMark   []*Message
 	markReq  chan []int64 // to markLoop: the ids of the next mark
@@ -725,6 +729,14 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 	}
 	ctx = context.WithoutCancel(ctx) // what the broker acknowledged is marked even when stopping
 	defer l.startMark(false)
+	acked := l.acked[:0]
+	defer func() {
+		// The broker has them: nothing reads their payloads and headers again. Their bytes leave
+		// the byte budget now, their rows the in-flight set only once marked.
+		l.release(acked)
+		clear(acked)
+		l.acked = acked[:0]
+	}()
 	for _, res := range results {
 		m := res.m
 		if res.err == nil {
@@ -732,6 +744,8 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 				l.toMarkSince = time.Now()
 			}
 			l.toMark = append(l.toMark, m) // in flight until marked
+			l.bytes -= m.Size()
+			acked = append(acked, m)
 			l.resolved(m.ID)
 			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
@@ -828,10 +842,8 @@ func (l *leadState) marked(ctx context.Context, res markResult) error {
 		return fmt.Errorf("mark %d published rows: %w", len(batch), res.err)
 	}
 	for _, m := range batch {
-		delete(l.inflight, m.ID)
-		l.bytes -= m.Size()
+		delete(l.inflight, m.ID) // their bytes left the budget, and were released, at the ack
 	}
-	l.release(batch) // published and marked: nothing refers to them any more
 	l.obs.Marked(len(batch), res.took)
 	l.startMark(false)
 	return nil

@@ -79,7 +79,8 @@ type Session interface {
 
 // Releaser is implemented by a Session that reuses the memory of the messages its claims
 // returned. Release tells it that nothing refers any more to the payloads and headers of msgs:
-// the relay calls it for the rows it marked, when the sink is a ReleasingSink.
+// the relay calls it for the rows the broker acknowledged (and the rows it read but did not
+// publish), when the sink is a ReleasingSink.
 type Releaser interface {
 	Release(msgs []*Message)
 }

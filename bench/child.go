@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/pprof"
 	"sort"
 	"strconv"
@@ -128,6 +129,13 @@ func runKfake(cfg childConfig) error {
 		return fmt.Errorf("start kfake: %w", err)
 	}
 	defer cl.Close()
+	if dir := os.Getenv("BENCH_PROFILE_BROKER"); dir != "" {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("broker-%d.pprof", os.Getpid())))
+		if err == nil {
+			_ = pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+	}
 	fmt.Printf("ready %s\n", strings.Join(cl.ListenAddrs(), ","))
 	_, _ = io.Copy(io.Discard, os.Stdin) // run until the parent closes stdin
 	return nil

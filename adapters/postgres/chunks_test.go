@@ -74,6 +74,53 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 	}
 }
 
+// TestClaimKeepsChunksForItsBudget: the chunks a claim's rows were copied into, released
+// together (the broker acknowledged the claim), are all kept for the next claim when the claims'
+// byte budget spans that many: none is left to the garbage collector and allocated again.
+func TestClaimKeepsChunksForItsBudget(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	const size = 60 << 10 // four to a chunk of 256 KiB
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'o', 'k' || i, 'e', decode(repeat('cd', $1), 'hex') FROM generate_series(1, 64) i`, size); err != nil {
+		t.Fatal(err)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	rel := sess.(app.Releaser)
+	const budget = 3 << 20 // twelve chunks
+	first, err := sess.Claim(ctx, 0, nil, 32, budget) // eight chunks
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first) != 32 {
+		t.Fatalf("first claim: %d rows, want 32", len(first))
+	}
+	used := map[uintptr]bool{}
+	var skip []int64
+	msgs := make([]*app.Message, len(first))
+	for i := range first {
+		msgs[i] = &first[i]
+		used[uintptr(unsafe.Pointer(unsafe.SliceData(first[i].Payload)))] = true
+		skip = append(skip, first[i].ID)
+	}
+	rel.Release(msgs) // first stays referenced: its chunks cannot be collected and handed out anew
+	second, err := sess.Claim(ctx, 0, skip, 32, budget)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh := 0
+	for _, m := range second {
+		if !used[uintptr(unsafe.Pointer(unsafe.SliceData(m.Payload)))] {
+			fresh++
+		}
+	}
+	if fresh > 0 {
+		t.Errorf("%d of the second claim's %d rows went into newly allocated chunks, want all in the released ones", fresh, len(second))
+	}
+}
+
 // TestClaimForgetsChunksNeverReleased: claims whose rows are never released (the relay drops
 // some rows unpublished) do not keep their chunks alive: the session follows a bounded number.
 func TestClaimForgetsChunksNeverReleased(t *testing.T) {

@@ -209,6 +209,7 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	lo, hi, rest := s.skipRun(skip)
+	s.dec.pool.budget(maxBytes)
 	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
 	if err != nil {
 		return nil, s.wrap(err)
