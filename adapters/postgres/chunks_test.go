@@ -89,7 +89,7 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 	}
 	sess := dbtest.Session(t, table, dbtest.URL())
 	rel := sess.(app.Releaser)
-	const budget = 3 << 20 // twelve chunks
+	const budget = 3 << 20                            // twelve chunks
 	first, err := sess.Claim(ctx, 0, nil, 32, budget) // eight chunks
 	if err != nil {
 		t.Fatal(err)
