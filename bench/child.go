@@ -781,7 +781,7 @@ func (c *child) produce(ctx context.Context) (work, error) {
 		now := []byte(time.Now().UTC().Format(time.RFC3339Nano))
 		for i := int64(1); i <= c.cfg.Events && ctx.Err() == nil; i++ {
 			off := payloadOffset(i, c.cfg.PayloadSize)
-			rec := &kgo.Record{Topic: topic, Key: keys[i%int64(len(keys))], Value: slab[off : off+int64(c.cfg.PayloadSize)],
+			rec := &kgo.Record{Topic: topic, Key: keys[i%int64(len(keys))], Value: slab()[off : off+int64(c.cfg.PayloadSize)],
 				Headers: []kgo.RecordHeader{
 					{Key: kafka.HeaderEventID, Value: []byte(newUUID())},
 					{Key: kafka.HeaderEventType, Value: []byte("bench.created")},

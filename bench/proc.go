@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -204,11 +205,13 @@ func (b *bench) dropSchema(name string) {
 // compression gains nothing, as with real, varied payloads.
 const slabSize = 1 << 20
 
-var slab = func() []byte {
+// slab returns the random bytes, made at the first call: a package variable would be in every
+// child's heap, the relay's too, which holds nothing like it outside the bench.
+var slab = sync.OnceValue(func() []byte {
 	b := make([]byte, slabSize)
 	_, _ = rand.Read(b)
 	return b
-}()
+})
 
 // payloadOffset is where event i's payload starts in the slab.
 func payloadOffset(i int64, size int) int64 { return (i * 7919) % int64(slabSize-size) }
@@ -222,7 +225,7 @@ func (b *bench) preload(ctx context.Context, schema string, n int64, size, keys 
 		to := min(from+chunk-1, n)
 		_, err := b.pool.Exec(ctx, `INSERT INTO `+t+` (aggregate_type, aggregate_id, event_type, payload)
 			SELECT 'bench', (i % $3)::text, 'bench.created', substring($4::bytea from ((i * 7919) % ($5::bigint - $6::bigint))::int + 1 for $6::int)
-			FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i`, from, to, keys, slab, slabSize, size)
+			FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i`, from, to, keys, slab(), slabSize, size)
 		if err != nil {
 			return fmt.Errorf("preload: %w", err)
 		}

@@ -416,7 +416,7 @@ func (w *writers) run(ctx context.Context, rate float64) {
 				for j := range msgs {
 					off := rng.Int64N(slabSize - 256)
 					msgs[j] = postgres.Message{AggregateType: "bench", AggregateID: strconv.Itoa(rng.IntN(100)),
-						EventType: "bench.created", Payload: slab[off : off+256], EventID: newUUID()}
+						EventType: "bench.created", Payload: slab()[off : off+256], EventID: newUUID()}
 				}
 				// A started transaction is finished even when the run ends, so every commit is counted.
 				txctx := context.WithoutCancel(ctx)
