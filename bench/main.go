@@ -221,6 +221,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		if !slices.Contains(opts.Sections, s) || ctx.Err() != nil {
 			continue
 		}
+		b.settle(ctx)
 		start := time.Now()
 		lg.Printf("section %s", s)
 		if err := sections[s](ctx); err != nil {
