@@ -39,8 +39,8 @@ type RelayConfig struct {
 	MaxInFlight int
 	// MaxInFlightBytes bounds the memory held by rows in flight, in bytes: the rows claimed and
 	// not yet acknowledged by the broker (an acknowledged row waiting for its mark keeps only its
-	// id and key). Default 4 MiB: a sidecar stays under 64 MiB resident with rows up to 1 KB
-	// (about 115 MiB with 16 KB rows), and the 4000 rows of MaxInFlight still fit when rows are
+	// id and key). Default 4 MiB: a sidecar stays at about 64 MiB resident or less with rows up to 1 KB
+	// (about 75 MiB with 16 KB rows), and the 4000 rows of MaxInFlight still fit when rows are
 	// small (see BENCHMARKS.md).
 	MaxInFlightBytes int
 	// PollInterval is how often the outbox is read without a wake-up notification, how often

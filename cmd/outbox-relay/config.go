@@ -90,7 +90,7 @@ var settings = []setting{
 
 	{key: "relay.batch_size", def: strconv.Itoa(app.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
 	{key: "relay.max_in_flight", def: strconv.Itoa(app.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
-	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(app.MaxInFlightBytesDefault), help: "bound in bytes on the rows held in memory"},
+	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(app.MaxInFlightBytesDefault), help: "bound in bytes on the rows claimed and not yet acknowledged (held in memory)"},
 	{key: "relay.poll_interval", def: app.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
 	{key: "relay.leader_retry_interval", def: app.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
 	{key: "relay.max_attempts", def: strconv.Itoa(app.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
