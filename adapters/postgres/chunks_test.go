@@ -13,20 +13,29 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
+// chunkRowSize is the payload size of the chunk tests' rows: four to a chunk of 256 KiB.
+const chunkRowSize = 60 << 10
+
+// chunkRows fills a fresh outbox with n rows whose payloads are chunkRowSize bytes, each the hex
+// byte of hexByte (an SQL expression over the row number i), and returns a session on it.
+func chunkRows(t *testing.T, n int, hexByte string) app.Session {
+	t.Helper()
+	pool, table := dbtest.Schema(t)
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	if _, err := pool.Exec(context.Background(), `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'o', 'k' || i, 'e', decode(repeat(`+hexByte+`, $1), 'hex') FROM generate_series(1, $2::int) i`, chunkRowSize, n); err != nil {
+		t.Fatal(err)
+	}
+	return dbtest.Session(t, table, dbtest.URL())
+}
+
 // TestClaimReusesReleasedChunks: once every payload copied into a chunk is released, a later
 // claim copies its payloads into that memory; payloads not released stay intact.
 func TestClaimReusesReleasedChunks(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
 	ctx := context.Background()
-	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	const size = 60 << 10 // four to a chunk of 256 KiB
-	// Row i's payload is size bytes of value i.
-	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
-		SELECT 'o', 'k' || i, 'e', decode(repeat(lpad(to_hex(i), 2, '0'), $1), 'hex') FROM generate_series(1, 24) i`, size); err != nil {
-		t.Fatal(err)
-	}
-	sess := dbtest.Session(t, table, dbtest.URL())
+	const size = chunkRowSize
+	sess := chunkRows(t, 24, `lpad(to_hex(i), 2, '0')`) // row i's payload: bytes of value i
 	rel, ok := sess.(app.Releaser)
 	if !ok {
 		t.Fatal("the postgres session is not an app.Releaser")
@@ -79,15 +88,8 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 // byte budget spans that many: none is left to the garbage collector and allocated again.
 func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
 	ctx := context.Background()
-	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	const size = 60 << 10 // four to a chunk of 256 KiB
-	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
-		SELECT 'o', 'k' || i, 'e', decode(repeat('cd', $1), 'hex') FROM generate_series(1, 64) i`, size); err != nil {
-		t.Fatal(err)
-	}
-	sess := dbtest.Session(t, table, dbtest.URL())
+	sess := chunkRows(t, 64, `'cd'`)
 	rel := sess.(app.Releaser)
 	const budget = 3 << 20                            // twelve chunks
 	first, err := sess.Claim(ctx, 0, nil, 32, budget) // eight chunks
@@ -125,15 +127,9 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 // some rows unpublished) do not keep their chunks alive: the session follows a bounded number.
 func TestClaimForgetsChunksNeverReleased(t *testing.T) {
 	// Not parallel: it measures the process's live heap, which other tests would add to.
-	pool, table := dbtest.Schema(t)
 	ctx := context.Background()
-	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
 	// 200 rows of 60 KiB: 50 chunks' worth, claimed again and again without a release.
-	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
-		SELECT 'o', 'k', 'e', decode(repeat('ab', 60 << 10), 'hex') FROM generate_series(1, 200)`); err != nil {
-		t.Fatal(err)
-	}
-	sess := dbtest.Session(t, table, dbtest.URL())
+	sess := chunkRows(t, 200, `'ab'`)
 	var before, after runtime.MemStats
 	claimAll := func() {
 		for range 4 {
