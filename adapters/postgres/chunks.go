@@ -28,7 +28,7 @@ const chunksLiveMax = 64
 // session ended) is left to the garbage collector (see chunksLiveMax).
 //
 // The claim (decoder) and Release may run on two goroutines (the relay reads ahead while it
-// marks), hence the lock; the decoder takes it once per chunk, not per piece.
+// settles acknowledgements), hence the lock; the decoder takes it once per chunk, not per piece.
 type chunks struct {
 	mu      sync.Mutex
 	live    []*chunk // chunks handed out, the current one included
