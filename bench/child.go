@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -403,18 +404,24 @@ func rss() int64 {
 }
 
 // hwm returns the peak resident set size of this process (VmHWM), in bytes.
-func hwm() int64 {
-	b, err := os.ReadFile("/proc/self/status")
+func hwm() int64 { return procKB("/proc/self/status", "VmHWM") }
+
+// procKB returns, in bytes, the sum of the fields named keys ("Name:  123 kB" lines) of a /proc
+// file such as /proc/meminfo or /proc/self/status; 0 for a field or file it cannot read.
+func procKB(path string, keys ...string) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
+	var total int64
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		name, v, ok := strings.Cut(line, ":")
+		if ok && slices.Contains(keys, name) {
 			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10
+			total += kb << 10
 		}
 	}
-	return 0
+	return total
 }
 
 // relay wires app.Relay as 'outbox-relay run' does (Prometheus metrics and kprom hooks included,

@@ -268,7 +268,7 @@ func (b *bench) settle(ctx context.Context) {
 			b.log.Printf("settle: autovacuum workers: %v", err)
 			workers = 0
 		}
-		dirty = dirtyBytes()
+		dirty = procKB("/proc/meminfo", "Dirty", "Writeback") // written back or being written
 		if workers == 0 && dirty < 32<<20 {
 			break
 		}
@@ -277,23 +277,4 @@ func (b *bench) settle(ctx context.Context) {
 	if d := time.Since(start); d > time.Second {
 		b.log.Printf("settled in %s (autovacuum workers %d, dirty pages %.0f MiB)", d.Round(100*time.Millisecond), workers, mib(dirty))
 	}
-}
-
-// dirtyBytes returns the kernel's dirty and under-writeback page cache, from /proc/meminfo; 0
-// when it cannot be read.
-func dirtyBytes() int64 {
-	data, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	var total int64
-	for _, line := range strings.Split(string(data), "\n") {
-		for _, key := range []string{"Dirty:", "Writeback:"} {
-			if v, ok := strings.CutPrefix(line, key); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-				total += kb << 10
-			}
-		}
-	}
-	return total
 }

@@ -50,11 +50,7 @@ func machineInfo(ctx context.Context, pool *pgxpool.Pool) machine {
 			}
 		}
 	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		var kb int64
-		_, _ = fmt.Sscanf(string(b), "MemTotal: %d kB", &kb)
-		m.MemoryMiB = kb >> 10
-	}
+	m.MemoryMiB = procKB("/proc/meminfo", "MemTotal") >> 20
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
