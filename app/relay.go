@@ -201,6 +201,7 @@ type leadState struct {
 	// Acknowledged rows wait for their mark in inflight, but their payloads are released.
 	bytes   int
 	results chan result
+	ready   []result // the batch settleReady gathers (reused)
 	// dbBlock is reloaded from the database once per poll interval; memBlock holds keys blocked
 	// by this term's own failures until their head is acknowledged.
 	dbBlock  Blocked
@@ -309,7 +310,7 @@ func (l *leadState) run(ctx context.Context) error {
 			}
 		default:
 		}
-		if err := l.settle(ctx, l.drain()); err != nil {
+		if err := l.settleReady(ctx); err != nil {
 			return l.abandon(err)
 		}
 		if ctx.Err() != nil {
@@ -344,7 +345,7 @@ func (l *leadState) run(ctx context.Context) error {
 			select {
 			case res := <-l.results:
 				timer.Stop()
-				if err := l.settle(ctx, append([]result{res}, l.drain()...)); err != nil {
+				if err := l.settleReady(ctx, res); err != nil {
 					return l.abandon(err)
 				}
 			case res := <-l.markDone:
@@ -386,17 +387,24 @@ const markWatch = 5 * time.Millisecond
 // much later, and at once when BatchSize rows wait or the in-flight bounds are reached.
 const markDelay = 10 * time.Millisecond
 
-// drain returns the results ready now, without blocking.
-func (l *leadState) drain() []result {
-	var out []result
-	for {
+// settleReady settles first (when given) and every result ready now, without blocking. The
+// batch is gathered in a buffer kept from one call to the next (at a hundred thousand events a
+// second, a new slice each time was a sixth of the relay's allocations), and cleared after:
+// it must not keep the messages alive.
+func (l *leadState) settleReady(ctx context.Context, first ...result) error {
+	batch := append(l.ready[:0], first...)
+	for more := true; more; {
 		select {
 		case res := <-l.results:
-			out = append(out, res)
+			batch = append(batch, res)
 		default:
-			return out
+			more = false
 		}
 	}
+	err := l.settle(ctx, batch)
+	clear(batch)
+	l.ready = batch[:0]
+	return err
 }
 
 // claim reads the next rows and hands them to the sink. It reports whether more rows may be
@@ -879,7 +887,9 @@ func (l *leadState) abandon(cause error) error {
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.ShutdownTimeout)
 		_ = l.sink.Abort(ctx)
 		cancel()
-		l.drain()
+		for len(l.results) > 0 { // the verdicts of the aborted rows: nothing is marked now
+			<-l.results
+		}
 	}
 	if l.marking != nil {
 		<-l.markDone // the session is closed next: let the running mark end first (it has a timeout)
@@ -898,7 +908,7 @@ func (l *leadState) shutdown(ctx context.Context) error {
 	for len(l.inflight) > 0 {
 		select {
 		case res := <-l.results:
-			if err := l.settle(sctx, append([]result{res}, l.drain()...)); err != nil {
+			if err := l.settleReady(sctx, res); err != nil {
 				return l.abandon(err)
 			}
 		case res := <-l.markDone:
