@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 // timing: numbers belong to 'make bench'.
 func TestSmoke(t *testing.T) {
 	dbtest.Pool(t) // fails with a clear message when PostgreSQL is unreachable
-	opts, err := parseFlags([]string{"-scale", "smoke", "-db", dbtest.URL(), "-out", t.TempDir()})
+	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,8 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(data, &got); err != nil {
 		t.Fatalf("results.json is not valid: %v", err)
 	}
-	if want := len(opts.Scale.Matrix) * len(drainVariants); len(got.Drain) != want {
+	// Every variant in the first round, all but produce-only in the second.
+	if want := len(opts.Scale.Matrix) * (2*len(drainVariants) - 1); len(got.Drain) != want {
 		t.Errorf("drain results: got %d, want %d", len(got.Drain), want)
 	}
 	for _, d := range got.Drain {
@@ -96,6 +97,8 @@ func TestSmoke(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("### Targets")) {
 		t.Errorf("tables.md missing or without the targets table: %v", err)
+	} else if !bytes.Contains(b, []byte("| relay | 2 | ")) {
+		t.Errorf("tables.md does not show the relay's two runs:\n%s", b)
 	}
 	for _, name := range []string{"drain-throughput.png", "latency.png", "table-health.png"} {
 		b, err := os.ReadFile(filepath.Join(opts.Out, name))
@@ -104,5 +107,48 @@ func TestSmoke(t *testing.T) {
 		} else if !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
 			t.Errorf("chart %s is not a PNG", name)
 		}
+	}
+}
+
+// TestSummarize checks the figures the tables and targets take from repeated runs: medians,
+// the highest RSS, the range, failed runs left out, and the relay statistics of the median run.
+func TestSummarize(t *testing.T) {
+	dc := drainCase{Payload: 256, Keys: 100, Events: 1000}
+	other := drainCase{Payload: 1024, Keys: 100, Events: 1000}
+	run := func(n int, rate, cpu float64, rss int64, claims int64) drainResult {
+		return drainResult{drainCase: dc, Variant: variantRelay, Run: n, EventsPerSec: rate, CPUMsPer10k: cpu,
+			PeakRSS: rss, Relay: &relayStats{Claims: claims}}
+	}
+	all := []drainResult{
+		run(1, 100, 40, 50<<20, 1),
+		{drainCase: dc, Variant: variantNaive, Run: 1, EventsPerSec: 10},
+		run(2, 300, 30, 40<<20, 2),
+		{drainCase: dc, Variant: variantRelay, Run: 3, Error: "broker gone"},
+		run(4, 200, 60, 45<<20, 3),
+		{drainCase: other, Variant: variantRelay, Run: 1, EventsPerSec: 5000, PeakRSS: 90 << 20},
+	}
+	s, ok := summarize(all, dc, variantRelay)
+	if !ok {
+		t.Fatal("summarize found no successful run")
+	}
+	if s.Runs != 4 || s.Failed != 1 || s.Error != "" {
+		t.Errorf("runs %d, failed %d, error %q; want 4, 1 and none", s.Runs, s.Failed, s.Error)
+	}
+	if s.EventsPerSec != 200 || s.CPUMsPer10k != 40 || s.MinPerSec != 100 || s.MaxPerSec != 300 {
+		t.Errorf("events/s %v (range %v-%v), cpu %v; want the medians 200 and 40, range 100-300",
+			s.EventsPerSec, s.MinPerSec, s.MaxPerSec, s.CPUMsPer10k)
+	}
+	if s.PeakRSS != 50<<20 {
+		t.Errorf("RSS %d MiB, want the highest run's 50", s.PeakRSS>>20)
+	}
+	if s.Relay == nil || s.Relay.Claims != 3 || s.Run != 4 {
+		t.Errorf("relay statistics %+v of run %d, want those of run 4 (the median rate)", s.Relay, s.Run)
+	}
+	two, _ := summarize(all[:3], dc, variantRelay)
+	if two.EventsPerSec != 200 || two.CPUMsPer10k != 35 {
+		t.Errorf("two runs: events/s %v, cpu %v; want the means of the middle pair, 200 and 35", two.EventsPerSec, two.CPUMsPer10k)
+	}
+	if _, ok := summarize([]drainResult{all[3]}, dc, variantRelay); ok {
+		t.Error("a case whose only run failed has a summary")
 	}
 }

@@ -36,7 +36,7 @@ func (b *bench) charts() error {
 // drainChart: events/s of every variant, grouped by case.
 func (b *bench) drainChart(path string) error {
 	p := plot.New()
-	p.Title.Text = "Drain of a preloaded backlog (higher is better)"
+	p.Title.Text = "Drain of a preloaded backlog (median of the runs; higher is better)"
 	p.Y.Label.Text = "events/s"
 	var names []string
 	for _, dc := range b.opts.Scale.Matrix {
@@ -44,10 +44,11 @@ func (b *bench) drainChart(path string) error {
 	}
 	w := vg.Points(9)
 	top := 0.0
+	sums := b.drainSummaries()
 	for i, v := range drainVariants {
 		vals := make(plotter.Values, len(b.opts.Scale.Matrix))
 		for j, dc := range b.opts.Scale.Matrix {
-			for _, d := range b.res.Drain {
+			for _, d := range sums {
 				if d.drainCase == dc && d.Variant == v {
 					vals[j] = d.EventsPerSec
 					top = max(top, d.EventsPerSec)
@@ -77,10 +78,8 @@ func (b *bench) ratioChart(path string) error {
 		names = append(names, caseLabel(dc))
 	}
 	rate := func(dc drainCase, v string) float64 {
-		for _, d := range b.res.Drain {
-			if d.drainCase == dc && d.Variant == v && d.Error == "" {
-				return d.EventsPerSec
-			}
+		if s, ok := summarize(b.res.Drain, dc, v); ok {
+			return s.EventsPerSec
 		}
 		return 0
 	}

@@ -62,6 +62,7 @@ type childConfig struct {
 	Latency     bool          `json:"latency,omitempty"` // record commit-to-ack latencies
 	Retention   time.Duration `json:"retention,omitempty"`
 	Profile     string        `json:"profile,omitempty"`  // write a CPU profile of the work here
+	Allocs      string        `json:"allocs,omitempty"`   // write what the process allocated (pprof allocs) here, when the work is done
 	AppName     string        `json:"app_name,omitempty"` // application_name of its database sessions
 	// For the produce role: what to produce.
 	Events      int64 `json:"events,omitempty"`
@@ -514,6 +515,12 @@ func (c *child) purge(ctx context.Context, table postgres.Table) {
 // freeze takes the report at the moment the expected work completed, so the shutdown is not
 // counted.
 func (c *child) freeze() {
+	if c.cfg.Allocs != "" {
+		if f, err := os.Create(c.cfg.Allocs); err == nil {
+			_ = pprof.Lookup("allocs").WriteTo(f, 0)
+			_ = f.Close()
+		}
+	}
 	c.stopProfile()
 	c.report()
 	c.mu.Lock()

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -25,6 +27,7 @@ var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, varia
 type drainResult struct {
 	drainCase
 	Variant      string  `json:"variant"`
+	Run          int     `json:"run,omitempty"` // 1 to -repeat
 	WallSec      float64 `json:"wall_sec"`
 	EventsPerSec float64 `json:"events_per_sec"`
 	CPUSec       float64 `json:"cpu_sec"`        // user+system CPU of the measured process during the drain
@@ -40,28 +43,121 @@ type drainResult struct {
 	Relay             *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
 }
 
-// drain measures every case of the matrix with every variant.
+// drain measures every case of the matrix with every variant: the produce-only reference once,
+// the others -repeat times, in rounds whose order alternates, so a slow spell of the machine
+// does not fall on one variant only.
 func (b *bench) drain(ctx context.Context) error {
 	for _, dc := range b.opts.Scale.Matrix {
-		for _, v := range drainVariants {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			profile := ""
-			if b.opts.Profile && v == variantRelay && dc.Payload == b.profilePayload() && dc.Keys == 100 {
-				profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-cpu.pprof"))
-			}
-			r := b.drainOne(ctx, dc, v, childConfig{Mark: postgres.MarkDelete, Profile: profile})
-			b.res.Drain = append(b.res.Drain, r)
-			if r.Error != "" {
-				b.log.Printf("drain %s %dB %d keys: %s", v, dc.Payload, dc.Keys, r.Error)
-			} else {
-				b.log.Printf("drain %-12s %5dB %5d keys %8d events: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
-					v, dc.Payload, dc.Keys, dc.Events, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS))
+		for run := 1; run <= max(1, b.opts.Repeat); run++ {
+			for _, v := range b.roundVariants(run) {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				cfg := childConfig{Mark: postgres.MarkDelete}
+				if b.opts.Profile && run == 1 && v == variantRelay && dc.Payload == b.profilePayload() && dc.Keys == 100 {
+					cfg.Profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-cpu.pprof"))
+					cfg.Allocs, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-allocs.pprof"))
+				}
+				r := b.drainOne(ctx, dc, v, cfg)
+				r.Run = run
+				b.res.Drain = append(b.res.Drain, r)
+				if r.Error != "" {
+					b.log.Printf("drain %s %dB %d keys: %s", v, dc.Payload, dc.Keys, r.Error)
+				} else {
+					b.log.Printf("drain %-12s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
+						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS))
+				}
 			}
 		}
 	}
 	return nil
+}
+
+// roundVariants returns the variants of round run (from 1) of a case, of those -variants keeps.
+func (b *bench) roundVariants(run int) []string {
+	var out []string
+	for _, v := range drainVariants {
+		if (run == 1 || v != variantProduce) && (len(b.opts.Variants) == 0 || slices.Contains(b.opts.Variants, v)) {
+			out = append(out, v)
+		}
+	}
+	if run%2 == 0 {
+		slices.Reverse(out)
+	}
+	return out
+}
+
+// drainSummary is one variant of one case over its runs: each figure is the median of the
+// successful runs, but the RSS, which is the highest; Relay comes from the run of median rate.
+type drainSummary struct {
+	drainResult
+	Runs, Failed         int
+	MinPerSec, MaxPerSec float64
+}
+
+// drainSummaries returns the summary of every variant run for every case, in the matrix's order.
+func (b *bench) drainSummaries() []drainSummary {
+	var out []drainSummary
+	for _, dc := range b.opts.Scale.Matrix {
+		for _, v := range drainVariants {
+			if s, _ := summarize(b.res.Drain, dc, v); s.Runs > 0 {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+// summarize returns the summary of variant's runs of dc; ok is false when none succeeded.
+func summarize(all []drainResult, dc drainCase, variant string) (s drainSummary, ok bool) {
+	var runs []drainResult
+	for _, d := range all {
+		if d.drainCase != dc || d.Variant != variant {
+			continue
+		}
+		s.Runs++
+		if d.Error != "" {
+			s.Failed++
+			s.Error = d.Error
+			continue
+		}
+		runs = append(runs, d)
+	}
+	s.drainCase, s.Variant = dc, variant
+	if len(runs) == 0 {
+		return s, false
+	}
+	s.Error = ""
+	median := func(f func(d drainResult) float64) float64 {
+		v := make([]float64, len(runs))
+		for i, d := range runs {
+			v[i] = f(d)
+		}
+		slices.Sort(v)
+		if n := len(v); n%2 == 0 {
+			return (v[n/2-1] + v[n/2]) / 2
+		}
+		return v[len(v)/2]
+	}
+	s.EventsPerSec = median(func(d drainResult) float64 { return d.EventsPerSec })
+	s.WallSec = median(func(d drainResult) float64 { return d.WallSec })
+	s.CPUSec = median(func(d drainResult) float64 { return d.CPUSec })
+	s.CPUMsPer10k = median(func(d drainResult) float64 { return d.CPUMsPer10k })
+	s.DBCPUMsPer10k = median(func(d drainResult) float64 { return d.DBCPUMsPer10k })
+	s.BrokerCPUMsPer10k = median(func(d drainResult) float64 { return d.BrokerCPUMsPer10k })
+	s.TotalCPUMsPer10k = median(func(d drainResult) float64 { return d.TotalCPUMsPer10k })
+	s.MinPerSec, s.MaxPerSec = runs[0].EventsPerSec, runs[0].EventsPerSec
+	mid := runs[0]
+	for _, d := range runs {
+		s.MinPerSec, s.MaxPerSec = min(s.MinPerSec, d.EventsPerSec), max(s.MaxPerSec, d.EventsPerSec)
+		s.PeakRSS, s.HWM = max(s.PeakRSS, d.PeakRSS), max(s.HWM, d.HWM)
+		if math.Abs(d.EventsPerSec-s.EventsPerSec) < math.Abs(mid.EventsPerSec-s.EventsPerSec) {
+			mid = d
+		}
+	}
+	s.Relay = mid.Relay
+	s.Run = mid.Run
+	return s, true
 }
 
 // drainOne runs one variant on a fresh broker and a freshly preloaded outbox. cfg carries the

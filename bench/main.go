@@ -71,6 +71,8 @@ type options struct {
 	Partitions  int
 	Profile     bool
 	Replot      bool
+	Repeat      int      // runs of every drain variant but produce-only, per case
+	Variants    []string // the drain variants to run; all when empty
 }
 
 // sections, in the order they run.
@@ -85,11 +87,26 @@ func parseFlags(args []string) (options, error) {
 	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
 	cases := fs.String("cases", "", "drain cases to run, as payload/keys pairs (e.g. 256/100,16384/1); default every case of the scale")
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
-	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof)")
+	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
+	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
+	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
-	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot}
+	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
+		Repeat: *repeat}
+	if o.Repeat < 1 || o.Repeat > 20 {
+		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
+	}
+	if *variants != "" {
+		for _, v := range strings.Split(*variants, ",") {
+			v = strings.TrimSpace(v)
+			if !slices.Contains(drainVariants, v) {
+				return o, fmt.Errorf("-variants: unknown variant %q (allowed: %s)", v, strings.Join(drainVariants, ","))
+			}
+			o.Variants = append(o.Variants, v)
+		}
+	}
 	if o.DatabaseURL == "" {
 		o.DatabaseURL = os.Getenv("OUTBOX_BENCH_DATABASE_URL")
 	}

@@ -15,6 +15,16 @@ func (b *bench) writeTables() error {
 	return os.WriteFile(filepath.Join(b.opts.Out, "tables.md"), []byte(sb.String()), 0o644)
 }
 
+// repeated reports whether some variant ran more than once.
+func repeated(sums []drainSummary) bool {
+	for _, d := range sums {
+		if d.Runs > 1 {
+			return true
+		}
+	}
+	return false
+}
+
 func (b *bench) tables(w io.Writer) {
 	r := b.res
 	m := r.Machine
@@ -22,24 +32,32 @@ func (b *bench) tables(w io.Writer) {
 		r.Started.Format("2006-01-02 15:04Z"), r.Finished.Format("15:04Z"), r.Scale, r.Partitions, m.CPU, m.Cores,
 		m.MemoryMiB, m.Kernel, firstWords(m.Postgres, 2), m.Go, m.LoadAvg)
 
-	if len(r.Drain) > 0 {
+	if sums := b.drainSummaries(); len(sums) > 0 {
 		fmt.Fprintln(w, "### Drain")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| payload, keys | events | variant | events/s | CPU ms / 10k: own | database | broker | all | peak RSS MiB | relay vs naive | relay vs SQL-only | relay vs produce-only |")
-		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		if b.opts.Repeat > 1 || repeated(sums) {
+			fmt.Fprintln(w, "Each figure is the median of the variant's runs (the RSS: the highest of them); the range is the lowest and highest events/s.")
+			fmt.Fprintln(w)
+		}
+		fmt.Fprintln(w, "| payload, keys | events | variant | runs | events/s | range | CPU ms / 10k: own | database | broker | all | peak RSS MiB | relay vs naive | relay vs SQL-only | relay vs produce-only |")
+		fmt.Fprintln(w, "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, dc := range b.opts.Scale.Matrix {
 			rates := map[string]float64{}
-			for _, d := range r.Drain {
+			for _, d := range sums {
 				if d.drainCase == dc && d.Error == "" {
 					rates[d.Variant] = d.EventsPerSec
 				}
 			}
-			for _, d := range r.Drain {
+			for _, d := range sums {
 				if d.drainCase != dc {
 					continue
 				}
+				runs := fmt.Sprint(d.Runs)
+				if d.Failed > 0 {
+					runs = fmt.Sprintf("%d (%d failed)", d.Runs, d.Failed)
+				}
 				if d.Error != "" {
-					fmt.Fprintf(w, "| %s | %d | %s | error: %s | | | | | | | | |\n", caseLabel(dc), d.Events, d.Variant, d.Error)
+					fmt.Fprintf(w, "| %s | %d | %s | %s | error: %s | | | | | | | | | |\n", caseLabel(dc), d.Events, d.Variant, runs, d.Error)
 					continue
 				}
 				ratios := "| | |"
@@ -47,16 +65,21 @@ func (b *bench) tables(w io.Writer) {
 					ratios = fmt.Sprintf("%s | %s | %s |", ratio(d.EventsPerSec, rates[variantNaive]),
 						ratio(d.EventsPerSec, rates[variantSQLOnly]), ratio(d.EventsPerSec, rates[variantProduce]))
 				}
-				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.1f | %s\n", caseLabel(dc), d.Events, d.Variant,
-					d.EventsPerSec, d.CPUMsPer10k, d.DBCPUMsPer10k, d.BrokerCPUMsPer10k, d.TotalCPUMsPer10k, mib(max(d.PeakRSS, d.HWM)), ratios)
+				spread := ""
+				if d.Runs-d.Failed > 1 {
+					spread = fmt.Sprintf("%.0f–%.0f", d.MinPerSec, d.MaxPerSec)
+				}
+				fmt.Fprintf(w, "| %s | %d | %s | %s | %.0f | %s | %.1f | %.1f | %.1f | %.1f | %.1f | %s\n", caseLabel(dc), d.Events, d.Variant,
+					runs, d.EventsPerSec, spread, d.CPUMsPer10k, d.DBCPUMsPer10k, d.BrokerCPUMsPer10k, d.TotalCPUMsPer10k,
+					mib(max(d.PeakRSS, d.HWM)), ratios)
 			}
 		}
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "Relay database time (from its observer): claims and marks, and how many rows a claim returned on average.")
+		fmt.Fprintln(w, "Relay database time (from its observer, in the relay run of median rate): claims and marks, and how many rows a claim returned on average.")
 		fmt.Fprintln(w)
 		fmt.Fprintln(w, "| payload, keys | wall s | claims | rows / claim | claim s | marks | rows / mark | mark s (beside the claims) |")
 		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|")
-		for _, d := range r.Drain {
+		for _, d := range sums {
 			if d.Variant != variantRelay || d.Relay == nil {
 				continue
 			}
