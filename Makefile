@@ -25,6 +25,7 @@ demo: ## run the demo: local Postgres (or OUTBOX_DATABASE_URL), embedded broker,
 .PHONY: test
 test: build ## run every test (needs PostgreSQL on 127.0.0.1:5432 or OUTBOX_TEST_DATABASE_URL)
 	$(GO) vet ./...
+	$(GO) vet -tags benchchild ./bench
 	OUTBOX_RELAY_BIN=$(CURDIR)/$(BIN) $(GO) test $(TEST_FLAGS) ./...
 
 .PHONY: lint

@@ -1,3 +1,5 @@
+//go:build !benchchild
+
 package main
 
 import (

@@ -7,11 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"sort"
@@ -23,7 +21,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/plugin/kprom"
 
@@ -123,24 +120,6 @@ func runChild(cfgJSON string) error {
 	}
 	c := &child{cfg: cfg, out: bufio.NewWriter(os.Stdout)}
 	return c.run(ctx)
-}
-
-func runKfake(cfg childConfig) error {
-	cl, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic))
-	if err != nil {
-		return fmt.Errorf("start kfake: %w", err)
-	}
-	defer cl.Close()
-	if dir := os.Getenv("BENCH_PROFILE_BROKER"); dir != "" {
-		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("broker-%d.pprof", os.Getpid())))
-		if err == nil {
-			_ = pprof.StartCPUProfile(f)
-			defer pprof.StopCPUProfile()
-		}
-	}
-	fmt.Printf("ready %s\n", strings.Join(cl.ListenAddrs(), ","))
-	_, _ = io.Copy(io.Discard, os.Stdin) // run until the parent closes stdin
-	return nil
 }
 
 // child is a measured child process.

@@ -73,6 +73,7 @@ type options struct {
 	Replot      bool
 	Repeat      int      // runs of every drain variant but produce-only, per case
 	Variants    []string // the drain variants to run; all when empty
+	ChildExe    string   // the binary of the measured children; this one when empty
 }
 
 // sections, in the order they run.
@@ -89,12 +90,13 @@ func parseFlags(args []string) (options, error) {
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
+	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
 	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
-		Repeat: *repeat}
+		Repeat: *repeat, ChildExe: *childExe}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
 	}

@@ -47,7 +47,11 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 		cfg.AppName = fmt.Sprintf("bench-%d-%d", os.Getpid(), childSeq.Add(1))
 	}
 	data, _ := json.Marshal(cfg)
-	cmd := exec.Command(b.exe)
+	exe := b.exe
+	if cfg.Role != roleKfake && b.opts.ChildExe != "" {
+		exe = b.opts.ChildExe // the measured roles, from the build without charts and broker
+	}
+	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), childEnv+"="+string(data))
 	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
 		stderr: &logbuf.Buffer{}, exited: make(chan struct{})}
