@@ -198,6 +198,7 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 		cfg.Role = roleNaive
 	case variantRelay:
 		cfg.Role = roleRelay
+		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
 	default:
 		return childReport{}, 0, 0, fmt.Errorf("unknown variant %q", variant)
 	}

@@ -74,6 +74,8 @@ type options struct {
 	Repeat      int      // runs of every drain variant but produce-only, per case
 	Variants    []string // the drain variants to run; all when empty
 	ChildExe    string   // the binary of the measured children; this one when empty
+	// MaxInFlightBytes is the relay's relay.max_in_flight_bytes in the drains; 0: its default.
+	MaxInFlightBytes int
 }
 
 // sections, in the order they run.
@@ -91,14 +93,18 @@ func parseFlags(args []string) (options, error) {
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
+	maxBytes := fs.Int("max-in-flight-bytes", 0, "the relay's relay.max_in_flight_bytes in the drains (default the relay's own)")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
 	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
-		Repeat: *repeat, ChildExe: *childExe}
+		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
+	}
+	if o.MaxInFlightBytes < 0 {
+		return o, fmt.Errorf("-max-in-flight-bytes: must not be negative, got %d", o.MaxInFlightBytes)
 	}
 	if *variants != "" {
 		for _, v := range strings.Split(*variants, ",") {
@@ -230,7 +236,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		return nil, err
 	}
 	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
-		Started: time.Now().UTC(), Partitions: opts.Partitions}}
+		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes}}
 	b.res.Machine = machineInfo(ctx, pool)
 	sections := map[string]func(context.Context) error{
 		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,

@@ -14,18 +14,20 @@ import (
 
 // results is everything one run measured; it is written as results.json.
 type results struct {
-	Scale      string         `json:"scale"`
-	Sizes      scale          `json:"sizes"`
-	Partitions int            `json:"partitions"`
-	Started    time.Time      `json:"started"`
-	Finished   time.Time      `json:"finished"`
-	Machine    machine        `json:"machine"`
-	Drain      []drainResult  `json:"drain"`
-	Steady     *steadyResults `json:"steady,omitempty"`
-	Write      *writeResults  `json:"write_cost,omitempty"`
-	Health     []healthResult `json:"table_health,omitempty"`
-	Memory     *memoryResult  `json:"memory,omitempty"`
-	Targets    []targetResult `json:"targets"`
+	Scale      string `json:"scale"`
+	Sizes      scale  `json:"sizes"`
+	Partitions int    `json:"partitions"`
+	// RelayMaxInFlightBytes is the relay's byte budget in the drains when not its default.
+	RelayMaxInFlightBytes int            `json:"relay_max_in_flight_bytes,omitempty"`
+	Started               time.Time      `json:"started"`
+	Finished              time.Time      `json:"finished"`
+	Machine               machine        `json:"machine"`
+	Drain                 []drainResult  `json:"drain"`
+	Steady                *steadyResults `json:"steady,omitempty"`
+	Write                 *writeResults  `json:"write_cost,omitempty"`
+	Health                []healthResult `json:"table_health,omitempty"`
+	Memory                *memoryResult  `json:"memory,omitempty"`
+	Targets               []targetResult `json:"targets"`
 }
 
 // machine describes where the numbers come from.

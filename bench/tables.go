@@ -35,6 +35,9 @@ func (b *bench) tables(w io.Writer) {
 	if sums := b.drainSummaries(); len(sums) > 0 {
 		fmt.Fprintln(w, "### Drain")
 		fmt.Fprintln(w)
+		if r.RelayMaxInFlightBytes > 0 {
+			fmt.Fprintf(w, "The relay ran with `relay.max_in_flight_bytes` = %d (not its default).\n\n", r.RelayMaxInFlightBytes)
+		}
 		if b.opts.Repeat > 1 || repeated(sums) {
 			fmt.Fprintln(w, "Each figure is the median of the variant's runs (the RSS: the highest of them); the range is the lowest and highest events/s.")
 			fmt.Fprintln(w)
