@@ -22,7 +22,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/plugin/kprom"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
@@ -412,12 +411,8 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		return nil, err
 	}
 	metrics := prometheus.New("bench", "bench")
-	// The daemon's kprom options (cmd/outbox-relay/run.go); in four runs at 1 KB they cost no
-	// CPU the noise shows.
-	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry),
-		kprom.Histograms(kprom.RequestDurationE2E),
-		kprom.FetchAndProduceDetail(kprom.ByNode, kprom.ByTopic, kprom.Batches, kprom.Records, kprom.UncompressedBytes))
-	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers}, kgo.WithHooks(kp))
+	// The daemon's producer metrics; in four runs at 1 KB they cost no CPU the noise shows.
+	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		return nil, err
 	}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/plugin/kprom"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
@@ -116,10 +115,7 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
-	kp := kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(metrics.Registry), kprom.Gatherer(metrics.Registry),
-		kprom.Histograms(kprom.RequestDurationE2E),
-		kprom.FetchAndProduceDetail(kprom.ByNode, kprom.ByTopic, kprom.Batches, kprom.Records, kprom.UncompressedBytes))
-	publisher, err := newRelaySink(cfg, log, kgo.WithHooks(kp))
+	publisher, err := newRelaySink(cfg, log, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		pool.Close()
 		return nil, err
