@@ -141,16 +141,18 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		r.log.Info("leadership released")
 	}()
 	l := &leadState{
-		Relay:    r,
-		sess:     sess,
-		inflight: make(map[int64]*Message),
-		results:  make(chan result, r.cfg.MaxInFlight+1),
-		memBlock: make(Blocked),
-		groups:   make(map[string]groupFailure),
-		resend:   make(map[int64]resendAt),
-		failing:  make(map[string]int),
-		markReq:  make(chan []int64),
-		markDone: make(chan markResult, 1),
+		Relay:     r,
+		sess:      sess,
+		inflight:  make(map[int64]*Message),
+		results:   make(chan result, r.cfg.MaxInFlight+1),
+		memBlock:  make(Blocked),
+		groups:    make(map[string]groupFailure),
+		resend:    make(map[int64]resendAt),
+		failing:   make(map[string]int),
+		markReq:   make(chan []int64),
+		markDone:  make(chan markResult, 1),
+		claimReq:  make(chan claimReq),
+		claimDone: make(chan claimed, 1),
 	}
 	if rel, ok := sess.(Releaser); ok {
 		if rs, ok := r.sink.(ReleasingSink); ok && rs.ReleasesMessages() {
@@ -161,6 +163,10 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 	// for the driver's calls every time, which was a tenth of the relay's CPU at low rates.
 	go l.markLoop(context.WithoutCancel(ctx))
 	defer close(l.markReq)
+	// One goroutine runs the term's claims, for the same reason. The loop never waits for a claim
+	// it can do without: while one reads, it settles the broker's verdicts and starts marks.
+	go l.claimLoop(context.WithoutCancel(ctx))
+	defer close(l.claimReq)
 	return l.run(ctx)
 }
 
@@ -171,8 +177,17 @@ type result struct {
 	at  time.Time
 }
 
-// readAhead is a claim run beside the publishing of the previous one.
-type readAhead struct {
+// claimReq is a claim for claimLoop to run: rows from from, skipping skip (the ids in flight,
+// owned by the claim until its result is back), at most limit rows and about budget bytes. horizon
+// is the session's horizon read before the claim's snapshot, for advance.
+type claimReq struct {
+	from, horizon int64
+	skip          []int64
+	limit, budget int
+}
+
+// claimed is the result of a claimReq.
+type claimed struct {
 	rows          []Message
 	from, horizon int64
 	limit, budget int
@@ -213,14 +228,17 @@ type leadState struct {
 	lastPoll time.Time
 	// blockedAt is when dbBlock was last loaded.
 	blockedAt time.Time
-	// skip holds the ids in flight for the next claim (reused).
+	// skip holds the ids a claim skips (reused: one claim runs at a time).
 	skip []int64
-	// next brings the claim read ahead while the rows of the previous one go to the sink. The
-	// session is used by nothing else until await takes its result into ahead; the parks of that
-	// time wait in toPark.
-	next      chan readAhead
-	ahead     *readAhead
-	skipAhead []int64
+	// Claims run in claimLoop: claimReq starts one, claimDone brings its result back, and
+	// claiming is true in between. The session's connection is the claim's meanwhile: anything
+	// else that needs it waits for the result first (await), which is kept in ahead until claim
+	// hands its rows to the sink; the parks of that time wait in toPark. There is never both a
+	// claim running and a result in ahead.
+	claimReq  chan claimReq
+	claimDone chan claimed
+	claiming  bool
+	ahead     *claimed
 	toPark    []parkReq
 	send      []*Message // the rows of the current claim that go to the sink (reused)
 	unused    []*Message // the rows of the current claim that do not (reused)
@@ -298,10 +316,18 @@ func (l *leadState) unsettled(m *Message) bool {
 }
 
 func (l *leadState) run(ctx context.Context) error {
+	// wake says a claim is wanted now: a wake-up came, or the last claim stopped at its bound.
+	// Starting a claim clears it, so a wake-up that comes while the claim reads is kept.
 	wake := true
 	for {
-		if err := l.await(ctx); err != nil {
-			return l.abandon(err)
+		if l.claiming {
+			select {
+			case res := <-l.claimDone:
+				if err := l.took(ctx, res); err != nil {
+					return l.abandon(err)
+				}
+			default:
+			}
 		}
 		select {
 		case res := <-l.markDone:
@@ -314,35 +340,54 @@ func (l *leadState) run(ctx context.Context) error {
 			return l.abandon(err)
 		}
 		if ctx.Err() != nil {
+			if err := l.await(ctx); err != nil { // the rows it read stay pending
+				return l.abandon(err)
+			}
 			return l.shutdown(ctx)
 		}
 		if l.sess.Notified() {
 			wake = true
 		}
-		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
-		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
-		if room && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
-			// Not cancelled by a stop: a query interrupted by cancellation closes the connection
-			// (pgx), and the rows in flight could then not be marked once acknowledged. The
-			// store's query timeout bounds the claim.
+		// Not cancelled by a stop: a query interrupted by cancellation closes the connection
+		// (pgx), and the rows in flight could then not be marked once acknowledged. The store's
+		// query timeout bounds the claim.
+		if l.ahead != nil {
 			more, err := l.claim(context.WithoutCancel(ctx))
 			if err != nil {
 				return l.abandon(err)
 			}
-			wake = more
+			wake = wake || more
 			continue
 		}
-		// Wait for the broker while it has rows to acknowledge, or for the running mark when
-		// nothing can be claimed before it ends. Rows that only wait for their mark do not keep
-		// the loop from watching for wake-ups while there is room.
+		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
+		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
+		if room && !l.claiming && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
+			wake = false
+			if err := l.startClaim(context.WithoutCancel(ctx)); err != nil {
+				return l.abandon(err)
+			}
+			continue
+		}
+		// Wait for the claim reading, for the broker while it has rows to acknowledge, or for
+		// the running mark when nothing can be claimed before it ends. Rows that only wait for
+		// their mark do not keep the loop from watching for wake-ups while there is room.
 		markIn, markPending := l.markDue()
-		if !room || len(l.inflight) > len(l.marking)+len(l.toMark) {
+		if l.claiming || !room || len(l.inflight) > len(l.marking)+len(l.toMark) {
 			d := l.cfg.PollInterval
 			if markPending {
 				d = min(d, markIn)
 			}
+			var claimDone <-chan claimed // nil, never ready, unless a claim runs
+			if l.claiming {
+				claimDone = l.claimDone
+			}
 			timer := time.NewTimer(d)
 			select {
+			case res := <-claimDone:
+				timer.Stop()
+				if err := l.took(ctx, res); err != nil {
+					return l.abandon(err)
+				}
 			case res := <-l.results:
 				timer.Stop()
 				if err := l.settleReady(ctx, res); err != nil {
@@ -407,48 +452,68 @@ func (l *leadState) settleReady(ctx context.Context, first ...result) error {
 	return err
 }
 
-// claim reads the next rows and hands them to the sink. It reports whether more rows may be
-// waiting right now.
-func (l *leadState) claim(ctx context.Context) (bool, error) {
+// startClaim starts a claim in claimLoop from the oldest pending row not accounted for. Once per
+// poll interval it first reloads the blocked keys, and that claim reads from the oldest row (see
+// reload). No claim runs and none waits in ahead when it is called.
+func (l *leadState) startClaim(ctx context.Context) error {
 	now := time.Now()
-	// Once per poll interval the blocked keys are reloaded and the claim reads from the oldest
-	// row (see reload).
 	full := l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval
 	if full {
 		if err := l.reload(ctx, now); err != nil {
-			return false, err
+			return err
 		}
 	}
 	// Every claim reads from the oldest pending row it has not accounted for, past the rows in
 	// flight, in one snapshot: a cursor carried from one claim to the next would pass over a row
 	// whose transaction was still open, and the next row of its key, committed after it, would
 	// go out first. from never passes the horizon, below which no transaction is open.
-	var rows []Message
-	var limit, budget int
-	if a := l.ahead; a != nil {
-		l.ahead = nil
-		if a.err != nil {
-			return false, fmt.Errorf("claim: %w", a.err)
-		}
-		rows, limit, budget = a.rows, a.limit, a.budget
-		l.obs.Claimed(len(rows), a.took)
-		l.advance(a.from, a.horizon, rows)
-	} else {
-		horizon, err := l.horizon(ctx)
-		if err != nil {
-			return false, err
-		}
-		from := l.start(full)
-		l.skip = l.appendInflight(l.skip[:0])
-		limit, budget = l.claimSize(len(l.inflight), l.bytes)
-		budget = max(budget, 1) // the loop claims only below the bounds; the first row always fits
-		rows, err = l.sess.Claim(ctx, from, l.skip, limit, budget)
-		if err != nil {
-			return false, fmt.Errorf("claim: %w", err)
-		}
-		l.obs.Claimed(len(rows), time.Since(now))
-		l.advance(from, horizon, rows)
+	horizon, err := l.horizon(ctx)
+	if err != nil {
+		return err
 	}
+	l.skip = l.appendInflight(l.skip[:0])
+	limit, budget := l.claimSize(len(l.inflight), l.bytes)
+	// The loop claims only below the bounds; the first row always fits.
+	l.launch(claimReq{from: l.start(full), horizon: horizon, skip: l.skip, limit: max(limit, 1), budget: max(budget, 1)})
+	return nil
+}
+
+// launch hands req to claimLoop.
+func (l *leadState) launch(req claimReq) {
+	l.claiming = true
+	l.claimReq <- req
+}
+
+// claimLoop runs the claims sent on claimReq until it is closed, one at a time.
+func (l *leadState) claimLoop(ctx context.Context) {
+	for req := range l.claimReq {
+		start := time.Now()
+		rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget)
+		l.claimDone <- claimed{rows: rows, from: req.from, horizon: req.horizon, limit: req.limit,
+			budget: req.budget, err: err, took: time.Since(start)} // buffered: one claim at a time
+	}
+}
+
+// took keeps the result of the claim that ended in ahead: the session is free again, and the
+// parks put off meanwhile are done.
+func (l *leadState) took(ctx context.Context, res claimed) error {
+	l.claiming = false
+	l.ahead = &res
+	return l.parkPutOff(ctx)
+}
+
+// claim hands the rows of the claim in ahead to the sink and, when the claim stopped at its bound
+// and the bounds leave room, starts the next one beside it. It reports whether more rows may be
+// waiting right now.
+func (l *leadState) claim(ctx context.Context) (bool, error) {
+	a := l.ahead
+	l.ahead = nil
+	if a.err != nil {
+		return false, fmt.Errorf("claim: %w", a.err)
+	}
+	rows, limit, budget := a.rows, a.limit, a.budget
+	l.obs.Claimed(len(rows), a.took)
+	l.advance(a.from, a.horizon, rows)
 	size := 0
 	for i := range rows {
 		size += rows[i].Size()
@@ -472,27 +537,22 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// A full batch: read the next one ahead while this one goes to the sink, if the bounds leave
 	// room for both. It skips the rows in flight and those of this batch that go to the sink, as
 	// a claim after it would; a row held back here must not be skipped, or a later row of its key
-	// could be read without it.
-	if more {
+	// could be read without it. When the blocked keys are due to be reloaded, the loop starts the
+	// next claim itself, after the reload.
+	reloadDue := time.Since(l.blockedAt) >= l.cfg.PollInterval
+	if more && !reloadDue {
 		if nextLimit, nextBudget := l.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
-			l.skipAhead = l.appendInflight(l.skipAhead[:0])
+			l.skip = l.appendInflight(l.skip[:0])
 			for _, m := range l.send {
-				l.skipAhead = append(l.skipAhead, m.ID)
+				l.skip = append(l.skip, m.ID)
 			}
-			l.next = make(chan readAhead, 1)
 			// The horizon known now was read before the read-ahead's snapshot, as advance needs.
-			from, horizon := l.start(false), l.horizonSeen
-			go func(skip []int64, next chan<- readAhead) {
-				start := time.Now()
-				rows, err := l.sess.Claim(ctx, from, skip, nextLimit, nextBudget)
-				next <- readAhead{rows: rows, from: from, horizon: horizon, limit: nextLimit, budget: nextBudget,
-					err: err, took: time.Since(start)}
-			}(l.skipAhead, l.next)
+			l.launch(claimReq{from: l.start(false), horizon: l.horizonSeen, skip: l.skip, limit: nextLimit, budget: nextBudget})
 		}
 	}
 	for _, m := range l.send {
 		if l.held(m) { // an earlier row of its key was refused or failed just now: the key waits
-			if l.next != nil && (l.unsent == 0 || m.ID < l.unsent) {
+			if l.claiming && (l.unsent == 0 || m.ID < l.unsent) {
 				l.unsent = m.ID // the read-ahead passes over it: claims must come back to it
 			}
 			l.unused = append(l.unused, m)
@@ -512,7 +572,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 		l.bytes += m.Size()
 	}
 	l.release(l.unused) // read but not handed to the sink: held back, or in flight already
-	if l.next == nil {
+	if !l.claiming {
 		if err := l.parkPutOff(ctx); err != nil {
 			return false, err
 		}
@@ -524,8 +584,8 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 // that is caught up claims at every wake-up, and two more queries per claim doubled its CPU per
 // event at low rates. This term's own failures are in memBlock meanwhile. The claim after a
 // reload reads from the oldest row: a key it releases may have its parked row back in the
-// outbox, below from; rows read ahead before it could hold the key's later rows without that
-// one, and are dropped.
+// outbox, below from. No rows read before the reload wait to go to the sink (startClaim): they
+// could hold the key's later rows without that one.
 func (l *leadState) reload(ctx context.Context, now time.Time) error {
 	l.blockedAt = now
 	blocked, err := l.sess.Blocked(ctx, l.cfg.OrderPolicy == OrderPolicyWait)
@@ -539,14 +599,6 @@ func (l *leadState) reload(ctx context.Context, now time.Time) error {
 			// the parked row since, and the reload above says whether the key still waits.
 			delete(l.memBlock, k)
 		}
-	}
-	if a := l.ahead; a != nil {
-		l.ahead = nil
-		l.unused = l.unused[:0]
-		for i := range a.rows {
-			l.unused = append(l.unused, &a.rows[i])
-		}
-		l.release(l.unused) // never handed to the sink
 	}
 	return nil
 }
@@ -630,7 +682,7 @@ func (l *leadState) claimSize(inflight, bytes int) (limit, budget int) {
 	if limit <= 0 {
 		return 0, 0
 	}
-	budget = l.cfg.MaxInFlightBytes - bytes
+	budget = min(l.cfg.MaxInFlightBytes-bytes, l.cfg.MaxInFlightBytes/2)
 	if budget <= 0 {
 		return 0, 0
 	}
@@ -642,16 +694,13 @@ func (l *leadState) claimSize(inflight, bytes int) (limit, budget int) {
 	return limit, budget
 }
 
-// await waits for the claim reading ahead, if any, and keeps its result for the next claim; the
-// session is free again, and the parks put off meanwhile are done.
+// await waits for the running claim, if any, and keeps its result in ahead (took): the session is
+// free for another query after it.
 func (l *leadState) await(ctx context.Context) error {
-	if l.next == nil {
+	if !l.claiming {
 		return nil
 	}
-	res := <-l.next
-	l.next = nil
-	l.ahead = &res
-	return l.parkPutOff(ctx)
+	return l.took(ctx, <-l.claimDone)
 }
 
 // parkPutOff parks the rows refused while a claim was reading ahead.
@@ -768,6 +817,12 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 			}
 			continue
 		}
+		// A failure is recorded, or its row parked, on the session: the claim running on it ends
+		// first. Its rows are handed to the sink after this failure is settled, so the key's
+		// later rows among them are held back.
+		if err := l.await(ctx); err != nil {
+			return err
+		}
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
 		l.taken(m) // the key stays held below, by memBlock or the park's order policy
@@ -878,9 +933,9 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 // abandon ends a term whose session failed: it stops the sink from publishing anything more of
 // this term, since another replica may lead by now.
 func (l *leadState) abandon(cause error) error {
-	if l.next != nil {
-		<-l.next // the session is closed next: let the claim reading ahead end first
-		l.next = nil
+	if l.claiming {
+		<-l.claimDone // the session is closed next: let the running claim end first
+		l.claiming = false
 	}
 	l.toPark = nil // still pending in the outbox: the next leader sees them again
 	if len(l.inflight) > 0 {

@@ -2,10 +2,12 @@ package app_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -133,6 +135,100 @@ func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 	order := deliveredTypes(t, ctx, sink.Sink, 3)
 	if want := "[other k-1 k-2]"; fmt.Sprint(order) != want {
 		t.Fatalf("deliveries %v, want %s: k-2 must wait for k-1's retry", order, want)
+	}
+}
+
+// claimGateStore opens sessions whose second claim waits, once started, until the test opens the
+// gate.
+type claimGateStore struct {
+	app.Store
+	claims  atomic.Int32
+	reached chan struct{}
+	open    chan struct{}
+}
+
+func (s *claimGateStore) Open(ctx context.Context) (app.Session, error) {
+	sess, err := s.Store.Open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &claimGateSession{Session: sess, s: s}, nil
+}
+
+type claimGateSession struct {
+	app.Session
+	s *claimGateStore
+}
+
+func (g *claimGateSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+	if g.s.claims.Add(1) == 2 {
+		close(g.s.reached)
+		<-g.s.open
+	}
+	return g.Session.Claim(ctx, from, skip, limit, maxBytes)
+}
+
+// laterFailSink keeps the verdict on the first row of key "k" until the test gives it.
+type laterFailSink struct {
+	*memory.Sink
+	mu    sync.Mutex
+	held  bool
+	fail  func(error)
+	ready chan struct{}
+}
+
+func (f *laterFailSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	f.mu.Lock()
+	if m.AggregateID == "k" && !f.held {
+		f.held, f.fail = true, done
+		f.mu.Unlock()
+		close(f.ready)
+		return nil
+	}
+	f.mu.Unlock()
+	return f.Sink.Publish(ctx, m, done)
+}
+
+// TestRelaySettlesAFailureWhileAClaimReads: the broker's refusal of key k's first row comes back
+// while the relay's next claim, which holds k's second row, is reading. The relay takes verdicts
+// while a claim reads; the second row must still wait for the first to be published again.
+func TestRelaySettlesAFailureWhileAClaimReads(t *testing.T) {
+	t.Parallel()
+	pool, table, w, ctx := writerEnv(t)
+	var msgs []postgres.Message
+	for _, name := range []string{"k-1", "o-1", "k-2", "o-2"} {
+		msgs = append(msgs, postgres.Message{AggregateType: "order", AggregateID: name[:1], EventType: name, Payload: []byte(name)})
+	}
+	if err := w.Append(ctx, pool, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	store := &claimGateStore{Store: dbtest.Store(t, table), reached: make(chan struct{}), open: make(chan struct{})}
+	sink := &laterFailSink{Sink: memory.NewSink(), ready: make(chan struct{})}
+	// Claims of two rows: the first holds k-1 and o-1, the second (read ahead as the first goes
+	// to the sink) k-2 and o-2.
+	startRelay(t, ctx, app.RelayConfig{BatchSize: 2, PollInterval: 200 * time.Millisecond,
+		RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond}, store, sink)
+	for _, ch := range []chan struct{}{sink.ready, store.reached} {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			t.Fatal("the relay never handed k-1 to the sink and started its second claim")
+		}
+	}
+	sink.mu.Lock()
+	fail := sink.fail
+	sink.mu.Unlock()
+	fail(errors.New("NOT_ENOUGH_REPLICAS (injected)"))
+	time.Sleep(50 * time.Millisecond) // the relay reads the verdict while the claim waits
+	close(store.open)
+	order := deliveredTypes(t, ctx, sink.Sink, 4)
+	i1, i2 := slices.Index(order, "k-1"), slices.Index(order, "k-2")
+	if i1 < 0 || i2 < 0 || i2 < i1 {
+		t.Fatalf("deliveries %v: k-2 must follow k-1's retry", order)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if got := deliveredTypes(t, ctx, sink.Sink, 4); len(got) != 4 {
+		t.Errorf("deliveries %v, want each of the 4 rows once", got)
 	}
 }
 

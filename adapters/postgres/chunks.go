@@ -85,10 +85,11 @@ func (c *chunks) reuse(ch *chunk) {
 	}
 }
 
-// budget records that a claim may return up to n bytes: as many chunks are then kept for reuse
-// (at most chunksLiveMax), since that many can be released together and needed again.
+// budget records that a claim may return up to n bytes: twice as many chunks are then kept for
+// reuse (at most chunksLiveMax). The relay reads a claim while the rows of the previous one await
+// their acknowledgements, so two claims' chunks can be released together and needed again.
 func (c *chunks) budget(n int) {
-	want := min(n/chunkSize, chunksLiveMax)
+	want := min(2*n/chunkSize, chunksLiveMax)
 	c.mu.Lock()
 	c.freeMax = max(c.freeMax, want)
 	c.mu.Unlock()
