@@ -7,6 +7,7 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -31,7 +32,9 @@ func TestMain(m *testing.M) {
 // timing: numbers belong to 'make bench'.
 func TestSmoke(t *testing.T) {
 	dbtest.Pool(t) // fails with a clear message when PostgreSQL is unreachable
-	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir()})
+	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
+	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir(),
+		"-broker-log", brokerLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,6 +46,9 @@ func TestSmoke(t *testing.T) {
 		t.Fatalf("bench smoke run: %v\n%s", err, logs.String())
 	}
 
+	if left, err := os.ReadDir(brokerLog); err != nil || len(left) != 0 {
+		t.Errorf("the brokers left %d entries in -broker-log (%v): each removes its log when it stops", len(left), err)
+	}
 	data, err := os.ReadFile(filepath.Join(opts.Out, "results.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -150,5 +156,31 @@ func TestSummarize(t *testing.T) {
 	}
 	if _, ok := summarize([]drainResult{all[3]}, dc, variantRelay); ok {
 		t.Error("a case whose only run failed has a summary")
+	}
+}
+
+// TestBrokerLogFlag: -broker-log takes "memory" or an existing directory, and names itself when
+// given anything else.
+func TestBrokerLogFlag(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		arg, want, err string
+	}{
+		{arg: "memory", want: "memory"},
+		{arg: dir, want: dir},
+		{arg: filepath.Join(dir, "missing"), err: "-broker-log"},
+	} {
+		o, err := parseFlags([]string{"-broker-log", tc.arg})
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("-broker-log %s: error %v, want one naming %s", tc.arg, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("-broker-log %s: %v", tc.arg, err)
+		case tc.err == "" && o.BrokerLog != tc.want:
+			t.Errorf("-broker-log %s: BrokerLog %q, want %q", tc.arg, o.BrokerLog, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || o.BrokerLog == "" {
+		t.Errorf("default -broker-log: %q, %v; want a directory or memory", o.BrokerLog, err)
 	}
 }

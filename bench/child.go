@@ -57,9 +57,10 @@ type childConfig struct {
 	Relay       relaySettings `json:"relay"`
 	Latency     bool          `json:"latency,omitempty"` // record commit-to-ack latencies
 	Retention   time.Duration `json:"retention,omitempty"`
-	Profile     string        `json:"profile,omitempty"`  // write a CPU profile of the work here
-	Allocs      string        `json:"allocs,omitempty"`   // write what the process allocated (pprof allocs) here, when the work is done
-	AppName     string        `json:"app_name,omitempty"` // application_name of its database sessions
+	Profile     string        `json:"profile,omitempty"`    // write a CPU profile of the work here
+	Allocs      string        `json:"allocs,omitempty"`     // write what the process allocated (pprof allocs) here, when the work is done
+	AppName     string        `json:"app_name,omitempty"`   // application_name of its database sessions
+	BrokerLog   string        `json:"broker_log,omitempty"` // for the broker: see options.BrokerLog
 	// For the produce role: what to produce.
 	Events      int64 `json:"events,omitempty"`
 	PayloadSize int   `json:"payload_size,omitempty"`

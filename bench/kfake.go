@@ -15,7 +15,16 @@ import (
 
 // runKfake runs the broker role: a kfake cluster until the parent closes stdin.
 func runKfake(cfg childConfig) error {
-	cl, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic))
+	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic)}
+	if cfg.BrokerLog != "" && cfg.BrokerLog != brokerLogMemory {
+		dir, err := os.MkdirTemp(cfg.BrokerLog, "outbox-bench-kfake-")
+		if err != nil {
+			return fmt.Errorf("broker log: %w", err)
+		}
+		defer os.RemoveAll(dir) // after the cluster closed (deferred later, run first)
+		opts = append(opts, kfake.DataDir(dir))
+	}
+	cl, err := kfake.NewCluster(opts...)
 	if err != nil {
 		return fmt.Errorf("start kfake: %w", err)
 	}

@@ -76,7 +76,20 @@ type options struct {
 	ChildExe    string   // the binary of the measured children; this one when empty
 	// MaxInFlightBytes is the relay's relay.max_in_flight_bytes in the drains; 0: its default.
 	MaxInFlightBytes int
+	// BrokerLog is where the broker keeps its log: brokerLogMemory, or a directory its segment
+	// files go to (by default brokerLogTmpfs where it exists).
+	BrokerLog string
 }
+
+// The broker's log. kfake keeps it in memory by default, growing each partition's segment by
+// doubling a byte slice: every doubling copies what the partition holds, and in a 16 KB drain
+// those copies were most of the broker's CPU, all of it on the path of every variant's produce
+// requests (one kfake goroutine handles them), where a Kafka broker appends to a file through
+// the page cache. In files on a tmpfs, kfake appends as Kafka does, without disk writes.
+const (
+	brokerLogMemory = "memory"
+	brokerLogTmpfs  = "/dev/shm"
+)
 
 // sections, in the order they run.
 var allSections = []string{"drain", "steady", "write", "health", "memory"}
@@ -95,13 +108,25 @@ func parseFlags(args []string) (options, error) {
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
 	maxBytes := fs.Int("max-in-flight-bytes", 0, "the relay's relay.max_in_flight_bytes in the drains (default the relay's own)")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
+	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
 	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
-		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes}
+		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
+	}
+	if o.BrokerLog == "" {
+		o.BrokerLog = brokerLogMemory
+		if st, err := os.Stat(brokerLogTmpfs); err == nil && st.IsDir() {
+			o.BrokerLog = brokerLogTmpfs
+		}
+	}
+	if o.BrokerLog != brokerLogMemory {
+		if st, err := os.Stat(o.BrokerLog); err != nil || !st.IsDir() {
+			return o, fmt.Errorf("-broker-log: %q is not a directory (or %q)", o.BrokerLog, brokerLogMemory)
+		}
 	}
 	if o.MaxInFlightBytes < 0 {
 		return o, fmt.Errorf("-max-in-flight-bytes: must not be negative, got %d", o.MaxInFlightBytes)
@@ -236,7 +261,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		return nil, err
 	}
 	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
-		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes}}
+		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog}}
 	b.res.Machine = machineInfo(ctx, pool)
 	sections := map[string]func(context.Context) error{
 		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,

@@ -177,7 +177,7 @@ type broker struct {
 // startBroker starts a fresh kfake process with the bench topic; a fresh broker per measured run
 // keeps the broker's memory (kfake holds every record) out of the next run.
 func (b *bench) startBroker(ctx context.Context) (*broker, error) {
-	p, err := b.start(ctx, childConfig{Role: roleKfake, Partitions: b.opts.Partitions})
+	p, err := b.start(ctx, childConfig{Role: roleKfake, Partitions: b.opts.Partitions, BrokerLog: b.opts.BrokerLog})
 	if err != nil {
 		return nil, err
 	}

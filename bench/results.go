@@ -17,6 +17,8 @@ type results struct {
 	Scale      string `json:"scale"`
 	Sizes      scale  `json:"sizes"`
 	Partitions int    `json:"partitions"`
+	// BrokerLog is where the broker kept its log: "memory", or the directory of its segment files.
+	BrokerLog string `json:"broker_log,omitempty"`
 	// RelayMaxInFlightBytes is the relay's byte budget in the drains when not its default.
 	RelayMaxInFlightBytes int            `json:"relay_max_in_flight_bytes,omitempty"`
 	Started               time.Time      `json:"started"`

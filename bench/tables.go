@@ -28,8 +28,14 @@ func repeated(sums []drainSummary) bool {
 func (b *bench) tables(w io.Writer) {
 	r := b.res
 	m := r.Machine
-	fmt.Fprintf(w, "Run of %s to %s, scale %s, %d partitions. Machine: %s, %d cores, %d MiB; %s; %s; Go %s; load average at start %s.\n\n",
-		r.Started.Format("2006-01-02 15:04Z"), r.Finished.Format("15:04Z"), r.Scale, r.Partitions, m.CPU, m.Cores,
+	log := "in memory"
+	if r.BrokerLog == "" {
+		log = "in memory (before -broker-log)"
+	} else if r.BrokerLog != brokerLogMemory {
+		log = "in files under " + r.BrokerLog
+	}
+	fmt.Fprintf(w, "Run of %s to %s, scale %s, %d partitions, broker log %s. Machine: %s, %d cores, %d MiB; %s; %s; Go %s; load average at start %s.\n\n",
+		r.Started.Format("2006-01-02 15:04Z"), r.Finished.Format("15:04Z"), r.Scale, r.Partitions, log, m.CPU, m.Cores,
 		m.MemoryMiB, m.Kernel, firstWords(m.Postgres, 2), m.Go, m.LoadAvg)
 
 	if sums := b.drainSummaries(); len(sums) > 0 {
