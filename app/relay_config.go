@@ -39,9 +39,10 @@ type RelayConfig struct {
 	MaxInFlight int
 	// MaxInFlightBytes bounds the memory held by rows in flight, in bytes: the rows claimed and
 	// not yet acknowledged by the broker (an acknowledged row waiting for its mark keeps only its
-	// id and key). Default 4 MiB: a sidecar stays at about 64 MiB resident or less with rows up to 1 KB
-	// (about 75 MiB with 16 KB rows), and the 4000 rows of MaxInFlight still fit when rows are
-	// small (see BENCHMARKS.md).
+	// id and key). One claim asks for at most half of it, so the next one can read while the
+	// rows of the previous one are with the broker. Default 4 MiB: a sidecar stays at about 64
+	// MiB resident or less with rows up to 16 KB, and the 4000 rows of MaxInFlight still fit
+	// when rows are small (see BENCHMARKS.md).
 	MaxInFlightBytes int
 	// PollInterval is how often the outbox is read without a wake-up notification, how often
 	// the keys blocked behind failing or parked rows are reloaded, and how often a claim reads
