@@ -18,7 +18,8 @@ const chunksFreeMin = 4
 // chunksLiveMax bounds the chunks followed until their pieces are released (16 MiB of chunks,
 // four times the default relay.max_in_flight_bytes). Past it the oldest is forgotten: left to
 // the garbage collector, as is a chunk some piece of which is never released (a row dropped
-// unpublished, a claim read ahead and dropped), which would otherwise be held here for ever.
+// unpublished, the rows of a claim a stopping relay no longer publishes), which would otherwise
+// be held here for ever.
 const chunksLiveMax = 64
 
 // chunks hands out the chunks the claims copy payloads and headers into, and takes them back
@@ -27,8 +28,9 @@ const chunksLiveMax = 64
 // most of its work. A chunk one of whose pieces is never released (a row dropped unpublished, a
 // session ended) is left to the garbage collector (see chunksLiveMax).
 //
-// The claim (decoder) and Release may run on two goroutines (the relay reads ahead while it
-// settles acknowledgements), hence the lock; the decoder takes it once per chunk, not per piece.
+// The claim (decoder) and Release run on two goroutines (the relay's claims run in a goroutine
+// of their own while the relay settles acknowledgements), hence the lock; the decoder takes it
+// once per chunk, not per piece.
 type chunks struct {
 	mu      sync.Mutex
 	live    []*chunk // chunks handed out, the current one included
