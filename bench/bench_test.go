@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 // it checks that each section completes and writes well-formed results and charts. It asserts no
 // timing: numbers belong to 'make bench'.
 func TestSmoke(t *testing.T) {
-	dbtest.Pool(t) // fails with a clear message when PostgreSQL is unreachable
+	dbtest.Pool(t)           // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
 	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir(),
 		"-broker-log", brokerLog})
