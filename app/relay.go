@@ -188,11 +188,10 @@ type claimReq struct {
 
 // claimed is the result of a claimReq.
 type claimed struct {
-	rows          []Message
-	from, horizon int64
-	limit, budget int
-	err           error
-	took          time.Duration
+	claimReq
+	rows []Message
+	err  error
+	took time.Duration
 }
 
 // parkReq is a park put off while a claim reads ahead.
@@ -489,8 +488,7 @@ func (l *leadState) claimLoop(ctx context.Context) {
 	for req := range l.claimReq {
 		start := time.Now()
 		rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget)
-		l.claimDone <- claimed{rows: rows, from: req.from, horizon: req.horizon, limit: req.limit,
-			budget: req.budget, err: err, took: time.Since(start)} // buffered: one claim at a time
+		l.claimDone <- claimed{claimReq: req, rows: rows, err: err, took: time.Since(start)} // buffered: one claim at a time
 	}
 }
 
