@@ -141,19 +141,23 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		r.log.Info("leadership released")
 	}()
 	l := &leadState{
-		Relay:     r,
-		sess:      sess,
-		inflight:  make(map[int64]*Message),
-		results:   make(chan result, r.cfg.MaxInFlight+1),
-		memBlock:  make(Blocked),
-		groups:    make(map[string]groupFailure),
-		resend:    make(map[int64]resendAt),
-		failing:   make(map[string]int),
-		markReq:   make(chan []int64),
-		markDone:  make(chan markResult, 1),
-		claimReq:  make(chan claimReq),
-		claimDone: make(chan claimed, 1),
+		Relay:      r,
+		sess:       sess,
+		inflight:   make(map[int64]*Message),
+		results:    make(chan result, r.cfg.MaxInFlight+1),
+		memBlock:   make(Blocked),
+		groups:     make(map[string]groupFailure),
+		resend:     make(map[int64]resendAt),
+		failing:    make(map[string]int),
+		markReq:    make(chan []int64),
+		markDone:   make(chan markResult, 1),
+		claimReq:   make(chan claimReq),
+		claimDone:  make(chan claimed, 1),
+		listenReq:  make(chan context.Context),
+		listenDone: make(chan error, 1),
+		timer:      time.NewTimer(time.Hour),
 	}
+	l.timer.Stop()
 	if rel, ok := sess.(Releaser); ok {
 		if rs, ok := r.sink.(ReleasingSink); ok && rs.ReleasesMessages() {
 			l.releaser = rel
@@ -163,8 +167,9 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 	// for the driver's calls every time, which was a tenth of the relay's CPU at low rates.
 	go l.markLoop(context.WithoutCancel(ctx))
 	defer close(l.markReq)
-	// One goroutine runs the term's claims, for the same reason. The loop never waits for a claim
-	// it can do without: while one reads, it settles the broker's verdicts and starts marks.
+	// One goroutine runs the term's claims, for the same reason, and watches the session for
+	// wake-ups between them. The loop never waits for a claim it can do without: while one
+	// reads, it settles the broker's verdicts and starts marks.
 	go l.claimLoop(context.WithoutCancel(ctx))
 	defer close(l.claimReq)
 	return l.run(ctx)
@@ -238,10 +243,19 @@ type leadState struct {
 	claimDone chan claimed
 	claiming  bool
 	ahead     *claimed
-	toPark    []parkReq
-	send      []*Message // the rows of the current claim that go to the sink (reused)
-	unused    []*Message // the rows of the current claim that do not (reused)
-	acked     []*Message // the rows settle found acknowledged, to release (reused)
+	// While no claim runs and one could start, claimLoop watches the session for wake-ups
+	// instead (listen), so a commit is claimed while the rows before it wait for the broker:
+	// listenReq starts the watch, listenDone brings its end back, listening is true in between
+	// and stopListen cuts it short. The session is the watch's meanwhile, as it is a claim's.
+	listenReq  chan context.Context
+	listenDone chan error
+	listening  bool
+	stopListen context.CancelFunc
+	timer      *time.Timer // the loop's wait for the poll interval or a mark falling due (reused)
+	toPark     []parkReq
+	send       []*Message // the rows of the current claim that go to the sink (reused)
+	unused     []*Message // the rows of the current claim that do not (reused)
+	acked      []*Message // the rows settle found acknowledged, to release (reused)
 	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
 	// the byte budget takes.
 	rowBytes int
@@ -367,63 +381,54 @@ func (l *leadState) run(ctx context.Context) error {
 			}
 			continue
 		}
-		// Wait for the claim reading, for the broker while it has rows to acknowledge, or for
-		// the running mark when nothing can be claimed before it ends. Rows that only wait for
-		// their mark do not keep the loop from watching for wake-ups while there is room.
-		markIn, markPending := l.markDue()
-		if l.claiming || !room || len(l.inflight) > len(l.marking)+len(l.toMark) {
-			d := l.cfg.PollInterval
-			if markPending {
-				d = min(d, markIn)
-			}
-			var claimDone <-chan claimed // nil, never ready, unless a claim runs
-			if l.claiming {
-				claimDone = l.claimDone
-			}
-			timer := time.NewTimer(d)
-			select {
-			case res := <-claimDone:
-				timer.Stop()
-				if err := l.took(ctx, res); err != nil {
-					return l.abandon(err)
-				}
-			case res := <-l.results:
-				timer.Stop()
-				if err := l.settleReady(ctx, res); err != nil {
-					return l.abandon(err)
-				}
-			case res := <-l.markDone:
-				timer.Stop()
-				if err := l.marked(ctx, res); err != nil {
-					return l.abandon(err)
-				}
-			case <-timer.C:
-			case <-ctx.Done():
-				timer.Stop()
-			}
-			continue
+		// Wait for what comes first: the claim reading, the broker's verdicts, the running mark,
+		// a wake-up, the poll interval or a waiting mark falling due. While no claim runs and
+		// the bounds leave room for one, claimLoop watches the session for wake-ups, so a
+		// commit is claimed while the rows before it still wait for the broker.
+		canClaim := room && !l.claiming
+		if canClaim && !l.listening {
+			l.listen(ctx)
 		}
-		wait := l.cfg.PollInterval - time.Since(l.lastPoll)
-		short := l.marking != nil && wait > markWatch // look at the running mark again soon
-		if short {
-			wait = markWatch
+		d := l.cfg.PollInterval
+		if canClaim {
+			d -= time.Since(l.lastPoll) // positive: a claim would have started above
 		}
-		if markPending && wait > markIn { // start the waiting mark when it is due
-			wait, short = markIn, true
+		if markIn, pending := l.markDue(); pending {
+			d = min(d, markIn)
 		}
-		if wait > 0 {
-			if err := l.sess.Wait(ctx, wait); err != nil && ctx.Err() == nil {
+		var claimDone <-chan claimed // nil, never ready, unless a claim runs
+		if l.claiming {
+			claimDone = l.claimDone
+		}
+		var heard <-chan error // likewise, unless claimLoop listens
+		if l.listening {
+			heard = l.listenDone
+		}
+		l.timer.Reset(d)
+		select {
+		case res := <-claimDone:
+			if err := l.took(ctx, res); err != nil {
+				return l.abandon(err)
+			}
+		case res := <-l.results:
+			if err := l.settleReady(ctx, res); err != nil {
+				return l.abandon(err)
+			}
+		case res := <-l.markDone:
+			if err := l.marked(ctx, res); err != nil {
+				return l.abandon(err)
+			}
+		case err := <-heard: // a wake-up (Notified says so), or the watch's own timeout
+			l.listening = false
+			if err != nil {
 				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
 			}
+		case <-l.timer.C:
+		case <-ctx.Done():
 		}
-		if !short {
-			wake = true // the poll interval passed
-		}
+		l.timer.Stop()
 	}
 }
-
-// markWatch is how long the loop waits for a wake-up before it looks at a running mark again.
-const markWatch = 5 * time.Millisecond
 
 // markDelay is how long acknowledged rows may wait for more to be marked with them. Without it,
 // at a thousand events a second each mark carried one or two rows, and marks (two round trips
@@ -455,6 +460,9 @@ func (l *leadState) settleReady(ctx context.Context, first ...result) error {
 // poll interval it first reloads the blocked keys, and that claim reads from the oldest row (see
 // reload). No claim runs and none waits in ahead when it is called.
 func (l *leadState) startClaim(ctx context.Context) error {
+	if err := l.unlisten(); err != nil {
+		return err
+	}
 	now := time.Now()
 	full := l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval
 	if full {
@@ -483,13 +491,49 @@ func (l *leadState) launch(req claimReq) {
 	l.claimReq <- req
 }
 
-// claimLoop runs the claims sent on claimReq until it is closed, one at a time.
+// claimLoop runs the claims sent on claimReq until it is closed, one at a time, and between them
+// the watches for wake-ups sent on listenReq.
 func (l *leadState) claimLoop(ctx context.Context) {
-	for req := range l.claimReq {
-		start := time.Now()
-		rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget)
-		l.claimDone <- claimed{claimReq: req, rows: rows, err: err, took: time.Since(start)} // buffered: one claim at a time
+	for {
+		select {
+		case req, ok := <-l.claimReq:
+			if !ok {
+				return
+			}
+			start := time.Now()
+			rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget)
+			l.claimDone <- claimed{claimReq: req, rows: rows, err: err, took: time.Since(start)} // buffered: one claim at a time
+		case lctx := <-l.listenReq:
+			err := l.sess.Wait(lctx, l.cfg.PollInterval)
+			if lctx.Err() != nil {
+				err = nil // cut short by the loop (unlisten) or by the relay's stop: not a failure
+			}
+			l.listenDone <- err // buffered: one watch at a time
+		}
 	}
+}
+
+// listen starts claimLoop watching the session for wake-ups. No claim runs when it is called.
+func (l *leadState) listen(ctx context.Context) {
+	lctx, stop := context.WithCancel(ctx)
+	l.stopListen = stop
+	l.listening = true
+	l.listenReq <- lctx
+}
+
+// unlisten stops claimLoop watching the session, if it does, and waits until it has: the session
+// is free for another query after it. A wake-up that came meanwhile is kept (Notified).
+func (l *leadState) unlisten() error {
+	if !l.listening {
+		return nil
+	}
+	l.stopListen()
+	err := <-l.listenDone
+	l.listening = false
+	if err != nil {
+		return fmt.Errorf("wait for wake-up: %w", err)
+	}
+	return nil
 }
 
 // took keeps the result of the claim that ended in ahead: the session is free again, and the
@@ -692,9 +736,12 @@ func (l *leadState) claimSize(inflight, bytes int) (limit, budget int) {
 	return limit, budget
 }
 
-// await waits for the running claim, if any, and keeps its result in ahead (took): the session is
-// free for another query after it.
+// await waits for the running claim, if any, and keeps its result in ahead (took), or stops the
+// watch for wake-ups: the session is free for another query after it.
 func (l *leadState) await(ctx context.Context) error {
+	if err := l.unlisten(); err != nil {
+		return err
+	}
 	if !l.claiming {
 		return nil
 	}
@@ -931,6 +978,11 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 // abandon ends a term whose session failed: it stops the sink from publishing anything more of
 // this term, since another replica may lead by now.
 func (l *leadState) abandon(cause error) error {
+	if l.listening {
+		l.stopListen()
+		<-l.listenDone // the session is closed next: let the watch end first
+		l.listening = false
+	}
 	if l.claiming {
 		<-l.claimDone // the session is closed next: let the running claim end first
 		l.claiming = false
