@@ -420,6 +420,7 @@ func (l *leadState) run(ctx context.Context) error {
 			}
 		case err := <-heard: // a wake-up (Notified says so), or the watch's own timeout
 			l.listening = false
+			l.stopListen() // releases the watch's context
 			if err != nil {
 				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
 			}
