@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite (make bench). BENCH_SCALE=smoke for a run under a minute, 1 (the
-# default) for the full size (1M-event drains, about 33 minutes on the development machine).
+# default) for the full size (1M-event drains, 33–47 minutes on the development machines).
 # BENCH_REPEAT is how many times each drain's sql-only, naive and relay variants run (default 3
 # at full size, 1 for smoke; the tables take the medians). Extra arguments go to the bench
 # command (see `go run ./bench -h`). Results, charts and the relay's CPU profile land in
