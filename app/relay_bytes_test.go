@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
@@ -129,20 +127,7 @@ func TestRelayByteBudgetEndsAtTheAck(t *testing.T) {
 		t.Fatal("a mark returned while the gate was closed")
 	}
 	close(store.gate)
-	t0 := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	for {
-		var left int
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+t0).Scan(&left); err != nil {
-			t.Fatal(err)
-		}
-		if left == 0 {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatalf("%d rows still pending after the marks were let through", left)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitDrained(t, ctx, pool, table, "the marks were let through")
 	if got := sink.count(); got != n {
 		t.Errorf("%d distinct rows published, want %d", got, n)
 	}

@@ -365,6 +365,26 @@ func writerEnv(t *testing.T) (*pgxpool.Pool, postgres.Table, *postgres.Writer, c
 	return pool, table, w, ctx
 }
 
+// waitDrained waits until table holds no row, and fails the test, saying after what, when ctx
+// ends first.
+func waitDrained(t *testing.T, ctx context.Context, pool *pgxpool.Pool, table postgres.Table, after string) {
+	t.Helper()
+	t0 := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	for {
+		var left int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+t0).Scan(&left); err != nil {
+			t.Fatal(err)
+		}
+		if left == 0 {
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("%d rows still pending after %s", left, after)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // TestRelayHorizonUnderWritersThatInsertFirst: writers whose transaction starts with the outbox
 // INSERT (so the row's id is drawn before the transaction has an xid) and commit a random moment
 // later (now and then 80-200 ms), six at once, while the relay drains with claims from the id horizon (a long poll

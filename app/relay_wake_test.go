@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
@@ -97,20 +95,7 @@ func TestRelayClaimsAWakeUpWhileEarlierRowsAwaitTheBroker(t *testing.T) {
 	}
 
 	sink.release()
-	t0 := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	for {
-		var left int
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+t0).Scan(&left); err != nil {
-			t.Fatal(err)
-		}
-		if left == 0 {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatalf("%d rows still pending after the first acknowledgement came", left)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitDrained(t, ctx, pool, table, "the first acknowledgement came")
 	if got := sink.count(); got != 2 {
 		t.Errorf("%d rows published, want 2", got)
 	}
