@@ -419,10 +419,8 @@ func (l *leadState) run(ctx context.Context) error {
 				return l.abandon(err)
 			}
 		case err := <-heard: // a wake-up (Notified says so), or the watch's own timeout
-			l.listening = false
-			l.stopListen() // releases the watch's context
-			if err != nil {
-				return l.abandon(fmt.Errorf("wait for wake-up: %w", err))
+			if err := l.listened(err); err != nil {
+				return l.abandon(err)
 			}
 		case <-l.timer.C:
 		case <-ctx.Done():
@@ -529,8 +527,14 @@ func (l *leadState) unlisten() error {
 		return nil
 	}
 	l.stopListen()
-	err := <-l.listenDone
+	return l.listened(<-l.listenDone)
+}
+
+// listened ends the watch whose result was err: its context is released, and a failure of the
+// session is returned.
+func (l *leadState) listened(err error) error {
 	l.listening = false
+	l.stopListen()
 	if err != nil {
 		return fmt.Errorf("wait for wake-up: %w", err)
 	}
@@ -979,11 +983,7 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 // abandon ends a term whose session failed: it stops the sink from publishing anything more of
 // this term, since another replica may lead by now.
 func (l *leadState) abandon(cause error) error {
-	if l.listening {
-		l.stopListen()
-		<-l.listenDone // the session is closed next: let the watch end first
-		l.listening = false
-	}
+	_ = l.unlisten() // the session is closed next: let the watch end first
 	if l.claiming {
 		<-l.claimDone // the session is closed next: let the running claim end first
 		l.claiming = false
