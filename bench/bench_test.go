@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 // it checks that each section completes and writes well-formed results and charts. It asserts no
 // timing: numbers belong to 'make bench'.
 func TestSmoke(t *testing.T) {
-	dbtest.Pool(t)           // fails with a clear message when PostgreSQL is unreachable
+	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
 	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir(),
 		"-broker-log", brokerLog})
@@ -64,6 +64,23 @@ func TestSmoke(t *testing.T) {
 	for _, d := range got.Drain {
 		if d.Error != "" || d.EventsPerSec <= 0 || d.CPUSec <= 0 || d.PeakRSS <= 0 {
 			t.Errorf("drain %s %s: incomplete result %+v", caseLabel(d.drainCase), d.Variant, d)
+		}
+	}
+	// Every variant with a database deletes its rows, which writes WAL; pg_stat_wal, which the
+	// drains read it from, came with PostgreSQL 14.
+	var walStats bool
+	if err := pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int >= 140000`).Scan(&walStats); err != nil {
+		t.Fatal(err)
+	}
+	if walStats {
+		for _, d := range got.Drain {
+			if d.Variant != variantProduce && (d.WALBytesPer10k <= 0 || d.WALFPIPer10k < 0) {
+				t.Errorf("drain %s %s: WAL %.0f bytes and %.0f full-page images per 10k events, want some bytes",
+					caseLabel(d.drainCase), d.Variant, d.WALBytesPer10k, d.WALFPIPer10k)
+			}
+		}
+		if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("| WAL MiB / 10k events |")) {
+			t.Errorf("tables.md has no table of the drains' WAL (%v)", err)
 		}
 	}
 	if got.Steady == nil || len(got.Steady.Steps) == 0 || len(got.Steady.Latency) < 3 {

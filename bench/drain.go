@@ -33,14 +33,19 @@ type drainResult struct {
 	CPUSec       float64 `json:"cpu_sec"`        // user+system CPU of the measured process during the drain
 	CPUMsPer10k  float64 `json:"cpu_ms_per_10k"` // CPUSec per 10k events, in milliseconds
 	// The CPU of the other parties: the variant's PostgreSQL backends and the broker process.
-	DBCPUMsPer10k     float64     `json:"db_cpu_ms_per_10k"`
-	BrokerCPUMsPer10k float64     `json:"broker_cpu_ms_per_10k"`
-	TotalCPUMsPer10k  float64     `json:"total_cpu_ms_per_10k"`
-	PeakRSS           int64       `json:"peak_rss_bytes"` // highest RSS sampled every 20ms during the drain
-	HWM               int64       `json:"vm_hwm_bytes"`   // the process's lifetime RSS peak (VmHWM)
-	PreloadSec        float64     `json:"preload_sec,omitempty"`
-	Error             string      `json:"error,omitempty"`
-	Relay             *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
+	DBCPUMsPer10k     float64 `json:"db_cpu_ms_per_10k"`
+	BrokerCPUMsPer10k float64 `json:"broker_cpu_ms_per_10k"`
+	TotalCPUMsPer10k  float64 `json:"total_cpu_ms_per_10k"`
+	PeakRSS           int64   `json:"peak_rss_bytes"` // highest RSS sampled every 20ms during the drain
+	HWM               int64   `json:"vm_hwm_bytes"`   // the process's lifetime RSS peak (VmHWM)
+	PreloadSec        float64 `json:"preload_sec,omitempty"`
+	// What the database wrote to its WAL from the start of the drain until the child stopped,
+	// per 10k events (every session of the server counts: the bench runs nothing else then),
+	// and how many of its records were full-page images. Zero where it could not be read.
+	WALBytesPer10k float64     `json:"wal_bytes_per_10k,omitempty"`
+	WALFPIPer10k   float64     `json:"wal_fpi_per_10k,omitempty"`
+	Error          string      `json:"error,omitempty"`
+	Relay          *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
 }
 
 // drain measures every case of the matrix with every variant: the produce-only reference once,
@@ -146,6 +151,8 @@ func summarize(all []drainResult, dc drainCase, variant string) (s drainSummary,
 	s.DBCPUMsPer10k = median(func(d drainResult) float64 { return d.DBCPUMsPer10k })
 	s.BrokerCPUMsPer10k = median(func(d drainResult) float64 { return d.BrokerCPUMsPer10k })
 	s.TotalCPUMsPer10k = median(func(d drainResult) float64 { return d.TotalCPUMsPer10k })
+	s.WALBytesPer10k = median(func(d drainResult) float64 { return d.WALBytesPer10k })
+	s.WALFPIPer10k = median(func(d drainResult) float64 { return d.WALFPIPer10k })
 	s.MinPerSec, s.MaxPerSec = runs[0].EventsPerSec, runs[0].EventsPerSec
 	mid := runs[0]
 	for _, d := range runs {
@@ -164,19 +171,23 @@ func summarize(all []drainResult, dc drainCase, variant string) (s drainSummary,
 // variant's extra settings.
 func (b *bench) drainOne(ctx context.Context, dc drainCase, variant string, cfg childConfig) drainResult {
 	r := drainResult{drainCase: dc, Variant: variant}
-	rep, broker, preload, err := b.drainRun(ctx, dc, variant, cfg)
+	rep, side, err := b.drainRun(ctx, dc, variant, cfg)
 	if err != nil {
 		r.Error = err.Error()
 		return r
 	}
-	r.PreloadSec = preload.Seconds()
+	r.PreloadSec = side.preload.Seconds()
 	r.WallSec = rep.WallSec
 	r.EventsPerSec = float64(rep.Events) / rep.WallSec
 	r.CPUSec = rep.CPUUserSec + rep.CPUSysSec
 	per10k := func(sec float64) float64 { return sec * 1000 / (float64(rep.Events) / 10000) }
 	r.CPUMsPer10k = per10k(r.CPUSec)
 	r.DBCPUMsPer10k = per10k(rep.DBCPUSec)
-	r.BrokerCPUMsPer10k = per10k(broker)
+	r.BrokerCPUMsPer10k = per10k(side.brokerCPU)
+	if side.wal.ok {
+		r.WALBytesPer10k = float64(side.wal.bytes) / (float64(rep.Events) / 10000)
+		r.WALFPIPer10k = float64(side.wal.fpi) / (float64(rep.Events) / 10000)
+	}
 	r.TotalCPUMsPer10k = r.CPUMsPer10k + r.DBCPUMsPer10k + r.BrokerCPUMsPer10k
 	r.PeakRSS = rep.PeakRSS
 	r.HWM = rep.HWM
@@ -184,10 +195,16 @@ func (b *bench) drainOne(ctx context.Context, dc drainCase, variant string, cfg 
 	return r
 }
 
-func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg childConfig) (childReport, float64, time.Duration, error) {
+// drainSide is what drainRun measured beside the child's own report.
+type drainSide struct {
+	brokerCPU float64       // CPU seconds of the broker process during the drain
+	preload   time.Duration // the preload of the outbox, before the drain
+	wal       walPosition   // WAL written from the drain's start until the child stopped
+}
+
+func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg childConfig) (rep childReport, side drainSide, err error) {
 	cfg.Expect = dc.Events
 	cfg.DatabaseURL = b.opts.DatabaseURL
-	var preload time.Duration
 	switch variant {
 	case variantProduce:
 		cfg.Role = roleProduce
@@ -200,56 +217,82 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 		cfg.Role = roleRelay
 		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
 	default:
-		return childReport{}, 0, 0, fmt.Errorf("unknown variant %q", variant)
+		return rep, side, fmt.Errorf("unknown variant %q", variant)
 	}
 	if variant != variantProduce {
 		schema, err := b.schema(ctx, "drain")
 		if err != nil {
-			return childReport{}, 0, 0, err
+			return rep, side, err
 		}
 		defer b.dropSchema(schema)
 		start := time.Now()
 		if err := b.preload(ctx, schema, dc.Events, dc.Payload, dc.Keys); err != nil {
-			return childReport{}, 0, 0, err
+			return rep, side, err
 		}
-		preload = time.Since(start)
+		side.preload = time.Since(start)
 		cfg.Schema = schema
 	}
 	var br *broker
 	if variant != variantSQLOnly {
-		var err error
 		br, err = b.startBroker(ctx)
 		if err != nil {
-			return childReport{}, 0, 0, err
+			return rep, side, err
 		}
 		defer br.close()
 		cfg.Brokers = br.addrs
 	}
 	p, err := b.start(ctx, cfg)
 	if err != nil {
-		return childReport{}, 0, 0, err
+		return rep, side, err
 	}
 	defer func() { _ = p.stop() }()
 	var broker0 float64
 	if br != nil {
 		broker0 = br.p.cpu()
 	}
+	wal0 := b.walNow(ctx)
 	if err := p.send("go"); err != nil {
-		return childReport{}, 0, 0, err
+		return rep, side, err
 	}
 	// Generous: a drain slower than 500 events/s is broken, not slow.
-	rep, err := p.report(ctx, time.Duration(dc.Events/500+120)*time.Second)
+	rep, err = p.report(ctx, time.Duration(dc.Events/500+120)*time.Second)
 	if err != nil {
-		return childReport{}, 0, 0, err
+		return rep, side, err
 	}
-	var brokerCPU float64
 	if br != nil {
-		brokerCPU = br.p.cpu() - broker0
+		side.brokerCPU = br.p.cpu() - broker0
 	}
 	if rep.Events < dc.Events {
-		return rep, 0, 0, fmt.Errorf("%s reported %d events, want %d", variant, rep.Events, dc.Events)
+		return rep, side, fmt.Errorf("%s reported %d events, want %d", variant, rep.Events, dc.Events)
 	}
-	return rep, brokerCPU, preload, nil
+	// The child's backends report their WAL statistics as they exit: stop it first, and give
+	// them a moment.
+	_ = p.stop()
+	time.Sleep(200 * time.Millisecond)
+	side.wal = b.walNow(ctx).since(wal0)
+	return rep, side, nil
+}
+
+// walPosition is how much WAL the database server had written at one moment (its insert
+// position, in bytes) and how many full-page images (pg_stat_wal, PostgreSQL 14 and later); or,
+// from since, the difference between two such moments. ok is false when it could not be read.
+type walPosition struct {
+	bytes, fpi int64
+	ok         bool
+}
+
+// walNow reads the server's WAL position. A server that cannot say (a standby, PostgreSQL
+// before 14) gives a position that is not ok, and the drain's WAL columns stay empty.
+func (b *bench) walNow(ctx context.Context) walPosition {
+	var w walPosition
+	err := b.pool.QueryRow(ctx, `SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, wal_fpi FROM pg_stat_wal`).Scan(&w.bytes, &w.fpi)
+	w.ok = err == nil
+	return w
+}
+
+// since returns what was written from w0 to w.
+func (w walPosition) since(w0 walPosition) walPosition {
+	return walPosition{bytes: w.bytes - w0.bytes, fpi: w.fpi - w0.fpi, ok: w.ok && w0.ok}
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -97,6 +98,19 @@ func (b *bench) tables(w io.Writer) {
 				float64(s.ClaimRows)/float64(max(s.Claims, 1)), s.ClaimSec, s.Marks, float64(d.Events)/float64(max(s.Marks, 1)), s.MarkSec)
 		}
 		fmt.Fprintln(w)
+		if slices.ContainsFunc(sums, func(d drainSummary) bool { return d.WALBytesPer10k > 0 }) {
+			fmt.Fprintln(w, "What the database wrote to its WAL during each drain, per 10k events (every session of the server, from the start of the drain until the variant stopped; medians of the runs), and how many of those WAL records were full-page images (a page logged whole at its first change after a checkpoint).")
+			fmt.Fprintln(w)
+			fmt.Fprintln(w, "| payload, keys | variant | WAL MiB / 10k events | full-page images / 10k events |")
+			fmt.Fprintln(w, "|---|---|---:|---:|")
+			for _, d := range sums {
+				if d.Variant == variantProduce || d.WALBytesPer10k == 0 {
+					continue
+				}
+				fmt.Fprintf(w, "| %s | %s | %.1f | %.0f |\n", caseLabel(d.drainCase), d.Variant, d.WALBytesPer10k/(1<<20), d.WALFPIPer10k)
+			}
+			fmt.Fprintln(w)
+		}
 	}
 
 	if s := r.Steady; s != nil {
