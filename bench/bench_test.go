@@ -201,3 +201,58 @@ func TestBrokerLogFlag(t *testing.T) {
 		t.Errorf("default -broker-log: %q, %v; want a directory or memory", o.BrokerLog, err)
 	}
 }
+
+// TestDrainMarkFlag: -drain-mark takes delete or retain, defaults to delete, and names itself
+// when given anything else.
+func TestDrainMarkFlag(t *testing.T) {
+	for _, tc := range []struct{ arg, want, err string }{
+		{arg: "delete", want: "delete"},
+		{arg: "retain", want: "retain"},
+		{arg: "purge", err: "-drain-mark"},
+	} {
+		o, err := parseFlags([]string{"-drain-mark", tc.arg})
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("-drain-mark %s: error %v, want one naming %s", tc.arg, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("-drain-mark %s: %v", tc.arg, err)
+		case tc.err == "" && o.DrainMark != tc.want:
+			t.Errorf("-drain-mark %s: DrainMark %q, want %q", tc.arg, o.DrainMark, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || o.DrainMark != "delete" {
+		t.Errorf("default -drain-mark: %q, %v; want delete", o.DrainMark, err)
+	}
+}
+
+// TestDrainRetain runs the smallest drain with the relay and SQL-only in retain mode: both must
+// publish or mark every row, and the tables must say how they marked.
+func TestDrainRetain(t *testing.T) {
+	dbtest.Pool(t)
+	opts, err := parseFlags([]string{"-scale", "smoke", "-only", "drain", "-cases", "256/10", "-variants", "sql-only,relay",
+		"-drain-mark", "retain", "-db", dbtest.URL(), "-out", t.TempDir(), "-broker-log", t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var logs bytes.Buffer
+	res, err := run(ctx, opts, log.New(&logs, "", 0))
+	if err != nil {
+		t.Fatalf("bench drain in retain mode: %v\n%s", err, logs.String())
+	}
+	if len(res.Drain) != 2 {
+		t.Fatalf("drain results: got %d, want 2 (sql-only and relay)\n%s", len(res.Drain), logs.String())
+	}
+	for _, d := range res.Drain {
+		if d.Error != "" || d.EventsPerSec <= 0 {
+			t.Errorf("drain %s in retain mode: %+v", d.Variant, d)
+		}
+	}
+	if res.DrainMark != "retain" {
+		t.Errorf("results.json drain_mark %q, want retain", res.DrainMark)
+	}
+	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("ran in retain mode")) {
+		t.Errorf("tables.md does not say the drains ran in retain mode (%v)", err)
+	}
+}

@@ -9,8 +9,6 @@ import (
 	"slices"
 	"strconv"
 	"time"
-
-	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // Drain variants, in the order they run for each case.
@@ -58,7 +56,7 @@ func (b *bench) drain(ctx context.Context) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				cfg := childConfig{Mark: postgres.MarkDelete}
+				cfg := childConfig{Mark: b.opts.DrainMark}
 				if b.opts.Profile && run == 1 && v == variantRelay && dc.Payload == b.profilePayload() && dc.Keys == 100 {
 					cfg.Profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-cpu.pprof"))
 					cfg.Allocs, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-allocs.pprof"))

@@ -28,6 +28,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // databaseURLDefault is the database used when neither -db nor OUTBOX_BENCH_DATABASE_URL is set.
@@ -79,6 +81,9 @@ type options struct {
 	// BrokerLog is where the broker keeps its log: brokerLogMemory, or a directory its segment
 	// files go to (by default brokerLogTmpfs where it exists).
 	BrokerLog string
+	// DrainMark is how the relay and the SQL-only baseline mark rows in the drains:
+	// postgres.MarkDelete (the default) or postgres.MarkRetain. The naive loop always deletes.
+	DrainMark string
 }
 
 // The broker's log. kfake keeps it in memory by default, growing each partition's segment by
@@ -108,12 +113,13 @@ func parseFlags(args []string) (options, error) {
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
 	maxBytes := fs.Int("max-in-flight-bytes", 0, "the relay's relay.max_in_flight_bytes in the drains (default the relay's own)")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
+	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
 	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
 	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
-		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog}
+		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
 	}
@@ -127,6 +133,9 @@ func parseFlags(args []string) (options, error) {
 		if st, err := os.Stat(o.BrokerLog); err != nil || !st.IsDir() {
 			return o, fmt.Errorf("-broker-log: %q is not a directory (or %q)", o.BrokerLog, brokerLogMemory)
 		}
+	}
+	if o.DrainMark != postgres.MarkDelete && o.DrainMark != postgres.MarkRetain {
+		return o, fmt.Errorf("-drain-mark: must be %s or %s, got %q", postgres.MarkDelete, postgres.MarkRetain, o.DrainMark)
 	}
 	if o.MaxInFlightBytes < 0 {
 		return o, fmt.Errorf("-max-in-flight-bytes: must not be negative, got %d", o.MaxInFlightBytes)
@@ -261,7 +270,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		return nil, err
 	}
 	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
-		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog}}
+		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog, DrainMark: opts.DrainMark}}
 	b.res.Machine = machineInfo(ctx, pool)
 	sections := map[string]func(context.Context) error{
 		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,

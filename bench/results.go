@@ -19,6 +19,9 @@ type results struct {
 	Partitions int    `json:"partitions"`
 	// BrokerLog is where the broker kept its log: "memory", or the directory of its segment files.
 	BrokerLog string `json:"broker_log,omitempty"`
+	// DrainMark is how the relay and SQL-only marked rows in the drains (empty: delete, before
+	// -drain-mark).
+	DrainMark string `json:"drain_mark,omitempty"`
 	// RelayMaxInFlightBytes is the relay's byte budget in the drains when not its default.
 	RelayMaxInFlightBytes int            `json:"relay_max_in_flight_bytes,omitempty"`
 	Started               time.Time      `json:"started"`

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // writeTables writes the results as Markdown tables (tables.md), for BENCHMARKS.md.
@@ -44,6 +46,10 @@ func (b *bench) tables(w io.Writer) {
 		fmt.Fprintln(w)
 		if r.RelayMaxInFlightBytes > 0 {
 			fmt.Fprintf(w, "The relay ran with `relay.max_in_flight_bytes` = %d (not its default).\n\n", r.RelayMaxInFlightBytes)
+		}
+		if r.DrainMark == postgres.MarkRetain {
+			fmt.Fprintln(w, "The relay and the SQL-only baseline ran in retain mode (`relay.mark: retain`): a mark sets `dispatched_at` and the rows stay, for a purge that did not run during the drains; the naive loop deletes, as always.")
+			fmt.Fprintln(w)
 		}
 		if b.opts.Repeat > 1 || repeated(sums) {
 			fmt.Fprintln(w, "Each figure is the median of the variant's runs (the RSS: the highest of them); the range is the lowest and highest events/s.")
