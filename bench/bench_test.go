@@ -33,18 +33,8 @@ func TestMain(m *testing.M) {
 func TestSmoke(t *testing.T) {
 	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
-	opts, err := parseFlags([]string{"-scale", "smoke", "-repeat", "2", "-db", dbtest.URL(), "-out", t.TempDir(),
-		"-broker-log", brokerLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	var logs bytes.Buffer
-	res, err := run(ctx, opts, log.New(&logs, "", 0))
-	if err != nil {
-		t.Fatalf("bench smoke run: %v\n%s", err, logs.String())
-	}
+	opts, res, _ := runBench(t, 5*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog)
+	ctx := context.Background()
 
 	if left, err := os.ReadDir(brokerLog); err != nil || len(left) != 0 {
 		t.Errorf("the brokers left %d entries in -broker-log (%v): each removes its log when it stops", len(left), err)
@@ -229,20 +219,10 @@ func TestDrainMarkFlag(t *testing.T) {
 // publish or mark every row, and the tables must say how they marked.
 func TestDrainRetain(t *testing.T) {
 	dbtest.Pool(t)
-	opts, err := parseFlags([]string{"-scale", "smoke", "-only", "drain", "-cases", "256/10", "-variants", "sql-only,relay",
-		"-drain-mark", "retain", "-db", dbtest.URL(), "-out", t.TempDir(), "-broker-log", t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var logs bytes.Buffer
-	res, err := run(ctx, opts, log.New(&logs, "", 0))
-	if err != nil {
-		t.Fatalf("bench drain in retain mode: %v\n%s", err, logs.String())
-	}
+	opts, res, logs := runBench(t, 3*time.Minute, "-scale", "smoke", "-only", "drain", "-cases", "256/10",
+		"-variants", "sql-only,relay", "-drain-mark", "retain", "-broker-log", t.TempDir())
 	if len(res.Drain) != 2 {
-		t.Fatalf("drain results: got %d, want 2 (sql-only and relay)\n%s", len(res.Drain), logs.String())
+		t.Fatalf("drain results: got %d, want 2 (sql-only and relay)\n%s", len(res.Drain), logs)
 	}
 	for _, d := range res.Drain {
 		if d.Error != "" || d.EventsPerSec <= 0 {
@@ -255,4 +235,23 @@ func TestDrainRetain(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("ran in retain mode")) {
 		t.Errorf("tables.md does not say the drains ran in retain mode (%v)", err)
 	}
+}
+
+// runBench runs the bench with args, its database the test's and its output a temporary
+// directory, within timeout; it returns the options, the results and the bench's log, and ends
+// the test when the run fails.
+func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *results, string) {
+	t.Helper()
+	opts, err := parseFlags(append([]string{"-db", dbtest.URL(), "-out", t.TempDir()}, args...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var logs bytes.Buffer
+	res, err := run(ctx, opts, log.New(&logs, "", 0))
+	if err != nil {
+		t.Fatalf("bench %s: %v\n%s", strings.Join(args, " "), err, logs.String())
+	}
+	return opts, res, logs.String()
 }
