@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
 // Mark modes: what happens to a row once the broker acknowledged it.
@@ -70,14 +71,91 @@ func claimPart(t Table, cond string) string {
 		ORDER BY id LIMIT $4)`
 }
 
-// ParseURL parses a PostgreSQL connection string. Its errors never contain the password.
+// ParseURL parses a PostgreSQL connection string, URL or key=value. Its errors never contain
+// the string nor any part of the password.
+//
+// A URL whose user:password part (between "://" and the last '@') holds a character that must be
+// percent-encoded there ('@', '/', '%' not followed by two hex digits, a space or a control
+// character) is refused before the driver sees it: the driver would end the password at the
+// first '@', take the rest as the host, and print it in its errors.
 func ParseURL(url string) (*pgx.ConnConfig, error) {
+	if err := checkURL(url); err != nil {
+		return nil, err
+	}
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("database.url: %s", redactURL(err.Error()))
+		return nil, fmt.Errorf("database.url: cannot parse the connection string (not shown): %s", parseReason(url, err))
 	}
 	return cfg, nil
 }
+
+// checkURL refuses a postgres:// URL whose credentials a parser could split in another place
+// than the last '@'.
+func checkURL(url string) error {
+	rest, ok := strings.CutPrefix(url, "postgres://")
+	if !ok {
+		if rest, ok = strings.CutPrefix(url, "postgresql://"); !ok {
+			return nil
+		}
+	}
+	at := strings.LastIndexByte(rest, '@')
+	if at < 0 {
+		return nil
+	}
+	cred := rest[:at]
+	what := ""
+	for i := 0; i < len(cred) && what == ""; i++ {
+		switch c := cred[i]; {
+		case c == '@':
+			what = "an at sign"
+		case c == '/':
+			what = "a slash"
+		case c == '%' && (i+2 >= len(cred) || !isHex(cred[i+1]) || !isHex(cred[i+2])):
+			what = "a percent sign not followed by two hex digits"
+		case c <= ' ' || c == 0x7f:
+			what = "a space or a control character"
+		}
+	}
+	if what == "" {
+		return nil
+	}
+	// The message names neither "://" nor an at sign after it: redaction would mask the text between.
+	return fmt.Errorf("database.url: the user:password part of the URL (before its last at sign) contains %s; "+
+		"percent-encode it there (at sign %%40, slash %%2F, percent %%25, space %%20), and an at sign after the "+
+		"host (in the database name or a parameter) too (the connection string is not shown)", what)
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// parseReason returns why the driver could not parse conn, without conn: the driver's message
+// with its quoted values left out (they may be pieces of a password), then redacted.
+func parseReason(conn string, err error) string {
+	var pe *pgconn.ParseConfigError
+	if !errors.As(err, &pe) {
+		return "invalid connection string"
+	}
+	bare := *pe
+	bare.ConnString = ""
+	msg := strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
+	msg = quoted.ReplaceAllStringFunc(msg, func(q string) string {
+		if q == `"="` {
+			return q
+		}
+		return `"…"`
+	})
+	if !strings.Contains(conn, "://") {
+		msg += "; a value holding spaces or quotes is written in single quotes, with \\' and \\\\ inside"
+	}
+	r := &redact.Redactor{}
+	r.AddConnString(conn)
+	return r.String(msg)
+}
+
+// quoted matches a double-quoted string, with backslash escapes, as the driver's messages quote
+// raw values.
+var quoted = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
 
 // NewStore returns a Store connecting with conn, a parsed connection configuration.
 func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
@@ -452,12 +530,10 @@ func (s *session) wrap(err error) error {
 	return err
 }
 
-// Redact replaces every occurrence of secret in s.
+// Redact returns s without secret (when at least redact.MinLen bytes long: a shorter one would
+// mask unrelated letters) and without credential-shaped text (see redact.Text).
 func Redact(s, secret string) string {
-	if secret == "" {
-		return s
-	}
-	return strings.ReplaceAll(s, secret, "xxxxx")
+	return redact.New(secret).String(s)
 }
 
 func truncate(s string, n int) string {
@@ -465,13 +541,4 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n]
-}
-
-var urlPassword = regexp.MustCompile(`(://[^:/@\s]*:)[^@\s]*@`)
-var kvPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('[^']*'|\S+)`)
-
-// redactURL removes passwords written in a connection string, URL or key=value form.
-func redactURL(s string) string {
-	s = urlPassword.ReplaceAllString(s, "${1}xxxxx@")
-	return kvPassword.ReplaceAllString(s, "${1}xxxxx")
 }
