@@ -205,6 +205,8 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 		}
 	}
 	cfg, err := parseConfig(v)
+	processSecrets.AddConnString(cfg.DatabaseURL, cfg.RabbitMQ.URL)
+	processSecrets.Add(cfg.Kafka.SASL.Password)
 	return cfg, v, err
 }
 

@@ -14,11 +14,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/spf13/pflag"
+
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
 // Set at build time with -ldflags "-X main.version=... -X main.revision=...".
@@ -68,7 +68,7 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 				return 0
 			}
 			if err != nil {
-				fmt.Fprintf(stderr, "outbox-relay %s: %v\n", c.name, err)
+				fmt.Fprintf(stderr, "outbox-relay %s: %s\n", c.name, processSecrets.String(err.Error()))
 				return 1
 			}
 			return 0
@@ -104,37 +104,30 @@ func newFlagSet(name, summary string, stderr io.Writer) *pflag.FlagSet {
 	return fs
 }
 
-// newLogger returns the process logger; every string it writes has the secrets removed.
+// processSecrets holds the secrets this process was configured with (loadConfig adds them): the
+// logger and the error dispatch prints remove them, their pieces, and anything shaped like a
+// credential, from every string they write.
+var processSecrets redact.Redactor
+
+// newLogger returns the process logger. Every string and error it writes goes through
+// processSecrets (and the secrets given here), and every duration is written as a Go duration
+// string ("1.5s"), in both formats.
 func newLogger(w io.Writer, level, format string, secrets ...string) *slog.Logger {
 	var lvl slog.Level
 	_ = lvl.UnmarshalText([]byte(level))
-	var clean []string
-	for _, s := range secrets {
-		if len(s) >= 3 {
-			clean = append(clean, s)
-		}
-	}
+	processSecrets.Add(secrets...)
 	opts := &slog.HandlerOptions{Level: lvl, ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
-		if len(clean) == 0 {
-			return a
-		}
-		var s string
 		switch a.Value.Kind() {
+		case slog.KindDuration:
+			return slog.String(a.Key, a.Value.Duration().String())
 		case slog.KindString:
-			s = a.Value.String()
+			return slog.String(a.Key, processSecrets.String(a.Value.String()))
 		case slog.KindAny:
 			if err, ok := a.Value.Any().(error); ok {
-				s = err.Error()
-			} else {
-				return a
+				return slog.String(a.Key, processSecrets.String(err.Error()))
 			}
-		default:
-			return a
 		}
-		for _, sec := range clean {
-			s = strings.ReplaceAll(s, sec, "xxxxx")
-		}
-		return slog.String(a.Key, s)
+		return a
 	}}
 	if format == "text" {
 		return slog.New(slog.NewTextHandler(w, opts))
@@ -142,13 +135,10 @@ func newLogger(w io.Writer, level, format string, secrets ...string) *slog.Logge
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// secretsOf returns the secret values of cfg, to keep them out of logs and errors.
+// secretsOf returns the bare secret values of cfg, to keep them out of logs and errors (the
+// connection strings are known to processSecrets since loadConfig).
 func secretsOf(cfg *Config) []string {
-	out := []string{cfg.Kafka.SASL.Password, cfg.RabbitMQ.Password()}
-	if cc, err := pgx.ParseConfig(cfg.DatabaseURL); err == nil {
-		out = append(out, cc.Password)
-	}
-	return out
+	return []string{cfg.Kafka.SASL.Password, cfg.RabbitMQ.Password()}
 }
 
 func versionCmd(_ context.Context, args []string, stdout, stderr io.Writer) error {

@@ -65,6 +65,9 @@ func loadDatabase(ctx context.Context, fs *pflag.FlagSet) (*Config, *pgxpool.Poo
 
 // openPool connects a small pool within database.connect_timeout.
 func openPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
+	if _, err := postgres.ParseURL(cfg.DatabaseURL); err != nil {
+		return nil, err // refuses a URL whose password the driver would split
+	}
 	pc, err := pgxpool.ParseConfig(cfg.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("database.url: invalid connection string")

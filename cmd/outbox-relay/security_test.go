@@ -424,3 +424,78 @@ func readSASL(t *testing.T, broker, password, topic string, want int) int {
 	}
 	return n
 }
+
+// TestMalformedConnStringsNeverShown runs run, status, migrate, parked list and consume with
+// malformed connection strings, the most common mistakes first (an unescaped '@' in the password,
+// an unterminated quote), with passwords holding @ : / % ' " and spaces, and checks that nothing
+// the binary prints holds the password or a piece of it. The old redaction printed "lookup
+// Tail99@127.0.0.1: no such host", "password=xxxxx Tail99" and, for p@ss, "user=xxxxxostgres".
+func TestMalformedConnStringsNeverShown(t *testing.T) {
+	t.Parallel()
+	broker := closedPort(t)
+	for _, c := range []struct {
+		name     string
+		env      []string
+		password string
+		want     string // in stderr: the key or endpoint at fault
+	}{
+		{"url, unescaped @", []string{"OUTBOX_DATABASE_URL=postgres://relay:Hunter2@Tail99@127.0.0.1:5432/outbox_nodb"},
+			"Hunter2@Tail99", "database.url: the user:password part of the URL (before its last at sign) contains an at sign"},
+		{"url, p@ss", []string{"OUTBOX_DATABASE_URL=postgres://postgres:p@ss@127.0.0.1:5432/outbox_nodb"},
+			"p@ss", "percent-encode it there"},
+		{"url, slash", []string{"OUTBOX_DATABASE_URL=postgres://relay:Hunter2/Tail99@127.0.0.1:5432/outbox_nodb"},
+			"Hunter2/Tail99", "contains a slash"},
+		{"url, percent", []string{"OUTBOX_DATABASE_URL=postgres://relay:Hunter2%Tail99@127.0.0.1:5432/outbox_nodb"},
+			"Hunter2%Tail99", "percent sign not followed by two hex digits"},
+		{"url, space and quotes", []string{`OUTBOX_DATABASE_URL=postgres://relay:Hunter2 'Tail99" Mike@127.0.0.1:5432/outbox_nodb`},
+			`Hunter2 'Tail99" Mike`, "a space or a control character"},
+		{"url, colon, escaped", []string{"OUTBOX_DATABASE_URL=postgres://relay:Hunter2:Tail99%40Mike@127.0.0.1:5432/outbox_nodb"},
+			"Hunter2:Tail99@Mike", "database 127.0.0.1:5432/outbox_nodb"},
+		{"key=value, unterminated quote", []string{"OUTBOX_DATABASE_URL=host=127.0.0.1 user=relay password='Hunter2 Tail99 dbname=outbox_nodb"},
+			"Hunter2 Tail99", "unterminated quoted string"},
+		{"key=value, unquoted space", []string{"OUTBOX_DATABASE_URL=host=127.0.0.1 user=relay password=Hunter2 Tail99 dbname=outbox_nodb"},
+			"Hunter2 Tail99", "database.url: cannot parse the connection string"},
+		{"key=value, p@ss", []string{"OUTBOX_DATABASE_URL=host=127.0.0.1 user=postgres password=p@ss dbname=outbox_nodb"},
+			"p@ss", `database "outbox_nodb" does not exist`},
+		{"key=value, @ : / % and quotes", []string{`OUTBOX_DATABASE_URL=host=127.0.0.1 user=relay password='Hunter2@Tail99:Mike/Oscar%zz \'Papa"' dbname=outbox_nodb`},
+			`Hunter2@Tail99:Mike/Oscar%zz 'Papa"`, "database 127.0.0.1:5432/outbox_nodb"},
+		{"rabbitmq url, unescaped @", []string{"OUTBOX_DATABASE_URL=" + dbtest.URL(), "OUTBOX_SINK=rabbitmq",
+			"OUTBOX_RABBITMQ_URL=amqp://relay:Hunter2@Tail99@" + broker + "/"}, "Hunter2@Tail99", "rabbitmq.url"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			env := append([]string{"OUTBOX_KAFKA_BROKERS=" + broker, "OUTBOX_HTTP_ADDR=", "OUTBOX_CONSUMER_HTTP_ADDR=",
+				"OUTBOX_RELAY_STARTUP_TIMEOUT=3s", "OUTBOX_DATABASE_CONNECT_TIMEOUT=3s", "OUTBOX_LOG_LEVEL=debug"}, c.env...)
+			secret := []string{c.password}
+			if at := strings.IndexByte(c.password, '@'); at >= 0 {
+				secret = append(secret, c.password[at+1:]+"@") // a host made of the password's end: "lookup ss@127.0.0.1"
+			}
+			for _, p := range strings.FieldsFunc(c.password, func(r rune) bool { return strings.ContainsRune("@:/%'\" ", r) }) {
+				if len(p) >= 3 {
+					secret = append(secret, p)
+				}
+			}
+			commands := [][]string{{"run"}, {"status"}, {"migrate"}, {"parked", "list"}, {"consume"}}
+			if strings.HasPrefix(c.name, "rabbitmq") {
+				commands = commands[:1]
+			}
+			for _, args := range commands {
+				stdout, stderr, code := runBin(t, 90*time.Second, env, args...)
+				if code == 0 {
+					t.Errorf("%v: exit 0", args)
+				}
+				if args[0] == "run" && !strings.Contains(stderr, c.want) {
+					t.Errorf("%v: stderr does not say %q:\n%s", args, c.want, stderr)
+				}
+				for _, s := range secret {
+					if strings.Contains(stdout+stderr, s) {
+						t.Errorf("%v prints %q:\n%s%s", args, s, stdout, stderr)
+					}
+				}
+				if strings.Contains(stderr, "xxxxxostgres") {
+					t.Errorf("%v: a short password masked every letter like it:\n%s", args, stderr)
+				}
+			}
+		})
+	}
+}
