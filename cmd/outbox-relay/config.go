@@ -168,8 +168,14 @@ func addFlags(fs *pflag.FlagSet) {
 }
 
 // loadConfig reads the file (if any), the environment and the flags, in increasing precedence.
+// Its error joins every problem found: unknown flags, unknown or refused keys in the file
+// (secrets among them), refused variables, and every invalid value. The configuration is
+// returned with the error when it could be read, so callers can add their own checks to the
+// same report. Unknown OUTBOX_* variables are not errors: each is logged as a warning, to
+// fs.Output(), naming the closest variable that exists.
 func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 	v := newViper()
+	errs := unknownFlags(fs)
 	for _, s := range settings {
 		if f := fs.Lookup(flagName(s.key)); f != nil && !s.secret {
 			if err := v.BindPFlag(s.key, f); err != nil {
@@ -184,30 +190,214 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 	if file != "" {
 		v.SetConfigFile(file)
 		if err := v.ReadInConfig(); err != nil {
-			return nil, nil, fmt.Errorf("config file %s: %w", file, err)
+			return nil, nil, errors.Join(append(errs, fmt.Errorf("config file %s: %w", file, err))...)
 		}
-		known := map[string]bool{}
-		for _, s := range settings {
-			known[s.key] = true
-		}
-		for _, k := range v.AllKeys() {
-			if why, ok := fixedKeys[k]; ok {
-				return nil, nil, fmt.Errorf("config file %s: %s: not configurable: %s", file, k, why)
-			}
-			if !known[k] {
-				return nil, nil, fmt.Errorf("config file %s: unknown key %q (run 'outbox-relay run --help' for the keys)", file, k)
-			}
-		}
+		errs = append(errs, fileKeyErrors(file)...)
 	}
-	for k, why := range fixedKeys {
+	for _, k := range sortedKeys(fixedKeys) {
 		if os.Getenv(envName(k)) != "" {
-			return nil, nil, fmt.Errorf("%s (%s): not configurable: %s", k, envName(k), why)
+			errs = append(errs, fmt.Errorf("%s (%s): not configurable: %s", k, envName(k), fixedKeys[k]))
 		}
 	}
 	cfg, err := parseConfig(v)
 	processSecrets.AddConnString(cfg.DatabaseURL, cfg.RabbitMQ.URL)
 	processSecrets.Add(cfg.Kafka.SASL.Password)
-	return cfg, v, err
+	errs = append(errs, err)
+	if warnings := unknownEnv(); len(warnings) > 0 {
+		log := newLogger(fs.Output(), cfg.LogLevel, cfg.LogFormat)
+		for _, w := range warnings {
+			log.Warn("unknown environment variable ignored", "name", w[0], "did_you_mean", w[1])
+		}
+	}
+	return cfg, v, errors.Join(errs...)
+}
+
+// unknownFlags reports the flags fs does not define (pflag passed them on as arguments), each
+// with the closest flag that exists.
+func unknownFlags(fs *pflag.FlagSet) []error {
+	var names []string
+	fs.VisitAll(func(f *pflag.Flag) { names = append(names, f.Name) })
+	var errs []error
+	for _, a := range fs.Args() {
+		if a == "-" || !strings.HasPrefix(a, "-") {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		hint := "--help lists the flags"
+		if c := closest(name, names); near(name, c) {
+			hint = "did you mean --" + c + "?"
+		}
+		errs = append(errs, fmt.Errorf("unknown flag %s (%s)", a, hint))
+	}
+	return errs
+}
+
+// fileKeyErrors reports every key of the YAML file that is unknown, not configurable, or a
+// secret with a value: secrets are read only from the environment or from their *_file key.
+func fileKeyErrors(file string) []error {
+	fv := viper.New()
+	fv.SetConfigFile(file)
+	if err := fv.ReadInConfig(); err != nil {
+		return []error{fmt.Errorf("config file %s: %w", file, err)}
+	}
+	known := map[string]setting{}
+	var keys []string
+	for _, s := range settings {
+		known[s.key] = s
+		keys = append(keys, s.key)
+	}
+	var errs []error
+	for _, k := range fv.AllKeys() { // sorted
+		s, ok := known[k]
+		switch why, fixed := fixedKeys[k]; {
+		case fixed:
+			errs = append(errs, fmt.Errorf("config file %s: %s: not configurable: %s", file, k, why))
+		case !ok:
+			hint := "'outbox-relay run --help' lists the keys"
+			if c := closest(k, keys); near(k, c) {
+				hint = "did you mean " + c + "?"
+			}
+			errs = append(errs, fmt.Errorf("config file %s: unknown key %q (%s)", file, k, hint))
+		case s.secret && strings.TrimSpace(fv.GetString(k)) != "":
+			errs = append(errs, fmt.Errorf("config file %s: %s: a secret is not read from the config file (files like it are "+
+				"committed and shared); leave it empty there and set %s, or %s_file to a file holding it", file, k, envName(k), k))
+		}
+	}
+	return errs
+}
+
+// envExempt are OUTBOX_* variables that are not settings but are read by the tests and the
+// benchmarks; they draw no warning.
+var envExempt = []string{"OUTBOX_TEST_", "OUTBOX_BENCH_", "OUTBOX_RELAY_BIN="}
+
+// unknownEnv returns, for every non-empty OUTBOX_* variable that names no setting, its name and
+// the closest variable that does, sorted by name.
+func unknownEnv() [][2]string {
+	known := map[string]bool{"OUTBOX_CONFIG": true}
+	for k := range fixedKeys {
+		known[envName(k)] = true // refused with the reason, not unknown
+	}
+	names := []string{"OUTBOX_CONFIG"}
+	for _, s := range settings {
+		known[envName(s.key)] = true
+		names = append(names, envName(s.key))
+	}
+	var out [][2]string
+	for _, kv := range os.Environ() {
+		name, val, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(name, "OUTBOX_") || val == "" || known[name] {
+			continue
+		}
+		exempt := false
+		for _, e := range envExempt {
+			exempt = exempt || strings.HasPrefix(name+"=", e)
+		}
+		if !exempt {
+			out = append(out, [2]string{name, closest(name, names)})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i][0] < out[j][0] })
+	return out
+}
+
+// closest returns the candidate nearest to name by edit distance (the first one on a tie).
+func closest(name string, candidates []string) string {
+	best, bestDist := "", -1
+	for _, c := range candidates {
+		if d := editDistance(name, c); bestDist < 0 || d < bestDist {
+			best, bestDist = c, d
+		}
+	}
+	return best
+}
+
+// near reports whether candidate is close enough to name to be suggested for it: a typo, not
+// another word.
+func near(name, candidate string) bool {
+	return editDistance(name, candidate) <= max(2, len(name)/3)
+}
+
+// editDistance is the Levenshtein distance between a and b, in bytes.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// joinNew joins to first the errors of more that name a key first does not already name, so a
+// value refused by parseConfig is not reported a second time by a component's Validate.
+func joinNew(first, more error) error {
+	named := map[string]bool{}
+	for _, e := range leaves(first) {
+		for _, k := range errKeys(e) {
+			named[k] = true
+		}
+	}
+	out := leaves(first)
+	for _, e := range leaves(more) {
+		dup := false
+		for _, k := range errKeys(e) {
+			dup = dup || named[k] || named[k+"_file"] // "database.url: required" after "database.url_file: ..."
+		}
+		if !dup {
+			out = append(out, e)
+		}
+	}
+	return errors.Join(out...)
+}
+
+// leaves flattens joined errors.
+func leaves(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []error
+		for _, e := range j.Unwrap() {
+			out = append(out, leaves(e)...)
+		}
+		return out
+	}
+	return []error{err}
+}
+
+// errKeys returns the keys an error message starts with ("kafka.tls.cert_file, kafka.tls.key_file:
+// ..."), or none.
+func errKeys(err error) []string {
+	head, _, ok := strings.Cut(err.Error(), ": ")
+	if !ok {
+		return nil
+	}
+	var keys []string
+	for _, k := range strings.Split(head, ", ") {
+		if k = strings.TrimSpace(k); k != "" && !strings.ContainsAny(k, " \t") {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 // reader converts raw values, collecting errors that name the key.
@@ -386,13 +576,23 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	return c, errors.Join(r.errs...)
 }
 
+// requireDatabase checks what connecting to the database needs: a connection string the
+// driver reads as written.
+func (c *Config) requireDatabase() error {
+	if c.DatabaseURL == "" {
+		return errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
+	}
+	if _, err := postgres.ParseURL(c.DatabaseURL); err != nil {
+		return err // names database.url, without the string
+	}
+	return nil
+}
+
 // requireRelay checks what running the relay needs beyond parsing.
 func (c *Config) requireRelay() error {
 	var errs []error
-	if c.DatabaseURL == "" {
-		errs = append(errs, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)"))
-	} else if _, err := postgres.ParseURL(c.DatabaseURL); err != nil {
-		errs = append(errs, err) // names database.url, without the password
+	if err := c.requireDatabase(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.Sink == "rabbitmq" {
 		return errors.Join(errs...) // rabbitmq.* was validated by parseConfig

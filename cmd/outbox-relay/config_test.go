@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,6 +30,13 @@ func configEnv(t *testing.T, env map[string]string) {
 // environment and flags, and checks what running needs.
 func loadFor(t *testing.T, yaml string, flags ...string) (*Config, error) {
 	t.Helper()
+	cfg, _, err := loadLogged(t, yaml, flags...)
+	return cfg, err
+}
+
+// loadLogged is loadFor, also returning what loading wrote to stderr (the warnings).
+func loadLogged(t *testing.T, yaml string, flags ...string) (*Config, string, error) {
+	t.Helper()
 	var stderr bytes.Buffer
 	fs := newFlagSet("run", "test", &stderr)
 	addFlags(fs)
@@ -39,13 +48,13 @@ func loadFor(t *testing.T, yaml string, flags ...string) (*Config, error) {
 		flags = append(flags, "--config", file)
 	}
 	if err := fs.Parse(flags); err != nil {
-		return nil, err
+		return nil, stderr.String(), err
 	}
 	cfg, _, err := loadConfig(fs)
-	if err != nil {
-		return cfg, err
+	if cfg != nil {
+		err = joinNew(err, cfg.requireRelay()) // as runCmd does
 	}
-	return cfg, cfg.requireRelay()
+	return cfg, stderr.String(), err
 }
 
 // validEnv is a minimal valid configuration of the relay.
@@ -171,6 +180,110 @@ func TestConfigAllErrorsAtOnce(t *testing.T) {
 	}
 }
 
+// TestConfigAllErrorsAtOnceAcrossSources: mistakes in flags, in the YAML file and in the
+// checks of what running needs come out in one error from 'run', each named once.
+func TestConfigAllErrorsAtOnceAcrossSources(t *testing.T) {
+	configEnv(t, validEnv)
+	for _, c := range []struct {
+		name  string
+		yaml  string
+		flags []string
+		want  []string
+	}{
+		{"two bad flag values", "", []string{"--relay-batch-size", "0", "--kafka-compression", "brotli"},
+			[]string{`relay.batch_size: must be an integer between 1 and 10000, got "0"`, `kafka.compression: must be none, gzip, snappy, lz4 or zstd, got "brotli"`}},
+		{"two unknown flags", "", []string{"--relay-batchsize", "0", "--kafka-compresion=zstd"},
+			[]string{"unknown flag --relay-batchsize (did you mean --relay-batch-size?)", "unknown flag --kafka-compresion=zstd (did you mean --kafka-compression?)"}},
+		{"two unknown YAML keys", "relay:\n  batchsize: 5\nkafka:\n  brokerz: k:9092\n", nil,
+			[]string{`unknown key "kafka.brokerz" (did you mean kafka.brokers?)`, `unknown key "relay.batchsize" (did you mean relay.batch_size?)`}},
+		{"unknown flag and key far from any", "zebra: 1\n", []string{"--quux"},
+			[]string{"unknown flag --quux (--help lists the flags)", `unknown key "zebra" ('outbox-relay run --help' lists the keys)`}},
+		{"flag and YAML", "relay:\n  batchsize: 5\n  poll_interval: 5\nkafka:\n  acks: 1\n",
+			[]string{"--kafka-compression", "brotli", "--http-adr", ":1"},
+			[]string{`unknown key "relay.batchsize"`, "kafka.acks: not configurable", "relay.poll_interval: must be a duration",
+				`kafka.compression: must be none`, "unknown flag --http-adr (did you mean --http-addr?)"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			args := append([]string{"run"}, c.flags...)
+			if c.yaml != "" {
+				file := filepath.Join(t.TempDir(), "outbox-relay.yaml")
+				if err := os.WriteFile(file, []byte(c.yaml), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				args = append(args, "--config", file)
+			}
+			var stdout, stderr bytes.Buffer
+			code := dispatch(context.Background(), args, &stdout, &stderr)
+			if code != 1 {
+				t.Errorf("exit %d, want 1; stderr:\n%s", code, stderr.String())
+			}
+			for _, w := range c.want {
+				if n := strings.Count(stderr.String(), w); n != 1 {
+					t.Errorf("stderr names %q %d times, want once:\n%s", w, n, stderr.String())
+				}
+			}
+		})
+	}
+	// A value refused while parsing is not reported again by the component's own check.
+	_, err := loadFor(t, "", "--kafka-max-record-bytes", "5")
+	if err == nil || strings.Count(err.Error(), "kafka.max_record_bytes") != 1 {
+		t.Errorf("kafka.max_record_bytes not named exactly once: %v", err)
+	}
+}
+
+// TestConfigUnknownEnvWarns: every OUTBOX_* variable that names no setting is logged as a
+// warning with the closest one; the variables of the tests and benchmarks are not.
+func TestConfigUnknownEnvWarns(t *testing.T) {
+	env := map[string]string{
+		"OUTBOX_RELAY_BATCHSIZE":    "0",
+		"OUTBOX_KAFKA_BROKER":       "k:9092",
+		"OUTBOX_TEST_DATABASE_URL":  "postgres://x@h/db",
+		"OUTBOX_TEST_KEEP_SCHEMA":   "1",
+		"OUTBOX_BENCH_CHILD":        "1",
+		"OUTBOX_RELAY_BIN":          "/bin/true",
+		"OUTBOX_DATABASE_URL_FILE":  "",
+		"OUTBOX_HTTP_STALL_TIMEOUT": "30s",
+	}
+	for k, v := range validEnv {
+		env[k] = v
+	}
+	configEnv(t, env)
+	cfg, logs, err := loadLogged(t, "")
+	if err != nil {
+		t.Fatalf("a misspelled variable is a warning, not an error: %v", err)
+	}
+	if cfg.Relay.BatchSize != 1000 {
+		t.Errorf("relay.batch_size = %d: the misspelled variable was used", cfg.Relay.BatchSize)
+	}
+	warned := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+		var l struct {
+			Level, Msg, Name string
+			DidYouMean       string `json:"did_you_mean"`
+		}
+		if err := json.Unmarshal([]byte(line), &l); err != nil {
+			t.Fatalf("not a JSON log line: %q", line)
+		}
+		if l.Level != "WARN" || l.Msg != "unknown environment variable ignored" {
+			t.Errorf("unexpected line %q", line)
+		}
+		warned[l.Name] = l.DidYouMean
+	}
+	want := map[string]string{"OUTBOX_RELAY_BATCHSIZE": "OUTBOX_RELAY_BATCH_SIZE", "OUTBOX_KAFKA_BROKER": "OUTBOX_KAFKA_BROKERS"}
+	if !maps.Equal(warned, want) {
+		t.Errorf("warned %v, want %v", warned, want)
+	}
+	// In the text format when log.format is text; none at log.level error.
+	t.Setenv("OUTBOX_LOG_FORMAT", "text")
+	if _, logs, _ = loadLogged(t, ""); !strings.Contains(logs, "level=WARN msg=\"unknown environment variable ignored\" name=OUTBOX_KAFKA_BROKER did_you_mean=OUTBOX_KAFKA_BROKERS") {
+		t.Errorf("text warning: %q", logs)
+	}
+	t.Setenv("OUTBOX_LOG_LEVEL", "error")
+	if _, logs, _ = loadLogged(t, ""); logs != "" {
+		t.Errorf("warnings at log.level error: %q", logs)
+	}
+}
+
 func TestConfigFileKeys(t *testing.T) {
 	configEnv(t, validEnv)
 	if _, err := loadFor(t, "kafka:\n  brokerz: 127.0.0.1:9092\n"); err == nil ||
@@ -187,6 +300,24 @@ func TestConfigFileKeys(t *testing.T) {
 	}
 	if _, err := loadFor(t, "relay: [1, 2"); err == nil || !strings.Contains(err.Error(), "config file") {
 		t.Errorf("malformed YAML: %v", err)
+	}
+	// Secrets are refused in the file, without showing them; empty placeholders are accepted.
+	for _, secret := range []struct{ yaml, key, env string }{
+		{"database:\n  url: postgres://relay:Hunter2@db:5432/app\n", "database.url", "OUTBOX_DATABASE_URL"},
+		{"kafka:\n  sasl:\n    password: Hunter2\n", "kafka.sasl.password", "OUTBOX_KAFKA_SASL_PASSWORD"},
+		{"rabbitmq:\n  url: amqp://relay:Hunter2@mq:5672/\n", "rabbitmq.url", "OUTBOX_RABBITMQ_URL"},
+	} {
+		_, err := loadFor(t, secret.yaml)
+		if err == nil || !strings.Contains(err.Error(), secret.key+": a secret is not read from the config file") ||
+			!strings.Contains(err.Error(), secret.env) || !strings.Contains(err.Error(), secret.key+"_file") {
+			t.Errorf("%s in YAML: %v", secret.key, err)
+		}
+		if err != nil && strings.Contains(err.Error(), "Hunter2") {
+			t.Errorf("%s in YAML: the error shows it: %v", secret.key, err)
+		}
+	}
+	if _, err := loadFor(t, "database:\n  url: \"\"\nkafka:\n  sasl:\n    password: \"\"\n"); err != nil {
+		t.Errorf("empty secrets in YAML refused: %v", err)
 	}
 	cfg, err := loadFor(t, "relay:\n  batch_size: 42\n  max_in_flight: 84\nkafka:\n  sasl:\n    mechanism: SCRAM-SHA-256\n    username: relay\n")
 	if err == nil {

@@ -29,13 +29,13 @@ func consumeCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	cfg, v, err := loadConfig(fs)
+	if cfg != nil {
+		err = joinNew(err, cfg.requireDatabase())
+	}
 	if err != nil {
 		return err
 	}
 	ccfg, httpAddr := cfg.Consumer, cfg.ConsumerHTTPAddr
-	if cfg.DatabaseURL == "" {
-		return errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
-	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
 

@@ -90,6 +90,9 @@ func usage(w io.Writer) {
 // newFlagSet returns a flag set whose usage lists every flag with its environment variable.
 func newFlagSet(name, summary string, stderr io.Writer) *pflag.FlagSet {
 	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	// Unknown flags land in fs.Args(), for loadConfig to report them all with the errors of the
+	// other settings, rather than pflag stopping at the first.
+	fs.ParseErrorsAllowlist.UnknownFlagsHandling = pflag.PassUnknownFlagToArgs
 	fs.SetOutput(stderr)
 	fs.SortFlags = false
 	fs.Usage = func() {
@@ -145,6 +148,9 @@ func versionCmd(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	fs := newFlagSet("version", "Print the version and the revision it was built from.", stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	fmt.Fprintf(stdout, "outbox-relay %s (revision %s)\n", version, revision)
 	return nil

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 
@@ -50,11 +49,11 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 // loadDatabase loads the configuration of a command that needs only the database, and connects.
 func loadDatabase(ctx context.Context, fs *pflag.FlagSet) (*Config, *pgxpool.Pool, error) {
 	cfg, _, err := loadConfig(fs)
+	if cfg != nil {
+		err = joinNew(err, cfg.requireDatabase())
+	}
 	if err != nil {
 		return nil, nil, err
-	}
-	if cfg.DatabaseURL == "" {
-		return nil, nil, errors.New("database.url: required (set OUTBOX_DATABASE_URL or database.url_file)")
 	}
 	pool, err := openPool(ctx, cfg)
 	if err != nil {

@@ -26,10 +26,10 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	cfg, v, err := loadConfig(fs)
-	if err != nil {
-		return err
+	if cfg != nil {
+		err = joinNew(err, cfg.requireRelay()) // every mistake in one report
 	}
-	if err := cfg.requireRelay(); err != nil {
+	if err != nil {
 		return err
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
