@@ -35,3 +35,8 @@ func (e *GroupError) Error() string { return e.Err.Error() }
 
 // Unwrap returns the sink's error.
 func (e *GroupError) Unwrap() error { return e.Err }
+
+// ErrSessionUnsupported is returned by a Store whose connections cannot keep a database session
+// (a connection pooler in transaction or statement mode). The relay's leadership, wake-ups and
+// mark fence depend on one, so Run stops with this error instead of retrying.
+var ErrSessionUnsupported = errors.New("database session unsupported")

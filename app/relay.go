@@ -62,7 +62,9 @@ func (r *Relay) Connected() bool { return r.connected.Load() }
 
 // Run relays until ctx is cancelled. On cancellation it stops claiming, waits up to
 // ShutdownTimeout for what is in flight, marks what was acknowledged, and returns nil.
-// Database failures are retried with capped backoff; Run returns an error only for bugs.
+// Database failures are retried with capped backoff; Run returns an error only for a session
+// the database cannot keep (ErrSessionUnsupported: retrying cannot help, and the relay must not
+// lead on it) and for bugs.
 func (r *Relay) Run(ctx context.Context) error {
 	delay := 100 * time.Millisecond
 	for ctx.Err() == nil {
@@ -70,6 +72,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		if err != nil {
 			if ctx.Err() != nil {
 				break
+			}
+			if errors.Is(err, ErrSessionUnsupported) {
+				return err
 			}
 			level := slog.LevelWarn
 			if delay > 100*time.Millisecond {
@@ -91,6 +96,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		r.setConnected(false)
 		if ctx.Err() != nil {
 			break
+		}
+		if errors.Is(err, ErrSessionUnsupported) {
+			return err
 		}
 		r.log.Warn("database session ended, reconnecting", "err", err, "retry_in", delay)
 		if !sleep(ctx, jitter(delay)) {

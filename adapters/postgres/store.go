@@ -196,8 +196,11 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		failing: `SELECT aggregate_type, coalesce(aggregate_id, ''), min(id) FROM ` + t.outbox() + `
 			WHERE attempts > 0 AND dispatched_at IS NULL GROUP BY 1, 2`,
 		parkedKeys: `SELECT DISTINCT aggregate_type, coalesce(aggregate_id, '') FROM ` + t.parked(),
+		// The lock is taken only on the session's own backend ($2): a pooler that moved the
+		// session to another backend (transaction pooling) must not leave a lock behind there.
 		lock: `SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on',
-				pg_try_advisory_lock(hashtextextended($1, 0))`,
+				pg_backend_pid(),
+				CASE WHEN pg_backend_pid() = $2 THEN pg_try_advisory_lock(hashtextextended($1, 0)) ELSE false END`,
 		listen: `LISTEN ` + pgx.Identifier{t.Channel()}.Sanitize(),
 		// Whether the session whose backend is $1 still holds an advisory lock: the leadership.
 		leading: `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted)`,
@@ -222,7 +225,21 @@ func (s *Store) Open(ctx context.Context) (app.Session, error) {
 		return nil, fmt.Errorf("connect to database: %s", Redact(err.Error(), s.conn.Password))
 	}
 	sess.conn = conn
-	sess.pid = conn.PgConn().PID()
+	pid, err := backendPID(ctx, conn, func(ctx context.Context) (*pgx.Conn, error) {
+		pcfg := s.conn.Copy()
+		SetApplicationName(pcfg)
+		pcfg.RuntimeParams["application_name"] = truncate(pcfg.RuntimeParams["application_name"]+" probe", 63)
+		c, err := pgx.ConnectConfig(ctx, pcfg)
+		if err != nil {
+			return nil, fmt.Errorf("connect to database: %s", Redact(err.Error(), s.conn.Password))
+		}
+		return c, nil
+	})
+	if err != nil {
+		_ = conn.Close(context.WithoutCancel(ctx))
+		return nil, sess.wrap(err)
+	}
+	sess.pid = pid
 	return sess, nil
 }
 
@@ -242,7 +259,7 @@ type session struct {
 	store    *Store
 	conn     *pgx.Conn
 	notified atomic.Bool
-	pid      uint32 // conn's backend process id
+	pid      int32 // conn's server backend process id, from pg_backend_pid() (a pooler's key is not it)
 	// markConn runs the marks, so a mark's commit does not hold up the claims on conn. It is
 	// used by one Mark at a time and closed by Close.
 	markConn *pgx.Conn
@@ -263,8 +280,13 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	var readOnly, locked bool
-	if err := s.conn.QueryRow(ctx, s.store.q.lock, s.store.table.lockKey()).Scan(&readOnly, &locked); err != nil {
+	var pid int32
+	if err := s.conn.QueryRow(ctx, s.store.q.lock, s.store.table.lockKey(), s.pid).Scan(&readOnly, &pid, &locked); err != nil {
 		return false, s.wrap(err)
+	}
+	if pid != s.pid {
+		return false, fmt.Errorf("%w: "+errPooled+" (this session's server backend changed from %d to %d)",
+			app.ErrSessionUnsupported, "transaction", s.pid, pid)
 	}
 	if readOnly {
 		if locked {
@@ -397,9 +419,26 @@ func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 // It runs on the session's mark connection, so it may run beside the other methods, and commits
 // only if the session still holds the leadership (else it returns app.ErrNotLeader): as when
 // the marks ran on the session's own connection, a term's marks end with its leadership.
+//
+// The mark connection idles between marks, and the server may end an idle session
+// (idle_session_timeout, a proxy's idle limit) without the term being over: a mark that finds its
+// connection gone is run once more on a new one. That is safe because a mark is idempotent (it
+// deletes or stamps rows not yet marked) and fenced in its own transaction.
 func (s *session) Mark(ctx context.Context, ids []int64) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
+	reused := s.markConn != nil && !s.markConn.IsClosed()
+	err := s.mark(ctx, ids)
+	if err != nil && reused && !errors.Is(err, app.ErrNotLeader) && ctx.Err() == nil &&
+		(s.markConn == nil || s.markConn.IsClosed()) {
+		err = s.mark(ctx, ids)
+	}
+	return s.wrap(err)
+}
+
+// mark runs one fenced mark, connecting the mark connection first if it is not open. It closes
+// the connection when it is left unusable.
+func (s *session) mark(ctx context.Context, ids []int64) error {
 	if s.markConn == nil || s.markConn.IsClosed() {
 		cfg := s.store.conn.Copy()
 		SetApplicationName(cfg)
@@ -442,7 +481,7 @@ func (s *session) Mark(ctx context.Context, ids []int64) error {
 	if err != nil && !s.markConn.IsClosed() && s.markConn.PgConn().TxStatus() != 'I' {
 		_ = s.markConn.Close(ctx) // left in a transaction: reconnect on the next Mark
 	}
-	return s.wrap(err)
+	return err
 }
 
 // Retry implements app.Session.

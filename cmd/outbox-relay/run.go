@@ -54,6 +54,8 @@ type daemon struct {
 // serve starts the relay and blocks until ctx ends and the relay has flushed. started, when not
 // nil, is called once everything is up.
 func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*daemon)) error {
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	d, err := start(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -75,6 +77,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*dae
 	}
 	wg.Go(func() { d.broker.watch(ctx) })
 	err = d.relay.Run(ctx)
+	stop() // Run returns early only on a fatal error: end the helpers with it
 	if d.server != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = d.server.Shutdown(sctx)
@@ -95,6 +98,12 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	secret := connCfg.Password
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartupTimeout)
 	defer cancel()
+	// A pooler that cannot keep the relay's session is refused first, in one line: no retry can
+	// fix it, and the pool's prepared statements would fail on it with a less helpful error.
+	// Other errors (the database not up yet) are left to the checks below.
+	if err := postgres.CheckSession(sctx, connCfg); errors.Is(err, app.ErrSessionUnsupported) {
+		return nil, err
+	}
 
 	poolCfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
 	if err != nil {
