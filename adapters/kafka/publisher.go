@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -237,9 +238,13 @@ func classify(r *kgo.Record, err error) error {
 	return &app.GroupError{Group: fmt.Sprintf("%s/%d", r.Topic, r.Partition), Err: err}
 }
 
+// truncate returns s cut to at most n bytes, at a character boundary, with "..." when cut.
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
 	return s[:n] + "..."
 }

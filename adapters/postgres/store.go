@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -371,7 +372,7 @@ func (s *session) Mark(ctx context.Context, ids []int64) error {
 func (s *session) Retry(ctx context.Context, id int64, reason string, delay time.Duration) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.conn.Exec(ctx, s.store.q.retry, id, truncate(reason, 2000), delay)
+	_, err := s.conn.Exec(ctx, s.store.q.retry, id, reasonText(reason), delay)
 	return s.wrap(err)
 }
 
@@ -379,7 +380,7 @@ func (s *session) Retry(ctx context.Context, id int64, reason string, delay time
 func (s *session) Park(ctx context.Context, id int64, reason string) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.conn.Exec(ctx, s.store.q.park, id, truncate(reason, 2000))
+	_, err := s.conn.Exec(ctx, s.store.q.park, id, reasonText(reason))
 	return s.wrap(err)
 }
 
@@ -460,11 +461,28 @@ func Redact(s, secret string) string {
 	return strings.ReplaceAll(s, secret, "xxxxx")
 }
 
+// truncate returns s cut to at most n bytes, at a character boundary: PostgreSQL refuses text
+// that ends in part of a character (SQLSTATE 22021).
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
 	return s[:n]
+}
+
+// reasonMaxBytes bounds the reasons stored in last_error and the parked table's reason.
+const reasonMaxBytes = 2000
+
+// reasonText returns reason as PostgreSQL stores it in a text column: valid UTF-8 without NUL
+// bytes (either would make it refuse the row's update, and the relay would fail on that row
+// again at every attempt), at most reasonMaxBytes long.
+func reasonText(reason string) string {
+	reason = strings.ToValidUTF8(reason, "\uFFFD")
+	reason = strings.ReplaceAll(reason, "\x00", "\uFFFD")
+	return truncate(reason, reasonMaxBytes)
 }
 
 var urlPassword = regexp.MustCompile(`(://[^:/@\s]*:)[^@\s]*@`)
