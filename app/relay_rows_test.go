@@ -14,6 +14,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
 // The rows of a new user's first hour: what the outbox contract refuses, and what it takes.
@@ -69,6 +70,119 @@ func (e *poisonEnv) recordsByKey(t *testing.T, want int) map[string]*kgo.Record 
 		out[string(r.Key)] = r
 	}
 	return out
+}
+
+// wantParked checks that each of ids is parked at the first attempt with a reason containing the
+// matching want.
+func wantParked(t *testing.T, parked map[int64]parkedRow, ids []int64, want []string) {
+	t.Helper()
+	for i, id := range ids {
+		p, ok := parked[id]
+		switch {
+		case !ok:
+			t.Errorf("row %d (%s) not parked; parked: %v", id, want[i], parked)
+		case p.attempts != 1:
+			t.Errorf("row %d parked after %d attempts, want 1 (at once)", id, p.attempts)
+		case !strings.Contains(p.reason, want[i]):
+			t.Errorf("row %d parked with reason %q, want it to contain %q", id, p.reason, want[i])
+		}
+	}
+}
+
+// TestRelayParksReservedHeaders: a row whose headers set one of the relay's own headers, in any
+// letter case, is parked with a reason naming it instead of being published with two event-id
+// headers (a consumer reading the last would take the writer's). Other headers go through, and
+// every record carries each of the relay's headers once.
+func TestRelayParksReservedHeaders(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 3)
+	var rows []timedRow
+	var reasons []string
+	for i, name := range []string{"event-id", "Event-ID", "EVENT-TYPE", "aggregate-type", "Aggregate-Id", "occurred-at"} {
+		rows = append(rows, timedRow{key: str(fmt.Sprintf("spoof-%d", i)), headers: str(`{"trace-id": "t", "` + name + `": "spoofed"}`)})
+		reasons = append(reasons, fmt.Sprintf("header %q is reserved", name))
+	}
+	rows = append(rows, timedRow{key: str("good"), headers: str(`{"trace-id": "t-1", "event-idx": "not reserved"}`)})
+	ids, eventIDs := e.insertTimed(t, rows...)
+	e.run(t, app.RelayConfig{}, kafka.Config{}, postgres.MarkDelete)
+
+	parked := e.waitParked(t, len(reasons))
+	wantParked(t, parked, ids[:len(reasons)], reasons)
+	if len(parked) != len(reasons) {
+		t.Errorf("parked %d rows, want %d: %v", len(parked), len(reasons), parked)
+	}
+	e.insertTimed(t, timedRow{key: str("sentinel")}) // written last: proves the relay went past them
+	recs := e.recordsByKey(t, 2)
+	good := recs["good"]
+	if good == nil || recs["sentinel"] == nil || len(recs) != 2 {
+		t.Fatalf("published keys %v, want good and sentinel only", recs)
+	}
+	count := map[string]int{}
+	for _, h := range good.Headers {
+		count[strings.ToLower(h.Key)]++
+	}
+	for _, name := range []string{"event-id", "event-type", "aggregate-type", "occurred-at", "trace-id", "event-idx"} {
+		if count[name] != 1 {
+			t.Errorf("header %s appears %d times on the record, want once: %v", name, count[name], good.Headers)
+		}
+	}
+	if got := kafkatest.Header(good, kafka.HeaderEventID); got != eventIDs[len(eventIDs)-1] {
+		t.Errorf("event-id header %q, want the row's event_id %s", got, eventIDs[len(eventIDs)-1])
+	}
+}
+
+// TestRelayOccurredAtRange: occurred_at is sent in RFC 3339, whose years are 0001 to 9999 (in
+// UTC). A row outside them is parked saying so, instead of being published with a header no
+// parser takes ('4000 BC' became -3999-01-01T00:00:00Z); 'infinity' and '-infinity' are parked
+// as not finite; the first and last instants of the range are published as they are.
+func TestRelayOccurredAtRange(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 3)
+	bad := []struct{ at, reason string }{
+		{"4000-01-01 00:00:00+00 BC", "occurred_at year -3999 (UTC) is outside 0001 to 9999"},
+		{"0001-12-31 23:59:59.999999+00 BC", "occurred_at year 0 (UTC) is outside 0001 to 9999"},
+		{"0001-01-01 00:30:00+01", "occurred_at year 0 (UTC) is outside 0001 to 9999"}, // 0000-12-31T23:30Z
+		{"10000-01-01 00:00:00+00", "occurred_at year 10000 (UTC) is outside 0001 to 9999"},
+		{"infinity", "occurred_at is not a finite time"},
+		{"-infinity", "occurred_at is not a finite time"},
+	}
+	good := []struct{ at, header string }{
+		{"0001-01-01 00:00:00+00", "0001-01-01T00:00:00Z"},
+		{"0001-01-01 01:30:00+01", "0001-01-01T00:30:00Z"},
+		{"9999-12-31 23:59:59.999999+00", "9999-12-31T23:59:59.999999Z"},
+		{"2026-03-04 05:06:07.5+02", "2026-03-04T03:06:07.5Z"},
+	}
+	var rows []timedRow
+	var reasons []string
+	for i, b := range bad {
+		rows = append(rows, timedRow{key: str(fmt.Sprintf("bad-%d", i)), occurredAt: b.at})
+		reasons = append(reasons, b.reason)
+	}
+	for i, g := range good {
+		rows = append(rows, timedRow{key: str(fmt.Sprintf("good-%d", i)), occurredAt: g.at})
+	}
+	ids, _ := e.insertTimed(t, rows...)
+	e.run(t, app.RelayConfig{}, kafka.Config{}, postgres.MarkDelete)
+
+	parked := e.waitParked(t, len(bad))
+	wantParked(t, parked, ids[:len(bad)], reasons)
+	if len(parked) != len(bad) {
+		t.Errorf("parked %d rows, want %d: %v", len(parked), len(bad), parked)
+	}
+	recs := e.recordsByKey(t, len(good))
+	for i, g := range good {
+		r := recs[fmt.Sprintf("good-%d", i)]
+		if r == nil {
+			t.Errorf("row with occurred_at %s not published (parked: %v)", g.at, parked[ids[len(bad)+i]])
+			continue
+		}
+		if got := kafkatest.Header(r, kafka.HeaderOccurredAt); got != g.header {
+			t.Errorf("occurred_at %s published with header occurred-at=%s, want %s", g.at, got, g.header)
+		}
+		if _, err := time.Parse(time.RFC3339, kafkatest.Header(r, kafka.HeaderOccurredAt)); err != nil {
+			t.Errorf("occurred-at header is not RFC 3339: %v", err)
+		}
+	}
 }
 
 // TestRelayParksWithLongNonASCIIReason: a reason longer than the stored limit is cut at a character

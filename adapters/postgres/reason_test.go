@@ -2,6 +2,7 @@ package postgres_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -65,5 +68,55 @@ func TestRetryAndParkStoreAnyReason(t *testing.T) {
 				t.Errorf("%s: %s %q, want %q", name, what, got, want)
 			}
 		}
+	}
+}
+
+// TestWriterAppendRefusesWhatTheRelayWouldPark: a Go writer gets an error before its transaction
+// commits, rather than a parked row later, for a header the relay sets itself (in any letter
+// case) and an occurred_at outside the years 0001 to 9999; 0001-01-01 is written as it is.
+func TestWriterAppendRefusesWhatTheRelayWouldPark(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	w, err := postgres.NewWriter(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok := postgres.Message{AggregateType: "order", AggregateID: "o-1", EventType: "OrderPlaced", Payload: []byte("{}")}
+	withHeader := func(name string) postgres.Message {
+		m := ok
+		m.Headers = map[string]string{"trace-id": "t", name: "spoofed"}
+		return m
+	}
+	withTime := func(at time.Time) postgres.Message {
+		m := ok
+		m.OccurredAt = at
+		return m
+	}
+	for name, bad := range map[string]postgres.Message{
+		"event-id":       withHeader("event-id"),
+		"Event-Type":     withHeader("Event-Type"),
+		"AGGREGATE-TYPE": withHeader("AGGREGATE-TYPE"),
+		"aggregate-id":   withHeader("aggregate-id"),
+		"occurred-at":    withHeader("occurred-at"),
+		"year -3999":     withTime(time.Date(-3999, 1, 1, 0, 0, 0, 0, time.UTC)),
+		"year 10000":     withTime(time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)),
+		"year 0 in UTC":  withTime(time.Date(1, 1, 1, 0, 30, 0, 0, time.FixedZone("+01", 3600))),
+	} {
+		err := w.Append(ctx, pool, ok, bad)
+		if !errors.Is(err, app.ErrInvalidMessage) {
+			t.Errorf("Append with %s: %v, want an error wrapping app.ErrInvalidMessage", name, err)
+		}
+	}
+	if rows := readOutbox(t, ctx, pool, table); len(rows) != 0 {
+		t.Fatalf("refused calls wrote %d rows", len(rows))
+	}
+	first := time.Date(1, 1, 1, 0, 0, 0, 1000, time.UTC)
+	if err := w.Append(ctx, pool, withTime(first), withHeader("event-idx")); err != nil {
+		t.Fatalf("Append of valid events: %v", err)
+	}
+	rows := readOutbox(t, ctx, pool, table)
+	if len(rows) != 2 || !rows[0].occurredAt.Equal(first) {
+		t.Fatalf("wrote %d rows, the first with occurred_at %v; want 2, the first at %v", len(rows), rows, first)
 	}
 }

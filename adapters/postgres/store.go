@@ -63,7 +63,7 @@ type queries struct {
 
 // claimPart is one ordered range of the claim query.
 func claimPart(t Table, cond string) string {
-	return `(SELECT id, event_id::text AS event_id, aggregate_type, coalesce(aggregate_id, '') AS aggregate_id,
+	return `(SELECT id, event_id::text AS event_id, aggregate_type, aggregate_id,
 			event_type, payload, coalesce(topic, '') AS topic, headers::text AS headers, occurred_at, created_at, attempts
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
@@ -298,17 +298,24 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 // scanClaimed appends the message of the current row to out, with Scan.
 func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 	var m app.Message
-	var headers *string
+	var aggregateID, headers *string
 	var occurred, created pgtype.Timestamptz
-	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &m.AggregateID, &m.EventType, &m.Payload,
+	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &aggregateID, &m.EventType, &m.Payload,
 		&m.Topic, &headers, &occurred, &created, &m.Attempts); err != nil {
 		return out, err
+	}
+	if aggregateID != nil {
+		m.AggregateID = *aggregateID
+	} else {
+		m.AggregateIDNull = true
 	}
 	if headers != nil {
 		m.Headers = []byte(*headers)
 	}
-	if occurred.InfinityModifier == pgtype.Finite { // infinite: zero, refused by the sinks
+	if occurred.InfinityModifier == pgtype.Finite {
 		m.OccurredAt = occurred.Time
+	} else {
+		m.OccurredAtInfinite = true // refused by the sinks
 	}
 	if created.InfinityModifier == pgtype.Finite {
 		m.CreatedAt = created.Time
