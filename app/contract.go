@@ -80,3 +80,7 @@ func (m *Message) Check() error {
 	}
 	return CheckOccurredAt(m.OccurredAt)
 }
+
+// keyed reports whether m has a valid key. Rows without one are parked one by one, each for
+// itself: they have no order to keep, so they never wait behind another row, nor hold one back.
+func (m *Message) keyed() bool { return m.AggregateID != "" && !m.AggregateIDNull }

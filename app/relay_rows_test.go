@@ -131,6 +131,49 @@ func TestRelayParksReservedHeaders(t *testing.T) {
 	}
 }
 
+// TestRelayParksEachInvalidKey: a NULL and an empty aggregate_id are both invalid, and neither is
+// a key whose order is kept: every such row is parked with its own reason and none waits behind
+// another (order_policy wait), whether that one was parked by this relay (held in memory) or
+// before it started (the parked keys it loads from the database, where a NULL and an empty key looked the
+// same), and the other keys flow.
+func TestRelayParksEachInvalidKey(t *testing.T) {
+	t.Parallel()
+	e := setupPoison(t, 3)
+	const null, empty = "aggregate_id is NULL", "aggregate_id is empty"
+	// Parked before the relay starts: one row of each invalid key.
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO `+
+		pgx.Identifier{e.table.Schema, e.table.Name + "_parked"}.Sanitize()+`
+		(id, event_id, aggregate_type, aggregate_id, event_type, occurred_at, created_at, attempts, reason)
+		VALUES (1000001, gen_random_uuid(), 'order', NULL, 'OrderPlaced', now(), now(), 1, 'old'),
+			(1000002, gen_random_uuid(), 'order', '', 'OrderPlaced', now(), now(), 1, 'old')`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, _ := e.insertTimed(t,
+		timedRow{}, // NULL key
+		timedRow{key: str("")},
+		timedRow{key: str("k1")},
+		timedRow{},
+		timedRow{key: str("")},
+	)
+	e.run(t, app.RelayConfig{OrderPolicy: app.OrderPolicyWait}, kafka.Config{}, postgres.MarkDelete)
+	parked := e.waitParked(t, 2+4)
+	wantParked(t, parked, []int64{ids[0], ids[1], ids[3], ids[4]}, []string{null, empty, null, empty})
+
+	later, _ := e.insertTimed(t, timedRow{key: str("")}, timedRow{}, timedRow{key: str("k2")})
+	parked = e.waitParked(t, 2+6)
+	wantParked(t, parked, later[:2], []string{empty, null})
+	if len(parked) != 2+6 {
+		t.Errorf("parked %d rows, want 8: %v", len(parked), parked)
+	}
+	if recs := e.recordsByKey(t, 2); recs["k1"] == nil || recs["k2"] == nil || len(recs) != 2 {
+		t.Errorf("published keys %v, want k1 and k2", recs)
+	}
+	if pending, _ := e.outboxEventually(t, "[]"); len(pending) != 0 {
+		t.Errorf("rows %v still pending, want none", pending)
+	}
+}
+
 // TestRelayOccurredAtRange: occurred_at is sent in RFC 3339, whose years are 0001 to 9999 (in
 // UTC). A row outside them is parked saying so, instead of being published with a header no
 // parser takes ('4000 BC' became -3999-01-01T00:00:00Z); 'infinity' and '-infinity' are parked
