@@ -618,7 +618,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 			// Parked once the session is free; until then the key's later rows wait, as the
 			// park would make them.
 			l.toPark = append(l.toPark, parkReq{m: m, reason: err.Error()})
-			if l.cfg.OrderPolicy == OrderPolicyWait {
+			if l.cfg.OrderPolicy == OrderPolicyWait && m.keyed() {
 				l.memBlock[m.orderKey()] = 0
 			}
 			continue
@@ -775,7 +775,8 @@ func (l *leadState) parkPutOff(ctx context.Context) error {
 
 // held reports whether m must wait behind an earlier row of its key.
 func (l *leadState) held(m *Message) bool {
-	if len(l.memBlock) > 0 || len(l.dbBlock) > 0 { // the order key is built only when some key waits
+	// The order key is built only when some key waits; a row without a valid key waits for none.
+	if (len(l.memBlock) > 0 || len(l.dbBlock) > 0) && m.keyed() {
 		k := m.orderKey()
 		if head, ok := l.memBlock[k]; ok && head != m.ID {
 			return true
@@ -977,7 +978,7 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	}
 	l.resolved(m.ID)
 	k := m.orderKey()
-	if l.cfg.OrderPolicy == OrderPolicyWait {
+	if l.cfg.OrderPolicy == OrderPolicyWait && m.keyed() { // without a valid key, no order to keep
 		l.memBlock[k] = 0
 	} else if l.memBlock[k] == m.ID {
 		delete(l.memBlock, k)

@@ -242,8 +242,8 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 	}{
 		{"invalid topic", row{key: str("k-topic"), payload: []byte("x"), topic: str("bad topic!")}, true, `topic "bad topic!" is not a valid Kafka topic name`},
 		{"topic too long", row{key: str("k-long"), payload: []byte("x"), topic: str(strings.Repeat("t", 250))}, true, "is not a valid Kafka topic name"},
-		{"NULL key", row{aggType: "nullkey", payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
-		{"empty key", row{aggType: "emptykey", key: str(""), payload: []byte("x")}, false, "aggregate_id (the record key) is NULL or empty"},
+		{"NULL key", row{aggType: "nullkey", payload: []byte("x")}, false, "aggregate_id is NULL"},
+		{"empty key", row{aggType: "emptykey", key: str(""), payload: []byte("x")}, false, "aggregate_id is empty"},
 		{"oversized", row{key: str("k-big"), payload: bytes.Repeat([]byte("b"), 3000)}, true, "exceeds kafka.max_record_bytes (2048)"},
 		{"oversized headers", row{key: str("k-bighdr"), payload: []byte("x"), headers: str(`{"trace": "` + strings.Repeat("h", 3000) + `"}`)}, true, "exceeds kafka.max_record_bytes (2048)"},
 		{"NULL payload", row{key: str("k-null")}, true, "payload is NULL and tombstones are disabled"},

@@ -10,14 +10,21 @@ type Message struct {
 	ID            int64     // the row's id: its place in the outbox's order
 	EventID       string    // the event's UUID, sent as the event-id header
 	AggregateType string    // the aggregate's kind, used by the topic template
-	AggregateID   string    // the record key; "" when the column is NULL or empty
+	AggregateID   string    // the record key; "" when the column is NULL or empty (AggregateIDNull)
 	EventType     string    // sent as the event-type header
 	Payload       []byte    // the record value; nil when the column is NULL
 	Topic         string    // the row's topic override; "" when NULL
 	Headers       []byte    // the row's headers as a JSON object; nil when NULL
-	OccurredAt    time.Time // when the fact happened, as the writer said; zero for 'infinity' (sinks refuse it)
+	OccurredAt    time.Time // when the fact happened, as the writer said; zero for 'infinity' (OccurredAtInfinite)
 	CreatedAt     time.Time // when the row was inserted (clock of the database)
 	Attempts      int       // failed publish attempts so far
+	// AggregateIDNull is true when the aggregate_id column is NULL (AggregateID is then ""): a
+	// NULL and an empty key are both invalid (Check), and each such row is parked on its own.
+	AggregateIDNull bool
+	// OccurredAtInfinite is true when occurred_at is 'infinity' or '-infinity': there is no time
+	// to send, and sinks refuse the row (Check). A zero OccurredAt alone is 0001-01-01T00:00:00Z,
+	// a valid time.
+	OccurredAtInfinite bool
 }
 
 // Size returns an estimate of the bytes m holds in memory.

@@ -8,18 +8,20 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/app"
 )
 
-// Header names set on every record.
+// Header names set on every record: the relay's reserved headers (app.ReservedHeaders) but
+// aggregate-id, which a Kafka record carries as its key.
 const (
-	HeaderEventID       = "event-id"
-	HeaderEventType     = "event-type"
-	HeaderAggregateType = "aggregate-type"
-	HeaderOccurredAt    = "occurred-at"
+	HeaderEventID       = app.HeaderEventID
+	HeaderEventType     = app.HeaderEventType
+	HeaderAggregateType = app.HeaderAggregateType
+	HeaderOccurredAt    = app.HeaderOccurredAt
 )
 
 // recordBatchOverhead bounds the bytes a batch of one record adds to the record's key, value
@@ -146,11 +148,8 @@ func (p *Publisher) record(m *app.Message) (*produced, error) {
 		p.topics[key] = topic
 		p.topicsMu.Unlock()
 	}
-	if m.AggregateID == "" {
-		return nil, fmt.Errorf("%w: aggregate_id (the record key) is NULL or empty", app.ErrInvalidMessage)
-	}
-	if m.OccurredAt.IsZero() {
-		return nil, fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
+	if err := m.Check(); err != nil { // the key and occurred_at
+		return nil, err
 	}
 	if m.Payload == nil && !p.cfg.Tombstones {
 		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
@@ -180,6 +179,9 @@ func (p *Publisher) record(m *app.Message) (*produced, error) {
 			return nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
 		}
 		for k, v := range hs {
+			if err := app.CheckHeader(k); err != nil {
+				return nil, err
+			}
 			s, ok := v.(string)
 			if !ok {
 				return nil, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
@@ -237,9 +239,13 @@ func classify(r *kgo.Record, err error) error {
 	return &app.GroupError{Group: fmt.Sprintf("%s/%d", r.Topic, r.Partition), Err: err}
 }
 
+// truncate returns s cut to at most n bytes, at a character boundary, with "..." when cut.
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
 	return s[:n] + "..."
 }

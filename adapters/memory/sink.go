@@ -39,19 +39,21 @@ var _ app.Sink = (*Sink)(nil)
 func NewSink() *Sink { return &Sink{} }
 
 // Publish implements app.Sink. Like the other sinks, it refuses with app.ErrInvalidMessage a
-// message without an aggregate id or a finite occurred_at, or whose headers are not a JSON
-// object of strings.
+// message that app.Message.Check refuses, or whose headers are not a JSON object of strings or
+// set one of the relay's own (app.CheckHeader).
 func (s *Sink) Publish(_ context.Context, m *app.Message, done func(error)) error {
-	if m.AggregateID == "" {
-		return fmt.Errorf("%w: aggregate_id is NULL or empty", app.ErrInvalidMessage)
-	}
-	if m.OccurredAt.IsZero() {
-		return fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
+	if err := m.Check(); err != nil {
+		return err
 	}
 	if m.Headers != nil {
 		var hs map[string]string
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
 			return fmt.Errorf("%w: headers is not a JSON object of strings: %v", app.ErrInvalidMessage, err)
+		}
+		for k := range hs {
+			if err := app.CheckHeader(k); err != nil {
+				return err
+			}
 		}
 	}
 	s.mu.Lock()
@@ -83,10 +85,10 @@ func (s *Sink) keep(m *app.Message) error {
 		}
 	}
 	h := map[string]string{
-		"event-id":       m.EventID,
-		"event-type":     m.EventType,
-		"aggregate-type": m.AggregateType,
-		"occurred-at":    m.OccurredAt.UTC().Format(time.RFC3339Nano),
+		app.HeaderEventID:       m.EventID,
+		app.HeaderEventType:     m.EventType,
+		app.HeaderAggregateType: m.AggregateType,
+		app.HeaderOccurredAt:    m.OccurredAt.UTC().Format(time.RFC3339Nano),
 	}
 	if m.Headers != nil {
 		var hs map[string]string

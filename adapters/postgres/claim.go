@@ -98,16 +98,17 @@ func (d *claimDecoder) decode(out []app.Message, vals [][]byte) ([]app.Message, 
 	var sp textSpans
 	sp.eventID = d.appendText(vals[1])
 	sp.aggregateID = d.appendText(vals[3])
+	m.AggregateIDNull = vals[3] == nil
 	m.AggregateType = d.interned(vals[2])
 	m.EventType = d.interned(vals[4])
 	m.Topic = d.interned(vals[6])
 	m.Payload = d.bytes(vals[5])
 	m.Headers = d.bytes(vals[7])
 	var err error
-	if m.OccurredAt, err = timestamptz(vals[8]); err != nil {
+	if m.OccurredAt, m.OccurredAtInfinite, err = timestamptz(vals[8]); err != nil {
 		return out, fmt.Errorf("claim: row %d: occurred_at: %w", m.ID, err)
 	}
-	if m.CreatedAt, err = timestamptz(vals[9]); err != nil {
+	if m.CreatedAt, _, err = timestamptz(vals[9]); err != nil {
 		return out, fmt.Errorf("claim: row %d: created_at: %w", m.ID, err)
 	}
 	d.spans = append(d.spans, sp)
@@ -173,18 +174,19 @@ func (d *claimDecoder) bytes(b []byte) []byte {
 // Microseconds from the Unix epoch to PostgreSQL's, 2000-01-01.
 const pgEpochMicros = 946684800 * 1_000_000
 
-// timestamptz decodes a binary timestamptz. 'infinity' and '-infinity' become the zero time, which
-// sinks refuse as invalid (app.Message.OccurredAt): the row is parked, not the claim failed.
-func timestamptz(b []byte) (time.Time, error) {
+// timestamptz decodes a binary timestamptz. 'infinity' and '-infinity' become the zero time with
+// infinite set, which sinks refuse as invalid (app.Message.OccurredAtInfinite): the row is parked,
+// not the claim failed. The zero time alone is 0001-01-01T00:00:00Z, a valid occurred_at.
+func timestamptz(b []byte) (t time.Time, infinite bool, err error) {
 	if len(b) != 8 {
-		return time.Time{}, fmt.Errorf("timestamptz of %d bytes", len(b))
+		return time.Time{}, false, fmt.Errorf("timestamptz of %d bytes", len(b))
 	}
 	us := int64(binary.BigEndian.Uint64(b))
 	if us == math.MaxInt64 || us == math.MinInt64 {
-		return time.Time{}, nil
+		return time.Time{}, true, nil
 	}
 	us += pgEpochMicros
-	return time.Unix(us/1_000_000, (us%1_000_000)*1000), nil
+	return time.Unix(us/1_000_000, (us%1_000_000)*1000), false, nil
 }
 
 // reset drops what a failed claim decoded.

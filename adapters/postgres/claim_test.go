@@ -33,7 +33,10 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		('ördér', 'ключ-☃', 'Événement', '', NULL, NULL, '1999-12-31 23:59:59.999999+00'),
 		('order', 'o-2', 'OrderPlaced', 'y', NULL, NULL, 'infinity'),
 		('order', 'o-3', 'OrderPlaced', 'z', NULL, NULL, '-infinity'),
-		('order', 'o-4', 'OrderPlaced', decode(repeat('ab', 100000), 'hex'), NULL, NULL, '1900-06-01 12:00:00+00')`)
+		('order', 'o-4', 'OrderPlaced', decode(repeat('ab', 100000), 'hex'), NULL, NULL, '1900-06-01 12:00:00+00'),
+		('order', 'o-5', 'OrderPlaced', 'a', NULL, NULL, '0001-01-01 00:00:00+00'),
+		('order', 'o-6', 'OrderPlaced', 'b', NULL, NULL, '4000-01-01 00:00:00+00 BC'),
+		('order', 'o-7', 'OrderPlaced', 'c', NULL, NULL, '10000-01-01 00:00:00.000001+00')`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +77,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		sep = "&"
 	}
 	binary := claimAll(dbtest.URL(), 500)
-	scanned := claimAll(dbtest.URL()+sep+"default_query_exec_mode=simple_protocol", 3007)
+	scanned := claimAll(dbtest.URL()+sep+"default_query_exec_mode=simple_protocol", 3010)
 	var got, want []app.Message
 	for _, c := range binary {
 		got = append(got, c...)
@@ -82,14 +85,15 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	for _, c := range scanned {
 		want = append(want, c...)
 	}
-	if len(got) != 3007 || len(want) != 3007 {
-		t.Fatalf("claimed %d rows decoded, %d scanned; want 3007 each", len(got), len(want))
+	if len(got) != 3010 || len(want) != 3010 {
+		t.Fatalf("claimed %d rows decoded, %d scanned; want 3010 each", len(got), len(want))
 	}
 	for i := range got {
 		g, w := got[i], want[i]
 		if g.ID != w.ID || g.EventID != w.EventID || g.AggregateType != w.AggregateType ||
 			g.AggregateID != w.AggregateID || g.EventType != w.EventType || g.Topic != w.Topic ||
 			g.Attempts != w.Attempts || !g.OccurredAt.Equal(w.OccurredAt) || !g.CreatedAt.Equal(w.CreatedAt) ||
+			g.AggregateIDNull != w.AggregateIDNull || g.OccurredAtInfinite != w.OccurredAtInfinite ||
 			!bytes.Equal(g.Payload, w.Payload) || (g.Payload == nil) != (w.Payload == nil) ||
 			!bytes.Equal(g.Headers, w.Headers) || (g.Headers == nil) != (w.Headers == nil) {
 			t.Fatalf("row %d decoded differs from scanned:\n got %s\nwant %s", i, show(g), show(w))
@@ -109,14 +113,24 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	if got[3].AggregateType != "ördér" || got[3].AggregateID != "ключ-☃" || got[3].Payload == nil || len(got[3].Payload) != 0 {
 		t.Errorf("row 3 = %s, want the text as written and an empty, non-NULL payload", show(got[3]))
 	}
-	if !got[4].OccurredAt.IsZero() || !got[5].OccurredAt.IsZero() {
-		t.Errorf("infinite occurred_at decoded as %s and %s, want the zero time", got[4].OccurredAt, got[5].OccurredAt)
+	if !got[4].OccurredAtInfinite || !got[5].OccurredAtInfinite || got[0].OccurredAtInfinite {
+		t.Errorf("occurred_at 'infinity' and '-infinity' decoded as infinite %v and %v (a finite one as %v), want true, true, false",
+			got[4].OccurredAtInfinite, got[5].OccurredAtInfinite, got[0].OccurredAtInfinite)
+	}
+	if !got[1].AggregateIDNull || got[2].AggregateIDNull || got[0].AggregateIDNull {
+		t.Errorf("aggregate_id NULL, '' and 'o-1' decoded as NULL %v, %v and %v, want true, false, false",
+			got[1].AggregateIDNull, got[2].AggregateIDNull, got[0].AggregateIDNull)
+	}
+	for i, want := range []string{"0001-01-01T00:00:00Z", "-3999-01-01T00:00:00Z", "10000-01-01T00:00:00.000001Z"} {
+		if at := got[7+i].OccurredAt.UTC().Format(time.RFC3339Nano); at != want || got[7+i].OccurredAtInfinite {
+			t.Errorf("row %d occurred_at decoded as %s (infinite %v), want %s", 7+i, at, got[7+i].OccurredAtInfinite, want)
+		}
 	}
 	if len(got[6].Payload) != 100000 || got[6].Payload[0] != 0xab {
 		t.Errorf("large payload: %d bytes", len(got[6].Payload))
 	}
-	for i := 7; i < len(got); i++ {
-		n := i - 6
+	for i := 10; i < len(got); i++ {
+		n := i - 9
 		wantPayload := strings.Repeat(fmt.Sprintf("%x", md5sum(n)), 1+n%40)
 		if string(got[i].Payload) != wantPayload || got[i].AggregateID != fmt.Sprintf("k-%d", n%97) {
 			t.Fatalf("bulk row %d (claimed in batch %d) = %s", n, i/500, show(got[i]))
@@ -169,11 +183,11 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	if len(rows) != 1 || rows[0].Payload == nil || len(rows[0].Payload) != 0 {
 		t.Fatalf("first claim of a session: %d rows, payload %v; want one row with an empty payload", len(rows), rows)
 	}
-	var first7 []int64
-	for _, m := range got[:7] {
-		first7 = append(first7, m.ID)
+	var special []int64 // the rows of every shape, above: the bulk rows are what the budget cuts
+	for _, m := range got[:10] {
+		special = append(special, m.ID)
 	}
-	rows, err = sess.Claim(ctx, 0, first7, 1000, 10_000)
+	rows, err = sess.Claim(ctx, 0, special, 1000, 10_000)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -63,7 +64,7 @@ type queries struct {
 
 // claimPart is one ordered range of the claim query.
 func claimPart(t Table, cond string) string {
-	return `(SELECT id, event_id::text AS event_id, aggregate_type, coalesce(aggregate_id, '') AS aggregate_id,
+	return `(SELECT id, event_id::text AS event_id, aggregate_type, aggregate_id,
 			event_type, payload, coalesce(topic, '') AS topic, headers::text AS headers, occurred_at, created_at, attempts
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
@@ -397,17 +398,24 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 // scanClaimed appends the message of the current row to out, with Scan.
 func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 	var m app.Message
-	var headers *string
+	var aggregateID, headers *string
 	var occurred, created pgtype.Timestamptz
-	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &m.AggregateID, &m.EventType, &m.Payload,
+	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &aggregateID, &m.EventType, &m.Payload,
 		&m.Topic, &headers, &occurred, &created, &m.Attempts); err != nil {
 		return out, err
+	}
+	if aggregateID != nil {
+		m.AggregateID = *aggregateID
+	} else {
+		m.AggregateIDNull = true
 	}
 	if headers != nil {
 		m.Headers = []byte(*headers)
 	}
-	if occurred.InfinityModifier == pgtype.Finite { // infinite: zero, refused by the sinks
+	if occurred.InfinityModifier == pgtype.Finite {
 		m.OccurredAt = occurred.Time
+	} else {
+		m.OccurredAtInfinite = true // refused by the sinks
 	}
 	if created.InfinityModifier == pgtype.Finite {
 		m.CreatedAt = created.Time
@@ -488,7 +496,7 @@ func (s *session) mark(ctx context.Context, ids []int64) error {
 func (s *session) Retry(ctx context.Context, id int64, reason string, delay time.Duration) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.conn.Exec(ctx, s.store.q.retry, id, truncate(reason, 2000), delay)
+	_, err := s.conn.Exec(ctx, s.store.q.retry, id, reasonText(reason), delay)
 	return s.wrap(err)
 }
 
@@ -496,7 +504,7 @@ func (s *session) Retry(ctx context.Context, id int64, reason string, delay time
 func (s *session) Park(ctx context.Context, id int64, reason string) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	_, err := s.conn.Exec(ctx, s.store.q.park, id, truncate(reason, 2000))
+	_, err := s.conn.Exec(ctx, s.store.q.park, id, reasonText(reason))
 	return s.wrap(err)
 }
 
@@ -575,9 +583,26 @@ func Redact(s, secret string) string {
 	return redact.New(secret).String(s)
 }
 
+// truncate returns s cut to at most n bytes, at a character boundary: PostgreSQL refuses text
+// that ends in part of a character (SQLSTATE 22021).
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
 	return s[:n]
+}
+
+// reasonMaxBytes bounds the reasons stored in last_error and the parked table's reason.
+const reasonMaxBytes = 2000
+
+// reasonText returns reason as PostgreSQL stores it in a text column: valid UTF-8 without NUL
+// bytes (either would make it refuse the row's update, and the relay would fail on that row
+// again at every attempt), at most reasonMaxBytes long.
+func reasonText(reason string) string {
+	reason = strings.ToValidUTF8(reason, "\uFFFD")
+	reason = strings.ReplaceAll(reason, "\x00", "\uFFFD")
+	return truncate(reason, reasonMaxBytes)
 }

@@ -20,14 +20,14 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 )
 
-// Header names set on every message: the same as the Kafka sink's, plus aggregate-id (Kafka
-// carries it as the record key).
+// Header names set on every message: the relay's reserved headers (app.ReservedHeaders), the
+// Kafka sink's plus aggregate-id (Kafka carries it as the record key).
 const (
-	HeaderEventID       = "event-id"
-	HeaderEventType     = "event-type"
-	HeaderAggregateType = "aggregate-type"
-	HeaderAggregateID   = "aggregate-id"
-	HeaderOccurredAt    = "occurred-at"
+	HeaderEventID       = app.HeaderEventID
+	HeaderEventType     = app.HeaderEventType
+	HeaderAggregateType = app.HeaderAggregateType
+	HeaderAggregateID   = app.HeaderAggregateID
+	HeaderOccurredAt    = app.HeaderOccurredAt
 )
 
 // ErrAborted is the error of the messages failed by Abort.
@@ -105,14 +105,11 @@ func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
 	if len(key) > 255 {
 		return "", amqp.Publishing{}, fmt.Errorf("%w: routing key of %d bytes exceeds AMQP's 255", app.ErrInvalidMessage, len(key))
 	}
-	if m.AggregateID == "" {
-		return "", amqp.Publishing{}, fmt.Errorf("%w: aggregate_id (the ordering key) is NULL or empty", app.ErrInvalidMessage)
+	if err := m.Check(); err != nil { // the key and occurred_at
+		return "", amqp.Publishing{}, err
 	}
 	if m.Payload == nil {
 		return "", amqp.Publishing{}, fmt.Errorf("%w: payload is NULL (RabbitMQ has no tombstones)", app.ErrInvalidMessage)
-	}
-	if m.OccurredAt.IsZero() {
-		return "", amqp.Publishing{}, fmt.Errorf("%w: occurred_at is not a finite time", app.ErrInvalidMessage)
 	}
 	if len(m.Payload) > p.cfg.MaxMessageBytes {
 		return "", amqp.Publishing{}, fmt.Errorf("%w: body of %d bytes exceeds rabbitmq.max_message_bytes (%d)", app.ErrInvalidMessage, len(m.Payload), p.cfg.MaxMessageBytes)
@@ -131,6 +128,9 @@ func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
 			return "", amqp.Publishing{}, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
 		}
 		for k, v := range hs {
+			if err := app.CheckHeader(k); err != nil {
+				return "", amqp.Publishing{}, err
+			}
 			s, ok := v.(string)
 			if !ok {
 				return "", amqp.Publishing{}, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)

@@ -55,6 +55,8 @@ func Run(t *testing.T, newEnv func(t *testing.T) *Env) {
 		{"PerKeyOrder", testPerKeyOrder},
 		{"Headers", testHeaders},
 		{"InvalidMessageRefusedAtOnce", testInvalid},
+		{"ReservedHeadersRefused", testReservedHeaders},
+		{"OccurredAtRange", testOccurredAtRange},
 		{"BrokerRefusalSurfaced", testRefusal},
 		{"NothingAckedBeforeConfirm", testNoEarlyAck},
 		{"Abort", testAbort},
@@ -264,27 +266,94 @@ func testHeaders(t *testing.T, e *Env) {
 }
 
 func testInvalid(t *testing.T, e *Env) {
-	tr := newTracker(t, e.Sink)
 	notObject := message(1, "k", 0)
 	notObject.Headers = []byte(`["a"]`)
-	noKey := message(2, "", 0)
+	emptyKey := message(2, "", 0)
+	nullKey := message(3, "", 0)
+	nullKey.AggregateIDNull = true
 	infinite := message(4, "k", 0)
-	infinite.OccurredAt = time.Time{} // the claim's decoding of occurred_at 'infinity'
-	for _, m := range []*app.Message{notObject, noKey, infinite} {
+	infinite.OccurredAt, infinite.OccurredAtInfinite = time.Time{}, true // the claim's decoding of 'infinity'
+	refuseAll(t, e, map[string]*app.Message{"headers not an object": notObject, "empty key": emptyKey,
+		"NULL key": nullKey, "infinite occurred_at": infinite}, "")
+}
+
+// refuseAll publishes each of bad, which Publish must refuse at once with an error wrapping
+// app.ErrInvalidMessage whose text contains reason (when not ""), without calling done; then a
+// valid message, which must go through.
+func refuseAll(t *testing.T, e *Env, bad map[string]*app.Message, reason string) {
+	t.Helper()
+	tr := newTracker(t, e.Sink)
+	for name, m := range bad {
 		err := tr.publish(m)
-		if !errors.Is(err, app.ErrInvalidMessage) {
-			t.Errorf("publish of an invalid message returned %v, want an error wrapping app.ErrInvalidMessage", err)
+		if !errors.Is(err, app.ErrInvalidMessage) || !strings.Contains(fmt.Sprint(err), reason) {
+			t.Errorf("publish of an invalid message (%s) returned %v, want an error wrapping app.ErrInvalidMessage saying %q", name, err, reason)
 		}
 	}
-	good := message(3, "k", 1)
+	good := message(100, "k", 1)
 	tr.mustPublish(good)
 	tr.wait([]string{good.EventID})
 	if err, _ := tr.err(good.EventID); err != nil {
 		t.Fatalf("valid message after invalid ones failed: %v", err)
 	}
-	for _, m := range []*app.Message{notObject, noKey, infinite} {
+	for name, m := range bad {
 		if _, called := tr.err(m.EventID); called {
-			t.Errorf("done was called for a message refused by Publish")
+			t.Errorf("done was called for a message refused by Publish (%s)", name)
+		}
+	}
+}
+
+// testReservedHeaders: a message whose headers set one of the relay's own, in any letter case,
+// is refused: published, a consumer would read two event-id headers (or only the writer's).
+func testReservedHeaders(t *testing.T, e *Env) {
+	bad := map[string]*app.Message{}
+	for i, name := range append(app.ReservedHeaders(), "Event-ID", "OCCURRED-AT") {
+		m := message(int64(i+1), "k", 0)
+		m.Headers = []byte(`{"trace-id":"t","` + name + `":"spoofed"}`)
+		bad[name] = m
+	}
+	refuseAll(t, e, bad, "is reserved")
+}
+
+// testOccurredAtRange: occurred-at is RFC 3339, whose years are 0001 to 9999 in UTC. A message
+// outside them is refused; the first and last instants of the range are sent as they are.
+func testOccurredAtRange(t *testing.T, e *Env) {
+	bad := map[string]*app.Message{}
+	for i, at := range []time.Time{
+		time.Date(-3999, 1, 1, 0, 0, 0, 0, time.UTC), // '4000 BC'
+		time.Date(0, 12, 31, 23, 59, 59, 999999000, time.UTC),
+		time.Date(1, 1, 1, 0, 30, 0, 0, time.FixedZone("+01", 3600)), // year 0 in UTC
+		time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC),
+	} {
+		m := message(int64(i+1), "k", 0)
+		m.OccurredAt = at
+		bad[at.Format(time.RFC3339)] = m
+	}
+	refuseAll(t, e, bad, "is outside 0001 to 9999")
+
+	tr := newTracker(t, e.Sink)
+	want := map[string]string{} // event id: occurred-at header
+	var ids []string
+	for i, at := range []time.Time{
+		{}, // 0001-01-01T00:00:00Z, the zero time.Time: valid, not infinite
+		time.Date(1, 1, 1, 1, 30, 0, 0, time.FixedZone("+01", 3600)),
+		time.Date(9999, 12, 31, 23, 59, 59, 999999000, time.UTC),
+	} {
+		m := message(int64(10+i), fmt.Sprintf("range-%d", i), 0)
+		m.OccurredAt = at
+		tr.mustPublish(m)
+		ids = append(ids, m.EventID)
+		want[m.EventID] = at.UTC().Format(time.RFC3339Nano)
+	}
+	tr.wait(ids)
+	for _, id := range ids {
+		if err, _ := tr.err(id); err != nil {
+			t.Errorf("message with occurred-at %s failed: %v", want[id], err)
+		}
+	}
+	for _, d := range waitDelivered(t, e, ids) {
+		id := d.Headers[app.HeaderEventID]
+		if w, ok := want[id]; ok && d.Headers[app.HeaderOccurredAt] != w {
+			t.Errorf("occurred-at header %q, want %q", d.Headers[app.HeaderOccurredAt], w)
 		}
 	}
 }
