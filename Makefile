@@ -18,15 +18,20 @@ help: ## list the targets
 build: ## build bin/outbox-relay
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/outbox-relay
 
+# The binary, not go run (which exits 1 when its child was interrupted). The demo takes the
+# terminal's foreground, so a Ctrl-C reaches it alone and make exits 0 after its summary.
 .PHONY: demo
-demo: ## run the demo: local Postgres (or OUTBOX_DATABASE_URL), embedded broker, writers, relay, consumer
-	@$(GO) run ./cmd/outbox-relay demo $(DEMO_ARGS)
+demo: build ## run the demo: local Postgres (or OUTBOX_DATABASE_URL), embedded broker, writers, relay, consumer
+	@exec $(BIN) demo $(DEMO_ARGS)
 
+# go test -json through testreport: the usual output, then every skipped test and its reason.
+# OUTBOX_REQUIRE_TOOLS=1 (set by .ci/run) fails a test whose tool is missing instead of skipping it.
 .PHONY: test
-test: build ## run every test (needs PostgreSQL on 127.0.0.1:5432 or OUTBOX_TEST_DATABASE_URL)
+test: build ## run every test, list the skipped ones (needs PostgreSQL on 127.0.0.1:5432 or OUTBOX_TEST_DATABASE_URL)
 	$(GO) vet ./...
 	$(GO) vet -tags benchchild ./bench
-	OUTBOX_RELAY_BIN=$(CURDIR)/$(BIN) $(GO) test $(TEST_FLAGS) ./...
+	@$(GO) build -o bin/testreport ./internal/testreport
+	set -o pipefail; OUTBOX_RELAY_BIN=$(CURDIR)/$(BIN) $(GO) test -json $(TEST_FLAGS) ./... | bin/testreport
 
 .PHONY: lint
 lint: ## go vet and gofmt

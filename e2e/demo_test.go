@@ -16,15 +16,14 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
-var summaryRE = regexp.MustCompile(`summary: (\d+) users written \((\d+) failed\), (\d+) events received, (\d+) missing, (\d+) duplicates`)
+var (
+	summaryRE = regexp.MustCompile(`summary: (\d+) users written \((\d+) failed\), (\d+) events received, (\d+) missing, (\d+) duplicates`)
+	liveRE    = regexp.MustCompile(`\[\s*\d+s\] written (\d+)  published (\d+)  received (\d+)  lag (\d+) rows`)
+)
 
-// TestDemoLikeANewUser runs `outbox-relay demo` as `make demo` does, on embedded defaults (the
-// local PostgreSQL, an embedded broker), waits until the consumer prints events, presses Ctrl-C
-// (SIGINT) and reads the summary: users were written, none failed, none is missing, none repeated,
-// and the process exits 0.
-func TestDemoLikeANewUser(t *testing.T) {
-	t.Parallel()
-	bin := relayBinary(t)
+// demoSchema returns a schema name of the test's own for the demo's tables, dropped at the end.
+func demoSchema(t *testing.T) string {
+	t.Helper()
 	pool := dbtest.Pool(t)
 	schema := fmt.Sprintf("t_demo_%d_%d", os.Getpid(), time.Now().UnixNano()%1e9)
 	t.Cleanup(func() {
@@ -32,15 +31,49 @@ func TestDemoLikeANewUser(t *testing.T) {
 		defer cancel()
 		_, _ = pool.Exec(ctx, `DROP SCHEMA IF EXISTS `+schema+` CASCADE`)
 	})
+	return schema
+}
 
-	cmd := exec.Command(bin, "demo", "--rate", "50", "--writers", "4")
+// demoEnv is the environment of a new user's shell: nothing of the test's OUTBOX_* or make's
+// variables, plus the database and a schema of the test's own.
+func demoEnv(schema string) []string {
+	var env []string
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "OUTBOX_") {
-			cmd.Env = append(cmd.Env, kv)
+		if !strings.HasPrefix(kv, "OUTBOX_") && !strings.HasPrefix(kv, "MAKE") && !strings.HasPrefix(kv, "MFLAGS=") {
+			env = append(env, kv)
 		}
 	}
-	// Only what a new user might set: the database, and a schema of this test's own.
-	cmd.Env = append(cmd.Env, "OUTBOX_DATABASE_URL="+dbtest.URL(), "OUTBOX_DATABASE_SCHEMA="+schema)
+	return append(env, "OUTBOX_DATABASE_URL="+dbtest.URL(), "OUTBOX_DATABASE_SCHEMA="+schema)
+}
+
+// checkSummary checks the demo's summary line: users written, none failed, missing or repeated.
+func checkSummary(t *testing.T, out string) {
+	t.Helper()
+	m := summaryRE.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no summary line after Ctrl-C")
+	}
+	n := make([]int, len(m))
+	for i := 1; i < len(m); i++ {
+		n[i], _ = strconv.Atoi(m[i])
+	}
+	written, failed, received, missing, dups := n[1], n[2], n[3], n[4], n[5]
+	t.Logf("demo summary: %s", m[0])
+	if written == 0 || failed != 0 || missing != 0 || dups != 0 || received < written {
+		t.Errorf("demo summary %q: want users written, none failed, missing or repeated", m[0])
+	}
+}
+
+// TestDemoLikeANewUser runs `outbox-relay demo` on embedded defaults (the local PostgreSQL, an
+// embedded broker) at the README's higher rate, lets it print a dozen live lines, presses Ctrl-C
+// (SIGINT) and reads the summary: users were written, none failed, none is missing, none
+// repeated, and the process exits 0. On every live line received <= published <= written and
+// the lag is at most what was written: a consumer never shows more than the topic holds.
+func TestDemoLikeANewUser(t *testing.T) {
+	t.Parallel()
+	bin := relayBinary(t)
+	cmd := exec.Command(bin, "demo", "--rate", "200", "--writers", "8")
+	cmd.Env = demoEnv(demoSchema(t))
 	out := &logbuf.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -59,16 +92,18 @@ func TestDemoLikeANewUser(t *testing.T) {
 		}
 	}()
 
-	deadline := time.Now().Add(time.Minute)
-	for strings.Count(out.String(), "received UserCreated") < 3 {
+	const lines = 12
+	deadline := time.Now().Add(2 * time.Minute)
+	for strings.Count(out.String(), "received UserCreated") < 3 || len(liveRE.FindAllString(out.String(), -1)) < lines {
 		select {
 		case err := <-exited:
 			finished = true
-			t.Fatalf("demo exited before printing events: %v", err)
+			t.Fatalf("demo exited before printing events and %d live lines: %v", lines, err)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("demo printed %d received events in a minute", strings.Count(out.String(), "received UserCreated"))
+			t.Fatalf("demo printed %d received events and %d live lines in two minutes",
+				strings.Count(out.String(), "received UserCreated"), len(liveRE.FindAllString(out.String(), -1)))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -84,17 +119,17 @@ func TestDemoLikeANewUser(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("demo still running a minute after Ctrl-C")
 	}
-	m := summaryRE.FindStringSubmatch(out.String())
-	if m == nil {
-		t.Fatalf("no summary line after Ctrl-C")
+	checkSummary(t, out.String())
+	live := liveRE.FindAllStringSubmatch(out.String(), -1)
+	for _, m := range live {
+		var n [5]int64
+		for i := 1; i < 5; i++ {
+			n[i], _ = strconv.ParseInt(m[i], 10, 64)
+		}
+		written, published, received, lag := n[1], n[2], n[3], n[4]
+		if received > published || published > written || lag > written {
+			t.Errorf("live line %q: want received <= published <= written and lag <= written", m[0])
+		}
 	}
-	n := make([]int, len(m))
-	for i := 1; i < len(m); i++ {
-		n[i], _ = strconv.Atoi(m[i])
-	}
-	written, failed, received, missing, dups := n[1], n[2], n[3], n[4], n[5]
-	t.Logf("demo summary: %s", m[0])
-	if written == 0 || failed != 0 || missing != 0 || dups != 0 || received < written {
-		t.Errorf("demo summary %q: want users written, none failed, missing or repeated", m[0])
-	}
+	t.Logf("%d live lines checked; last: %s", len(live), live[len(live)-1][0])
 }

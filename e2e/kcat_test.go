@@ -13,6 +13,8 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // kcatRecord is one line of `kcat -C -J`: headers come as a flat array of names and values.
@@ -62,9 +64,7 @@ func kcatRead(t *testing.T, brokers []string, topic string) []kcatRecord {
 // every header (event-id, event-type, aggregate-type, occurred-at, and the row's own headers)
 // are what the rows said, the topic column overrides the template, and a key keeps its order.
 func TestKcatSeesKeysAndHeaders(t *testing.T) {
-	if _, err := exec.LookPath("kcat"); err != nil {
-		t.Skip("kcat is not installed (CI installs it: apt-get install kcat); skipping the independent-client check")
-	}
+	testenv.LookPath(t, "kcat", "Debian package kcat; .ci/run installs it")
 	relayBinary(t)
 	f := newFixture(t, 1, 1)
 	ctx := context.Background()

@@ -12,6 +12,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spf13/viper"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 const (
@@ -64,10 +66,7 @@ func TestDashboardParses(t *testing.T) {
 // TestPromtoolCheckRules runs promtool on the alert rules (CI installs it).
 func TestPromtoolCheckRules(t *testing.T) {
 	t.Parallel()
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		t.Skip("promtool not installed (Debian package prometheus)")
-	}
+	promtool := testenv.LookPath(t, "promtool", "Debian package prometheus; .ci/run installs it")
 	out, err := exec.Command(promtool, "check", "rules", alertsFile).CombinedOutput()
 	if err != nil {
 		t.Fatalf("promtool check rules %s: %v\n%s", alertsFile, err, out)

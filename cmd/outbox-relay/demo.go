@@ -10,6 +10,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -22,13 +26,22 @@ import (
 const (
 	demoDatabaseURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 	demoSchema      = "outbox_demo"
+	demoHTTPAddr    = "127.0.0.1:0"
+	demoLogLevel    = "warn" // keep the terminal for the demo's own lines
 )
 
 func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("demo", "Run everything on embedded defaults: the local Postgres (or OUTBOX_DATABASE_URL), an embedded\n"+
 		"Kafka-protocol broker when no brokers are configured, migrations, the relay, the CreateUser use case\n"+
-		"writing users at a steady rate and a consumer printing what arrives. Ctrl-C ends it with a summary.", stderr)
+		"writing users at a steady rate and a consumer printing what arrives. Ctrl-C ends it with a summary.\n\n"+
+		"The database is "+demoDatabaseURL+" unless OUTBOX_DATABASE_URL says otherwise.\n"+
+		"The defaults below are the demo's: they differ from 'run' for the schema, the listener and the log level.", stderr)
 	addFlags(fs)
+	// Show the demo's own defaults in --help; demoDefaults applies them.
+	for name, def := range map[string]string{"database-schema": demoSchema, "http-addr": demoHTTPAddr, "log-level": demoLogLevel} {
+		fs.Lookup(name).DefValue = def
+	}
+	_ = fs.MarkHidden("log-format") // the demo always logs text
 	rate := fs.Int("rate", 20, "users created per second")
 	writers := fs.Int("writers", 4, "concurrent writers")
 	duration := fs.Duration("duration", 0, "stop after this long (0: run until Ctrl-C)")
@@ -38,6 +51,9 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *rate < 1 || *writers < 1 {
 		return errors.New("--rate and --writers must be at least 1")
 	}
+	// Under make (or go run) Ctrl-C would also interrupt the parent, which then reports an error
+	// however cleanly the demo stops: take the terminal so that Ctrl-C reaches the demo alone.
+	defer takeTerminal()()
 	if err := fs.Set("log-format", "text"); err != nil {
 		return err
 	}
@@ -45,18 +61,7 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	if cfg.DatabaseURL == "" {
-		cfg.DatabaseURL = demoDatabaseURL
-	}
-	if !v.IsSet("database.schema") || v.GetString("database.schema") == postgres.SchemaDefault {
-		cfg.Store.Table.Schema = demoSchema
-	}
-	if !fs.Changed("http-addr") && os.Getenv(envName("http.addr")) == "" {
-		cfg.HTTPAddr = "127.0.0.1:0"
-	}
-	if !fs.Changed("log-level") && os.Getenv(envName("log.level")) == "" {
-		cfg.LogLevel = "warn" // keep the terminal for the demo's own lines
-	}
+	demoDefaults(fs, v, cfg)
 	log := newLogger(stderr, cfg.LogLevel, "text", secretsOf(cfg)...)
 	if *duration > 0 {
 		var cancel context.CancelFunc
@@ -78,6 +83,15 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := cfg.Kafka.WithDefaults().Validate(); err != nil {
 		return err
 	}
+	// The consumer: another client reading the topic from the start (records older than this run
+	// are skipped); it also lists the topic's offsets for the live line.
+	consumer, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		return err
+	}
+	defer consumer.Close()
+	adm := kadm.NewClient(consumer)
 
 	pool, err := openPool(ctx, cfg)
 	if err != nil {
@@ -100,6 +114,21 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return fmt.Errorf("reset demo tables: %w", err)
 		}
 	}
+	// What was there before this run (another run in the same schema, a real broker's topic) is
+	// not counted: users, records and received events count from here.
+	users := pgx.Identifier{table.Schema, "users"}.Sanitize()
+	var usersBefore int64
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+users).Scan(&usersBefore); err != nil {
+		return fmt.Errorf("count users: %w", err)
+	}
+	startOffsets := map[int32]int64{}
+	if ends, err := adm.ListEndOffsets(ctx, topic); err == nil {
+		ends.Each(func(o kadm.ListedOffset) {
+			if o.Err == nil {
+				startOffsets[o.Partition] = o.Offset
+			}
+		})
+	}
 
 	// The relay, exactly as 'outbox-relay run' wires it.
 	relayCtx, stopRelay := context.WithCancel(context.WithoutCancel(ctx))
@@ -115,13 +144,6 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	fmt.Fprintf(stdout, "relay running; metrics on http://%s/metrics\n", d.listener.Addr())
 
-	// The consumer: another client reading the topic from the start.
-	consumer, err := kgo.NewClient(kgo.SeedBrokers(cfg.Kafka.Brokers...), kgo.ConsumeTopics(topic),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
-	if err != nil {
-		return err
-	}
-	defer consumer.Close()
 	var received, duplicates atomic.Int64
 	seen := map[string]bool{}
 	consumerCtx, stopConsumer := context.WithCancel(context.WithoutCancel(ctx))
@@ -137,6 +159,9 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		for consumerCtx.Err() == nil {
 			fetches := consumer.PollFetches(consumerCtx)
 			fetches.EachRecord(func(r *kgo.Record) {
+				if r.Offset < startOffsets[r.Partition] {
+					return
+				}
 				id := header(r, kafka.HeaderEventID)
 				if seen[id] {
 					duplicates.Add(1)
@@ -194,15 +219,36 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	tty := isTerminal(stdout)
 	start := time.Now()
 	var maxLag int64
+	outboxTable := pgx.Identifier{table.Schema, table.Name}.Sanitize()
 	status := func(final bool) {
-		var pending int64
+		// The three counts are read in this order so that received <= published <= written on
+		// every line: an event the consumer counted was on the topic before, and a topic only
+		// grows; a record on the topic came from a row committed with its user before, and the
+		// database query comes last. (Counting published as the rows marked instead, as before,
+		// showed received ahead of published: the consumer sees a record before the relay's
+		// mark commits.)
+		r := received.Load()
 		qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-		_ = pool.QueryRow(qctx, `SELECT count(*) FROM `+table.Schema+`.`+table.Name+` WHERE dispatched_at IS NULL`).Scan(&pending)
-		cancel()
+		defer cancel()
+		ends, err := adm.ListEndOffsets(qctx, topic)
+		if err == nil {
+			err = ends.Error()
+		}
+		if err != nil {
+			log.Debug("demo: list the topic's end offsets", "err", err)
+			return
+		}
+		var published int64
+		ends.Each(func(o kadm.ListedOffset) { published += o.Offset - startOffsets[o.Partition] })
+		var w, pending int64
+		if err := pool.QueryRow(qctx, `SELECT (SELECT count(*) FROM `+users+`) - $1,
+			(SELECT count(*) FROM `+outboxTable+` WHERE dispatched_at IS NULL)`, usersBefore).Scan(&w, &pending); err != nil {
+			log.Debug("demo: count users and pending rows", "err", err)
+			return
+		}
 		maxLag = max(maxLag, pending)
-		w := written.Load()
 		line := fmt.Sprintf("[%5.0fs] written %d  published %d  received %d  lag %d rows",
-			time.Since(start).Seconds(), w, max(w-pending, 0), received.Load(), pending)
+			time.Since(start).Seconds(), w, published, r, pending)
 		printMu.Lock()
 		defer printMu.Unlock()
 		if tty && !final {
@@ -264,4 +310,24 @@ func isTerminal(w io.Writer) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// demoDefaults applies the demo's own defaults to what the user left unset: the local
+// PostgreSQL, the outbox_demo schema, a listener on a free loopback port, warn-level logs.
+func demoDefaults(fs *pflag.FlagSet, v *viper.Viper, cfg *Config) {
+	unset := func(key string) bool {
+		return !fs.Changed(flagName(key)) && os.Getenv(envName(key)) == "" && !v.InConfig(key)
+	}
+	if cfg.DatabaseURL == "" {
+		cfg.DatabaseURL = demoDatabaseURL
+	}
+	if unset("database.schema") {
+		cfg.Store.Table.Schema = demoSchema
+	}
+	if unset("http.addr") {
+		cfg.HTTPAddr = demoHTTPAddr
+	}
+	if unset("log.level") {
+		cfg.LogLevel = demoLogLevel
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
@@ -24,7 +26,8 @@ broker relay.max_attempts times), kept with the reason in the <table>_parked tab
   drop   delete the selected rows for good; with order_policy wait, their key's later rows go on
 
 retry and drop need a selection: --id (repeatable), --key, --aggregate-type, or --all.
-retry inserts into the outbox: run it with a role allowed to (the relay's own role is not).`
+retry and drop change the tables (retry inserts into the outbox, drop deletes parked rows): run
+them as the tables' owner. The relay's least-privilege role (sql/roles/relay_role.sql) may only list.`
 
 func parkedCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
@@ -75,7 +78,14 @@ func parkedCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		rows, err = postgres.DropParked(ctx, pool, t, filter)
 	}
 	if err != nil {
-		return errors.New(postgres.Redact(err.Error(), secret))
+		msg := postgres.Redact(err.Error(), secret)
+		var pgErr *pgconn.PgError
+		if sub != "list" && errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
+			// The relay's least-privilege role (sql/roles/relay_role.sql) may list parked rows but
+			// neither delete them nor insert into the outbox: say who may.
+			return fmt.Errorf("%s\nrun parked %s as the tables' owner: the relay's least-privilege role may only list parked rows", msg, sub)
+		}
+		return errors.New(msg)
 	}
 	topic := func(r postgres.ParkedRow) string {
 		if r.Topic != nil && *r.Topic != "" {

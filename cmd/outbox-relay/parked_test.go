@@ -177,3 +177,66 @@ func TestParkedCommand(t *testing.T) {
 		t.Errorf("parked list after drop --all: %s", out)
 	}
 }
+
+// TestParkedCommandUnderRelayRole runs `parked` with the least-privilege role of
+// sql/roles/relay_role.sql, as an operator using the relay's own configuration would: list
+// works; drop and retry are refused with a message saying to run them as the tables' owner, and
+// change nothing; as the owner, drop deletes the row.
+func TestParkedCommandUnderRelayRole(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	role := fmt.Sprintf("parked_%d_%d", os.Getpid(), time.Now().UnixNano()%1000000)
+	password := "Parked-Pw-" + fmt.Sprint(os.Getpid())
+	applyRole(t, dbtest.URL(), role, password, table.Schema)
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), `DROP OWNED BY `+role)
+		_, _ = pool.Exec(context.Background(), `DROP ROLE `+role)
+	})
+	outbox := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	var id int64
+	if err := pool.QueryRow(ctx, `INSERT INTO `+outbox+` (aggregate_type, aggregate_id, event_type, payload)
+		VALUES ('order', 'k', 'OrderPlaced', 'x') RETURNING id`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	if err := dbtest.Session(t, table, dbtest.URL()).Park(ctx, id, "MESSAGE_TOO_LARGE"); err != nil {
+		t.Fatal(err)
+	}
+	parkedRows := func() int {
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+
+			pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	asRole := []string{"OUTBOX_DATABASE_URL=" + roleURL(dbtest.URL(), role, password), "OUTBOX_DATABASE_SCHEMA=" + table.Schema}
+	out, errOut, code := runBin(t, 60*time.Second, asRole, "parked", "list")
+	if code != 0 || !strings.Contains(out, "MESSAGE_TOO_LARGE") {
+		t.Errorf("parked list as the relay role: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	for _, sub := range []string{"drop", "retry"} {
+		out, errOut, code := runBin(t, 60*time.Second, asRole, "parked", sub, "--id", fmt.Sprint(id))
+		if code == 0 || !strings.Contains(errOut, "permission denied") ||
+			!strings.Contains(errOut, "run parked "+sub+" as the tables' owner") {
+			t.Errorf("parked %s as the relay role: exit %d, want a refusal naming the owner\nstdout: %s\nstderr: %s",
+				sub, code, out, errOut)
+		}
+		if strings.Contains(errOut, password) {
+			t.Errorf("parked %s printed the password: %s", sub, errOut)
+		}
+		if n := parkedRows(); n != 1 {
+			t.Fatalf("after parked %s as the relay role: %d parked rows, want 1", sub, n)
+		}
+	}
+
+	asOwner := []string{"OUTBOX_DATABASE_URL=" + dbtest.URL(), "OUTBOX_DATABASE_SCHEMA=" + table.Schema}
+	if out, errOut, code := runBin(t, 60*time.Second, asOwner, "parked", "drop", "--id", fmt.Sprint(id)); code != 0 ||
+		!strings.Contains(out, "dropped 1 parked row(s)") {
+		t.Errorf("parked drop as the owner: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	if n := parkedRows(); n != 0 {
+		t.Errorf("after parked drop as the owner: %d parked rows, want 0", n)
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 	"github.com/outbox-relay/outbox-relay/internal/pgcluster"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/tlstest"
 )
 
@@ -243,7 +244,7 @@ func startTLSCluster(t *testing.T, password string) *tlsCluster {
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("postgres")
 		if err != nil {
-			t.Skipf("running as root without a postgres user: %v", err)
+			testenv.Missing(t, "running as root without a postgres user: %v", err)
 		}
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // BinDirDefault holds the server binaries when PGBIN is not set.
@@ -44,13 +46,13 @@ func Start(t testing.TB, settings ...string) *Cluster {
 		bin = BinDirDefault
 	}
 	if _, err := os.Stat(filepath.Join(bin, "initdb")); err != nil {
-		t.Skipf("PostgreSQL server binaries not found in %s (set PGBIN): %v", bin, err)
+		testenv.Missing(t, "PostgreSQL server binaries not found in %s (set PGBIN): %v", bin, err)
 	}
 	c := &Cluster{t: t, bin: bin}
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("postgres")
 		if err != nil {
-			t.Skipf("running as root and no postgres user to run the server: %v", err)
+			testenv.Missing(t, "running as root and no postgres user to run the server: %v", err)
 		}
 		c.run = u
 	}

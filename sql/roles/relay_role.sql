@@ -4,7 +4,8 @@
 --   psql -v role=outbox_relay -v password="$RELAY_PASSWORD" -v schema=public -v table=outbox -f relay_role.sql
 -- Every variable is optional: role outbox_relay, schema public, table outbox; without password
 -- the role gets none (for certificate or peer authentication). Running it again is harmless.
--- `outbox-relay parked retry` inserts into the outbox: run it as the owner, not as this role.
+-- `outbox-relay parked retry` inserts into the outbox and `parked drop` deletes parked rows: run
+-- them as the owner. This role may only list parked rows (`parked list`).
 \set ON_ERROR_STOP on
 \if :{?role}
 \else
@@ -36,6 +37,7 @@ SELECT format('GRANT UPDATE (attempts, last_error, next_attempt_at, dispatched_a
 -- since the last vacuum. Without it the relay works, reading from the oldest row every time.
 SELECT format('GRANT SELECT ON SEQUENCE %s TO %I',
               pg_get_serial_sequence(format('%I.%I', :'schema', :'table'), 'id'), :'role') \gexec
--- Park (INSERT) and know which keys wait behind a parked row (SELECT).
+-- Park (INSERT) and know which keys wait behind a parked row (SELECT). No DELETE: the relay never
+-- removes a parked row, the only record of an event it gave up on; dropping one is the owner's call.
 SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec
