@@ -4,7 +4,7 @@
 //
 // PgBouncer refuses to run as root, so when the test runs as root it runs as the postgres OS user.
 // A test that needs one is skipped, saying so, when the binary is missing (`.ci/run` installs
-// it); with OUTBOX_REQUIRE_TOOLS set it fails instead.
+// it); with OUTBOX_REQUIRE_TOOLS=1 it fails instead (internal/testenv).
 package pgbouncer
 
 import (
@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // Mode is a PgBouncer pool_mode.
@@ -61,10 +63,7 @@ func Start(t testing.TB, upstream string, mode Mode) *Bouncer {
 		}
 	}
 	if err != nil {
-		if os.Getenv("OUTBOX_REQUIRE_TOOLS") != "" {
-			t.Fatalf("pgbouncer not installed (Debian package pgbouncer) and OUTBOX_REQUIRE_TOOLS is set")
-		}
-		t.Skip("pgbouncer not installed (Debian package pgbouncer; .ci/run installs it)")
+		testenv.Missing(t, "pgbouncer is not installed (Debian package pgbouncer; .ci/run installs it)")
 	}
 	u, err := url.Parse(upstream)
 	if err != nil {
