@@ -140,6 +140,25 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 			return nil
 		}
 	}
+	// Records go to the sink with the term's context: a sink checks it where they leave the
+	// process, so a leader that was frozen past its lease sends nothing when it wakes.
+	pubCtx := context.WithoutCancel(ctx)
+	if f, ok := sess.(Fenced); ok {
+		if tctx, lease := f.TermContext(); tctx != nil {
+			pubCtx = tctx
+			if standbyLogged {
+				// Another replica led until now, and may be frozen rather than gone: its lease
+				// runs out before this one publishes anything.
+				r.log.Info("took over from another replica: waiting out its lease before publishing", "lease", lease)
+				if !sleep(ctx, lease) {
+					return nil
+				}
+				if tctx.Err() != nil {
+					return fmt.Errorf("lease: %w", tctx.Err())
+				}
+			}
+		}
+	}
 	r.leader.Store(true)
 	r.obs.Leading(true)
 	r.log.Info("leadership gained")
@@ -151,6 +170,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 	l := &leadState{
 		Relay:      r,
 		sess:       sess,
+		pubCtx:     pubCtx,
 		inflight:   make(map[int64]*Message),
 		results:    make(chan result, r.cfg.MaxInFlight+1),
 		memBlock:   make(Blocked),
@@ -223,6 +243,7 @@ type markResult struct {
 type leadState struct {
 	*Relay
 	sess     Session
+	pubCtx   context.Context // what records are published with: the term's context (Fenced)
 	inflight map[int64]*Message
 	// bytes is the size of the rows in flight not yet acknowledged: the memory they hold.
 	// Acknowledged rows wait for their mark in inflight, but their payloads are released.
@@ -613,7 +634,7 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 			l.unused = append(l.unused, m)
 			continue
 		}
-		err := l.sink.Publish(context.WithoutCancel(ctx), m, func(err error) { l.reported(m, err) })
+		err := l.sink.Publish(l.pubCtx, m, func(err error) { l.reported(m, err) })
 		if err != nil {
 			// Parked once the session is free; until then the key's later rows wait, as the
 			// park would make them.
@@ -875,6 +896,11 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 				}
 			}
 			continue
+		}
+		if errors.Is(res.err, ErrNotLeader) {
+			// The sink refused it for the term's lease: the leadership may be gone, so nothing
+			// is counted against the row; the term ends and the row stays pending.
+			return fmt.Errorf("row %d not sent: %w", m.ID, res.err)
 		}
 		// A failure is recorded, or its row parked, on the session: the claim running on it ends
 		// first. Its rows are handed to the sink after this failure is settled, so the key's

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -43,6 +44,11 @@ type StoreConfig struct {
 	// QueryTimeout bounds every query of a session, so a stalled connection is noticed.
 	// Default 30s.
 	QueryTimeout time.Duration
+	// LeaderLease is how long a leader may hand records to the sink after it last confirmed its
+	// leadership; a heartbeat confirms it every quarter of the lease, and a replica that took over
+	// from another waits one lease before it publishes. It bounds what a frozen leader can still
+	// send once it wakes after losing its session (see lease). Default 4s.
+	LeaderLease time.Duration
 }
 
 // Store is the relay's view of one outbox in PostgreSQL: app.Store.
@@ -50,12 +56,14 @@ type Store struct {
 	conn    *pgx.ConnConfig
 	table   Table
 	timeout time.Duration
+	lease   time.Duration
 	q       queries
 }
 
 var (
 	_ app.Store    = (*Store)(nil)
 	_ app.Releaser = (*session)(nil)
+	_ app.Fenced   = (*session)(nil)
 )
 
 type queries struct {
@@ -178,7 +186,13 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	default:
 		return nil, fmt.Errorf("relay.mark: must be %q or %q, got %q", MarkDelete, MarkRetain, cfg.Mark)
 	}
-	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout}
+	if cfg.LeaderLease == 0 {
+		cfg.LeaderLease = LeaderLeaseDefault
+	}
+	if cfg.LeaderLease < 100*time.Millisecond {
+		return nil, fmt.Errorf("database.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
+	}
+	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease}
 	s.q = queries{
 		// The claim reads from id $5 in two ordered ranges, below and above the longest run of
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
@@ -264,6 +278,10 @@ type session struct {
 	// markConn runs the marks, so a mark's commit does not hold up the claims on conn. It is
 	// used by one Mark at a time and closed by Close.
 	markConn *pgx.Conn
+	markMu   sync.Mutex // one user of markConn at a time: Mark or the heartbeat
+	term     *lease     // the leadership term's lease, from TryLead's success to Close
+	hbStop   chan struct{}
+	hbDone   chan struct{}
 	dec      claimDecoder // reused by every Claim of the session
 	sorted   []int64      // reused by skipRun
 	rest     []int64      // reused by skipRun
@@ -282,6 +300,7 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	defer cancel()
 	var readOnly, locked bool
 	var pid int32
+	sent := time.Now()
 	if err := s.conn.QueryRow(ctx, s.store.q.lock, s.store.table.lockKey(), s.pid).Scan(&readOnly, &pid, &locked); err != nil {
 		return false, s.wrap(err)
 	}
@@ -300,6 +319,12 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	}
 	if _, err := s.conn.Exec(ctx, s.store.q.listen); err != nil {
 		return false, s.wrap(err)
+	}
+	if s.term == nil {
+		s.term = newLease()
+		s.term.confirm(sent, s.store.lease)
+		s.hbStop, s.hbDone = make(chan struct{}), make(chan struct{})
+		go s.heartbeat(s.hbStop, s.hbDone)
 	}
 	return true, nil
 }
@@ -435,6 +460,8 @@ func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 func (s *session) Mark(ctx context.Context, ids []int64) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
+	s.markMu.Lock()
+	defer s.markMu.Unlock()
 	reused := s.markConn != nil && !s.markConn.IsClosed()
 	err := s.mark(ctx, ids)
 	if err != nil && reused && !errors.Is(err, app.ErrNotLeader) && ctx.Err() == nil &&
@@ -447,18 +474,10 @@ func (s *session) Mark(ctx context.Context, ids []int64) error {
 // mark runs one fenced mark, connecting the mark connection first if it is not open. It closes
 // the connection when it is left unusable.
 func (s *session) mark(ctx context.Context, ids []int64) error {
-	if s.markConn == nil || s.markConn.IsClosed() {
-		cfg := s.store.conn.Copy()
-		SetApplicationName(cfg)
-		// Its own name, so an operator (or a test) ending the leader's session by name ends the
-		// leadership's connection only.
-		cfg.RuntimeParams["application_name"] = truncate(cfg.RuntimeParams["application_name"]+" marks", 63)
-		conn, err := pgx.ConnectConfig(ctx, cfg)
-		if err != nil {
-			return fmt.Errorf("connect to database: %s", Redact(err.Error(), s.store.conn.Password))
-		}
-		s.markConn = conn
+	if err := s.openMarkConn(ctx); err != nil {
+		return err
 	}
+	sent := time.Now()
 	// One round trip for the statements, a second for the commit once the check passed.
 	b := &pgx.Batch{}
 	b.Queue(`BEGIN`)
@@ -489,7 +508,71 @@ func (s *session) mark(ctx context.Context, ids []int64) error {
 	if err != nil && !s.markConn.IsClosed() && s.markConn.PgConn().TxStatus() != 'I' {
 		_ = s.markConn.Close(ctx) // left in a transaction: reconnect on the next Mark
 	}
+	if err == nil && s.term != nil {
+		s.term.confirm(sent, s.store.lease) // the fence saw the lock held after sent
+	}
 	return err
+}
+
+// openMarkConn connects the mark connection unless it is open.
+func (s *session) openMarkConn(ctx context.Context) error {
+	if s.markConn != nil && !s.markConn.IsClosed() {
+		return nil
+	}
+	cfg := s.store.conn.Copy()
+	SetApplicationName(cfg)
+	// Its own name, so an operator (or a test) ending the leader's session by name ends the
+	// leadership's connection only.
+	cfg.RuntimeParams["application_name"] = truncate(cfg.RuntimeParams["application_name"]+" marks", 63)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("connect to database: %s", Redact(err.Error(), s.store.conn.Password))
+	}
+	s.markConn = conn
+	return nil
+}
+
+// heartbeat confirms the term's lease every quarter of the lease, on the mark connection, with
+// the same check as the mark fence: the session's backend still holds the lock. A check that
+// finds the lock gone ends the term at once; one that fails (the connection, a timeout) leaves
+// the lease to run out, as the relay's next call on the session will tell what happened.
+func (s *session) heartbeat(stop, done chan struct{}) {
+	defer close(done)
+	every := s.store.lease / 4
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		s.term.Done() // wake waiters on an expired lease
+		ctx, cancel := context.WithTimeout(context.Background(), s.store.lease)
+		s.markMu.Lock()
+		sent := time.Now()
+		err := s.openMarkConn(ctx)
+		leading := false
+		if err == nil {
+			err = s.markConn.QueryRow(ctx, s.store.q.leading, s.pid).Scan(&leading)
+		}
+		s.markMu.Unlock()
+		cancel()
+		switch {
+		case err == nil && leading:
+			s.term.confirm(sent, s.store.lease)
+		case err == nil:
+			s.term.end()
+		}
+	}
+}
+
+// TermContext implements app.Fenced: the lease of the term TryLead began, and its length.
+func (s *session) TermContext() (context.Context, time.Duration) {
+	if s.term == nil {
+		return nil, 0
+	}
+	return s.term, s.store.lease
 }
 
 // Retry implements app.Session.
@@ -556,6 +639,11 @@ func (s *session) Notified() bool { return s.notified.Swap(false) }
 
 // Close implements app.Session.
 func (s *session) Close(ctx context.Context) error {
+	if s.term != nil {
+		s.term.end()
+		close(s.hbStop)
+		<-s.hbDone
+	}
 	if s.markConn != nil {
 		_ = s.markConn.Close(ctx)
 	}

@@ -44,6 +44,7 @@ var settings = []setting{
 	{key: "database.table", def: postgres.TableDefault, help: "outbox table name; the parked table adds _parked"},
 	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
 	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
+	{key: "database.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader hands records to the broker only within this long of confirming its leadership; a replica taking over waits this long first"},
 
 	{key: "sink", def: "kafka", help: "where events go: kafka or rabbitmq"},
 
@@ -467,6 +468,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table")},
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
 		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
+		LeaderLease:  r.dur("database.leader_lease", 100*time.Millisecond, time.Minute),
 	}
 	if err := c.Store.Table.Validate(); err != nil {
 		r.errs = append(r.errs, err)
