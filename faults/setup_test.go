@@ -254,6 +254,7 @@ type relayOpts struct {
 	observer app.RelayObserver         // called besides the relay's probe
 	store    func(app.Store) app.Store // decorates the relay's store
 	timeout  time.Duration             // the store's query timeout; 10s when zero
+	repl     string                    // the store's WaitForReplication
 }
 
 // relay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
@@ -287,7 +288,8 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if o.timeout == 0 {
 		o.timeout = 10 * time.Second
 	}
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, QueryTimeout: o.timeout})
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, QueryTimeout: o.timeout,
+		WaitForReplication: o.repl})
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -49,6 +49,12 @@ type StoreConfig struct {
 	// from another waits one lease before it publishes. It bounds what a frozen leader can still
 	// send once it wakes after losing its session (see lease). Default 4s.
 	LeaderLease time.Duration
+	// WaitForReplication is ReplicationOff (default), ReplicationSync or ReplicationAll: whether
+	// a claim's rows wait, at most QueryTimeout, until the standbys have flushed the WAL that made
+	// them visible, so that nothing published is lost by a failover (replication.go).
+	WaitForReplication string
+	// OnReplicationWait, when set, is called with the time each successful wait took.
+	OnReplicationWait func(took time.Duration)
 }
 
 // Store is the relay's view of one outbox in PostgreSQL: app.Store.
@@ -58,6 +64,9 @@ type Store struct {
 	timeout time.Duration
 	lease   time.Duration
 	q       queries
+	// replMode is StoreConfig.WaitForReplication; onReplWait its hook.
+	replMode   string
+	onReplWait func(time.Duration)
 }
 
 var (
@@ -67,7 +76,7 @@ var (
 )
 
 type queries struct {
-	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading string
+	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading, repl string
 }
 
 // claimPart is one ordered range of the claim query.
@@ -192,7 +201,16 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	if cfg.LeaderLease < 100*time.Millisecond {
 		return nil, fmt.Errorf("database.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
 	}
-	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease}
+	switch cfg.WaitForReplication {
+	case "":
+		cfg.WaitForReplication = ReplicationOff
+	case ReplicationOff, ReplicationSync, ReplicationAll:
+	default:
+		return nil, fmt.Errorf("database.wait_for_replication: must be %q, %q or %q, got %q",
+			ReplicationOff, ReplicationSync, ReplicationAll, cfg.WaitForReplication)
+	}
+	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease,
+		replMode: cfg.WaitForReplication, onReplWait: cfg.OnReplicationWait}
 	s.q = queries{
 		// The claim reads from id $5 in two ordered ranges, below and above the longest run of
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
@@ -219,6 +237,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		listen: `LISTEN ` + pgx.Identifier{t.Channel()}.Sanitize(),
 		// Whether the session whose backend is $1 still holds an advisory lock: the leadership.
 		leading: `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted)`,
+		repl:    replQuery(cfg.WaitForReplication),
 	}
 	return s, nil
 }
@@ -330,8 +349,20 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 }
 
 // Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
-// connection that cannot return it (the simple protocol) is read with Scan.
+// connection that cannot return it (the simple protocol) is read with Scan. With
+// StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
 func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+	out, err := s.claim(ctx, from, skip, limit, maxBytes)
+	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
+		return out, err
+	}
+	if err := s.waitReplicated(ctx); err != nil {
+		return nil, s.wrap(err) // the rows' chunks are left to the garbage collector (chunks.go)
+	}
+	return out, nil
+}
+
+func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	lo, hi, rest := s.skipRun(skip)

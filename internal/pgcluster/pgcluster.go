@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -41,6 +42,51 @@ type Cluster struct {
 // extra postgresql.conf lines. It skips t when the server binaries are missing.
 func Start(t testing.TB, settings ...string) *Cluster {
 	t.Helper()
+	c := newCluster(t)
+	if out, err := c.cmd("initdb", "-D", c.data(), "-U", "postgres", "--auth=trust", "--no-sync",
+		"-E", "UTF8", "--locale=C").CombinedOutput(); err != nil {
+		t.Fatalf("initdb: %v\n%s", err, out)
+	}
+	c.configure(settings)
+	c.Start()
+	return c
+}
+
+// StartStandby makes a streaming standby of c (pg_basebackup, then standby.signal) and starts
+// it, for t, stopped and removed when t ends. It replicates from primaryAddr, c's address or a
+// proxy in front of it, under the application_name name (what pg_stat_replication and
+// synchronous_standby_names call it). settings are extra postgresql.conf lines. The cluster's
+// default pg_hba.conf (initdb --auth=trust) lets replication connections from 127.0.0.1 in, and
+// its defaults (wal_level replica, max_wal_senders 10) allow a standby.
+func (c *Cluster) StartStandby(t testing.TB, primaryAddr, name string, settings ...string) *Cluster {
+	t.Helper()
+	host, port, err := net.SplitHostPort(primaryAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newCluster(t)
+	if out, err := s.cmd("pg_basebackup", "-D", s.data(), "-h", host, "-p", port, "-U", "postgres",
+		"-X", "stream", "-c", "fast", "--no-sync").CombinedOutput(); err != nil {
+		t.Fatalf("pg_basebackup: %v\n%s", err, out)
+	}
+	if err := os.WriteFile(filepath.Join(s.data(), "standby.signal"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.chown(filepath.Join(s.data(), "standby.signal"))
+	conninfo := fmt.Sprintf("host=%s port=%s user=postgres application_name=%s", host, port, name)
+	s.configure(append([]string{
+		"primary_conninfo = '" + conninfo + "'",
+		"hot_standby = on",
+		"wal_receiver_status_interval = 1s",
+	}, settings...))
+	s.Start()
+	return s
+}
+
+// newCluster returns a cluster with its temporary directory, removed (and the server stopped)
+// when t ends.
+func newCluster(t testing.TB) *Cluster {
+	t.Helper()
 	bin := os.Getenv("PGBIN")
 	if bin == "" {
 		bin = BinDirDefault
@@ -65,22 +111,30 @@ func Start(t testing.TB, settings ...string) *Cluster {
 		c.ctl("stop", "-m", "immediate")
 		_ = os.RemoveAll(dir)
 	})
-	if c.run != nil {
-		uid, _ := strconv.Atoi(c.run.Uid)
-		gid, _ := strconv.Atoi(c.run.Gid)
-		if err := os.Chown(dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
+	c.chown(dir)
+	return c
+}
+
+// chown gives path to the user the server runs as.
+func (c *Cluster) chown(path string) {
+	if c.run == nil {
+		return
 	}
-	if out, err := c.cmd("initdb", "-D", c.data(), "-U", "postgres", "--auth=trust", "--no-sync",
-		"-E", "UTF8", "--locale=C").CombinedOutput(); err != nil {
-		t.Fatalf("initdb: %v\n%s", err, out)
+	uid, _ := strconv.Atoi(c.run.Uid)
+	gid, _ := strconv.Atoi(c.run.Gid)
+	if err := os.Chown(path, uid, gid); err != nil {
+		c.t.Fatal(err)
 	}
-	c.Port = freePort(t)
+}
+
+// configure appends the test settings and settings to postgresql.conf, and picks the port.
+func (c *Cluster) configure(settings []string) {
+	c.t.Helper()
+	c.Port = freePort(c.t)
 	conf := []string{
 		"listen_addresses = '127.0.0.1'",
 		fmt.Sprintf("port = %d", c.Port),
-		"unix_socket_directories = '" + dir + "'",
+		"unix_socket_directories = '" + c.dir + "'",
 		"fsync = off",
 		"synchronous_commit = on",
 		"full_page_writes = off",
@@ -91,15 +145,13 @@ func Start(t testing.TB, settings ...string) *Cluster {
 	conf = append(conf, settings...)
 	f, err := os.OpenFile(filepath.Join(c.data(), "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
-		t.Fatal(err)
+		c.t.Fatal(err)
 	}
 	_, err = f.WriteString("\n" + strings.Join(conf, "\n") + "\n")
 	_ = f.Close()
 	if err != nil {
-		t.Fatal(err)
+		c.t.Fatal(err)
 	}
-	c.Start()
-	return c
 }
 
 func (c *Cluster) data() string { return filepath.Join(c.dir, "data") }
@@ -155,6 +207,68 @@ func (c *Cluster) StopImmediate() {
 	c.t.Helper()
 	if out, err := c.ctl("stop", "-m", "immediate"); err != nil {
 		c.t.Fatalf("pg_ctl stop: %v\n%s", err, out)
+	}
+}
+
+// Kill kills the server the hardest way, as a machine crash would: SIGKILL to the postmaster
+// and to every process it started, so that no orphaned backend answers one more query or a
+// walsender sends one more byte. The data directory stays, for Start.
+func (c *Cluster) Kill() {
+	c.t.Helper()
+	b, err := os.ReadFile(filepath.Join(c.data(), "postmaster.pid"))
+	if err != nil {
+		c.t.Fatalf("kill: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.SplitN(string(b), "\n", 2)[0])
+	if err != nil {
+		c.t.Fatalf("kill: postmaster.pid: %v", err)
+	}
+	// Stopped, the postmaster starts no more children while they are listed.
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		c.t.Fatalf("kill: %v", err)
+	}
+	children := childrenOf(pid)
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	for _, p := range children {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	for deadline := time.Now().Add(60 * time.Second); syscall.Kill(pid, 0) == nil; {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("kill: postmaster %d still there after 60s", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = os.Remove(filepath.Join(c.data(), "postmaster.pid"))
+}
+
+// childrenOf lists the processes whose parent is pid, from /proc.
+func childrenOf(pid int) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so read after its closing paren.
+		rest := string(stat[strings.LastIndexByte(string(stat), ')')+1:])
+		f := strings.Fields(rest)
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Promote promotes a standby to a primary (pg_ctl promote) and waits until it accepts writes.
+func (c *Cluster) Promote() {
+	c.t.Helper()
+	if out, err := c.ctl("promote"); err != nil {
+		c.t.Fatalf("pg_ctl promote: %v\n%s", err, out)
 	}
 }
 
