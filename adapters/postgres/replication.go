@@ -26,7 +26,7 @@ const (
 // starts short, as a standby usually confirms within a millisecond or two, and doubles.
 const (
 	replPollMin = time.Millisecond
-	replPollMax = 16 * time.Millisecond
+	replPollMax = 2 * time.Millisecond
 )
 
 // replQuery returns the statement that reads, for the target LSN $1 (or the current WAL insert

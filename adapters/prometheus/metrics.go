@@ -27,6 +27,7 @@ type Metrics struct {
 	batchSize     prom.Histogram
 	claimDuration prom.Histogram
 	markDuration  prom.Histogram
+	replWait      prom.Histogram
 	leader        prom.Gauge
 	dbUp          prom.Gauge
 	lastPublish   prom.Gauge
@@ -55,6 +56,9 @@ func New(version, revision string) *Metrics {
 			Help: "Duration of one claim query.", Buckets: prom.ExponentialBuckets(.0005, 2.5, 10)}),
 		markDuration: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_mark_duration_seconds",
 			Help: "Duration of one statement marking published rows.", Buckets: prom.ExponentialBuckets(.0005, 2.5, 10)}),
+		replWait: prom.NewHistogram(prom.HistogramOpts{Name: "outbox_relay_replication_wait_seconds",
+			Help:    "Time a claim's rows waited for the standbys to flush them (database.wait_for_replication).",
+			Buckets: prom.ExponentialBuckets(.0005, 2.5, 10)}),
 		leader: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_leader",
 			Help: "1 when this replica holds the leadership and publishes, else 0."}),
 		dbUp: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_database_up",
@@ -67,7 +71,7 @@ func New(version, revision string) *Metrics {
 		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.leader, m.dbUp, m.lastPublish, build,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -76,6 +80,10 @@ func New(version, revision string) *Metrics {
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
 }
+
+// ReplicationWaited records how long a claim's rows waited for the standbys: the hook of
+// postgres.StoreConfig.OnReplicationWait.
+func (m *Metrics) ReplicationWaited(took time.Duration) { m.replWait.Observe(took.Seconds()) }
 
 // Claimed implements app.RelayObserver.
 func (m *Metrics) Claimed(n int, took time.Duration) {

@@ -45,6 +45,7 @@ var settings = []setting{
 	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
 	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
 	{key: "database.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader hands records to the broker only within this long of confirming its leadership; a replica taking over waits this long first"},
+	{key: "database.wait_for_replication", def: postgres.ReplicationOff, help: "off, sync or all: publish a row only once the synchronous (sync) or every connected (all) standby has flushed it, so a failover loses nothing published; needs pg_read_all_stats"},
 
 	{key: "sink", def: "kafka", help: "where events go: kafka or rabbitmq"},
 
@@ -469,6 +470,8 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
 		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
 		LeaderLease:  r.dur("database.leader_lease", 100*time.Millisecond, time.Minute),
+		WaitForReplication: r.oneOf("database.wait_for_replication",
+			postgres.ReplicationOff, postgres.ReplicationSync, postgres.ReplicationAll),
 	}
 	if err := c.Store.Table.Validate(); err != nil {
 		r.errs = append(r.errs, err)

@@ -134,7 +134,9 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		publisher.Close()
 		return nil, fmt.Errorf("%w (within relay.startup_timeout %s)", err, cfg.StartupTimeout)
 	}
-	store, err := postgres.NewStore(connCfg, cfg.Store)
+	storeCfg := cfg.Store
+	storeCfg.OnReplicationWait = metrics.ReplicationWaited
+	store, err := postgres.NewStore(connCfg, storeCfg)
 	if err != nil {
 		pool.Close()
 		publisher.Close()
