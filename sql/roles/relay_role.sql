@@ -41,3 +41,10 @@ SELECT format('GRANT SELECT ON SEQUENCE %s TO %I',
 -- removes a parked row, the only record of an event it gave up on; dropping one is the owner's call.
 SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec
+-- With database.wait_for_replication sync or all, the relay reads the standbys' flush positions in
+-- pg_stat_replication, which only pg_read_all_stats (part of pg_monitor) shows: pass
+-- -v wait_for_replication=on. Granting it needs a superuser (or ADMIN OPTION on the role), and it
+-- also lets the role read every session's statistics, other users' query text included.
+\if :{?wait_for_replication}
+SELECT format('GRANT pg_read_all_stats TO %I', :'role') \gexec
+\endif
