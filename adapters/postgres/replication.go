@@ -74,16 +74,18 @@ func (s *session) waitReplicated(ctx context.Context) error {
 	defer cancel()
 	start := time.Now()
 	var target *string
+	var last replState // the last look that got an answer, for the timeout's message
 	pause := replPollMin
 	for {
 		var st replState
 		if err := s.conn.QueryRow(ctx, s.store.q.repl, target).Scan(&st.target, &st.privileged,
 			&st.standbys, &st.flushed, &st.lowest); err != nil {
 			if ctx.Err() != nil {
-				return fmt.Errorf("wait for replication: %s", s.store.replWaitState(st, time.Since(start)))
+				return fmt.Errorf("wait for replication: %s", s.store.replWaitState(last, time.Since(start)))
 			}
 			return fmt.Errorf("wait for replication: %w", err)
 		}
+		last = st
 		if !st.privileged {
 			return errReplicationPrivilege
 		}

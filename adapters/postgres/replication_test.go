@@ -25,7 +25,7 @@ func replSession(t *testing.T, table postgres.Table, url, mode string, hook func
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table, QueryTimeout: time.Second,
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table, QueryTimeout: 3 * time.Second,
 		WaitForReplication: mode, OnReplicationWait: hook})
 	if err != nil {
 		t.Fatal(err)
