@@ -41,3 +41,10 @@ SELECT format('GRANT SELECT ON SEQUENCE %s TO %I',
 -- removes a parked row, the only record of an event it gave up on; dropping one is the owner's call.
 SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec
+-- A standby ends the sessions of a leader that gave no sign of life for relay.leader_lease while
+-- rows wait (a frozen process keeps its lock). Replicas running as this same role may end each
+-- other's sessions already; replicas under different roles need pg_signal_backend, granted with
+-- -v signal=on (it lets the role end any non-superuser session, so it is not granted by default).
+\if :{?signal}
+SELECT format('GRANT pg_signal_backend TO %I', :'role') \gexec
+\endif
