@@ -144,13 +144,13 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 	// process, so a leader that was frozen past its lease sends nothing when it wakes.
 	pubCtx := context.WithoutCancel(ctx)
 	if f, ok := sess.(Fenced); ok {
-		if tctx, lease := f.TermContext(); tctx != nil {
+		if tctx, holdOff := f.TermContext(); tctx != nil {
 			pubCtx = tctx
-			if standbyLogged {
+			if holdOff > 0 {
 				// Another replica led until now, and may be frozen rather than gone: its lease
 				// runs out before this one publishes anything.
-				r.log.Info("took over from another replica: waiting out its lease before publishing", "lease", lease)
-				if !sleep(ctx, lease) {
+				r.log.Info("took over from another replica: waiting out its lease before publishing", "wait", holdOff)
+				if !sleep(ctx, holdOff) {
 					return nil
 				}
 				if tctx.Err() != nil {

@@ -154,11 +154,12 @@ func (NopObserver) Connected(bool) {}
 
 // Fenced is implemented by a Session that keeps confirming its leadership while it leads.
 // TermContext returns, once TryLead succeeded, a context that is done as soon as the leadership
-// was last confirmed more than lease ago (its Err wraps ErrNotLeader), and lease. The relay hands
-// every record to the sink with that context, so that a sink that checks it where the record
-// leaves the process (the Kafka producer does, per batch) sends nothing for a term that may have
-// ended; and a relay that took the leadership over from another replica waits lease before it
-// publishes, so that the old leader's lease ran out first. It may be called beside other methods.
+// was last confirmed more than a lease ago (its Err wraps ErrNotLeader), and how long the previous
+// leader's lease may still run (zero when there was none, or it ran out). The relay hands every
+// record to the sink with that context, so that a sink that checks it where the record leaves the
+// process (the Kafka producer does, per batch) sends nothing for a term that may have ended; and
+// it waits holdOff before it publishes, so that the old leader's lease ran out first. It may be
+// called beside other methods.
 type Fenced interface {
-	TermContext() (ctx context.Context, lease time.Duration)
+	TermContext() (ctx context.Context, holdOff time.Duration)
 }

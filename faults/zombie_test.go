@@ -19,7 +19,7 @@ import (
 func TestFault25ZombieLeaderAfterFreeze(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
-	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_DATABASE_LEADER_LEASE=2s"}
+	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_RELAY_LEADER_LEASE=2s"}
 	a := e.startProcess("fault25-a", env...)
 	e.eventually(60*time.Second, "a leads", func() (bool, string) {
 		return a.logs.count("leadership gained") == 1, "no leadership yet"
@@ -55,38 +55,7 @@ func TestFault25ZombieLeaderAfterFreeze(t *testing.T) {
 	})
 	stop()
 	e.waitDrained(60 * time.Second)
-	// Per partition, in offset order: once a record of the new leader's producer is in, none of
-	// the old leader's may follow.
-	first := producersAfter(t, e, 0)
-	if len(first) < 2 {
-		t.Fatalf("want records from two producers, got %v", first)
-	}
-	old := first[0]
-	cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker.Addrs...), kgo.ConsumeTopics(e.topics...),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	want := e.records()
-	seenNew := map[string]bool{}
-	var got, stale int64
-	ctx, cancel := context.WithTimeout(e.ctx, 60*time.Second)
-	defer cancel()
-	for got < want && ctx.Err() == nil {
-		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
-			got++
-			part := fmt.Sprintf("%s/%d", r.Topic, r.Partition)
-			if r.ProducerID != old {
-				seenNew[part] = true
-			} else if seenNew[part] {
-				stale++
-			}
-		})
-	}
-	if got < want {
-		t.Fatalf("read %d of %d records", got, want)
-	}
+	stale := staleRecords(t, e)
 	if stale > 0 {
 		t.Errorf("%d records of the old leader's producer after the new leader's first record of their partition", stale)
 	}
@@ -123,4 +92,95 @@ func producersAfter(t *testing.T, e *env, from int64) []int64 {
 		})
 	}
 	return ids
+}
+
+// staleRecords reads every partition of the env's topics in offset order and counts the records
+// of the first leader's producer that follow a record of another producer in their partition:
+// what a replaced leader sent after its successor began.
+func staleRecords(t *testing.T, e *env) int64 {
+	t.Helper()
+	first := producersAfter(t, e, 0)
+	if len(first) < 2 {
+		t.Fatalf("want records from two producers, got %v", first)
+	}
+	old := first[0]
+	cl, err := kgo.NewClient(kgo.SeedBrokers(e.broker.Addrs...), kgo.ConsumeTopics(e.topics...),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	want := e.records()
+	seenNew := map[string]bool{}
+	var got, stale int64
+	ctx, cancel := context.WithTimeout(e.ctx, 60*time.Second)
+	defer cancel()
+	for got < want && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) {
+			got++
+			part := fmt.Sprintf("%s/%d", r.Topic, r.Partition)
+			if r.ProducerID != old {
+				seenNew[part] = true
+			} else if seenNew[part] {
+				stale++
+			}
+		})
+	}
+	if got < want {
+		t.Fatalf("read %d of %d records", got, want)
+	}
+	return stale
+}
+
+// Entry 27: the leader is frozen (SIGSTOP) and nobody ends its sessions: its lock stays held. The
+// standby sees rows waiting and no sign of life from the leader (no query on its session or on its
+// heartbeat's connection) for longer than relay.leader_lease, ends the leader's sessions and takes
+// over; the frozen leader, woken later, sends nothing.
+func TestFault27FrozenLeaderTakenOver(t *testing.T) {
+	t.Parallel()
+	e := setup(t, options{})
+	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_RELAY_LEADER_LEASE=2s"}
+	a := e.startProcess("fault27-a", env...)
+	e.eventually(60*time.Second, "a leads", func() (bool, string) {
+		return a.logs.count("leadership gained") == 1, "no leadership yet"
+	})
+	b := e.startProcess("fault27-b", env...)
+	e.eventually(60*time.Second, "b is standby", func() (bool, string) {
+		return b.logs.count("standby") >= 1, "no standby line yet"
+	})
+	stop := e.loader.Go(e.ctx)
+	defer stop()
+	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
+		n := e.records()
+		return n >= 300, itoa(n) + " records"
+	})
+	a.signal(t, syscall.SIGSTOP)
+	frozenAt := time.Now()
+	frozen := true
+	defer func() {
+		if frozen {
+			_ = a.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}()
+	e.eventually(90*time.Second, "b takes over the frozen leader", func() (bool, string) {
+		return b.logs.count("leadership gained") == 1, "b still standby"
+	})
+	t.Logf("b leads %s after a was frozen (lease 2s)", time.Since(frozenAt).Round(10*time.Millisecond))
+	before := e.records()
+	e.eventually(60*time.Second, "b publishes", func() (bool, string) {
+		n := e.records()
+		return n > before, itoa(n) + " records"
+	})
+	a.signal(t, syscall.SIGCONT)
+	frozen = false
+	e.eventually(60*time.Second, "a notices its term ended", func() (bool, string) {
+		return a.logs.count("leadership released") >= 1, "a still thinks it leads"
+	})
+	stop()
+	e.waitDrained(60 * time.Second)
+	if stale := staleRecords(t, e); stale > 0 {
+		t.Errorf("%d records of the frozen leader's producer after the new leader's first record of their partition", stale)
+	}
+	rep := e.check(1000)
+	result(t, 27, rep, "frozen leader holding the lock: the standby ends its sessions after relay.leader_lease and takes over")
 }

@@ -174,7 +174,28 @@ type Holder struct {
 	BackendStart    *time.Time `json:"backend_start,omitempty"`
 	ApplicationName string     `json:"application_name,omitempty"`
 	State           string     `json:"state,omitempty"`
+	// LastActive is the latest query start or state change of the session or of its mark
+	// connection (the heartbeat runs there): the leader's last sign of life the database saw.
+	LastActive *time.Time `json:"last_active,omitempty"`
 }
+
+// holderSQL selects the leadership lock's holder of the lock key $1: its pid, client address,
+// backend start, application name, state and last sign of life (see Holder.LastActive).
+const holderSQL = `
+		WITH k AS (SELECT hashtextextended($1, 0) AS key),
+		h AS (SELECT l.pid, host(a.client_addr) AS addr, a.backend_start, a.application_name, a.state,
+				greatest(a.query_start, a.state_change) AS active
+			FROM pg_locks l CROSS JOIN k
+			LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+			WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+				AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+				AND l.classid = ((k.key >> 32) & 4294967295)::oid
+				AND l.objid = (k.key & 4294967295)::oid
+			LIMIT 1)
+		SELECT h.pid, h.addr, h.backend_start, h.application_name, h.state,
+			greatest(h.active, (SELECT max(greatest(m.query_start, m.state_change)) FROM pg_stat_activity m
+				WHERE m.application_name = left(h.application_name || ' marks', 63) AND m.pid <> h.pid)) AS last_active
+		FROM h`
 
 // LeaderOf returns the session holding the leadership of t, or nil when no relay leads. The
 // advisory lock of pg_try_advisory_lock(bigint) shows in pg_locks with the key's high 32 bits in
@@ -185,16 +206,7 @@ func LeaderOf(ctx context.Context, q Querier, t Table) (*Holder, error) {
 	t = t.WithDefaults()
 	var h Holder
 	var addr, app, state *string
-	err := q.QueryRow(ctx, `
-		WITH k AS (SELECT hashtextextended($1, 0) AS key)
-		SELECT l.pid, host(a.client_addr), a.backend_start, a.application_name, a.state
-		FROM pg_locks l CROSS JOIN k
-		LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-			AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-			AND l.classid = ((k.key >> 32) & 4294967295)::oid
-			AND l.objid = (k.key & 4294967295)::oid
-		LIMIT 1`, t.lockKey()).Scan(&h.PID, &addr, &h.BackendStart, &app, &state)
+	err := q.QueryRow(ctx, holderSQL, t.lockKey()).Scan(&h.PID, &addr, &h.BackendStart, &app, &state, &h.LastActive)
 	if err == pgx.ErrNoRows {
 		return nil, nil
 	}

@@ -199,7 +199,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		cfg.LeaderLease = LeaderLeaseDefault
 	}
 	if cfg.LeaderLease < 100*time.Millisecond {
-		return nil, fmt.Errorf("database.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
+		return nil, fmt.Errorf("relay.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
 	}
 	switch cfg.WaitForReplication {
 	case "":
@@ -299,6 +299,8 @@ type session struct {
 	markConn *pgx.Conn
 	markMu   sync.Mutex // one user of markConn at a time: Mark or the heartbeat
 	term     *lease     // the leadership term's lease, from TryLead's success to Close
+	sawOther bool       // TryLead found another session holding the lock
+	forced   bool       // TryLead ended a silent leader's session to take over
 	hbStop   chan struct{}
 	hbDone   chan struct{}
 	dec      claimDecoder // reused by every Claim of the session
@@ -334,7 +336,11 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 		return false, app.ErrReadOnly
 	}
 	if !locked {
-		return false, nil
+		took, err := s.takeOverSilent(ctx)
+		if err != nil || !took {
+			return false, err
+		}
+		s.forced = true
 	}
 	if _, err := s.conn.Exec(ctx, s.store.q.listen); err != nil {
 		return false, s.wrap(err)
@@ -598,12 +604,64 @@ func (s *session) heartbeat(stop, done chan struct{}) {
 	}
 }
 
-// TermContext implements app.Fenced: the lease of the term TryLead began, and its length.
+// TermContext implements app.Fenced: the lease of the term TryLead began, and how long the
+// previous leader's lease may still run: a lease if this session saw another leader and took the
+// lock after it went (it may be frozen rather than gone); none if there was no other leader, or
+// if TryLead ended a leader that had been silent for longer than a lease.
 func (s *session) TermContext() (context.Context, time.Duration) {
 	if s.term == nil {
 		return nil, 0
 	}
-	return s.term, s.store.lease
+	if s.sawOther && !s.forced {
+		return s.term, s.store.lease
+	}
+	return s.term, 0
+}
+
+// takeOverSilent is TryLead's answer to a lock held by another session: if that leader has given
+// no sign of life (no query on its session or its mark connection, where its heartbeat runs) for
+// longer than the lease while rows wait to be published, it is frozen or hung, not working: its
+// sessions are ended and the lock taken. Its lease ran out while it was silent, so whatever it
+// buffered can no longer reach the broker. Ending another session needs the same role or
+// pg_signal_backend; without them the error says so.
+func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
+	s.sawOther = true
+	var pid int32
+	var app *string
+	var silent, waiting bool
+	err := s.conn.QueryRow(ctx, `WITH h AS (`+holderSQL+`)
+		SELECT h.pid, h.application_name, coalesce(h.last_active < now() - $2::interval, false),
+			EXISTS (SELECT 1 FROM `+s.store.table.outbox()+` WHERE dispatched_at IS NULL
+				AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND created_at < now() - $2::interval)
+		FROM h`, s.store.table.lockKey(), s.store.lease).Scan(&pid, &app, &silent, &waiting)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil // released meanwhile: the next try takes it
+	}
+	if err != nil {
+		return false, s.wrap(err)
+	}
+	if !silent || !waiting {
+		return false, nil
+	}
+	name := ""
+	if app != nil {
+		name = *app
+	}
+	var ended int
+	err = s.conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, $3)) FROM (
+			SELECT pid FROM pg_stat_activity WHERE pid = $1
+				OR ($2 <> '' AND application_name = left($2 || ' marks', 63) AND pid <> pg_backend_pid())
+			OFFSET 0) p`, pid, name, s.store.lease.Milliseconds()).Scan(&ended)
+	if err != nil {
+		return false, fmt.Errorf("end the session of leader %d, silent for longer than relay.leader_lease while rows wait "+
+			"(the relay's role needs to be the leader's role or a member of pg_signal_backend): %w", pid, s.wrap(err))
+	}
+	var locked bool
+	if err := s.conn.QueryRow(ctx, `SELECT CASE WHEN pg_backend_pid() = $2 THEN pg_try_advisory_lock(hashtextextended($1, 0)) ELSE false END`,
+		s.store.table.lockKey(), s.pid).Scan(&locked); err != nil {
+		return false, s.wrap(err)
+	}
+	return locked, nil
 }
 
 // Retry implements app.Session.

@@ -44,7 +44,6 @@ var settings = []setting{
 	{key: "database.table", def: postgres.TableDefault, help: "outbox table name; the parked table adds _parked"},
 	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
 	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
-	{key: "database.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader hands records to the broker only within this long of confirming its leadership; a replica taking over waits this long first"},
 	{key: "database.wait_for_replication", def: postgres.ReplicationOff, help: "off, sync or all: publish a row only once the synchronous (sync) or every connected (all) standby has flushed it, so a failover loses nothing published; needs pg_read_all_stats"},
 
 	{key: "sink", def: "kafka", help: "where events go: kafka or rabbitmq"},
@@ -95,6 +94,7 @@ var settings = []setting{
 	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(app.MaxInFlightBytesDefault), help: "bound in bytes on the rows claimed and not yet acknowledged (held in memory)"},
 	{key: "relay.poll_interval", def: app.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
 	{key: "relay.leader_retry_interval", def: app.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
+	{key: "relay.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader publishes only within this long of confirming its leadership; a standby takes over a leader silent this long while rows wait"},
 	{key: "relay.max_attempts", def: strconv.Itoa(app.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
 	{key: "relay.retry_backoff_min", def: app.RetryBackoffMinDefault.String(), help: "first delay before retrying a failed row"},
 	{key: "relay.retry_backoff_max", def: app.RetryBackoffMaxDefault.String(), help: "largest delay before retrying a failed row"},
@@ -469,7 +469,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table")},
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
 		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
-		LeaderLease:  r.dur("database.leader_lease", 100*time.Millisecond, time.Minute),
+		LeaderLease:  r.dur("relay.leader_lease", 100*time.Millisecond, time.Minute),
 		WaitForReplication: r.oneOf("database.wait_for_replication",
 			postgres.ReplicationOff, postgres.ReplicationSync, postgres.ReplicationAll),
 	}

@@ -110,6 +110,9 @@ func printStatus(w io.Writer, r statusReport) {
 			parts = append(parts, fmt.Sprintf("connected %s (%s ago)", h.BackendStart.UTC().Format(time.RFC3339),
 				time.Since(*h.BackendStart).Round(time.Second)))
 		}
+		if h.LastActive != nil {
+			parts = append(parts, fmt.Sprintf("last active %s ago", time.Since(*h.LastActive).Round(time.Second)))
+		}
 		fmt.Fprintf(w, "leader   %s\n", strings.Join(parts, ", "))
 	} else {
 		fmt.Fprintln(w, "leader   none: no relay holds the leadership")

@@ -48,3 +48,10 @@ SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'r
 \if :{?wait_for_replication}
 SELECT format('GRANT pg_read_all_stats TO %I', :'role') \gexec
 \endif
+-- A standby ends the sessions of a leader that gave no sign of life for relay.leader_lease while
+-- rows wait (a frozen process keeps its lock). Replicas running as this same role may end each
+-- other's sessions already; replicas under different roles need pg_signal_backend, granted with
+-- -v signal=on (it lets the role end any non-superuser session, so it is not granted by default).
+\if :{?signal}
+SELECT format('GRANT pg_signal_backend TO %I', :'role') \gexec
+\endif
