@@ -98,7 +98,8 @@ func (ps *partitions) get(topic string) *topicState {
 }
 
 // pinnedPartitioner is the kgo.Partitioner of the publisher: Kafka's default hashing of keys
-// (murmur2, as kgo.StickyKeyPartitioner(nil) and the Java client do), over the pinned count.
+// (murmur2, as kgo.StickyKeyPartitioner(nil), franz-go's default partitioner for keyed records
+// and the Java client do), over the pinned count. Every record the publisher produces has a key.
 type pinnedPartitioner struct{ ps *partitions }
 
 // ForTopic implements kgo.Partitioner.
@@ -142,7 +143,7 @@ func pinnedPartition(ts *topicState, hash kgo.TopicPartitioner, r *kgo.Record, n
 // returns an error when it cannot be: the record must not be produced then. A topic the brokers
 // do not know is left unresolved, and its records produced, so that the producer reports the
 // missing topic (or creates it, with AutoCreateTopics); the pin is resolved at a later record.
-func (p *Publisher) pinned(ts *topicState) error {
+func (p *Publisher) pinned(ctx context.Context, ts *topicState) error {
 	if ts.resolved.Load() {
 		return nil
 	}
@@ -158,7 +159,7 @@ func (p *Publisher) pinned(ts *topicState) error {
 	if time.Now().Before(ts.retryAt) {
 		return ts.err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), pinTimeout)
+	ctx, cancel := context.WithTimeout(ctx, pinTimeout)
 	defer cancel()
 	live, err := p.partitionCount(ctx, ts.topic)
 	if errors.Is(err, kerr.UnknownTopicOrPartition) {

@@ -232,7 +232,7 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	if err != nil {
 		return err
 	}
-	if err := p.pinned(ts); err != nil {
+	if err := p.pinned(ctx, ts); err != nil {
 		done(&app.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
