@@ -255,6 +255,7 @@ type relayOpts struct {
 	store    func(app.Store) app.Store // decorates the relay's store
 	timeout  time.Duration             // the store's query timeout; 10s when zero
 	repl     string                    // the store's WaitForReplication
+	pins     bool                      // pin partition counts in the env's database, as 'run' does
 }
 
 // relay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
@@ -297,17 +298,23 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if o.kafka != nil {
 		o.kafka(&kc)
 	}
-	pub, err := kafka.NewPublisher(kc, append([]kgo.Opt{kgo.MetadataMinAge(200 * time.Millisecond),
+	logs := &logBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	deps := kafka.PublisherDeps{Log: log}
+	if o.pins {
+		deps.Pins = postgres.NewPartitionPins(e.pool, e.table)
+	}
+	pub, err := kafka.NewPublisherWith(kc, deps, append([]kgo.Opt{kgo.MetadataMinAge(200 * time.Millisecond),
 		kgo.RetryBackoffFn(func(int) time.Duration { return 100 * time.Millisecond })}, o.kgoOpts...)...)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: &logBuffer{}}
+	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: logs}
 	var st app.Store = store
 	if o.store != nil {
 		st = o.store(st)
 	}
-	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, log)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"regexp"
 	"strings"
 	"sync"
@@ -30,15 +31,20 @@ const recordBatchOverhead = 61 + 36
 
 var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
 
-// Publisher publishes outbox rows to Kafka: app.Sink.
+// Publisher publishes outbox rows to Kafka: app.Sink. It hashes each topic's keys with the
+// topic's pinned partition count (see PartitionPins), so adding partitions to a topic moves no
+// key.
 type Publisher struct {
-	cl  *kgo.Client
-	cfg Config
+	cl   *kgo.Client
+	cfg  Config
+	deps PublisherDeps
+	log  *slog.Logger
 
 	// topics caches the valid topic of each (topic override, aggregate type, event type): the
 	// template expansion and the name check cost more than the rest of a record.
 	topicsMu sync.Mutex
-	topics   map[topicKey]string
+	topics   map[topicKey]*topicState
+	parts    *partitions
 }
 
 // topicKey is what a row's topic depends on.
@@ -52,9 +58,16 @@ var (
 	_ app.ReleasingSink = (*Publisher)(nil)
 )
 
-// NewPublisher returns a publisher with an idempotent, acks=all producer. extra options (hooks
-// such as metrics) are added to the client's.
+// NewPublisher returns a publisher with an idempotent, acks=all producer, which hashes each
+// topic's keys with the partition count it saw first for the topic. extra options (hooks such
+// as metrics) are added to the client's.
 func NewPublisher(cfg Config, extra ...kgo.Opt) (*Publisher, error) {
+	return NewPublisherWith(cfg, PublisherDeps{}, extra...)
+}
+
+// NewPublisherWith returns a publisher as NewPublisher does, with deps: with deps.Pins, each
+// topic's partition count is pinned across restarts and replicas.
+func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publisher, error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -78,12 +91,19 @@ func NewPublisher(cfg Config, extra ...kgo.Opt) (*Publisher, error) {
 	if cfg.AutoCreateTopics {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
 	}
+	parts := &partitions{topics: make(map[string]*topicState)}
 	opts = append(opts, extra...)
+	// Last: keys must be hashed with the pinned count, whatever extra says.
+	opts = append(opts, kgo.RecordPartitioner(pinnedPartitioner{parts}))
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("new kafka client: %w", err)
 	}
-	return &Publisher{cl: cl, cfg: cfg, topics: make(map[topicKey]string)}, nil
+	log := deps.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts}, nil
 }
 
 // Client returns the underlying franz-go client.
@@ -116,7 +136,7 @@ func promise(r *kgo.Record, err error) {
 // Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
 // says why m cannot be published.
 func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
-	pr, err := p.record(m)
+	pr, _, err := p.record(m)
 	if err != nil {
 		return nil, err
 	}
@@ -124,35 +144,37 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	return &pr.rec, nil
 }
 
-func (p *Publisher) record(m *app.Message) (*produced, error) {
+func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	key := topicKey{m.Topic, m.AggregateType, m.EventType}
 	if m.Topic != "" {
 		key.aggregateType, key.eventType = "", "" // an override does not depend on them
 	}
 	p.topicsMu.Lock()
-	topic, cached := p.topics[key]
+	ts, cached := p.topics[key]
 	p.topicsMu.Unlock()
 	if !cached {
-		topic = m.Topic
+		topic := m.Topic
 		if topic == "" {
 			topic = strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType).
 				Replace(p.cfg.TopicTemplate)
 		}
 		if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
-			return nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
+			return nil, nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
 		}
+		ts = p.parts.get(topic)
 		p.topicsMu.Lock()
 		if len(p.topics) >= topicCacheSize {
 			clear(p.topics)
 		}
-		p.topics[key] = topic
+		p.topics[key] = ts
 		p.topicsMu.Unlock()
 	}
+	topic := ts.topic
 	if err := m.Check(); err != nil { // the key and occurred_at
-		return nil, err
+		return nil, nil, err
 	}
 	if m.Payload == nil && !p.cfg.Tombstones {
-		return nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
+		return nil, nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
 	}
 	// The key and the four header values share one allocation: a record costs the relay less CPU.
 	buf := make([]byte, 0, len(m.AggregateID)+len(m.EventID)+len(m.EventType)+len(m.AggregateType)+len(time.RFC3339Nano))
@@ -176,15 +198,15 @@ func (p *Publisher) record(m *app.Message) (*produced, error) {
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
-			return nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
+			return nil, nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
 		}
 		for k, v := range hs {
 			if err := app.CheckHeader(k); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			s, ok := v.(string)
 			if !ok {
-				return nil, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
+				return nil, nil, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
 			}
 			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
 		}
@@ -198,17 +220,25 @@ func (p *Publisher) record(m *app.Message) (*produced, error) {
 		size += len(h.Key) + len(h.Value)
 	}
 	if size > p.cfg.MaxRecordBytes {
-		return nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", app.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
+		return nil, nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", app.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
 	}
-	return pr, nil
+	return pr, ts, nil
 }
 
-// Publish implements app.Sink.
+// Publish implements app.Sink. The first record of a topic waits for the topic's pinned
+// partition count (a metadata request and PublisherDeps.Pins, bounded by 10s); when it cannot be
+// read, the record fails at once (done is called before Publish returns) and so do the topic's
+// records for the next second, as one group (app.GroupError), without being produced.
 func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error)) error {
-	pr, err := p.record(m)
+	pr, ts, err := p.record(m)
 	if err != nil {
 		return err
 	}
+	if err := p.pinned(ctx, ts); err != nil {
+		done(&app.GroupError{Group: ts.topic + "/partition-count", Err: err})
+		return nil
+	}
+	p.report(ts)
 	pr.Context, pr.done = ctx, done
 	p.cl.Produce(ctx, &pr.rec, promise)
 	return nil

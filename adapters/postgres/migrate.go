@@ -26,6 +26,7 @@ type templateData struct{ t Table }
 
 func (d templateData) Outbox() string         { return d.t.outbox() }
 func (d templateData) Parked() string         { return d.t.parked() }
+func (d templateData) Topics() string         { return d.t.topics() }
 func (d templateData) NotifyFunc() string     { return d.t.notifyFunc() }
 func (d templateData) ChannelLiteral() string { return "'" + d.t.Channel() + "'" }
 func (d templateData) Name(s string) string   { return d.t.name(s) }

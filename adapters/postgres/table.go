@@ -17,7 +17,7 @@ const (
 var identRE = regexp.MustCompile(`^[a-z_][a-z0-9_]*$`)
 
 // Table names one outbox: its schema and table. The parked table is the table's name with
-// "_parked" appended.
+// "_parked" appended, the table of pinned partition counts the name with "_topics".
 type Table struct {
 	// Schema holds the outbox tables. Default "public".
 	Schema string
@@ -53,6 +53,7 @@ func (t Table) String() string { return t.Schema + "." + t.Name }
 
 func (t Table) outbox() string { return pgx.Identifier{t.Schema, t.Name}.Sanitize() }
 func (t Table) parked() string { return pgx.Identifier{t.Schema, t.Name + "_parked"}.Sanitize() }
+func (t Table) topics() string { return pgx.Identifier{t.Schema, t.Name + "_topics"}.Sanitize() }
 func (t Table) migrations() string {
 	return pgx.Identifier{t.Schema, "outbox_relay_migrations"}.Sanitize()
 }

@@ -31,6 +31,7 @@ type Metrics struct {
 	leader        prom.Gauge
 	dbUp          prom.Gauge
 	lastPublish   prom.Gauge
+	partitions    *prom.GaugeVec
 }
 
 var _ app.RelayObserver = (*Metrics)(nil)
@@ -65,13 +66,16 @@ func New(version, revision string) *Metrics {
 			Help: "1 when the relay's database session is connected, else 0."}),
 		lastPublish: prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_last_publish_timestamp_seconds",
 			Help: "Unix time of the last acknowledged publish."}),
+		partitions: prom.NewGaugeVec(prom.GaugeOpts{Name: "outbox_relay_topic_partitions",
+			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
+			[]string{"topic", "kind"}),
 	}
 	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
 		Help:        "Build information; the value is always 1.",
 		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, build,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -114,6 +118,12 @@ func (m *Metrics) Leading(leader bool) { m.leader.Set(b2f(leader)) }
 
 // Connected implements app.RelayObserver.
 func (m *Metrics) Connected(up bool) { m.dbUp.Set(b2f(up)) }
+
+// TopicPartitions implements kafka.PartitionObserver.
+func (m *Metrics) TopicPartitions(topic string, pinned, live int) {
+	m.partitions.WithLabelValues(topic, "pinned").Set(float64(pinned))
+	m.partitions.WithLabelValues(topic, "live").Set(float64(live))
+}
 
 // Reason returns a short, bounded label for a publish error: the Kafka error code name when there
 // is one.

@@ -1,8 +1,8 @@
 // Command outbox-relay publishes the rows of a PostgreSQL transactional outbox to Kafka, in order
 // per aggregate, marking each row only after the broker acknowledged it.
 //
-// Commands: run, migrate, status, parked, consume, demo, version. Configuration comes from an
-// optional YAML file, environment variables OUTBOX_<SECTION>_<KEY> and flags; see
+// Commands: run, migrate, status, parked, partitions, consume, demo, version. Configuration
+// comes from an optional YAML file, environment variables OUTBOX_<SECTION>_<KEY> and flags; see
 // configs/outbox-relay.yaml.
 package main
 
@@ -42,6 +42,7 @@ func commands() []command {
 		{"consume", "run the example consumer: welcome each new user once (Kafka group, inbox)", consumeCmd},
 		{"status", "show pending, oldest age and parked rows per topic, and who leads", statusCmd},
 		{"parked", "list, retry or drop parked rows (rows the relay gave up on)", parkedCmd},
+		{"partitions", "list or repin the partition count each topic's keys are hashed with", partitionsCmd},
 		{"version", "print the version", versionCmd},
 	}
 }
@@ -82,7 +83,7 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "Usage: outbox-relay <command> [flags]\n\nCommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.usage)
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.usage)
 	}
 	fmt.Fprintln(w, "\nRun 'outbox-relay <command> --help' for the flags of a command and their environment variables.")
 }

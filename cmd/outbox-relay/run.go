@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app"
@@ -122,9 +123,19 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 			connCfg.Database, cfg.StartupTimeout, postgres.Redact(err.Error(), secret))
 	}
 
+	// Each topic's partition count is pinned in the database, so no restart or failover moves a
+	// key to another partition after partitions were added (README: Adding partitions).
+	pins := postgres.NewPartitionPins(pool, cfg.Store.Table)
+	if cfg.Sink != "rabbitmq" {
+		if err := pins.Check(sctx); err != nil {
+			pool.Close()
+			return nil, errors.New(postgres.Redact(err.Error(), secret))
+		}
+	}
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
-	publisher, err := newRelaySink(cfg, log, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics,
+		Log: log.With("outbox", cfg.Store.Table.WithDefaults().String())}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		pool.Close()
 		return nil, err

@@ -189,6 +189,10 @@ func TestRelayUnderLeastPrivilegeRole(t *testing.T) {
 	if out := p.out.String(); strings.Contains(out, "permission denied") || strings.Contains(out, password) {
 		t.Errorf("relay output shows a permission error or the password:\n%s", out)
 	}
+	topics := pgx.Identifier{table.Schema, table.Name + "_topics"}.Sanitize()
+	if n := countRows(t, pool, `SELECT count(*) FROM `+topics+` WHERE topic = '`+topic+`' AND partitions = 1`); n != 1 {
+		t.Errorf("the relay's role pinned %d partition counts of %s, want 1", n, topic)
+	}
 
 	conn, err := pgx.Connect(ctx, asRole)
 	if err != nil {
@@ -209,6 +213,7 @@ func TestRelayUnderLeastPrivilegeRole(t *testing.T) {
 		`INSERT INTO ` + outbox + ` (aggregate_type, event_type) VALUES ('user', 'Forged')`,
 		`UPDATE ` + outbox + ` SET payload = NULL`,
 		`DELETE FROM ` + parked,
+		`UPDATE ` + pgx.Identifier{table.Schema, table.Name + "_topics"}.Sanitize() + ` SET partitions = 2`,
 		`CREATE SCHEMA intruder`,
 	}
 	if version >= 150000 { // before 15 every role may create in public unless the DBA revoked it

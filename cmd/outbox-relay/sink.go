@@ -7,6 +7,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app"
 )
@@ -21,15 +23,17 @@ type relaySink interface {
 }
 
 var (
-	_ relaySink = (*kafka.Publisher)(nil)
-	_ relaySink = (*rabbitmq.Publisher)(nil)
+	_ relaySink               = (*kafka.Publisher)(nil)
+	_ relaySink               = (*rabbitmq.Publisher)(nil)
+	_ kafka.PartitionPins     = (*postgres.PartitionPins)(nil)
+	_ kafka.PartitionObserver = (*prometheus.Metrics)(nil)
 )
 
-// newRelaySink returns the sink named by the sink key: Kafka (kafkaOpts are added to its
-// client's options) or RabbitMQ.
-func newRelaySink(cfg *Config, log *slog.Logger, kafkaOpts ...kgo.Opt) (relaySink, error) {
+// newRelaySink returns the sink named by the sink key: Kafka (with deps, and kafkaOpts added to
+// its client's options) or RabbitMQ.
+func newRelaySink(cfg *Config, log *slog.Logger, deps kafka.PublisherDeps, kafkaOpts ...kgo.Opt) (relaySink, error) {
 	if cfg.Sink == "rabbitmq" {
 		return rabbitmq.NewPublisher(cfg.RabbitMQ, log.With("sink", "rabbitmq"))
 	}
-	return kafka.NewPublisher(cfg.Kafka, kafkaOpts...)
+	return kafka.NewPublisherWith(cfg.Kafka, deps, kafkaOpts...)
 }

@@ -1,11 +1,13 @@
 -- Least-privilege role for outbox-relay: no DDL, only what the relay does on its own tables
--- (read, mark and delete outbox rows; move poison rows to the parked table; read migrations).
+-- (read, mark and delete outbox rows; move poison rows to the parked table; pin topics' partition
+-- counts; read migrations).
 -- Run as the tables' owner after `outbox-relay migrate`, for example:
 --   psql -v role=outbox_relay -v password="$RELAY_PASSWORD" -v schema=public -v table=outbox -f relay_role.sql
 -- Every variable is optional: role outbox_relay, schema public, table outbox; without password
 -- the role gets none (for certificate or peer authentication). Running it again is harmless.
--- `outbox-relay parked retry` inserts into the outbox and `parked drop` deletes parked rows: run
--- them as the owner. This role may only list parked rows (`parked list`).
+-- `outbox-relay parked retry` inserts into the outbox, `parked drop` deletes parked rows and
+-- `outbox-relay partitions repin` updates pins: run them as the owner. This role may only list
+-- parked rows (`parked list`) and pin a topic the first time it is used.
 \set ON_ERROR_STOP on
 \if :{?role}
 \else
@@ -40,6 +42,9 @@ SELECT format('GRANT SELECT ON SEQUENCE %s TO %I',
 -- Park (INSERT) and know which keys wait behind a parked row (SELECT). No DELETE: the relay never
 -- removes a parked row, the only record of an event it gave up on; dropping one is the owner's call.
 SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_parked', :'role') \gexec
+-- Read a topic's pinned partition count and pin a topic the first time it is published to
+-- (SELECT, INSERT). No UPDATE: repinning ('outbox-relay partitions repin') is the owner's call.
+SELECT format('GRANT SELECT, INSERT ON %I.%I TO %I', :'schema', :'table' || '_topics', :'role') \gexec
 SELECT format('GRANT SELECT ON %I.outbox_relay_migrations TO %I', :'schema', :'role') \gexec
 -- With database.wait_for_replication sync or all, the relay reads the standbys' flush positions in
 -- pg_stat_replication, which only pg_read_all_stats (part of pg_monitor) shows: pass
