@@ -501,3 +501,100 @@ func TestRelayBrokerRejection(t *testing.T) {
 		})
 	}
 }
+
+// TestRelayHeldRowsDoNotHoldUpOtherKeys: more rows of a waiting key than a claim returns, at the
+// front of the outbox, must not keep the other keys from being published: claims pass over them.
+// Once the key is released its rows follow, in order, before a row of the key written after the
+// release (claimed at once on its wake-up, long before the next claim from the oldest row).
+// Before, every claim read the same waiting rows and nothing else was ever published.
+func TestRelayHeldRowsDoNotHoldUpOtherKeys(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		// first is the key's first row; release lets it through.
+		first   func(t *testing.T, e *poisonEnv) (row, func(ids []int64))
+		backoff time.Duration
+	}{
+		{"behind a parked row", func(t *testing.T, e *poisonEnv) (row, func([]int64)) {
+			return row{key: str("k"), payload: []byte("bad"), topic: str("no/slashes")}, func(ids []int64) {
+				e.waitParked(t, 1)
+				if _, err := postgres.DropParked(context.Background(), e.pool, e.table, postgres.ParkedFilter{IDs: ids[:1]}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}, 0},
+		{"behind a failing row waiting for its retry", func(t *testing.T, e *poisonEnv) (row, func([]int64)) {
+			if e.broker.Fake == nil {
+				t.Skip("needs kfake to inject broker errors (KAFKA_BROKERS is set)")
+			}
+			marker := []byte("POISON-MARKER")
+			fix := rejectProduce(e.broker.Fake, marker, 10) // MESSAGE_TOO_LARGE
+			return row{key: str("k"), payload: marker}, func(ids []int64) {
+				fix()
+				// The key is released when its first row is acknowledged (and deleted).
+				for deadline := time.Now().Add(30 * time.Second); ; {
+					if _, attempts := e.outbox(t); attempts[ids[0]] == 0 {
+						return
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("the key's first row was not published once the broker took it")
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := setupPoison(t, 1)
+			first, release := tc.first(t, e)
+			rows := []row{first}
+			for i := range 40 {
+				rows = append(rows, row{key: str("k"), payload: []byte(fmt.Sprint(i))})
+			}
+			ids := e.insert(t, rows...)
+			// Claims from the oldest row come once per poll interval: long enough for the row
+			// written after the release to be claimed before.
+			rc := app.RelayConfig{BatchSize: 5, MaxInFlight: 5, MaxAttempts: 1000, PollInterval: 3 * time.Second}
+			if tc.backoff > 0 {
+				rc.RetryBackoffMin, rc.RetryBackoffMax = tc.backoff, tc.backoff
+			}
+			e.run(t, rc, kafka.Config{}, postgres.MarkDelete)
+			// Wait until the key waits: its first row parked, or failed once.
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				_, attempts := e.outbox(t)
+				if attempts[ids[0]] > 0 || len(e.parked(t)) > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the key's first row neither failed nor was parked")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			e.insert(t, row{key: str("other"), payload: []byte("other")})
+			if got := e.keys(t, 1); fmt.Sprint(got) != "[other]" {
+				t.Fatalf("published %v, want the other key's row while k waits", got)
+			}
+
+			release(ids)
+			e.insert(t, row{key: str("k"), payload: []byte("late")})
+			want := []string{"other=other"}
+			if tc.backoff > 0 {
+				want = append(want, "k=POISON-MARKER")
+			}
+			for i := range 40 {
+				want = append(want, fmt.Sprintf("k=%d", i))
+			}
+			want = append(want, "k=late")
+			recs := e.broker.ReadAll(t, e.topic, len(want), 30*time.Second)
+			var got []string
+			for _, r := range recs {
+				got = append(got, string(r.Key)+"="+string(r.Value))
+			}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("records %v, want %v: the key's rows in order once released", got, want)
+			}
+		})
+	}
+}
