@@ -861,6 +861,23 @@ func (l *leadState) collateral(m *Message, res result) bool {
 	return false
 }
 
+// missingRetryMax caps the delay between two sends of a row whose destination is missing, so
+// that rows go out soon after an operator creates it.
+const missingRetryMax = 10 * time.Second
+
+// destinationMissing holds m's key and sends m again after a backoff, without an attempt counted
+// against it: its destination does not exist (ErrDestinationMissing), which is no fault of the
+// row. The sink says so once per destination; the row stays due in the database.
+func (l *leadState) destinationMissing(m *Message) {
+	r := l.resend[m.ID]
+	r.n++
+	r.at = time.Now().Add(min(l.cfg.backoff(r.n), missingRetryMax))
+	l.resend[m.ID] = r
+	l.memBlock[m.orderKey()] = m.ID
+	l.log.Debug("destination missing, sending again without counting an attempt", "row_id", m.ID,
+		"event_id", m.EventID, "retry_in", time.Until(r.at).Round(time.Millisecond))
+}
+
 // resolved records that row id no longer fails: acknowledged or parked.
 func (l *leadState) resolved(id int64) {
 	delete(l.resend, id)
@@ -925,6 +942,10 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.obs.Failed(m, res.err)
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
 			continue // an earlier row of this key failed first: this one only waits behind it
+		}
+		if errors.Is(res.err, ErrDestinationMissing) {
+			l.destinationMissing(m)
+			continue
 		}
 		if l.collateral(m, res) {
 			l.memBlock[k] = m.ID // the key's later rows wait behind m

@@ -291,7 +291,9 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	kc := kafka.Config{Brokers: e.broker.Addrs, DialTimeout: 3 * time.Second}
+	logs := &logBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	kc := kafka.Config{Brokers: e.broker.Addrs, DialTimeout: 3 * time.Second, Log: log}
 	if o.kafka != nil {
 		o.kafka(&kc)
 	}
@@ -300,12 +302,12 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: &logBuffer{}}
+	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: logs}
 	var st app.Store = store
 	if o.store != nil {
 		st = o.store(st)
 	}
-	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, log)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -644,5 +646,99 @@ func (l *cutListener) Accept() (net.Conn, error) {
 		l.c.conns[conn] = true
 		l.c.mu.Unlock()
 		return conn, nil
+	}
+}
+
+// TestMissingTopicIsSaidAtOnce: rows for a topic that does not exist (kafka.auto_create_topics
+// false, the default) give one error line naming the topic and the fix, a gauge for the topic and
+// a line in 'status', within seconds; nothing is parked and the relay is stalled (503), as it is:
+// nothing can be published. Once the topic is created the rows go out, the gauge drops to 0 and
+// the relay is ready.
+func TestMissingTopicIsSaidAtOnce(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	if broker.Fake == nil {
+		t.Skip("a real cluster may create topics (KAFKA_BROKERS is set)")
+	}
+	topic := kafkatest.Name("ops-missing")
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"http.stall_timeout": "2s", "kafka.topic_template": topic})
+	ctx := context.Background()
+	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+		(aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'OrderPlaced', '1'), ('order', 'b', 'OrderPlaced', '2')`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "one error line naming the topic and the fix", func() string {
+		logs := r.logs.String()
+		for _, line := range strings.Split(logs, "\n") {
+			if strings.Contains(line, `"msg":"kafka topic does not exist`) && strings.Contains(line, `"level":"ERROR"`) &&
+				strings.Contains(line, `"topic":"`+topic+`"`) && strings.Contains(line, "kafka.auto_create_topics=true") {
+				return ""
+			}
+		}
+		return "no such line"
+	})
+	eventually(t, 30*time.Second, "the topic's gauge", func() string {
+		mfs := r.scrape(t)
+		if v, ok := value(mfs, "outbox_relay_topic_missing", map[string]string{"topic": topic}); !ok || v != 1 {
+			return fmt.Sprintf("outbox_relay_topic_missing %v (present %v), want 1", v, ok)
+		}
+		if v, _ := value(mfs, "outbox_relay_missing_topics", nil); v != 1 {
+			return fmt.Sprintf("outbox_relay_missing_topics %v, want 1", v)
+		}
+		return ""
+	})
+	urlFile := filepath.Join(t.TempDir(), "url")
+	if err := os.WriteFile(urlFile, []byte(dbtest.URL()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	status := func(args ...string) string {
+		t.Helper()
+		var stdout, stderr bytes.Buffer
+		args = append([]string{"status", "--database-url-file", urlFile, "--database-schema", table.Schema,
+			"--kafka-brokers", strings.Join(broker.Addrs, ","), "--kafka-topic-template", topic}, args...)
+		if code := dispatch(ctx, args, &stdout, &stderr); code != 0 {
+			t.Fatalf("status exited %d: %s", code, stderr.String())
+		}
+		return stdout.String()
+	}
+	var st statusReport
+	if err := json.Unmarshal([]byte(status("--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if !st.TopicsChecked || len(st.MissingTopics) != 1 || st.MissingTopics[0].Topic != topic || st.MissingTopics[0].Pending != 2 {
+		t.Errorf("status --json: topics checked %v (%s), missing %+v; want %s with 2 rows", st.TopicsChecked,
+			st.TopicsCheckError, st.MissingTopics, topic)
+	}
+	if text := status(); !strings.Contains(text, "missing  kafka topic "+topic+" does not exist, 2 rows wait for it: create it") {
+		t.Errorf("status does not say the topic is missing:\n%s", text)
+	}
+	eventually(t, 30*time.Second, "stalled", func() string {
+		if code, body := r.readyz(t); code != http.StatusServiceUnavailable || !strings.Contains(body, "stalled") {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	var parked int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()).Scan(&parked); err != nil || parked != 0 {
+		t.Errorf("%d rows parked (%v), want none for a missing topic", parked, err)
+	}
+
+	broker.Create(t, topic, 1)
+	if got := len(broker.ReadAll(t, topic, 2, 30*time.Second)); got != 2 {
+		t.Fatalf("topic holds %d records once created, want 2", got)
+	}
+	eventually(t, 30*time.Second, "ready, the gauge at 0", func() string {
+		mfs := r.scrape(t)
+		v, _ := value(mfs, "outbox_relay_topic_missing", map[string]string{"topic": topic})
+		n, _ := value(mfs, "outbox_relay_missing_topics", nil)
+		if code, body := r.readyz(t); code != http.StatusOK || v != 0 || n != 0 {
+			return fmt.Sprintf("readyz %d %s, outbox_relay_topic_missing %v, outbox_relay_missing_topics %v", code, body, v, n)
+		}
+		return ""
+	})
+	if err := json.Unmarshal([]byte(status("--json")), &st); err != nil || len(st.MissingTopics) != 0 {
+		t.Errorf("status once the topic exists: missing %+v (%v), want none", st.MissingTopics, err)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app"
@@ -119,6 +120,9 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	if err != nil {
 		pool.Close()
 		return nil, err
+	}
+	if kp, ok := publisher.(*kafka.Publisher); ok {
+		metrics.WatchMissingTopics(kp.MissingTopics)
 	}
 	if err := publisher.Ping(sctx); err != nil {
 		pool.Close()

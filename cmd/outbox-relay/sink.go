@@ -31,5 +31,7 @@ func newRelaySink(cfg *Config, log *slog.Logger, kafkaOpts ...kgo.Opt) (relaySin
 	if cfg.Sink == "rabbitmq" {
 		return rabbitmq.NewPublisher(cfg.RabbitMQ, log.With("sink", "rabbitmq"))
 	}
-	return kafka.NewPublisher(cfg.Kafka, kafkaOpts...)
+	kc := cfg.Kafka
+	kc.Log = log.With("sink", "kafka")
+	return kafka.NewPublisher(kc, kafkaOpts...)
 }

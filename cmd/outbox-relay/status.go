@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
@@ -28,6 +29,12 @@ type statusReport struct {
 	Topics           []statusTopic `json:"topics"`
 	// HeldKeys says why rows are held: per key, its first parked row and the rows behind it.
 	HeldKeys []postgres.HeldKey `json:"held_keys"`
+	// MissingTopics are the topics of pending rows that do not exist in Kafka, with the fix.
+	MissingTopics []statusMissing `json:"missing_topics"`
+	// TopicsChecked is false when Kafka was not asked (another sink, no brokers configured, or
+	// the brokers did not answer: TopicsCheckError says why).
+	TopicsChecked    bool   `json:"topics_checked"`
+	TopicsCheckError string `json:"topics_check_error,omitempty"`
 	// Leader is the session holding the leadership lock; null when no relay leads.
 	Leader *postgres.Holder `json:"leader"`
 }
@@ -40,6 +47,16 @@ type statusTopic struct {
 	Parked           int64   `json:"parked"`
 }
 
+// statusMissing is a topic that does not exist while rows wait for it.
+type statusMissing struct {
+	Topic   string `json:"topic"`
+	Pending int64  `json:"pending"`
+	Fix     string `json:"fix"`
+}
+
+// topicCheckTimeout bounds status's metadata request to Kafka.
+const topicCheckTimeout = 5 * time.Second
+
 // heldKeysShown bounds the held keys status reads (the most held rows first) and prints.
 const (
 	heldKeysRead  = 100
@@ -48,8 +65,8 @@ const (
 
 func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("status", "Show the outbox's backlog per topic (pending rows, rows held behind parked rows, age of\n"+
-		"the oldest, parked rows), why rows are held, and which relay holds the leadership. A readable\n"+
-		"table by default, --json for scripts.", stderr)
+		"the oldest, parked rows), why rows are held, the topics of pending rows that do not exist in\n"+
+		"Kafka, and which relay holds the leadership. A readable table by default, --json for scripts.", stderr)
 	addFlags(fs)
 	asJSON := fs.Bool("json", false, "print JSON instead of a table")
 	scanRows := fs.Int("scan-rows", 100000, "pending rows read at most; beyond, counts are extrapolated and marked estimated")
@@ -96,11 +113,15 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		ParkedEstimated:  b.ParkedEstimated,
 		Topics:           []statusTopic{},
 		HeldKeys:         heldKeys,
+		MissingTopics:    []statusMissing{},
 		Leader:           leader,
 	}
 	for _, t := range b.Topics {
 		rep.Topics = append(rep.Topics, statusTopic{Topic: t.Topic, Pending: int64(math.Round(t.Pending)),
 			Held: int64(math.Round(t.Held)), OldestAgeSeconds: t.OldestAge.Seconds(), Parked: int64(math.Round(t.Parked))})
+	}
+	if cfg.Sink == "kafka" && len(cfg.Kafka.Brokers) > 0 {
+		checkTopics(ctx, cfg, &rep)
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -109,6 +130,39 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	printStatus(stdout, rep)
 	return nil
+}
+
+// checkTopics asks Kafka whether the topics of the pending rows exist, and puts those that do
+// not in r. A broker that does not answer is said in r, not an error: the rest of the status
+// holds.
+func checkTopics(ctx context.Context, cfg *Config, r *statusReport) {
+	var topics []string
+	pending := map[string]int64{}
+	for _, t := range r.Topics {
+		if t.Pending > 0 {
+			topics = append(topics, t.Topic)
+			pending[t.Topic] = t.Pending
+		}
+	}
+	if len(topics) == 0 {
+		r.TopicsChecked = true
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, topicCheckTimeout)
+	defer cancel()
+	missing, err := kafka.MissingTopics(ctx, cfg.Kafka, topics)
+	if err != nil {
+		r.TopicsCheckError = err.Error()
+		return
+	}
+	r.TopicsChecked = true
+	fix := "create it, or set kafka.auto_create_topics=true to let the brokers create it"
+	if cfg.Kafka.AutoCreateTopics {
+		fix = "the brokers create it at its first publish, unless they refuse to (auto.create.topics.enable=false): then create it"
+	}
+	for _, t := range missing {
+		r.MissingTopics = append(r.MissingTopics, statusMissing{Topic: t, Pending: pending[t], Fix: fix})
+	}
 }
 
 func printStatus(w io.Writer, r statusReport) {
@@ -145,6 +199,12 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprint(w, " behind parked rows of their keys (relay.order_policy wait)")
 	}
 	fmt.Fprintf(w, "\nparked   %s%d\n", approxParked, r.Parked)
+	for _, m := range r.MissingTopics {
+		fmt.Fprintf(w, "missing  kafka topic %s does not exist, %s%d rows wait for it: %s\n", m.Topic, approx, m.Pending, m.Fix)
+	}
+	if r.TopicsCheckError != "" {
+		fmt.Fprintf(w, "kafka    topics not checked: %s\n", r.TopicsCheckError)
+	}
 	if r.PendingEstimated || r.ParkedEstimated {
 		fmt.Fprintln(w, "(~ counts extrapolated from the oldest rows read; raise --scan-rows for exact counts)")
 	}
