@@ -57,7 +57,7 @@ type statusMissing struct {
 // topicCheckTimeout bounds status's metadata request to Kafka.
 const topicCheckTimeout = 5 * time.Second
 
-// heldKeysShown bounds the held keys status reads (the most held rows first) and prints.
+// The held keys status reads (those with the most held rows first), and prints in its table.
 const (
 	heldKeysRead  = 100
 	heldKeysShown = 20
