@@ -10,6 +10,14 @@ var ErrConflict = errors.New("conflict")
 // at once, with the error as its reason.
 var ErrInvalidMessage = errors.New("invalid message")
 
+// ErrDestinationMissing is wrapped by a Sink when a message's destination (a Kafka topic) does
+// not exist. That is an operator's mistake that concerns every message sent there, not this row:
+// the relay counts no attempt against the row and parks nothing; it holds the row's key and sends
+// the row again after a backoff (relay.retry_backoff_min, doubling up to 10s or
+// relay.retry_backoff_max if lower) until the destination exists. Meanwhile the rows stay due:
+// with nothing else published it is a stall.
+var ErrDestinationMissing = errors.New("destination missing")
+
 // ErrNotLeader is returned by a Session when it lost the leadership it held.
 var ErrNotLeader = errors.New("leadership lost")
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -211,11 +212,13 @@ type result struct {
 }
 
 // claimReq is a claim for claimLoop to run: rows from from, skipping skip (the ids in flight,
-// owned by the claim until its result is back), at most limit rows and about budget bytes. horizon
-// is the session's horizon read before the claim's snapshot, for advance.
+// owned by the claim until its result is back) and the rows of the keys in hold but their heads
+// (see holdKeys), at most limit rows and about budget bytes. horizon is the session's horizon
+// read before the claim's snapshot, for advance.
 type claimReq struct {
 	from, horizon int64
 	skip          []int64
+	hold          Blocked
 	limit, budget int
 }
 
@@ -289,14 +292,16 @@ type leadState struct {
 	// the byte budget takes.
 	rowBytes int
 	// from is where the next claim starts: every pending, due row below it is in flight or its
-	// key waits behind a failing head (whose id the claim then starts at, see start), and no row
-	// can still commit below it, as it never passes the session's Horizon. Claims from the
-	// oldest row (from = 0) once per poll interval find rows put back from the parked table.
+	// key waits behind a failing head (whose id the claim then starts at, see start) or behind a
+	// parked row, and no row can still commit below it, as it never passes the session's
+	// Horizon. Claims from the oldest row (from = 0) once per poll interval, after the blocked
+	// keys are reloaded, find rows put back from the parked table and the rows of keys released.
 	from        int64
 	noHorizon   bool  // the session said it has none: every claim reads from the oldest row
 	horizonSeen int64 // the last horizon the session returned
-	// unsent is the lowest id of a row the read-ahead skips that was not handed to the sink
-	// after all (its key began to wait meanwhile); 0 for none.
+	// unsent is the lowest id the next advance must not pass: a row the read-ahead skips that
+	// was not handed to the sink after all (its key began to wait meanwhile), or the head of a
+	// key released (rewind); 0 for none.
 	unsent int64
 	// releaser, when the session and the sink allow it, lets the session reuse the memory of
 	// the rows acknowledged (see Releaser).
@@ -509,7 +514,8 @@ func (l *leadState) startClaim(ctx context.Context) error {
 	l.skip = l.appendInflight(l.skip[:0])
 	limit, budget := l.claimSize(len(l.inflight), l.bytes)
 	// The loop claims only below the bounds; the first row always fits.
-	l.launch(claimReq{from: l.start(full), horizon: horizon, skip: l.skip, limit: max(limit, 1), budget: max(budget, 1)})
+	l.launch(claimReq{from: l.start(full), horizon: horizon, skip: l.skip, hold: l.holdKeys(),
+		limit: max(limit, 1), budget: max(budget, 1)})
 	return nil
 }
 
@@ -529,7 +535,7 @@ func (l *leadState) claimLoop(ctx context.Context) {
 				return
 			}
 			start := time.Now()
-			rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget)
+			rows, err := l.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget, req.hold)
 			l.claimDone <- claimed{claimReq: req, rows: rows, err: err, took: time.Since(start)} // buffered: one claim at a time
 		case lctx := <-l.listenReq:
 			err := l.sess.Wait(lctx, l.cfg.PollInterval)
@@ -623,7 +629,8 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 				l.skip = append(l.skip, m.ID)
 			}
 			// The horizon known now was read before the read-ahead's snapshot, as advance needs.
-			l.launch(claimReq{from: l.start(false), horizon: l.horizonSeen, skip: l.skip, limit: nextLimit, budget: nextBudget})
+			l.launch(claimReq{from: l.start(false), horizon: l.horizonSeen, skip: l.skip, hold: l.holdKeys(),
+				limit: nextLimit, budget: nextBudget})
 		}
 	}
 	for _, m := range l.send {
@@ -728,9 +735,9 @@ func (l *leadState) start(full bool) int64 {
 
 // advance moves where claims start after a claim from from, whose snapshot was taken after the
 // session's horizon was horizon, returned rows (in id order). Below the first row returned,
-// every pending, due row at or above from was in flight; below horizon+1, every row that will
-// ever commit (but for parked rows put back) has. So the next claim may start at the lower of
-// the two, and never goes back below from.
+// every pending, due row at or above from was in flight or held (claimReq.hold); below
+// horizon+1, every row that will ever commit (but for parked rows put back) has. So the next
+// claim may start at the lower of the two, and never goes back below from.
 func (l *leadState) advance(from, horizon int64, rows []Message) {
 	next := horizon + 1
 	if len(rows) > 0 {
@@ -740,6 +747,17 @@ func (l *leadState) advance(from, horizon int64, rows []Message) {
 	if l.unsent > 0 {
 		l.from = min(l.from, l.unsent)
 		l.unsent = 0
+	}
+}
+
+// rewind makes the claims come back to id: the key of row id was released, and its later rows,
+// which the claims passed over while it was held (claimReq.hold), may lie below from. A claim
+// running now, or whose result waits in ahead, started before: its advance must not pass id
+// either (unsent).
+func (l *leadState) rewind(id int64) {
+	l.from = min(l.from, id)
+	if l.unsent == 0 || id < l.unsent {
+		l.unsent = id
 	}
 }
 
@@ -792,6 +810,31 @@ func (l *leadState) parkPutOff(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// holdKeys returns the keys whose rows a claim leaves out, with the head of each that may still
+// go (see held): a claim that returned them would only hand them back. Without it, more rows of
+// waiting keys at the front of the outbox than a batch filled every claim, and no other key got
+// through. A head waiting in memory to be sent again is held with its key until it is due. The
+// map is the claim's own: claimLoop reads it while the loop changes the blocked keys. Nil when no
+// key waits.
+func (l *leadState) holdKeys() Blocked {
+	if len(l.memBlock) == 0 && len(l.dbBlock) == 0 {
+		return nil
+	}
+	hold := make(Blocked, len(l.memBlock)+len(l.dbBlock))
+	maps.Copy(hold, l.dbBlock)
+	now := time.Now()
+	for k, head := range l.memBlock {
+		if r, ok := l.resend[head]; ok && now.Before(r.at) {
+			head = 0
+		}
+		if h, ok := hold[k]; ok && h != head {
+			head = 0 // held by both, with different heads: no row passes both (held)
+		}
+		hold[k] = head
+	}
+	return hold
 }
 
 // held reports whether m must wait behind an earlier row of its key.
@@ -848,6 +891,23 @@ func (l *leadState) collateral(m *Message, res result) bool {
 	return false
 }
 
+// missingRetryMax caps the delay between two sends of a row whose destination is missing, so
+// that rows go out soon after an operator creates it.
+const missingRetryMax = 10 * time.Second
+
+// destinationMissing holds m's key and sends m again after a backoff, without an attempt counted
+// against it: its destination does not exist (ErrDestinationMissing), which is no fault of the
+// row. The sink says so once per destination; the row stays due in the database.
+func (l *leadState) destinationMissing(m *Message) {
+	r := l.resend[m.ID]
+	r.n++
+	r.at = time.Now().Add(min(l.cfg.backoff(r.n), missingRetryMax))
+	l.resend[m.ID] = r
+	l.memBlock[m.orderKey()] = m.ID
+	l.log.Debug("destination missing, sending again without counting an attempt", "row_id", m.ID,
+		"event_id", m.EventID, "retry_in", time.Until(r.at).Round(time.Millisecond))
+}
+
 // resolved records that row id no longer fails: acknowledged or parked.
 func (l *leadState) resolved(id int64) {
 	delete(l.resend, id)
@@ -888,11 +948,13 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 			l.lastAck.Store(res.at.UnixNano())
 			if len(l.memBlock) > 0 || len(l.dbBlock) > 0 { // the order key is built only when some key waits
 				k := m.orderKey()
-				if l.memBlock[k] == m.ID {
+				if h, ok := l.memBlock[k]; ok && h == m.ID {
 					delete(l.memBlock, k)
+					l.rewind(m.ID)
 				}
-				if l.dbBlock[k] == m.ID {
+				if h, ok := l.dbBlock[k]; ok && h == m.ID {
 					delete(l.dbBlock, k)
+					l.rewind(m.ID)
 				}
 			}
 			continue
@@ -915,6 +977,10 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		l.obs.Failed(m, res.err)
 		if head, ok := l.memBlock[k]; ok && head < m.ID {
 			continue // an earlier row of this key failed first: this one only waits behind it
+		}
+		if errors.Is(res.err, ErrDestinationMissing) {
+			l.destinationMissing(m)
+			continue
 		}
 		if l.collateral(m, res) {
 			l.memBlock[k] = m.ID // the key's later rows wait behind m
@@ -1006,8 +1072,9 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	k := m.orderKey()
 	if l.cfg.OrderPolicy == OrderPolicyWait && m.keyed() { // without a valid key, no order to keep
 		l.memBlock[k] = 0
-	} else if l.memBlock[k] == m.ID {
+	} else if h, ok := l.memBlock[k]; ok && h == m.ID {
 		delete(l.memBlock, k)
+		l.rewind(m.ID)
 	}
 	l.obs.Parked(m, reason)
 	l.log.Warn("row parked", "row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,

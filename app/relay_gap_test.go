@@ -160,12 +160,12 @@ type claimGateSession struct {
 	s *claimGateStore
 }
 
-func (g *claimGateSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+func (g *claimGateSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
 	if g.s.claims.Add(1) == 2 {
 		close(g.s.reached)
 		<-g.s.open
 	}
-	return g.Session.Claim(ctx, from, skip, limit, maxBytes)
+	return g.Session.Claim(ctx, from, skip, limit, maxBytes, hold)
 }
 
 // laterFailSink keeps the verdict on the first row of key "k" until the test gives it.
@@ -258,11 +258,11 @@ type fromSession struct {
 	s *fromStore
 }
 
-func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
 	f.s.mu.Lock()
 	f.s.froms = append(f.s.froms, from)
 	f.s.mu.Unlock()
-	return f.Session.Claim(ctx, from, skip, limit, maxBytes)
+	return f.Session.Claim(ctx, from, skip, limit, maxBytes, hold)
 }
 
 // TestRelayClaimsStartPastWhatItPublished: once the horizon has passed the rows the relay
@@ -438,5 +438,125 @@ func TestRelayHorizonUnderWritersThatInsertFirst(t *testing.T) {
 			t.Errorf("key %s: %s after %s", k, ev, last[k])
 		}
 		last[k] = ev
+	}
+}
+
+// retryHoldSink refuses the first row of key "k" once, at once, and keeps the verdict on its
+// second attempt until the test gives it (ack).
+type retryHoldSink struct {
+	*memory.Sink
+	mu       sync.Mutex
+	attempts int
+	ack      func()
+	retried  chan struct{}
+}
+
+func (s *retryHoldSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+	if m.EventType != "k-1" {
+		return s.Sink.Publish(ctx, m, done)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.attempts++
+	switch s.attempts {
+	case 1:
+		done(&app.GroupError{Group: "t/0", Err: errors.New("NOT_ENOUGH_REPLICAS (injected)")})
+	case 2:
+		s.ack = func() { _ = s.Sink.Publish(ctx, m, done) }
+		close(s.retried)
+	default:
+		return s.Sink.Publish(ctx, m, done)
+	}
+	return nil
+}
+
+// knownHorizonStore opens sessions whose horizon is the test's: the test writes one transaction
+// at a time, so every id up to the last it committed is settled. The claims then pass the rows
+// they leave out as soon as a row above them is returned, not about a tenth of a second later.
+type knownHorizonStore struct {
+	app.Store
+	h atomic.Int64
+}
+
+func (s *knownHorizonStore) Open(ctx context.Context) (app.Session, error) {
+	sess, err := s.Store.Open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return knownHorizonSession{Session: sess, h: &s.h}, nil
+}
+
+type knownHorizonSession struct {
+	app.Session
+	h *atomic.Int64
+}
+
+func (s knownHorizonSession) Horizon(context.Context) (int64, error) { return s.h.Load(), nil }
+
+// TestRelayComesBackToAReleasedKey: while key k waits for its first row's retry, claims pass
+// over k's later rows (they leave the held keys out). A claim woken meanwhile moves past them.
+// When the first row is acknowledged, the claims must come back to them: a row of k written
+// after that, claimed at its wake-up long before the next claim from the oldest row, must not go
+// out first.
+func TestRelayComesBackToAReleasedKey(t *testing.T) {
+	t.Parallel()
+	pool, table, _, ctx := writerEnv(t)
+	store := &knownHorizonStore{Store: dbtest.Store(t, table)}
+	write := func(key, name string) {
+		t.Helper()
+		var id int64
+		err := pool.QueryRow(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+			(aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, $2, '') RETURNING id`,
+			key, name).Scan(&id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		store.h.Store(id)
+	}
+	write("k", "k-1")
+	write("k", "k-2")
+	write("k", "k-3")
+	sink := &retryHoldSink{Sink: memory.NewSink(), retried: make(chan struct{})}
+	// No claim from the oldest row during the test: only wake-ups start claims.
+	startRelay(t, ctx, app.RelayConfig{PollInterval: time.Minute, RetryBackoffMin: 10 * time.Millisecond,
+		RetryBackoffMax: 10 * time.Millisecond}, store, sink)
+	// k-1 failed and its retry is due.
+	outbox := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	for {
+		var due bool
+		err := pool.QueryRow(ctx, `SELECT coalesce(bool_or(attempts > 0 AND next_attempt_at <= now()), false) FROM `+outbox).Scan(&due)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if due {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("k-1 never failed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A wake-up: the claim sends k-1 again (the sink keeps its verdict) and o-1.
+	write("o", "o-1")
+	select {
+	case <-sink.retried:
+	case <-ctx.Done():
+		t.Fatal("k-1 was not retried")
+	}
+	deliveredTypes(t, ctx, sink.Sink, 1)
+	// Another: its claim passes over k-2 and k-3, held behind k-1 in flight.
+	write("o", "o-2")
+	deliveredTypes(t, ctx, sink.Sink, 2)
+	sink.mu.Lock()
+	sink.ack()
+	sink.mu.Unlock()
+	deliveredTypes(t, ctx, sink.Sink, 3)
+	write("k", "k-4")
+	if order := deliveredTypes(t, ctx, sink.Sink, 4); order[3] != "k-2" {
+		t.Fatalf("deliveries %v, want k-2 after k-1: the claims must come back to the released key", order)
+	}
+	order := deliveredTypes(t, ctx, sink.Sink, 6)
+	if want := "[o-1 o-2 k-1 k-2 k-3 k-4]"; fmt.Sprint(order) != want {
+		t.Fatalf("deliveries %v, want %s", order, want)
 	}
 }

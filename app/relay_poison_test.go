@@ -32,14 +32,18 @@ type poisonEnv struct {
 	topic  string
 	obs    *parkCounter
 	logs   *logbuf.Buffer
+	pub    *kafka.Publisher
 }
 
-// parkCounter is a RelayObserver counting parked rows, as the metric does.
+// parkCounter is a RelayObserver counting parked rows, as the metric does, and failed publishes.
 type parkCounter struct {
 	app.NopObserver
-	mu sync.Mutex
-	n  int
+	mu     sync.Mutex
+	n      int
+	failed atomic.Int64
 }
+
+func (c *parkCounter) Failed(*app.Message, error) { c.failed.Add(1) }
 
 func (c *parkCounter) Parked(*app.Message, string) {
 	c.mu.Lock()
@@ -112,6 +116,9 @@ func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark 
 	}
 	kc.Brokers = e.broker.Addrs
 	kc.TopicTemplate = e.topic
+	e.obs, e.logs = &parkCounter{}, &logbuf.Buffer{}
+	log := slog.New(slog.NewJSONHandler(e.logs, nil))
+	kc.Log = log
 	pub, err := kafka.NewPublisher(kc)
 	if err != nil {
 		t.Fatal(err)
@@ -120,8 +127,8 @@ func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark 
 		rc.PollInterval = 50 * time.Millisecond
 	}
 	rc.LeaderRetryInterval = 50 * time.Millisecond
-	e.obs, e.logs = &parkCounter{}, &logbuf.Buffer{}
-	relay, err := app.NewRelay(rc, store, pub, e.obs, slog.New(slog.NewJSONHandler(e.logs, nil)))
+	e.pub = pub
+	relay, err := app.NewRelay(rc, store, pub, e.obs, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -499,5 +506,177 @@ func TestRelayBrokerRejection(t *testing.T) {
 				t.Errorf("after the retry the topic ends with %v, want %s", tail, wantTail)
 			}
 		})
+	}
+}
+
+// TestRelayHeldRowsDoNotHoldUpOtherKeys: more rows of a waiting key than a claim returns, at the
+// front of the outbox, must not keep the other keys from being published: claims pass over them.
+// Once the key is released its rows follow, in order, before a row of the key written after the
+// release (claimed at once on its wake-up, long before the next claim from the oldest row).
+// Before, every claim read the same waiting rows and nothing else was ever published.
+func TestRelayHeldRowsDoNotHoldUpOtherKeys(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		// first is the key's first row; release lets it through.
+		first   func(t *testing.T, e *poisonEnv) (row, func(ids []int64))
+		backoff time.Duration
+	}{
+		{"behind a parked row", func(t *testing.T, e *poisonEnv) (row, func([]int64)) {
+			return row{key: str("k"), payload: []byte("bad"), topic: str("no/slashes")}, func(ids []int64) {
+				e.waitParked(t, 1)
+				if _, err := postgres.DropParked(context.Background(), e.pool, e.table, postgres.ParkedFilter{IDs: ids[:1]}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}, 0},
+		{"behind a failing row waiting for its retry", func(t *testing.T, e *poisonEnv) (row, func([]int64)) {
+			if e.broker.Fake == nil {
+				t.Skip("needs kfake to inject broker errors (KAFKA_BROKERS is set)")
+			}
+			marker := []byte("POISON-MARKER")
+			fix := rejectProduce(e.broker.Fake, marker, 10) // MESSAGE_TOO_LARGE
+			return row{key: str("k"), payload: marker}, func(ids []int64) {
+				fix()
+				// The key is released when its first row is acknowledged (and deleted).
+				for deadline := time.Now().Add(30 * time.Second); ; {
+					if _, attempts := e.outbox(t); attempts[ids[0]] == 0 {
+						return
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("the key's first row was not published once the broker took it")
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := setupPoison(t, 1)
+			first, release := tc.first(t, e)
+			rows := []row{first}
+			for i := range 40 {
+				rows = append(rows, row{key: str("k"), payload: []byte(fmt.Sprint(i))})
+			}
+			ids := e.insert(t, rows...)
+			// Claims from the oldest row come once per poll interval: long enough for the row
+			// written after the release to be claimed before.
+			rc := app.RelayConfig{BatchSize: 5, MaxInFlight: 5, MaxAttempts: 1000, PollInterval: 3 * time.Second}
+			if tc.backoff > 0 {
+				rc.RetryBackoffMin, rc.RetryBackoffMax = tc.backoff, tc.backoff
+			}
+			e.run(t, rc, kafka.Config{}, postgres.MarkDelete)
+			// Wait until the key waits: its first row parked, or failed once.
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				_, attempts := e.outbox(t)
+				if attempts[ids[0]] > 0 || len(e.parked(t)) > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the key's first row neither failed nor was parked")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			e.insert(t, row{key: str("other"), payload: []byte("other")})
+			if got := e.keys(t, 1); fmt.Sprint(got) != "[other]" {
+				t.Fatalf("published %v, want the other key's row while k waits", got)
+			}
+
+			release(ids)
+			e.insert(t, row{key: str("k"), payload: []byte("late")})
+			want := []string{"other=other"}
+			if tc.backoff > 0 {
+				want = append(want, "k=POISON-MARKER")
+			}
+			for i := range 40 {
+				want = append(want, fmt.Sprintf("k=%d", i))
+			}
+			want = append(want, "k=late")
+			recs := e.broker.ReadAll(t, e.topic, len(want), 30*time.Second)
+			var got []string
+			for _, r := range recs {
+				got = append(got, string(r.Key)+"="+string(r.Value))
+			}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("records %v, want %v: the key's rows in order once released", got, want)
+			}
+		})
+	}
+}
+
+// TestRelayWaitsForAMissingTopic: rows whose topic does not exist (and the brokers do not create
+// it) are sent again and again without an attempt counted, never parked, while the publisher
+// says once that the topic is missing; rows of other topics keep flowing. Once the topic is
+// created, every row goes out, in order per key, and the topic is no longer listed as missing.
+// Before, each row burnt its attempts and the keys were parked one after the other.
+func TestRelayWaitsForAMissingTopic(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	b := kafkatest.Start(t)
+	if b.Fake == nil {
+		t.Skip("a real cluster may create topics (KAFKA_BROKERS is set)")
+	}
+	other := b.Topic(t, "present", 1)
+	e := &poisonEnv{pool: pool, table: table, broker: b, topic: kafkatest.Name("missing")}
+	var rows []row
+	for i := range 3 {
+		for _, k := range []string{"a", "b", "c"} {
+			rows = append(rows, row{key: str(k), payload: []byte(fmt.Sprintf("%s%d", k, i))})
+		}
+	}
+	rows = append(rows, row{key: str("elsewhere"), payload: []byte("x"), topic: str(other)})
+	ids := e.insert(t, rows...)
+	e.run(t, app.RelayConfig{MaxAttempts: 2, RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 200 * time.Millisecond},
+		kafka.Config{}, postgres.MarkDelete)
+
+	if got := e.broker.ReadAll(t, other, 1, 30*time.Second); len(got) != 1 {
+		t.Fatalf("the row of an existing topic: %d records, want 1", len(got))
+	}
+	// Every key's row sent at least three times: with relay.max_attempts 2 they would be parked.
+	deadline := time.Now().Add(60 * time.Second)
+	for e.obs.failed.Load() < 9 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d failed publishes, want the rows of the missing topic sent again and again", e.obs.failed.Load())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if p := e.parked(t); len(p) != 0 {
+		t.Errorf("parked %v, want nothing parked for a missing topic", p)
+	}
+	pending, attempts := e.outboxEventually(t, fmt.Sprint(ids[:9]))
+	if fmt.Sprint(pending) != fmt.Sprint(ids[:9]) {
+		t.Errorf("pending rows %v, want the 9 rows of the missing topic %v", pending, ids[:9])
+	}
+	for _, id := range ids[:9] {
+		if attempts[id] != 0 {
+			t.Errorf("row %d has %d attempts counted, want 0", id, attempts[id])
+		}
+	}
+	if n := strings.Count(e.logs.String(), `"msg":"kafka topic does not exist`); n != 1 {
+		t.Errorf("%d 'kafka topic does not exist' lines, want one", n)
+	}
+	if got := e.pub.MissingTopics(); fmt.Sprint(got) != fmt.Sprint([]string{e.topic}) {
+		t.Errorf("missing topics %v, want [%s]", got, e.topic)
+	}
+
+	b.Create(t, e.topic, 1)
+	recs := b.ReadAll(t, e.topic, 9, 30*time.Second)
+	byKey := map[string][]string{}
+	for _, r := range recs {
+		byKey[string(r.Key)] = append(byKey[string(r.Key)], string(r.Value))
+	}
+	if want := "map[a:[a0 a1 a2] b:[b0 b1 b2] c:[c0 c1 c2]]"; fmt.Sprint(byKey) != want {
+		t.Errorf("records per key %v, want %s", byKey, want)
+	}
+	if pending, _ := e.outboxEventually(t, "[]"); len(pending) != 0 {
+		t.Errorf("pending rows %v once the topic exists", pending)
+	}
+	if p := e.parked(t); len(p) != 0 {
+		t.Errorf("parked %v, want nothing parked", p)
+	}
+	if got := e.pub.MissingTopics(); len(got) != 0 {
+		t.Errorf("missing topics %v once the topic exists, want none", got)
 	}
 }

@@ -2,6 +2,7 @@ package app
 
 import (
 	"context"
+	"strings"
 	"time"
 )
 
@@ -43,6 +44,13 @@ type Blocked map[string]int64
 // BlockKey returns the key used in Blocked for an aggregate.
 func BlockKey(aggregateType, aggregateID string) string { return aggregateType + "\x00" + aggregateID }
 
+// SplitBlockKey returns the aggregate type and id of a key of Blocked. Neither can hold a NUL
+// (PostgreSQL text cannot), so the split is unambiguous.
+func SplitBlockKey(k string) (aggregateType, aggregateID string) {
+	aggregateType, aggregateID, _ = strings.Cut(k, "\x00")
+	return aggregateType, aggregateID
+}
+
 // Store opens sessions on the outbox.
 type Store interface {
 	// Open connects a new Session. It fails when the database cannot be reached.
@@ -57,11 +65,12 @@ type Session interface {
 	// database cannot be written.
 	TryLead(ctx context.Context) (bool, error)
 	// Claim returns pending, due rows with ids from from, in id order, leaving out the rows whose
-	// ids are in skip (the relay's rows in flight): at most limit rows and, past the first row,
-	// at most maxBytes of them. It reads them in one snapshot, so it never returns a row while
-	// leaving out (outside skip, at or above from) an earlier row of its key that committed
-	// before it.
-	Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]Message, error)
+	// ids are in skip (the relay's rows in flight) and the rows of the keys in hold but for the
+	// head each names (none for 0): at most limit rows and, past the first row, at most maxBytes
+	// of them. It reads them in one snapshot, so it never returns a row while leaving out
+	// (outside skip and hold, at or above from) an earlier row of its key that committed before
+	// it. hold is the claim's own: the session may read it, never change it.
+	Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold Blocked) ([]Message, error)
 	// Horizon returns an id at or below which no new row can appear, except rows put back from
 	// the parked table: every row with an id up to it is committed or never will be. Claims
 	// may then start past the pending rows below it that the relay accounted for, instead of

@@ -710,7 +710,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			if err != nil && !errors.Is(err, app.ErrNoHorizon) {
 				return err
 			}
-			rows, err := sess.Claim(ctx, from, nil, limit, cfg.MaxInFlightBytes)
+			rows, err := sess.Claim(ctx, from, nil, limit, cfg.MaxInFlightBytes, nil)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil

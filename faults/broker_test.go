@@ -175,10 +175,12 @@ func TestFault12BrokerDown(t *testing.T) {
 	result(t, 12, rep, "5 s outage: nothing marked while down, resumed alone")
 }
 
-// Entry 13: rows the broker refuses for good (a record too large for its topic, a missing topic,
-// a topic the relay may not write) are parked with the broker's reason after bounded attempts;
-// the other keys keep flowing; the parked keys' later events wait; once the configuration is
-// fixed and the rows retried, everything is delivered in order.
+// Entry 13: rows the broker refuses for good (a record too large for its topic, a topic the
+// relay may not write) are parked with the broker's reason after bounded attempts; the other keys
+// keep flowing; the parked keys' later events wait; once the configuration is fixed and the rows
+// retried, everything is delivered in order. A missing topic is an operator's mistake, not the
+// row's: its rows are never parked, they wait (one error line says so) and go out, in order, once
+// the topic is created.
 func TestFault13PoisonParked(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{kfake: []kfake.Opt{}})
@@ -210,7 +212,7 @@ func TestFault13PoisonParked(t *testing.T) {
 	cfg.MaxAttempts = 3
 	cfg.RetryBackoffMax = 200 * time.Millisecond
 	metrics := prometheus.New("test", "test")
-	r := e.startRelay(relayOpts{cfg: cfg, observer: metrics, kgoOpts: []kgo.Opt{kgo.UnknownTopicRetries(1)}})
+	r := e.startRelay(relayOpts{cfg: cfg, observer: metrics})
 	stop := e.loader.Go(e.ctx)
 	defer stop()
 	big, err := e.loader.BeginPadded(e.ctx, "poison-big", 1, 20000)
@@ -225,8 +227,11 @@ func TestFault13PoisonParked(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	e.eventually(120*time.Second, "the three poison rows parked", func() (bool, string) {
-		return r.probe.parked.Load() >= 3, itoa(r.probe.parked.Load()) + " parked"
+	e.eventually(120*time.Second, "the two poison rows parked", func() (bool, string) {
+		return r.probe.parked.Load() >= 2, itoa(r.probe.parked.Load()) + " parked"
+	})
+	e.eventually(60*time.Second, "the missing topic said", func() (bool, string) {
+		return r.logs.count("kafka topic does not exist") == 1, "no 'kafka topic does not exist' line"
 	})
 	// The keys' later rows must wait behind their parked row. They are written once it is
 	// parked: written together with it they could go out in a later batch than the refused one,
@@ -244,7 +249,7 @@ func TestFault13PoisonParked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"poison-big": "MESSAGE_TOO_LARGE", "poison-missing": "UNKNOWN_TOPIC", "poison-denied": "TOPIC_AUTHORIZATION_FAILED"}
+	want := map[string]string{"poison-big": "MESSAGE_TOO_LARGE", "poison-denied": "TOPIC_AUTHORIZATION_FAILED"}
 	for _, p := range parked {
 		key := deref(p.AggregateID)
 		t.Logf("parked row %d key %s after %d attempts: %s", p.ID, key, p.Attempts, p.Reason)
@@ -262,11 +267,15 @@ func TestFault13PoisonParked(t *testing.T) {
 	if n := r.logs.count("row parked"); n != len(parked) {
 		t.Errorf("%d 'row parked' log lines, want %d", n, len(parked))
 	}
+	if n := r.logs.count("kafka topic does not exist"); n != 1 {
+		t.Errorf("%d 'kafka topic does not exist' lines, want 1", n)
+	}
 	stop()
-	// Everything else is published: only the parked keys' later rows wait.
-	e.eventually(60*time.Second, "only the parked keys' rows pending", func() (bool, string) {
+	// Everything else is published: only the parked keys' later rows wait, and the missing
+	// topic's three.
+	e.eventually(60*time.Second, "only the parked keys' rows and the missing topic's pending", func() (bool, string) {
 		n, err := e.pending()
-		return err == nil && n == 6, itoa(int64(n)) + " pending, want 6"
+		return err == nil && n == 7, itoa(int64(n)) + " pending, want 7"
 	})
 
 	// Fix the configuration, retry the parked rows: everything is delivered, in order.
@@ -283,7 +292,7 @@ func TestFault13PoisonParked(t *testing.T) {
 	e.waitDrained(120 * time.Second)
 	r.stop(t)
 	rep := e.check(0)
-	result(t, 13, rep, "3 rows parked with the broker's reason, others flowed, retried after the fix")
+	result(t, 13, rep, "2 rows parked with the broker's reason, the missing topic's waited, others flowed, all delivered after the fix")
 }
 
 func ptr[T any](v T) *T { return &v }

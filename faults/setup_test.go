@@ -294,12 +294,12 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	kc := kafka.Config{Brokers: e.broker.Addrs, DialTimeout: 3 * time.Second}
+	logs := &logBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	kc := kafka.Config{Brokers: e.broker.Addrs, DialTimeout: 3 * time.Second, Log: log}
 	if o.kafka != nil {
 		o.kafka(&kc)
 	}
-	logs := &logBuffer{}
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	deps := kafka.PublisherDeps{Log: log}
 	if o.pins {
 		deps.Pins = postgres.NewPartitionPins(e.pool, e.table)

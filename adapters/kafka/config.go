@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"regexp"
 	"strings"
@@ -52,6 +53,9 @@ type Config struct {
 	TLS TLSConfig
 	// SASL configures authentication.
 	SASL SASLConfig
+	// Log receives the publisher's own lines (a topic missing, then found), not one per record;
+	// nil discards them. Not a configuration key.
+	Log *slog.Logger
 }
 
 // TLSConfig configures TLS to the brokers.

@@ -3,14 +3,18 @@ package kafka
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/app"
@@ -39,6 +43,14 @@ type Publisher struct {
 	cfg  Config
 	deps PublisherDeps
 	log  *slog.Logger
+	// promise is the promise of every record, bound once (see (*Publisher).settle).
+	promise func(*kgo.Record, error)
+
+	// missing holds the topics the brokers said do not exist, since when; a publish to one that
+	// succeeds removes it. missingN is its size, read without the lock on every acknowledgement.
+	missingMu sync.Mutex
+	missing   map[string]time.Time
+	missingN  atomic.Int32
 
 	// topics caches the valid topic of each (topic override, aggregate type, event type): the
 	// template expansion and the name check cost more than the rest of a record.
@@ -90,6 +102,12 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 	)
 	if cfg.AutoCreateTopics {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
+	} else {
+		// A topic that does not exist fails its records after the second metadata answer that
+		// says so, within a second, instead of the fifth, some 25 s: the relay sends them again
+		// later without counting an attempt (app.ErrDestinationMissing), so saying it at once
+		// costs nothing, and one more answer covers a topic created a moment ago.
+		opts = append(opts, kgo.UnknownTopicRetries(1))
 	}
 	parts := &partitions{topics: make(map[string]*topicState)}
 	opts = append(opts, extra...)
@@ -101,9 +119,15 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 	}
 	log := deps.Log
 	if log == nil {
-		log = slog.Default()
+		log = cfg.Log
 	}
-	return &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts}, nil
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts,
+		missing: make(map[string]time.Time)}
+	p.promise = p.settle
+	return p, nil
 }
 
 // Client returns the underlying franz-go client.
@@ -127,10 +151,67 @@ type produced struct {
 	done    func(error)
 }
 
-// promise is the promise of every record: it hands the broker's verdict to the relay's callback.
-func promise(r *kgo.Record, err error) {
+// settle is the promise of every record: it hands the broker's verdict to the relay's callback,
+// and keeps track of the topics that do not exist.
+func (p *Publisher) settle(r *kgo.Record, err error) {
 	pr := r.Context.(*produced)
+	switch {
+	case err == nil:
+		if p.missingN.Load() > 0 {
+			p.topicFound(r.Topic)
+		}
+	case errors.Is(err, kerr.UnknownTopicOrPartition):
+		p.topicMissing(r.Topic)
+		err = fmt.Errorf("%w: kafka topic %q does not exist; %s: %w", app.ErrDestinationMissing, r.Topic, p.missingFix(), err)
+	}
 	pr.done(classify(r, err))
+}
+
+// missingFix says what makes a missing topic exist.
+func (p *Publisher) missingFix() string {
+	if p.cfg.AutoCreateTopics {
+		return "the brokers did not create it (is auto.create.topics.enable off?): create it"
+	}
+	return "create it, or set kafka.auto_create_topics=true to let the brokers create it"
+}
+
+// topicMissing records that topic does not exist, and says so once, at error level, until it is
+// found.
+func (p *Publisher) topicMissing(topic string) {
+	p.missingMu.Lock()
+	defer p.missingMu.Unlock()
+	if _, ok := p.missing[topic]; ok {
+		return
+	}
+	p.missing[topic] = time.Now()
+	p.missingN.Store(int32(len(p.missing)))
+	p.log.Error("kafka topic does not exist: its rows wait, and are sent again until it does", "topic", topic,
+		"fix", p.missingFix())
+}
+
+// topicFound records that a publish to topic succeeded: it exists.
+func (p *Publisher) topicFound(topic string) {
+	p.missingMu.Lock()
+	defer p.missingMu.Unlock()
+	since, ok := p.missing[topic]
+	if !ok {
+		return
+	}
+	delete(p.missing, topic)
+	p.missingN.Store(int32(len(p.missing)))
+	p.log.Info("kafka topic exists now: its rows go out", "topic", topic, "missing_for", time.Since(since).Round(time.Millisecond))
+}
+
+// MissingTopics returns, sorted, the topics a publish found missing that no publish found since.
+func (p *Publisher) MissingTopics() []string {
+	p.missingMu.Lock()
+	defer p.missingMu.Unlock()
+	out := make([]string, 0, len(p.missing))
+	for t := range p.missing {
+		out = append(out, t)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
@@ -240,7 +321,7 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
-	p.cl.Produce(ctx, &pr.rec, promise)
+	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil
 }
 

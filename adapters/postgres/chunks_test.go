@@ -43,7 +43,7 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 	var skip []int64
 	claim := func(n int) []*app.Message {
 		t.Helper()
-		rows, err := sess.Claim(ctx, 0, skip, n, 1<<30)
+		rows, err := sess.Claim(ctx, 0, skip, n, 1<<30, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -91,8 +91,8 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 	ctx := context.Background()
 	sess := chunkRows(t, 64, `'cd'`)
 	rel := sess.(app.Releaser)
-	const budget = 3 << 20                            // twelve chunks
-	first, err := sess.Claim(ctx, 0, nil, 32, budget) // eight chunks
+	const budget = 3 << 20                                 // twelve chunks
+	first, err := sess.Claim(ctx, 0, nil, 32, budget, nil) // eight chunks
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 		skip = append(skip, first[i].ID)
 	}
 	rel.Release(msgs) // first stays referenced: its chunks cannot be collected and handed out anew
-	second, err := sess.Claim(ctx, 0, skip, 32, budget)
+	second, err := sess.Claim(ctx, 0, skip, 32, budget, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestClaimForgetsChunksNeverReleased(t *testing.T) {
 	var before, after runtime.MemStats
 	claimAll := func() {
 		for range 4 {
-			if _, err := sess.Claim(ctx, 0, nil, 200, 1<<30); err != nil {
+			if _, err := sess.Claim(ctx, 0, nil, 200, 1<<30, nil); err != nil {
 				t.Fatal(err)
 			}
 		}

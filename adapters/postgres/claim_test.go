@@ -56,7 +56,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		var claims [][]app.Message
 		var skip []int64 // every row claimed so far: the next claim reads past them
 		for {
-			rows, err := sess.Claim(ctx, 0, skip, batch, 1<<30)
+			rows, err := sess.Claim(ctx, 0, skip, batch, 1<<30, nil)
 			if err != nil {
 				t.Fatalf("claim skipping %d rows: %v", len(skip), err)
 			}
@@ -153,7 +153,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 			skipped[got[i].ID] = true
 		}
 		slices.Reverse(skip) // the order of the ids does not matter
-		rows, err := sess.Claim(ctx, 0, skip, 5000, 1<<30)
+		rows, err := sess.Claim(ctx, 0, skip, 5000, 1<<30, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -176,7 +176,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	// The byte budget: a claim stops at the first row that reaches it.
 	sess := dbtest.Session(t, table, dbtest.URL())
 	// An empty payload as the first value of a fresh session: still empty, not NULL.
-	rows, err := sess.Claim(ctx, 0, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30)
+	rows, err := sess.Claim(ctx, 0, []int64{got[0].ID, got[1].ID, got[2].ID}, 1, 1<<30, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	for _, m := range got[:10] {
 		special = append(special, m.ID)
 	}
-	rows, err = sess.Claim(ctx, 0, special, 1000, 10_000)
+	rows, err = sess.Claim(ctx, 0, special, 1000, 10_000, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,3 +211,54 @@ func show(m app.Message) string {
 }
 
 func md5sum(n int) [16]byte { return md5.Sum([]byte(fmt.Sprint(n))) }
+
+// TestClaimLeavesHeldKeysOut: a claim leaves out every row of a held key but the head it names
+// (none for 0), in both ranges around the ids it skips; a NULL key is the empty key, as in
+// Blocked; the other keys' rows keep their order.
+func TestClaimLeavesHeldKeysOut(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	var ids []int64
+	for _, key := range []*string{ptr("a"), ptr("b"), ptr("c"), nil, ptr("a"), ptr("b"), ptr("c"), ptr(""), ptr("d"), ptr("a")} {
+		var id int64
+		if err := pool.QueryRow(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+			VALUES ('order', $1, 'E', 'x') RETURNING id`, key).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	claim := func(skip []int64, hold app.Blocked) []int64 {
+		t.Helper()
+		rows, err := sess.Claim(ctx, 0, skip, 100, 1<<30, hold)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []int64
+		for _, r := range rows {
+			got = append(got, r.ID)
+		}
+		return got
+	}
+	hold := app.Blocked{
+		app.BlockKey("order", "a"): ids[4], // its second row may go, not its first nor its third
+		app.BlockKey("order", "b"): 0,
+		app.BlockKey("order", ""):  0, // the NULL and the empty key
+	}
+	want := []int64{ids[2], ids[4], ids[6], ids[8]}
+	if got := claim(nil, hold); !slices.Equal(got, want) {
+		t.Errorf("claim holding a (head %d), b and the empty key: %v, want %v", ids[4], got, want)
+	}
+	// Skipping ids 3 and 4 splits the claim in two ranges: both leave the held keys out.
+	want = []int64{ids[2], ids[6], ids[8]}
+	if got := claim([]int64{ids[3], ids[4]}, hold); !slices.Equal(got, want) {
+		t.Errorf("claim skipping %d and %d: %v, want %v", ids[3], ids[4], got, want)
+	}
+	if got := claim(nil, nil); !slices.Equal(got, ids) {
+		t.Errorf("claim holding nothing: %v, want every row %v", got, ids)
+	}
+}
+
+func ptr(s string) *string { return &s }

@@ -25,15 +25,44 @@ func CheckOutbox(ctx context.Context, pool *pgxpool.Pool, t Table) error {
 	return nil
 }
 
-// Stalled reports whether t has a pending row older than d: published rows leave the pending set,
-// so an old pending row means no progress for at least d.
-func Stalled(ctx context.Context, pool *pgxpool.Pool, t Table, d time.Duration) (bool, error) {
+// Stalled reports whether t has a pending row older than d that the relay could publish now,
+// which means no progress for at least d (published rows leave the pending set). Rows the relay
+// holds on purpose do not count: a row waiting for its retry (next_attempt_at; the broker
+// refused it, and it is parked after relay.max_attempts), a row waiting behind such a row of its
+// key, and, when held (order_policy wait), a row waiting behind a parked row of its key. Rows
+// the broker does not take because it is down, or because their topic is missing, stay due: they
+// count. It reads at most scanRows pending rows, the oldest first, through the pending index,
+// up to the first that may go, with one probe of the failing index (and of the parked table's
+// key index, when held) per row: a stall behind more held rows than that is not seen.
+func Stalled(ctx context.Context, q Querier, t Table, d time.Duration, held bool, scanRows int) (bool, error) {
 	t = t.WithDefaults()
+	if scanRows < 1 {
+		scanRows = BacklogScanRowsDefault
+	}
 	var stalled bool
-	err := pool.QueryRow(ctx, `SELECT coalesce((SELECT created_at < now() - $1::interval
-		FROM `+t.outbox()+` WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-		ORDER BY id LIMIT 1), false)`, d).Scan(&stalled)
-	return stalled, err
+	err := q.QueryRow(ctx, StalledSQL(t, held), d, scanRows).Scan(&stalled)
+	if err != nil {
+		return false, fmt.Errorf("read stalled rows of %s: %w", t, err)
+	}
+	return stalled, nil
+}
+
+// StalledSQL returns the query of Stalled, for EXPLAIN: it takes the duration as $1 and the most
+// rows to read as $2.
+func StalledSQL(t Table, held bool) string {
+	t = t.WithDefaults()
+	notHeld := ``
+	if held {
+		notHeld = ` AND NOT ` + heldCond(t)
+	}
+	return `SELECT coalesce((SELECT o.created_at < now() - $1::interval
+		FROM (SELECT id, created_at, aggregate_type, aggregate_id, next_attempt_at FROM ` + t.outbox() + `
+			WHERE dispatched_at IS NULL ORDER BY id LIMIT $2) o
+		WHERE (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+			AND NOT EXISTS (SELECT 1 FROM ` + t.outbox() + ` f WHERE f.attempts > 0 AND f.dispatched_at IS NULL
+				AND f.aggregate_type = o.aggregate_type AND f.aggregate_id = o.aggregate_id AND f.id < o.id
+				AND f.next_attempt_at > now() OFFSET 0)` + notHeld + `
+		ORDER BY o.id LIMIT 1), false)`
 }
 
 // Purge deletes rows published more than retention ago, batch rows per statement, until a short

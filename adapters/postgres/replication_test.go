@@ -60,7 +60,7 @@ func TestWaitForReplicationWithoutStandby(t *testing.T) {
 		{postgres.ReplicationSync, "no connected synchronous standby in pg_stat_replication"},
 	} {
 		sess := replSession(t, table, dbtest.URL(), tc.mode, nil)
-		if rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20); err != nil || len(rows) != 0 {
+		if rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil); err != nil || len(rows) != 0 {
 			t.Fatalf("%s: empty outbox: %d rows, %v; want none and no error", tc.mode, len(rows), err)
 		}
 	}
@@ -70,13 +70,13 @@ func TestWaitForReplicationWithoutStandby(t *testing.T) {
 		{postgres.ReplicationSync, "no connected synchronous standby in pg_stat_replication"},
 	} {
 		sess := replSession(t, table, dbtest.URL(), tc.mode, nil)
-		rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20)
+		rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "database.wait_for_replication="+tc.mode) {
 			t.Errorf("%s: claim returned %d rows, error %v; want an error saying %q", tc.mode, len(rows), err, tc.want)
 		}
 	}
 	sess := replSession(t, table, dbtest.URL(), postgres.ReplicationOff, nil)
-	if rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20); err != nil || len(rows) != 3 {
+	if rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil); err != nil || len(rows) != 3 {
 		t.Errorf("off: %d rows, %v; want 3", len(rows), err)
 	}
 }
@@ -109,7 +109,7 @@ func TestWaitForReplicationPrivilege(t *testing.T) {
 	}
 	url := fmt.Sprintf("postgres://%s@%s:%d/%s?sslmode=disable", role, conn.Host, conn.Port, conn.Database)
 	sess := replSession(t, table, url, postgres.ReplicationAll, nil)
-	_, err = sess.Claim(ctx, 0, nil, 10, 1<<20)
+	_, err = sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
 	if err == nil || !strings.Contains(err.Error(), "GRANT pg_read_all_stats") {
 		t.Errorf("claim as a role without pg_read_all_stats: %v; want an error naming the grant", err)
 	}
@@ -117,7 +117,7 @@ func TestWaitForReplicationPrivilege(t *testing.T) {
 		t.Fatal(err)
 	}
 	sess = replSession(t, table, url, postgres.ReplicationAll, nil)
-	if _, err = sess.Claim(ctx, 0, nil, 10, 1<<20); err == nil || !strings.Contains(err.Error(), "no connected standby") {
+	if _, err = sess.Claim(ctx, 0, nil, 10, 1<<20, nil); err == nil || !strings.Contains(err.Error(), "no connected standby") {
 		t.Errorf("claim with pg_read_all_stats: %v; want the wait for a standby", err)
 	}
 }
@@ -145,7 +145,7 @@ func TestWaitForReplicationStandby(t *testing.T) {
 		// The standby may still be catching up when the test starts: its first claims may time out.
 		deadline := time.Now().Add(60 * time.Second)
 		for {
-			rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20)
+			rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
 			if err == nil {
 				if len(rows) != 5 {
 					t.Errorf("%s: %d rows, want 5", mode, len(rows))
@@ -203,7 +203,7 @@ func BenchmarkClaimReplicationWait(b *testing.B) {
 				if err := pool.QueryRow(ctx, insert).Scan(&id); err != nil {
 					b.Fatal(err)
 				}
-				rows, err := sess.Claim(ctx, id, nil, 10, 1<<20)
+				rows, err := sess.Claim(ctx, id, nil, 10, 1<<20, nil)
 				if err != nil || len(rows) != 1 {
 					b.Fatalf("claim: %d rows, %v", len(rows), err)
 				}

@@ -22,9 +22,14 @@ type Querier interface {
 type TopicBacklog struct {
 	// Topic is the row's topic, or the topic template applied to the row.
 	Topic string `json:"topic"`
-	// Pending is the number of rows not yet published (an estimate when Backlog.Estimated).
+	// Pending is the number of rows not yet published (an estimate when Backlog.Estimated),
+	// Held included.
 	Pending float64 `json:"pending"`
-	// OldestAge is the age of the topic's oldest pending row; zero when none is pending.
+	// Held is the number of the pending rows held behind a parked row of their key (see
+	// BacklogOf), likewise.
+	Held float64 `json:"held"`
+	// OldestAge is the age of the topic's oldest pending row that is not held; zero when none
+	// is pending.
 	OldestAge time.Duration `json:"-"`
 	// Parked is the number of parked rows of the topic.
 	Parked float64 `json:"parked"`
@@ -34,9 +39,12 @@ type TopicBacklog struct {
 type Backlog struct {
 	// Topics are sorted by name.
 	Topics []TopicBacklog
-	// Pending is the number of pending rows (an estimate when Estimated).
+	// Pending is the number of pending rows (an estimate when Estimated), Held included.
 	Pending float64
-	// OldestAge is the age of the oldest pending row; zero when none is pending.
+	// Held is the number of pending rows held behind a parked row of their key, likewise.
+	Held float64
+	// OldestAge is the age of the oldest pending row that is not held: the relay's lag; zero
+	// when none is pending.
 	OldestAge time.Duration
 	// Parked is the number of parked rows (an estimate when Estimated).
 	Parked float64
@@ -48,7 +56,10 @@ type Backlog struct {
 }
 
 // BacklogOf returns the pending and parked rows of t per topic. template is the topic template
-// ({aggregate_type} and {event_type} are replaced) for rows without a topic of their own.
+// ({aggregate_type} and {event_type} are replaced) for rows without a topic of their own. When
+// held (the relay's order_policy is wait), the pending rows of a key with a parked row are
+// counted apart as held: they wait, by design, for the parked row to be retried or dropped, so
+// they are neither lag nor a stall, and the oldest ages leave them out.
 //
 // It stays cheap on any backlog: it reads at most scanRows pending rows, the oldest first,
 // through the pending index (an index scan bounded by LIMIT), plus one index probe for the newest
@@ -56,32 +67,34 @@ type Backlog struct {
 // from the density of pending ids in the rows read (ids are dense unless rows were published out
 // of order or rolled back), and each topic's share is taken from the rows read; the oldest ages
 // are exact for every topic present among the oldest scanRows rows, which includes the overall
-// oldest. Parked rows are counted the same way, up to scanRows of them.
-func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRows int) (Backlog, error) {
+// oldest. Parked rows are counted the same way, up to scanRows of them. Whether a row is held is
+// one probe of the parked table's key index per row read.
+func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRows int, held bool) (Backlog, error) {
 	t = t.WithDefaults()
 	if scanRows < 1 {
 		scanRows = BacklogScanRowsDefault
 	}
-	pendingSQL, parkedSQL := BacklogSQL(t)
+	pendingSQL, parkedSQL := BacklogSQL(t, held)
 	rows, err := q.Query(ctx, pendingSQL, template, scanRows)
 	if err != nil {
 		return Backlog{}, fmt.Errorf("read pending rows of %s: %w", t, err)
 	}
 	type agg struct {
-		n        int64
+		n, held  int64
 		age      float64
 		lo, hi   int64
 		newestID int64
 	}
 	byTopic := map[string]*TopicBacklog{}
-	var total, lo, hi, newest int64
+	var total, heldTotal, lo, hi, newest int64
 	lo = -1
 	var a agg
 	var name string
-	_, err = pgx.ForEachRow(rows, []any{&name, &a.n, &a.age, &a.lo, &a.hi, &a.newestID}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&name, &a.n, &a.held, &a.age, &a.lo, &a.hi, &a.newestID}, func() error {
 		age := time.Duration(a.age * float64(time.Second))
-		byTopic[name] = &TopicBacklog{Topic: name, Pending: float64(a.n), OldestAge: age}
+		byTopic[name] = &TopicBacklog{Topic: name, Pending: float64(a.n), Held: float64(a.held), OldestAge: age}
 		total += a.n
+		heldTotal += a.held
 		if lo < 0 || a.lo < lo {
 			lo = a.lo
 		}
@@ -93,15 +106,18 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 		return Backlog{}, fmt.Errorf("read pending rows of %s: %w", t, err)
 	}
 	var b Backlog
-	b.Pending = float64(total)
+	b.Pending, b.Held = float64(total), float64(heldTotal)
 	if total >= int64(scanRows) && newest > hi {
 		// Extrapolate: the rows past the ones read are assumed as dense in ids as those read,
-		// and spread over topics as those read.
+		// and spread over topics, and held, as those read.
 		density := float64(total) / float64(hi-lo+1)
 		b.Pending = float64(total) + float64(newest-hi)*density
 		b.Estimated = true
+		scale := b.Pending / float64(total)
+		b.Held *= scale
 		for _, tb := range byTopic {
-			tb.Pending *= b.Pending / float64(total)
+			tb.Pending *= scale
+			tb.Held *= scale
 		}
 	}
 
@@ -148,15 +164,20 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 
 // BacklogSQL returns the two queries BacklogOf runs on t, for EXPLAIN: the pending rows per
 // topic and the parked rows per topic. Both take the topic template as $1 and the most rows to
-// read as $2.
-func BacklogSQL(t Table) (pending, parked string) {
+// read as $2. held is BacklogOf's.
+func BacklogSQL(t Table, held bool) (pending, parked string) {
 	t = t.WithDefaults()
 	topic := `coalesce(nullif(topic, ''), replace(replace($1::text, '{aggregate_type}', aggregate_type), '{event_type}', event_type))`
+	isHeld := `false`
+	if held {
+		isHeld = heldCond(t)
+	}
 	pending = `
 		WITH head AS (
-			SELECT id, created_at, ` + topic + ` AS topic
-			FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
-		SELECT topic, count(*), greatest(extract(epoch FROM now() - min(created_at)), 0)::float8,
+			SELECT id, created_at, ` + topic + ` AS topic, ` + isHeld + ` AS held
+			FROM ` + t.outbox() + ` o WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
+		SELECT topic, count(*), count(*) FILTER (WHERE held),
+			coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held)), 0), 0)::float8,
 			min(id), max(id),
 			(SELECT max(id) FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL)
 		FROM head GROUP BY topic`
@@ -165,6 +186,72 @@ func BacklogSQL(t Table) (pending, parked string) {
 		FROM (SELECT topic, aggregate_type, event_type FROM ` + t.parked() + ` ORDER BY id LIMIT $2) p
 		GROUP BY 1`
 	return pending, parked
+}
+
+// heldCond is true for an outbox row, aliased o, whose key has a row in the parked table: with
+// order_policy wait the relay holds it until that row is retried or dropped. A NULL key is the
+// empty key, as in the relay's blocked keys. Each lookup is a probe of the parked table's key
+// index; the second runs only for a row with an empty key. OFFSET 0 keeps them probes: without
+// it the planner may hash the whole parked table instead, a cost that grows with the parked
+// rows rather than with the rows read.
+func heldCond(t Table) string {
+	return `(EXISTS (SELECT 1 FROM ` + t.parked() + ` p WHERE p.aggregate_type = o.aggregate_type
+				AND p.aggregate_id = coalesce(o.aggregate_id, '') OFFSET 0)
+			OR (coalesce(o.aggregate_id, '') = '' AND EXISTS (SELECT 1 FROM ` + t.parked() + ` p
+				WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id IS NULL OFFSET 0)))`
+}
+
+// HeldKey is a key whose pending rows wait behind a parked row (order_policy wait).
+type HeldKey struct {
+	// AggregateType and Key are the key; Key is "" for a NULL or empty aggregate_id.
+	AggregateType string `json:"aggregate_type"`
+	Key           string `json:"key"`
+	// ParkedID is the id of the key's first parked row: the one to retry or drop.
+	ParkedID int64 `json:"parked_id"`
+	// Parked is the number of parked rows of the key.
+	Parked int64 `json:"parked"`
+	// Held is the number of the key's pending rows among the rows read.
+	Held int64 `json:"held"`
+}
+
+// HeldKeys returns the keys with held rows (see BacklogOf) among the oldest scanRows pending
+// rows of t, those with the most held rows first, at most limit of them.
+func HeldKeys(ctx context.Context, q Querier, t Table, scanRows, limit int) ([]HeldKey, error) {
+	t = t.WithDefaults()
+	if scanRows < 1 {
+		scanRows = BacklogScanRowsDefault
+	}
+	// The parked rows of a key are read through the key index: an empty key's are those with
+	// '' and those with NULL.
+	parkedOf := func(what string) string {
+		return `(SELECT ` + what + ` FROM ` + t.parked() + ` p WHERE p.aggregate_type = h.aggregate_type AND p.aggregate_id = h.key)`
+	}
+	parkedNull := func(what string) string {
+		return `(SELECT ` + what + ` FROM ` + t.parked() + ` p WHERE h.key = '' AND p.aggregate_type = h.aggregate_type AND p.aggregate_id IS NULL)`
+	}
+	rows, err := q.Query(ctx, `
+		WITH head AS (
+			SELECT aggregate_type, coalesce(aggregate_id, '') AS key, `+heldCond(t)+` AS held
+			FROM `+t.outbox()+` o WHERE dispatched_at IS NULL ORDER BY id LIMIT $1),
+		keys AS (
+			SELECT aggregate_type, key, count(*) AS n FROM head WHERE held
+			GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT $2)
+		SELECT h.aggregate_type, h.key, coalesce(least(`+parkedOf("min(p.id)")+`, `+parkedNull("min(p.id)")+`), 0),
+			`+parkedOf("count(*)")+` + `+parkedNull("count(*)")+`, h.n
+		FROM keys h ORDER BY h.n DESC, 1, 2`, scanRows, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read held rows of %s: %w", t, err)
+	}
+	var out []HeldKey
+	var k HeldKey
+	_, err = pgx.ForEachRow(rows, []any{&k.AggregateType, &k.Key, &k.ParkedID, &k.Parked, &k.Held}, func() error {
+		out = append(out, k)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read held rows of %s: %w", t, err)
+	}
+	return out, nil
 }
 
 // Holder is the database session holding an outbox's leadership lock.

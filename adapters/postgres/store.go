@@ -76,8 +76,15 @@ var (
 )
 
 type queries struct {
-	claim, mark, retry, park, failing, parkedKeys, lock, listen, leading, repl string
+	claim, claimHold, mark, retry, park, failing, parkedKeys, lock, listen, leading, repl string
 }
+
+// holdCond leaves out the rows of the held keys, the pairs ($6[i], $7[i]), but for the heads $8.
+// The keys form a hashed subplan, looked up once per row read: the rows keep their index order,
+// and the held rows a claim passes over are never sent to the relay. Without it, more held rows
+// at the front of the outbox than a batch held every claim up, and with them every other key.
+const holdCond = ` AND ((aggregate_type, coalesce(aggregate_id, '')) NOT IN (SELECT * FROM unnest($6::text[], $7::text[]))
+			OR id = ANY($8::bigint[]))`
 
 // claimPart is one ordered range of the claim query.
 func claimPart(t Table, cond string) string {
@@ -217,7 +224,10 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
 		claim: claimPart(t, `id < $1`) + ` UNION ALL ` + claimPart(t, `id > $2`) + ` ORDER BY id LIMIT $4`,
-		mark:  mark,
+		// The same, leaving out the rows of held keys: used only while some key is held, so the
+		// common claim pays nothing for it.
+		claimHold: claimPart(t, `id < $1`+holdCond) + ` UNION ALL ` + claimPart(t, `id > $2`+holdCond) + ` ORDER BY id LIMIT $4`,
+		mark:      mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
 				next_attempt_at = now() + $3::interval WHERE id = $1`,
 		park: `WITH m AS (DELETE FROM ` + t.outbox() + ` WHERE id = $1 RETURNING *)
@@ -357,8 +367,8 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 // Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
 // connection that cannot return it (the simple protocol) is read with Scan. With
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
-func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
-	out, err := s.claim(ctx, from, skip, limit, maxBytes)
+func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
 	}
@@ -368,12 +378,19 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	return out, nil
 }
 
-func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int) ([]app.Message, error) {
+func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	lo, hi, rest := s.skipRun(skip)
 	s.dec.pool.budget(maxBytes)
-	rows, err := s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
+	var rows pgx.Rows
+	var err error
+	if len(hold) == 0 {
+		rows, err = s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
+	} else {
+		types, ids, heads := holdArgs(hold)
+		rows, err = s.conn.Query(ctx, s.store.q.claimHold, claimFormats, lo, hi, rest, limit, from, types, ids, heads)
+	}
 	if err != nil {
 		return nil, s.wrap(err)
 	}
@@ -413,6 +430,21 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	}
 	s.lastRows = len(out)
 	return out, nil
+}
+
+// holdArgs returns the held keys of hold as two arrays, their aggregate types and ids, and the
+// heads that may still be claimed.
+func holdArgs(hold app.Blocked) (types, ids []string, heads []int64) {
+	types, ids = make([]string, 0, len(hold)), make([]string, 0, len(hold))
+	heads = []int64{}
+	for k, head := range hold {
+		at, aid := app.SplitBlockKey(k)
+		types, ids = append(types, at), append(ids, aid)
+		if head > 0 {
+			heads = append(heads, head)
+		}
+	}
+	return types, ids, heads
 }
 
 // Release implements app.Releaser: the chunks the claims copied the payloads and headers of msgs

@@ -181,7 +181,7 @@ func TestWriterAppendRoundTripsEveryColumn(t *testing.T) {
 
 	// The relay reads the same values back through its Store.
 	sess := dbtest.Session(t, table, dbtest.URL())
-	claimed, err := sess.Claim(ctx, 0, nil, n+10, 1<<30)
+	claimed, err := sess.Claim(ctx, 0, nil, n+10, 1<<30, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,8 +22,9 @@ const (
 // TopicBacklog is what waits for one topic.
 type TopicBacklog struct {
 	Topic     string
-	Pending   float64       // rows not yet published
-	OldestAge time.Duration // age of the oldest pending row; zero when none
+	Pending   float64       // rows not yet published, Held included
+	Held      float64       // pending rows held behind a parked row of their key, on purpose
+	OldestAge time.Duration // age of the oldest pending row not held; zero when none
 	Parked    float64       // parked rows
 }
 
@@ -55,7 +56,7 @@ type backlogCollector struct {
 	read BacklogFunc
 	opts BacklogOptions
 
-	pending, oldest, parked, estimated, success, took *prom.Desc
+	pending, held, oldest, parked, estimated, success, took *prom.Desc
 
 	mu     sync.Mutex
 	at     time.Time
@@ -65,8 +66,8 @@ type backlogCollector struct {
 	topics map[string]bool // topics reported once, reported as 0 afterwards
 }
 
-// WatchBacklog registers gauges of the rows pending and parked per topic, read by read on each
-// scrape (at most once per Cache).
+// WatchBacklog registers gauges of the rows pending, held and parked per topic, read by read on
+// each scrape (at most once per Cache).
 func (m *Metrics) WatchBacklog(read BacklogFunc, opts BacklogOptions) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = BacklogTimeoutDefault
@@ -86,8 +87,10 @@ func (m *Metrics) WatchBacklog(read BacklogFunc, opts BacklogOptions) {
 		opts: opts,
 		pending: prom.NewDesc("outbox_relay_pending_rows",
 			"Outbox rows not yet published, per topic (extrapolated when outbox_relay_pending_estimated is 1).", topic, nil),
+		held: prom.NewDesc("outbox_relay_held_rows",
+			"Pending rows held on purpose behind a parked row of their key (relay.order_policy wait), per topic: no lag, no stall; retry or drop the parked row to release them.", topic, nil),
 		oldest: prom.NewDesc("outbox_relay_oldest_pending_age_seconds",
-			"Age of the oldest outbox row not yet published, per topic; 0 when none is pending.", topic, nil),
+			"Age of the oldest outbox row not yet published and not held behind a parked row, per topic; 0 when none is pending.", topic, nil),
 		parked: prom.NewDesc("outbox_relay_parked_rows",
 			"Rows in the parked table, per topic: they need an operator.", topic, nil),
 		estimated: prom.NewDesc("outbox_relay_pending_estimated",
@@ -102,7 +105,7 @@ func (m *Metrics) WatchBacklog(read BacklogFunc, opts BacklogOptions) {
 
 // Describe implements prom.Collector.
 func (c *backlogCollector) Describe(ch chan<- *prom.Desc) {
-	for _, d := range []*prom.Desc{c.pending, c.oldest, c.parked, c.estimated, c.success, c.took} {
+	for _, d := range []*prom.Desc{c.pending, c.held, c.oldest, c.parked, c.estimated, c.success, c.took} {
 		ch <- d
 	}
 }
@@ -133,12 +136,14 @@ func (c *backlogCollector) Collect(ch chan<- prom.Metric) {
 	for _, t := range c.last.Topics {
 		seen[t.Topic] = true
 		ch <- prom.MustNewConstMetric(c.pending, prom.GaugeValue, t.Pending, t.Topic)
+		ch <- prom.MustNewConstMetric(c.held, prom.GaugeValue, t.Held, t.Topic)
 		ch <- prom.MustNewConstMetric(c.oldest, prom.GaugeValue, t.OldestAge.Seconds(), t.Topic)
 		ch <- prom.MustNewConstMetric(c.parked, prom.GaugeValue, t.Parked, t.Topic)
 	}
 	for t := range c.topics {
 		if !seen[t] { // drained: report 0 rather than a vanishing series
 			ch <- prom.MustNewConstMetric(c.pending, prom.GaugeValue, 0, t)
+			ch <- prom.MustNewConstMetric(c.held, prom.GaugeValue, 0, t)
 			ch <- prom.MustNewConstMetric(c.oldest, prom.GaugeValue, 0, t)
 			ch <- prom.MustNewConstMetric(c.parked, prom.GaugeValue, 0, t)
 		}
@@ -163,6 +168,7 @@ func (c *backlogCollector) fold(b Backlog) Backlog {
 		}
 		folded = true
 		other.Pending += t.Pending
+		other.Held += t.Held
 		other.Parked += t.Parked
 		other.OldestAge = max(other.OldestAge, t.OldestAge)
 	}

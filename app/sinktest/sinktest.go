@@ -499,11 +499,14 @@ type memSession struct{ s *memStore }
 
 func (m memSession) TryLead(context.Context) (bool, error) { return true, nil }
 
-func (m memSession) Claim(_ context.Context, from int64, skip []int64, limit, _ int) ([]app.Message, error) {
+func (m memSession) Claim(_ context.Context, from int64, skip []int64, limit, _ int, hold app.Blocked) ([]app.Message, error) {
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
 	var out []app.Message
 	for _, r := range m.s.rows {
+		if head, held := hold[app.BlockKey(r.AggregateType, r.AggregateID)]; held && head != r.ID {
+			continue
+		}
 		if r.ID >= from && !slices.Contains(skip, r.ID) && !m.s.marked[r.ID] {
 			out = append(out, r)
 			if len(out) == limit {

@@ -76,9 +76,10 @@ func (b *brokerCheck) watch(ctx context.Context) {
 }
 
 // ready reports why the relay is not ready, or nil: the database session must be up, the
-// database and the broker must answer, and a leader must not be stalled with rows pending. A
-// standby is ready: waiting is its job. It costs one database round trip (two for the leader);
-// the broker's answer is reused for brokerCheckInterval.
+// database and the broker must answer, and a leader must not be stalled with rows pending that
+// it could publish (rows it holds on purpose, behind a parked row or a retry, are no stall: see
+// postgres.Stalled). A standby is ready: waiting is its job. It costs one database round trip
+// (two for the leader); the broker's answer is reused for brokerCheckInterval.
 func (d *daemon) ready(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
@@ -94,7 +95,7 @@ func (d *daemon) ready(ctx context.Context) error {
 	if !d.relay.Leader() {
 		return nil
 	}
-	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout)
+	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout, holdsParked(d.cfg), d.cfg.BacklogScanRows)
 	if err != nil {
 		return errors.New("database query failed")
 	}
@@ -105,7 +106,7 @@ func (d *daemon) ready(ctx context.Context) error {
 		progress = since
 	}
 	if stalled && time.Since(progress) > d.cfg.StallTimeout {
-		return fmt.Errorf("stalled: rows pending and nothing published for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
+		return fmt.Errorf("stalled: rows pending that could be published and nothing published for more than http.stall_timeout (%s)", d.cfg.StallTimeout)
 	}
 	return nil
 }
@@ -142,15 +143,21 @@ func backlogOf(cfg *Config, pool *pgxpool.Pool) prometheus.BacklogFunc {
 		template = "{aggregate_type}"
 	}
 	return func(ctx context.Context) (prometheus.Backlog, error) {
-		b, err := postgres.BacklogOf(ctx, pool, cfg.Store.Table, template, cfg.BacklogScanRows)
+		b, err := postgres.BacklogOf(ctx, pool, cfg.Store.Table, template, cfg.BacklogScanRows, holdsParked(cfg))
 		if err != nil {
 			return prometheus.Backlog{}, err
 		}
 		out := prometheus.Backlog{Estimated: b.Estimated || b.ParkedEstimated}
 		for _, t := range b.Topics {
 			out.Topics = append(out.Topics, prometheus.TopicBacklog{Topic: t.Topic, Pending: t.Pending,
-				OldestAge: t.OldestAge, Parked: t.Parked})
+				Held: t.Held, OldestAge: t.OldestAge, Parked: t.Parked})
 		}
 		return out, nil
 	}
+}
+
+// holdsParked reports whether the relay holds a key's later rows behind its parked row
+// (relay.order_policy wait).
+func holdsParked(cfg *Config) bool {
+	return cfg.Relay.WithDefaults().OrderPolicy == app.OrderPolicyWait
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -429,15 +431,21 @@ func TestReadyzBrokerCut(t *testing.T) {
 	})
 }
 
-// TestReadyzStall holds a pending row behind a parked row of its key (order policy wait): the
-// leader publishes nothing, and after http.stall_timeout /readyz says stalled; when the parked
-// row is dropped the row is published and the relay is ready again.
-func TestReadyzStall(t *testing.T) {
+// TestReadyzHeldRowsAreNoStall holds a pending row behind a parked row of its key (order policy
+// wait): past http.stall_timeout the relay stays ready, and the row shows as held in the gauges
+// and in 'status', with the parked row it waits for. A row that could go but gets no answer from
+// the broker is a stall: /readyz says so, and ready again once it is published. When the parked
+// row is dropped the held row is published.
+func TestReadyzHeldRowsAreNoStall(t *testing.T) {
 	t.Parallel()
 	pool, table := dbtest.Schema(t)
 	broker := kafkatest.Start(t)
+	if broker.Fake == nil {
+		t.Skip("holds produce requests in kfake: KAFKA_BROKERS is set")
+	}
 	topic := broker.Topic(t, "ops-stall", 1)
-	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"http.stall_timeout": "2s"})
+	const stallTimeout = 2 * time.Second
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"http.stall_timeout": stallTimeout.String()})
 	ctx := context.Background()
 	eventually(t, 30*time.Second, "leader and ready", func() string {
 		code, body := r.readyz(t)
@@ -456,6 +464,7 @@ func TestReadyzStall(t *testing.T) {
 		!strings.HasPrefix("outbox-relay "+host, st.Leader.ApplicationName) { // truncated to 63 bytes
 		t.Errorf("status leader %+v, want the relay's session named %q", st.Leader, "outbox-relay "+host)
 	}
+	outbox := pgx.Identifier{table.Schema, table.Name}.Sanitize()
 	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()+`
 		(id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, occurred_at, created_at, attempts, reason)
 		VALUES (-1, gen_random_uuid(), 'order', 'stuck', 'OrderPlaced', '{}', $1, now(), now(), 1, 'test')`, topic)
@@ -465,8 +474,59 @@ func TestReadyzStall(t *testing.T) {
 	// A parked row the relay did not park itself is learnt at the next reload of the blocked keys,
 	// once per relay.poll_interval: let a few pass before the key's next row arrives.
 	time.Sleep(4 * app.PollIntervalDefault)
-	_, err = pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
-		(aggregate_type, aggregate_id, event_type, payload, topic) VALUES ('order', 'stuck', 'OrderPlaced', '{}', $1)`, topic)
+	var heldID int64
+	err = pool.QueryRow(ctx, `INSERT INTO `+outbox+` (aggregate_type, aggregate_id, event_type, payload, topic)
+		VALUES ('order', 'stuck', 'OrderPlaced', '{}', $1) RETURNING id`, topic).Scan(&heldID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Once the held row is older than the stall timeout, with nothing published meanwhile, the
+	// relay is still ready: the row waits on purpose.
+	eventually(t, 30*time.Second, "held row older than http.stall_timeout", func() string {
+		var old bool
+		if err := pool.QueryRow(ctx, `SELECT created_at < now() - $2::interval FROM `+outbox+` WHERE id = $1`,
+			heldID, stallTimeout+time.Second).Scan(&old); err != nil || !old {
+			return fmt.Sprintf("not yet (%v)", err)
+		}
+		return ""
+	})
+	if code, body := r.readyz(t); code != http.StatusOK {
+		t.Errorf("readyz with only a held row pending: %d %s, want 200", code, body)
+	}
+	eventually(t, 30*time.Second, "the held row in the gauges", func() string {
+		mfs := r.scrape(t)
+		held, _ := value(mfs, "outbox_relay_held_rows", map[string]string{"topic": topic})
+		pending, _ := value(mfs, "outbox_relay_pending_rows", map[string]string{"topic": topic})
+		age, _ := value(mfs, "outbox_relay_oldest_pending_age_seconds", map[string]string{"topic": topic})
+		if held != 1 || pending != 1 || age != 0 {
+			return fmt.Sprintf("held %v pending %v oldest age %v, want 1, 1 and 0 (held rows are no lag)", held, pending, age)
+		}
+		return ""
+	})
+	st = statusReport{}
+	if err := json.Unmarshal([]byte(runStatus(t, table.Schema, "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Held != 1 || len(st.HeldKeys) != 1 || st.HeldKeys[0] != (postgres.HeldKey{AggregateType: "order", Key: "stuck", ParkedID: -1, Parked: 1, Held: 1}) {
+		t.Errorf("status --json: held %d, held keys %+v; want 1 row held behind parked row -1 of key stuck", st.Held, st.HeldKeys)
+	}
+	if text := runStatus(t, table.Schema); !strings.Contains(text, "1 row held behind parked row -1 of key stuck (order)") {
+		t.Errorf("status does not say why the row waits:\n%s", text)
+	}
+
+	// A row of another key that the broker does not answer for: a stall.
+	release := make(chan struct{})
+	var once sync.Once
+	broker.Fake.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		first := false
+		once.Do(func() { first = true })
+		if first {
+			broker.Fake.SleepControl(func() { <-release })
+		}
+		return nil, nil, false
+	})
+	_, err = pool.Exec(ctx, `INSERT INTO `+outbox+` (aggregate_type, aggregate_id, event_type, payload, topic)
+		VALUES ('order', 'free', 'OrderPlaced', '{}', $1)`, topic)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -477,9 +537,7 @@ func TestReadyzStall(t *testing.T) {
 		}
 		return ""
 	})
-	if _, err := pool.Exec(ctx, `DELETE FROM `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()); err != nil {
-		t.Fatal(err)
-	}
+	close(release)
 	eventually(t, 30*time.Second, "ready after the row was published", func() string {
 		code, body := r.readyz(t)
 		if code != http.StatusOK {
@@ -487,9 +545,18 @@ func TestReadyzStall(t *testing.T) {
 		}
 		return ""
 	})
-	if got := len(broker.ReadAll(t, topic, 1, 5*time.Second)); got != 1 {
-		t.Fatalf("topic holds %d records, want 1", got)
+	if _, err := pool.Exec(ctx, `DELETE FROM `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()); err != nil {
+		t.Fatal(err)
 	}
+	if got := len(broker.ReadAll(t, topic, 2, 10*time.Second)); got != 2 {
+		t.Fatalf("topic holds %d records, want 2: the free row, and the held one once released", got)
+	}
+	eventually(t, 30*time.Second, "no held row left", func() string {
+		if held, _ := value(r.scrape(t), "outbox_relay_held_rows", map[string]string{"topic": topic}); held != 0 {
+			return fmt.Sprintf("held %v", held)
+		}
+		return ""
+	})
 }
 
 // TestReadyzDatabaseDown cuts the relay's connections to PostgreSQL (through a proxy) and
@@ -579,5 +646,99 @@ func (l *cutListener) Accept() (net.Conn, error) {
 		l.c.conns[conn] = true
 		l.c.mu.Unlock()
 		return conn, nil
+	}
+}
+
+// TestMissingTopicIsSaidAtOnce: rows for a topic that does not exist (kafka.auto_create_topics
+// false, the default) give one error line naming the topic and the fix, a gauge for the topic and
+// a line in 'status', within seconds; nothing is parked and the relay is stalled (503), as it is:
+// nothing can be published. Once the topic is created the rows go out, the gauge drops to 0 and
+// the relay is ready.
+func TestMissingTopicIsSaidAtOnce(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	if broker.Fake == nil {
+		t.Skip("a real cluster may create topics (KAFKA_BROKERS is set)")
+	}
+	topic := kafkatest.Name("ops-missing")
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{"http.stall_timeout": "2s", "kafka.topic_template": topic})
+	ctx := context.Background()
+	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+		(aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'OrderPlaced', '1'), ('order', 'b', 'OrderPlaced', '2')`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "one error line naming the topic and the fix", func() string {
+		logs := r.logs.String()
+		for _, line := range strings.Split(logs, "\n") {
+			if strings.Contains(line, `"msg":"kafka topic does not exist`) && strings.Contains(line, `"level":"ERROR"`) &&
+				strings.Contains(line, `"topic":"`+topic+`"`) && strings.Contains(line, "kafka.auto_create_topics=true") {
+				return ""
+			}
+		}
+		return "no such line"
+	})
+	eventually(t, 30*time.Second, "the topic's gauge", func() string {
+		mfs := r.scrape(t)
+		if v, ok := value(mfs, "outbox_relay_topic_missing", map[string]string{"topic": topic}); !ok || v != 1 {
+			return fmt.Sprintf("outbox_relay_topic_missing %v (present %v), want 1", v, ok)
+		}
+		if v, _ := value(mfs, "outbox_relay_missing_topics", nil); v != 1 {
+			return fmt.Sprintf("outbox_relay_missing_topics %v, want 1", v)
+		}
+		return ""
+	})
+	urlFile := filepath.Join(t.TempDir(), "url")
+	if err := os.WriteFile(urlFile, []byte(dbtest.URL()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	status := func(args ...string) string {
+		t.Helper()
+		var stdout, stderr bytes.Buffer
+		args = append([]string{"status", "--database-url-file", urlFile, "--database-schema", table.Schema,
+			"--kafka-brokers", strings.Join(broker.Addrs, ","), "--kafka-topic-template", topic}, args...)
+		if code := dispatch(ctx, args, &stdout, &stderr); code != 0 {
+			t.Fatalf("status exited %d: %s", code, stderr.String())
+		}
+		return stdout.String()
+	}
+	var st statusReport
+	if err := json.Unmarshal([]byte(status("--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if !st.TopicsChecked || len(st.MissingTopics) != 1 || st.MissingTopics[0].Topic != topic || st.MissingTopics[0].Pending != 2 {
+		t.Errorf("status --json: topics checked %v (%s), missing %+v; want %s with 2 rows", st.TopicsChecked,
+			st.TopicsCheckError, st.MissingTopics, topic)
+	}
+	if text := status(); !strings.Contains(text, "missing  kafka topic "+topic+" does not exist, 2 rows wait for it: create it") {
+		t.Errorf("status does not say the topic is missing:\n%s", text)
+	}
+	eventually(t, 30*time.Second, "stalled", func() string {
+		if code, body := r.readyz(t); code != http.StatusServiceUnavailable || !strings.Contains(body, "stalled") {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	var parked int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+pgx.Identifier{table.Schema, table.Name + "_parked"}.Sanitize()).Scan(&parked); err != nil || parked != 0 {
+		t.Errorf("%d rows parked (%v), want none for a missing topic", parked, err)
+	}
+
+	broker.Create(t, topic, 1)
+	if got := len(broker.ReadAll(t, topic, 2, 30*time.Second)); got != 2 {
+		t.Fatalf("topic holds %d records once created, want 2", got)
+	}
+	eventually(t, 30*time.Second, "ready, the gauge at 0", func() string {
+		mfs := r.scrape(t)
+		v, _ := value(mfs, "outbox_relay_topic_missing", map[string]string{"topic": topic})
+		n, _ := value(mfs, "outbox_relay_missing_topics", nil)
+		if code, body := r.readyz(t); code != http.StatusOK || v != 0 || n != 0 {
+			return fmt.Sprintf("readyz %d %s, outbox_relay_topic_missing %v, outbox_relay_missing_topics %v", code, body, v, n)
+		}
+		return ""
+	})
+	if err := json.Unmarshal([]byte(status("--json")), &st); err != nil || len(st.MissingTopics) != 0 {
+		t.Errorf("status once the topic exists: missing %+v (%v), want none", st.MissingTopics, err)
 	}
 }

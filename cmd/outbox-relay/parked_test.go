@@ -148,7 +148,7 @@ func TestParkedCommand(t *testing.T) {
 		t.Fatalf("parked retry --id: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
 	}
 	// The retried row is back with its id and no attempts, ahead of its key's later row.
-	rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20)
+	rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -140,6 +140,9 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		pool.Close()
 		return nil, err
 	}
+	if kp, ok := publisher.(*kafka.Publisher); ok {
+		metrics.WatchMissingTopics(kp.MissingTopics)
+	}
 	if err := publisher.Ping(sctx); err != nil {
 		pool.Close()
 		publisher.Close()

@@ -35,5 +35,7 @@ func newRelaySink(cfg *Config, log *slog.Logger, deps kafka.PublisherDeps, kafka
 	if cfg.Sink == "rabbitmq" {
 		return rabbitmq.NewPublisher(cfg.RabbitMQ, log.With("sink", "rabbitmq"))
 	}
-	return kafka.NewPublisherWith(cfg.Kafka, deps, kafkaOpts...)
+	kc := cfg.Kafka
+	kc.Log = log.With("sink", "kafka")
+	return kafka.NewPublisherWith(kc, deps, kafkaOpts...)
 }

@@ -47,7 +47,17 @@ func Start(t testing.TB, opts ...kfake.Opt) *Broker {
 // Topic creates a topic with a unique name and the given partitions, and returns its name.
 func (b *Broker) Topic(t testing.TB, prefix string, partitions int32) string {
 	t.Helper()
-	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), seq.Add(1))
+	name := Name(prefix)
+	b.Create(t, name, partitions)
+	return name
+}
+
+// Name returns a unique topic name, for a topic a test creates later, or never.
+func Name(prefix string) string { return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), seq.Add(1)) }
+
+// Create creates the topic name with the given partitions.
+func (b *Broker) Create(t testing.TB, name string, partitions int32) {
+	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...))
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +72,6 @@ func (b *Broker) Topic(t testing.TB, prefix string, partitions int32) string {
 	if err != nil {
 		t.Fatalf("create topic %s: %v", name, err)
 	}
-	return name
 }
 
 // ReadAll reads topic from the start until want records arrived or no record came for idle.
