@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -823,9 +822,18 @@ func (l *leadState) holdKeys() Blocked {
 		return nil
 	}
 	hold := make(Blocked, len(l.memBlock)+len(l.dbBlock))
-	maps.Copy(hold, l.dbBlock)
+	for k, head := range l.dbBlock {
+		// A row without a valid key (NULL or empty aggregate_id) waits for none: a parked one
+		// must not keep the claims from the next, which is to be parked on its own.
+		if _, id := SplitBlockKey(k); id != "" {
+			hold[k] = head
+		}
+	}
 	now := time.Now()
 	for k, head := range l.memBlock {
+		if _, id := SplitBlockKey(k); id == "" {
+			continue
+		}
 		if r, ok := l.resend[head]; ok && now.Before(r.at) {
 			head = 0
 		}
