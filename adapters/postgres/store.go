@@ -762,8 +762,11 @@ func (s *session) Notified() bool { return s.notified.Swap(false) }
 func (s *session) Close(ctx context.Context) error {
 	if s.term != nil {
 		s.term.end()
+	}
+	if s.hbStop != nil { // Close may be called twice: the heartbeat is stopped once
 		close(s.hbStop)
 		<-s.hbDone
+		s.hbStop = nil
 	}
 	if s.markConn != nil {
 		_ = s.markConn.Close(ctx)
