@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 func TestSmoke(t *testing.T) {
 	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
-	opts, res, _ := runBench(t, 5*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog)
+	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog)
 	ctx := context.Background()
 
 	if left, err := os.ReadDir(brokerLog); err != nil || len(left) != 0 {
@@ -219,7 +219,7 @@ func TestDrainMarkFlag(t *testing.T) {
 // publish or mark every row, and the tables must say how they marked.
 func TestDrainRetain(t *testing.T) {
 	dbtest.Pool(t)
-	opts, res, logs := runBench(t, 3*time.Minute, "-scale", "smoke", "-only", "drain", "-cases", "256/10",
+	opts, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "drain", "-cases", "256/10",
 		"-variants", "sql-only,relay", "-drain-mark", "retain", "-broker-log", t.TempDir())
 	if len(res.Drain) != 2 {
 		t.Fatalf("drain results: got %d, want 2 (sql-only and relay)\n%s", len(res.Drain), logs)
@@ -238,8 +238,8 @@ func TestDrainRetain(t *testing.T) {
 }
 
 // runBench runs the bench with args, its database the test's and its output a temporary
-// directory, within timeout; it returns the options, the results and the bench's log, and ends
-// the test when the run fails.
+// directory, within timeout (a guard against hangs, generous for a loaded machine); it returns
+// the options, the results and the bench's log, and ends the test when the run fails.
 func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *results, string) {
 	t.Helper()
 	opts, err := parseFlags(append([]string{"-db", dbtest.URL(), "-out", t.TempDir()}, args...))

@@ -874,7 +874,8 @@ func (p *relayProc) httpAddr(t *testing.T, timeout time.Duration) string {
 	}
 }
 
-var metricsClient = &http.Client{Timeout: 3 * time.Second}
+// metricsClient scrapes the relay processes; its timeout is generous, for a loaded machine.
+var metricsClient = &http.Client{Timeout: 30 * time.Second}
 
 // metric scrapes http://addr/metrics and returns the value of the sample named name (without
 // labels).

@@ -141,7 +141,15 @@ func TestFault16MarkFailsAfterPublish(t *testing.T) {
 		return r.probe.acked.Load() > acked+100, itoa(r.probe.acked.Load()) + " acknowledged"
 	})
 	proxy.Stall()
-	time.Sleep(3 * time.Second) // the partition
+	stalled := time.Now()
+	// The partition lasts until the relay gave its session up (its next query hit the 1 s query
+	// timeout: on a loaded machine that may take longer than the timeout), and 3 s at least.
+	e.eventually(60*time.Second, "the relay gives the silent session up", func() (bool, string) {
+		return !r.Leader(), "still leading"
+	})
+	if d := 3*time.Second - time.Since(stalled); d > 0 {
+		time.Sleep(d) // let time pass: the partition's minimum length
+	}
 	proxy.Resume()
 	e.eventually(60*time.Second, "a new session after the partition", func() (bool, string) {
 		return r.probe.connects.Load() > connects, itoa(r.probe.connects.Load()-connects) + " new sessions"

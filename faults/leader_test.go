@@ -1,10 +1,14 @@
 package faults_test
 
 import (
+	"context"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/app"
 )
 
 // Entry 8: two replicas share the outbox; the leader is stopped and the other takes over, twice.
@@ -76,22 +80,24 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 		}
 		defer c.Release()
 	}
-	a := e.startRelay(relayOpts{name: "fault09-a"})
+	// The old leader reconnects a moment after its session dies, and whichever replica asks
+	// first gets the lock: on a loaded machine often the old one again, and no takeover happens.
+	// Its new sessions wait until the standby leads, as if its host were slower.
+	aStore := &heldOpen{}
+	a := e.startRelay(relayOpts{name: "fault09-a", store: func(s app.Store) app.Store { aStore.Store = s; return aStore }})
 	e.waitLeader(a)
-	// The standby tries every 20 ms: the old leader reconnects 80-120 ms after its session dies,
-	// and with the default 100 ms here it took the lock back first about one run in fifteen.
-	bcfg := relayConfig()
-	bcfg.LeaderRetryInterval = 20 * time.Millisecond
-	b := e.startRelay(relayOpts{name: "fault09-b", cfg: bcfg})
+	b := e.startRelay(relayOpts{name: "fault09-b"})
 	stop := e.loader.Go(e.ctx)
 	defer stop()
 	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
 		return a.probe.acked.Load() >= 300, itoa(a.probe.acked.Load()) + " acknowledged"
 	})
+	aStore.hold()
 	if n := e.terminate("fault09-a"); n != 1 {
 		t.Fatalf("terminated %d sessions of the leader, want 1", n)
 	}
 	e.waitLeader(b)
+	aStore.release()
 	e.eventually(60*time.Second, "b publishes", func() (bool, string) {
 		return b.probe.acked.Load() >= 300, itoa(b.probe.acked.Load()) + " acknowledged"
 	})
@@ -113,4 +119,40 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 	}
 	rep := e.check(relayConfig().MaxInFlight)
 	result(t, 9, rep, "old leader stops at its next database call; in-flight batch republished")
+}
+
+// heldOpen decorates a store: between hold and release, opening a session waits.
+type heldOpen struct {
+	app.Store
+	mu   sync.Mutex
+	gate chan struct{} // open while nil or closed
+}
+
+func (s *heldOpen) hold() {
+	s.mu.Lock()
+	s.gate = make(chan struct{})
+	s.mu.Unlock()
+}
+
+func (s *heldOpen) release() {
+	s.mu.Lock()
+	if s.gate != nil {
+		close(s.gate)
+		s.gate = nil
+	}
+	s.mu.Unlock()
+}
+
+func (s *heldOpen) Open(ctx context.Context) (app.Session, error) {
+	s.mu.Lock()
+	gate := s.gate
+	s.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return s.Store.Open(ctx)
 }

@@ -164,7 +164,7 @@ func TestConsumerEndToEndExactlyOnceEffects(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	recs := b.ReadAll(t, topic, users, 30*time.Second)
+	recs := b.ReadAll(t, topic, users, time.Minute)
 	if len(recs) != users {
 		t.Fatalf("relay published %d records, want %d", len(recs), users)
 	}

@@ -17,7 +17,7 @@ import (
 func TestHorizonStopsBelowOpenWriters(t *testing.T) {
 	t.Parallel()
 	pool, table := dbtest.Schema(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
 	insert := `INSERT INTO ` + ident + ` (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', 'k', 'e', 'p') RETURNING id`
@@ -60,7 +60,7 @@ func TestHorizonStopsBelowOpenWriters(t *testing.T) {
 		t.Fatal(err)
 	}
 	var h int64
-	for range 10 {
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); {
 		if h = horizon(); h >= last {
 			break
 		}

@@ -75,6 +75,8 @@ func (b *Broker) Create(t testing.TB, name string, partitions int32) {
 }
 
 // ReadAll reads topic from the start until want records arrived or no record came for idle.
+// Records may still be on their way when it is called: give idle a generous bound (a minute),
+// it is spent only when fewer than want arrive. To read what a topic holds now, use ReadToEnd.
 func (b *Broker) ReadAll(t testing.TB, topic string, want int, idle time.Duration) []*kgo.Record {
 	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...), kgo.ConsumeTopics(topic),
@@ -105,4 +107,50 @@ func Header(r *kgo.Record, key string) string {
 		}
 	}
 	return ""
+}
+
+// ReadToEnd reads every record topic holds now: up to the end offsets it lists first, however
+// long a loaded machine takes (up to timeout, which then fails t).
+func (b *Broker) ReadToEnd(t testing.TB, topic string, timeout time.Duration) []*kgo.Record {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(ctx, topic)
+	if err == nil {
+		err = ends.Error()
+	}
+	if err != nil {
+		t.Fatalf("list end offsets of %s: %v", topic, err)
+	}
+	want := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) { want[o.Partition] = o.Offset })
+	next := map[int32]int64{}
+	behind := func() bool {
+		for p, end := range want {
+			if next[p] < end {
+				return true
+			}
+		}
+		return false
+	}
+	var out []*kgo.Record
+	for behind() {
+		fetches := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("read %s: %d records after %s, positions %v, ends %v", topic, len(out), timeout, next, want)
+		}
+		fetches.EachRecord(func(r *kgo.Record) {
+			if r.Offset < want[r.Partition] {
+				out = append(out, r)
+			}
+			next[r.Partition] = r.Offset + 1
+		})
+	}
+	return out
 }
