@@ -48,3 +48,8 @@ func (e *GroupError) Unwrap() error { return e.Err }
 // (a connection pooler in transaction or statement mode). The relay's leadership, wake-ups and
 // mark fence depend on one, so Run stops with this error instead of retrying.
 var ErrSessionUnsupported = errors.New("database session unsupported")
+
+// ErrTakeoverDenied is returned by Session.TryLead when the leader gave no sign of life for longer
+// than its lease while rows wait, and this session may not end the leader's session (it lacks the
+// privilege). The relay stays standby and says so; the session stays usable.
+var ErrTakeoverDenied = errors.New("cannot take over a silent leader")

@@ -120,9 +120,18 @@ func (r *Relay) setConnected(up bool) {
 
 // session waits for the leadership on sess, then leads until sess fails or ctx ends.
 func (r *Relay) session(ctx context.Context, sess Session) error {
-	standbyLogged := false
+	standbyLogged, deniedLogged := false, false
 	for {
 		ok, err := sess.TryLead(ctx)
+		if errors.Is(err, ErrTakeoverDenied) {
+			// The leader is silent and this replica may not end its session: stay standby, say
+			// it once (readiness shows the stall), and try again at the next interval.
+			if !deniedLogged {
+				r.log.Error("standby: the leader gave no sign of life for its lease while rows wait, and cannot be taken over", "err", err)
+				deniedLogged = true
+			}
+			ok, err = false, nil
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

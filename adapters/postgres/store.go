@@ -659,13 +659,13 @@ func (s *session) TermContext() (context.Context, time.Duration) {
 func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
 	s.sawOther = true
 	var pid int32
-	var app *string
+	var appName *string
 	var silent, waiting bool
 	err := s.conn.QueryRow(ctx, `WITH h AS (`+holderSQL+`)
 		SELECT h.pid, h.application_name, coalesce(h.last_active < now() - $2::interval, false),
 			EXISTS (SELECT 1 FROM `+s.store.table.outbox()+` WHERE dispatched_at IS NULL
 				AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND created_at < now() - $2::interval)
-		FROM h`, s.store.table.lockKey(), s.store.lease).Scan(&pid, &app, &silent, &waiting)
+		FROM h`, s.store.table.lockKey(), s.store.lease).Scan(&pid, &appName, &silent, &waiting)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return false, nil // released meanwhile: the next try takes it
 	}
@@ -676,17 +676,21 @@ func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	name := ""
-	if app != nil {
-		name = *app
+	if appName != nil {
+		name = *appName
 	}
 	var ended int
 	err = s.conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, $3)) FROM (
 			SELECT pid FROM pg_stat_activity WHERE pid = $1
 				OR ($2 <> '' AND application_name = left($2 || ' marks', 63) AND pid <> pg_backend_pid())
 			OFFSET 0) p`, pid, name, s.store.lease.Milliseconds()).Scan(&ended)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
+		return false, fmt.Errorf("%w: leader backend %d: %s (give the relay's role the leader's role or pg_signal_backend: relay_role.sql -v signal=on)",
+			app.ErrTakeoverDenied, pid, pgErr.Message)
+	}
 	if err != nil {
-		return false, fmt.Errorf("end the session of leader %d, silent for longer than relay.leader_lease while rows wait "+
-			"(the relay's role needs to be the leader's role or a member of pg_signal_backend): %w", pid, s.wrap(err))
+		return false, fmt.Errorf("end the session of leader %d, silent for longer than relay.leader_lease while rows wait: %w", pid, s.wrap(err))
 	}
 	var locked bool
 	if err := s.conn.QueryRow(ctx, `SELECT CASE WHEN pg_backend_pid() = $2 THEN pg_try_advisory_lock(hashtextextended($1, 0)) ELSE false END`,

@@ -92,12 +92,28 @@ func (d *daemon) ready(ctx context.Context) error {
 	if err := d.broker.check(); err != nil {
 		return fmt.Errorf("%s unreachable: %w", d.broker.name, err)
 	}
-	if !d.relay.Leader() {
-		return nil
-	}
 	stalled, err := postgres.Stalled(ctx, d.pool, d.cfg.Store.Table, d.cfg.StallTimeout, holdsParked(d.cfg), d.cfg.BacklogScanRows)
 	if err != nil {
 		return errors.New("database query failed")
+	}
+	if !d.relay.Leader() {
+		// A standby is ready while the leader works. A leader that gave no sign of life for
+		// longer than the stall timeout (and its lease) while rows could go is a stall every
+		// replica shows: the standby takes such a leader over after relay.leader_lease, so this
+		// lasts only if it cannot (see the log for why).
+		if !stalled {
+			return nil
+		}
+		h, err := postgres.LeaderOf(ctx, d.pool, d.cfg.Store.Table)
+		if err != nil {
+			return errors.New("database query failed")
+		}
+		silent := max(d.cfg.StallTimeout, d.cfg.Store.LeaderLease)
+		if h != nil && h.LastActive != nil && time.Since(*h.LastActive) > silent {
+			return fmt.Errorf("stalled: the leader (backend pid %d) gave no sign of life for %s while rows could be published",
+				h.PID, time.Since(*h.LastActive).Round(time.Second))
+		}
+		return nil
 	}
 	// Progress is the last acknowledgement, or the start of this leadership term: a replica that
 	// just took over a backlog has not stalled yet.

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -739,4 +740,82 @@ func TestMissingTopicIsSaidAtOnce(t *testing.T) {
 	if err := json.Unmarshal([]byte(status("--json")), &st); err != nil || len(st.MissingTopics) != 0 {
 		t.Errorf("status once the topic exists: missing %+v (%v), want none", st.MissingTopics, err)
 	}
+}
+
+// TestReadyzStandbyShowsASilentLeader: a session holds the leadership lock and says nothing (a
+// frozen leader), as a role the relay may see (pg_read_all_stats) but not end (a superuser),
+// while a row waits. The relay,
+// under its least-privilege role, cannot take over: it stays standby, says why once, and its
+// /readyz shows the stall. Once the silent session goes, the relay leads and publishes the row.
+func TestReadyzStandbyShowsASilentLeader(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	broker := kafkatest.Start(t)
+	topic := broker.Topic(t, "ops-silent", 1)
+	ctx := context.Background()
+	role := fmt.Sprintf("relay_silent_%d_%d", os.Getpid(), time.Now().UnixNano()%1000000)
+	password := "Silent-Pw-" + strconv.Itoa(os.Getpid())
+	dbtest.RelayRole(t, dbtest.URL(), role, password, table.Schema)
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), `REVOKE pg_read_all_stats FROM `+role)
+		_, _ = pool.Exec(context.Background(), `DROP OWNED BY `+role)
+		_, _ = pool.Exec(context.Background(), `DROP ROLE `+role)
+	})
+	// The relay sees another role's sessions' activity only with pg_read_all_stats (replicas
+	// sharing one role need nothing); it may still not end a superuser's session.
+	if _, err := pool.Exec(ctx, `GRANT pg_read_all_stats TO `+role); err != nil {
+		t.Fatal(err)
+	}
+	frozen, err := pgx.Connect(ctx, dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer frozen.Close(ctx)
+	var frozenPID int
+	if err := frozen.QueryRow(ctx, `SELECT pg_backend_pid() FROM pg_advisory_lock(hashtextextended($1, 0))`,
+		"outbox-relay:"+table.String()).Scan(&frozenPID); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := postgres.LeaderOf(ctx, pool, table); err != nil || h == nil || h.PID != frozenPID {
+		t.Fatalf("the silent session is not seen as the leader: %+v, %v", h, err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+`
+		(aggregate_type, aggregate_id, event_type, payload, topic) VALUES ('order', 'o-1', 'OrderPlaced', '{}', $1)`, topic); err != nil {
+		t.Fatal(err)
+	}
+	r := startOpsRelay(t, table, broker.Addrs, map[string]string{
+		"database.url":       dbtest.RoleURL(dbtest.URL(), role, password),
+		"relay.leader_lease": "1s",
+		"http.stall_timeout": "1s",
+	})
+	eventually(t, 60*time.Second, "standby not ready, naming the silent leader", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, fmt.Sprintf("leader (backend pid %d) gave no sign of life", frozenPID)) {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
+	if r.d.relay.Leader() {
+		t.Fatal("the relay leads while the silent session holds the lock")
+	}
+	eventually(t, 30*time.Second, "the refused takeover logged", func() string {
+		if !strings.Contains(r.logs.String(), "cannot be taken over") {
+			return "no line yet"
+		}
+		return ""
+	})
+	if n := strings.Count(r.logs.String(), "cannot be taken over"); n != 1 {
+		t.Errorf("the refused takeover logged %d times, want once", n)
+	}
+	_ = frozen.Close(ctx)
+	if got := len(broker.ReadAll(t, topic, 1, time.Minute)); got != 1 {
+		t.Fatalf("topic holds %d records once the silent session went, want 1", got)
+	}
+	eventually(t, 60*time.Second, "ready as the leader", func() string {
+		code, body := r.readyz(t)
+		if code != http.StatusOK || !r.d.relay.Leader() {
+			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.relay.Leader())
+		}
+		return ""
+	})
 }

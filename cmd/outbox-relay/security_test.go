@@ -102,28 +102,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // applyRole runs sql/roles/relay_role.sql with psql against dbURL, as the tables' owner.
 func applyRole(t *testing.T, dbURL, role, password, schema string) {
 	t.Helper()
-	psql, err := exec.LookPath("psql")
-	if err != nil {
-		psql = filepath.Join(pgcluster.BinDirDefault, "psql")
-	}
-	args := []string{"-X", "-q", "-d", dbURL, "-v", "role=" + role, "-v", "schema=" + schema,
-		"-f", filepath.Join("..", "..", "sql", "roles", "relay_role.sql")}
-	if password != "" {
-		args = append(args, "-v", "password="+password)
-	}
-	if out, err := exec.Command(psql, args...).CombinedOutput(); err != nil {
-		t.Fatalf("psql relay_role.sql: %v\n%s", err, out)
-	}
+	dbtest.RelayRole(t, dbURL, role, password, schema)
 }
 
-func roleURL(base, role, password string) string {
-	u, err := url.Parse(base)
-	if err != nil {
-		panic(err)
-	}
-	u.User = url.UserPassword(role, password)
-	return u.String()
-}
+func roleURL(base, role, password string) string { return dbtest.RoleURL(base, role, password) }
 
 func countRows(t *testing.T, pool *pgxpool.Pool, sql string) int {
 	t.Helper()
