@@ -192,17 +192,18 @@ $$`,
 		p.Statements = nil
 		return p, nil
 	}
-	size := fmt.Sprintf("%d rows, %d MiB", p.Rows, p.Bytes>>20)
-	if rewrite {
-		p.Locks = append(p.Locks, fmt.Sprintf("ADD COLUMN %s ... IDENTITY rewrites the table (about %s) under an ACCESS EXCLUSIVE lock: "+
-			"writers and readers of %s wait until the transaction commits", m.ID, size, t))
+	size := fmt.Sprintf("about %d rows, %d MiB", p.Rows, p.Bytes>>20)
+	switch {
+	case rewrite:
+		p.Locks = append(p.Locks, fmt.Sprintf("ACCESS EXCLUSIVE on %s from the first ALTER TABLE to the commit: every writer and "+
+			"reader of the table waits while the new %s column rewrites it (%s) and the indexes are built by reading it again", t, m.ID, size))
+	case idxCount > 0:
+		p.Locks = append(p.Locks, fmt.Sprintf("ACCESS EXCLUSIVE on %s from the first ALTER TABLE to the commit: every writer and "+
+			"reader of the table waits while the indexes are built by reading it (%s); the new columns have constant defaults and rewrite nothing", t, size))
+	default:
+		p.Locks = append(p.Locks, fmt.Sprintf("SHARE on %s while the indexes are built by reading it (%s): writers wait, readers do not", t, size),
+			"SHARE ROW EXCLUSIVE for CREATE TRIGGER: writers wait until the commit")
 	}
-	if idxCount > 0 && !rewrite {
-		p.Locks = append(p.Locks, "ADD COLUMN takes an ACCESS EXCLUSIVE lock for a moment (no rewrite: the new columns have constant defaults)")
-	}
-	p.Locks = append(p.Locks, fmt.Sprintf("CREATE INDEX reads the whole table (about %s) under a SHARE lock: writers wait, readers do not, "+
-		"until the transaction commits", size),
-		"CREATE TRIGGER takes a SHARE ROW EXCLUSIVE lock for a moment: writers wait for it")
 	return p, nil
 }
 
