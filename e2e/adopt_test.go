@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // TestAdoptExistingTable runs the README's "Bring your own outbox table" steps through the built
@@ -169,7 +171,32 @@ func TestAdoptExistingTable(t *testing.T) {
 					t.Errorf("record %d: has an id header without the Debezium layout", i)
 				}
 			}
+			// An independent client sees the same: kcat, as the README reads the topic.
+			t.Run("kcat", func(t *testing.T) {
+				testenv.LookPath(t, "kcat", "Debian package kcat")
+				recs := kcatRead(t, broker.Addrs, topic)
+				if len(recs) != rows {
+					t.Fatalf("kcat read %d records, want %d", len(recs), rows)
+				}
+				for i, r := range recs {
+					if r.Key == nil || *r.Key != fmt.Sprintf("order-%d", i%2) || r.Payload == nil || *r.Payload != tc.value(payload(i)) {
+						t.Errorf("kcat record %d: key %v payload %v", i, r.Key, r.Payload)
+					}
+					if tc.idHeader != "" && !slices.Contains(kcatHeaderPairs(r.Headers), tc.idHeader+"="+ids[i]) {
+						t.Errorf("kcat record %d: headers %v lack %s=%s", i, r.Headers, tc.idHeader, ids[i])
+					}
+				}
+			})
 			relay.terminate(t, 30*time.Second)
 		})
 	}
+}
+
+// kcatHeaderPairs returns kcat's JSON headers, a flat list of names and values, as name=value.
+func kcatHeaderPairs(h []string) []string {
+	var out []string
+	for i := 0; i+1 < len(h); i += 2 {
+		out = append(out, h[i]+"="+h[i+1])
+	}
+	return out
 }
