@@ -170,6 +170,21 @@ func TestAdoptExistingTables(t *testing.T) {
 			if err := sess.Mark(ctx, []int64{msgs[2].ID, msgs[3].ID}); err != nil {
 				t.Fatalf("Mark: %v", err)
 			}
+			// The operator's reads (status, metrics, /readyz) on the mapped columns: one pending
+			// row (the retried one) waits for its retry, one row of key k1 is parked.
+			backlog, err := postgres.BacklogOf(ctx, pool, table, "outbox.event.{aggregate_type}", 100, true)
+			if err != nil {
+				t.Fatalf("BacklogOf: %v", err)
+			}
+			if len(backlog.Topics) != 1 || backlog.Topics[0].Topic != "outbox.event.order" || backlog.Topics[0].Pending != 1 {
+				t.Errorf("BacklogOf: %+v, want 1 pending row of outbox.event.order", backlog)
+			}
+			if _, err := postgres.Stalled(ctx, pool, table, time.Hour, true, 100); err != nil {
+				t.Errorf("Stalled: %v", err)
+			}
+			if _, err := postgres.HeldKeys(ctx, pool, table, 100, 10); err != nil {
+				t.Errorf("HeldKeys: %v", err)
+			}
 			parked, err := postgres.ListParked(ctx, pool, table, postgres.ParkedFilter{})
 			if err != nil || len(parked) != 1 || parked[0].ID != msgs[1].ID || parked[0].EventID != ids[1] {
 				t.Fatalf("ListParked: %+v %v; want row %d", parked, err, msgs[1].ID)

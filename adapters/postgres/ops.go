@@ -60,7 +60,7 @@ func StalledSQL(t Table, held bool) string {
 	t = t.WithDefaults()
 	notHeld := ``
 	if held {
-		notHeld = ` AND NOT ` + heldCond(t)
+		notHeld = ` AND NOT ` + heldCondOf(t, `o.aggregate_type`, `o.aggregate_id`)
 	}
 	return `SELECT coalesce((SELECT o.created_at < now() - $1::interval
 		FROM (SELECT ` + t.id("") + ` AS id, created_at, ` + t.aggType("") + ` AS aggregate_type, ` + t.key("") + ` AS aggregate_id,

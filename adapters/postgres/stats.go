@@ -198,11 +198,14 @@ func BacklogSQL(t Table, held bool) (pending, parked string) {
 // index; the second runs only for a row with an empty key. OFFSET 0 keeps them probes: without
 // it the planner may hash the whole parked table instead, a cost that grows with the parked
 // rows rather than with the rows read.
-func heldCond(t Table) string {
-	return `(EXISTS (SELECT 1 FROM ` + t.parked() + ` p WHERE p.aggregate_type = ` + t.aggType("o") + `
-				AND p.aggregate_id = coalesce(` + t.key("o") + `, '') OFFSET 0)
-			OR (coalesce(` + t.key("o") + `, '') = '' AND EXISTS (SELECT 1 FROM ` + t.parked() + ` p
-				WHERE p.aggregate_type = ` + t.aggType("o") + ` AND p.aggregate_id IS NULL OFFSET 0)))`
+func heldCond(t Table) string { return heldCondOf(t, t.aggType("o"), t.key("o")) }
+
+// heldCondOf is heldCond on a row whose aggregate type and key are aggType and key.
+func heldCondOf(t Table, aggType, key string) string {
+	return `(EXISTS (SELECT 1 FROM ` + t.parked() + ` p WHERE p.aggregate_type = ` + aggType + `
+				AND p.aggregate_id = coalesce(` + key + `, '') OFFSET 0)
+			OR (coalesce(` + key + `, '') = '' AND EXISTS (SELECT 1 FROM ` + t.parked() + ` p
+				WHERE p.aggregate_type = ` + aggType + ` AND p.aggregate_id IS NULL OFFSET 0)))`
 }
 
 // HeldKey is a key whose pending rows wait behind a parked row (order_policy wait).
