@@ -24,7 +24,8 @@ type AdoptPlan struct {
 	// Locks says, one line per statement that locks the outbox table, which lock it takes and for
 	// how long.
 	Locks []string
-	// Rows and Bytes are the planner's estimate of the table's rows and its size on disk.
+	// Rows is the planner's estimate of the table's rows, -1 when the table was never analyzed;
+	// Bytes is its size on disk.
 	Rows, Bytes int64
 }
 
@@ -66,7 +67,7 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 	if reg == nil {
 		return p, fmt.Errorf("adopt %s: the table does not exist (database.schema, database.table)", t)
 	}
-	if err := pool.QueryRow(ctx, `SELECT greatest(reltuples, 0)::bigint, pg_table_size(oid) FROM pg_class WHERE oid = $1::regclass`,
+	if err := pool.QueryRow(ctx, `SELECT reltuples::bigint, pg_table_size(oid) FROM pg_class WHERE oid = $1::regclass`,
 		t.outbox()).Scan(&p.Rows, &p.Bytes); err != nil {
 		return p, fmt.Errorf("adopt %s: %w", t, err)
 	}
@@ -193,6 +194,9 @@ $$`,
 		return p, nil
 	}
 	size := fmt.Sprintf("about %d rows, %d MiB", p.Rows, p.Bytes>>20)
+	if p.Rows < 0 {
+		size = fmt.Sprintf("%d MiB, rows not estimated: never analyzed", p.Bytes>>20)
+	}
 	switch {
 	case rewrite:
 		p.Locks = append(p.Locks, fmt.Sprintf("ACCESS EXCLUSIVE on %s from the first ALTER TABLE to the commit: every writer and "+

@@ -100,6 +100,9 @@ func TestAdoptExistingTables(t *testing.T) {
 			if err := postgres.CheckOutbox(ctx, pool, table); err == nil {
 				t.Fatal("CheckOutbox accepted a table not adopted yet")
 			}
+			if _, err := postgres.NewWriter(table); err == nil {
+				t.Error("NewWriter accepted a table with its own columns: it would insert the relay's")
+			}
 			if _, err := postgres.Migrate(ctx, pool, table, nil); err == nil || !strings.Contains(err.Error(), "--adopt") {
 				t.Fatalf("Migrate on a mapped table: got %v, want a refusal naming --adopt", err)
 			}

@@ -90,7 +90,7 @@ func (c Columns) withDefaults() Columns {
 // Mapped reports whether t's columns differ from the relay's own layout.
 func (t Table) Mapped() bool { return t.Columns.withDefaults() != RelayColumns }
 
-// columnFields returns the fields of c with their keys, in the order of the configuration.
+// fields returns the fields of c with their keys, in the order of the configuration.
 func (c *Columns) fields() []struct {
 	key      string
 	v        *string

@@ -105,7 +105,7 @@ func adoptTable(ctx context.Context, pool *pgxpool.Pool, t postgres.Table, yes b
 		fmt.Fprintf(stdout, "%s is adopted already: nothing to do\n", plan.Table)
 		return nil
 	}
-	fmt.Fprintf(stdout, "-- adopt %s (about %d rows, %d MiB): the writers' columns are left as they are\n", plan.Table, plan.Rows, plan.Bytes>>20)
+	fmt.Fprintf(stdout, "-- adopt %s (%d MiB): the writers' columns are left as they are\n", plan.Table, plan.Bytes>>20)
 	fmt.Fprintf(stdout, "-- one transaction, lock_timeout %s\n", lockTimeout)
 	for _, s := range plan.Statements {
 		fmt.Fprintf(stdout, "%s;\n", s)
