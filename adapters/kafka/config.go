@@ -15,6 +15,8 @@ import (
 	"github.com/twmb/franz-go/pkg/sasl"
 	"github.com/twmb/franz-go/pkg/sasl/plain"
 	"github.com/twmb/franz-go/pkg/sasl/scram"
+
+	"github.com/outbox-relay/outbox-relay/app"
 )
 
 // Defaults of Config.
@@ -49,6 +51,9 @@ type Config struct {
 	AutoCreateTopics bool
 	// DialTimeout bounds a connection attempt to a broker. Default 10s.
 	DialTimeout time.Duration
+	// IDHeader, when set, is the name of one more header carrying the event id, besides
+	// event-id: "id" gives the record shape of Debezium's outbox event router. Default "": none.
+	IDHeader string
 	// TLS configures TLS to the brokers.
 	TLS TLSConfig
 	// SASL configures authentication.
@@ -74,6 +79,8 @@ type SASLConfig struct {
 	Username  string
 	Password  string // a secret: never logged
 }
+
+var headerRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,100}$`)
 
 var placeholderRE = regexp.MustCompile(`\{[^}]*\}`)
 
@@ -115,6 +122,10 @@ func (c Config) Validate() error {
 	}
 	if rest := placeholderRE.ReplaceAllString(c.TopicTemplate, "x"); !topicRE.MatchString(rest) {
 		errs = append(errs, fmt.Errorf("kafka.topic_template: %q does not make a valid topic name ([a-zA-Z0-9._-], at most 249 characters)", c.TopicTemplate))
+	}
+	if c.IDHeader != "" && (app.IsReservedHeader(c.IDHeader) || !headerRE.MatchString(c.IDHeader)) {
+		errs = append(errs, fmt.Errorf("kafka.id_header: must be letters, digits, '.', '_' or '-', and none of the relay's own headers (%s), got %q",
+			strings.Join(app.ReservedHeaders(), ", "), c.IDHeader))
 	}
 	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 100<<20 {
 		errs = append(errs, fmt.Errorf("kafka.max_record_bytes: must be between 1024 and 104857600, got %d", c.MaxRecordBytes))

@@ -276,6 +276,9 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 		kgo.RecordHeader{Key: HeaderAggregateType, Value: aggregateType},
 		kgo.RecordHeader{Key: HeaderOccurredAt, Value: buf[start:len(buf):len(buf)]},
 	)
+	if p.cfg.IDHeader != "" {
+		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: p.cfg.IDHeader, Value: eventID})
+	}
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
@@ -284,6 +287,9 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 		for k, v := range hs {
 			if err := app.CheckHeader(k); err != nil {
 				return nil, nil, err
+			}
+			if p.cfg.IDHeader != "" && strings.EqualFold(k, p.cfg.IDHeader) {
+				return nil, nil, fmt.Errorf("%w: header %q is reserved: the relay sets it to the event id (kafka.id_header)", app.ErrInvalidMessage, k)
 			}
 			s, ok := v.(string)
 			if !ok {

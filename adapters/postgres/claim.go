@@ -43,13 +43,30 @@ var claimOIDs = [claimColumns]uint32{
 	pgtype.TextOID, pgtype.TextOID, pgtype.TimestamptzOID, pgtype.TimestamptzOID, pgtype.Int4OID,
 }
 
-// decodable reports whether rows of fields can be decoded by claimDecoder.
-func decodable(fields []pgconn.FieldDescription) bool {
+// payloadCol is the position of the payload in the claim.
+const payloadCol = 5
+
+// decodable reports whether rows of fields can be decoded by claimDecoder. The payload may be
+// bytea, jsonb, json or text (an adopted table's, see Columns): all are published as their bytes,
+// the JSON and text ones as their UTF-8 text. jsonb's binary form is a version byte, 1, then the
+// text; json's and text's are the text. decodable sets d.jsonb for decode.
+func (d *claimDecoder) decodable(fields []pgconn.FieldDescription) bool {
 	if len(fields) != claimColumns {
 		return false
 	}
 	for i, f := range fields {
-		if f.Format != pgx.BinaryFormatCode || f.DataTypeOID != claimOIDs[i] {
+		if f.Format != pgx.BinaryFormatCode {
+			return false
+		}
+		if i == payloadCol {
+			switch f.DataTypeOID {
+			case pgtype.ByteaOID, pgtype.JSONOID, pgtype.TextOID, pgtype.JSONBOID:
+				d.jsonb = f.DataTypeOID == pgtype.JSONBOID
+				continue
+			}
+			return false
+		}
+		if f.DataTypeOID != claimOIDs[i] {
 			return false
 		}
 	}
@@ -72,6 +89,7 @@ type claimDecoder struct {
 	cur    *chunk            // the current chunk, as handed out by pool
 	pieces int               // pieces copied into cur so far
 	pool   chunks            // hands out the chunks, and takes them back (chunks.go)
+	jsonb  bool              // the claim's payload is jsonb: its version byte is left out
 }
 
 // pendingText returns the bytes of text columns decoded but not yet set by finish for the last
@@ -102,7 +120,14 @@ func (d *claimDecoder) decode(out []app.Message, vals [][]byte) ([]app.Message, 
 	m.AggregateType = d.interned(vals[2])
 	m.EventType = d.interned(vals[4])
 	m.Topic = d.interned(vals[6])
-	m.Payload = d.bytes(vals[5])
+	payload := vals[payloadCol]
+	if d.jsonb && payload != nil {
+		if len(payload) == 0 || payload[0] != 1 {
+			return out, fmt.Errorf("claim: row %d: payload: unknown jsonb format version", m.ID)
+		}
+		payload = payload[1:]
+	}
+	m.Payload = d.bytes(payload)
 	m.Headers = d.bytes(vals[7])
 	var err error
 	if m.OccurredAt, m.OccurredAtInfinite, err = timestamptz(vals[8]); err != nil {

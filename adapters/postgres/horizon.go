@@ -50,9 +50,9 @@ func (s *session) Horizon(ctx context.Context) (int64, error) {
 	if !h.resolved {
 		var seq *uint32
 		var cache *int64
-		err := s.conn.QueryRow(ctx, `SELECT $1::text::regclass::oid, pg_get_serial_sequence($1::text, 'id')::regclass::oid,
-				(SELECT seqcache FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence($1::text, 'id')::regclass)`,
-			s.store.table.outbox()).Scan(&h.table, &seq, &cache)
+		err := s.conn.QueryRow(ctx, `SELECT $1::text::regclass::oid, pg_get_serial_sequence($1::text, $2)::regclass::oid,
+				(SELECT seqcache FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence($1::text, $2)::regclass)`,
+			s.store.table.outbox(), s.store.table.Columns.ID).Scan(&h.table, &seq, &cache)
 		if err != nil {
 			return 0, s.wrap(err)
 		}
@@ -60,11 +60,11 @@ func (s *session) Horizon(ctx context.Context) (int64, error) {
 		switch {
 		case seq == nil:
 			h.off = true
-			return 0, fmt.Errorf("%w: %s.id has no sequence", app.ErrNoHorizon, s.store.table)
+			return 0, fmt.Errorf("%w: %s.%s has no sequence", app.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
 		case cache == nil || *cache != 1:
 			// A session caching ids can insert, much later, a row with an id below the last one.
 			h.off = true
-			return 0, fmt.Errorf("%w: the sequence of %s.id caches ids per session (CACHE > 1)", app.ErrNoHorizon, s.store.table)
+			return 0, fmt.Errorf("%w: the sequence of %s.%s caches ids per session (CACHE > 1)", app.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
 		}
 		h.seq = *seq
 	}

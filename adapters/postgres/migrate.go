@@ -39,6 +39,9 @@ func (d templateData) Table(name string) string { return pgx.Identifier{d.t.Sche
 // transaction. It is idempotent and safe to run from several processes at once: an advisory
 // lock serializes them. progress, when not nil, is called after each step.
 func Migrate(ctx context.Context, pool *pgxpool.Pool, t Table, progress func(MigrationStep)) ([]MigrationStep, error) {
+	if t.Mapped() {
+		return nil, fmt.Errorf("database.columns: %s is an existing table with its own columns: run 'outbox-relay migrate --adopt' instead", t.WithDefaults())
+	}
 	return migrate(ctx, pool, t, outboxsql.Migrations, "migrations", "outbox", progress)
 }
 

@@ -19,7 +19,14 @@ func CheckOutbox(ctx context.Context, pool *pgxpool.Pool, t Table) error {
 	if outbox == nil || parked == nil {
 		return fmt.Errorf("outbox table %s or %s_parked missing: run 'outbox-relay migrate'", t, t)
 	}
-	if _, err := pool.Exec(ctx, `SELECT 1 FROM `+t.outbox()+` LIMIT 0`); err != nil {
+	// Every column the relay reads or writes, so a wrong database.columns mapping, or a table not
+	// adopted yet, fails here rather than at the first claim.
+	if _, err := pool.Exec(ctx, `SELECT `+t.id("")+`, `+t.eventID("")+`, `+t.aggType("")+`, `+t.key("")+`, `+t.evType("")+`,
+		`+t.payload("")+`, `+t.topicCol("")+`, `+t.headers("")+`, `+t.occurred("")+`, created_at, attempts,
+		next_attempt_at, last_error, dispatched_at FROM `+t.outbox()+` LIMIT 0`); err != nil {
+		if t.Mapped() {
+			return fmt.Errorf("read %s with the columns of database.columns (run 'outbox-relay migrate --adopt' to add the relay's): %w", t, err)
+		}
 		return fmt.Errorf("read %s: %w", t, err)
 	}
 	return nil
@@ -53,14 +60,15 @@ func StalledSQL(t Table, held bool) string {
 	t = t.WithDefaults()
 	notHeld := ``
 	if held {
-		notHeld = ` AND NOT ` + heldCond(t)
+		notHeld = ` AND NOT ` + heldCondOf(t, `o.aggregate_type`, `o.aggregate_id`)
 	}
 	return `SELECT coalesce((SELECT o.created_at < now() - $1::interval
-		FROM (SELECT id, created_at, aggregate_type, aggregate_id, next_attempt_at FROM ` + t.outbox() + `
-			WHERE dispatched_at IS NULL ORDER BY id LIMIT $2) o
+		FROM (SELECT ` + t.id("") + ` AS id, created_at, ` + t.aggType("") + ` AS aggregate_type, ` + t.key("") + ` AS aggregate_id,
+				next_attempt_at FROM ` + t.outbox() + `
+			WHERE dispatched_at IS NULL ORDER BY ` + t.id("") + ` LIMIT $2) o
 		WHERE (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
 			AND NOT EXISTS (SELECT 1 FROM ` + t.outbox() + ` f WHERE f.attempts > 0 AND f.dispatched_at IS NULL
-				AND f.aggregate_type = o.aggregate_type AND f.aggregate_id = o.aggregate_id AND f.id < o.id
+				AND ` + t.aggType("f") + ` = o.aggregate_type AND ` + t.key("f") + ` = o.aggregate_id AND ` + t.id("f") + ` < o.id
 				AND f.next_attempt_at > now() OFFSET 0)` + notHeld + `
 		ORDER BY o.id LIMIT 1), false)`
 }
@@ -71,8 +79,8 @@ func Purge(ctx context.Context, pool *pgxpool.Pool, t Table, retention time.Dura
 	t = t.WithDefaults()
 	var total int64
 	for {
-		tag, err := pool.Exec(ctx, `DELETE FROM `+t.outbox()+` WHERE id IN (
-			SELECT id FROM `+t.outbox()+` WHERE dispatched_at < now() - $1::interval
+		tag, err := pool.Exec(ctx, `DELETE FROM `+t.outbox()+` WHERE `+t.id("")+` IN (
+			SELECT `+t.id("")+` FROM `+t.outbox()+` WHERE dispatched_at < now() - $1::interval
 			ORDER BY dispatched_at LIMIT $2)`, retention, batch)
 		if err != nil {
 			return total, fmt.Errorf("purge %s: %w", t, err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -98,10 +99,9 @@ func RetryParked(ctx context.Context, pool *pgxpool.Pool, t Table, f ParkedFilte
 	where, args := f.where()
 	// created_at is set anew: it measures how long a row has been pending, for lag and stall checks.
 	rows, err := pool.Query(ctx, `WITH p AS (DELETE FROM `+t.parked()+` WHERE `+where+` RETURNING *),
-		o AS (INSERT INTO `+t.outbox()+` (id, event_id, aggregate_type, aggregate_id, event_type, payload, topic,
-				headers, occurred_at, attempts)
+		o AS (INSERT INTO `+t.outbox()+` (`+replayColumns(t)+`, attempts)
 			OVERRIDING SYSTEM VALUE
-			SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, headers, occurred_at, 0
+			SELECT `+replayValues(t)+`, 0
 			FROM p ORDER BY id)
 		SELECT `+parkedColumns+` FROM p ORDER BY id`, args...)
 	if err != nil {
@@ -131,4 +131,30 @@ func DropParked(ctx context.Context, pool *pgxpool.Pool, t Table, f ParkedFilter
 	}
 	slices.SortFunc(out, func(a, b ParkedRow) int { return cmp.Compare(a.ID, b.ID) })
 	return out, nil
+}
+
+// replayColumns returns the outbox columns RetryParked fills, in the order of replayValues: the
+// mapped ones that t has.
+func replayColumns(t Table) string {
+	c := t.Columns
+	cols := []string{c.ID, c.EventID, c.AggregateType, c.Key, c.EventType, c.Payload, c.Topic, c.Headers, c.OccurredAt}
+	var out []string
+	for _, name := range cols {
+		if name != Absent {
+			out = append(out, pgx.Identifier{name}.Sanitize())
+		}
+	}
+	return strings.Join(out, ", ")
+}
+
+// replayValues returns the parked table's columns that fill replayColumns.
+func replayValues(t Table) string {
+	c := t.Columns
+	out := []string{"id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload"}
+	for _, opt := range []struct{ v, col string }{{c.Topic, "topic"}, {c.Headers, "headers"}, {c.OccurredAt, "occurred_at"}} {
+		if opt.v != Absent {
+			out = append(out, opt.col)
+		}
+	}
+	return strings.Join(out, ", ")
 }

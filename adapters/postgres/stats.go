@@ -167,19 +167,23 @@ func BacklogOf(ctx context.Context, q Querier, t Table, template string, scanRow
 // read as $2. held is BacklogOf's.
 func BacklogSQL(t Table, held bool) (pending, parked string) {
 	t = t.WithDefaults()
-	topic := `coalesce(nullif(topic, ''), replace(replace($1::text, '{aggregate_type}', aggregate_type), '{event_type}', event_type))`
+	topicOf := func(topic, aggType, evType string) string {
+		return `coalesce(nullif(` + topic + `, ''), replace(replace($1::text, '{aggregate_type}', ` + aggType + `), '{event_type}', ` + evType + `))`
+	}
+	topic := topicOf("topic", "aggregate_type", "event_type")
 	isHeld := `false`
 	if held {
 		isHeld = heldCond(t)
 	}
 	pending = `
 		WITH head AS (
-			SELECT id, created_at, ` + topic + ` AS topic, ` + isHeld + ` AS held
-			FROM ` + t.outbox() + ` o WHERE dispatched_at IS NULL ORDER BY id LIMIT $2)
+			SELECT ` + t.id("o") + ` AS id, created_at, ` + topicOf(t.topicCol("o"), t.aggType("o"), t.evType("o")) + ` AS topic,
+				` + isHeld + ` AS held
+			FROM ` + t.outbox() + ` o WHERE dispatched_at IS NULL ORDER BY ` + t.id("o") + ` LIMIT $2)
 		SELECT topic, count(*), count(*) FILTER (WHERE held),
 			coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held)), 0), 0)::float8,
 			min(id), max(id),
-			(SELECT max(id) FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL)
+			(SELECT max(` + t.id("") + `) FROM ` + t.outbox() + ` WHERE dispatched_at IS NULL)
 		FROM head GROUP BY topic`
 	parked = `
 		SELECT ` + topic + ` AS topic, count(*)
@@ -194,11 +198,14 @@ func BacklogSQL(t Table, held bool) (pending, parked string) {
 // index; the second runs only for a row with an empty key. OFFSET 0 keeps them probes: without
 // it the planner may hash the whole parked table instead, a cost that grows with the parked
 // rows rather than with the rows read.
-func heldCond(t Table) string {
-	return `(EXISTS (SELECT 1 FROM ` + t.parked() + ` p WHERE p.aggregate_type = o.aggregate_type
-				AND p.aggregate_id = coalesce(o.aggregate_id, '') OFFSET 0)
-			OR (coalesce(o.aggregate_id, '') = '' AND EXISTS (SELECT 1 FROM ` + t.parked() + ` p
-				WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id IS NULL OFFSET 0)))`
+func heldCond(t Table) string { return heldCondOf(t, t.aggType("o"), t.key("o")) }
+
+// heldCondOf is heldCond on a row whose aggregate type and key are aggType and key.
+func heldCondOf(t Table, aggType, key string) string {
+	return `(EXISTS (SELECT 1 FROM ` + t.parked() + ` p WHERE p.aggregate_type = ` + aggType + `
+				AND p.aggregate_id = coalesce(` + key + `, '') OFFSET 0)
+			OR (coalesce(` + key + `, '') = '' AND EXISTS (SELECT 1 FROM ` + t.parked() + ` p
+				WHERE p.aggregate_type = ` + aggType + ` AND p.aggregate_id IS NULL OFFSET 0)))`
 }
 
 // HeldKey is a key whose pending rows wait behind a parked row (order_policy wait).
@@ -231,8 +238,8 @@ func HeldKeys(ctx context.Context, q Querier, t Table, scanRows, limit int) ([]H
 	}
 	rows, err := q.Query(ctx, `
 		WITH head AS (
-			SELECT aggregate_type, coalesce(aggregate_id, '') AS key, `+heldCond(t)+` AS held
-			FROM `+t.outbox()+` o WHERE dispatched_at IS NULL ORDER BY id LIMIT $1),
+			SELECT `+t.aggType("o")+` AS aggregate_type, coalesce(`+t.key("o")+`, '') AS key, `+heldCond(t)+` AS held
+			FROM `+t.outbox()+` o WHERE dispatched_at IS NULL ORDER BY `+t.id("o")+` LIMIT $1),
 		keys AS (
 			SELECT aggregate_type, key, count(*) AS n FROM head WHERE held
 			GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT $2)

@@ -83,17 +83,22 @@ type queries struct {
 // The keys form a hashed subplan, looked up once per row read: the rows keep their index order,
 // and the held rows a claim passes over are never sent to the relay. Without it, more held rows
 // at the front of the outbox than a batch held every claim up, and with them every other key.
-const holdCond = ` AND ((aggregate_type, coalesce(aggregate_id, '')) NOT IN (SELECT * FROM unnest($6::text[], $7::text[]))
-			OR id = ANY($8::bigint[]))`
+func holdCond(t Table) string {
+	return ` AND ((` + t.aggType("") + `, coalesce(` + t.key("") + `, '')) NOT IN (SELECT * FROM unnest($6::text[], $7::text[]))
+			OR ` + t.id("") + ` = ANY($8::bigint[]))`
+}
 
 // claimPart is one ordered range of the claim query.
 func claimPart(t Table, cond string) string {
-	return `(SELECT id, event_id::text AS event_id, aggregate_type, aggregate_id,
-			event_type, payload, coalesce(topic, '') AS topic, headers::text AS headers, occurred_at, created_at, attempts
+	id := t.id("")
+	return `(SELECT ` + id + ` AS id, ` + t.eventID("") + `::text AS event_id, ` + t.aggType("") + ` AS aggregate_type,
+			` + t.key("") + ` AS aggregate_id, ` + t.evType("") + ` AS event_type, ` + t.payload("") + ` AS payload,
+			coalesce(` + t.topicCol("") + `, '') AS topic, ` + t.headers("") + `::text AS headers,
+			` + t.occurred("") + ` AS occurred_at, created_at, attempts
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
-			AND id >= $5 AND id NOT IN (SELECT unnest($3::bigint[]))
-		ORDER BY id LIMIT $4)`
+			AND ` + id + ` >= $5 AND ` + id + ` NOT IN (SELECT unnest($3::bigint[]))
+		ORDER BY ` + id + ` LIMIT $4)`
 }
 
 // ParseURL parses a PostgreSQL connection string, URL or key=value. Its errors never contain
@@ -194,11 +199,11 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	if cfg.QueryTimeout == 0 {
 		cfg.QueryTimeout = QueryTimeoutDefault
 	}
-	mark := `DELETE FROM ` + t.outbox() + ` WHERE id = ANY($1::bigint[])`
+	mark := `DELETE FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($1::bigint[])`
 	switch cfg.Mark {
 	case MarkDelete:
 	case MarkRetain:
-		mark = `UPDATE ` + t.outbox() + ` SET dispatched_at = now() WHERE id = ANY($1::bigint[]) AND dispatched_at IS NULL`
+		mark = `UPDATE ` + t.outbox() + ` SET dispatched_at = now() WHERE ` + t.id("") + ` = ANY($1::bigint[]) AND dispatched_at IS NULL`
 	default:
 		return nil, fmt.Errorf("relay.mark: must be %q or %q, got %q", MarkDelete, MarkRetain, cfg.Mark)
 	}
@@ -223,20 +228,23 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
-		claim: claimPart(t, `id < $1`) + ` UNION ALL ` + claimPart(t, `id > $2`) + ` ORDER BY id LIMIT $4`,
+		claim: claimPart(t, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`,
 		// The same, leaving out the rows of held keys: used only while some key is held, so the
 		// common claim pays nothing for it.
-		claimHold: claimPart(t, `id < $1`+holdCond) + ` UNION ALL ` + claimPart(t, `id > $2`+holdCond) + ` ORDER BY id LIMIT $4`,
+		claimHold: claimPart(t, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`,
 		mark:      mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
-				next_attempt_at = now() + $3::interval WHERE id = $1`,
-		park: `WITH m AS (DELETE FROM ` + t.outbox() + ` WHERE id = $1 RETURNING *)
+				next_attempt_at = now() + $3::interval WHERE ` + t.id("") + ` = $1`,
+		// The parked table has the relay's own layout, but for the event id and the payload,
+		// which keep the outbox's types (migrate --adopt creates it so).
+		park: `WITH m AS (DELETE FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = $1 RETURNING *)
 			INSERT INTO ` + t.parked() + ` (id, event_id, aggregate_type, aggregate_id, event_type, payload,
 				topic, headers, occurred_at, created_at, attempts, reason)
-			SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, headers,
-				occurred_at, created_at, attempts + 1, $2 FROM m
+			SELECT ` + t.id("m") + `, ` + t.eventID("m") + `, ` + t.aggType("m") + `, ` + t.key("m") + `, ` + t.evType("m") + `,
+				` + t.payload("m") + `, ` + t.topicCol("m") + `, ` + t.headers("m") + `,
+				` + t.occurred("m") + `, m.created_at, m.attempts + 1, $2 FROM m
 			ON CONFLICT (id) DO NOTHING`,
-		failing: `SELECT aggregate_type, coalesce(aggregate_id, ''), min(id) FROM ` + t.outbox() + `
+		failing: `SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), min(` + t.id("") + `) FROM ` + t.outbox() + `
 			WHERE attempts > 0 AND dispatched_at IS NULL GROUP BY 1, 2`,
 		parkedKeys: `SELECT DISTINCT aggregate_type, coalesce(aggregate_id, '') FROM ` + t.parked(),
 		// The lock is taken only on the session's own backend ($2): a pooler that moved the
@@ -398,7 +406,7 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	// As many as the last claim returned, so a backlog's full batches are read without growing
 	// the slice (each growth copied every message so far), and a caught-up relay's are small.
 	out := make([]app.Message, 0, min(limit, max(64, s.lastRows)))
-	scan := !decodable(rows.FieldDescriptions())
+	scan := !s.dec.decodable(rows.FieldDescriptions())
 	if s.dec.intern == nil {
 		s.dec.intern = make(map[string]string)
 	}

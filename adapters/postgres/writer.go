@@ -37,11 +37,16 @@ type Writer struct {
 	insert string
 }
 
-// NewWriter returns a Writer for the outbox t.
+// NewWriter returns a Writer for the outbox t, which has the relay's own layout: a table with
+// other columns (Table.Columns, adopted by 'outbox-relay migrate --adopt') is refused, its
+// writers keep their own INSERTs.
 func NewWriter(t Table) (*Writer, error) {
 	t = t.WithDefaults()
 	if err := t.Validate(); err != nil {
 		return nil, err
+	}
+	if t.Mapped() {
+		return nil, fmt.Errorf("outbox writer: %s has its own columns (Table.Columns); the writer writes the relay's own layout only", t)
 	}
 	return &Writer{insert: `INSERT INTO ` + t.outbox() + `
 		(aggregate_type, aggregate_id, event_type, payload, topic, headers, event_id, occurred_at)

@@ -42,6 +42,16 @@ var settings = []setting{
 	{key: "database.url_file", def: "", help: "file holding database.url (for example a mounted secret)"},
 	{key: "database.schema", def: postgres.SchemaDefault, help: "schema of the outbox tables"},
 	{key: "database.table", def: postgres.TableDefault, help: "outbox table name; the parked table adds _parked"},
+	{key: "database.layout", def: layoutRelay, help: "relay (the relay's own table) or debezium (Debezium's outbox table: columns, topic and record shape preset)"},
+	{key: "database.columns.id", def: "", help: "an adopted table's ordering column, a bigint identity or serial (added by migrate --adopt); empty: from database.layout"},
+	{key: "database.columns.event_id", def: "", help: "column of the event id, uuid or text; empty: from database.layout"},
+	{key: "database.columns.key", def: "", help: "column of the record key, text or varchar; empty: from database.layout"},
+	{key: "database.columns.event_type", def: "", help: "column of the event type, text or varchar; empty: from database.layout"},
+	{key: "database.columns.aggregate_type", def: "", help: "column of the aggregate type, text or varchar; empty: from database.layout"},
+	{key: "database.columns.payload", def: "", help: "column of the record value: bytea, jsonb, json or text; empty: from database.layout"},
+	{key: "database.columns.topic", def: "", help: "column overriding the topic, or none; empty: from database.layout"},
+	{key: "database.columns.headers", def: "", help: "jsonb column of headers, or none; empty: from database.layout"},
+	{key: "database.columns.occurred_at", def: "", help: "timestamptz column of occurred_at, or none (then the row's insert time); empty: from database.layout"},
 	{key: "database.connect_timeout", def: "10s", help: "bound on connecting to PostgreSQL"},
 	{key: "database.query_timeout", def: postgres.QueryTimeoutDefault.String(), help: "bound on each relay query"},
 	{key: "database.wait_for_replication", def: postgres.ReplicationOff, help: "off, sync or all: publish a row only once the synchronous (sync) or every connected (all) standby has flushed it, so a failover loses nothing published; needs pg_read_all_stats"},
@@ -52,6 +62,7 @@ var settings = []setting{
 	{key: "kafka.client_id", def: kafka.ClientIDDefault, help: "client id sent to the brokers"},
 	{key: "kafka.topic_template", def: kafka.TopicTemplateDefault, help: "topic of rows without one; {aggregate_type} and {event_type} are replaced"},
 	{key: "kafka.max_record_bytes", def: strconv.Itoa(kafka.MaxRecordBytesDefault), help: "largest record in bytes; larger rows are parked"},
+	{key: "kafka.id_header", def: "", help: "one more header holding the event id; empty: id with database.layout debezium, none otherwise; none: no such header"},
 	{key: "kafka.tombstones", def: "false", help: "publish a NULL payload as a tombstone instead of parking it"},
 	{key: "kafka.linger", def: "0s", help: "time the producer waits to fill a batch"},
 	{key: "kafka.compression", def: kafka.CompressionDefault, help: "none, gzip, snappy, lz4 or zstd"},
@@ -460,13 +471,48 @@ func (r *reader) oneOf(key string, allowed ...string) string {
 	return s
 }
 
+// The values of database.layout.
+const (
+	layoutRelay    = "relay"
+	layoutDebezium = "debezium"
+)
+
+// columns returns the column mapping of database.columns: each key set, else the layout's column.
+func (r *reader) columns(layout string) postgres.Columns {
+	c := postgres.RelayColumns
+	if layout == layoutDebezium {
+		c = postgres.DebeziumColumns
+	}
+	for key, v := range map[string]*string{"id": &c.ID, "event_id": &c.EventID, "key": &c.Key, "event_type": &c.EventType,
+		"aggregate_type": &c.AggregateType, "payload": &c.Payload, "topic": &c.Topic, "headers": &c.Headers,
+		"occurred_at": &c.OccurredAt} {
+		if s := r.str("database.columns." + key); s != "" {
+			*v = s
+		}
+	}
+	return c
+}
+
+// idHeader returns kafka.id_header's header: "id" by default with the Debezium layout, which
+// Debezium's outbox event router puts the event id in.
+func idHeader(v, layout string) string {
+	switch {
+	case v == postgres.Absent:
+		return ""
+	case v == "" && layout == layoutDebezium:
+		return "id"
+	}
+	return v
+}
+
 func parseConfig(v *viper.Viper) (*Config, error) {
 	r := &reader{v: v}
 	c := &Config{}
 	c.DatabaseURL = r.secret("database.url", "database.url_file")
 	c.ConnectTimeout = r.dur("database.connect_timeout", 100*time.Millisecond, 10*time.Minute)
+	layout := r.oneOf("database.layout", layoutRelay, layoutDebezium)
 	c.Store = postgres.StoreConfig{
-		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table")},
+		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table"), Columns: r.columns(layout)},
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
 		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
 		LeaderLease:  r.dur("relay.leader_lease", 100*time.Millisecond, time.Minute),
@@ -487,6 +533,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Brokers:          brokers,
 		ClientID:         r.str("kafka.client_id"),
 		TopicTemplate:    r.str("kafka.topic_template"),
+		IDHeader:         idHeader(r.str("kafka.id_header"), layout),
 		MaxRecordBytes:   r.int("kafka.max_record_bytes", 1024, 100<<20),
 		Tombstones:       r.bool("kafka.tombstones"),
 		Linger:           r.dur("kafka.linger", 0, 10*time.Second),

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // configEnv clears the OUTBOX_ environment of the test process and sets env. Tests using it
@@ -421,5 +423,57 @@ func TestConfigRefusedExitsNonZero(t *testing.T) {
 	code := dispatch(context.Background(), []string{"run", "--relay-order-policy", "random"}, &stdout, &stderr)
 	if code != 1 || !strings.Contains(stderr.String(), `relay.order_policy: must be one of wait, skip, got "random"`) {
 		t.Errorf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+// TestConfigLayout checks database.layout's presets and that database.columns and
+// kafka.id_header override them.
+func TestConfigLayout(t *testing.T) {
+	cases := []struct {
+		name    string
+		env     map[string]string
+		columns postgres.Columns
+		header  string
+		err     string
+	}{
+		{name: "default", columns: postgres.RelayColumns},
+		{name: "debezium", env: map[string]string{"OUTBOX_DATABASE_LAYOUT": "debezium"}, columns: postgres.DebeziumColumns, header: "id"},
+		{name: "debezium overridden", env: map[string]string{"OUTBOX_DATABASE_LAYOUT": "debezium",
+			"OUTBOX_DATABASE_COLUMNS_OCCURRED_AT": "created", "OUTBOX_KAFKA_ID_HEADER": "none"},
+			columns: func() postgres.Columns { c := postgres.DebeziumColumns; c.OccurredAt = "created"; return c }()},
+		{name: "renamed", env: map[string]string{"OUTBOX_DATABASE_COLUMNS_KEY": "entity_id", "OUTBOX_DATABASE_COLUMNS_TOPIC": "none",
+			"OUTBOX_KAFKA_ID_HEADER": "x-id"},
+			columns: func() postgres.Columns { c := postgres.RelayColumns; c.Key, c.Topic = "entity_id", "none"; return c }(), header: "x-id"},
+		{name: "required column absent", env: map[string]string{"OUTBOX_DATABASE_COLUMNS_KEY": "none"}, err: "database.columns.key"},
+		{name: "bookkeeping column", env: map[string]string{"OUTBOX_DATABASE_COLUMNS_OCCURRED_AT": "created_at"}, err: "database.columns.occurred_at"},
+		{name: "twice", env: map[string]string{"OUTBOX_DATABASE_COLUMNS_KEY": "payload"}, err: "database.columns.payload"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{}
+			for k, v := range validEnv {
+				env[k] = v
+			}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			configEnv(t, env)
+			cfg, err := loadFor(t, "")
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %v, want an error naming %s", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Store.Table.Columns != tc.columns {
+				t.Errorf("columns %+v, want %+v", cfg.Store.Table.Columns, tc.columns)
+			}
+			if cfg.Kafka.IDHeader != tc.header {
+				t.Errorf("kafka id header %q, want %q", cfg.Kafka.IDHeader, tc.header)
+			}
+		})
 	}
 }

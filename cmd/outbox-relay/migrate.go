@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/pflag"
@@ -15,6 +16,9 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs := newFlagSet("migrate", "Create or upgrade the outbox tables. Safe to run twice, and from several replicas at once.", stderr)
 	addFlags(fs)
 	example := fs.Bool("example", false, "also create the example service's users table")
+	adopt := fs.Bool("adopt", false, "prepare an existing outbox table (database.table, database.columns): print what it adds, apply only with --yes")
+	yes := fs.Bool("yes", false, "with --adopt: apply the statements printed")
+	lockTimeout := fs.String("lock-timeout", "10s", "with --adopt: give up when a lock on the table is not granted within this (a PostgreSQL interval; 0 waits)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -23,6 +27,9 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer pool.Close()
+	if *adopt {
+		return adoptTable(ctx, pool, cfg.Store.Table, *yes, *lockTimeout, stdout)
+	}
 	fmt.Fprintf(stdout, "migrating %s\n", cfg.Store.Table.WithDefaults())
 	applied := 0
 	_, err = postgres.Migrate(ctx, pool, cfg.Store.Table, func(s postgres.MigrationStep) {
@@ -85,4 +92,36 @@ func openPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
 			pc.ConnConfig.Database, postgres.Redact(err.Error(), pc.ConnConfig.Password))
 	}
 	return pool, nil
+}
+
+// adoptTable prints the statements that prepare an existing table for the relay, with the locks
+// they take, and applies them with yes.
+func adoptTable(ctx context.Context, pool *pgxpool.Pool, t postgres.Table, yes bool, lockTimeout string, stdout io.Writer) error {
+	plan, err := postgres.PlanAdopt(ctx, pool, t)
+	if err != nil {
+		return fmt.Errorf("migrate --adopt: %s", postgres.Redact(err.Error(), pool.Config().ConnConfig.Password))
+	}
+	if len(plan.Statements) == 0 {
+		fmt.Fprintf(stdout, "%s is adopted already: nothing to do\n", plan.Table)
+		return nil
+	}
+	fmt.Fprintf(stdout, "-- adopt %s (%d MiB): the writers' columns are left as they are\n", plan.Table, plan.Bytes>>20)
+	fmt.Fprintf(stdout, "-- one transaction, lock_timeout %s\n", lockTimeout)
+	for _, s := range plan.Statements {
+		fmt.Fprintf(stdout, "%s;\n", s)
+	}
+	fmt.Fprintln(stdout, "-- locks held until the transaction commits:")
+	for _, l := range plan.Locks {
+		fmt.Fprintf(stdout, "--   %s\n", l)
+	}
+	if !yes {
+		fmt.Fprintln(stdout, "-- nothing applied: run again with --yes to apply these statements")
+		return nil
+	}
+	start := time.Now()
+	if err := postgres.Adopt(ctx, pool, plan, lockTimeout); err != nil {
+		return fmt.Errorf("migrate --adopt: %s", postgres.Redact(err.Error(), pool.Config().ConnConfig.Password))
+	}
+	fmt.Fprintf(stdout, "done: %s adopted in %s\n", plan.Table, time.Since(start).Round(time.Millisecond))
+	return nil
 }
