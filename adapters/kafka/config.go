@@ -19,11 +19,20 @@ import (
 
 // Defaults of Config.
 const (
-	ClientIDDefault       = "outbox-relay"
-	TopicTemplateDefault  = "outbox.event.{aggregate_type}"
-	MaxRecordBytesDefault = 1000000
-	CompressionDefault    = "none"
-	DialTimeoutDefault    = 10 * time.Second
+	ClientIDDefault        = "outbox-relay"
+	TopicTemplateDefault   = "outbox.event.{aggregate_type}"
+	MaxRecordBytesDefault  = 1000000
+	CompressionDefault     = "none"
+	DialTimeoutDefault     = 10 * time.Second
+	RecordTimestampDefault = TimestampProduce
+)
+
+// Values of Config.RecordTimestamp.
+const (
+	// TimestampProduce stamps each record with the time the producer handed it to a batch.
+	TimestampProduce = "produce"
+	// TimestampOccurredAt stamps each record with its row's occurred_at, the event's time.
+	TimestampOccurredAt = "occurred_at"
 )
 
 // Config configures the Kafka publisher.
@@ -49,6 +58,11 @@ type Config struct {
 	AutoCreateTopics bool
 	// DialTimeout bounds a connection attempt to a broker. Default 10s.
 	DialTimeout time.Duration
+	// RecordTimestamp is the timestamp of each record: "produce" (the time the producer batched
+	// it) or "occurred_at" (the row's occurred_at, which must then be in 1970 or later, else the
+	// row is parked). Topics with message.timestamp.type=LogAppendTime overwrite either with the
+	// broker's append time. Default "produce".
+	RecordTimestamp string
 	// TLS configures TLS to the brokers.
 	TLS TLSConfig
 	// SASL configures authentication.
@@ -94,6 +108,9 @@ func (c Config) WithDefaults() Config {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DialTimeoutDefault
 	}
+	if c.RecordTimestamp == "" {
+		c.RecordTimestamp = RecordTimestampDefault
+	}
 	return c
 }
 
@@ -127,6 +144,9 @@ func (c Config) Validate() error {
 	}
 	if c.DialTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("kafka.dial_timeout: must be positive, got %s", c.DialTimeout))
+	}
+	if c.RecordTimestamp != TimestampProduce && c.RecordTimestamp != TimestampOccurredAt {
+		errs = append(errs, fmt.Errorf("kafka.record_timestamp: must be %s or %s, got %q", TimestampProduce, TimestampOccurredAt, c.RecordTimestamp))
 	}
 	switch strings.ToUpper(c.SASL.Mechanism) {
 	case "":

@@ -269,6 +269,15 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	buf = m.OccurredAt.UTC().AppendFormat(buf, time.RFC3339Nano)
 	pr := &produced{rec: kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload}}
 	rec := &pr.rec
+	if p.cfg.RecordTimestamp == TimestampOccurredAt {
+		// Kafka timestamps are milliseconds since 1970, never negative; franz-go takes a zero
+		// time.Time for "now", which 1970-01-01T00:00:00Z is not.
+		if m.OccurredAt.Before(time.Unix(0, 0)) {
+			return nil, nil, fmt.Errorf("%w: occurred_at %s is before 1970, which a Kafka record timestamp cannot be (kafka.record_timestamp=occurred_at)",
+				app.ErrInvalidMessage, m.OccurredAt.UTC().Format(time.RFC3339Nano))
+		}
+		rec.Timestamp = m.OccurredAt
+	}
 	rec.Context = pr
 	rec.Headers = append(pr.headers[:0],
 		kgo.RecordHeader{Key: HeaderEventID, Value: eventID},

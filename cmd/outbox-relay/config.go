@@ -57,6 +57,7 @@ var settings = []setting{
 	{key: "kafka.compression", def: kafka.CompressionDefault, help: "none, gzip, snappy, lz4 or zstd"},
 	{key: "kafka.auto_create_topics", def: "false", help: "let the brokers create missing topics"},
 	{key: "kafka.dial_timeout", def: kafka.DialTimeoutDefault.String(), help: "bound on connecting to a broker"},
+	{key: "kafka.record_timestamp", def: kafka.RecordTimestampDefault, help: "record timestamp: produce (send time) or occurred_at (the event's time)"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
@@ -493,6 +494,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Compression:      r.str("kafka.compression"),
 		AutoCreateTopics: r.bool("kafka.auto_create_topics"),
 		DialTimeout:      r.dur("kafka.dial_timeout", 100*time.Millisecond, 10*time.Minute),
+		RecordTimestamp:  r.oneOf("kafka.record_timestamp", kafka.TimestampProduce, kafka.TimestampOccurredAt),
 		TLS: kafka.TLSConfig{
 			Enabled:    r.bool("kafka.tls.enabled"),
 			CAFile:     r.str("kafka.tls.ca_file"),

@@ -423,3 +423,27 @@ func TestConfigRefusedExitsNonZero(t *testing.T) {
 		t.Errorf("exit %d, stderr %q", code, stderr.String())
 	}
 }
+
+// TestConfigKafkaFormats: kafka.record_timestamp reaches the publisher's configuration, with
+// its default when unset.
+func TestConfigKafkaFormats(t *testing.T) {
+	configEnv(t, validEnv)
+	cfg, err := loadFor(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Kafka.RecordTimestamp != "produce" {
+		t.Errorf("default kafka.record_timestamp %q, want produce", cfg.Kafka.RecordTimestamp)
+	}
+	env := map[string]string{"OUTBOX_KAFKA_RECORD_TIMESTAMP": "occurred_at"}
+	for k, v := range validEnv {
+		env[k] = v
+	}
+	configEnv(t, env)
+	if cfg, err = loadFor(t, ""); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Kafka.RecordTimestamp != "occurred_at" {
+		t.Errorf("kafka.record_timestamp %q, want occurred_at", cfg.Kafka.RecordTimestamp)
+	}
+}
