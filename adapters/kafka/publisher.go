@@ -1,11 +1,13 @@
 package kafka
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"regexp"
 	"slices"
 	"strings"
@@ -285,6 +287,13 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 		kgo.RecordHeader{Key: HeaderAggregateType, Value: aggregateType},
 		kgo.RecordHeader{Key: HeaderOccurredAt, Value: buf[start:len(buf):len(buf)]},
 	)
+	if p.cfg.Format == FormatCloudEvents {
+		ce, err := p.cloudEvent(m, eventID, eventType, keyBytes, buf[start:len(buf):len(buf)])
+		if err != nil {
+			return nil, nil, err
+		}
+		rec.Headers = append(ce, rec.Headers...)
+	}
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
@@ -293,6 +302,9 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 		for k, v := range hs {
 			if err := app.CheckHeader(k); err != nil {
 				return nil, nil, err
+			}
+			if p.cfg.Format == FormatCloudEvents && len(k) >= len(ceHeaderPrefix) && strings.EqualFold(k[:len(ceHeaderPrefix)], ceHeaderPrefix) {
+				return nil, nil, fmt.Errorf("%w: header %q is reserved: with kafka.format=cloudevents the relay sets the ce_ headers itself", app.ErrInvalidMessage, k)
 			}
 			s, ok := v.(string)
 			if !ok {
@@ -314,6 +326,36 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	}
 	return pr, ts, nil
 }
+
+// ceHeaderPrefix starts the name of every CloudEvents attribute header of the Kafka binding.
+const ceHeaderPrefix = "ce_"
+
+// cloudEvent returns the CloudEvents attribute headers of m (the Kafka protocol binding, binary
+// mode, spec version 1.0), with room for the native headers and the row's after them. The
+// header values given share the record's buffer; ce_time is occurred_at as RFC 3339 in UTC.
+func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occurredAt []byte) ([]kgo.RecordHeader, error) {
+	if m.EventType == "" {
+		return nil, fmt.Errorf("%w: event_type is empty: a CloudEvent needs a type (kafka.format=cloudevents)", app.ErrInvalidMessage)
+	}
+	source := strings.NewReplacer("{aggregate_type}", url.PathEscape(m.AggregateType),
+		"{event_type}", url.PathEscape(m.EventType)).Replace(p.cfg.CloudEventsSource)
+	if source == "" {
+		return nil, fmt.Errorf("%w: kafka.cloudevents.source %q makes an empty ce_source for this row", app.ErrInvalidMessage, p.cfg.CloudEventsSource)
+	}
+	hs := make([]kgo.RecordHeader, 0, 6+4+bytes.Count(m.Headers, []byte{':'}))
+	return append(hs,
+		kgo.RecordHeader{Key: "ce_specversion", Value: ceSpecVersion},
+		kgo.RecordHeader{Key: "ce_id", Value: eventID},
+		kgo.RecordHeader{Key: "ce_type", Value: eventType},
+		kgo.RecordHeader{Key: "ce_source", Value: []byte(source)},
+		kgo.RecordHeader{Key: "ce_subject", Value: subject},
+		kgo.RecordHeader{Key: "ce_time", Value: occurredAt},
+	), nil
+}
+
+// ceSpecVersion is the CloudEvents version of every record with kafka.format=cloudevents. It is
+// never written to.
+var ceSpecVersion = []byte("1.0")
 
 // Publish implements app.Sink. The first record of a topic waits for the topic's pinned
 // partition count (a metadata request and PublisherDeps.Pins, bounded by 10s); when it cannot be

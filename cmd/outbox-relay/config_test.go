@@ -424,7 +424,7 @@ func TestConfigRefusedExitsNonZero(t *testing.T) {
 	}
 }
 
-// TestConfigKafkaFormats: kafka.record_timestamp reaches the publisher's configuration, with
+// TestConfigKafkaFormats: kafka.record_timestamp, kafka.format and kafka.cloudevents.source reach the publisher's configuration, with
 // its default when unset.
 func TestConfigKafkaFormats(t *testing.T) {
 	configEnv(t, validEnv)
@@ -435,7 +435,11 @@ func TestConfigKafkaFormats(t *testing.T) {
 	if cfg.Kafka.RecordTimestamp != "produce" {
 		t.Errorf("default kafka.record_timestamp %q, want produce", cfg.Kafka.RecordTimestamp)
 	}
-	env := map[string]string{"OUTBOX_KAFKA_RECORD_TIMESTAMP": "occurred_at"}
+	if cfg.Kafka.Format != "native" || cfg.Kafka.CloudEventsSource != "/outbox/{aggregate_type}" {
+		t.Errorf("default kafka.format %q, kafka.cloudevents.source %q", cfg.Kafka.Format, cfg.Kafka.CloudEventsSource)
+	}
+	env := map[string]string{"OUTBOX_KAFKA_RECORD_TIMESTAMP": "occurred_at", "OUTBOX_KAFKA_FORMAT": "cloudevents",
+		"OUTBOX_KAFKA_CLOUDEVENTS_SOURCE": "//shop/{event_type}"}
 	for k, v := range validEnv {
 		env[k] = v
 	}
@@ -445,5 +449,8 @@ func TestConfigKafkaFormats(t *testing.T) {
 	}
 	if cfg.Kafka.RecordTimestamp != "occurred_at" {
 		t.Errorf("kafka.record_timestamp %q, want occurred_at", cfg.Kafka.RecordTimestamp)
+	}
+	if cfg.Kafka.Format != "cloudevents" || cfg.Kafka.CloudEventsSource != "//shop/{event_type}" {
+		t.Errorf("kafka.format %q, kafka.cloudevents.source %q", cfg.Kafka.Format, cfg.Kafka.CloudEventsSource)
 	}
 }
