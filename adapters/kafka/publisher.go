@@ -29,6 +29,8 @@ const (
 	HeaderEventType     = app.HeaderEventType
 	HeaderAggregateType = app.HeaderAggregateType
 	HeaderOccurredAt    = app.HeaderOccurredAt
+	// HeaderReplayedAt is set by Replay only: when the event was sent again, RFC 3339, UTC.
+	HeaderReplayedAt = app.HeaderReplayedAt
 )
 
 // recordBatchOverhead bounds the bytes a batch of one record adds to the record's key, value
@@ -227,7 +229,8 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	return &pr.rec, nil
 }
 
-func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
+// record builds the record of m, with extra headers after the row's.
+func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced, *topicState, error) {
 	key := topicKey{m.Topic, m.AggregateType, m.EventType}
 	if m.Topic != "" {
 		key.aggregateType, key.eventType = "", "" // an override does not depend on them
@@ -299,7 +302,15 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
 			return nil, nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
 		}
-		for k, v := range hs {
+		// In the name order, so that a record's headers are the same bytes each time its row is
+		// published (a retry, 'outbox-relay replay'), not in the map's random order.
+		names := make([]string, 0, len(hs))
+		for k := range hs {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		for _, k := range names {
+			v := hs[k]
 			if err := app.CheckHeader(k); err != nil {
 				return nil, nil, err
 			}
@@ -313,6 +324,7 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
 		}
 	}
+	rec.Headers = append(rec.Headers, extra...)
 	// A record travels in a batch, and the broker's limit (like the producer's batch cap, set to
 	// kafka.max_record_bytes) counts the batch header and the record's framing too: at most 61 +
 	// 36 bytes, and 10 per header. A record that fits only without them would fail in the
@@ -369,6 +381,28 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	if err := p.pinned(ctx, ts); err != nil {
 		done(&app.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
+	}
+	p.report(ts)
+	pr.Context, pr.done = ctx, done
+	p.cl.Produce(ctx, &pr.rec, p.promise)
+	return nil
+}
+
+// Replay publishes m again as Publish would (the same key, value and headers, and partition:
+// the topic's pinned count), with the header replayed-at set to at, to topic when it is not ""
+// (m's own topic otherwise). done is called with the broker's verdict.
+func (p *Publisher) Replay(ctx context.Context, m *app.Message, topic string, at time.Time, done func(error)) error {
+	if topic != "" {
+		c := *m
+		c.Topic = topic
+		m = &c
+	}
+	pr, ts, err := p.record(m, kgo.RecordHeader{Key: HeaderReplayedAt, Value: at.UTC().AppendFormat(nil, time.RFC3339Nano)})
+	if err != nil {
+		return err
+	}
+	if err := p.pinned(ctx, ts); err != nil {
+		return err
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
