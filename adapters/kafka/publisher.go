@@ -61,6 +61,8 @@ type Publisher struct {
 	topicsMu sync.Mutex
 	topics   map[topicKey]*topicState
 	parts    *partitions
+	// ceSource is kafka.cloudevents.source cut by splitSource.
+	ceSource []string
 }
 
 // topicKey is what a row's topic depends on.
@@ -129,7 +131,8 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts,
-		missing: make(map[string]time.Time)}
+		ceSource: splitSource(cfg.CloudEventsSource),
+		missing:  make(map[string]time.Time)}
 	p.promise = p.settle
 	return p, nil
 }
@@ -349,9 +352,18 @@ func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occu
 	if m.EventType == "" {
 		return nil, fmt.Errorf("%w: event_type is empty: a CloudEvent needs a type (kafka.format=cloudevents)", app.ErrInvalidMessage)
 	}
-	source := strings.NewReplacer("{aggregate_type}", url.PathEscape(m.AggregateType),
-		"{event_type}", url.PathEscape(m.EventType)).Replace(p.cfg.CloudEventsSource)
-	if source == "" {
+	source := make([]byte, 0, len(p.cfg.CloudEventsSource)+len(m.AggregateType)+len(m.EventType))
+	for _, part := range p.ceSource {
+		switch part {
+		case "{aggregate_type}":
+			source = appendPathSegment(source, m.AggregateType)
+		case "{event_type}":
+			source = appendPathSegment(source, m.EventType)
+		default:
+			source = append(source, part...)
+		}
+	}
+	if len(source) == 0 {
 		return nil, fmt.Errorf("%w: kafka.cloudevents.source %q makes an empty ce_source for this row", app.ErrInvalidMessage, p.cfg.CloudEventsSource)
 	}
 	hs := make([]kgo.RecordHeader, 0, 6+4+bytes.Count(m.Headers, []byte{':'}))
@@ -359,10 +371,40 @@ func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occu
 		kgo.RecordHeader{Key: "ce_specversion", Value: ceSpecVersion},
 		kgo.RecordHeader{Key: "ce_id", Value: eventID},
 		kgo.RecordHeader{Key: "ce_type", Value: eventType},
-		kgo.RecordHeader{Key: "ce_source", Value: []byte(source)},
+		kgo.RecordHeader{Key: "ce_source", Value: source},
 		kgo.RecordHeader{Key: "ce_subject", Value: subject},
 		kgo.RecordHeader{Key: "ce_time", Value: occurredAt},
 	), nil
+}
+
+// splitSource cuts a kafka.cloudevents.source template into its placeholders and the literal
+// text between them, once, so that a record's source costs no template expansion.
+func splitSource(tmpl string) []string {
+	var parts []string
+	for tmpl != "" {
+		loc := placeholderRE.FindStringIndex(tmpl)
+		if loc == nil {
+			return append(parts, tmpl)
+		}
+		if loc[0] > 0 {
+			parts = append(parts, tmpl[:loc[0]])
+		}
+		parts = append(parts, tmpl[loc[0]:loc[1]])
+		tmpl = tmpl[loc[1]:]
+	}
+	return parts
+}
+
+// appendPathSegment appends s to dst percent-encoded as a URI path segment (url.PathEscape),
+// without allocating when s needs no escape (letters, digits, '-', '.', '_' and '~').
+func appendPathSegment(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~') {
+			return append(dst, url.PathEscape(s)...)
+		}
+	}
+	return append(dst, s...)
 }
 
 // ceSpecVersion is the CloudEvents version of every record with kafka.format=cloudevents. It is
