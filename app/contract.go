@@ -18,10 +18,12 @@ const (
 	HeaderAggregateType = "aggregate-type" // the row's aggregate_type
 	HeaderAggregateID   = "aggregate-id"   // the row's aggregate_id, where the broker has no record key (RabbitMQ)
 	HeaderOccurredAt    = "occurred-at"    // the row's occurred_at in RFC 3339, in UTC
+	HeaderReplayedAt    = "replayed-at"    // set by 'outbox-relay replay' only: when it sent the event again, RFC 3339, UTC
 )
 
 // reservedHeaders lists the Header constants: every name the relay sets on a message.
-var reservedHeaders = [...]string{HeaderEventID, HeaderEventType, HeaderAggregateType, HeaderAggregateID, HeaderOccurredAt}
+var reservedHeaders = [...]string{HeaderEventID, HeaderEventType, HeaderAggregateType, HeaderAggregateID, HeaderOccurredAt,
+	HeaderReplayedAt}
 
 // ReservedHeaders returns the header names a row may not set, in the order they are documented.
 func ReservedHeaders() []string { return append([]string(nil), reservedHeaders[:]...) }

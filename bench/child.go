@@ -65,6 +65,9 @@ type childConfig struct {
 	Events      int64 `json:"events,omitempty"`
 	PayloadSize int   `json:"payload_size,omitempty"`
 	Keys        int   `json:"keys,omitempty"`
+	// For the relay role: its kafka.format and kafka.record_timestamp; "" is the default.
+	KafkaFormat     string `json:"kafka_format,omitempty"`
+	RecordTimestamp string `json:"record_timestamp,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -413,7 +416,8 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	}
 	metrics := prometheus.New("bench", "bench")
 	// The daemon's producer metrics; in four runs at 1 KB they cost no CPU the noise shows.
-	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers, Format: c.cfg.KafkaFormat,
+		RecordTimestamp: c.cfg.RecordTimestamp}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strconv"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 )
 
 // Drain variants, in the order they run for each case.
@@ -17,9 +19,12 @@ const (
 	variantSQLOnly = "sql-only"
 	variantNaive   = "naive"
 	variantRelay   = "relay"
+	// variantRelayCE is the relay with kafka.format=cloudevents and
+	// kafka.record_timestamp=occurred_at: the cost of both beside the default.
+	variantRelayCE = "relay-cloudevents"
 )
 
-var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay}
+var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE}
 
 // drainResult is one drain of a preloaded backlog.
 type drainResult struct {
@@ -67,7 +72,7 @@ func (b *bench) drain(ctx context.Context) error {
 				if r.Error != "" {
 					b.log.Printf("drain %s %dB %d keys: %s", v, dc.Payload, dc.Keys, r.Error)
 				} else {
-					b.log.Printf("drain %-12s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
+					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
 						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS))
 				}
 			}
@@ -214,6 +219,10 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 	case variantRelay:
 		cfg.Role = roleRelay
 		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
+	case variantRelayCE:
+		cfg.Role = roleRelay
+		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
+		cfg.KafkaFormat, cfg.RecordTimestamp = kafka.FormatCloudEvents, kafka.TimestampOccurredAt
 	default:
 		return rep, side, fmt.Errorf("unknown variant %q", variant)
 	}

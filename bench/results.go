@@ -162,13 +162,13 @@ func caseLabel(dc drainCase) string {
 func (b *bench) summary(w io.Writer) {
 	fmt.Fprintf(w, "\nresults in %s (scale %s)\n", b.opts.Out, b.opts.ScaleName)
 	if sums := b.drainSummaries(); len(sums) > 0 {
-		fmt.Fprintf(w, "\n%-20s %-13s %10s %5s %12s %9s %9s\n", "drain", "variant", "events", "runs", "events/s", "ms/10k", "RSS MiB")
+		fmt.Fprintf(w, "\n%-20s %-17s %10s %5s %12s %9s %9s\n", "drain", "variant", "events", "runs", "events/s", "ms/10k", "RSS MiB")
 		for _, d := range sums {
 			if d.Error != "" {
-				fmt.Fprintf(w, "%-20s %-13s error: %s\n", caseLabel(d.drainCase), d.Variant, d.Error)
+				fmt.Fprintf(w, "%-20s %-17s error: %s\n", caseLabel(d.drainCase), d.Variant, d.Error)
 				continue
 			}
-			fmt.Fprintf(w, "%-20s %-13s %10d %5d %12.0f %9.1f %9.1f\n", caseLabel(d.drainCase), d.Variant, d.Events, d.Runs-d.Failed,
+			fmt.Fprintf(w, "%-20s %-17s %10d %5d %12.0f %9.1f %9.1f\n", caseLabel(d.drainCase), d.Variant, d.Events, d.Runs-d.Failed,
 				d.EventsPerSec, d.CPUMsPer10k, mib(d.PeakRSS))
 		}
 	}

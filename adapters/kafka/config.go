@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"regexp"
 	"strings"
@@ -21,11 +22,34 @@ import (
 
 // Defaults of Config.
 const (
-	ClientIDDefault       = "outbox-relay"
-	TopicTemplateDefault  = "outbox.event.{aggregate_type}"
-	MaxRecordBytesDefault = 1000000
-	CompressionDefault    = "none"
-	DialTimeoutDefault    = 10 * time.Second
+	ClientIDDefault        = "outbox-relay"
+	TopicTemplateDefault   = "outbox.event.{aggregate_type}"
+	MaxRecordBytesDefault  = 1000000
+	CompressionDefault     = "none"
+	DialTimeoutDefault     = 10 * time.Second
+	RecordTimestampDefault = TimestampProduce
+	FormatDefault          = FormatNative
+	// CloudEventsSourceDefault is the default of Config.CloudEventsSource.
+	CloudEventsSourceDefault = "/outbox/{aggregate_type}"
+)
+
+// Values of Config.Format.
+const (
+	// FormatNative sends the relay's own headers (event-id, event-type, aggregate-type,
+	// occurred-at) and the row's headers.
+	FormatNative = "native"
+	// FormatCloudEvents sends, in addition, the CloudEvents attributes of the Kafka protocol
+	// binding in binary mode: ce_specversion, ce_id, ce_type, ce_source, ce_subject and ce_time;
+	// the row's content-type header is the event's datacontenttype.
+	FormatCloudEvents = "cloudevents"
+)
+
+// Values of Config.RecordTimestamp.
+const (
+	// TimestampProduce stamps each record with the time the producer handed it to a batch.
+	TimestampProduce = "produce"
+	// TimestampOccurredAt stamps each record with its row's occurred_at, the event's time.
+	TimestampOccurredAt = "occurred_at"
 )
 
 // Config configures the Kafka publisher.
@@ -54,6 +78,18 @@ type Config struct {
 	// IDHeader, when set, is the name of one more header carrying the event id, besides
 	// event-id: "id" gives the record shape of Debezium's outbox event router. Default "": none.
 	IDHeader string
+	// RecordTimestamp is the timestamp of each record: "produce" (the time the producer batched
+	// it) or "occurred_at" (the row's occurred_at, which must then be in 1970 or later, else the
+	// row is parked). Topics with message.timestamp.type=LogAppendTime overwrite either with the
+	// broker's append time. Default "produce".
+	RecordTimestamp string
+	// Format is the shape of each record: "native" or "cloudevents" (the CloudEvents Kafka
+	// protocol binding, binary mode, beside the native headers). Default "native".
+	Format string
+	// CloudEventsSource is the ce_source of each record with Format "cloudevents";
+	// {aggregate_type} and {event_type} are replaced with the row's values, percent-encoded as
+	// URI path segments. Default "/outbox/{aggregate_type}".
+	CloudEventsSource string
 	// TLS configures TLS to the brokers.
 	TLS TLSConfig
 	// SASL configures authentication.
@@ -101,6 +137,15 @@ func (c Config) WithDefaults() Config {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DialTimeoutDefault
 	}
+	if c.RecordTimestamp == "" {
+		c.RecordTimestamp = RecordTimestampDefault
+	}
+	if c.Format == "" {
+		c.Format = FormatDefault
+	}
+	if c.CloudEventsSource == "" {
+		c.CloudEventsSource = CloudEventsSourceDefault
+	}
 	return c
 }
 
@@ -138,6 +183,22 @@ func (c Config) Validate() error {
 	}
 	if c.DialTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("kafka.dial_timeout: must be positive, got %s", c.DialTimeout))
+	}
+	if c.RecordTimestamp != TimestampProduce && c.RecordTimestamp != TimestampOccurredAt {
+		errs = append(errs, fmt.Errorf("kafka.record_timestamp: must be %s or %s, got %q", TimestampProduce, TimestampOccurredAt, c.RecordTimestamp))
+	}
+	if c.Format != FormatNative && c.Format != FormatCloudEvents {
+		errs = append(errs, fmt.Errorf("kafka.format: must be %s or %s, got %q", FormatNative, FormatCloudEvents, c.Format))
+	}
+	for _, p := range placeholderRE.FindAllString(c.CloudEventsSource, -1) {
+		if p != "{aggregate_type}" && p != "{event_type}" {
+			errs = append(errs, fmt.Errorf("kafka.cloudevents.source: unknown placeholder %s (allowed: {aggregate_type}, {event_type})", p))
+		}
+	}
+	if rest := placeholderRE.ReplaceAllString(c.CloudEventsSource, "x"); rest != "" {
+		if _, err := url.Parse(rest); err != nil || strings.ContainsAny(rest, " \t\n") {
+			errs = append(errs, fmt.Errorf("kafka.cloudevents.source: %q is not a URI reference", c.CloudEventsSource))
+		}
 	}
 	switch strings.ToUpper(c.SASL.Mechanism) {
 	case "":

@@ -1,11 +1,13 @@
 package kafka
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"regexp"
 	"slices"
 	"strings"
@@ -27,6 +29,8 @@ const (
 	HeaderEventType     = app.HeaderEventType
 	HeaderAggregateType = app.HeaderAggregateType
 	HeaderOccurredAt    = app.HeaderOccurredAt
+	// HeaderReplayedAt is set by Replay only: when the event was sent again, RFC 3339, UTC.
+	HeaderReplayedAt = app.HeaderReplayedAt
 )
 
 // recordBatchOverhead bounds the bytes a batch of one record adds to the record's key, value
@@ -57,6 +61,8 @@ type Publisher struct {
 	topicsMu sync.Mutex
 	topics   map[topicKey]*topicState
 	parts    *partitions
+	// ceSource is kafka.cloudevents.source cut by splitSource.
+	ceSource []string
 }
 
 // topicKey is what a row's topic depends on.
@@ -125,7 +131,8 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts,
-		missing: make(map[string]time.Time)}
+		ceSource: splitSource(cfg.CloudEventsSource),
+		missing:  make(map[string]time.Time)}
 	p.promise = p.settle
 	return p, nil
 }
@@ -225,7 +232,8 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 	return &pr.rec, nil
 }
 
-func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
+// record builds the record of m, with extra headers after the row's.
+func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced, *topicState, error) {
 	key := topicKey{m.Topic, m.AggregateType, m.EventType}
 	if m.Topic != "" {
 		key.aggregateType, key.eventType = "", "" // an override does not depend on them
@@ -269,6 +277,15 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	buf = m.OccurredAt.UTC().AppendFormat(buf, time.RFC3339Nano)
 	pr := &produced{rec: kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload}}
 	rec := &pr.rec
+	if p.cfg.RecordTimestamp == TimestampOccurredAt {
+		// Kafka timestamps are milliseconds since 1970, never negative; franz-go takes a zero
+		// time.Time for "now", which 1970-01-01T00:00:00Z is not.
+		if m.OccurredAt.Before(time.Unix(0, 0)) {
+			return nil, nil, fmt.Errorf("%w: occurred_at %s is before 1970, which a Kafka record timestamp cannot be (kafka.record_timestamp=occurred_at)",
+				app.ErrInvalidMessage, m.OccurredAt.UTC().Format(time.RFC3339Nano))
+		}
+		rec.Timestamp = m.OccurredAt
+	}
 	rec.Context = pr
 	rec.Headers = append(pr.headers[:0],
 		kgo.RecordHeader{Key: HeaderEventID, Value: eventID},
@@ -279,17 +296,35 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	if p.cfg.IDHeader != "" {
 		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: p.cfg.IDHeader, Value: eventID})
 	}
+	if p.cfg.Format == FormatCloudEvents {
+		ce, err := p.cloudEvent(m, eventID, eventType, keyBytes, buf[start:len(buf):len(buf)])
+		if err != nil {
+			return nil, nil, err
+		}
+		rec.Headers = append(ce, rec.Headers...)
+	}
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
 			return nil, nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
 		}
-		for k, v := range hs {
+		// In the name order, so that a record's headers are the same bytes each time its row is
+		// published (a retry, 'outbox-relay replay'), not in the map's random order.
+		names := make([]string, 0, len(hs))
+		for k := range hs {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		for _, k := range names {
+			v := hs[k]
 			if err := app.CheckHeader(k); err != nil {
 				return nil, nil, err
 			}
 			if p.cfg.IDHeader != "" && strings.EqualFold(k, p.cfg.IDHeader) {
 				return nil, nil, fmt.Errorf("%w: header %q is reserved: the relay sets it to the event id (kafka.id_header)", app.ErrInvalidMessage, k)
+			}
+			if p.cfg.Format == FormatCloudEvents && len(k) >= len(ceHeaderPrefix) && strings.EqualFold(k[:len(ceHeaderPrefix)], ceHeaderPrefix) {
+				return nil, nil, fmt.Errorf("%w: header %q is reserved: with kafka.format=cloudevents the relay sets the ce_ headers itself", app.ErrInvalidMessage, k)
 			}
 			s, ok := v.(string)
 			if !ok {
@@ -298,6 +333,7 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
 		}
 	}
+	rec.Headers = append(rec.Headers, extra...)
 	// A record travels in a batch, and the broker's limit (like the producer's batch cap, set to
 	// kafka.max_record_bytes) counts the batch header and the record's framing too: at most 61 +
 	// 36 bytes, and 10 per header. A record that fits only without them would fail in the
@@ -312,6 +348,75 @@ func (p *Publisher) record(m *app.Message) (*produced, *topicState, error) {
 	return pr, ts, nil
 }
 
+// ceHeaderPrefix starts the name of every CloudEvents attribute header of the Kafka binding.
+const ceHeaderPrefix = "ce_"
+
+// cloudEvent returns the CloudEvents attribute headers of m (the Kafka protocol binding, binary
+// mode, spec version 1.0), with room for the native headers and the row's after them. The
+// header values given share the record's buffer; ce_time is occurred_at as RFC 3339 in UTC.
+func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occurredAt []byte) ([]kgo.RecordHeader, error) {
+	if m.EventType == "" {
+		return nil, fmt.Errorf("%w: event_type is empty: a CloudEvent needs a type (kafka.format=cloudevents)", app.ErrInvalidMessage)
+	}
+	source := make([]byte, 0, len(p.cfg.CloudEventsSource)+len(m.AggregateType)+len(m.EventType))
+	for _, part := range p.ceSource {
+		switch part {
+		case "{aggregate_type}":
+			source = appendPathSegment(source, m.AggregateType)
+		case "{event_type}":
+			source = appendPathSegment(source, m.EventType)
+		default:
+			source = append(source, part...)
+		}
+	}
+	if len(source) == 0 {
+		return nil, fmt.Errorf("%w: kafka.cloudevents.source %q makes an empty ce_source for this row", app.ErrInvalidMessage, p.cfg.CloudEventsSource)
+	}
+	hs := make([]kgo.RecordHeader, 0, 6+4+bytes.Count(m.Headers, []byte{':'}))
+	return append(hs,
+		kgo.RecordHeader{Key: "ce_specversion", Value: ceSpecVersion},
+		kgo.RecordHeader{Key: "ce_id", Value: eventID},
+		kgo.RecordHeader{Key: "ce_type", Value: eventType},
+		kgo.RecordHeader{Key: "ce_source", Value: source},
+		kgo.RecordHeader{Key: "ce_subject", Value: subject},
+		kgo.RecordHeader{Key: "ce_time", Value: occurredAt},
+	), nil
+}
+
+// splitSource cuts a kafka.cloudevents.source template into its placeholders and the literal
+// text between them, once, so that a record's source costs no template expansion.
+func splitSource(tmpl string) []string {
+	var parts []string
+	for tmpl != "" {
+		loc := placeholderRE.FindStringIndex(tmpl)
+		if loc == nil {
+			return append(parts, tmpl)
+		}
+		if loc[0] > 0 {
+			parts = append(parts, tmpl[:loc[0]])
+		}
+		parts = append(parts, tmpl[loc[0]:loc[1]])
+		tmpl = tmpl[loc[1]:]
+	}
+	return parts
+}
+
+// appendPathSegment appends s to dst percent-encoded as a URI path segment (url.PathEscape),
+// without allocating when s needs no escape (letters, digits, '-', '.', '_' and '~').
+func appendPathSegment(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~') {
+			return append(dst, url.PathEscape(s)...)
+		}
+	}
+	return append(dst, s...)
+}
+
+// ceSpecVersion is the CloudEvents version of every record with kafka.format=cloudevents. It is
+// never written to.
+var ceSpecVersion = []byte("1.0")
+
 // Publish implements app.Sink. The first record of a topic waits for the topic's pinned
 // partition count (a metadata request and PublisherDeps.Pins, bounded by 10s); when it cannot be
 // read, the record fails at once (done is called before Publish returns) and so do the topic's
@@ -324,6 +429,28 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	if err := p.pinned(ctx, ts); err != nil {
 		done(&app.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
+	}
+	p.report(ts)
+	pr.Context, pr.done = ctx, done
+	p.cl.Produce(ctx, &pr.rec, p.promise)
+	return nil
+}
+
+// Replay publishes m again as Publish would (the same key, value and headers, and partition:
+// the topic's pinned count), with the header replayed-at set to at, to topic when it is not ""
+// (m's own topic otherwise). done is called with the broker's verdict.
+func (p *Publisher) Replay(ctx context.Context, m *app.Message, topic string, at time.Time, done func(error)) error {
+	if topic != "" {
+		c := *m
+		c.Topic = topic
+		m = &c
+	}
+	pr, ts, err := p.record(m, kgo.RecordHeader{Key: HeaderReplayedAt, Value: at.UTC().AppendFormat(nil, time.RFC3339Nano)})
+	if err != nil {
+		return err
+	}
+	if err := p.pinned(ctx, ts); err != nil {
+		return err
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done

@@ -477,3 +477,34 @@ func TestConfigLayout(t *testing.T) {
 		})
 	}
 }
+
+// TestConfigKafkaFormats: kafka.record_timestamp, kafka.format and kafka.cloudevents.source reach the publisher's configuration, with
+// its default when unset.
+func TestConfigKafkaFormats(t *testing.T) {
+	configEnv(t, validEnv)
+	cfg, err := loadFor(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Kafka.RecordTimestamp != "produce" {
+		t.Errorf("default kafka.record_timestamp %q, want produce", cfg.Kafka.RecordTimestamp)
+	}
+	if cfg.Kafka.Format != "native" || cfg.Kafka.CloudEventsSource != "/outbox/{aggregate_type}" {
+		t.Errorf("default kafka.format %q, kafka.cloudevents.source %q", cfg.Kafka.Format, cfg.Kafka.CloudEventsSource)
+	}
+	env := map[string]string{"OUTBOX_KAFKA_RECORD_TIMESTAMP": "occurred_at", "OUTBOX_KAFKA_FORMAT": "cloudevents",
+		"OUTBOX_KAFKA_CLOUDEVENTS_SOURCE": "//shop/{event_type}"}
+	for k, v := range validEnv {
+		env[k] = v
+	}
+	configEnv(t, env)
+	if cfg, err = loadFor(t, ""); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Kafka.RecordTimestamp != "occurred_at" {
+		t.Errorf("kafka.record_timestamp %q, want occurred_at", cfg.Kafka.RecordTimestamp)
+	}
+	if cfg.Kafka.Format != "cloudevents" || cfg.Kafka.CloudEventsSource != "//shop/{event_type}" {
+		t.Errorf("kafka.format %q, kafka.cloudevents.source %q", cfg.Kafka.Format, cfg.Kafka.CloudEventsSource)
+	}
+}

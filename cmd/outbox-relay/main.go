@@ -1,7 +1,7 @@
 // Command outbox-relay publishes the rows of a PostgreSQL transactional outbox to Kafka, in order
 // per aggregate, marking each row only after the broker acknowledged it.
 //
-// Commands: run, migrate, status, parked, partitions, consume, demo, version. Configuration
+// Commands: run, migrate, status, parked, replay, partitions, consume, demo, version. Configuration
 // comes from an optional YAML file, environment variables OUTBOX_<SECTION>_<KEY> and flags; see
 // configs/outbox-relay.yaml.
 package main
@@ -42,6 +42,7 @@ func commands() []command {
 		{"consume", "run the example consumer: welcome each new user once (Kafka group, inbox)", consumeCmd},
 		{"status", "show pending, oldest age and parked rows per topic, and who leads", statusCmd},
 		{"parked", "list, retry or drop parked rows (rows the relay gave up on)", parkedCmd},
+		{"replay", "publish retained events again, byte for byte (relay.mark=retain)", replayCmd},
 		{"partitions", "list or repin the partition count each topic's keys are hashed with", partitionsCmd},
 		{"version", "print the version", versionCmd},
 	}
