@@ -38,8 +38,8 @@ func (f RetainedFilter) where(t Table) (string, []any) {
 	}
 	return `dispatched_at IS NOT NULL
 		AND ($1::timestamptz IS NULL OR dispatched_at >= $1) AND ($2::timestamptz IS NULL OR dispatched_at < $2)
-		AND ($3::text IS NULL OR `+t.key("")+` = $3) AND ($4::text IS NULL OR `+t.aggType("")+` = $4)
-		AND ($5::text IS NULL OR `+t.evType("")+` = $5)`,
+		AND ($3::text IS NULL OR ` + t.key("") + ` = $3) AND ($4::text IS NULL OR ` + t.aggType("") + ` = $4)
+		AND ($5::text IS NULL OR ` + t.evType("") + ` = $5)`,
 		[]any{optTime(f.Since), optTime(f.Until), opt(f.Key), opt(f.AggregateType), opt(f.EventType)}
 }
 
