@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"sync"
+
 	"sync/atomic"
 	"time"
 )
@@ -173,10 +173,8 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		pubCtx:     pubCtx,
 		inflight:   make(map[int64]*Message),
 		results:    make(chan result, r.cfg.MaxInFlight+1),
-		memBlock:   make(Blocked),
-		groups:     make(map[string]groupFailure),
-		resend:     make(map[int64]resendAt),
-		failing:    make(map[string]int),
+		cur:        newCursor(r.cfg),
+		gate:       newKeyGate(r.cfg.backoff),
 		markReq:    make(chan []int64),
 		markDone:   make(chan markResult, 1),
 		claimReq:   make(chan claimReq),
@@ -252,16 +250,10 @@ type leadState struct {
 	bytes   int
 	results chan result
 	ready   []result // the batch settleReady gathers (reused)
-	// dbBlock is reloaded from the database once per poll interval; memBlock holds keys blocked
-	// by this term's own failures until their head is acknowledged.
-	dbBlock  Blocked
-	memBlock Blocked
-	// groups holds, per group of messages that fail together (GroupError), the failure counted
-	// against a row; resend holds rows whose failure was not counted, until they may go again.
-	groups   map[string]groupFailure
-	resend   map[int64]resendAt
+	// gate holds keys back: "may this row go now, and if not why".
+	gate     *keyGate
 	lastPoll time.Time
-	// blockedAt is when dbBlock was last loaded.
+	// blockedAt is when the database's blocked keys were last loaded into the gate.
 	blockedAt time.Time
 	// skip holds the ids a claim skips (reused: one claim runs at a time).
 	skip []int64
@@ -287,21 +279,8 @@ type leadState struct {
 	send       []*Message // the rows of the current claim that go to the sink (reused)
 	unused     []*Message // the rows of the current claim that do not (reused)
 	acked      []*Message // the rows settle found acknowledged, to release (reused)
-	// rowBytes is the average size of the rows of the last claim, to ask for no more rows than
-	// the byte budget takes.
-	rowBytes int
-	// from is where the next claim starts: every pending, due row below it is in flight or its
-	// key waits behind a failing head (whose id the claim then starts at, see start) or behind a
-	// parked row, and no row can still commit below it, as it never passes the session's
-	// Horizon. Claims from the oldest row (from = 0) once per poll interval, after the blocked
-	// keys are reloaded, find rows put back from the parked table and the rows of keys released.
-	from        int64
-	noHorizon   bool  // the session said it has none: every claim reads from the oldest row
-	horizonSeen int64 // the last horizon the session returned
-	// unsent is the lowest id the next advance must not pass: a row the read-ahead skips that
-	// was not handed to the sink after all (its key began to wait meanwhile), or the head of a
-	// key released (rewind); 0 for none.
-	unsent int64
+	// cur is where the next claim starts and how much it may read.
+	cur cursor
 	// releaser, when the session and the sink allow it, lets the session reuse the memory of
 	// the rows acknowledged (see Releaser).
 	releaser Releaser
@@ -318,47 +297,15 @@ type leadState struct {
 	// to gather more rows (see startMark). stopping marks at once.
 	toMarkSince time.Time
 	stopping    bool
-	// failing counts, per order key, the failures the sink reported that settle has not yet
-	// taken. The sink's callback adds to it before the result reaches the results channel, so a
-	// later row of a key whose row just failed is held back at once, not only after the loop
-	// reads the failure: in between, the broker would take the later row first. failingN is the
-	// total, read without the lock on the path of every row.
-	failMu   sync.Mutex
-	failing  map[string]int
-	failingN atomic.Int64
 }
 
-// reported is the sink's callback for m: it notes a failure's key in failing before handing the
+// reported is the sink's callback for m: it notes a failure's key in the gate before handing the
 // verdict to the loop.
 func (l *leadState) reported(m *Message, err error) {
 	if err != nil {
-		l.failMu.Lock()
-		l.failing[m.orderKey()]++
-		l.failMu.Unlock()
-		l.failingN.Add(1)
+		l.gate.failed(m)
 	}
 	l.results <- result{m: m, err: err, at: time.Now()}
-}
-
-// taken removes one failure of m's key from failing: settle has taken it.
-func (l *leadState) taken(m *Message) {
-	k := m.orderKey()
-	l.failMu.Lock()
-	if l.failing[k]--; l.failing[k] <= 0 {
-		delete(l.failing, k)
-	}
-	l.failMu.Unlock()
-	l.failingN.Add(-1)
-}
-
-// unsettled reports whether a failure of m's key was reported and not yet settled.
-func (l *leadState) unsettled(m *Message) bool {
-	if l.failingN.Load() == 0 {
-		return false
-	}
-	l.failMu.Lock()
-	defer l.failMu.Unlock()
-	return l.failing[m.orderKey()] > 0
 }
 
 func (l *leadState) run(ctx context.Context) error {
@@ -496,7 +443,7 @@ func (l *leadState) startClaim(ctx context.Context) error {
 		return err
 	}
 	now := time.Now()
-	full := l.dbBlock == nil || now.Sub(l.blockedAt) >= l.cfg.PollInterval
+	full := !l.gate.loaded() || now.Sub(l.blockedAt) >= l.cfg.PollInterval
 	if full {
 		if err := l.reload(ctx, now); err != nil {
 			return err
@@ -511,9 +458,9 @@ func (l *leadState) startClaim(ctx context.Context) error {
 		return err
 	}
 	l.skip = l.appendInflight(l.skip[:0])
-	limit, budget := l.claimSize(len(l.inflight), l.bytes)
+	limit, budget := l.cur.claimSize(len(l.inflight), l.bytes)
 	// The loop claims only below the bounds; the first row always fits.
-	l.launch(claimReq{from: l.start(full), horizon: horizon, skip: l.skip, hold: l.holdKeys(),
+	l.launch(claimReq{from: l.cur.start(full, l.gate.lowestHead()), horizon: horizon, skip: l.skip, hold: l.gate.holdKeys(time.Now()),
 		limit: max(limit, 1), budget: max(budget, 1)})
 	return nil
 }
@@ -594,22 +541,15 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	}
 	rows, limit, budget := a.rows, a.limit, a.budget
 	l.obs.Claimed(len(rows), a.took)
-	l.advance(a.from, a.horizon, rows)
-	size := 0
-	for i := range rows {
-		size += rows[i].Size()
-	}
-	if len(rows) > 0 {
-		l.rowBytes = max(1, size/len(rows))
-	}
-	l.lastPoll = time.Now()
-	// Rows may be waiting if the claim stopped at its row or byte bound.
-	more := len(rows) == limit || (len(rows) > 0 && size >= budget)
+	// Rows may be waiting if the claim stopped at its row or byte bound (more).
+	size, more := l.cur.read(a.from, a.horizon, limit, budget, rows)
+	now := time.Now()
+	l.lastPoll = now
 	// The rows that go to the sink: not in flight already, not waiting behind an earlier row.
 	l.send, l.unused = l.send[:0], l.unused[:0]
 	for i := range rows {
 		m := &rows[i]
-		if _, dup := l.inflight[m.ID]; !dup && !l.held(m) {
+		if _, dup := l.inflight[m.ID]; !dup && !l.gate.held(m, now) {
 			l.send = append(l.send, m)
 		} else {
 			l.unused = append(l.unused, m)
@@ -622,20 +562,20 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 	// next claim itself, after the reload.
 	reloadDue := time.Since(l.blockedAt) >= l.cfg.PollInterval
 	if more && !reloadDue {
-		if nextLimit, nextBudget := l.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
+		if nextLimit, nextBudget := l.cur.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
 			l.skip = l.appendInflight(l.skip[:0])
 			for _, m := range l.send {
 				l.skip = append(l.skip, m.ID)
 			}
 			// The horizon known now was read before the read-ahead's snapshot, as advance needs.
-			l.launch(claimReq{from: l.start(false), horizon: l.horizonSeen, skip: l.skip, hold: l.holdKeys(),
+			l.launch(claimReq{from: l.cur.start(false, l.gate.lowestHead()), horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(now),
 				limit: nextLimit, budget: nextBudget})
 		}
 	}
 	for _, m := range l.send {
-		if l.held(m) { // an earlier row of its key was refused or failed just now: the key waits
-			if l.claiming && (l.unsent == 0 || m.ID < l.unsent) {
-				l.unsent = m.ID // the read-ahead passes over it: claims must come back to it
+		if l.gate.held(m, time.Now()) { // an earlier row of its key was refused or failed just now: the key waits
+			if l.claiming {
+				l.cur.passedOver(m.ID) // the read-ahead passes over it: claims must come back to it
 			}
 			l.unused = append(l.unused, m)
 			continue
@@ -645,8 +585,8 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 			// Parked once the session is free; until then the key's later rows wait, as the
 			// park would make them.
 			l.toPark = append(l.toPark, parkReq{m: m, reason: err.Error()})
-			if l.cfg.OrderPolicy == OrderPolicyWait && m.keyed() {
-				l.memBlock[m.orderKey()] = 0
+			if l.cfg.OrderPolicy == OrderPolicyWait {
+				l.gate.holdParked(m)
 			}
 			continue
 		}
@@ -664,9 +604,9 @@ func (l *leadState) claim(ctx context.Context) (bool, error) {
 
 // reload reloads the blocked keys, once per poll interval rather than at every claim: a relay
 // that is caught up claims at every wake-up, and two more queries per claim doubled its CPU per
-// event at low rates. This term's own failures are in memBlock meanwhile. The claim after a
-// reload reads from the oldest row: a key it releases may have its parked row back in the
-// outbox, below from. No rows read before the reload wait to go to the sink (startClaim): they
+// event at low rates. This term's own failures hold their keys in the gate meanwhile. The claim
+// after a reload reads from the oldest row: a key it releases may have its parked row back in
+// the outbox, below the cursor. No rows read before the reload wait to go to the sink (startClaim): they
 // could hold the key's later rows without that one.
 func (l *leadState) reload(ctx context.Context, now time.Time) error {
 	l.blockedAt = now
@@ -674,14 +614,9 @@ func (l *leadState) reload(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return fmt.Errorf("load blocked keys: %w", err)
 	}
-	l.dbBlock = blocked
-	for k, head := range l.memBlock {
-		if head == 0 {
-			// Parked keys are known to the database: an operator may have retried or dropped
-			// the parked row since, and the reload above says whether the key still waits.
-			delete(l.memBlock, k)
-		}
-	}
+	// Parked keys are known to the database: an operator may have retried or dropped the parked
+	// row since, and the reload says whether the key still waits.
+	l.gate.reload(blocked)
 	return nil
 }
 
@@ -695,69 +630,20 @@ func (l *leadState) release(msgs []*Message) {
 
 // horizon asks the session for its horizon (see Session.Horizon), once it is known to have one.
 func (l *leadState) horizon(ctx context.Context) (int64, error) {
-	if l.noHorizon {
+	if l.cur.noHorizon {
 		return 0, nil
 	}
 	h, err := l.sess.Horizon(ctx)
 	if errors.Is(err, ErrNoHorizon) {
-		l.noHorizon = true
+		l.cur.noHorizon = true
 		l.log.Warn("every claim reads from the oldest pending row", "reason", err)
 		return 0, nil
 	}
 	if err != nil {
 		return 0, fmt.Errorf("read the id horizon: %w", err)
 	}
-	l.horizonSeen = h
+	l.cur.horizonSeen = h
 	return h, nil
-}
-
-// start returns where the next claim starts: at from, or at the oldest failing head of a key if
-// it is lower (a head waiting for its retry is passed over by claims until it is due), or at the
-// oldest row when full.
-func (l *leadState) start(full bool) int64 {
-	if full || l.noHorizon {
-		return 0
-	}
-	from := l.from
-	for _, head := range l.memBlock {
-		if head > 0 && head < from {
-			from = head
-		}
-	}
-	for _, head := range l.dbBlock {
-		if head > 0 && head < from {
-			from = head
-		}
-	}
-	return from
-}
-
-// advance moves where claims start after a claim from from, whose snapshot was taken after the
-// session's horizon was horizon, returned rows (in id order). Below the first row returned,
-// every pending, due row at or above from was in flight or held (claimReq.hold); below
-// horizon+1, every row that will ever commit (but for parked rows put back) has. So the next
-// claim may start at the lower of the two, and never goes back below from.
-func (l *leadState) advance(from, horizon int64, rows []Message) {
-	next := horizon + 1
-	if len(rows) > 0 {
-		next = min(next, rows[0].ID)
-	}
-	l.from = max(from, next)
-	if l.unsent > 0 {
-		l.from = min(l.from, l.unsent)
-		l.unsent = 0
-	}
-}
-
-// rewind makes the claims come back to id: the key of row id was released, and its later rows,
-// which the claims passed over while it was held (claimReq.hold), may lie below from. A claim
-// running now, or whose result waits in ahead, started before: its advance must not pass id
-// either (unsent).
-func (l *leadState) rewind(id int64) {
-	l.from = min(l.from, id)
-	if l.unsent == 0 || id < l.unsent {
-		l.unsent = id
-	}
 }
 
 // appendInflight appends the ids in flight to dst, for a claim to skip.
@@ -766,25 +652,6 @@ func (l *leadState) appendInflight(dst []int64) []int64 {
 		dst = append(dst, id)
 	}
 	return dst
-}
-
-// claimSize returns the most rows and bytes a claim may return with inflight rows of bytes in
-// flight; both are 0 when the bounds leave no room.
-func (l *leadState) claimSize(inflight, bytes int) (limit, budget int) {
-	limit = min(l.cfg.BatchSize, l.cfg.MaxInFlight-inflight)
-	if limit <= 0 {
-		return 0, 0
-	}
-	budget = min(l.cfg.MaxInFlightBytes-bytes, l.cfg.MaxInFlightBytes/2)
-	if budget <= 0 {
-		return 0, 0
-	}
-	if l.rowBytes > 0 {
-		// Rows past the byte budget would be read and sent by the database only to be dropped:
-		// with a 10000-row batch and 1 MiB of 1 kB rows, nine rows in ten.
-		limit = max(1, min(limit, budget/l.rowBytes+1))
-	}
-	return limit, budget
 }
 
 // await waits for the running claim, if any, and keeps its result in ahead (took), or stops the
@@ -811,94 +678,6 @@ func (l *leadState) parkPutOff(ctx context.Context) error {
 	return nil
 }
 
-// holdKeys returns the keys whose rows a claim leaves out, with the head of each that may still
-// go (see held): a claim that returned them would only hand them back. Without it, more rows of
-// waiting keys at the front of the outbox than a batch filled every claim, and no other key got
-// through. A head waiting in memory to be sent again is held with its key until it is due. The
-// map is the claim's own: claimLoop reads it while the loop changes the blocked keys. Nil when no
-// key waits.
-func (l *leadState) holdKeys() Blocked {
-	if len(l.memBlock) == 0 && len(l.dbBlock) == 0 {
-		return nil
-	}
-	hold := make(Blocked, len(l.memBlock)+len(l.dbBlock))
-	for k, head := range l.dbBlock {
-		// A row without a valid key (NULL or empty aggregate_id) waits for none: a parked one
-		// must not keep the claims from the next, which is to be parked on its own.
-		if _, id := SplitBlockKey(k); id != "" {
-			hold[k] = head
-		}
-	}
-	now := time.Now()
-	for k, head := range l.memBlock {
-		if _, id := SplitBlockKey(k); id == "" {
-			continue
-		}
-		if r, ok := l.resend[head]; ok && now.Before(r.at) {
-			head = 0
-		}
-		if h, ok := hold[k]; ok && h != head {
-			head = 0 // held by both, with different heads: no row passes both (held)
-		}
-		hold[k] = head
-	}
-	return hold
-}
-
-// held reports whether m must wait behind an earlier row of its key.
-func (l *leadState) held(m *Message) bool {
-	// The order key is built only when some key waits; a row without a valid key waits for none.
-	if (len(l.memBlock) > 0 || len(l.dbBlock) > 0) && m.keyed() {
-		k := m.orderKey()
-		if head, ok := l.memBlock[k]; ok && head != m.ID {
-			return true
-		}
-		if head, ok := l.dbBlock[k]; ok && head != m.ID {
-			return true
-		}
-	}
-	if r, ok := l.resend[m.ID]; ok && time.Now().Before(r.at) {
-		return true
-	}
-	return l.unsettled(m)
-}
-
-// groupFailure is the failure counted against one row of a group of messages that fail together.
-type groupFailure struct {
-	id       int64     // the row the attempt was counted against
-	key      string    // its order key
-	resolved time.Time // when that row was acknowledged or parked; zero while it is failing
-}
-
-// resendAt holds back a row whose failure was not counted against it.
-type resendAt struct {
-	at time.Time
-	n  int // failures not counted so far, for the backoff
-}
-
-// collateral reports whether m's failure belongs to another row: the sink failed m's whole group
-// (for Kafka, every buffered record of a partition fails when one batch fails fatally) while a
-// failure counted against a row of another key of the group was not resolved yet (neither
-// acknowledged nor parked when m's failure was reported). No attempt is then recorded against m:
-// it waits a short backoff in memory and is sent again. Otherwise m's failure is counted and m
-// becomes the group's counted row.
-func (l *leadState) collateral(m *Message, res result) bool {
-	var ge *GroupError
-	if !errors.As(res.err, &ge) || ge.Group == "" {
-		return false
-	}
-	k := m.orderKey()
-	if f, ok := l.groups[ge.Group]; ok && f.key != k && (f.resolved.IsZero() || res.at.Before(f.resolved)) {
-		r := l.resend[m.ID]
-		r.n++
-		r.at = time.Now().Add(l.cfg.backoff(r.n) / 2)
-		l.resend[m.ID] = r
-		return true
-	}
-	l.groups[ge.Group] = groupFailure{id: m.ID, key: k}
-	return false
-}
-
 // missingRetryMax caps the delay between two sends of a row whose destination is missing, so
 // that rows go out soon after an operator creates it.
 const missingRetryMax = 10 * time.Second
@@ -907,24 +686,9 @@ const missingRetryMax = 10 * time.Second
 // against it: its destination does not exist (ErrDestinationMissing), which is no fault of the
 // row. The sink says so once per destination; the row stays due in the database.
 func (l *leadState) destinationMissing(m *Message) {
-	r := l.resend[m.ID]
-	r.n++
-	r.at = time.Now().Add(min(l.cfg.backoff(r.n), missingRetryMax))
-	l.resend[m.ID] = r
-	l.memBlock[m.orderKey()] = m.ID
+	at := l.gate.resendAfter(m, missingRetryMax, time.Now())
 	l.log.Debug("destination missing, sending again without counting an attempt", "row_id", m.ID,
-		"event_id", m.EventID, "retry_in", time.Until(r.at).Round(time.Millisecond))
-}
-
-// resolved records that row id no longer fails: acknowledged or parked.
-func (l *leadState) resolved(id int64) {
-	delete(l.resend, id)
-	for g, f := range l.groups {
-		if f.id == id && f.resolved.IsZero() {
-			f.resolved = time.Now()
-			l.groups[g] = f
-		}
-	}
+		"event_id", m.EventID, "retry_in", time.Until(at).Round(time.Millisecond))
 }
 
 // settle queues the acknowledged messages for marking and records the failures.
@@ -951,20 +715,11 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 			l.toMark = append(l.toMark, m) // in flight until marked
 			l.bytes -= m.Size()
 			acked = append(acked, m)
-			l.resolved(m.ID)
+			if l.gate.acked(m, time.Now()) {
+				l.cur.rewind(m.ID) // its key's later rows may lie below where claims start
+			}
 			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
-			if len(l.memBlock) > 0 || len(l.dbBlock) > 0 { // the order key is built only when some key waits
-				k := m.orderKey()
-				if h, ok := l.memBlock[k]; ok && h == m.ID {
-					delete(l.memBlock, k)
-					l.rewind(m.ID)
-				}
-				if h, ok := l.dbBlock[k]; ok && h == m.ID {
-					delete(l.dbBlock, k)
-					l.rewind(m.ID)
-				}
-			}
 			continue
 		}
 		if errors.Is(res.err, ErrNotLeader) {
@@ -980,21 +735,19 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		}
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
-		l.taken(m) // the key stays held below, by memBlock or the park's order policy
-		k := m.orderKey()
+		l.gate.taken(m) // the key stays held below, by the gate or the park's order policy
 		l.obs.Failed(m, res.err)
-		if head, ok := l.memBlock[k]; ok && head < m.ID {
+		if l.gate.behindOwnFailure(m) {
 			continue // an earlier row of this key failed first: this one only waits behind it
 		}
 		if errors.Is(res.err, ErrDestinationMissing) {
 			l.destinationMissing(m)
 			continue
 		}
-		if l.collateral(m, res) {
-			l.memBlock[k] = m.ID // the key's later rows wait behind m
+		if l.gate.collateral(m, res.err, res.at, time.Now()) { // the key's later rows wait behind m
 			l.log.Debug("publish failed with its group, resending without counting an attempt",
 				"row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,
-				"aggregate_id", m.AggregateID, "retry_in", time.Until(l.resend[m.ID].at).Round(time.Millisecond), "err", res.err)
+				"aggregate_id", m.AggregateID, "retry_in", time.Until(l.gate.resendTime(m.ID)).Round(time.Millisecond), "err", res.err)
 			continue
 		}
 		if errors.Is(res.err, ErrInvalidMessage) || m.Attempts+1 >= l.cfg.MaxAttempts {
@@ -1007,7 +760,7 @@ func (l *leadState) settle(ctx context.Context, results []result) error {
 		if err := l.sess.Retry(ctx, m.ID, res.err.Error(), delay); err != nil {
 			return fmt.Errorf("record failed attempt of row %d: %w", m.ID, err)
 		}
-		l.memBlock[k] = m.ID
+		l.gate.holdBehind(m)
 		l.log.Warn("publish failed, will retry", "row_id", m.ID, "event_id", m.EventID,
 			"aggregate_type", m.AggregateType, "aggregate_id", m.AggregateID,
 			"attempt", m.Attempts+1, "retry_in", delay, "err", res.err)
@@ -1076,13 +829,8 @@ func (l *leadState) park(ctx context.Context, m *Message, reason string) error {
 	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
 		return fmt.Errorf("park row %d: %w", m.ID, err)
 	}
-	l.resolved(m.ID)
-	k := m.orderKey()
-	if l.cfg.OrderPolicy == OrderPolicyWait && m.keyed() { // without a valid key, no order to keep
-		l.memBlock[k] = 0
-	} else if h, ok := l.memBlock[k]; ok && h == m.ID {
-		delete(l.memBlock, k)
-		l.rewind(m.ID)
+	if l.gate.parked(m, l.cfg.OrderPolicy == OrderPolicyWait, time.Now()) {
+		l.cur.rewind(m.ID) // its key's later rows may lie below where claims start
 	}
 	l.obs.Parked(m, reason)
 	l.log.Warn("row parked", "row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,

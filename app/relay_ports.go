@@ -65,7 +65,7 @@ type Session interface {
 	// database cannot be written.
 	TryLead(ctx context.Context) (bool, error)
 	// Claim returns pending, due rows with ids from from, in id order, leaving out the rows whose
-	// ids are in skip (the relay's rows in flight) and the rows of the keys in hold but for the
+	// ids are in skip (the relay's rows in flight; distinct ids, in any order) and the rows of the keys in hold but for the
 	// head each names (none for 0): at most limit rows and, past the first row, at most maxBytes
 	// of them. It reads them in one snapshot, so it never returns a row while leaving out
 	// (outside skip and hold, at or above from) an earlier row of its key that committed before
