@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"sync/atomic"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
 // Relay moves committed outbox rows to a Sink, in order per aggregate, and marks each row only
@@ -79,10 +81,10 @@ func (r *Relay) Run(ctx context.Context) error {
 				level = slog.LevelDebug // still down: the change of state was logged already
 			}
 			r.log.Log(ctx, level, "database unreachable, retrying", "err", err, "retry_in", delay)
-			if !sleep(ctx, jitter(delay)) {
+			if !backoff.Sleep(ctx, backoff.Jitter(delay)) {
 				break
 			}
-			delay = min(delay*2, r.cfg.ReconnectBackoffMax)
+			delay = backoff.Double(delay, r.cfg.ReconnectBackoffMax)
 			continue
 		}
 		r.setConnected(true)
@@ -99,10 +101,10 @@ func (r *Relay) Run(ctx context.Context) error {
 			return err
 		}
 		r.log.Warn("database session ended, reconnecting", "err", err, "retry_in", delay)
-		if !sleep(ctx, jitter(delay)) {
+		if !backoff.Sleep(ctx, backoff.Jitter(delay)) {
 			break
 		}
-		delay = min(delay*2, r.cfg.ReconnectBackoffMax)
+		delay = backoff.Double(delay, r.cfg.ReconnectBackoffMax)
 	}
 	return nil
 }
@@ -134,7 +136,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 			r.log.Info("standby: another replica leads")
 			standbyLogged = true
 		}
-		if !sleep(ctx, r.cfg.LeaderRetryInterval) {
+		if !backoff.Sleep(ctx, r.cfg.LeaderRetryInterval) {
 			return nil
 		}
 	}
@@ -148,7 +150,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 				// Another replica led until now, and may be frozen rather than gone: its lease
 				// runs out before this one publishes anything.
 				r.log.Info("took over from another replica: waiting out its lease before publishing", "wait", holdOff)
-				if !sleep(ctx, holdOff) {
+				if !backoff.Sleep(ctx, holdOff) {
 					return nil
 				}
 				if tctx.Err() != nil {

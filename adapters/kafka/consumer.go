@@ -15,6 +15,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/domain"
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
 // Defaults of ConsumerConfig.
@@ -369,10 +370,10 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 			attempt--
 			c.log.Warn("event not handled, a dependency is unavailable; retrying", "topic", r.Topic,
 				"partition", r.Partition, "offset", r.Offset, "retry_in", delay, "err", err)
-			if !sleepCtx(ctx, delay) {
+			if !backoff.Sleep(ctx, delay) {
 				return false
 			}
-			delay = min(delay*2, c.cfg.RetryBackoffMax)
+			delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 			continue
 		}
 		invalid := errors.Is(err, app.ErrInvalidEvent)
@@ -381,10 +382,10 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 		}
 		c.log.Warn("event failed, will retry", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset,
 			"event_id", header(r, HeaderEventID), "attempt", attempt, "retry_in", delay, "err", err)
-		if !sleepCtx(ctx, delay) {
+		if !backoff.Sleep(ctx, delay) {
 			return false
 		}
-		delay = min(delay*2, c.cfg.RetryBackoffMax)
+		delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 	}
 }
 
@@ -426,10 +427,10 @@ func (c *Consumer) deadLetter(ctx context.Context, r *kgo.Record, cause error, a
 		}
 		c.log.Error("dead-letter produce failed, retrying", "dead_letter_topic", c.cfg.DeadLetterTopic,
 			"topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "retry_in", delay, "err", err)
-		if !sleepCtx(ctx, delay) {
+		if !backoff.Sleep(ctx, delay) {
 			return false
 		}
-		delay = min(delay*2, c.cfg.RetryBackoffMax)
+		delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 	}
 	c.obs.DeadLettered(r.Topic, invalid)
 	c.log.Error("event dead-lettered", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset,
@@ -504,16 +505,4 @@ func header(r *kgo.Record, key string) string {
 		}
 	}
 	return ""
-}
-
-// sleepCtx waits d or until ctx ends; it reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
