@@ -280,9 +280,6 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	return c, nil
 }
 
-// Client returns the underlying franz-go client.
-func (c *Consumer) Client() *kgo.Client { return c.cl }
-
 // Ping checks that a broker answers a metadata request and, unless topics are created
 // automatically, that the dead-letter topic exists: a poison event would otherwise stall its
 // partition until the topic is created.
