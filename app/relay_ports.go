@@ -34,8 +34,9 @@ func (m *Message) Size() int {
 		len(m.EventType) + len(m.Topic) + len(m.EventID) + 96
 }
 
-// orderKey identifies the sequence m belongs to: events of one aggregate keep their order.
-func (m *Message) orderKey() string { return m.AggregateType + "\x00" + m.AggregateID }
+// orderKey identifies the sequence m belongs to: events of one aggregate keep their order. It is
+// also m's key in Blocked.
+func (m *Message) orderKey() string { return BlockKey(m.AggregateType, m.AggregateID) }
 
 // Blocked names the ordering keys that must wait, with the id of the only row of the key that
 // may still be published (the failing head); 0 means none may (the head is parked).
