@@ -33,10 +33,14 @@ test: build ## run every test, list the skipped ones (needs PostgreSQL on 127.0.
 	@$(GO) build -o bin/testreport ./internal/testreport
 	set -o pipefail; OUTBOX_RELAY_BIN=$(CURDIR)/$(BIN) $(GO) test -json $(TEST_FLAGS) ./... | bin/testreport
 
+# staticcheck is pinned: a new release's new checks must not fail CI by themselves.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
 .PHONY: lint
-lint: ## go vet and gofmt
+lint: ## go vet, gofmt and staticcheck
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l .)" || (gofmt -l . && exit 1)
+	$(GO) run $(STATICCHECK) ./...
 
 .PHONY: bench
 bench: build ## run the benchmark suite and write BENCHMARKS.md figures (minutes)

@@ -34,8 +34,9 @@ func (m *Message) Size() int {
 		len(m.EventType) + len(m.Topic) + len(m.EventID) + 96
 }
 
-// orderKey identifies the sequence m belongs to: events of one aggregate keep their order.
-func (m *Message) orderKey() string { return m.AggregateType + "\x00" + m.AggregateID }
+// orderKey identifies the sequence m belongs to: events of one aggregate keep their order. It is
+// also m's key in Blocked.
+func (m *Message) orderKey() string { return BlockKey(m.AggregateType, m.AggregateID) }
 
 // Blocked names the ordering keys that must wait, with the id of the only row of the key that
 // may still be published (the failing head); 0 means none may (the head is parked).
@@ -58,16 +59,29 @@ type Store interface {
 }
 
 // Session is one database connection of the relay. Leadership is tied to it: when the connection
-// ends, the leadership ends with it. Its methods are not safe for concurrent use, except Mark:
-// one Mark at a time may run beside the other methods (the relay marks while it claims).
+// ends, the leadership ends with it.
+//
+// Concurrency. The relay calls a session from three goroutines of a term, and these are the only
+// overlaps an implementation must allow:
+//   - Claim and Wait run one at a time, never beside each other nor beside TryLead, Horizon,
+//     Blocked, Retry, Park or Close.
+//   - Mark runs one at a time, and may run beside any method but TryLead and Close.
+//   - Notified, and Release when the session is a Releaser, may be called at any time while
+//     leading (one call at a time, from one goroutine): beside a running Claim, Wait or Mark.
+//   - TryLead, Horizon, Blocked, Retry and Park run one at a time, never beside Claim or Wait;
+//     Horizon, Blocked, Retry and Park may run beside Mark.
+//   - Close runs alone, once every other call returned.
+//
+// Fenced.TermContext may be called beside any method but Close, and the context it returns is
+// read by the sink's goroutines.
 type Session interface {
 	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
 	// database cannot be written.
 	TryLead(ctx context.Context) (bool, error)
 	// Claim returns pending, due rows with ids from from, in id order, leaving out the rows whose
-	// ids are in skip (the relay's rows in flight) and the rows of the keys in hold but for the
-	// head each names (none for 0): at most limit rows and, past the first row, at most maxBytes
-	// of them. It reads them in one snapshot, so it never returns a row while leaving out
+	// ids are in skip (the relay's rows in flight: distinct ids, in any order) and the rows of
+	// the keys in hold but for the head each names (none for 0): at most limit rows and, past
+	// the first row, at most maxBytes of them. It reads them in one snapshot, so it never returns a row while leaving out
 	// (outside skip and hold, at or above from) an earlier row of its key that committed before
 	// it. hold is the claim's own: the session may read it, never change it.
 	Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold Blocked) ([]Message, error)
@@ -168,7 +182,7 @@ func (NopObserver) Connected(bool) {}
 // record to the sink with that context, so that a sink that checks it where the record leaves the
 // process (the Kafka producer does, per batch) sends nothing for a term that may have ended; and
 // it waits holdOff before it publishes, so that the old leader's lease ran out first. It may be
-// called beside other methods.
+// called beside any method of the Session but Close (see Session).
 type Fenced interface {
 	TermContext() (ctx context.Context, holdOff time.Duration)
 }

@@ -60,9 +60,6 @@ func NewSendWelcome(inbox Inbox, consumer string) (*SendWelcome, error) {
 	return &SendWelcome{inbox: inbox, consumer: consumer}, nil
 }
 
-// Consumer returns the name the use case records its events under in the inbox.
-func (uc *SendWelcome) Consumer() string { return uc.consumer }
-
 // Execute welcomes the user of ev, delivered as the event eventID, unless this consumer already
 // processed eventID. It reports whether the event was processed now (false: a repeat, skipped).
 // An event without an email wraps ErrInvalidEvent.

@@ -380,21 +380,6 @@ func (o *oracle) resolve(w *written, s txState) {
 	w.state = s
 }
 
-// counts returns how many events committed and rolled back.
-func (o *oracle) counts() (committed, rolledBack int) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	for _, w := range o.byToken {
-		switch w.state {
-		case txCommitted:
-			committed++
-		case txRolledBack:
-			rolledBack++
-		}
-	}
-	return committed, rolledBack
-}
-
 // reporter is the part of testing.TB the oracle reports through.
 type reporter interface {
 	Helper()

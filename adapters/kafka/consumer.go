@@ -15,6 +15,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/domain"
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
 // Defaults of ConsumerConfig.
@@ -279,9 +280,6 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	return c, nil
 }
 
-// Client returns the underlying franz-go client.
-func (c *Consumer) Client() *kgo.Client { return c.cl }
-
 // Ping checks that a broker answers a metadata request and, unless topics are created
 // automatically, that the dead-letter topic exists: a poison event would otherwise stall its
 // partition until the topic is created.
@@ -369,10 +367,10 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 			attempt--
 			c.log.Warn("event not handled, a dependency is unavailable; retrying", "topic", r.Topic,
 				"partition", r.Partition, "offset", r.Offset, "retry_in", delay, "err", err)
-			if !sleepCtx(ctx, delay) {
+			if !backoff.Sleep(ctx, delay) {
 				return false
 			}
-			delay = min(delay*2, c.cfg.RetryBackoffMax)
+			delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 			continue
 		}
 		invalid := errors.Is(err, app.ErrInvalidEvent)
@@ -381,10 +379,10 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 		}
 		c.log.Warn("event failed, will retry", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset,
 			"event_id", header(r, HeaderEventID), "attempt", attempt, "retry_in", delay, "err", err)
-		if !sleepCtx(ctx, delay) {
+		if !backoff.Sleep(ctx, delay) {
 			return false
 		}
-		delay = min(delay*2, c.cfg.RetryBackoffMax)
+		delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 	}
 }
 
@@ -426,10 +424,10 @@ func (c *Consumer) deadLetter(ctx context.Context, r *kgo.Record, cause error, a
 		}
 		c.log.Error("dead-letter produce failed, retrying", "dead_letter_topic", c.cfg.DeadLetterTopic,
 			"topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "retry_in", delay, "err", err)
-		if !sleepCtx(ctx, delay) {
+		if !backoff.Sleep(ctx, delay) {
 			return false
 		}
-		delay = min(delay*2, c.cfg.RetryBackoffMax)
+		delay = backoff.Double(delay, c.cfg.RetryBackoffMax)
 	}
 	c.obs.DeadLettered(r.Topic, invalid)
 	c.log.Error("event dead-lettered", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset,
@@ -504,16 +502,4 @@ func header(r *kgo.Record, key string) string {
 		}
 	}
 	return ""
-}
-
-// sleepCtx waits d or until ctx ends; it reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

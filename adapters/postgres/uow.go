@@ -77,9 +77,6 @@ type EventPublisher struct {
 
 var _ app.EventPublisher = (*EventPublisher)(nil)
 
-// NewEventPublisher returns a publisher that appends events to w's outbox within tx.
-func NewEventPublisher(tx DBTX, w *Writer) *EventPublisher { return &EventPublisher{tx: tx, writer: w} }
-
 // Publish implements app.EventPublisher: all events are appended in one round trip.
 func (p *EventPublisher) Publish(ctx context.Context, events ...domain.Event) error {
 	msgs := make([]Message, len(events))

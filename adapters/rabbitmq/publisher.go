@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"slices"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
 // Header names set on every message: the relay's reserved headers (app.ReservedHeaders), the
@@ -262,10 +262,10 @@ func (p *Publisher) run(ctx context.Context) {
 				return
 			}
 			p.log.Warn("rabbitmq unreachable, retrying", "broker", p.cfg.host(), "err", err, "retry_in", delay)
-			if !sleep(ctx, jitter(delay)) {
+			if !backoff.Sleep(ctx, backoff.Jitter(delay)) {
 				return
 			}
-			delay = min(delay*2, p.cfg.ReconnectBackoffMax)
+			delay = backoff.Double(delay, p.cfg.ReconnectBackoffMax)
 			continue
 		}
 		delay = p.cfg.ReconnectBackoffMin
@@ -285,7 +285,7 @@ func (p *Publisher) run(ctx context.Context) {
 		}
 		p.log.Warn("rabbitmq connection lost, reconnecting; unconfirmed messages will be published again",
 			"broker", p.cfg.host(), "err", err, "retry_in", delay)
-		if !sleep(ctx, jitter(delay)) {
+		if !backoff.Sleep(ctx, backoff.Jitter(delay)) {
 			return
 		}
 	}
@@ -461,21 +461,4 @@ func amqpErr(err *amqp.Error) error {
 		return errors.New("closed")
 	}
 	return err
-}
-
-// sleep waits d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-// jitter spreads d by ±20%.
-func jitter(d time.Duration) time.Duration {
-	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
 }

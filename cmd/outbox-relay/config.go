@@ -678,11 +678,6 @@ func (c *Config) requireRelay() error {
 // redacted returns every key and its effective value, secrets replaced, for the start-up log.
 func redacted(v *viper.Viper) map[string]string {
 	out := map[string]string{}
-	keys := make([]string, 0, len(settings))
-	for _, s := range settings {
-		keys = append(keys, s.key)
-	}
-	sort.Strings(keys)
 	for _, s := range settings {
 		val := v.GetString(s.key)
 		if s.secret && val != "" {

@@ -1,0 +1,75 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// markResult is the outcome of one Mark of the rows in term.marking.
+type markResult struct {
+	err  error
+	took time.Duration
+}
+
+// markDelay is how long acknowledged rows may wait for more to be marked with them. Without it,
+// at a thousand events a second each mark carried one or two rows, and marks (two round trips
+// and a commit each) were most of the relay's database work; rows are marked at the latest this
+// much later, and at once when BatchSize rows wait or the in-flight bounds are reached.
+const markDelay = 10 * time.Millisecond
+
+// startMark hands the acknowledged rows waiting in toMark to markLoop, unless a mark is running
+// (its result comes back on markDone, and the next batch starts then) or the rows may still wait
+// for others (markDelay); now starts them regardless.
+func (l *term) startMark(now bool) {
+	if l.marking != nil || len(l.toMark) == 0 {
+		return
+	}
+	if !now && !l.stopping && len(l.toMark) < l.cfg.BatchSize && time.Since(l.toMarkSince) < markDelay {
+		return
+	}
+	l.marking, l.toMark = l.toMark, nil
+	ids := make([]int64, len(l.marking))
+	for i, m := range l.marking {
+		ids[i] = m.ID
+	}
+	l.markReq <- ids
+}
+
+// markDue reports whether rows wait for a mark that has not started, and how long until it is
+// due.
+func (l *term) markDue() (time.Duration, bool) {
+	if l.marking != nil || len(l.toMark) == 0 {
+		return 0, false
+	}
+	return max(markDelay-time.Since(l.toMarkSince), 0), true
+}
+
+// markLoop runs the marks sent on markReq until it is closed. The acknowledged rows are marked
+// even when the relay is stopping: ctx is not cancelled by a stop.
+func (l *term) markLoop(ctx context.Context) {
+	for ids := range l.markReq {
+		start := time.Now()
+		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := l.sess.Mark(mctx, ids)
+		cancel()
+		l.markDone <- markResult{err: err, took: time.Since(start)} // buffered: one mark at a time
+	}
+}
+
+// marked ends the running mark: its rows leave the in-flight set, and the next batch starts.
+func (l *term) marked(ctx context.Context, res markResult) error {
+	batch := l.marking
+	l.marking = nil
+	if res.err != nil {
+		// The rows stay pending and are published again by the next leader: duplicates
+		// bounded by what was in flight.
+		return fmt.Errorf("mark %d published rows: %w", len(batch), res.err)
+	}
+	for _, m := range batch {
+		delete(l.inflight, m.ID) // their bytes left the budget, and were released, at the ack
+	}
+	l.obs.Marked(len(batch), res.took)
+	l.startMark(false)
+	return nil
+}
