@@ -19,21 +19,8 @@ import (
 func TestFault25ZombieLeaderAfterFreeze(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
-	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_RELAY_LEADER_LEASE=2s"}
-	a := e.startProcess("fault25-a", env...)
-	e.eventually(60*time.Second, "a leads", func() (bool, string) {
-		return a.logs.count("leadership gained") == 1, "no leadership yet"
-	})
-	b := e.startProcess("fault25-b", env...)
-	e.eventually(60*time.Second, "b is standby", func() (bool, string) {
-		return b.logs.count("standby") >= 1, "no standby line yet"
-	})
-	stop := e.loader.Go(e.ctx)
+	a, b, stop := e.leaderPublishingWithStandby("fault25")
 	defer stop()
-	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
-		n := e.records()
-		return n >= 300, itoa(n) + " records"
-	})
 	a.signal(t, syscall.SIGSTOP)
 	frozen := true
 	defer func() {
@@ -139,21 +126,8 @@ func staleRecords(t *testing.T, e *env) int64 {
 func TestFault27FrozenLeaderTakenOver(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
-	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_RELAY_LEADER_LEASE=2s"}
-	a := e.startProcess("fault27-a", env...)
-	e.eventually(60*time.Second, "a leads", func() (bool, string) {
-		return a.logs.count("leadership gained") == 1, "no leadership yet"
-	})
-	b := e.startProcess("fault27-b", env...)
-	e.eventually(60*time.Second, "b is standby", func() (bool, string) {
-		return b.logs.count("standby") >= 1, "no standby line yet"
-	})
-	stop := e.loader.Go(e.ctx)
+	a, b, stop := e.leaderPublishingWithStandby("fault27")
 	defer stop()
-	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
-		n := e.records()
-		return n >= 300, itoa(n) + " records"
-	})
 	a.signal(t, syscall.SIGSTOP)
 	frozenAt := time.Now()
 	frozen := true
@@ -183,4 +157,26 @@ func TestFault27FrozenLeaderTakenOver(t *testing.T) {
 	}
 	rep := e.check(1000)
 	result(t, 27, rep, "frozen leader holding the lock: the standby ends its sessions after relay.leader_lease and takes over")
+}
+
+// leaderPublishingWithStandby starts two relay processes named name-a and name-b (kafka.linger
+// 1s, a 2s lease), waits until a leads and b is standby, starts the loader and waits until a has
+// published 300 records. stop stops the loader.
+func (e *env) leaderPublishingWithStandby(name string) (a, b *proc, stop func()) {
+	e.t.Helper()
+	env := []string{"OUTBOX_KAFKA_LINGER=1s", "OUTBOX_RELAY_LEADER_LEASE=2s"}
+	a = e.startProcess(name+"-a", env...)
+	e.eventually(60*time.Second, "a leads", func() (bool, string) {
+		return a.logs.count("leadership gained") == 1, "no leadership yet"
+	})
+	b = e.startProcess(name+"-b", env...)
+	e.eventually(60*time.Second, "b is standby", func() (bool, string) {
+		return b.logs.count("standby") >= 1, "no standby line yet"
+	})
+	stop = e.loader.Go(e.ctx)
+	e.eventually(60*time.Second, "a publishes", func() (bool, string) {
+		n := e.records()
+		return n >= 300, itoa(n) + " records"
+	})
+	return a, b, stop
 }
