@@ -85,13 +85,14 @@ func (g *keyGate) why(m *Message, now time.Time) holdReason {
 	// The order key is built only when some key waits; a row without a valid key waits for none.
 	if (len(g.own) > 0 || len(g.stored) > 0) && m.keyed() {
 		k := m.orderKey()
-		if head, ok := g.own[k]; ok && head != m.ID {
-			if head == 0 {
+		if head, ok := g.head(k); ok && head != m.ID {
+			own, held := g.own[k]
+			switch {
+			case held && own == 0:
 				return behindOwnParked
+			case held && own == head:
+				return behindOwnHead
 			}
-			return behindOwnHead
-		}
-		if head, ok := g.stored[k]; ok && head != m.ID {
 			return behindStoredHead
 		}
 	}
@@ -102,6 +103,28 @@ func (g *keyGate) why(m *Message, now time.Time) holdReason {
 		return failureUnsettled
 	}
 	return mayGo
+}
+
+// head returns the row of key k that may go while the key waits (0: none, it is parked), and
+// whether the key waits. When the term and the database hold the key behind different rows, the
+// lower one is its head: both are pending rows of the key, and the lower must go first. (They
+// differ when the sink reports a later row's failure of a group before an earlier one's, as rows
+// of one key sent to two partitions can: holding the key behind both stalled it for good.)
+func (g *keyGate) head(k string) (int64, bool) {
+	own, inOwn := g.own[k]
+	stored, inStored := g.stored[k]
+	switch {
+	case inOwn && inStored:
+		if own == 0 || stored == 0 {
+			return 0, true
+		}
+		return min(own, stored), true
+	case inOwn:
+		return own, true
+	case inStored:
+		return stored, true
+	}
+	return 0, false
 }
 
 // held reports whether m must wait at now (why is not mayGo).
@@ -133,7 +156,11 @@ func (g *keyGate) holdKeys(now time.Time) Blocked {
 			head = 0
 		}
 		if h, ok := hold[k]; ok && h != head {
-			head = 0 // held by both, with different heads: no row passes both (why)
+			if h == 0 || head == 0 {
+				head = 0 // parked on either side, or its head waits to be sent again
+			} else {
+				head = min(h, head) // held by both with different heads: the lower goes first (head)
+			}
 		}
 		hold[k] = head
 	}

@@ -37,6 +37,20 @@ func TestKeyGateWhy(t *testing.T) {
 		{name: "parked under the skip policy", setup: func(g *keyGate) { g.parked(row(5, "a"), false, t0) }, m: row(6, "a"), want: mayGo},
 		{name: "behind a head the database holds", setup: func(g *keyGate) { g.reload(Blocked{BlockKey("order", "a"): 5}) }, m: row(6, "a"), want: behindStoredHead},
 		{name: "the head the database holds", setup: func(g *keyGate) { g.reload(Blocked{BlockKey("order", "a"): 5}) }, m: row(5, "a"), want: mayGo},
+		// The sink reported a later row's failure of a group before an earlier one's: the term
+		// holds the key behind 5, the database behind 9. The lower goes first, the other waits.
+		{name: "held behind different rows: the lower may go", setup: func(g *keyGate) {
+			g.reload(Blocked{BlockKey("order", "a"): 9})
+			g.holdBehind(row(5, "a"))
+		}, m: row(5, "a"), want: mayGo},
+		{name: "held behind different rows: the higher waits", setup: func(g *keyGate) {
+			g.reload(Blocked{BlockKey("order", "a"): 9})
+			g.holdBehind(row(5, "a"))
+		}, m: row(9, "a"), want: behindOwnHead},
+		{name: "held behind different rows, the database's lower", setup: func(g *keyGate) {
+			g.reload(Blocked{BlockKey("order", "a"): 5})
+			g.holdBehind(row(9, "a"))
+		}, m: row(9, "a"), want: behindStoredHead},
 		{name: "behind a parked row the database holds", setup: func(g *keyGate) { g.reload(Blocked{BlockKey("order", "a"): 0}) }, m: row(5, "a"), want: behindStoredHead},
 		// A NULL or empty key keeps no order: each such row is parked on its own.
 		{name: "a row without a key behind a parked one", setup: func(g *keyGate) {
@@ -117,10 +131,14 @@ func TestKeyGateHoldKeys(t *testing.T) {
 			g.reload(Blocked{a: 5})
 			g.holdBehind(row(5, "a"))
 		}, want: Blocked{a: 5}},
-		{name: "held by both with different heads: no row passes", setup: func(g *keyGate) {
+		{name: "held by both with different heads: the lower goes first", setup: func(g *keyGate) {
 			g.reload(Blocked{a: 5, c: 9})
 			g.holdBehind(row(6, "a"))
-		}, want: Blocked{a: 0, c: 9}},
+		}, want: Blocked{a: 5, c: 9}},
+		{name: "held by both, parked on one side", setup: func(g *keyGate) {
+			g.reload(Blocked{a: 0})
+			g.holdBehind(row(6, "a"))
+		}, want: Blocked{a: 0}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -161,10 +161,13 @@ func (c *contractSession) TermContext() (context.Context, time.Duration) {
 // partition's do (the relay relies on it: see the report of issue 20). It keeps nothing of a
 // message once done ran, so the relay releases the rows' memory.
 type flakySink struct {
-	mu    sync.Mutex
-	tried map[int64]bool
-	last  map[string]chan struct{} // per key, closed once the verdict of its last row was given
-	wg    sync.WaitGroup
+	// unordered gives each verdict after its own random delay, so one key's verdicts may come in
+	// any order (rows of one key sent to two partitions, through topic overrides).
+	unordered bool
+	mu        sync.Mutex
+	tried     map[int64]bool
+	last      map[string]chan struct{} // per key, closed once the verdict of its last row was given
+	wg        sync.WaitGroup
 }
 
 func (s *flakySink) Publish(_ context.Context, m *app.Message, done func(error)) error {
@@ -185,7 +188,7 @@ func (s *flakySink) Publish(_ context.Context, m *app.Message, done func(error))
 	s.wg.Go(func() {
 		defer close(mine)
 		time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond)
-		if prev != nil {
+		if prev != nil && !s.unordered {
 			<-prev
 		}
 		done(err)
@@ -240,4 +243,24 @@ func TestRelayKeepsToTheSessionConcurrencyContract(t *testing.T) {
 		t.Errorf("calls overlapped that the Session port does not allow:\n%s", strings.Join(bad, "\n"))
 	}
 	t.Logf("overlaps the port allows, seen: %v", store.overlaps)
+}
+
+// TestRelayDrainsWithVerdictsOutOfKeyOrder: a sink that reports one key's verdicts in any order,
+// failing some rows alone and some with their group, still has every row published. The term
+// held a key behind an earlier row while the database held it behind a later failed one, and no
+// row of the key passed both: the key stalled for good (keyGate.head now lets the lower go).
+func TestRelayDrainsWithVerdictsOutOfKeyOrder(t *testing.T) {
+	t.Parallel()
+	pool, table, w, ctx := writerEnv(t)
+	sink := &flakySink{unordered: true, tried: map[int64]bool{}, last: map[string]chan struct{}{}}
+	cfg := app.RelayConfig{BatchSize: 20, MaxInFlight: 60, PollInterval: 50 * time.Millisecond,
+		RetryBackoffMin: time.Millisecond, RetryBackoffMax: 20 * time.Millisecond}
+	for i := range 400 {
+		m := postgres.Message{AggregateType: "order", AggregateID: fmt.Sprintf("k%d", i%9), EventType: "e", Payload: []byte("x")}
+		if err := w.Append(ctx, pool, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	startRelay(t, ctx, cfg, dbtest.Store(t, table), sink)
+	waitDrained(t, ctx, pool, table, "verdicts out of key order")
 }
