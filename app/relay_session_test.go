@@ -157,9 +157,9 @@ func (c *contractSession) TermContext() (context.Context, time.Duration) {
 
 // flakySink acknowledges each message a moment after Publish, from its own goroutine, but fails
 // the first attempt of some: every seventh row with its whole group (GroupError), every eleventh
-// alone. The verdicts of one key come in the order its rows were published, as a Kafka
-// partition's do (the relay relies on it: see the report of issue 20). It keeps nothing of a
-// message once done ran, so the relay releases the rows' memory.
+// alone. Unless unordered, the verdicts of one key come in the order its rows were published, as
+// a Kafka partition's do. It keeps nothing of a message once done ran, so the relay releases the
+// rows' memory.
 type flakySink struct {
 	// unordered gives each verdict after its own random delay, so one key's verdicts may come in
 	// any order (rows of one key sent to two partitions, through topic overrides).
