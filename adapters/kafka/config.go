@@ -235,17 +235,27 @@ func codec(name string) (kgo.CompressionCodec, error) {
 }
 
 // clientOpts returns the franz-go options of c common to producers and consumers.
-func (c Config) clientOpts() ([]kgo.Opt, error) {
+func (c Config) clientOpts() ([]kgo.Opt, error) { return c.clientOptsFenced(nil) }
+
+// clientOptsFenced is clientOpts with the brokers' connections behind f (the publisher's), when
+// not nil.
+func (c Config) clientOptsFenced(f *fence) ([]kgo.Opt, error) {
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(c.Brokers...),
 		kgo.ClientID(c.ClientID),
 		kgo.DialTimeout(c.DialTimeout),
 	}
+	var tc *tls.Config
 	if c.TLS.Enabled {
-		tc, err := c.TLS.build()
-		if err != nil {
+		var err error
+		if tc, err = c.TLS.build(); err != nil {
 			return nil, err
 		}
+	}
+	switch {
+	case f != nil:
+		opts = append(opts, f.dialer(c, tc))
+	case tc != nil:
 		opts = append(opts, kgo.DialTLSConfig(tc))
 	}
 	if m := c.SASL.mechanism(); m != nil {

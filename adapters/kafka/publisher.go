@@ -49,6 +49,8 @@ type Publisher struct {
 	log  *slog.Logger
 	// promise is the promise of every record, bound once (see (*Publisher).settle).
 	promise func(*kgo.Record, error)
+	// fence refuses Produce requests once the context of the last published record is done.
+	fence *fence
 
 	// missing holds the topics the brokers said do not exist, since when; a publish to one that
 	// succeeds removes it. missingN is its size, read without the lock on every acknowledgement.
@@ -90,7 +92,8 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	opts, err := cfg.clientOpts()
+	f := &fence{}
+	opts, err := cfg.clientOptsFenced(f)
 	if err != nil {
 		return nil, err
 	}
@@ -130,7 +133,7 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, topics: make(map[topicKey]*topicState), parts: parts,
+	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, fence: f, topics: make(map[topicKey]*topicState), parts: parts,
 		ceSource: splitSource(cfg.CloudEventsSource),
 		missing:  make(map[string]time.Time)}
 	p.promise = p.settle
@@ -432,6 +435,7 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
+	p.fence.set(ctx)
 	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil
 }
@@ -454,6 +458,8 @@ func (p *Publisher) Replay(ctx context.Context, m *app.Message, topic string, at
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
+	p.fence.set(ctx)
+	p.fence.set(ctx)
 	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil
 }
