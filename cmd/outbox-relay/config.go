@@ -284,7 +284,7 @@ func fileKeyErrors(file string) []error {
 
 // envExempt are OUTBOX_* variables that are not settings but are read by the tests and the
 // benchmarks; they draw no warning.
-var envExempt = []string{"OUTBOX_TEST_", "OUTBOX_BENCH_", "OUTBOX_RELAY_BIN="}
+var envExempt = []string{"OUTBOX_TEST_", "OUTBOX_BENCH_", "OUTBOX_RELAY_BIN=", "OUTBOX_REQUIRE_TOOLS="}
 
 // unknownEnv returns, for every non-empty OUTBOX_* variable that names no setting, its name and
 // the closest variable that does, sorted by name.

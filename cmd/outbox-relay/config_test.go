@@ -243,6 +243,7 @@ func TestConfigUnknownEnvWarns(t *testing.T) {
 		"OUTBOX_TEST_KEEP_SCHEMA":   "1",
 		"OUTBOX_BENCH_CHILD":        "1",
 		"OUTBOX_RELAY_BIN":          "/bin/true",
+		"OUTBOX_REQUIRE_TOOLS":      "1",
 		"OUTBOX_DATABASE_URL_FILE":  "",
 		"OUTBOX_HTTP_STALL_TIMEOUT": "30s",
 	}
