@@ -26,7 +26,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // childEnv names the environment variable that turns this binary (or the test binary) into a
@@ -36,7 +36,7 @@ const childEnv = "OUTBOX_BENCH_CHILD"
 // Child roles. Every role but kfake is measured: its CPU and memory are its own process's.
 const (
 	roleKfake   = "kfake"   // the broker: a kfake cluster, in a process of its own
-	roleRelay   = "relay"   // app.Relay with postgres.Store and kafka.Publisher, wired like 'outbox-relay run'
+	roleRelay   = "relay"   // relay.Relay with postgres.Store and kafka.Publisher, wired like 'outbox-relay run'
 	roleNaive   = "naive"   // SELECT ... FOR UPDATE SKIP LOCKED, ProduceSync, DELETE, COMMIT
 	roleSQLOnly = "sqlonly" // the relay's own claim and mark statements, no broker
 	roleProduce = "produce" // raw franz-go produce of the same records, no database
@@ -407,7 +407,7 @@ func procKB(path string, keys ...string) int64 {
 	return total
 }
 
-// relay wires app.Relay as 'outbox-relay run' does (Prometheus metrics and kprom hooks included,
+// relay wires relay.Relay as 'outbox-relay run' does (Prometheus metrics and kprom hooks included,
 // no HTTP listener) and runs it until the expected rows are marked.
 func (c *child) relay(ctx context.Context) (work, error) {
 	connCfg, err := c.connConfig()
@@ -431,7 +431,7 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	if err != nil {
 		return nil, err
 	}
-	rcfg := app.RelayConfig{
+	rcfg := relay.Config{
 		BatchSize:        c.cfg.Relay.BatchSize,
 		MaxInFlight:      c.cfg.Relay.MaxInFlight,
 		MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes,
@@ -439,12 +439,12 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c.stats = &relayStats{}
-	obs := &countingObserver{RelayObserver: metrics, c: c}
-	var sink app.Sink = pub
+	obs := &countingObserver{Observer: metrics, c: c}
+	var sink relay.Sink = pub
 	if c.cfg.Latency {
 		sink = &timingSink{Sink: pub, c: c}
 	}
-	relay, err := app.NewRelay(rcfg, store, sink, obs, log)
+	relay, err := relay.New(rcfg, store, sink, obs, log)
 	if err != nil {
 		return nil, err
 	}
@@ -523,11 +523,11 @@ func (c *child) stopProfile() {
 // timingSink records when the relay hands each event to the producer, to split commit-to-ack
 // latency into the relay's wake-up and claim (commit to publish) and the broker (publish to ack).
 type timingSink struct {
-	app.Sink
+	relay.Sink
 	c *child
 }
 
-func (t *timingSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (t *timingSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	now := time.Now().UnixNano()
 	t.c.mu.Lock()
 	if t.c.published == nil {
@@ -541,12 +541,12 @@ func (t *timingSink) Publish(ctx context.Context, m *app.Message, done func(erro
 // countingObserver counts marked rows and records commit-to-ack latencies, then passes every
 // call on to the relay's Prometheus metrics.
 type countingObserver struct {
-	app.RelayObserver
+	relay.Observer
 	c *child
 }
 
-func (o *countingObserver) Acked(m *app.Message, at time.Time) {
-	o.RelayObserver.Acked(m, at)
+func (o *countingObserver) Acked(m *relay.Message, at time.Time) {
+	o.Observer.Acked(m, at)
 	if o.c.cfg.Latency {
 		d := float64(at.Sub(m.CreatedAt)) / float64(time.Millisecond)
 		o.c.mu.Lock()
@@ -558,7 +558,7 @@ func (o *countingObserver) Acked(m *app.Message, at time.Time) {
 }
 
 func (o *countingObserver) Marked(n int, took time.Duration) {
-	o.RelayObserver.Marked(n, took)
+	o.Observer.Marked(n, took)
 	o.c.mu.Lock()
 	o.c.stats.Marks++
 	o.c.stats.MarkSec += took.Seconds()
@@ -567,7 +567,7 @@ func (o *countingObserver) Marked(n int, took time.Duration) {
 }
 
 func (o *countingObserver) Claimed(n int, took time.Duration) {
-	o.RelayObserver.Claimed(n, took)
+	o.Observer.Claimed(n, took)
 	o.c.mu.Lock()
 	o.c.stats.Claims++
 	o.c.stats.ClaimRows += int64(n)
@@ -694,13 +694,13 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 	if ok, err := sess.TryLead(ctx); err != nil || !ok {
 		return nil, fmt.Errorf("sql-only: take the leadership: %v", err)
 	}
-	cfg := app.RelayConfig{BatchSize: c.cfg.Relay.BatchSize, MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes}.WithDefaults()
+	cfg := relay.Config{BatchSize: c.cfg.Relay.BatchSize, MaxInFlightBytes: c.cfg.Relay.MaxInFlightBytes}.WithDefaults()
 	return func(ctx context.Context) error {
 		defer func() { _ = sess.Close(context.Background()) }()
 		ids := make([]int64, 0, cfg.BatchSize)
 		rowBytes := 0
 		var from int64
-		var done []*app.Message
+		var done []*relay.Message
 		for ctx.Err() == nil {
 			// Each batch is marked before the next claim: nothing in flight to skip. Like the
 			// relay, ask for no more rows than the byte budget takes: the database would read and
@@ -711,7 +711,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			}
 			// Like the relay, start past the rows already marked, but never past the horizon.
 			horizon, err := sess.Horizon(ctx)
-			if err != nil && !errors.Is(err, app.ErrNoHorizon) {
+			if err != nil && !errors.Is(err, relay.ErrNoHorizon) {
 				return err
 			}
 			rows, err := sess.Claim(ctx, from, nil, limit, cfg.MaxInFlightBytes, nil)
@@ -738,7 +738,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			if err := sess.Mark(ctx, ids); err != nil {
 				return err
 			}
-			if rel, ok := sess.(app.Releaser); ok { // as the relay does once rows are marked
+			if rel, ok := sess.(relay.Releaser); ok { // as the relay does once rows are marked
 				done = done[:0]
 				for i := range rows {
 					done = append(done, &rows[i])
@@ -758,7 +758,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 // produce sends Events records shaped like the relay's (key, value, the four headers) with the
 // relay's producer settings and at most MaxInFlight records unacknowledged, with no database.
 func (c *child) produce(ctx context.Context) (work, error) {
-	inflight := app.RelayConfig{MaxInFlight: c.cfg.Relay.MaxInFlight, BatchSize: c.cfg.Relay.BatchSize}.WithDefaults().MaxInFlight
+	inflight := relay.Config{MaxInFlight: c.cfg.Relay.MaxInFlight, BatchSize: c.cfg.Relay.BatchSize}.WithDefaults().MaxInFlight
 	cl, err := kgo.NewClient(append(producerOpts(c.cfg.Brokers), kgo.MaxBufferedRecords(inflight))...)
 	if err != nil {
 		return nil, err

@@ -2,7 +2,7 @@
 // writes results.json and PNG charts.
 //
 // Every measured party runs in a process of its own, started from this binary: the broker (a kfake
-// cluster), the relay (app.Relay with postgres.Store and kafka.Publisher, wired as 'outbox-relay
+// cluster), the relay (relay.Relay with postgres.Store and kafka.Publisher, wired as 'outbox-relay
 // run' wires it) and each baseline. CPU time and memory are read from the measured process only
 // (getrusage, /proc/self). The writers and the coordinator run in this process.
 //

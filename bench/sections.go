@@ -11,7 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // writeResult is the writers' rate, flat out, with or without the NOTIFY trigger.
@@ -351,7 +351,7 @@ func (b *bench) memory(ctx context.Context) error {
 		return err
 	}
 	mr := memoryResult{Backlog: n, Payload: dc.Payload, PreloadSec: time.Since(start).Seconds(),
-		MaxInFlight: app.MaxInFlightDefault, MaxInFlightBytes: app.MaxInFlightBytesDefault}
+		MaxInFlight: relay.MaxInFlightDefault, MaxInFlightBytes: relay.MaxInFlightBytesDefault}
 	br, err := b.startBroker(ctx)
 	if err != nil {
 		return err

@@ -37,7 +37,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
@@ -672,9 +672,9 @@ func lastBytes(s string, n int) string {
 	return "...\n" + s
 }
 
-// startRelay runs app.Relay on f's outbox, wired as cmd/outbox-relay wires it, until the test
+// startRelay runs relay.Relay on f's outbox, wired as cmd/outbox-relay wires it, until the test
 // ends or the returned stop is called. Its logs are shown when the test fails.
-func (f *fixture) startRelay(cfg app.RelayConfig) (stop func()) {
+func (f *fixture) startRelay(cfg relay.Config) (stop func()) {
 	t := f.t
 	t.Helper()
 	conn, err := postgres.ParseURL(dbtest.URL())
@@ -691,7 +691,7 @@ func (f *fixture) startRelay(cfg app.RelayConfig) (stop func()) {
 	}
 	logs := &logbuf.Buffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	relay, err := app.NewRelay(cfg, store, pub, nil, log)
+	relay, err := relay.New(cfg, store, pub, nil, log)
 	if err != nil {
 		t.Fatal(err)
 	}

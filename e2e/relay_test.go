@@ -7,15 +7,14 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // inProcessConfig is the relay configuration of the in-process tests: small batches so that
 // many claims, rescans and marks happen.
-var inProcessConfig = app.RelayConfig{BatchSize: 100, MaxInFlight: 400, PollInterval: 200 * time.Millisecond}
+var inProcessConfig = relay.Config{BatchSize: 100, MaxInFlight: 400, PollInterval: 200 * time.Millisecond}
 
-// TestRelayEndToEnd runs the relay (app.Relay on the Postgres store and the Kafka publisher)
+// TestRelayEndToEnd runs the relay (relay.Relay on the Postgres store and the Kafka publisher)
 // while 8 writers commit concurrently: each transaction locks its key's row, bumps the key's
 // sequence and inserts an event; 10% roll back; some hold their transaction open 20 to 200 ms
 // after inserting, so ids commit out of order. Every committed event must be on the topic once,

@@ -7,8 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // Entry 8: two replicas share the outbox; the leader is stopped and the other takes over, twice.
@@ -21,7 +20,7 @@ func TestFault08TwoReplicas(t *testing.T) {
 	b := e.startRelay(relayOpts{name: "fault08-b"})
 	stop := e.loader.Go(e.ctx)
 	defer stop()
-	progress := func(r *relay, n int64) {
+	progress := func(r *inRelay, n int64) {
 		e.eventually(60*time.Second, r.name+" publishes", func() (bool, string) {
 			return r.probe.acked.Load() >= n, itoa(r.probe.acked.Load()) + " acknowledged"
 		})
@@ -44,7 +43,7 @@ func TestFault08TwoReplicas(t *testing.T) {
 	e.waitDrained(60 * time.Second)
 	a2.stop(t)
 	// Each leader handed every message over before the next one handed over its first.
-	for _, pair := range [][2]*relay{{a, b}, {b, a2}} {
+	for _, pair := range [][2]*inRelay{{a, b}, {b, a2}} {
 		_, _, lastOld := pair[0].sink.span()
 		n, firstNew, _ := pair[1].sink.span()
 		if n == 0 || !lastOld.Before(firstNew) {
@@ -84,7 +83,7 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 	// first gets the lock: on a loaded machine often the old one again, and no takeover happens.
 	// Its new sessions wait until the standby leads, as if its host were slower.
 	aStore := &heldOpen{}
-	a := e.startRelay(relayOpts{name: "fault09-a", store: func(s app.Store) app.Store { aStore.Store = s; return aStore }})
+	a := e.startRelay(relayOpts{name: "fault09-a", store: func(s relay.Store) relay.Store { aStore.Store = s; return aStore }})
 	e.waitLeader(a)
 	b := e.startRelay(relayOpts{name: "fault09-b"})
 	stop := e.loader.Go(e.ctx)
@@ -123,7 +122,7 @@ func TestFault09LeaderLockSessionKilled(t *testing.T) {
 
 // heldOpen decorates a store: between hold and release, opening a session waits.
 type heldOpen struct {
-	app.Store
+	relay.Store
 	mu   sync.Mutex
 	gate chan struct{} // open while nil or closed
 }
@@ -143,7 +142,7 @@ func (s *heldOpen) release() {
 	s.mu.Unlock()
 }
 
-func (s *heldOpen) Open(ctx context.Context) (app.Session, error) {
+func (s *heldOpen) Open(ctx context.Context) (relay.Session, error) {
 	s.mu.Lock()
 	gate := s.gate
 	s.mu.Unlock()

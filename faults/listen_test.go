@@ -7,7 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
 )
 
@@ -51,11 +51,11 @@ func TestFault05ListenConnectionKilled(t *testing.T) {
 
 // countNotified decorates a store: it counts the wake-up notifications its sessions saw.
 type countNotified struct {
-	app.Store
+	relay.Store
 	n *int64
 }
 
-func (s countNotified) Open(ctx context.Context) (app.Session, error) {
+func (s countNotified) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -64,7 +64,7 @@ func (s countNotified) Open(ctx context.Context) (app.Session, error) {
 }
 
 type notifiedSession struct {
-	app.Session
+	relay.Session
 	n *int64
 }
 
@@ -82,7 +82,7 @@ func TestFault06NoNotify(t *testing.T) {
 	e := setup(t, options{})
 	e.exec(`ALTER TABLE {outbox} DISABLE TRIGGER outbox_notify`)
 	var notified int64
-	r := e.startRelay(relayOpts{store: func(s app.Store) app.Store { return countNotified{Store: s, n: &notified} }})
+	r := e.startRelay(relayOpts{store: func(s relay.Store) relay.Store { return countNotified{Store: s, n: &notified} }})
 	e.loader.Run(e.ctx, 400)
 	e.waitDrained(60 * time.Second)
 	r.stop(t)

@@ -44,7 +44,7 @@ func TestFault21PgBouncerSessionPooling(t *testing.T) {
 	if a.Leader() && b.Leader() {
 		t.Error("both replicas lead")
 	}
-	for _, r := range []*relay{a, b} {
+	for _, r := range []*inRelay{a, b} {
 		if n := r.probe.parked.Load(); n != 0 {
 			t.Errorf("%s parked %d rows", r.name, n)
 		}

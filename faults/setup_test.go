@@ -27,7 +27,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
@@ -231,8 +231,8 @@ func (e *env) sql(s string) string {
 }
 
 // relayConfig is the relay configuration of the tests: short intervals so faults heal quickly.
-func relayConfig() app.RelayConfig {
-	return app.RelayConfig{
+func relayConfig() relay.Config {
+	return relay.Config{
 		BatchSize:           200,
 		MaxInFlight:         1000,
 		PollInterval:        100 * time.Millisecond,
@@ -248,19 +248,19 @@ func relayConfig() app.RelayConfig {
 type relayOpts struct {
 	name     string              // application_name of its database session
 	url      string              // database URL; the env's when empty
-	cfg      app.RelayConfig     // zero: relayConfig()
+	cfg      relay.Config        // zero: relayConfig()
 	kafka    func(*kafka.Config) // adjusts the publisher's configuration
 	kgoOpts  []kgo.Opt
-	observer app.RelayObserver         // called besides the relay's probe
-	store    func(app.Store) app.Store // decorates the relay's store
-	timeout  time.Duration             // the store's query timeout; 10s when zero
-	repl     string                    // the store's WaitForReplication
-	pins     bool                      // pin partition counts in the env's database, as 'run' does
+	observer relay.Observer                // called besides the relay's probe
+	store    func(relay.Store) relay.Store // decorates the relay's store
+	timeout  time.Duration                 // the store's query timeout; 10s when zero
+	repl     string                        // the store's WaitForReplication
+	pins     bool                          // pin partition counts in the env's database, as 'run' does
 }
 
-// relay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
-type relay struct {
-	*app.Relay
+// inRelay is an in-process relay: the same wiring as 'outbox-relay run', with probes.
+type inRelay struct {
+	*relay.Relay
 	name   string
 	probe  *probe
 	sink   *recSink
@@ -269,7 +269,7 @@ type relay struct {
 	done   chan error
 }
 
-func (e *env) startRelay(o relayOpts) *relay {
+func (e *env) startRelay(o relayOpts) *inRelay {
 	e.t.Helper()
 	if o.name == "" {
 		o.name = fmt.Sprintf("relay-%d", e.seq.Add(1))
@@ -277,7 +277,7 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if o.url == "" {
 		o.url = e.url
 	}
-	if o.cfg == (app.RelayConfig{}) {
+	if o.cfg == (relay.Config{}) {
 		o.cfg = relayConfig()
 	}
 	conn, err := postgres.ParseURL(o.url)
@@ -309,12 +309,12 @@ func (e *env) startRelay(o relayOpts) *relay {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	r := &relay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: logs}
-	var st app.Store = store
+	r := &inRelay{name: o.name, probe: &probe{next: o.observer}, sink: &recSink{Sink: pub}, logs: logs}
+	var st relay.Store = store
 	if o.store != nil {
 		st = o.store(st)
 	}
-	r.Relay, err = app.NewRelay(o.cfg, st, r.sink, r.probe, log)
+	r.Relay, err = relay.New(o.cfg, st, r.sink, r.probe, log)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -336,7 +336,7 @@ func (e *env) startRelay(o relayOpts) *relay {
 }
 
 // stop stops the relay gracefully and waits for it.
-func (r *relay) stop(t *testing.T) {
+func (r *inRelay) stop(t *testing.T) {
 	t.Helper()
 	r.cancel()
 	select {
@@ -353,14 +353,14 @@ func (r *relay) stop(t *testing.T) {
 }
 
 // waitLeader waits until r leads.
-func (e *env) waitLeader(r *relay) {
+func (e *env) waitLeader(r *inRelay) {
 	e.t.Helper()
 	e.eventually(60*time.Second, r.name+" leads", func() (bool, string) { return r.Leader(), "standby" })
 }
 
 // probe is the relay's observer in tests: it counts what the relay reports.
 type probe struct {
-	next                                           app.RelayObserver
+	next                                           relay.Observer
 	acked, marked, failed, parked, connects, leads atomic.Int64
 	mu                                             sync.Mutex
 	ackTimes                                       []time.Time
@@ -372,7 +372,7 @@ func (p *probe) Claimed(n int, took time.Duration) {
 	}
 }
 
-func (p *probe) Acked(m *app.Message, at time.Time) {
+func (p *probe) Acked(m *relay.Message, at time.Time) {
 	p.acked.Add(1)
 	p.mu.Lock()
 	p.ackTimes = append(p.ackTimes, at)
@@ -389,14 +389,14 @@ func (p *probe) Marked(n int, took time.Duration) {
 	}
 }
 
-func (p *probe) Failed(m *app.Message, err error) {
+func (p *probe) Failed(m *relay.Message, err error) {
 	p.failed.Add(1)
 	if p.next != nil {
 		p.next.Failed(m, err)
 	}
 }
 
-func (p *probe) Parked(m *app.Message, reason string) {
+func (p *probe) Parked(m *relay.Message, reason string) {
 	p.parked.Add(1)
 	if p.next != nil {
 		p.next.Parked(m, reason)
@@ -437,14 +437,14 @@ func (p *probe) acksBetween(from, to time.Time) int {
 // recSink decorates the relay's sink: it records when messages are handed over and the bytes
 // in flight.
 type recSink struct {
-	app.Sink
+	relay.Sink
 	mu              sync.Mutex
 	calls           int
 	first, last     time.Time
 	bytes, maxBytes int
 }
 
-func (s *recSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (s *recSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	size := m.Size()
 	s.mu.Lock()
 	now := time.Now()

@@ -14,7 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
@@ -119,7 +119,7 @@ func TestCloudEventsFormat(t *testing.T) {
 	}
 	defer pub.Close()
 	occurred := time.Date(2024, 2, 29, 23, 59, 58, 123456000, time.UTC)
-	m := &app.Message{EventID: domain.NewID(), AggregateType: "order line", AggregateID: "o-42",
+	m := &relay.Message{EventID: domain.NewID(), AggregateType: "order line", AggregateID: "o-42",
 		EventType: "OrderPlaced", Payload: []byte(`{"total":12}`), Topic: topic, OccurredAt: occurred,
 		Headers: []byte(`{"content-type":"application/json","trace-id":"t-1"}`)}
 	publishAcked(t, pub, m)
@@ -153,7 +153,7 @@ func TestCloudEventsFormat(t *testing.T) {
 	if len(ev.Extensions()) != 0 {
 		t.Errorf("extensions %v, want none", ev.Extensions())
 	}
-	if got := kafkatest.Header(recs[0], app.HeaderEventID); got != m.EventID {
+	if got := kafkatest.Header(recs[0], relay.HeaderEventID); got != m.EventID {
 		t.Errorf("event-id header %q, want %q: the relay's consumers read it", got, m.EventID)
 	}
 	if got := kafkatest.Header(recs[0], "trace-id"); got != "t-1" {
@@ -164,8 +164,8 @@ func TestCloudEventsFormat(t *testing.T) {
 	for _, name := range []string{"ce_id", "CE_Source", "ce_myextension"} {
 		bad := *m
 		bad.Headers = []byte(`{"` + name + `":"x"}`)
-		if _, err := pub.Record(&bad); !errors.Is(err, app.ErrInvalidMessage) {
-			t.Errorf("row header %s: %v, want app.ErrInvalidMessage", name, err)
+		if _, err := pub.Record(&bad); !errors.Is(err, relay.ErrInvalidMessage) {
+			t.Errorf("row header %s: %v, want relay.ErrInvalidMessage", name, err)
 		}
 	}
 	// The native format leaves them to the writer.
@@ -203,7 +203,7 @@ func BenchmarkRecord(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer pub.Close()
-			m := &app.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "order-42",
+			m := &relay.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "order-42",
 				EventType: "OrderPlaced", Payload: make([]byte, 256), OccurredAt: time.Now(),
 				Headers: []byte(`{"content-type": "application/json", "trace-id": "4bf92f3577b34da6"}`)}
 			b.ReportAllocs()

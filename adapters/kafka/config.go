@@ -12,12 +12,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/sasl"
 	"github.com/twmb/franz-go/pkg/sasl/plain"
 	"github.com/twmb/franz-go/pkg/sasl/scram"
-
-	"github.com/outbox-relay/outbox-relay/app"
 )
 
 // Defaults of Config.
@@ -168,9 +167,9 @@ func (c Config) Validate() error {
 	if rest := placeholderRE.ReplaceAllString(c.TopicTemplate, "x"); !topicRE.MatchString(rest) {
 		errs = append(errs, fmt.Errorf("kafka.topic_template: %q does not make a valid topic name ([a-zA-Z0-9._-], at most 249 characters)", c.TopicTemplate))
 	}
-	if c.IDHeader != "" && (app.IsReservedHeader(c.IDHeader) || !headerRE.MatchString(c.IDHeader)) {
+	if c.IDHeader != "" && (relay.IsReservedHeader(c.IDHeader) || !headerRE.MatchString(c.IDHeader)) {
 		errs = append(errs, fmt.Errorf("kafka.id_header: must be letters, digits, '.', '_' or '-', and none of the relay's own headers (%s), got %q",
-			strings.Join(app.ReservedHeaders(), ", "), c.IDHeader))
+			strings.Join(relay.ReservedHeaders(), ", "), c.IDHeader))
 	}
 	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 100<<20 {
 		errs = append(errs, fmt.Errorf("kafka.max_record_bytes: must be between 1024 and 104857600, got %d", c.MaxRecordBytes))

@@ -19,6 +19,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
@@ -137,7 +138,7 @@ func TestConsumerEndToEndExactlyOnceEffects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	relay, err := app.NewRelay(app.RelayConfig{PollInterval: 50 * time.Millisecond}, store, pub, nil, nil)
+	relay, err := relay.New(relay.Config{PollInterval: 50 * time.Millisecond}, store, pub, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

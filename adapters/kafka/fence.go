@@ -12,7 +12,7 @@ import (
 )
 
 // fence holds the context of the records the publisher was last handed: the relay's term
-// (app.Fenced). Once it is done, no produce request leaves the process, until records of a new
+// (relay.Fenced). Once it is done, no produce request leaves the process, until records of a new
 // context arrive.
 //
 // franz-go checks a record's context itself before it sends a partition's first buffered batch,

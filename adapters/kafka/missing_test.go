@@ -14,14 +14,14 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
 // TestPublisherSaysATopicIsMissing: a publish to a topic that does not exist fails after at most
 // a couple of metadata answers (franz-go's default waits for five, some 25 s), with an error
-// wrapping app.ErrDestinationMissing that names the topic and the fix; the publisher logs it once
+// wrapping relay.ErrDestinationMissing that names the topic and the fix; the publisher logs it once
 // for the topic, however many records fail, and lists it in MissingTopics until a publish to it
 // succeeds once it is created. MissingTopics, asked of the brokers, says the same.
 func TestPublisherSaysATopicIsMissing(t *testing.T) {
@@ -53,7 +53,7 @@ func TestPublisherSaysATopicIsMissing(t *testing.T) {
 		t.Helper()
 		errs := make(chan error, n)
 		for i := range n {
-			m := &app.Message{ID: int64(i + 1), EventID: fmt.Sprintf("e-%d", i), AggregateType: "order",
+			m := &relay.Message{ID: int64(i + 1), EventID: fmt.Sprintf("e-%d", i), AggregateType: "order",
 				AggregateID: fmt.Sprintf("k-%d", i), EventType: "OrderPlaced", Payload: []byte("x"), OccurredAt: time.Now()}
 			if err := pub.Publish(ctx, m, func(err error) { errs <- err }); err != nil {
 				t.Fatal(err)
@@ -72,9 +72,9 @@ func TestPublisherSaysATopicIsMissing(t *testing.T) {
 	}
 
 	for _, err := range publish(3) {
-		if !errors.Is(err, app.ErrDestinationMissing) || !strings.Contains(err.Error(), topic) ||
+		if !errors.Is(err, relay.ErrDestinationMissing) || !strings.Contains(err.Error(), topic) ||
 			!strings.Contains(err.Error(), "kafka.auto_create_topics=true") {
-			t.Errorf("publish to a missing topic: %v; want app.ErrDestinationMissing naming the topic and the fix", err)
+			t.Errorf("publish to a missing topic: %v; want relay.ErrDestinationMissing naming the topic and the fix", err)
 		}
 	}
 	if n := asked.Load(); n > 3 {
@@ -101,7 +101,7 @@ func TestPublisherSaysATopicIsMissing(t *testing.T) {
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, app.ErrDestinationMissing) || time.Now().After(deadline) {
+		if !errors.Is(err, relay.ErrDestinationMissing) || time.Now().After(deadline) {
 			t.Fatalf("publish once the topic exists: %v", err)
 		}
 	}

@@ -12,7 +12,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
@@ -73,7 +73,7 @@ func publishRound(t *testing.T, pub *kafka.Publisher, keys int, round int) {
 	t.Helper()
 	errs := make(chan error, keys)
 	for k := range keys {
-		m := &app.Message{EventID: fmt.Sprintf("e-%d-%d", round, k), AggregateType: "order", AggregateID: fmt.Sprintf("k%02d", k),
+		m := &relay.Message{EventID: fmt.Sprintf("e-%d-%d", round, k), AggregateType: "order", AggregateID: fmt.Sprintf("k%02d", k),
 			EventType: "placed", Payload: []byte("{}"), OccurredAt: time.Now()}
 		if err := pub.Publish(context.Background(), m, func(err error) { errs <- err }); err != nil {
 			t.Fatalf("publish: %v", err)
@@ -195,7 +195,7 @@ func TestPublisherPinFailure(t *testing.T) {
 	for i := range 20 {
 		var got error
 		called := false
-		m := &app.Message{EventID: fmt.Sprint(i), AggregateType: "order", AggregateID: fmt.Sprintf("k%d", i),
+		m := &relay.Message{EventID: fmt.Sprint(i), AggregateType: "order", AggregateID: fmt.Sprintf("k%d", i),
 			EventType: "placed", Payload: []byte("{}"), OccurredAt: time.Now()}
 		if err := pub.Publish(context.Background(), m, func(err error) { got, called = err, true }); err != nil {
 			t.Fatalf("Publish returned %v: a pin failure must not park the row", err)
@@ -203,7 +203,7 @@ func TestPublisherPinFailure(t *testing.T) {
 		if !called {
 			t.Fatal("done not called before Publish returned")
 		}
-		var ge *app.GroupError
+		var ge *relay.GroupError
 		if !errors.As(got, &ge) || !errors.Is(got, down) || ge.Group != topic+"/partition-count" {
 			t.Fatalf("done(%v), want a GroupError of group %s/partition-count wrapping %v", got, topic, down)
 		}
@@ -215,7 +215,7 @@ func TestPublisherPinFailure(t *testing.T) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		errc := make(chan error, 1)
-		m := &app.Message{EventID: "ok", AggregateType: "order", AggregateID: "k", EventType: "placed",
+		m := &relay.Message{EventID: "ok", AggregateType: "order", AggregateID: "k", EventType: "placed",
 			Payload: []byte("{}"), OccurredAt: time.Now()}
 		if err := pub.Publish(context.Background(), m, func(err error) { errc <- err }); err != nil {
 			t.Fatal(err)

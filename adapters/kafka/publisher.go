@@ -16,21 +16,20 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-
-	"github.com/outbox-relay/outbox-relay/app"
 )
 
-// Header names set on every record: the relay's reserved headers (app.ReservedHeaders) but
+// Header names set on every record: the relay's reserved headers (relay.ReservedHeaders) but
 // aggregate-id, which a Kafka record carries as its key.
 const (
-	HeaderEventID       = app.HeaderEventID
-	HeaderEventType     = app.HeaderEventType
-	HeaderAggregateType = app.HeaderAggregateType
-	HeaderOccurredAt    = app.HeaderOccurredAt
+	HeaderEventID       = relay.HeaderEventID
+	HeaderEventType     = relay.HeaderEventType
+	HeaderAggregateType = relay.HeaderAggregateType
+	HeaderOccurredAt    = relay.HeaderOccurredAt
 	// HeaderReplayedAt is set by Replay only: when the event was sent again, RFC 3339, UTC.
-	HeaderReplayedAt = app.HeaderReplayedAt
+	HeaderReplayedAt = relay.HeaderReplayedAt
 )
 
 // recordBatchOverhead bounds the bytes a batch of one record adds to the record's key, value
@@ -39,7 +38,7 @@ const recordBatchOverhead = 61 + 36
 
 var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
 
-// Publisher publishes outbox rows to Kafka: app.Sink. It hashes each topic's keys with the
+// Publisher publishes outbox rows to Kafka: relay.Sink. It hashes each topic's keys with the
 // topic's pinned partition count (see PartitionPins), so adding partitions to a topic moves no
 // key.
 type Publisher struct {
@@ -74,8 +73,8 @@ type topicKey struct{ topic, aggregateType, eventType string }
 const topicCacheSize = 4096
 
 var (
-	_ app.Sink          = (*Publisher)(nil)
-	_ app.ReleasingSink = (*Publisher)(nil)
+	_ relay.Sink          = (*Publisher)(nil)
+	_ relay.ReleasingSink = (*Publisher)(nil)
 )
 
 // NewPublisher returns a publisher with an idempotent, acks=all producer, which hashes each
@@ -114,7 +113,7 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 	} else {
 		// A topic that does not exist fails its records after the second metadata answer that
 		// says so, within a second, instead of the fifth, some 25 s: the relay sends them again
-		// later without counting an attempt (app.ErrDestinationMissing), so saying it at once
+		// later without counting an attempt (relay.ErrDestinationMissing), so saying it at once
 		// costs nothing, and one more answer covers a topic created a moment ago.
 		opts = append(opts, kgo.UnknownTopicRetries(1))
 	}
@@ -172,7 +171,7 @@ func (p *Publisher) settle(r *kgo.Record, err error) {
 		}
 	case errors.Is(err, kerr.UnknownTopicOrPartition):
 		p.topicMissing(r.Topic)
-		err = fmt.Errorf("%w: kafka topic %q does not exist; %s: %w", app.ErrDestinationMissing, r.Topic, p.missingFix(), err)
+		err = fmt.Errorf("%w: kafka topic %q does not exist; %s: %w", relay.ErrDestinationMissing, r.Topic, p.missingFix(), err)
 	}
 	pr.done(classify(r, err))
 }
@@ -224,9 +223,9 @@ func (p *Publisher) MissingTopics() []string {
 	return out
 }
 
-// Record builds the Kafka record of m, or returns an error wrapping app.ErrInvalidMessage that
+// Record builds the Kafka record of m, or returns an error wrapping relay.ErrInvalidMessage that
 // says why m cannot be published.
-func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
+func (p *Publisher) Record(m *relay.Message) (*kgo.Record, error) {
 	pr, _, err := p.record(m)
 	if err != nil {
 		return nil, err
@@ -236,7 +235,7 @@ func (p *Publisher) Record(m *app.Message) (*kgo.Record, error) {
 }
 
 // record builds the record of m, with extra headers after the row's.
-func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced, *topicState, error) {
+func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produced, *topicState, error) {
 	key := topicKey{m.Topic, m.AggregateType, m.EventType}
 	if m.Topic != "" {
 		key.aggregateType, key.eventType = "", "" // an override does not depend on them
@@ -251,7 +250,7 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 				Replace(p.cfg.TopicTemplate)
 		}
 		if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
-			return nil, nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", app.ErrInvalidMessage, truncate(topic, 300))
+			return nil, nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", relay.ErrInvalidMessage, truncate(topic, 300))
 		}
 		ts = p.parts.get(topic)
 		p.topicsMu.Lock()
@@ -266,7 +265,7 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 		return nil, nil, err
 	}
 	if m.Payload == nil && !p.cfg.Tombstones {
-		return nil, nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", app.ErrInvalidMessage)
+		return nil, nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", relay.ErrInvalidMessage)
 	}
 	// The key and the four header values share one allocation: a record costs the relay less CPU.
 	buf := make([]byte, 0, len(m.AggregateID)+len(m.EventID)+len(m.EventType)+len(m.AggregateType)+len(time.RFC3339Nano))
@@ -285,7 +284,7 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 		// time.Time for "now", which 1970-01-01T00:00:00Z is not.
 		if m.OccurredAt.Before(time.Unix(0, 0)) {
 			return nil, nil, fmt.Errorf("%w: occurred_at %s is before 1970, which a Kafka record timestamp cannot be (kafka.record_timestamp=occurred_at)",
-				app.ErrInvalidMessage, m.OccurredAt.UTC().Format(time.RFC3339Nano))
+				relay.ErrInvalidMessage, m.OccurredAt.UTC().Format(time.RFC3339Nano))
 		}
 		rec.Timestamp = m.OccurredAt
 	}
@@ -309,7 +308,7 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
-			return nil, nil, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
+			return nil, nil, fmt.Errorf("%w: headers is not a JSON object: %v", relay.ErrInvalidMessage, err)
 		}
 		// In the name order, so that a record's headers are the same bytes each time its row is
 		// published (a retry, 'outbox-relay replay'), not in the map's random order.
@@ -320,18 +319,18 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 		slices.Sort(names)
 		for _, k := range names {
 			v := hs[k]
-			if err := app.CheckHeader(k); err != nil {
+			if err := relay.CheckHeader(k); err != nil {
 				return nil, nil, err
 			}
 			if p.cfg.IDHeader != "" && strings.EqualFold(k, p.cfg.IDHeader) {
-				return nil, nil, fmt.Errorf("%w: header %q is reserved: the relay sets it to the event id (kafka.id_header)", app.ErrInvalidMessage, k)
+				return nil, nil, fmt.Errorf("%w: header %q is reserved: the relay sets it to the event id (kafka.id_header)", relay.ErrInvalidMessage, k)
 			}
 			if p.cfg.Format == FormatCloudEvents && len(k) >= len(ceHeaderPrefix) && strings.EqualFold(k[:len(ceHeaderPrefix)], ceHeaderPrefix) {
-				return nil, nil, fmt.Errorf("%w: header %q is reserved: with kafka.format=cloudevents the relay sets the ce_ headers itself", app.ErrInvalidMessage, k)
+				return nil, nil, fmt.Errorf("%w: header %q is reserved: with kafka.format=cloudevents the relay sets the ce_ headers itself", relay.ErrInvalidMessage, k)
 			}
 			s, ok := v.(string)
 			if !ok {
-				return nil, nil, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
+				return nil, nil, fmt.Errorf("%w: header %q is not a string", relay.ErrInvalidMessage, k)
 			}
 			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(s)})
 		}
@@ -346,7 +345,7 @@ func (p *Publisher) record(m *app.Message, extra ...kgo.RecordHeader) (*produced
 		size += len(h.Key) + len(h.Value)
 	}
 	if size > p.cfg.MaxRecordBytes {
-		return nil, nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", app.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
+		return nil, nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", relay.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
 	}
 	return pr, ts, nil
 }
@@ -357,9 +356,9 @@ const ceHeaderPrefix = "ce_"
 // cloudEvent returns the CloudEvents attribute headers of m (the Kafka protocol binding, binary
 // mode, spec version 1.0), with room for the native headers and the row's after them. The
 // header values given share the record's buffer; ce_time is occurred_at as RFC 3339 in UTC.
-func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occurredAt []byte) ([]kgo.RecordHeader, error) {
+func (p *Publisher) cloudEvent(m *relay.Message, eventID, eventType, subject, occurredAt []byte) ([]kgo.RecordHeader, error) {
 	if m.EventType == "" {
-		return nil, fmt.Errorf("%w: event_type is empty: a CloudEvent needs a type (kafka.format=cloudevents)", app.ErrInvalidMessage)
+		return nil, fmt.Errorf("%w: event_type is empty: a CloudEvent needs a type (kafka.format=cloudevents)", relay.ErrInvalidMessage)
 	}
 	source := make([]byte, 0, len(p.cfg.CloudEventsSource)+len(m.AggregateType)+len(m.EventType))
 	for _, part := range p.ceSource {
@@ -373,7 +372,7 @@ func (p *Publisher) cloudEvent(m *app.Message, eventID, eventType, subject, occu
 		}
 	}
 	if len(source) == 0 {
-		return nil, fmt.Errorf("%w: kafka.cloudevents.source %q makes an empty ce_source for this row", app.ErrInvalidMessage, p.cfg.CloudEventsSource)
+		return nil, fmt.Errorf("%w: kafka.cloudevents.source %q makes an empty ce_source for this row", relay.ErrInvalidMessage, p.cfg.CloudEventsSource)
 	}
 	hs := make([]kgo.RecordHeader, 0, 6+4+bytes.Count(m.Headers, []byte{':'}))
 	return append(hs,
@@ -420,17 +419,17 @@ func appendPathSegment(dst []byte, s string) []byte {
 // never written to.
 var ceSpecVersion = []byte("1.0")
 
-// Publish implements app.Sink. The first record of a topic waits for the topic's pinned
+// Publish implements relay.Sink. The first record of a topic waits for the topic's pinned
 // partition count (a metadata request and PublisherDeps.Pins, bounded by 10s); when it cannot be
 // read, the record fails at once (done is called before Publish returns) and so do the topic's
-// records for the next second, as one group (app.GroupError), without being produced.
-func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+// records for the next second, as one group (relay.GroupError), without being produced.
+func (p *Publisher) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	pr, ts, err := p.record(m)
 	if err != nil {
 		return err
 	}
 	if err := p.pinned(ctx, ts); err != nil {
-		done(&app.GroupError{Group: ts.topic + "/partition-count", Err: err})
+		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
 	p.report(ts)
@@ -443,7 +442,7 @@ func (p *Publisher) Publish(ctx context.Context, m *app.Message, done func(error
 // Replay publishes m again as Publish would (the same key, value and headers, and partition:
 // the topic's pinned count), with the header replayed-at set to at, to topic when it is not ""
 // (m's own topic otherwise). done is called with the broker's verdict.
-func (p *Publisher) Replay(ctx context.Context, m *app.Message, topic string, at time.Time, done func(error)) error {
+func (p *Publisher) Replay(ctx context.Context, m *relay.Message, topic string, at time.Time, done func(error)) error {
 	if topic != "" {
 		c := *m
 		c.Topic = topic
@@ -464,11 +463,11 @@ func (p *Publisher) Replay(ctx context.Context, m *app.Message, topic string, at
 	return nil
 }
 
-// ReleasesMessages implements app.ReleasingSink: franz-go refers to a record's value and headers
+// ReleasesMessages implements relay.ReleasingSink: franz-go refers to a record's value and headers
 // until it calls the record's promise, which calls done; the relay's callback keeps nothing.
 func (p *Publisher) ReleasesMessages() bool { return true }
 
-// Abort implements app.Sink.
+// Abort implements relay.Sink.
 func (p *Publisher) Abort(ctx context.Context) error { return p.cl.AbortBufferedRecords(ctx) }
 
 // Flush waits until every buffered record is acknowledged or failed.
@@ -486,7 +485,7 @@ func classify(r *kgo.Record, err error) error {
 	if err == nil {
 		return nil
 	}
-	return &app.GroupError{Group: fmt.Sprintf("%s/%d", r.Topic, r.Partition), Err: err}
+	return &relay.GroupError{Group: fmt.Sprintf("%s/%d", r.Topic, r.Partition), Err: err}
 }
 
 // truncate returns s cut to at most n bytes, at a character boundary, with "..." when cut.

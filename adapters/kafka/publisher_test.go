@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/domain"
 )
 
@@ -22,10 +22,10 @@ func TestRecordReasonCutsWholeCharacters(t *testing.T) {
 	defer pub.Close()
 	// Byte 300, where the reason cuts the topic, is the last byte of the 100th '€'.
 	topic := "x" + strings.Repeat("€", 200)
-	_, err = pub.Record(&app.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "k",
+	_, err = pub.Record(&relay.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "k",
 		EventType: "OrderPlaced", Payload: []byte("x"), Topic: topic, OccurredAt: time.Now()})
-	if !errors.Is(err, app.ErrInvalidMessage) {
-		t.Fatalf("record with topic %q: %v, want app.ErrInvalidMessage", topic, err)
+	if !errors.Is(err, relay.ErrInvalidMessage) {
+		t.Fatalf("record with topic %q: %v, want relay.ErrInvalidMessage", topic, err)
 	}
 	if want := `topic "x` + strings.Repeat("€", 99) + `..." is not a valid Kafka topic name`; !strings.Contains(err.Error(), want) {
 		t.Errorf("reason %q, want it to contain %q", err, want)

@@ -10,7 +10,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/tlstest"
 )
 
@@ -30,7 +30,7 @@ func publishOne(t *testing.T, cfg kafka.Config) error {
 		return err
 	}
 	done := make(chan error, 1)
-	m := &app.Message{ID: 1, EventID: "0b0c6a53-5d5e-4c9f-9a0e-2f7f5f0c9d11", AggregateType: "user",
+	m := &relay.Message{ID: 1, EventID: "0b0c6a53-5d5e-4c9f-9a0e-2f7f5f0c9d11", AggregateType: "user",
 		AggregateID: "u1", EventType: "UserCreated", Payload: []byte(`{}`), OccurredAt: time.Now()}
 	if err := p.Publish(ctx, m, func(err error) { done <- err }); err != nil {
 		t.Fatalf("publish: %v", err)

@@ -11,13 +11,13 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
-	"github.com/outbox-relay/outbox-relay/app/sinktest"
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/app/relay/sinktest"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
-// TestPublisherConformance runs the app.Sink conformance suite against the Kafka publisher and
+// TestPublisherConformance runs the relay.Sink conformance suite against the Kafka publisher and
 // kfake (or the cluster named by KAFKA_BROKERS, without the tests that hold acknowledgements).
 func TestPublisherConformance(t *testing.T) {
 	t.Parallel()
@@ -54,7 +54,7 @@ func TestPublisherConformance(t *testing.T) {
 				return append([]sinktest.Delivered(nil), got...)
 			},
 			// A topic that does not exist (and is not created: auto creation is off).
-			Reject: func(m *app.Message) { m.Topic = "missing-" + domain.NewID()[:8] },
+			Reject: func(m *relay.Message) { m.Topic = "missing-" + domain.NewID()[:8] },
 		}
 		if b.Fake != nil {
 			var paused atomic.Bool

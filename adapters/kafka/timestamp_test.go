@@ -9,13 +9,13 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
 // publishAcked publishes m with pub and waits for the broker's answer.
-func publishAcked(t *testing.T, pub *kafka.Publisher, m *app.Message) {
+func publishAcked(t *testing.T, pub *kafka.Publisher, m *relay.Message) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -40,8 +40,8 @@ func TestRecordTimestamp(t *testing.T) {
 	t.Parallel()
 	b := kafkatest.Start(t)
 	occurred := time.Date(2021, 3, 4, 5, 6, 7, 891234567, time.UTC)
-	msg := func(topic string) *app.Message {
-		return &app.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "k1",
+	msg := func(topic string) *relay.Message {
+		return &relay.Message{EventID: domain.NewID(), AggregateType: "order", AggregateID: "k1",
 			EventType: "OrderPlaced", Payload: []byte(`{}`), Topic: topic, OccurredAt: occurred}
 	}
 	read := func(topic string) *kgo.Record {
@@ -77,8 +77,8 @@ func TestRecordTimestamp(t *testing.T) {
 
 	old := msg(topic)
 	old.OccurredAt = time.Date(1969, 12, 31, 23, 59, 59, 0, time.UTC)
-	if _, err := evt.Record(old); !errors.Is(err, app.ErrInvalidMessage) {
-		t.Errorf("occurred_at in 1969: %v, want app.ErrInvalidMessage", err)
+	if _, err := evt.Record(old); !errors.Is(err, relay.ErrInvalidMessage) {
+		t.Errorf("occurred_at in 1969: %v, want relay.ErrInvalidMessage", err)
 	}
 	if _, err := prod.Record(old); err != nil {
 		t.Errorf("occurred_at in 1969 with produce timestamps: %v, want no error", err)

@@ -8,19 +8,19 @@ import (
 	"sync"
 	"time"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // ErrAborted is the error of the messages failed by Sink.Abort.
 var ErrAborted = errors.New("memory sink: publish aborted")
 
-// Sink is an in-memory broker for the relay: app.Sink. A message it accepts is confirmed at
+// Sink is an in-memory broker for the relay: relay.Sink. A message it accepts is confirmed at
 // once (done runs within Publish) and kept, in order, unless Hold was called: then messages wait,
 // unconfirmed, until Release. Reject, when set, lets a test refuse chosen messages.
 type Sink struct {
 	// Reject, when not nil, is asked about every message before it is kept: a non-nil error
 	// refuses the message (done is called with it, nothing is kept). Set it before use.
-	Reject func(m *app.Message) error
+	Reject func(m *relay.Message) error
 
 	mu      sync.Mutex
 	kept    []Delivery
@@ -29,29 +29,29 @@ type Sink struct {
 }
 
 type heldMessage struct {
-	m    *app.Message
+	m    *relay.Message
 	done func(error)
 }
 
-var _ app.Sink = (*Sink)(nil)
+var _ relay.Sink = (*Sink)(nil)
 
 // NewSink returns an empty sink.
 func NewSink() *Sink { return &Sink{} }
 
-// Publish implements app.Sink. Like the other sinks, it refuses with app.ErrInvalidMessage a
-// message that app.Message.Check refuses, or whose headers are not a JSON object of strings or
-// set one of the relay's own (app.CheckHeader).
-func (s *Sink) Publish(_ context.Context, m *app.Message, done func(error)) error {
+// Publish implements relay.Sink. Like the other sinks, it refuses with relay.ErrInvalidMessage a
+// message that relay.Message.Check refuses, or whose headers are not a JSON object of strings or
+// set one of the relay's own (relay.CheckHeader).
+func (s *Sink) Publish(_ context.Context, m *relay.Message, done func(error)) error {
 	if err := m.Check(); err != nil {
 		return err
 	}
 	if m.Headers != nil {
 		var hs map[string]string
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
-			return fmt.Errorf("%w: headers is not a JSON object of strings: %v", app.ErrInvalidMessage, err)
+			return fmt.Errorf("%w: headers is not a JSON object of strings: %v", relay.ErrInvalidMessage, err)
 		}
 		for k := range hs {
-			if err := app.CheckHeader(k); err != nil {
+			if err := relay.CheckHeader(k); err != nil {
 				return err
 			}
 		}
@@ -71,24 +71,24 @@ func (s *Sink) Publish(_ context.Context, m *app.Message, done func(error)) erro
 // Delivery is a message as the in-memory broker keeps it: the row, and the key, headers and
 // payload a consumer would read (the same headers as the Kafka sink's).
 type Delivery struct {
-	Message app.Message
+	Message relay.Message
 	Key     string
 	Headers map[string]string
 	Payload []byte
 }
 
 // keep stores m unless Reject refuses it. s.mu is held.
-func (s *Sink) keep(m *app.Message) error {
+func (s *Sink) keep(m *relay.Message) error {
 	if s.Reject != nil {
 		if err := s.Reject(m); err != nil {
 			return err
 		}
 	}
 	h := map[string]string{
-		app.HeaderEventID:       m.EventID,
-		app.HeaderEventType:     m.EventType,
-		app.HeaderAggregateType: m.AggregateType,
-		app.HeaderOccurredAt:    m.OccurredAt.UTC().Format(time.RFC3339Nano),
+		relay.HeaderEventID:       m.EventID,
+		relay.HeaderEventType:     m.EventType,
+		relay.HeaderAggregateType: m.AggregateType,
+		relay.HeaderOccurredAt:    m.OccurredAt.UTC().Format(time.RFC3339Nano),
 	}
 	if m.Headers != nil {
 		var hs map[string]string
@@ -101,7 +101,7 @@ func (s *Sink) keep(m *app.Message) error {
 	return nil
 }
 
-// Abort implements app.Sink: the held messages fail with ErrAborted.
+// Abort implements relay.Sink: the held messages fail with ErrAborted.
 func (s *Sink) Abort(context.Context) error {
 	s.mu.Lock()
 	held := s.held

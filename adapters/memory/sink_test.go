@@ -5,14 +5,14 @@ import (
 	"testing"
 
 	"github.com/outbox-relay/outbox-relay/adapters/memory"
-	"github.com/outbox-relay/outbox-relay/app"
-	"github.com/outbox-relay/outbox-relay/app/sinktest"
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/app/relay/sinktest"
 )
 
 func TestSinkConformance(t *testing.T) {
 	sinktest.Run(t, func(t *testing.T) *sinktest.Env {
 		s := memory.NewSink()
-		s.Reject = func(m *app.Message) error {
+		s.Reject = func(m *relay.Message) error {
 			if m.Topic == "refused" {
 				return fmt.Errorf("topic %q refused", m.Topic)
 			}
@@ -29,7 +29,7 @@ func TestSinkConformance(t *testing.T) {
 			},
 			Pause:  func(*testing.T) { s.Hold() },
 			Resume: func(*testing.T) { s.Release() },
-			Reject: func(m *app.Message) { m.Topic = "refused" },
+			Reject: func(m *relay.Message) { m.Topic = "refused" },
 		}
 	})
 }

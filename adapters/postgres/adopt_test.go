@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -199,7 +199,7 @@ func TestAdoptExistingTables(t *testing.T) {
 			if err != nil {
 				t.Fatalf("second Claim: %v", err)
 			}
-			got := func(ms []app.Message) (out []string) {
+			got := func(ms []relay.Message) (out []string) {
 				for _, m := range ms {
 					out = append(out, fmt.Sprintf("%s:%d:%s", m.EventID, m.Attempts, m.Payload))
 				}

@@ -4,7 +4,7 @@ import (
 	"sync"
 	"unsafe"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // chunksFreeMin is the fewest chunks kept for reuse (chunkSize each). More are kept when the
@@ -98,7 +98,7 @@ func (c *chunks) budget(n int) {
 }
 
 // release records that nothing refers to the pieces of msgs any more.
-func (c *chunks) release(msgs []*app.Message) {
+func (c *chunks) release(msgs []*relay.Message) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var last *chunk // rows released together were mostly copied together: look there first

@@ -9,7 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -18,7 +18,7 @@ const chunkRowSize = 60 << 10
 
 // chunkRows fills a fresh outbox with n rows whose payloads are chunkRowSize bytes, each the hex
 // byte of hexByte (an SQL expression over the row number i), and returns a session on it.
-func chunkRows(t *testing.T, n int, hexByte string) app.Session {
+func chunkRows(t *testing.T, n int, hexByte string) relay.Session {
 	t.Helper()
 	pool, table := dbtest.Schema(t)
 	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
@@ -36,25 +36,25 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 	ctx := context.Background()
 	const size = chunkRowSize
 	sess := chunkRows(t, 24, `lpad(to_hex(i), 2, '0')`) // row i's payload: bytes of value i
-	rel, ok := sess.(app.Releaser)
+	rel, ok := sess.(relay.Releaser)
 	if !ok {
-		t.Fatal("the postgres session is not an app.Releaser")
+		t.Fatal("the postgres session is not an relay.Releaser")
 	}
 	var skip []int64
-	claim := func(n int) []*app.Message {
+	claim := func(n int) []*relay.Message {
 		t.Helper()
 		rows, err := sess.Claim(ctx, 0, skip, n, 1<<30, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		out := make([]*app.Message, len(rows))
+		out := make([]*relay.Message, len(rows))
 		for i := range rows {
 			out[i] = &rows[i]
 			skip = append(skip, rows[i].ID)
 		}
 		return out
 	}
-	intact := func(what string, msgs []*app.Message) {
+	intact := func(what string, msgs []*relay.Message) {
 		t.Helper()
 		for _, m := range msgs {
 			if want := bytes.Repeat([]byte{byte(m.ID - skip[0] + 1)}, size); !bytes.Equal(m.Payload, want) {
@@ -62,7 +62,7 @@ func TestClaimReusesReleasedChunks(t *testing.T) {
 			}
 		}
 	}
-	addr := func(m *app.Message) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(m.Payload))) }
+	addr := func(m *relay.Message) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(m.Payload))) }
 
 	first := claim(8) // rows 1-4 fill a chunk, 5-8 the next
 	intact("first claim", first)
@@ -90,7 +90,7 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	sess := chunkRows(t, 64, `'cd'`)
-	rel := sess.(app.Releaser)
+	rel := sess.(relay.Releaser)
 	const budget = 3 << 20                                 // twelve chunks
 	first, err := sess.Claim(ctx, 0, nil, 32, budget, nil) // eight chunks
 	if err != nil {
@@ -101,7 +101,7 @@ func TestClaimKeepsChunksForItsBudget(t *testing.T) {
 	}
 	used := map[uintptr]bool{}
 	var skip []int64
-	msgs := make([]*app.Message, len(first))
+	msgs := make([]*relay.Message, len(first))
 	for i := range first {
 		msgs[i] = &first[i]
 		used[uintptr(unsafe.Pointer(unsafe.SliceData(first[i].Payload)))] = true

@@ -9,8 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // The claim reads a batch of rows on every wake-up and up to a hundred thousand rows a second
@@ -106,8 +105,8 @@ func (d *claimDecoder) pendingText() int {
 type textSpans struct{ eventID, aggregateID [2]int32 }
 
 // decode appends the message of one raw row to out. Until finish, its Size misses pendingText.
-func (d *claimDecoder) decode(out []app.Message, vals [][]byte) ([]app.Message, error) {
-	var m app.Message
+func (d *claimDecoder) decode(out []relay.Message, vals [][]byte) ([]relay.Message, error) {
+	var m relay.Message
 	if len(vals) != claimColumns || len(vals[0]) != 8 || len(vals[10]) != 4 {
 		return out, fmt.Errorf("claim: unexpected row of %d columns", len(vals))
 	}
@@ -142,7 +141,7 @@ func (d *claimDecoder) decode(out []app.Message, vals [][]byte) ([]app.Message, 
 
 // finish sets the strings of the messages decoded since the last finish, which are the last
 // len(d.spans) messages of out, from one allocation.
-func (d *claimDecoder) finish(out []app.Message) {
+func (d *claimDecoder) finish(out []relay.Message) {
 	text := string(d.text)
 	first := len(out) - len(d.spans)
 	for i, sp := range d.spans {
@@ -200,7 +199,7 @@ func (d *claimDecoder) bytes(b []byte) []byte {
 const pgEpochMicros = 946684800 * 1_000_000
 
 // timestamptz decodes a binary timestamptz. 'infinity' and '-infinity' become the zero time with
-// infinite set, which sinks refuse as invalid (app.Message.OccurredAtInfinite): the row is parked,
+// infinite set, which sinks refuse as invalid (relay.Message.OccurredAtInfinite): the row is parked,
 // not the claim failed. The zero time alone is 0001-01-01T00:00:00Z, a valid occurred_at.
 func timestamptz(b []byte) (t time.Time, infinite bool, err error) {
 	if len(b) != 8 {

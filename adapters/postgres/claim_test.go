@@ -12,7 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -50,10 +50,10 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	claimAll := func(url string, batch int) [][]app.Message {
+	claimAll := func(url string, batch int) [][]relay.Message {
 		t.Helper()
 		sess := dbtest.Session(t, table, url)
-		var claims [][]app.Message
+		var claims [][]relay.Message
 		var skip []int64 // every row claimed so far: the next claim reads past them
 		for {
 			rows, err := sess.Claim(ctx, 0, skip, batch, 1<<30, nil)
@@ -78,7 +78,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	}
 	binary := claimAll(dbtest.URL(), 500)
 	scanned := claimAll(dbtest.URL()+sep+"default_query_exec_mode=simple_protocol", 3010)
-	var got, want []app.Message
+	var got, want []relay.Message
 	for _, c := range binary {
 		got = append(got, c...)
 	}
@@ -200,7 +200,7 @@ func TestClaimDecodesEveryColumn(t *testing.T) {
 	}
 }
 
-func show(m app.Message) string {
+func show(m relay.Message) string {
 	p := m.Payload
 	if len(p) > 40 {
 		p = p[:40]
@@ -230,7 +230,7 @@ func TestClaimLeavesHeldKeysOut(t *testing.T) {
 		ids = append(ids, id)
 	}
 	sess := dbtest.Session(t, table, dbtest.URL())
-	claim := func(skip []int64, hold app.Blocked) []int64 {
+	claim := func(skip []int64, hold relay.Blocked) []int64 {
 		t.Helper()
 		rows, err := sess.Claim(ctx, 0, skip, 100, 1<<30, hold)
 		if err != nil {
@@ -242,10 +242,10 @@ func TestClaimLeavesHeldKeysOut(t *testing.T) {
 		}
 		return got
 	}
-	hold := app.Blocked{
-		app.BlockKey("order", "a"): ids[4], // its second row may go, not its first nor its third
-		app.BlockKey("order", "b"): 0,
-		app.BlockKey("order", ""):  0, // the NULL and the empty key
+	hold := relay.Blocked{
+		relay.BlockKey("order", "a"): ids[4], // its second row may go, not its first nor its third
+		relay.BlockKey("order", "b"): 0,
+		relay.BlockKey("order", ""):  0, // the NULL and the empty key
 	}
 	want := []int64{ids[2], ids[4], ids[6], ids[8]}
 	if got := claim(nil, hold); !slices.Equal(got, want) {

@@ -9,8 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // horizonEvery is how often Horizon looks at the writers again. Each look is one round trip
@@ -38,7 +37,7 @@ type horizon struct {
 	last     time.Time
 }
 
-// Horizon implements app.Session.
+// Horizon implements relay.Session.
 func (s *session) Horizon(ctx context.Context) (int64, error) {
 	h := &s.hz
 	if h.off || time.Since(h.last) < horizonEvery {
@@ -60,11 +59,11 @@ func (s *session) Horizon(ctx context.Context) (int64, error) {
 		switch {
 		case seq == nil:
 			h.off = true
-			return 0, fmt.Errorf("%w: %s.%s has no sequence", app.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
+			return 0, fmt.Errorf("%w: %s.%s has no sequence", relay.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
 		case cache == nil || *cache != 1:
 			// A session caching ids can insert, much later, a row with an id below the last one.
 			h.off = true
-			return 0, fmt.Errorf("%w: the sequence of %s.%s caches ids per session (CACHE > 1)", app.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
+			return 0, fmt.Errorf("%w: the sequence of %s.%s caches ids per session (CACHE > 1)", relay.ErrNoHorizon, s.store.table, s.store.table.Columns.ID)
 		}
 		h.seq = *seq
 	}
@@ -89,7 +88,7 @@ func (s *session) Horizon(ctx context.Context) (int64, error) {
 	if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
 		h.off = true
 		return 0, fmt.Errorf("%w: cannot read the sequence of %s.id (grant SELECT on it: sql/roles/relay_role.sql): %s",
-			app.ErrNoHorizon, s.store.table, pgErr.Message)
+			relay.ErrNoHorizon, s.store.table, pgErr.Message)
 	}
 	if err != nil {
 		return 0, s.wrap(err)

@@ -8,7 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -82,7 +82,7 @@ func TestHorizonRefusesCachedSequences(t *testing.T) {
 		t.Fatal(err)
 	}
 	sess := dbtest.Session(t, table, dbtest.URL())
-	if _, err := sess.Horizon(ctx); !errors.Is(err, app.ErrNoHorizon) {
+	if _, err := sess.Horizon(ctx); !errors.Is(err, relay.ErrNoHorizon) {
 		t.Fatalf("horizon error %v, want ErrNoHorizon", err)
 	}
 	if h, err := sess.Horizon(ctx); err != nil || h != 0 {

@@ -7,14 +7,14 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // LeaderLeaseDefault is the default of StoreConfig.LeaderLease.
 const LeaderLeaseDefault = 4 * time.Second
 
 // errLeaseExpired is the error of a term's context once its lease ran out.
-var errLeaseExpired = fmt.Errorf("%w: not confirmed within relay.leader_lease", app.ErrNotLeader)
+var errLeaseExpired = fmt.Errorf("%w: not confirmed within relay.leader_lease", relay.ErrNotLeader)
 
 // lease is the context of one leadership term, as the relay hands records to the sink with it:
 // done as soon as the leadership was last confirmed more than the lease ago, or the term ended.

@@ -8,8 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // The relay's leadership is a session-level advisory lock, its wake-ups a LISTEN and its mark
@@ -41,7 +40,7 @@ const errPooled = "the database connection goes through a connection pooler in %
 
 // CheckSession connects to the database with conn, checks that the connection keeps a session
 // (no connection pooler in transaction or statement mode), and disconnects. Its error wraps
-// app.ErrSessionUnsupported when a pooler cannot keep one; it never contains the password.
+// relay.ErrSessionUnsupported when a pooler cannot keep one; it never contains the password.
 func CheckSession(ctx context.Context, conn *pgx.ConnConfig) error {
 	connect := func(ctx context.Context, suffix string) (*pgx.Conn, error) {
 		cfg := conn.Copy()
@@ -65,7 +64,7 @@ func CheckSession(ctx context.Context, conn *pgx.ConnConfig) error {
 }
 
 // backendPID returns the server backend's pid of conn, an open session, and an error wrapping
-// app.ErrSessionUnsupported if conn goes through a pooler that does not keep sessions. probe
+// relay.ErrSessionUnsupported if conn goes through a pooler that does not keep sessions. probe
 // opens the second client connection the check needs, only when a pooler is detected.
 func backendPID(ctx context.Context, conn *pgx.Conn, probe func(context.Context) (*pgx.Conn, error)) (int32, error) {
 	pid, err := queryPID(ctx, conn)
@@ -82,20 +81,20 @@ func backendPID(ctx context.Context, conn *pgx.Conn, probe func(context.Context)
 	defer other.Close(context.WithoutCancel(ctx))
 	if _, err := other.Exec(ctx, `BEGIN`, pgx.QueryExecModeSimpleProtocol); err != nil {
 		if isStatementPooling(err) {
-			return 0, fmt.Errorf("%w: "+errPooled, app.ErrSessionUnsupported, "statement")
+			return 0, fmt.Errorf("%w: "+errPooled, relay.ErrSessionUnsupported, "statement")
 		}
 		return 0, fmt.Errorf("check the connection pooler's mode: %w", err)
 	}
 	otherPID, err := queryPID(ctx, other)
 	if err != nil {
 		if isStatementPooling(err) {
-			return 0, fmt.Errorf("%w: "+errPooled, app.ErrSessionUnsupported, "statement")
+			return 0, fmt.Errorf("%w: "+errPooled, relay.ErrSessionUnsupported, "statement")
 		}
 		return 0, fmt.Errorf("check the connection pooler's mode: %w", err)
 	}
 	if otherPID == pid {
 		return 0, fmt.Errorf("%w: "+errPooled+" (another client was given this session's server backend %d)",
-			app.ErrSessionUnsupported, "transaction", pid)
+			relay.ErrSessionUnsupported, "transaction", pid)
 	}
 	again, err := queryPID(ctx, conn)
 	if err != nil {
@@ -103,7 +102,7 @@ func backendPID(ctx context.Context, conn *pgx.Conn, probe func(context.Context)
 	}
 	if again != pid {
 		return 0, fmt.Errorf("%w: "+errPooled+" (this session's server backend changed from %d to %d)",
-			app.ErrSessionUnsupported, "transaction", pid, again)
+			relay.ErrSessionUnsupported, "transaction", pid, again)
 	}
 	_, _ = other.Exec(ctx, `ROLLBACK`, pgx.QueryExecModeSimpleProtocol)
 	return pid, nil

@@ -11,7 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -104,8 +104,8 @@ func TestWriterAppendRefusesWhatTheRelayWouldPark(t *testing.T) {
 		"year 0 in UTC":  withTime(time.Date(1, 1, 1, 0, 30, 0, 0, time.FixedZone("+01", 3600))),
 	} {
 		err := w.Append(ctx, pool, ok, bad)
-		if !errors.Is(err, app.ErrInvalidMessage) {
-			t.Errorf("Append with %s: %v, want an error wrapping app.ErrInvalidMessage", name, err)
+		if !errors.Is(err, relay.ErrInvalidMessage) {
+			t.Errorf("Append with %s: %v, want an error wrapping relay.ErrInvalidMessage", name, err)
 		}
 	}
 	if rows := readOutbox(t, ctx, pool, table); len(rows) != 0 {

@@ -7,8 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // RetainedFilter selects retained rows: rows published with relay.mark=retain, whose
@@ -57,7 +56,7 @@ func CountRetained(ctx context.Context, pool *pgxpool.Pool, t Table, f RetainedF
 // ReadRetained returns up to limit retained rows of t that f selects, with an id above after, in
 // id order (so in order per key), as the relay read them to publish them. Rows the purge deletes
 // meanwhile are simply not returned.
-func ReadRetained(ctx context.Context, pool *pgxpool.Pool, t Table, f RetainedFilter, after int64, limit int) ([]app.Message, error) {
+func ReadRetained(ctx context.Context, pool *pgxpool.Pool, t Table, f RetainedFilter, after int64, limit int) ([]relay.Message, error) {
 	t = t.WithDefaults()
 	where, args := f.where(t)
 	// The columns as the claim reads them (table.go), so a mapped table replays as it published.
@@ -67,9 +66,9 @@ func ReadRetained(ctx context.Context, pool *pgxpool.Pool, t Table, f RetainedFi
 	if err != nil {
 		return nil, fmt.Errorf("read retained rows of %s: %w", t, err)
 	}
-	var out []app.Message
+	var out []relay.Message
 	var (
-		m       app.Message
+		m       relay.Message
 		key     *string
 		topic   *string
 		headers *string

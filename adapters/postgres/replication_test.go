@@ -12,14 +12,14 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/pgcluster"
 )
 
 // replSession opens a session on table at url with the replication wait mode and a short query
 // timeout; hook, when set, is the store's OnReplicationWait.
-func replSession(t *testing.T, table postgres.Table, url, mode string, hook func(time.Duration)) app.Session {
+func replSession(t *testing.T, table postgres.Table, url, mode string, hook func(time.Duration)) relay.Session {
 	t.Helper()
 	conn, err := postgres.ParseURL(url)
 	if err != nil {

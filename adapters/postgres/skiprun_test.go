@@ -23,7 +23,7 @@ func TestSkipRun(t *testing.T) {
 		{name: "a gap, out of order", skip: []int64{12, 2, 10, 1, 11}, lo: 10, hi: 12, rest: []int64{1, 2}},
 		{name: "runs of equal length: the first", skip: []int64{5, 6, 1, 2}, lo: 1, hi: 2, rest: []int64{5, 6}},
 		{name: "scattered ids", skip: []int64{9, 3, 7}, lo: 3, hi: 3, rest: []int64{7, 9}},
-		// skip holds distinct ids (app.Session.Claim): with a duplicate, as in [4 4 6], the fast
+		// skip holds distinct ids (relay.Session.Claim): with a duplicate, as in [4 4 6], the fast
 		// path's span check would take [4, 6] and skip row 5.
 	}
 	var s session // the buffers are reused from one case to the next, as by one session's claims

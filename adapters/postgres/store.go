@@ -20,7 +20,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/pgx/v5/pgtype"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -57,7 +57,7 @@ type StoreConfig struct {
 	OnReplicationWait func(took time.Duration)
 }
 
-// Store is the relay's view of one outbox in PostgreSQL: app.Store.
+// Store is the relay's view of one outbox in PostgreSQL: relay.Store.
 type Store struct {
 	conn    *pgx.ConnConfig
 	table   Table
@@ -70,9 +70,9 @@ type Store struct {
 }
 
 var (
-	_ app.Store    = (*Store)(nil)
-	_ app.Releaser = (*session)(nil)
-	_ app.Fenced   = (*session)(nil)
+	_ relay.Store    = (*Store)(nil)
+	_ relay.Releaser = (*session)(nil)
+	_ relay.Fenced   = (*session)(nil)
 )
 
 type queries struct {
@@ -260,9 +260,9 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	return s, nil
 }
 
-// Open implements app.Store: it connects one dedicated connection, and a second one for marks on
+// Open implements relay.Store: it connects one dedicated connection, and a second one for marks on
 // the first Mark.
-func (s *Store) Open(ctx context.Context) (app.Session, error) {
+func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
 	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
@@ -332,7 +332,7 @@ func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) 
 	return context.WithTimeout(ctx, s.store.timeout)
 }
 
-// TryLead implements app.Session with a session-level advisory lock: it lasts as long as the
+// TryLead implements relay.Session with a session-level advisory lock: it lasts as long as the
 // connection, so a dead relay's leadership ends with its connection.
 func (s *session) TryLead(ctx context.Context) (bool, error) {
 	ctx, cancel := s.op(ctx)
@@ -345,13 +345,13 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	}
 	if pid != s.pid {
 		return false, fmt.Errorf("%w: "+errPooled+" (this session's server backend changed from %d to %d)",
-			app.ErrSessionUnsupported, "transaction", s.pid, pid)
+			relay.ErrSessionUnsupported, "transaction", s.pid, pid)
 	}
 	if readOnly {
 		if locked {
 			_, _ = s.conn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.store.table.lockKey())
 		}
-		return false, app.ErrReadOnly
+		return false, relay.ErrReadOnly
 	}
 	if !locked {
 		took, err := s.takeOverSilent(ctx)
@@ -372,10 +372,10 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// Claim implements app.Session. Rows are decoded from their binary form (claim.go); a
+// Claim implements relay.Session. Rows are decoded from their binary form (claim.go); a
 // connection that cannot return it (the simple protocol) is read with Scan. With
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
-func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
@@ -386,7 +386,7 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	return out, nil
 }
 
-func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	lo, hi, rest := s.skipRun(skip)
@@ -405,7 +405,7 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	defer rows.Close()
 	// As many as the last claim returned, so a backlog's full batches are read without growing
 	// the slice (each growth copied every message so far), and a caught-up relay's are small.
-	out := make([]app.Message, 0, min(limit, max(64, s.lastRows)))
+	out := make([]relay.Message, 0, min(limit, max(64, s.lastRows)))
 	scan := !s.dec.decodable(rows.FieldDescriptions())
 	if s.dec.intern == nil {
 		s.dec.intern = make(map[string]string)
@@ -442,11 +442,11 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 
 // holdArgs returns the held keys of hold as two arrays, their aggregate types and ids, and the
 // heads that may still be claimed.
-func holdArgs(hold app.Blocked) (types, ids []string, heads []int64) {
+func holdArgs(hold relay.Blocked) (types, ids []string, heads []int64) {
 	types, ids = make([]string, 0, len(hold)), make([]string, 0, len(hold))
 	heads = []int64{}
 	for k, head := range hold {
-		at, aid := app.SplitBlockKey(k)
+		at, aid := relay.SplitBlockKey(k)
 		types, ids = append(types, at), append(ids, aid)
 		if head > 0 {
 			heads = append(heads, head)
@@ -455,9 +455,9 @@ func holdArgs(hold app.Blocked) (types, ids []string, heads []int64) {
 	return types, ids, heads
 }
 
-// Release implements app.Releaser: the chunks the claims copied the payloads and headers of msgs
+// Release implements relay.Releaser: the chunks the claims copied the payloads and headers of msgs
 // into may be reused once every piece in them was released.
-func (s *session) Release(msgs []*app.Message) { s.dec.pool.release(msgs) }
+func (s *session) Release(msgs []*relay.Message) { s.dec.pool.release(msgs) }
 
 // skipRun splits the ids to skip into the longest run of consecutive ids, [lo, hi], which the
 // claim passes over by range (the run holds every id between its ends, so no other row can be
@@ -498,8 +498,8 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 }
 
 // scanClaimed appends the message of the current row to out, with Scan.
-func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
-	var m app.Message
+func scanClaimed(out []relay.Message, rows pgx.Rows) ([]relay.Message, error) {
+	var m relay.Message
 	var aggregateID, headers *string
 	var occurred, created pgtype.Timestamptz
 	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &aggregateID, &m.EventType, &m.Payload,
@@ -525,9 +525,9 @@ func scanClaimed(out []app.Message, rows pgx.Rows) ([]app.Message, error) {
 	return append(out, m), nil
 }
 
-// Mark implements app.Session.
+// Mark implements relay.Session.
 // It runs on the session's mark connection, so it may run beside the other methods, and commits
-// only if the session still holds the leadership (else it returns app.ErrNotLeader): as when
+// only if the session still holds the leadership (else it returns relay.ErrNotLeader): as when
 // the marks ran on the session's own connection, a term's marks end with its leadership.
 //
 // The mark connection idles between marks, and the server may end an idle session
@@ -541,7 +541,7 @@ func (s *session) Mark(ctx context.Context, ids []int64) error {
 	defer s.markMu.Unlock()
 	reused := s.markConn != nil && !s.markConn.IsClosed()
 	err := s.mark(ctx, ids)
-	if err != nil && reused && !errors.Is(err, app.ErrNotLeader) && ctx.Err() == nil &&
+	if err != nil && reused && !errors.Is(err, relay.ErrNotLeader) && ctx.Err() == nil &&
 		(s.markConn == nil || s.markConn.IsClosed()) {
 		err = s.mark(ctx, ids)
 	}
@@ -580,7 +580,7 @@ func (s *session) mark(ctx context.Context, ids []int64) error {
 		err = eerr
 	}
 	if err == nil && !leading {
-		err = app.ErrNotLeader
+		err = relay.ErrNotLeader
 	}
 	if err != nil && !s.markConn.IsClosed() && s.markConn.PgConn().TxStatus() != 'I' {
 		_ = s.markConn.Close(ctx) // left in a transaction: reconnect on the next Mark
@@ -644,7 +644,7 @@ func (s *session) heartbeat(stop, done chan struct{}) {
 	}
 }
 
-// TermContext implements app.Fenced: the lease of the term TryLead began, and how long the
+// TermContext implements relay.Fenced: the lease of the term TryLead began, and how long the
 // previous leader's lease may still run: a lease if this session saw another leader and took the
 // lock after it went (it may be frozen rather than gone); none if there was no other leader, or
 // if TryLead ended a leader that had been silent for longer than a lease.
@@ -695,7 +695,7 @@ func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
 		return false, fmt.Errorf("%w: leader backend %d: %s (give the relay's role the leader's role or pg_signal_backend: relay_role.sql -v signal=on)",
-			app.ErrTakeoverDenied, pid, pgErr.Message)
+			relay.ErrTakeoverDenied, pid, pgErr.Message)
 	}
 	if err != nil {
 		return false, fmt.Errorf("end the session of leader %d, silent for longer than relay.leader_lease while rows wait: %w", pid, s.wrap(err))
@@ -708,7 +708,7 @@ func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
 	return locked, nil
 }
 
-// Retry implements app.Session.
+// Retry implements relay.Session.
 func (s *session) Retry(ctx context.Context, id int64, reason string, delay time.Duration) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
@@ -716,7 +716,7 @@ func (s *session) Retry(ctx context.Context, id int64, reason string, delay time
 	return s.wrap(err)
 }
 
-// Park implements app.Session.
+// Park implements relay.Session.
 func (s *session) Park(ctx context.Context, id int64, reason string) error {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
@@ -724,11 +724,11 @@ func (s *session) Park(ctx context.Context, id int64, reason string) error {
 	return s.wrap(err)
 }
 
-// Blocked implements app.Session.
-func (s *session) Blocked(ctx context.Context, withParked bool) (app.Blocked, error) {
+// Blocked implements relay.Session.
+func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	out := make(app.Blocked)
+	out := make(relay.Blocked)
 	rows, err := s.conn.Query(ctx, s.store.q.failing)
 	if err != nil {
 		return nil, s.wrap(err)
@@ -736,7 +736,7 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (app.Blocked, er
 	var at, aid string
 	var id int64
 	_, err = pgx.ForEachRow(rows, []any{&at, &aid, &id}, func() error {
-		out[app.BlockKey(at, aid)] = id
+		out[relay.BlockKey(at, aid)] = id
 		return nil
 	})
 	if err != nil {
@@ -750,13 +750,13 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (app.Blocked, er
 		return nil, s.wrap(err)
 	}
 	_, err = pgx.ForEachRow(rows, []any{&at, &aid}, func() error {
-		out[app.BlockKey(at, aid)] = 0
+		out[relay.BlockKey(at, aid)] = 0
 		return nil
 	})
 	return out, s.wrap(err)
 }
 
-// Wait implements app.Session.
+// Wait implements relay.Session.
 func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -767,10 +767,10 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 	return s.wrap(err)
 }
 
-// Notified implements app.Session.
+// Notified implements relay.Session.
 func (s *session) Notified() bool { return s.notified.Swap(false) }
 
-// Close implements app.Session.
+// Close implements relay.Session.
 func (s *session) Close(ctx context.Context) error {
 	if s.term != nil {
 		s.term.end()
@@ -793,7 +793,7 @@ func (s *session) wrap(err error) error {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
-		return fmt.Errorf("%w: %s", app.ErrReadOnly, pgErr.Message)
+		return fmt.Errorf("%w: %s", relay.ErrReadOnly, pgErr.Message)
 	}
 	if s.store.conn.Password != "" && strings.Contains(err.Error(), s.store.conn.Password) {
 		return errors.New(Redact(err.Error(), s.store.conn.Password))

@@ -8,15 +8,14 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	prom "github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/twmb/franz-go/pkg/kerr"
-
-	"github.com/outbox-relay/outbox-relay/app"
 )
 
-// Metrics records what the relay does: app.RelayObserver.
+// Metrics records what the relay does: relay.Observer.
 type Metrics struct {
 	Registry *prom.Registry
 
@@ -34,7 +33,7 @@ type Metrics struct {
 	partitions    *prom.GaugeVec
 }
 
-var _ app.RelayObserver = (*Metrics)(nil)
+var _ relay.Observer = (*Metrics)(nil)
 
 // New returns Metrics registered in a new private registry, with Go and process collectors and
 // outbox_relay_build_info.
@@ -89,34 +88,34 @@ func (m *Metrics) Handler() http.Handler {
 // postgres.StoreConfig.OnReplicationWait.
 func (m *Metrics) ReplicationWaited(took time.Duration) { m.replWait.Observe(took.Seconds()) }
 
-// Claimed implements app.RelayObserver.
+// Claimed implements relay.Observer.
 func (m *Metrics) Claimed(n int, took time.Duration) {
 	m.batchSize.Observe(float64(n))
 	m.claimDuration.Observe(took.Seconds())
 }
 
-// Acked implements app.RelayObserver.
-func (m *Metrics) Acked(msg *app.Message, at time.Time) {
+// Acked implements relay.Observer.
+func (m *Metrics) Acked(msg *relay.Message, at time.Time) {
 	m.published.Inc()
 	m.latency.Observe(max(at.Sub(msg.CreatedAt).Seconds(), 0))
 	m.lastPublish.Set(float64(at.UnixNano()) / 1e9)
 }
 
-// Marked implements app.RelayObserver.
+// Marked implements relay.Observer.
 func (m *Metrics) Marked(_ int, took time.Duration) { m.markDuration.Observe(took.Seconds()) }
 
-// Failed implements app.RelayObserver.
-func (m *Metrics) Failed(_ *app.Message, err error) {
+// Failed implements relay.Observer.
+func (m *Metrics) Failed(_ *relay.Message, err error) {
 	m.publishErrors.WithLabelValues(Reason(err)).Inc()
 }
 
-// Parked implements app.RelayObserver.
-func (m *Metrics) Parked(*app.Message, string) { m.parked.Inc() }
+// Parked implements relay.Observer.
+func (m *Metrics) Parked(*relay.Message, string) { m.parked.Inc() }
 
-// Leading implements app.RelayObserver.
+// Leading implements relay.Observer.
 func (m *Metrics) Leading(leader bool) { m.leader.Set(b2f(leader)) }
 
-// Connected implements app.RelayObserver.
+// Connected implements relay.Observer.
 func (m *Metrics) Connected(up bool) { m.dbUp.Set(b2f(up)) }
 
 // TopicPartitions implements kafka.PartitionObserver.
@@ -132,7 +131,7 @@ func Reason(err error) string {
 	switch {
 	case errors.As(err, &ke):
 		return ke.Message
-	case errors.Is(err, app.ErrInvalidMessage):
+	case errors.Is(err, relay.ErrInvalidMessage):
 		return "invalid_message"
 	default:
 		return "other"

@@ -1,5 +1,5 @@
 // Package rabbitmq publishes outbox rows to a RabbitMQ exchange (AMQP 0-9-1) with publisher
-// confirms: the relay's app.Sink for RabbitMQ.
+// confirms: the relay's relay.Sink for RabbitMQ.
 package rabbitmq
 
 import (

@@ -14,21 +14,22 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app"
-	"github.com/outbox-relay/outbox-relay/app/sinktest"
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/app/relay/sinktest"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
 // markCheck wraps the store so that every Mark checks that the sink confirmed each row first.
 type markCheck struct {
-	app.Store
+	relay.Store
 	t       *testing.T
 	log     *sinktest.ConfirmLog
 	marked  atomic.Int64
 	badMark atomic.Int64
 }
 
-func (s *markCheck) Open(ctx context.Context) (app.Session, error) {
+func (s *markCheck) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -37,7 +38,7 @@ func (s *markCheck) Open(ctx context.Context) (app.Session, error) {
 }
 
 type markCheckSession struct {
-	app.Session
+	relay.Session
 	s *markCheck
 }
 
@@ -86,7 +87,7 @@ func TestRelayToRabbitMQSurvivesConnectionCuts(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := &markCheck{Store: pgStore, t: t, log: sink}
-	relay, err := app.NewRelay(app.RelayConfig{PollInterval: 50 * time.Millisecond, BatchSize: 20, MaxInFlight: 100},
+	relay, err := relay.New(relay.Config{PollInterval: 50 * time.Millisecond, BatchSize: 20, MaxInFlight: 100},
 		store, sink, nil, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -16,18 +16,18 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
-// Header names set on every message: the relay's reserved headers (app.ReservedHeaders), the
+// Header names set on every message: the relay's reserved headers (relay.ReservedHeaders), the
 // Kafka sink's plus aggregate-id (Kafka carries it as the record key).
 const (
-	HeaderEventID       = app.HeaderEventID
-	HeaderEventType     = app.HeaderEventType
-	HeaderAggregateType = app.HeaderAggregateType
-	HeaderAggregateID   = app.HeaderAggregateID
-	HeaderOccurredAt    = app.HeaderOccurredAt
+	HeaderEventID       = relay.HeaderEventID
+	HeaderEventType     = relay.HeaderEventType
+	HeaderAggregateType = relay.HeaderAggregateType
+	HeaderAggregateID   = relay.HeaderAggregateID
+	HeaderOccurredAt    = relay.HeaderOccurredAt
 )
 
 // ErrAborted is the error of the messages failed by Abort.
@@ -36,7 +36,7 @@ var ErrAborted = errors.New("rabbitmq: publish aborted")
 // ErrClosed is the error of the messages published to, or pending in, a closed Publisher.
 var ErrClosed = errors.New("rabbitmq: publisher closed")
 
-// Publisher publishes outbox rows to a RabbitMQ exchange: app.Sink.
+// Publisher publishes outbox rows to a RabbitMQ exchange: relay.Sink.
 //
 // It publishes on one channel in confirm mode, so messages leave in the order Publish was called
 // and each one's done is called only after the broker confirmed it (for a persistent message
@@ -66,14 +66,14 @@ type Publisher struct {
 }
 
 type pending struct {
-	m    *app.Message
+	m    *relay.Message
 	key  string
 	pub  amqp.Publishing
 	done func(error)
 	tag  uint64
 }
 
-var _ app.Sink = (*Publisher)(nil)
+var _ relay.Sink = (*Publisher)(nil)
 
 // NewPublisher validates cfg and starts the publisher's connection loop in the background. It
 // does not wait for the broker: call Ping to check it. log may be nil.
@@ -93,26 +93,26 @@ func NewPublisher(cfg Config, log *slog.Logger) (*Publisher, error) {
 }
 
 // RoutingKey returns the routing key of m.
-func (p *Publisher) RoutingKey(m *app.Message) string {
+func (p *Publisher) RoutingKey(m *relay.Message) string {
 	return strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType,
 		"{aggregate_id}", m.AggregateID).Replace(p.cfg.RoutingKeyTemplate)
 }
 
 // Message builds the routing key and the AMQP message of m, or returns an error wrapping
-// app.ErrInvalidMessage that says why m cannot be published.
-func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
+// relay.ErrInvalidMessage that says why m cannot be published.
+func (p *Publisher) Message(m *relay.Message) (string, amqp.Publishing, error) {
 	key := p.RoutingKey(m)
 	if len(key) > 255 {
-		return "", amqp.Publishing{}, fmt.Errorf("%w: routing key of %d bytes exceeds AMQP's 255", app.ErrInvalidMessage, len(key))
+		return "", amqp.Publishing{}, fmt.Errorf("%w: routing key of %d bytes exceeds AMQP's 255", relay.ErrInvalidMessage, len(key))
 	}
 	if err := m.Check(); err != nil { // the key and occurred_at
 		return "", amqp.Publishing{}, err
 	}
 	if m.Payload == nil {
-		return "", amqp.Publishing{}, fmt.Errorf("%w: payload is NULL (RabbitMQ has no tombstones)", app.ErrInvalidMessage)
+		return "", amqp.Publishing{}, fmt.Errorf("%w: payload is NULL (RabbitMQ has no tombstones)", relay.ErrInvalidMessage)
 	}
 	if len(m.Payload) > p.cfg.MaxMessageBytes {
-		return "", amqp.Publishing{}, fmt.Errorf("%w: body of %d bytes exceeds rabbitmq.max_message_bytes (%d)", app.ErrInvalidMessage, len(m.Payload), p.cfg.MaxMessageBytes)
+		return "", amqp.Publishing{}, fmt.Errorf("%w: body of %d bytes exceeds rabbitmq.max_message_bytes (%d)", relay.ErrInvalidMessage, len(m.Payload), p.cfg.MaxMessageBytes)
 	}
 	headers := amqp.Table{
 		HeaderEventID:       m.EventID,
@@ -125,18 +125,18 @@ func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
 	if m.Headers != nil {
 		var hs map[string]any
 		if err := json.Unmarshal(m.Headers, &hs); err != nil {
-			return "", amqp.Publishing{}, fmt.Errorf("%w: headers is not a JSON object: %v", app.ErrInvalidMessage, err)
+			return "", amqp.Publishing{}, fmt.Errorf("%w: headers is not a JSON object: %v", relay.ErrInvalidMessage, err)
 		}
 		for k, v := range hs {
-			if err := app.CheckHeader(k); err != nil {
+			if err := relay.CheckHeader(k); err != nil {
 				return "", amqp.Publishing{}, err
 			}
 			s, ok := v.(string)
 			if !ok {
-				return "", amqp.Publishing{}, fmt.Errorf("%w: header %q is not a string", app.ErrInvalidMessage, k)
+				return "", amqp.Publishing{}, fmt.Errorf("%w: header %q is not a string", relay.ErrInvalidMessage, k)
 			}
 			if len(k) > 255 {
-				return "", amqp.Publishing{}, fmt.Errorf("%w: header name of %d bytes exceeds AMQP's 255", app.ErrInvalidMessage, len(k))
+				return "", amqp.Publishing{}, fmt.Errorf("%w: header name of %d bytes exceeds AMQP's 255", relay.ErrInvalidMessage, len(k))
 			}
 			headers[k] = s
 			if strings.EqualFold(k, "content-type") {
@@ -156,10 +156,10 @@ func (p *Publisher) Message(m *app.Message) (string, amqp.Publishing, error) {
 	}, nil
 }
 
-// Publish implements app.Sink. It never blocks on the broker: the message is queued and sent by
+// Publish implements relay.Sink. It never blocks on the broker: the message is queued and sent by
 // the publisher's loop; done is called once the broker confirmed it, or with the broker's
 // refusal (a nack, or an unroutable message returned), or by Abort or Close.
-func (p *Publisher) Publish(_ context.Context, m *app.Message, done func(error)) error {
+func (p *Publisher) Publish(_ context.Context, m *relay.Message, done func(error)) error {
 	key, pub, err := p.Message(m)
 	if err != nil {
 		return err
@@ -176,7 +176,7 @@ func (p *Publisher) Publish(_ context.Context, m *app.Message, done func(error))
 	return nil
 }
 
-// Abort implements app.Sink: every message not yet confirmed fails with ErrAborted, and Abort
+// Abort implements relay.Sink: every message not yet confirmed fails with ErrAborted, and Abort
 // returns once their done calls ran. A message already written to the socket may still reach
 // the broker: it is reported failed, and the relay publishes it again later.
 func (p *Publisher) Abort(context.Context) error {

@@ -12,8 +12,8 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
-	"github.com/outbox-relay/outbox-relay/app"
-	"github.com/outbox-relay/outbox-relay/app/sinktest"
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/app/relay/sinktest"
 	"github.com/outbox-relay/outbox-relay/domain"
 )
 
@@ -113,7 +113,7 @@ func headerString(d amqp.Delivery, k string) string {
 	return ""
 }
 
-// TestPublisherConformance runs the app.Sink conformance suite against the RabbitMQ publisher
+// TestPublisherConformance runs the relay.Sink conformance suite against the RabbitMQ publisher
 // and the local RabbitMQ, through a proxy that can hold back the broker's confirms.
 func TestPublisherConformance(t *testing.T) {
 	t.Parallel()
@@ -143,7 +143,7 @@ func TestPublisherConformance(t *testing.T) {
 			Pause:  func(*testing.T) { px.pause() },
 			Resume: func(*testing.T) { px.resume() },
 			// No queue is bound for this routing key: the broker returns the message.
-			Reject: func(m *app.Message) { m.AggregateType = "unrouted" },
+			Reject: func(m *relay.Message) { m.AggregateType = "unrouted" },
 		}
 	})
 }
@@ -159,7 +159,7 @@ func TestPublisherMessageProperties(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pub.Close()
-	m := &app.Message{ID: 1, EventID: domain.NewID(), AggregateType: "user", AggregateID: "u1", EventType: "UserCreated",
+	m := &relay.Message{ID: 1, EventID: domain.NewID(), AggregateType: "user", AggregateID: "u1", EventType: "UserCreated",
 		Payload: []byte(`{}`), Headers: []byte(`{"content-type":"application/json"}`), OccurredAt: time.Now()}
 	done := make(chan error, 1)
 	if err := pub.Publish(t.Context(), m, func(err error) { done <- err }); err != nil {
@@ -213,7 +213,7 @@ func TestPublisherCloseWhileBrokerSilent(t *testing.T) {
 	px.pause()
 	results := make(chan error, 5)
 	for i := range 5 {
-		m := &app.Message{ID: int64(i + 1), EventID: domain.NewID(), AggregateType: "user", AggregateID: "u",
+		m := &relay.Message{ID: int64(i + 1), EventID: domain.NewID(), AggregateType: "user", AggregateID: "u",
 			EventType: "UserCreated", Payload: []byte(`{}`), OccurredAt: time.Now()}
 		if err := pub.Publish(t.Context(), m, func(err error) { results <- err }); err != nil {
 			t.Fatal(err)

@@ -16,7 +16,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // setting is one configuration key: its default, its help, and whether it is a secret (secrets
@@ -103,17 +103,17 @@ var settings = []setting{
 	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
 	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
 
-	{key: "relay.batch_size", def: strconv.Itoa(app.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
-	{key: "relay.max_in_flight", def: strconv.Itoa(app.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
-	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(app.MaxInFlightBytesDefault), help: "bound in bytes on the rows claimed and not yet acknowledged (held in memory)"},
-	{key: "relay.poll_interval", def: app.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
-	{key: "relay.leader_retry_interval", def: app.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
+	{key: "relay.batch_size", def: strconv.Itoa(relay.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
+	{key: "relay.max_in_flight", def: strconv.Itoa(relay.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
+	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(relay.MaxInFlightBytesDefault), help: "bound in bytes on the rows claimed and not yet acknowledged (held in memory)"},
+	{key: "relay.poll_interval", def: relay.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
+	{key: "relay.leader_retry_interval", def: relay.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
 	{key: "relay.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader publishes only within this long of confirming its leadership; a standby takes over a leader silent this long while rows wait"},
-	{key: "relay.max_attempts", def: strconv.Itoa(app.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
-	{key: "relay.retry_backoff_min", def: app.RetryBackoffMinDefault.String(), help: "first delay before retrying a failed row"},
-	{key: "relay.retry_backoff_max", def: app.RetryBackoffMaxDefault.String(), help: "largest delay before retrying a failed row"},
-	{key: "relay.order_policy", def: app.OrderPolicyDefault, help: "when a row is parked, its key's later rows: wait or skip"},
-	{key: "relay.shutdown_timeout", def: app.ShutdownTimeoutDefault.String(), help: "on SIGTERM, how long to wait for in-flight acknowledgements"},
+	{key: "relay.max_attempts", def: strconv.Itoa(relay.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
+	{key: "relay.retry_backoff_min", def: relay.RetryBackoffMinDefault.String(), help: "first delay before retrying a failed row"},
+	{key: "relay.retry_backoff_max", def: relay.RetryBackoffMaxDefault.String(), help: "largest delay before retrying a failed row"},
+	{key: "relay.order_policy", def: relay.OrderPolicyDefault, help: "when a row is parked, its key's later rows: wait or skip"},
+	{key: "relay.shutdown_timeout", def: relay.ShutdownTimeoutDefault.String(), help: "on SIGTERM, how long to wait for in-flight acknowledgements"},
 	{key: "relay.mark", def: postgres.MarkDelete, help: "what to do with published rows: delete or retain"},
 	{key: "relay.retention", def: "24h", help: "with relay.mark=retain, how long published rows are kept"},
 	{key: "relay.purge_interval", def: "1m", help: "with relay.mark=retain, how often old rows are purged"},
@@ -149,7 +149,7 @@ type Config struct {
 	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
 	Consumer         kafka.ConsumerConfig
 	ConsumerHTTPAddr string
-	Relay            app.RelayConfig
+	Relay            relay.Config
 	Retention        time.Duration
 	PurgeInterval    time.Duration
 	PurgeBatch       int
@@ -601,7 +601,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	if _, _, err := net.SplitHostPort(c.ConsumerHTTPAddr); c.ConsumerHTTPAddr != "" && err != nil {
 		r.errs = append(r.errs, fmt.Errorf("consumer.http_addr: must be host:port or :port (empty disables the listener), got %q", c.ConsumerHTTPAddr))
 	}
-	c.Relay = app.RelayConfig{
+	c.Relay = relay.Config{
 		BatchSize:           r.int("relay.batch_size", 1, 10000),
 		MaxInFlight:         r.int("relay.max_in_flight", 1, 100000),
 		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", 1<<20, 1<<32),
@@ -610,7 +610,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		MaxAttempts:         r.int("relay.max_attempts", 1, 1000),
 		RetryBackoffMin:     r.dur("relay.retry_backoff_min", time.Millisecond, time.Hour),
 		RetryBackoffMax:     r.dur("relay.retry_backoff_max", time.Millisecond, 24*time.Hour),
-		OrderPolicy:         r.oneOf("relay.order_policy", app.OrderPolicyWait, app.OrderPolicySkip),
+		OrderPolicy:         r.oneOf("relay.order_policy", relay.OrderPolicyWait, relay.OrderPolicySkip),
 		ShutdownTimeout:     r.dur("relay.shutdown_timeout", 100*time.Millisecond, time.Hour),
 	}
 	c.Retention = r.dur("relay.retention", time.Second, 365*24*time.Hour)

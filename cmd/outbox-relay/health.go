@@ -13,7 +13,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // brokerCheckInterval is how long a broker check is reused by readiness probes, and how often the
@@ -130,16 +130,16 @@ func (d *daemon) ready(ctx context.Context) error {
 // leaderClock passes the relay's observations on and remembers when this replica last became
 // the leader.
 type leaderClock struct {
-	app.RelayObserver
+	relay.Observer
 	at atomic.Int64 // unix nanoseconds
 }
 
-// Leading implements app.RelayObserver.
+// Leading implements relay.Observer.
 func (c *leaderClock) Leading(leader bool) {
 	if leader {
 		c.at.Store(time.Now().UnixNano())
 	}
-	c.RelayObserver.Leading(leader)
+	c.Observer.Leading(leader)
 }
 
 // since returns when the current (or last) leadership term began; zero if never.
@@ -175,5 +175,5 @@ func backlogOf(cfg *Config, pool *pgxpool.Pool) prometheus.BacklogFunc {
 // holdsParked reports whether the relay holds a key's later rows behind its parked row
 // (relay.order_policy wait).
 func holdsParked(cfg *Config) bool {
-	return cfg.Relay.WithDefaults().OrderPolicy == app.OrderPolicyWait
+	return cfg.Relay.WithDefaults().OrderPolicy == relay.OrderPolicyWait
 }

@@ -11,7 +11,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 const replaySummary = `Publish retained events again, byte for byte: the same key, value and headers (event-id
@@ -179,7 +179,7 @@ type replayer struct {
 
 // send hands m to the producer, once the rate allows and a slot is free; it returns the first
 // failure of an earlier event, if any, so that nothing is sent after a failed event.
-func (r *replayer) send(ctx context.Context, m *app.Message) error {
+func (r *replayer) send(ctx context.Context, m *relay.Message) error {
 	if r.interval > 0 {
 		now := time.Now()
 		if r.next.Before(now.Add(-time.Second)) {

@@ -17,7 +17,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -44,7 +44,7 @@ type daemon struct {
 	log       *slog.Logger
 	pool      *pgxpool.Pool
 	publisher relaySink
-	relay     *app.Relay
+	relay     *relay.Relay
 	metrics   *prometheus.Metrics
 	broker    *brokerCheck
 	leading   *leaderClock
@@ -102,7 +102,7 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	// A pooler that cannot keep the relay's session is refused first, in one line: no retry can
 	// fix it, and the pool's prepared statements would fail on it with a less helpful error.
 	// Other errors (the database not up yet) are left to the checks below.
-	if err := postgres.CheckSession(sctx, connCfg); errors.Is(err, app.ErrSessionUnsupported) {
+	if err := postgres.CheckSession(sctx, connCfg); errors.Is(err, relay.ErrSessionUnsupported) {
 		return nil, err
 	}
 
@@ -157,8 +157,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		return nil, err
 	}
 	// Every line of the relay names its outbox: one process may serve several in a fleet.
-	leading := &leaderClock{RelayObserver: metrics}
-	relay, err := app.NewRelay(cfg.Relay, store, publisher, leading, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
+	leading := &leaderClock{Observer: metrics}
+	relay, err := relay.New(cfg.Relay, store, publisher, leading, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
 	if err != nil {
 		pool.Close()
 		publisher.Close()

@@ -10,12 +10,12 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // relaySink is the sink the relay publishes to, as the daemon uses it.
 type relaySink interface {
-	app.Sink
+	relay.Sink
 	// Ping checks that the broker answers.
 	Ping(ctx context.Context) error
 	// Close releases the sink's connections.

@@ -16,7 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
 // URLDefault is the database used when OUTBOX_TEST_DATABASE_URL is not set.
@@ -102,7 +102,7 @@ func Store(t testing.TB, table postgres.Table) *postgres.Store {
 
 // Session opens a relay session on table, closed when t ends. url is the connection string
 // (URL() unless a test needs other connection settings).
-func Session(t testing.TB, table postgres.Table, url string) app.Session {
+func Session(t testing.TB, table postgres.Table, url string) relay.Session {
 	t.Helper()
 	sess, err := storeAt(t, table, url).Open(context.Background())
 	if err != nil {

@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"errors"
@@ -26,7 +26,7 @@ type keyGate struct {
 	// against a row; resend holds rows whose failure was not counted, until they may go again.
 	groups map[string]groupFailure
 	resend map[int64]resendAt
-	// backoff is the delay before attempt number n+1 of a failing row (RelayConfig.backoff).
+	// backoff is the delay before attempt number n+1 of a failing row (Config.backoff).
 	backoff func(n int) time.Duration
 	// failing counts, per order key, the failures the sink reported that settle has not yet
 	// taken. The sink's callback adds to it before the result reaches the loop, so a later row

@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"bytes"
@@ -18,7 +18,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
@@ -35,17 +35,17 @@ type poisonEnv struct {
 	pub    *kafka.Publisher
 }
 
-// parkCounter is a RelayObserver counting parked rows, as the metric does, and failed publishes.
+// parkCounter is a Observer counting parked rows, as the metric does, and failed publishes.
 type parkCounter struct {
-	app.NopObserver
+	relay.NopObserver
 	mu     sync.Mutex
 	n      int
 	failed atomic.Int64
 }
 
-func (c *parkCounter) Failed(*app.Message, error) { c.failed.Add(1) }
+func (c *parkCounter) Failed(*relay.Message, error) { c.failed.Add(1) }
 
-func (c *parkCounter) Parked(*app.Message, string) {
+func (c *parkCounter) Parked(*relay.Message, string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.n++
@@ -104,7 +104,7 @@ func (e *poisonEnv) insert(t *testing.T, rows ...row) []int64 {
 }
 
 // run starts a relay on e and stops it when t ends.
-func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark string) {
+func (e *poisonEnv) run(t *testing.T, rc relay.Config, kc kafka.Config, mark string) {
 	t.Helper()
 	conn, err := postgres.ParseURL(dbtest.URL())
 	if err != nil {
@@ -128,7 +128,7 @@ func (e *poisonEnv) run(t *testing.T, rc app.RelayConfig, kc kafka.Config, mark 
 	}
 	rc.LeaderRetryInterval = 50 * time.Millisecond
 	e.pub = pub
-	relay, err := app.NewRelay(rc, store, pub, e.obs, log)
+	relay, err := relay.New(rc, store, pub, e.obs, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +265,7 @@ func TestRelayParksInvalidRowsAtOnce(t *testing.T) {
 		}
 	}
 	ids := e.insert(t, rows...)
-	e.run(t, app.RelayConfig{MaxAttempts: 5}, kafka.Config{MaxRecordBytes: 2048}, postgres.MarkDelete)
+	e.run(t, relay.Config{MaxAttempts: 5}, kafka.Config{MaxRecordBytes: 2048}, postgres.MarkDelete)
 
 	parked := e.waitParked(t, len(cases))
 	i := 0
@@ -341,7 +341,7 @@ func TestRelayOrderPolicySkip(t *testing.T) {
 		row{key: str("k"), payload: []byte("after")},
 		row{key: str("other"), payload: []byte("other")},
 	)
-	e.run(t, app.RelayConfig{OrderPolicy: app.OrderPolicySkip}, kafka.Config{}, postgres.MarkDelete)
+	e.run(t, relay.Config{OrderPolicy: relay.OrderPolicySkip}, kafka.Config{}, postgres.MarkDelete)
 	parked := e.waitParked(t, 1)
 	if _, ok := parked[ids[0]]; !ok {
 		t.Fatalf("row %d not parked: %v", ids[0], parked)
@@ -362,7 +362,7 @@ func TestRelayTombstones(t *testing.T) {
 	t.Parallel()
 	e := setupPoison(t, 1)
 	e.insert(t, row{key: str("deleted")}, row{key: str("deleted"), payload: []byte{}})
-	e.run(t, app.RelayConfig{}, kafka.Config{Tombstones: true}, postgres.MarkDelete)
+	e.run(t, relay.Config{}, kafka.Config{Tombstones: true}, postgres.MarkDelete)
 	recs := e.broker.ReadAll(t, e.topic, 2, time.Minute)
 	if len(recs) != 2 {
 		t.Fatalf("got %d records, want 2", len(recs))
@@ -430,8 +430,8 @@ func TestRelayBrokerRejection(t *testing.T) {
 		reason string
 		policy string
 	}{
-		{"message too large, wait", 10, "MESSAGE_TOO_LARGE", app.OrderPolicyWait},
-		{"topic authorization failed, skip", 29, "TOPIC_AUTHORIZATION_FAILED", app.OrderPolicySkip},
+		{"message too large, wait", 10, "MESSAGE_TOO_LARGE", relay.OrderPolicyWait},
+		{"topic authorization failed, skip", 29, "TOPIC_AUTHORIZATION_FAILED", relay.OrderPolicySkip},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -448,7 +448,7 @@ func TestRelayBrokerRejection(t *testing.T) {
 			rows = append(rows, row{key: str("poison"), payload: []byte("later")})
 			ids := e.insert(t, rows...)
 			const maxAttempts = 3
-			e.run(t, app.RelayConfig{MaxAttempts: maxAttempts, RetryBackoffMin: 100 * time.Millisecond,
+			e.run(t, relay.Config{MaxAttempts: maxAttempts, RetryBackoffMin: 100 * time.Millisecond,
 				RetryBackoffMax: 400 * time.Millisecond, OrderPolicy: tc.policy}, kafka.Config{}, postgres.MarkRetain)
 
 			parked := e.waitParked(t, 1)
@@ -463,18 +463,18 @@ func TestRelayBrokerRejection(t *testing.T) {
 				t.Errorf("reason %q, want the broker's %s", p.reason, tc.reason)
 			}
 			want := 10
-			if tc.policy == app.OrderPolicySkip {
+			if tc.policy == relay.OrderPolicySkip {
 				want = 11
 			}
 			got := e.keys(t, want)
 			if len(got) != want {
 				t.Fatalf("published %d records %v, want %d", len(got), got, want)
 			}
-			if n := strings.Count(fmt.Sprint(got), "poison"); tc.policy == app.OrderPolicySkip && n != 1 {
+			if n := strings.Count(fmt.Sprint(got), "poison"); tc.policy == relay.OrderPolicySkip && n != 1 {
 				t.Errorf("the poison key's later row published %d times, want once (order_policy skip): %v", n, got)
 			}
 			wantPending := "[]"
-			if tc.policy == app.OrderPolicyWait {
+			if tc.policy == relay.OrderPolicyWait {
 				wantPending = fmt.Sprint([]int64{ids[len(ids)-1]})
 			}
 			pending, attempts := e.outboxEventually(t, wantPending)
@@ -500,7 +500,7 @@ func TestRelayBrokerRejection(t *testing.T) {
 				tail = append(tail, string(r.Key)+"="+string(r.Value))
 			}
 			wantTail := "[poison=POISON-MARKER poison=later]"
-			if tc.policy == app.OrderPolicySkip {
+			if tc.policy == relay.OrderPolicySkip {
 				wantTail = "[poison=POISON-MARKER]" // the later row went out before
 			}
 			if fmt.Sprint(tail) != wantTail {
@@ -563,7 +563,7 @@ func TestRelayHeldRowsDoNotHoldUpOtherKeys(t *testing.T) {
 			ids := e.insert(t, rows...)
 			// Claims from the oldest row come once per poll interval: long enough for the row
 			// written after the release to be claimed before.
-			rc := app.RelayConfig{BatchSize: 5, MaxInFlight: 5, MaxAttempts: 1000, PollInterval: 3 * time.Second}
+			rc := relay.Config{BatchSize: 5, MaxInFlight: 5, MaxAttempts: 1000, PollInterval: 3 * time.Second}
 			if tc.backoff > 0 {
 				rc.RetryBackoffMin, rc.RetryBackoffMax = tc.backoff, tc.backoff
 			}
@@ -629,7 +629,7 @@ func TestRelayWaitsForAMissingTopic(t *testing.T) {
 	}
 	rows = append(rows, row{key: str("elsewhere"), payload: []byte("x"), topic: str(other)})
 	ids := e.insert(t, rows...)
-	e.run(t, app.RelayConfig{MaxAttempts: 2, RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 200 * time.Millisecond},
+	e.run(t, relay.Config{MaxAttempts: 2, RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 200 * time.Millisecond},
 		kafka.Config{}, postgres.MarkDelete)
 
 	if got := e.broker.ReadAll(t, other, 1, 30*time.Second); len(got) != 1 {

@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"context"
@@ -10,21 +10,21 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
 // markGateStore opens sessions whose marks wait until the test closes gate, and records which
-// rows the relay released (app.Releaser) and when a mark first returned.
+// rows the relay released (relay.Releaser) and when a mark first returned.
 type markGateStore struct {
-	app.Store
+	relay.Store
 	gate     chan struct{}
 	marked   atomic.Bool
 	mu       sync.Mutex
 	released map[int64]bool
 }
 
-func (s *markGateStore) Open(ctx context.Context) (app.Session, error) {
+func (s *markGateStore) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -39,7 +39,7 @@ func (s *markGateStore) releasedCount() int {
 }
 
 type markGateSession struct {
-	app.Session
+	relay.Session
 	s *markGateStore
 }
 
@@ -54,23 +54,23 @@ func (m *markGateSession) Mark(ctx context.Context, ids []int64) error {
 	return err
 }
 
-func (m *markGateSession) Release(msgs []*app.Message) {
+func (m *markGateSession) Release(msgs []*relay.Message) {
 	m.s.mu.Lock()
 	for _, msg := range msgs {
 		m.s.released[msg.ID] = true
 	}
 	m.s.mu.Unlock()
-	m.Session.(app.Releaser).Release(msgs)
+	m.Session.(relay.Releaser).Release(msgs)
 }
 
-// ackSink acknowledges every message at once and keeps only its id: an app.ReleasingSink.
+// ackSink acknowledges every message at once and keeps only its id: an relay.ReleasingSink.
 type ackSink struct {
 	mu   sync.Mutex
 	ids  map[int64]bool
 	acks sync.WaitGroup
 }
 
-func (s *ackSink) Publish(_ context.Context, m *app.Message, done func(error)) error {
+func (s *ackSink) Publish(_ context.Context, m *relay.Message, done func(error)) error {
 	s.mu.Lock()
 	s.ids[m.ID] = true
 	s.mu.Unlock()
@@ -113,7 +113,7 @@ func TestRelayByteBudgetEndsAtTheAck(t *testing.T) {
 	store := &markGateStore{Store: dbtest.Store(t, table), gate: make(chan struct{}), released: map[int64]bool{}}
 	sink := &ackSink{ids: map[int64]bool{}}
 	// 1 MiB holds about 250 of these rows; 2000 rows in flight hold them all.
-	cfg := app.RelayConfig{BatchSize: 100, MaxInFlight: 2000, MaxInFlightBytes: 1 << 20, PollInterval: time.Minute}
+	cfg := relay.Config{BatchSize: 100, MaxInFlight: 2000, MaxInFlightBytes: 1 << 20, PollInterval: time.Minute}
 	startRelay(t, ctx, cfg, store, sink)
 
 	for sink.count() < n || store.releasedCount() < n {

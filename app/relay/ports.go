@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"context"
@@ -132,9 +132,9 @@ type Sink interface {
 	Abort(ctx context.Context) error
 }
 
-// RelayObserver is told what the relay does, for metrics. Its methods must not block, nor keep a
+// Observer is told what the relay does, for metrics. Its methods must not block, nor keep a
 // message's Payload or Headers after they return (their memory may be reused, see Releaser).
-type RelayObserver interface {
+type Observer interface {
 	// Claimed reports a claim query that returned n rows.
 	Claimed(n int, took time.Duration)
 	// Acked reports a message the broker acknowledged.
@@ -151,28 +151,28 @@ type RelayObserver interface {
 	Connected(up bool)
 }
 
-// NopObserver is a RelayObserver that does nothing.
+// NopObserver is a Observer that does nothing.
 type NopObserver struct{}
 
-// Claimed implements RelayObserver.
+// Claimed implements Observer.
 func (NopObserver) Claimed(int, time.Duration) {}
 
-// Acked implements RelayObserver.
+// Acked implements Observer.
 func (NopObserver) Acked(*Message, time.Time) {}
 
-// Marked implements RelayObserver.
+// Marked implements Observer.
 func (NopObserver) Marked(int, time.Duration) {}
 
-// Failed implements RelayObserver.
+// Failed implements Observer.
 func (NopObserver) Failed(*Message, error) {}
 
-// Parked implements RelayObserver.
+// Parked implements Observer.
 func (NopObserver) Parked(*Message, string) {}
 
-// Leading implements RelayObserver.
+// Leading implements Observer.
 func (NopObserver) Leading(bool) {}
 
-// Connected implements RelayObserver.
+// Connected implements Observer.
 func (NopObserver) Connected(bool) {}
 
 // Fenced is implemented by a Session that keeps confirming its leadership while it leads.

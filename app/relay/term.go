@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"context"
@@ -22,9 +22,9 @@ type result struct {
 type term struct {
 	// What the term takes from its Relay: its configuration, sink, observer and logger, and
 	// where it notes the last acknowledgement.
-	cfg     RelayConfig
+	cfg     Config
 	sink    Sink
-	obs     RelayObserver
+	obs     Observer
 	log     *slog.Logger
 	lastAck *atomic.Int64
 

@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"context"
@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -44,14 +44,14 @@ func mayOverlap(a, b string) bool {
 // contractStore opens sessions that record every overlap of two calls the Session port does not
 // allow (mayOverlap): a fake written from the documentation alone would race there.
 type contractStore struct {
-	app.Store
+	relay.Store
 	mu         sync.Mutex
 	active     map[string]int
 	violations map[string]int
 	overlaps   map[string]int // the overlaps the port allows that did happen
 }
 
-func (s *contractStore) Open(ctx context.Context) (app.Session, error) {
+func (s *contractStore) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -83,7 +83,7 @@ func (s *contractStore) enter(name string) func() {
 }
 
 type contractSession struct {
-	app.Session
+	relay.Session
 	s *contractStore
 }
 
@@ -92,7 +92,7 @@ func (c *contractSession) TryLead(ctx context.Context) (bool, error) {
 	return c.Session.TryLead(ctx)
 }
 
-func (c *contractSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+func (c *contractSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	defer c.s.enter("Claim")()
 	time.Sleep(time.Millisecond) // a claim long enough for the loop to act beside it
 	return c.Session.Claim(ctx, from, skip, limit, maxBytes, hold)
@@ -118,7 +118,7 @@ func (c *contractSession) Park(ctx context.Context, id int64, reason string) err
 	return c.Session.Park(ctx, id, reason)
 }
 
-func (c *contractSession) Blocked(ctx context.Context, withParked bool) (app.Blocked, error) {
+func (c *contractSession) Blocked(ctx context.Context, withParked bool) (relay.Blocked, error) {
 	defer c.s.enter("Blocked")()
 	return c.Session.Blocked(ctx, withParked)
 }
@@ -138,18 +138,18 @@ func (c *contractSession) Close(ctx context.Context) error {
 	return c.Session.Close(ctx)
 }
 
-// Release implements app.Releaser when the session does.
-func (c *contractSession) Release(msgs []*app.Message) {
+// Release implements relay.Releaser when the session does.
+func (c *contractSession) Release(msgs []*relay.Message) {
 	defer c.s.enter("Release")()
-	if r, ok := c.Session.(app.Releaser); ok {
+	if r, ok := c.Session.(relay.Releaser); ok {
 		r.Release(msgs)
 	}
 }
 
-// TermContext implements app.Fenced when the session does.
+// TermContext implements relay.Fenced when the session does.
 func (c *contractSession) TermContext() (context.Context, time.Duration) {
 	defer c.s.enter("TermContext")()
-	if f, ok := c.Session.(app.Fenced); ok {
+	if f, ok := c.Session.(relay.Fenced); ok {
 		return f.TermContext()
 	}
 	return nil, 0
@@ -170,13 +170,13 @@ type flakySink struct {
 	wg        sync.WaitGroup
 }
 
-func (s *flakySink) Publish(_ context.Context, m *app.Message, done func(error)) error {
+func (s *flakySink) Publish(_ context.Context, m *relay.Message, done func(error)) error {
 	s.mu.Lock()
 	var err error
 	if !s.tried[m.ID] {
 		switch {
 		case m.ID%7 == 0:
-			err = &app.GroupError{Group: "t/0", Err: fmt.Errorf("row %d: NOT_ENOUGH_REPLICAS (injected)", m.ID)}
+			err = &relay.GroupError{Group: "t/0", Err: fmt.Errorf("row %d: NOT_ENOUGH_REPLICAS (injected)", m.ID)}
 		case m.ID%11 == 0:
 			err = fmt.Errorf("row %d: timed out (injected)", m.ID)
 		}
@@ -212,7 +212,7 @@ func TestRelayKeepsToTheSessionConcurrencyContract(t *testing.T) {
 	store := &contractStore{Store: dbtest.Store(t, table), active: map[string]int{},
 		violations: map[string]int{}, overlaps: map[string]int{}}
 	sink := &flakySink{tried: map[int64]bool{}, last: map[string]chan struct{}{}}
-	cfg := app.RelayConfig{BatchSize: 20, MaxInFlight: 60, PollInterval: 50 * time.Millisecond,
+	cfg := relay.Config{BatchSize: 20, MaxInFlight: 60, PollInterval: 50 * time.Millisecond,
 		RetryBackoffMin: time.Millisecond, RetryBackoffMax: 20 * time.Millisecond}
 	const rows = 400
 	var wg sync.WaitGroup
@@ -253,7 +253,7 @@ func TestRelayDrainsWithVerdictsOutOfKeyOrder(t *testing.T) {
 	t.Parallel()
 	pool, table, w, ctx := writerEnv(t)
 	sink := &flakySink{unordered: true, tried: map[int64]bool{}, last: map[string]chan struct{}{}}
-	cfg := app.RelayConfig{BatchSize: 20, MaxInFlight: 60, PollInterval: 50 * time.Millisecond,
+	cfg := relay.Config{BatchSize: 20, MaxInFlight: 60, PollInterval: 50 * time.Millisecond,
 		RetryBackoffMin: time.Millisecond, RetryBackoffMax: 20 * time.Millisecond}
 	for i := range 400 {
 		m := postgres.Message{AggregateType: "order", AggregateID: fmt.Sprintf("k%d", i%9), EventType: "e", Payload: []byte("x")}

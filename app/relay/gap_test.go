@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"context"
@@ -16,7 +16,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/memory"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -29,7 +29,7 @@ type gateSink struct {
 	first   bool
 }
 
-func (g *gateSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (g *gateSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	if !g.first {
 		g.first = true
 		close(g.reached)
@@ -70,7 +70,7 @@ func TestRelayKeepsKeyOrderAcrossTheVisibilityGap(t *testing.T) {
 	sink := &gateSink{Sink: memory.NewSink(), reached: make(chan struct{}), open: make(chan struct{})}
 	// Batches of 5 rows: the backlog takes four claims. A long poll interval keeps the periodic
 	// rescan out of the way.
-	startRelay(t, ctx, app.RelayConfig{BatchSize: 5, MaxInFlight: 100, PollInterval: time.Minute}, store, sink)
+	startRelay(t, ctx, relay.Config{BatchSize: 5, MaxInFlight: 100, PollInterval: time.Minute}, store, sink)
 
 	select {
 	case <-sink.reached: // the first claim read past k-1, which it could not see
@@ -106,10 +106,10 @@ type failFirstSink struct {
 	failed bool
 }
 
-func (f *failFirstSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (f *failFirstSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	if m.AggregateID == "k" && !f.failed {
 		f.failed = true
-		done(&app.GroupError{Group: "t/0", Err: fmt.Errorf("MESSAGE_TOO_LARGE (injected)")})
+		done(&relay.GroupError{Group: "t/0", Err: fmt.Errorf("MESSAGE_TOO_LARGE (injected)")})
 		return nil
 	}
 	return f.Sink.Publish(ctx, m, done)
@@ -130,7 +130,7 @@ func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	sink := &failFirstSink{Sink: memory.NewSink()}
-	startRelay(t, ctx, app.RelayConfig{RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond},
+	startRelay(t, ctx, relay.Config{RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond},
 		dbtest.Store(t, table), sink)
 	order := deliveredTypes(t, ctx, sink.Sink, 3)
 	if want := "[other k-1 k-2]"; fmt.Sprint(order) != want {
@@ -141,13 +141,13 @@ func TestRelayHoldsAKeyTheMomentItsRowFails(t *testing.T) {
 // claimGateStore opens sessions whose second claim waits, once started, until the test opens the
 // gate.
 type claimGateStore struct {
-	app.Store
+	relay.Store
 	claims  atomic.Int32
 	reached chan struct{}
 	open    chan struct{}
 }
 
-func (s *claimGateStore) Open(ctx context.Context) (app.Session, error) {
+func (s *claimGateStore) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -156,11 +156,11 @@ func (s *claimGateStore) Open(ctx context.Context) (app.Session, error) {
 }
 
 type claimGateSession struct {
-	app.Session
+	relay.Session
 	s *claimGateStore
 }
 
-func (g *claimGateSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+func (g *claimGateSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	if g.s.claims.Add(1) == 2 {
 		close(g.s.reached)
 		<-g.s.open
@@ -177,7 +177,7 @@ type laterFailSink struct {
 	ready chan struct{}
 }
 
-func (f *laterFailSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (f *laterFailSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	f.mu.Lock()
 	if m.AggregateID == "k" && !f.held {
 		f.held, f.fail = true, done
@@ -206,7 +206,7 @@ func TestRelaySettlesAFailureWhileAClaimReads(t *testing.T) {
 	sink := &laterFailSink{Sink: memory.NewSink(), ready: make(chan struct{})}
 	// Claims of two rows: the first holds k-1 and o-1, the second (read ahead as the first goes
 	// to the sink) k-2 and o-2.
-	startRelay(t, ctx, app.RelayConfig{BatchSize: 2, PollInterval: 200 * time.Millisecond,
+	startRelay(t, ctx, relay.Config{BatchSize: 2, PollInterval: 200 * time.Millisecond,
 		RetryBackoffMin: 50 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond}, store, sink)
 	for _, ch := range []chan struct{}{sink.ready, store.reached} {
 		select {
@@ -237,12 +237,12 @@ func TestRelaySettlesAFailureWhileAClaimReads(t *testing.T) {
 
 // fromStore records where each claim of its sessions starts.
 type fromStore struct {
-	app.Store
+	relay.Store
 	mu    sync.Mutex
 	froms []int64
 }
 
-func (s *fromStore) Open(ctx context.Context) (app.Session, error) {
+func (s *fromStore) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -257,11 +257,11 @@ func (s *fromStore) maxFrom() int64 {
 }
 
 type fromSession struct {
-	app.Session
+	relay.Session
 	s *fromStore
 }
 
-func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold app.Blocked) ([]app.Message, error) {
+func (f *fromSession) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	f.s.mu.Lock()
 	f.s.froms = append(f.s.froms, from)
 	f.s.mu.Unlock()
@@ -295,7 +295,7 @@ func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 	sink := memory.NewSink()
 	// A long poll interval: no claim from the oldest row but the first, so every later claim
 	// starts where the relay's horizon lets it.
-	startRelay(t, ctx, app.RelayConfig{BatchSize: 5, PollInterval: time.Minute}, store, sink)
+	startRelay(t, ctx, relay.Config{BatchSize: 5, PollInterval: time.Minute}, store, sink)
 	deliveredTypes(t, ctx, sink, 30)
 	for i, name := range []string{"b", "c", "d"} { // each wave's claims let the horizon take a step
 		// The previous wave is out; then let time pass beyond the horizon's pause between looks
@@ -323,9 +323,9 @@ func TestRelayClaimsStartPastWhatItPublished(t *testing.T) {
 }
 
 // startRelay runs a relay over store and sink until the test ends.
-func startRelay(t *testing.T, ctx context.Context, cfg app.RelayConfig, store app.Store, sink app.Sink) {
+func startRelay(t *testing.T, ctx context.Context, cfg relay.Config, store relay.Store, sink relay.Sink) {
 	t.Helper()
-	relay, err := app.NewRelay(cfg, store, sink, nil, nil)
+	relay, err := relay.New(cfg, store, sink, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -400,7 +400,7 @@ func TestRelayHorizonUnderWritersThatInsertFirst(t *testing.T) {
 	t.Parallel()
 	pool, table, w, ctx := writerEnv(t)
 	sink := memory.NewSink()
-	startRelay(t, ctx, app.RelayConfig{BatchSize: 20, PollInterval: time.Minute}, dbtest.Store(t, table), sink)
+	startRelay(t, ctx, relay.Config{BatchSize: 20, PollInterval: time.Minute}, dbtest.Store(t, table), sink)
 
 	const writers, perWriter = 6, 120
 	var wg sync.WaitGroup
@@ -458,7 +458,7 @@ type retryHoldSink struct {
 	retried  chan struct{}
 }
 
-func (s *retryHoldSink) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+func (s *retryHoldSink) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	if m.EventType != "k-1" {
 		return s.Sink.Publish(ctx, m, done)
 	}
@@ -467,7 +467,7 @@ func (s *retryHoldSink) Publish(ctx context.Context, m *app.Message, done func(e
 	s.attempts++
 	switch s.attempts {
 	case 1:
-		done(&app.GroupError{Group: "t/0", Err: errors.New("NOT_ENOUGH_REPLICAS (injected)")})
+		done(&relay.GroupError{Group: "t/0", Err: errors.New("NOT_ENOUGH_REPLICAS (injected)")})
 	case 2:
 		s.ack = func() { _ = s.Sink.Publish(ctx, m, done) }
 		close(s.retried)
@@ -481,11 +481,11 @@ func (s *retryHoldSink) Publish(ctx context.Context, m *app.Message, done func(e
 // at a time, so every id up to the last it committed is settled. The claims then pass the rows
 // they leave out as soon as a row above them is returned, not about a tenth of a second later.
 type knownHorizonStore struct {
-	app.Store
+	relay.Store
 	h atomic.Int64
 }
 
-func (s *knownHorizonStore) Open(ctx context.Context) (app.Session, error) {
+func (s *knownHorizonStore) Open(ctx context.Context) (relay.Session, error) {
 	sess, err := s.Store.Open(ctx)
 	if err != nil {
 		return nil, err
@@ -494,7 +494,7 @@ func (s *knownHorizonStore) Open(ctx context.Context) (app.Session, error) {
 }
 
 type knownHorizonSession struct {
-	app.Session
+	relay.Session
 	h *atomic.Int64
 }
 
@@ -525,7 +525,7 @@ func TestRelayComesBackToAReleasedKey(t *testing.T) {
 	write("k", "k-3")
 	sink := &retryHoldSink{Sink: memory.NewSink(), retried: make(chan struct{})}
 	// No claim from the oldest row during the test: only wake-ups start claims.
-	startRelay(t, ctx, app.RelayConfig{PollInterval: time.Minute, RetryBackoffMin: 10 * time.Millisecond,
+	startRelay(t, ctx, relay.Config{PollInterval: time.Minute, RetryBackoffMin: 10 * time.Millisecond,
 		RetryBackoffMax: 10 * time.Millisecond}, store, sink)
 	// k-1 failed and its retry is due.
 	outbox := pgx.Identifier{table.Schema, table.Name}.Sanitize()

@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"context"
@@ -17,10 +17,10 @@ import (
 // One Relay runs per process. Among replicas sharing an outbox, the one whose Session holds the
 // leadership publishes; the others wait and take over when its session ends.
 type Relay struct {
-	cfg   RelayConfig
+	cfg   Config
 	store Store
 	sink  Sink
-	obs   RelayObserver
+	obs   Observer
 	log   *slog.Logger
 
 	leader    atomic.Bool
@@ -28,8 +28,8 @@ type Relay struct {
 	lastAck   atomic.Int64 // unix nanoseconds of the last acknowledgement
 }
 
-// NewRelay returns a relay. cfg is completed with defaults and validated; obs and log may be nil.
-func NewRelay(cfg RelayConfig, store Store, sink Sink, obs RelayObserver, log *slog.Logger) (*Relay, error) {
+// New returns a relay. cfg is completed with defaults and validated; obs and log may be nil.
+func New(cfg Config, store Store, sink Sink, obs Observer, log *slog.Logger) (*Relay, error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err

@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"errors"
@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-// Defaults of RelayConfig.
+// Defaults of Config.
 const (
 	BatchSizeDefault           = 1000
 	MaxInFlightDefault         = 4000
@@ -30,8 +30,8 @@ const (
 	OrderPolicySkip = "skip"
 )
 
-// RelayConfig configures a Relay. The zero value of a field means its default.
-type RelayConfig struct {
+// Config configures a Relay. The zero value of a field means its default.
+type Config struct {
 	// BatchSize is the most rows one claim query returns. Default 1000; 1 to 10000.
 	BatchSize int
 	// MaxInFlight is the most rows published but not yet marked. It bounds the duplicates a crash
@@ -65,7 +65,7 @@ type RelayConfig struct {
 }
 
 // WithDefaults returns c with every zero field set to its default.
-func (c RelayConfig) WithDefaults() RelayConfig {
+func (c Config) WithDefaults() Config {
 	def := func(v *int, d int) {
 		if *v == 0 {
 			*v = d
@@ -93,7 +93,7 @@ func (c RelayConfig) WithDefaults() RelayConfig {
 }
 
 // Validate reports every invalid field, naming its configuration key.
-func (c RelayConfig) Validate() error {
+func (c Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("relay.%s: %s", key, fmt.Sprintf(format, args...)))
@@ -132,7 +132,7 @@ func (c RelayConfig) Validate() error {
 }
 
 // backoff returns the delay before attempt number attempts+1 of a failing row.
-func (c RelayConfig) backoff(attempts int) time.Duration {
+func (c Config) backoff(attempts int) time.Duration {
 	d := c.RetryBackoffMin
 	for i := 1; i < attempts && d < c.RetryBackoffMax; i++ {
 		d *= 2

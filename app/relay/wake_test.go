@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"context"
@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -20,7 +20,7 @@ type holdSink struct {
 	acks sync.WaitGroup
 }
 
-func (s *holdSink) Publish(_ context.Context, m *app.Message, done func(error)) error {
+func (s *holdSink) Publish(_ context.Context, m *relay.Message, done func(error)) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.ids = append(s.ids, m.ID)
@@ -73,7 +73,7 @@ func TestRelayClaimsAWakeUpWhileEarlierRowsAwaitTheBroker(t *testing.T) {
 	}
 	sink := &holdSink{}
 	defer sink.release()
-	startRelay(t, ctx, app.RelayConfig{PollInterval: time.Minute}, dbtest.Store(t, table), sink)
+	startRelay(t, ctx, relay.Config{PollInterval: time.Minute}, dbtest.Store(t, table), sink)
 
 	for sink.count() < 1 {
 		if ctx.Err() != nil {

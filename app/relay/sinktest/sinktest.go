@@ -1,4 +1,4 @@
-// Package sinktest is the conformance suite of the relay's publisher port, app.Sink: every sink
+// Package sinktest is the conformance suite of the relay's publisher port, relay.Sink: every sink
 // (Kafka, RabbitMQ, in-memory) runs it from its own tests against a real broker, and passes it.
 //
 // The suite checks what the relay relies on: per-key order, the headers consumers use, invalid
@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/domain"
 )
 
@@ -31,7 +31,7 @@ type Delivered struct {
 // Env is one sink under test with its broker, fresh for each test of the suite.
 type Env struct {
 	// Sink is the sink under test; it sends every message to a destination of this Env only.
-	Sink app.Sink
+	Sink relay.Sink
 	// Delivered returns every message the broker holds for this Env so far, in the broker's
 	// order (per key at least). It is called repeatedly until enough messages arrived.
 	Delivered func(t *testing.T) []Delivered
@@ -40,7 +40,7 @@ type Env struct {
 	Pause, Resume func(t *testing.T)
 	// Reject changes m so that the broker refuses it (a missing topic, an unroutable routing
 	// key...); nil when the Env cannot (the test is skipped).
-	Reject func(m *app.Message)
+	Reject func(m *relay.Message)
 }
 
 // Timeout bounds every wait of the suite. It is generous: the machine may be loaded.
@@ -71,28 +71,28 @@ func Run(t *testing.T, newEnv func(t *testing.T) *Env) {
 }
 
 // message returns a valid message of key with sequence number seq in its payload.
-func message(id int64, key string, seq int) *app.Message {
+func message(id int64, key string, seq int) *relay.Message {
 	payload, _ := json.Marshal(map[string]any{"key": key, "seq": seq})
 	now := time.Now()
-	return &app.Message{ID: id, EventID: domain.NewID(), AggregateType: "order", AggregateID: key,
+	return &relay.Message{ID: id, EventID: domain.NewID(), AggregateType: "order", AggregateID: key,
 		EventType: "OrderPlaced", Payload: payload, OccurredAt: now, CreatedAt: now}
 }
 
 // tracker publishes messages and records their verdicts; it fails the test on a second done.
 type tracker struct {
 	t       *testing.T
-	sink    app.Sink
+	sink    relay.Sink
 	mu      sync.Mutex
 	verdict map[string]error // by event id, once done ran
 	calls   map[string]int
 	changed chan struct{}
 }
 
-func newTracker(t *testing.T, s app.Sink) *tracker {
+func newTracker(t *testing.T, s relay.Sink) *tracker {
 	return &tracker{t: t, sink: s, verdict: map[string]error{}, calls: map[string]int{}, changed: make(chan struct{}, 1)}
 }
 
-func (tr *tracker) publish(m *app.Message) error {
+func (tr *tracker) publish(m *relay.Message) error {
 	return tr.sink.Publish(context.Background(), m, func(err error) {
 		tr.mu.Lock()
 		tr.calls[m.EventID]++
@@ -108,7 +108,7 @@ func (tr *tracker) publish(m *app.Message) error {
 	})
 }
 
-func (tr *tracker) mustPublish(m *app.Message) {
+func (tr *tracker) mustPublish(m *relay.Message) {
 	tr.t.Helper()
 	if err := tr.publish(m); err != nil {
 		tr.t.Fatalf("publish %s: %v", m.EventID, err)
@@ -273,20 +273,20 @@ func testInvalid(t *testing.T, e *Env) {
 	nullKey.AggregateIDNull = true
 	infinite := message(4, "k", 0)
 	infinite.OccurredAt, infinite.OccurredAtInfinite = time.Time{}, true // the claim's decoding of 'infinity'
-	refuseAll(t, e, map[string]*app.Message{"headers not an object": notObject, "empty key": emptyKey,
+	refuseAll(t, e, map[string]*relay.Message{"headers not an object": notObject, "empty key": emptyKey,
 		"NULL key": nullKey, "infinite occurred_at": infinite}, "")
 }
 
 // refuseAll publishes each of bad, which Publish must refuse at once with an error wrapping
-// app.ErrInvalidMessage whose text contains reason (when not ""), without calling done; then a
+// relay.ErrInvalidMessage whose text contains reason (when not ""), without calling done; then a
 // valid message, which must go through.
-func refuseAll(t *testing.T, e *Env, bad map[string]*app.Message, reason string) {
+func refuseAll(t *testing.T, e *Env, bad map[string]*relay.Message, reason string) {
 	t.Helper()
 	tr := newTracker(t, e.Sink)
 	for name, m := range bad {
 		err := tr.publish(m)
-		if !errors.Is(err, app.ErrInvalidMessage) || !strings.Contains(fmt.Sprint(err), reason) {
-			t.Errorf("publish of an invalid message (%s) returned %v, want an error wrapping app.ErrInvalidMessage saying %q", name, err, reason)
+		if !errors.Is(err, relay.ErrInvalidMessage) || !strings.Contains(fmt.Sprint(err), reason) {
+			t.Errorf("publish of an invalid message (%s) returned %v, want an error wrapping relay.ErrInvalidMessage saying %q", name, err, reason)
 		}
 	}
 	good := message(100, "k", 1)
@@ -305,8 +305,8 @@ func refuseAll(t *testing.T, e *Env, bad map[string]*app.Message, reason string)
 // testReservedHeaders: a message whose headers set one of the relay's own, in any letter case,
 // is refused: published, a consumer would read two event-id headers (or only the writer's).
 func testReservedHeaders(t *testing.T, e *Env) {
-	bad := map[string]*app.Message{}
-	for i, name := range append(app.ReservedHeaders(), "Event-ID", "OCCURRED-AT") {
+	bad := map[string]*relay.Message{}
+	for i, name := range append(relay.ReservedHeaders(), "Event-ID", "OCCURRED-AT") {
 		m := message(int64(i+1), "k", 0)
 		m.Headers = []byte(`{"trace-id":"t","` + name + `":"spoofed"}`)
 		bad[name] = m
@@ -317,7 +317,7 @@ func testReservedHeaders(t *testing.T, e *Env) {
 // testOccurredAtRange: occurred-at is RFC 3339, whose years are 0001 to 9999 in UTC. A message
 // outside them is refused; the first and last instants of the range are sent as they are.
 func testOccurredAtRange(t *testing.T, e *Env) {
-	bad := map[string]*app.Message{}
+	bad := map[string]*relay.Message{}
 	for i, at := range []time.Time{
 		time.Date(-3999, 1, 1, 0, 0, 0, 0, time.UTC), // '4000 BC'
 		time.Date(0, 12, 31, 23, 59, 59, 999999000, time.UTC),
@@ -351,9 +351,9 @@ func testOccurredAtRange(t *testing.T, e *Env) {
 		}
 	}
 	for _, d := range waitDelivered(t, e, ids) {
-		id := d.Headers[app.HeaderEventID]
-		if w, ok := want[id]; ok && d.Headers[app.HeaderOccurredAt] != w {
-			t.Errorf("occurred-at header %q, want %q", d.Headers[app.HeaderOccurredAt], w)
+		id := d.Headers[relay.HeaderEventID]
+		if w, ok := want[id]; ok && d.Headers[relay.HeaderOccurredAt] != w {
+			t.Errorf("occurred-at header %q, want %q", d.Headers[relay.HeaderOccurredAt], w)
 		}
 	}
 }
@@ -477,17 +477,17 @@ func testAbort(t *testing.T, e *Env) {
 	t.Logf("aborted %d, acknowledged %d of %d", len(ids)-len(acked), len(acked), len(ids))
 }
 
-// memStore is an in-memory app.Store for the relay test: it keeps rows in id order and checks,
+// memStore is an in-memory relay.Store for the relay test: it keeps rows in id order and checks,
 // at each Mark, that the sink confirmed every row marked.
 type memStore struct {
 	t      *testing.T
 	mu     sync.Mutex
-	rows   []app.Message
+	rows   []relay.Message
 	marked map[int64]bool
 	check  func(ids []int64)
 }
 
-func (s *memStore) Open(context.Context) (app.Session, error) { return memSession{s}, nil }
+func (s *memStore) Open(context.Context) (relay.Session, error) { return memSession{s}, nil }
 
 func (s *memStore) markedCount() int {
 	s.mu.Lock()
@@ -499,12 +499,12 @@ type memSession struct{ s *memStore }
 
 func (m memSession) TryLead(context.Context) (bool, error) { return true, nil }
 
-func (m memSession) Claim(_ context.Context, from int64, skip []int64, limit, _ int, hold app.Blocked) ([]app.Message, error) {
+func (m memSession) Claim(_ context.Context, from int64, skip []int64, limit, _ int, hold relay.Blocked) ([]relay.Message, error) {
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
-	var out []app.Message
+	var out []relay.Message
 	for _, r := range m.s.rows {
-		if head, held := hold[app.BlockKey(r.AggregateType, r.AggregateID)]; held && head != r.ID {
+		if head, held := hold[relay.BlockKey(r.AggregateType, r.AggregateID)]; held && head != r.ID {
 			continue
 		}
 		if r.ID >= from && !slices.Contains(skip, r.ID) && !m.s.marked[r.ID] {
@@ -542,7 +542,9 @@ func (m memSession) Park(_ context.Context, id int64, reason string) error {
 	return nil
 }
 
-func (m memSession) Blocked(context.Context, bool) (app.Blocked, error) { return app.Blocked{}, nil }
+func (m memSession) Blocked(context.Context, bool) (relay.Blocked, error) {
+	return relay.Blocked{}, nil
+}
 
 func (m memSession) Wait(ctx context.Context, timeout time.Duration) error {
 	select {
@@ -559,17 +561,19 @@ func (m memSession) Close(context.Context) error { return nil }
 // ConfirmLog wraps a sink and records which rows it reported confirmed, so a test can check
 // that a row is marked only after its confirmation.
 type ConfirmLog struct {
-	app.Sink
+	relay.Sink
 	mu        sync.Mutex
 	handed    int
 	confirmed map[int64]bool
 }
 
 // NewConfirmLog returns a ConfirmLog over s.
-func NewConfirmLog(s app.Sink) *ConfirmLog { return &ConfirmLog{Sink: s, confirmed: map[int64]bool{}} }
+func NewConfirmLog(s relay.Sink) *ConfirmLog {
+	return &ConfirmLog{Sink: s, confirmed: map[int64]bool{}}
+}
 
-// Publish implements app.Sink.
-func (c *ConfirmLog) Publish(ctx context.Context, m *app.Message, done func(error)) error {
+// Publish implements relay.Sink.
+func (c *ConfirmLog) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
 	c.mu.Lock()
 	c.handed++
 	c.mu.Unlock()
@@ -623,7 +627,7 @@ func testRelayMarks(t *testing.T, e *Env) {
 			ids = append(ids, m.EventID)
 		}
 	}
-	relay, err := app.NewRelay(app.RelayConfig{PollInterval: 20 * time.Millisecond, BatchSize: 10, MaxInFlight: 100},
+	relay, err := relay.New(relay.Config{PollInterval: 20 * time.Millisecond, BatchSize: 10, MaxInFlight: 100},
 		store, sink, nil, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"io/fs"
@@ -18,7 +18,7 @@ func TestDesignNamesRealTests(t *testing.T) {
 	}
 	defined := map[string]bool{}
 	funcRE := regexp.MustCompile(`(?m)^func (Test\w+)\(`)
-	err = filepath.WalkDir("..", func(path string, d fs.DirEntry, err error) error {
+	err = filepath.WalkDir("../..", func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}

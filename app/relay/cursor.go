@@ -1,4 +1,4 @@
-package app
+package relay
 
 // cursor is where the claims of one leadership term start, and how much each may read. It is
 // plain arithmetic, owned by the term's loop; the I/O (the session's claims and horizon) stays
@@ -10,7 +10,7 @@ package app
 // from the oldest row (from = 0) once per poll interval, after the blocked keys are reloaded,
 // find rows put back from the parked table and the rows of keys released.
 type cursor struct {
-	// The bounds of RelayConfig: BatchSize, MaxInFlight, MaxInFlightBytes.
+	// The bounds of Config: BatchSize, MaxInFlight, MaxInFlightBytes.
 	batchSize, maxInFlight, maxInFlightBytes int
 
 	from int64
@@ -28,7 +28,7 @@ type cursor struct {
 }
 
 // newCursor returns the cursor of a term under cfg's bounds, starting at the oldest row.
-func newCursor(cfg RelayConfig) cursor {
+func newCursor(cfg Config) cursor {
 	return cursor{batchSize: cfg.BatchSize, maxInFlight: cfg.MaxInFlight, maxInFlightBytes: cfg.MaxInFlightBytes}
 }
 

@@ -1,4 +1,4 @@
-package app
+package relay
 
 import (
 	"testing"
@@ -123,7 +123,7 @@ func TestCursorClaimSize(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newCursor(RelayConfig{BatchSize: 100, MaxInFlight: 400, MaxInFlightBytes: 1000})
+			c := newCursor(Config{BatchSize: 100, MaxInFlight: 400, MaxInFlightBytes: 1000})
 			c.rowBytes = tc.rowBytes
 			limit, budget := c.claimSize(tc.inflight, tc.bytes)
 			if limit != tc.wantLimit || budget != tc.wantBytes {
@@ -147,7 +147,7 @@ func TestCursorRead(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newCursor(RelayConfig{BatchSize: 100, MaxInFlight: 400, MaxInFlightBytes: 1000})
+			c := newCursor(Config{BatchSize: 100, MaxInFlight: 400, MaxInFlightBytes: 1000})
 			c.rowBytes = 7
 			size, more := c.read(0, 50, tc.limit, tc.budget, rowsOf(200, tc.rows...))
 			if size != 200*len(tc.rows) || more != tc.wantMore {

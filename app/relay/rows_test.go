@@ -1,4 +1,4 @@
-package app_test
+package relay_test
 
 import (
 	"context"
@@ -13,7 +13,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
-	"github.com/outbox-relay/outbox-relay/app"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
@@ -104,7 +104,7 @@ func TestRelayParksReservedHeaders(t *testing.T) {
 	}
 	rows = append(rows, timedRow{key: str("good"), headers: str(`{"trace-id": "t-1", "event-idx": "not reserved"}`)})
 	ids, eventIDs := e.insertTimed(t, rows...)
-	e.run(t, app.RelayConfig{}, kafka.Config{}, postgres.MarkDelete)
+	e.run(t, relay.Config{}, kafka.Config{}, postgres.MarkDelete)
 
 	parked := e.waitParked(t, len(reasons))
 	wantParked(t, parked, ids[:len(reasons)], reasons)
@@ -156,7 +156,7 @@ func TestRelayParksEachInvalidKey(t *testing.T) {
 		timedRow{},
 		timedRow{key: str("")},
 	)
-	e.run(t, app.RelayConfig{OrderPolicy: app.OrderPolicyWait}, kafka.Config{}, postgres.MarkDelete)
+	e.run(t, relay.Config{OrderPolicy: relay.OrderPolicyWait}, kafka.Config{}, postgres.MarkDelete)
 	parked := e.waitParked(t, 2+4)
 	wantParked(t, parked, []int64{ids[0], ids[1], ids[3], ids[4]}, []string{null, empty, null, empty})
 
@@ -205,7 +205,7 @@ func TestRelayOccurredAtRange(t *testing.T) {
 		rows = append(rows, timedRow{key: str(fmt.Sprintf("good-%d", i)), occurredAt: g.at})
 	}
 	ids, _ := e.insertTimed(t, rows...)
-	e.run(t, app.RelayConfig{}, kafka.Config{}, postgres.MarkDelete)
+	e.run(t, relay.Config{}, kafka.Config{}, postgres.MarkDelete)
 
 	parked := e.waitParked(t, len(bad))
 	wantParked(t, parked, ids[:len(bad)], reasons)
@@ -243,7 +243,7 @@ func TestRelayParksWithLongNonASCIIReason(t *testing.T) {
 	}
 	rows = append(rows, timedRow{key: str("good")})
 	ids, _ := e.insertTimed(t, rows...)
-	e.run(t, app.RelayConfig{}, kafka.Config{}, postgres.MarkDelete)
+	e.run(t, relay.Config{}, kafka.Config{}, postgres.MarkDelete)
 
 	parked := e.waitParked(t, 3)
 	for pad, id := range ids[:3] {
