@@ -17,6 +17,7 @@ import (
 	"github.com/twmb/franz-go/pkg/sasl"
 	"github.com/twmb/franz-go/pkg/sasl/plain"
 	"github.com/twmb/franz-go/pkg/sasl/scram"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Defaults of Config.
@@ -96,6 +97,11 @@ type Config struct {
 	// Log receives the publisher's own lines (a topic missing, then found), not one per record;
 	// nil discards them. Not a configuration key.
 	Log *slog.Logger
+	// Tracing, when not nil, makes the publisher start a span per record (a child of the trace
+	// context in the row's traceparent header, whose traceparent the record carries instead) and
+	// the consumer a span per record it handles. nil traces nothing. Not a configuration key: the
+	// OTEL_* environment variables configure it (see the README).
+	Tracing trace.TracerProvider
 }
 
 // TLSConfig configures TLS to the brokers.

@@ -12,6 +12,8 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/domain"
@@ -225,6 +227,7 @@ type Consumer struct {
 	handle     Handler
 	obs        ConsumerObserver
 	log        *slog.Logger
+	tr         *tracing // starts a span per handled record; nil when tracing is off
 
 	mu   sync.Mutex
 	done map[topicPartition]*kgo.Record // the last finished record of each partition, not yet committed
@@ -252,7 +255,8 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Consumer{cfg: ccfg, autoCreate: kcfg.AutoCreateTopics, handle: handle, obs: obs, log: log, done: make(map[topicPartition]*kgo.Record)}
+	c := &Consumer{cfg: ccfg, autoCreate: kcfg.AutoCreateTopics, handle: handle, obs: obs, log: log, done: make(map[topicPartition]*kgo.Record),
+		tr: newTracing(kcfg.Tracing)}
 	opts, err := kcfg.clientOpts()
 	if err != nil {
 		return nil, err
@@ -386,8 +390,20 @@ func (c *Consumer) record(ctx context.Context, r *kgo.Record) bool {
 	}
 }
 
-// try decodes r and calls the handler once.
-func (c *Consumer) try(ctx context.Context, r *kgo.Record) (Outcome, error) {
+// try decodes r and calls the handler once, in a span of its own when tracing is on: the child
+// of the span whose trace context r carries.
+func (c *Consumer) try(ctx context.Context, r *kgo.Record) (out Outcome, err error) {
+	if c.tr != nil {
+		var span trace.Span
+		ctx, span = c.tr.startProcess(ctx, r, c.cfg.Group, header(r, HeaderEventID))
+		defer func() {
+			if err != nil {
+				span.RecordError(err)
+				span.SetStatus(codes.Error, err.Error())
+			}
+			span.End()
+		}()
+	}
 	ev := Event{Key: string(r.Key), Payload: r.Value, Headers: make(map[string]string, len(r.Headers)),
 		Topic: r.Topic, Partition: r.Partition, Offset: r.Offset}
 	for _, h := range r.Headers {

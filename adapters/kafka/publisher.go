@@ -19,6 +19,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Header names set on every record: the relay's reserved headers (relay.ReservedHeaders) but
@@ -64,6 +65,8 @@ type Publisher struct {
 	parts    *partitions
 	// ceSource is kafka.cloudevents.source cut by splitSource.
 	ceSource []string
+	// tr starts a span per record; nil when tracing is off.
+	tr *tracing
 }
 
 // topicKey is what a row's topic depends on.
@@ -133,8 +136,8 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Publisher{cl: cl, cfg: cfg, deps: deps, log: log, fence: f, topics: make(map[topicKey]*topicState), parts: parts,
-		ceSource: splitSource(cfg.CloudEventsSource),
-		missing:  make(map[string]time.Time)}
+		ceSource: splitSource(cfg.CloudEventsSource), tr: newTracing(cfg.Tracing),
+		missing: make(map[string]time.Time)}
 	p.promise = p.settle
 	return p, nil
 }
@@ -158,6 +161,7 @@ type produced struct {
 	rec     kgo.Record
 	headers [4]kgo.RecordHeader
 	done    func(error)
+	span    trace.Span // the record's publish span; nil when tracing is off
 }
 
 // settle is the promise of every record: it hands the broker's verdict to the relay's callback,
@@ -172,6 +176,9 @@ func (p *Publisher) settle(r *kgo.Record, err error) {
 	case errors.Is(err, kerr.UnknownTopicOrPartition):
 		p.topicMissing(r.Topic)
 		err = fmt.Errorf("%w: kafka topic %q does not exist; %s: %w", relay.ErrDestinationMissing, r.Topic, p.missingFix(), err)
+	}
+	if pr.span != nil {
+		endPublish(pr.span, r, err)
 	}
 	pr.done(classify(r, err))
 }
@@ -340,14 +347,23 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 	// kafka.max_record_bytes) counts the batch header and the record's framing too: at most 61 +
 	// 36 bytes, and 10 per header. A record that fits only without them would fail in the
 	// producer, after its key's later rows were handed over, and they would go out first.
+	if err := p.checkSize(rec); err != nil {
+		return nil, nil, err
+	}
+	return pr, ts, nil
+}
+
+// checkSize returns an error wrapping relay.ErrInvalidMessage when rec is larger than
+// kafka.max_record_bytes.
+func (p *Publisher) checkSize(rec *kgo.Record) error {
 	size := len(rec.Key) + len(rec.Value) + recordBatchOverhead + 10*len(rec.Headers)
 	for _, h := range rec.Headers {
 		size += len(h.Key) + len(h.Value)
 	}
 	if size > p.cfg.MaxRecordBytes {
-		return nil, nil, fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", relay.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
+		return fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", relay.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
 	}
-	return pr, ts, nil
+	return nil
 }
 
 // ceHeaderPrefix starts the name of every CloudEvents attribute header of the Kafka binding.
@@ -432,6 +448,13 @@ func (p *Publisher) Publish(ctx context.Context, m *relay.Message, done func(err
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
+	if p.tr != nil {
+		pr.span = p.tr.startPublish(ctx, m, &pr.rec)
+		if err := p.checkSize(&pr.rec); err != nil { // the relay's traceparent made it too large
+			endPublish(pr.span, &pr.rec, err)
+			return err
+		}
+	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
 	p.fence.set(ctx)
@@ -457,7 +480,6 @@ func (p *Publisher) Replay(ctx context.Context, m *relay.Message, topic string, 
 	}
 	p.report(ts)
 	pr.Context, pr.done = ctx, done
-	p.fence.set(ctx)
 	p.fence.set(ctx)
 	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil

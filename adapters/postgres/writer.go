@@ -5,10 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
@@ -56,7 +61,9 @@ func NewWriter(t Table) (*Writer, error) {
 }
 
 // Append inserts msgs into the outbox with one statement, in one round trip, within tx. The rows
-// keep the order of msgs. A message the relay would park (a reserved header, an occurred_at out
+// keep the order of msgs. When ctx holds a span, each row's headers also get its trace context
+// (traceparent, tracestate) through the global OpenTelemetry propagator; a header of the same
+// name in Message.Headers is kept instead. A message the relay would park (a reserved header, an occurred_at out
 // of range) is refused before anything is written, with an error wrapping relay.ErrInvalidMessage.
 func (w *Writer) Append(ctx context.Context, tx DBTX, msgs ...Message) error {
 	if len(msgs) == 0 {
@@ -68,6 +75,7 @@ func (w *Writer) Append(ctx context.Context, tx DBTX, msgs ...Message) error {
 	topics, eventIDs := make([]*string, n), make([]*string, n)
 	headers := make([]*string, n)
 	occurred := make([]*time.Time, n)
+	trace := traceHeaders(ctx)
 	for i, m := range msgs {
 		switch {
 		case m.AggregateType == "":
@@ -94,8 +102,14 @@ func (w *Writer) Append(ctx context.Context, tx DBTX, msgs ...Message) error {
 				return fmt.Errorf("append event %d: %w", i, err)
 			}
 		}
-		if len(m.Headers) > 0 {
-			b, err := json.Marshal(m.Headers)
+		hs := m.Headers
+		if len(trace) > 0 {
+			hs = make(map[string]string, len(m.Headers)+len(trace))
+			maps.Copy(hs, trace)
+			maps.Copy(hs, m.Headers) // a header the caller set wins
+		}
+		if len(hs) > 0 {
+			b, err := json.Marshal(hs)
 			if err != nil {
 				return fmt.Errorf("append event %d: encode headers: %w", i, err)
 			}
@@ -118,3 +132,16 @@ func (w *Writer) Append(ctx context.Context, tx DBTX, msgs ...Message) error {
 }
 
 var _ DBTX = pgx.Tx(nil)
+
+// traceHeaders returns the headers that carry the trace context of ctx's span (traceparent and
+// tracestate with the W3C propagator), written by the global OpenTelemetry propagator
+// (otel.SetTextMapPropagator), or nil when ctx has no valid span: the relay makes its publish
+// span a child of that context, and the consumer's a child of the relay's.
+func traceHeaders(ctx context.Context) map[string]string {
+	if !trace.SpanContextFromContext(ctx).IsValid() {
+		return nil
+	}
+	c := propagation.MapCarrier{}
+	otel.GetTextMapPropagator().Inject(ctx, c)
+	return c
+}

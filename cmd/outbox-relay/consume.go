@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -38,6 +39,12 @@ func consumeCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	ccfg, httpAddr := cfg.Consumer, cfg.ConsumerHTTPAddr
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
+	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay-consume")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
+	cfg.Kafka.Tracing = tp
 
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartupTimeout)
 	defer cancel()

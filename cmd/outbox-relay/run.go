@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -35,6 +36,12 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
+	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
+	cfg.Kafka.Tracing = tp
 	return serve(ctx, cfg, log, nil)
 }
 

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// tracingShutdownTimeout bounds the export of the spans still buffered at exit.
+const tracingShutdownTimeout = 5 * time.Second
+
+// setupTracing configures OpenTelemetry tracing from the standard OTEL_* environment variables
+// (read by getenv): it is on only when OTEL_EXPORTER_OTLP_ENDPOINT or
+// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, OTEL_SDK_DISABLED is not "true" and
+// OTEL_TRACES_EXPORTER is unset, "otlp" or (off) "none". It returns the tracer provider, nil when
+// tracing is off, and the function that flushes and stops it. The OTLP exporter, the sampler
+// (OTEL_TRACES_SAMPLER), the batch span processor (OTEL_BSP_*) and the resource
+// (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) read their own variables; service is the
+// service.name when OTEL_SERVICE_NAME is unset.
+func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Logger, service string) (trace.TracerProvider, func(), error) {
+	off := func() {}
+	if strings.EqualFold(strings.TrimSpace(getenv("OTEL_SDK_DISABLED")), "true") {
+		return nil, off, nil
+	}
+	switch exp := strings.TrimSpace(getenv("OTEL_TRACES_EXPORTER")); exp {
+	case "", "otlp":
+	case "none":
+		return nil, off, nil
+	default:
+		return nil, off, fmt.Errorf("OTEL_TRACES_EXPORTER: must be otlp or none, got %q", exp)
+	}
+	endpoint := getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+	if endpoint == "" {
+		endpoint = getenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+	}
+	if endpoint == "" {
+		return nil, off, nil
+	}
+	protocol := getenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	if protocol == "" {
+		protocol = getenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+	}
+	var (
+		exp *otlptrace.Exporter
+		err error
+	)
+	// The exporters read the other OTEL_EXPORTER_OTLP_* variables themselves (headers, timeout,
+	// compression, certificates, insecure).
+	switch protocol {
+	case "", "http/protobuf":
+		protocol = "http/protobuf"
+		exp, err = otlptracehttp.New(ctx)
+	case "grpc":
+		exp, err = otlptracegrpc.New(ctx)
+	default:
+		return nil, off, fmt.Errorf("OTEL_EXPORTER_OTLP_PROTOCOL: must be http/protobuf or grpc, got %q", protocol)
+	}
+	if err != nil {
+		return nil, off, fmt.Errorf("opentelemetry exporter: %w", err)
+	}
+	res, err := resource.New(ctx,
+		resource.WithAttributes(semconv.ServiceName(service), semconv.ServiceVersion(version)),
+		resource.WithFromEnv(), // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
+		resource.WithTelemetrySDK())
+	if err != nil {
+		return nil, off, fmt.Errorf("opentelemetry resource (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME): %w", err)
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res))
+	otel.SetTracerProvider(tp)
+	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
+	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
+		log.Warn("opentelemetry: spans not exported", "err", err)
+	}))
+	// The endpoint alone: OTEL_EXPORTER_OTLP_HEADERS may hold an API key, and is never logged.
+	log.Info("tracing on", "protocol", protocol, "endpoint", redactEndpoint(endpoint))
+	return tp, func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), tracingShutdownTimeout)
+		defer cancel()
+		if err := tp.Shutdown(sctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Warn("opentelemetry: spans lost at exit", "err", err)
+		}
+	}, nil
+}
+
+// redactEndpoint returns endpoint without a user:password it may hold.
+func redactEndpoint(endpoint string) string {
+	scheme, rest, ok := strings.Cut(endpoint, "://")
+	if !ok {
+		return endpoint
+	}
+	if at := strings.LastIndex(rest, "@"); at >= 0 {
+		if slash := strings.Index(rest, "/"); slash < 0 || at < slash {
+			rest = "xxxxx@" + rest[at+1:]
+		}
+	}
+	return scheme + "://" + rest
+}
