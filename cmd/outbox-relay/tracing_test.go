@@ -294,4 +294,3 @@ func stop(t *testing.T, p *subcommandProc) {
 		t.Fatalf("%s did not exit within 60s of SIGTERM", p.cmd.Args[1])
 	}
 }
-
