@@ -97,10 +97,9 @@ func (t *tracing) startPublish(ctx context.Context, m *relay.Message, rec *kgo.R
 	carrier := headerCarrier{rec}
 	parent := traceContext.Extract(ctx, carrier)
 	now := time.Now()
-	_, span := t.tracer.Start(parent, "send "+rec.Topic,
-		trace.WithSpanKind(trace.SpanKindProducer),
-		trace.WithTimestamp(now),
-		trace.WithAttributes(
+	_, span := t.tracer.Start(parent, "send "+rec.Topic, trace.WithSpanKind(trace.SpanKindProducer), trace.WithTimestamp(now))
+	if span.IsRecording() { // not when the sampler dropped it: the attributes cost more than the span
+		span.SetAttributes(
 			semconv.MessagingSystemKafka,
 			semconv.MessagingOperationTypeSend,
 			semconv.MessagingOperationName("send"),
@@ -110,7 +109,8 @@ func (t *tracing) startPublish(ctx context.Context, m *relay.Message, rec *kgo.R
 			AttrOutboxRowID.Int64(m.ID),
 			AttrOutboxWaitSeconds.Float64(now.Sub(m.CreatedAt).Seconds()),
 			AttrOutboxAttempts.Int(m.Attempts),
-		))
+		)
+	}
 	if !span.SpanContext().IsValid() {
 		return span // a no-op tracer: the row's own trace context goes on
 	}
@@ -124,10 +124,12 @@ func (t *tracing) startPublish(ctx context.Context, m *relay.Message, rec *kgo.R
 
 // endPublish ends span with the broker's verdict on rec.
 func endPublish(span trace.Span, rec *kgo.Record, err error) {
-	if err != nil {
+	switch {
+	case !span.IsRecording():
+	case err != nil:
 		span.RecordError(err)
 		span.SetStatus(codes.Error, err.Error())
-	} else {
+	default:
 		span.SetAttributes(semconv.MessagingDestinationPartitionID(strconv.Itoa(int(rec.Partition))),
 			semconv.MessagingKafkaOffset(int(rec.Offset)))
 	}
@@ -138,9 +140,9 @@ func endPublish(span trace.Span, rec *kgo.Record, err error) {
 // context r's headers carry (the relay's publish span).
 func (t *tracing) startProcess(ctx context.Context, r *kgo.Record, group, eventID string) (context.Context, trace.Span) {
 	parent := traceContext.Extract(ctx, headerCarrier{r})
-	return t.tracer.Start(parent, "process "+r.Topic,
-		trace.WithSpanKind(trace.SpanKindConsumer),
-		trace.WithAttributes(
+	ctx, span := t.tracer.Start(parent, "process "+r.Topic, trace.WithSpanKind(trace.SpanKindConsumer))
+	if span.IsRecording() {
+		span.SetAttributes(
 			semconv.MessagingSystemKafka,
 			semconv.MessagingOperationTypeProcess,
 			semconv.MessagingOperationName("process"),
@@ -150,5 +152,7 @@ func (t *tracing) startProcess(ctx context.Context, r *kgo.Record, group, eventI
 			semconv.MessagingConsumerGroupName(group),
 			semconv.MessagingMessageID(eventID),
 			semconv.MessagingKafkaMessageKey(string(r.Key)),
-		))
+		)
+	}
+	return ctx, span
 }
