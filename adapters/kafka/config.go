@@ -14,9 +14,6 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/sasl"
-	"github.com/twmb/franz-go/pkg/sasl/plain"
-	"github.com/twmb/franz-go/pkg/sasl/scram"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -116,9 +113,14 @@ type TLSConfig struct {
 
 // SASLConfig configures SASL authentication.
 type SASLConfig struct {
-	Mechanism string // "", PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+	// Mechanism is "" (none), PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (with Username and
+	// Password), OAUTHBEARER (with OAuth) or AWS_MSK_IAM (credentials from the standard AWS
+	// chain; the region from the broker's MSK host name, else AWS_REGION).
+	Mechanism string
 	Username  string
 	Password  string // a secret: never logged
+	// OAuth says where OAUTHBEARER gets its token.
+	OAuth OAuthConfig
 }
 
 var headerRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,100}$`)
@@ -205,17 +207,31 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("kafka.cloudevents.source: %q is not a URI reference", c.CloudEventsSource))
 		}
 	}
-	switch strings.ToUpper(c.SASL.Mechanism) {
+	mech := strings.ToUpper(c.SASL.Mechanism)
+	switch mech {
 	case "":
-	case "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512":
+	case MechanismPlain, MechanismScram256, MechanismScram512:
 		if c.SASL.Username == "" || c.SASL.Password == "" {
 			errs = append(errs, errors.New("kafka.sasl.username, kafka.sasl.password: both are required with kafka.sasl.mechanism"))
 		}
-		if !c.TLS.Enabled && strings.ToUpper(c.SASL.Mechanism) == "PLAIN" {
+		if !c.TLS.Enabled && mech == MechanismPlain {
 			errs = append(errs, errors.New("kafka.sasl.mechanism: PLAIN sends the password in clear text; enable kafka.tls.enabled"))
 		}
+	case MechanismOAuthBearer, MechanismAWSMSKIAM:
+		if c.SASL.Username != "" || c.SASL.Password != "" {
+			errs = append(errs, fmt.Errorf("kafka.sasl.username, kafka.sasl.password: not used by %s; remove them", mech))
+		}
+		if !c.TLS.Enabled {
+			errs = append(errs, fmt.Errorf("kafka.sasl.mechanism: %s sends a bearer credential; enable kafka.tls.enabled", mech))
+		}
+		if mech == MechanismOAuthBearer {
+			errs = append(errs, c.SASL.OAuth.validate()...)
+		}
 	default:
-		errs = append(errs, fmt.Errorf("kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got %q", c.SASL.Mechanism))
+		errs = append(errs, fmt.Errorf("kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or AWS_MSK_IAM, got %q", c.SASL.Mechanism))
+	}
+	if mech != MechanismOAuthBearer && (c.SASL.OAuth.TokenFile != "" || c.SASL.OAuth.TokenURL != "") {
+		errs = append(errs, errors.New("kafka.sasl.oauth.token_file, kafka.sasl.oauth.token_url: used only with kafka.sasl.mechanism=OAUTHBEARER"))
 	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		errs = append(errs, errors.New("kafka.tls.cert_file, kafka.tls.key_file: set both or neither"))
@@ -263,7 +279,11 @@ func (c Config) clientOptsFenced(f *fence) ([]kgo.Opt, error) {
 	case tc != nil:
 		opts = append(opts, kgo.DialTLSConfig(tc))
 	}
-	if m := c.SASL.mechanism(); m != nil {
+	m, err := c.SASL.mechanism()
+	if err != nil {
+		return nil, err
+	}
+	if m != nil {
 		opts = append(opts, kgo.SASL(m))
 	}
 	return opts, nil
@@ -290,16 +310,4 @@ func (t TLSConfig) build() (*tls.Config, error) {
 		tc.Certificates = []tls.Certificate{cert}
 	}
 	return tc, nil
-}
-
-func (s SASLConfig) mechanism() sasl.Mechanism {
-	switch strings.ToUpper(s.Mechanism) {
-	case "PLAIN":
-		return plain.Auth{User: s.Username, Pass: s.Password}.AsMechanism()
-	case "SCRAM-SHA-256":
-		return scram.Auth{User: s.Username, Pass: s.Password}.AsSha256Mechanism()
-	case "SCRAM-SHA-512":
-		return scram.Auth{User: s.Username, Pass: s.Password}.AsSha512Mechanism()
-	}
-	return nil
 }

@@ -26,6 +26,12 @@ type Certs struct {
 	KeyFile  string // the server's private key
 	// Server is a TLS configuration serving the server certificate.
 	Server *tls.Config
+	// ClientCertFile and ClientKeyFile are a client certificate (CN "outbox-relay"), signed by
+	// the CA, and its key: what a client presents for mutual TLS.
+	ClientCertFile, ClientKeyFile string
+	// MutualServer serves the server certificate and requires a client certificate signed by
+	// the CA (mutual TLS).
+	MutualServer *tls.Config
 }
 
 // New writes a fresh CA and server certificate into a temporary directory removed when t ends.
@@ -102,6 +108,33 @@ func New(t testing.TB) *Certs {
 		t.Fatal(err)
 	}
 	c.Server = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
+
+	clientKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "outbox-relay"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}, ca, &clientKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientKeyDER, err := x509.MarshalPKCS8PrivateKey(clientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ClientCertFile, c.ClientKeyFile = filepath.Join(dir, "client.crt"), filepath.Join(dir, "client.key")
+	write(c.ClientCertFile, "CERTIFICATE", clientDER, 0o644)
+	write(c.ClientKeyFile, "PRIVATE KEY", clientKeyDER, 0o600)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	c.MutualServer = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12,
+		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool}
 	return c
 }
 
