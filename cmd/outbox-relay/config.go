@@ -76,10 +76,17 @@ var settings = []setting{
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
 	{key: "kafka.tls.key_file", def: "", help: "client key PEM file, for mutual TLS"},
 	{key: "kafka.tls.server_name", def: "", help: "name checked in the brokers' certificates"},
-	{key: "kafka.sasl.mechanism", def: "", help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; empty disables SASL"},
+	{key: "kafka.sasl.mechanism", def: "", help: "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or AWS_MSK_IAM; empty disables SASL"},
 	{key: "kafka.sasl.username", def: "", help: "SASL user"},
 	{key: "kafka.sasl.password", def: "", help: "SASL password", secret: true},
 	{key: "kafka.sasl.password_file", def: "", help: "file holding kafka.sasl.password"},
+	{key: "kafka.sasl.oauth.token_file", def: "", help: "OAUTHBEARER: file holding the token, read at each authentication"},
+	{key: "kafka.sasl.oauth.token_url", def: "", help: "OAUTHBEARER: token endpoint of the OAuth 2.0 client-credentials grant"},
+	{key: "kafka.sasl.oauth.client_id", def: "", help: "OAUTHBEARER with token_url: client id"},
+	{key: "kafka.sasl.oauth.client_secret", def: "", help: "OAUTHBEARER with token_url: client secret", secret: true},
+	{key: "kafka.sasl.oauth.client_secret_file", def: "", help: "file holding kafka.sasl.oauth.client_secret"},
+	{key: "kafka.sasl.oauth.scope", def: "", help: "OAUTHBEARER with token_url: space-separated scope asked for"},
+	{key: "kafka.sasl.oauth.extensions", def: "", help: "OAUTHBEARER: comma-separated SASL extensions key=value (Confluent Cloud: logicalCluster=...,identityPoolId=...)"},
 
 	{key: "rabbitmq.url", def: "", help: "with sink rabbitmq: amqp://user:password@host:5672/vhost (amqps:// for TLS)", secret: true},
 	{key: "rabbitmq.url_file", def: "", help: "file holding rabbitmq.url"},
@@ -218,6 +225,7 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 	cfg, err := parseConfig(v)
 	processSecrets.AddConnString(cfg.DatabaseURL, cfg.RabbitMQ.URL)
 	processSecrets.Add(cfg.Kafka.SASL.Password)
+	processSecrets.Add(cfg.Kafka.SASL.OAuth.ClientSecret)
 	errs = append(errs, err)
 	if warnings := unknownEnv(); len(warnings) > 0 {
 		log := newLogger(fs.Output(), cfg.LogLevel, cfg.LogFormat)
@@ -424,6 +432,24 @@ type reader struct {
 
 func (r *reader) str(key string) string { return strings.TrimSpace(r.v.GetString(key)) }
 
+// pairs reads a comma-separated list of key=value; nil when empty.
+func (r *reader) pairs(key string) map[string]string {
+	s := r.str(key)
+	if s == "" {
+		return nil
+	}
+	out := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || k == "" {
+			r.errs = append(r.errs, fmt.Errorf("%s: %q is not key=value", key, kv))
+			continue
+		}
+		out[k] = v
+	}
+	return out
+}
+
 func (r *reader) secret(key, fileKey string) string {
 	if f := r.str(fileKey); f != "" {
 		b, err := os.ReadFile(f)
@@ -557,6 +583,14 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			Mechanism: r.str("kafka.sasl.mechanism"),
 			Username:  r.str("kafka.sasl.username"),
 			Password:  r.secret("kafka.sasl.password", "kafka.sasl.password_file"),
+			OAuth: kafka.OAuthConfig{
+				TokenFile:    r.str("kafka.sasl.oauth.token_file"),
+				TokenURL:     r.str("kafka.sasl.oauth.token_url"),
+				ClientID:     r.str("kafka.sasl.oauth.client_id"),
+				ClientSecret: r.secret("kafka.sasl.oauth.client_secret", "kafka.sasl.oauth.client_secret_file"),
+				Scope:        r.str("kafka.sasl.oauth.scope"),
+				Extensions:   r.pairs("kafka.sasl.oauth.extensions"),
+			},
 		},
 	}
 	c.RabbitMQ = rabbitmq.Config{
@@ -671,6 +705,11 @@ func (c *Config) requireRelay() error {
 	}
 	if c.Kafka.SASL.Mechanism == "" && (c.Kafka.SASL.Username != "" || c.Kafka.SASL.Password != "") {
 		errs = append(errs, errors.New("kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when kafka.sasl.username or a password is set"))
+	}
+	if f := c.Kafka.SASL.OAuth.TokenFile; f != "" && strings.EqualFold(c.Kafka.SASL.Mechanism, kafka.MechanismOAuthBearer) {
+		if _, err := os.Stat(f); err != nil {
+			errs = append(errs, fmt.Errorf("kafka.sasl.oauth.token_file: must be a readable file: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }

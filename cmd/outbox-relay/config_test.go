@@ -81,7 +81,8 @@ func TestConfigValidMinimal(t *testing.T) {
 func TestConfigEveryKeyValidated(t *testing.T) {
 	freeText := map[string]bool{
 		"kafka.client_id": true, "kafka.tls.server_name": true, "kafka.sasl.username": true,
-		"kafka.sasl.password": true,
+		"kafka.sasl.password": true, "kafka.sasl.oauth.client_id": true, "kafka.sasl.oauth.client_secret": true,
+		"kafka.sasl.oauth.scope": true,
 	}
 	for _, s := range settings {
 		if freeText[s.key] {
@@ -136,7 +137,7 @@ func TestConfigBadValues(t *testing.T) {
 		{"bad database url", map[string]string{"OUTBOX_DATABASE_URL": "postgres://u:hunter2@[::1"}, "database.url:"},
 		{"missing url file", map[string]string{"OUTBOX_DATABASE_URL_FILE": filepath.Join(dir, "nope")}, "database.url_file:"},
 		{"missing password file", map[string]string{"OUTBOX_KAFKA_SASL_PASSWORD_FILE": filepath.Join(dir, "nope")}, "kafka.sasl.password_file:"},
-		{"sasl mechanism", map[string]string{"OUTBOX_KAFKA_SASL_MECHANISM": "GSSAPI"}, `kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got "GSSAPI"`},
+		{"sasl mechanism", map[string]string{"OUTBOX_KAFKA_SASL_MECHANISM": "GSSAPI"}, `kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or AWS_MSK_IAM, got "GSSAPI"`},
 		{"sasl without user", map[string]string{"OUTBOX_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"}, "kafka.sasl.username, kafka.sasl.password: both are required"},
 		{"sasl plain without tls", map[string]string{"OUTBOX_KAFKA_SASL_MECHANISM": "PLAIN", "OUTBOX_KAFKA_SASL_USERNAME": "u", "OUTBOX_KAFKA_SASL_PASSWORD": "p"}, "PLAIN sends the password in clear text; enable kafka.tls.enabled"},
 		{"sasl password without mechanism", map[string]string{"OUTBOX_KAFKA_SASL_PASSWORD": "p"}, "kafka.sasl.mechanism: must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when"},
