@@ -187,10 +187,10 @@ func (c *clientCredentials) token(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("oauth token endpoint: %w", err)
 	}
 	var out struct {
-		AccessToken string          `json:"access_token"`
-		ExpiresIn   json.Number     `json:"expires_in"`
-		Error       string          `json:"error"`
-		Description string          `json:"error_description"`
+		AccessToken string      `json:"access_token"`
+		ExpiresIn   json.Number `json:"expires_in"`
+		Error       string      `json:"error"`
+		Description string      `json:"error_description"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.UseNumber()
