@@ -74,12 +74,12 @@ func TestPublisherTracing(t *testing.T) {
 	}
 	for key, want := range map[attribute.Key]string{"messaging.system": "kafka", "messaging.destination.name": topic,
 		"messaging.message.id": m.EventID, "messaging.destination.partition.id": "0", "messaging.operation.type": "send"} {
-		if got := spanAttr(s, key).Emit(); got != want {
+		if got := spanAttr(s, key).String(); got != want {
 			t.Errorf("span attribute %s = %q, want %q", key, got, want)
 		}
 	}
 	if got := spanAttr(s, "messaging.kafka.offset"); got.Type() != attribute.INT64 || got.AsInt64() != 0 {
-		t.Errorf("messaging.kafka.offset = %v, want 0", got.Emit())
+		t.Errorf("messaging.kafka.offset = %v, want 0", got.String())
 	}
 	if got := spanAttr(s, kafka.AttrOutboxWaitSeconds).AsFloat64(); got < 1 {
 		t.Errorf("outbox.wait_seconds = %v, want at least the second since created_at", got)
