@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
@@ -85,7 +86,7 @@ func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Log
 		log.Warn("opentelemetry: spans not exported", "err", err)
 	}))
 	// The endpoint alone: OTEL_EXPORTER_OTLP_HEADERS may hold an API key, and is never logged.
-	log.Info("tracing on", "protocol", protocol, "endpoint", redactEndpoint(endpoint))
+	log.Info("tracing on", "protocol", protocol, "endpoint", redact.Text(endpoint))
 	return tp, func() {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), tracingShutdownTimeout)
 		defer cancel()
@@ -93,18 +94,4 @@ func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Log
 			log.Warn("opentelemetry: spans lost at exit", "err", err)
 		}
 	}, nil
-}
-
-// redactEndpoint returns endpoint without a user:password it may hold.
-func redactEndpoint(endpoint string) string {
-	scheme, rest, ok := strings.Cut(endpoint, "://")
-	if !ok {
-		return endpoint
-	}
-	if at := strings.LastIndex(rest, "@"); at >= 0 {
-		if slash := strings.Index(rest, "/"); slash < 0 || at < slash {
-			rest = "xxxxx@" + rest[at+1:]
-		}
-	}
-	return scheme + "://" + rest
 }
