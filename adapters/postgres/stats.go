@@ -7,10 +7,15 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // BacklogScanRowsDefault is the default number of pending rows Backlog reads.
 const BacklogScanRowsDefault = 10000
+
+// BacklogScanRowsRange is the range cmd allows for http.backlog_scan_rows, the rows Backlog reads.
+var BacklogScanRowsRange = bounds.Int{Min: 100, Max: 10000000}
 
 // Querier is what the read-only operations need: a pool, a connection or a transaction.
 type Querier interface {
