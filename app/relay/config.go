@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
@@ -139,9 +140,9 @@ func (c Config) Validate() error {
 
 // backoff returns the delay before attempt number attempts+1 of a failing row.
 func (c Config) backoff(attempts int) time.Duration {
-	d := c.RetryBackoffMin
+	d := min(c.RetryBackoffMin, c.RetryBackoffMax)
 	for i := 1; i < attempts && d < c.RetryBackoffMax; i++ {
-		d *= 2
+		d = backoff.Double(d, c.RetryBackoffMax)
 	}
-	return min(d, c.RetryBackoffMax)
+	return d
 }

@@ -272,17 +272,6 @@ func (c *Cluster) Promote() {
 	}
 }
 
-// Exec runs sql on a fresh connection to the cluster.
-func (c *Cluster) Exec(ctx context.Context, sql string, args ...any) error {
-	conn, err := pgx.Connect(ctx, c.URL())
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	_, err = conn.Exec(ctx, sql, args...)
-	return err
-}
-
 // SetReadOnly makes every new transaction of the cluster read-only (or writable again) and
 // terminates every other connection, so that clients reconnect to a node that refuses writes: the
 // effect of a failover onto a standby, without one.
