@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"time"
@@ -306,7 +307,7 @@ func LeaderOf(ctx context.Context, q Querier, t Table) (*Holder, error) {
 	var h Holder
 	var addr, app, state *string
 	err := q.QueryRow(ctx, holderSQL, t.lockKey()).Scan(&h.PID, &addr, &h.BackendStart, &app, &state, &h.LastActive)
-	if err == pgx.ErrNoRows {
+	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
 	if err != nil {

@@ -108,7 +108,9 @@ func newCluster(t testing.TB) *Cluster {
 	}
 	c.dir = dir
 	t.Cleanup(func() {
-		c.ctl("stop", "-m", "immediate")
+		if out, err := c.ctl("stop", "-m", "immediate"); err != nil { // often already stopped by the test
+			t.Logf("pg_ctl stop at cleanup: %v\n%s", err, out)
+		}
 		_ = os.RemoveAll(dir)
 	})
 	c.chown(dir)
