@@ -21,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -30,6 +31,13 @@ const (
 	MarkDelete = "delete"
 	// MarkRetain stamps published rows with dispatched_at and keeps them until purged.
 	MarkRetain = "retain"
+)
+
+// Ranges of StoreConfig's durations: NewStore checks them, and cmd parses database.query_timeout
+// and relay.leader_lease with them.
+var (
+	QueryTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	LeaderLeaseRange  = bounds.Duration{Min: 100 * time.Millisecond, Max: time.Minute}
 )
 
 // QueryTimeoutDefault is the default of StoreConfig.QueryTimeout.
@@ -205,20 +213,21 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	case MarkRetain:
 		mark = `UPDATE ` + t.outbox() + ` SET dispatched_at = now() WHERE ` + t.id("") + ` = ANY($1::bigint[]) AND dispatched_at IS NULL`
 	default:
-		return nil, fmt.Errorf("relay.mark: must be %q or %q, got %q", MarkDelete, MarkRetain, cfg.Mark)
+		return nil, fmt.Errorf("relay.mark: must be one of %s, %s, got %q", MarkDelete, MarkRetain, cfg.Mark)
 	}
 	if cfg.LeaderLease == 0 {
 		cfg.LeaderLease = LeaderLeaseDefault
 	}
-	if cfg.LeaderLease < 100*time.Millisecond {
-		return nil, fmt.Errorf("relay.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
+	if err := errors.Join(QueryTimeoutRange.Check("database.query_timeout", cfg.QueryTimeout),
+		LeaderLeaseRange.Check("relay.leader_lease", cfg.LeaderLease)); err != nil {
+		return nil, err
 	}
 	switch cfg.WaitForReplication {
 	case "":
 		cfg.WaitForReplication = ReplicationOff
 	case ReplicationOff, ReplicationSync, ReplicationAll:
 	default:
-		return nil, fmt.Errorf("database.wait_for_replication: must be %q, %q or %q, got %q",
+		return nil, fmt.Errorf("database.wait_for_replication: must be one of %s, %s, %s, got %q",
 			ReplicationOff, ReplicationSync, ReplicationAll, cfg.WaitForReplication)
 	}
 	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease,

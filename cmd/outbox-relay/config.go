@@ -17,6 +17,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // setting is one configuration key: its default, its help, and whether it is a secret (secrets
@@ -462,20 +463,20 @@ func (r *reader) secret(key, fileKey string) string {
 	return r.str(key)
 }
 
-func (r *reader) int(key string, lo, hi int) int {
-	s := r.str(key)
-	n, err := strconv.Atoi(s)
-	if err != nil || n < lo || n > hi {
-		r.errs = append(r.errs, fmt.Errorf("%s: must be an integer between %d and %d, got %q", key, lo, hi, s))
+// int reads key as an integer within rng, the range the key's owner defines.
+func (r *reader) int(key string, rng bounds.Int) int {
+	n, err := rng.Parse(key, r.str(key))
+	if err != nil {
+		r.errs = append(r.errs, err)
 	}
 	return n
 }
 
-func (r *reader) dur(key string, lo, hi time.Duration) time.Duration {
-	s := r.str(key)
-	d, err := time.ParseDuration(s)
-	if err != nil || d < lo || d > hi {
-		r.errs = append(r.errs, fmt.Errorf("%s: must be a duration between %s and %s (like 500ms, 10s, 2m), got %q", key, lo, hi, s))
+// dur reads key as a duration within rng, the range the key's owner defines.
+func (r *reader) dur(key string, rng bounds.Duration) time.Duration {
+	d, err := rng.Parse(key, r.str(key))
+	if err != nil {
+		r.errs = append(r.errs, err)
 	}
 	return d
 }
@@ -499,6 +500,17 @@ func (r *reader) oneOf(key string, allowed ...string) string {
 	r.errs = append(r.errs, fmt.Errorf("%s: must be one of %s, got %q", key, strings.Join(allowed, ", "), s))
 	return s
 }
+
+// Ranges of the keys cmd alone uses; the other keys' ranges are defined by the package that
+// uses them (relay.BatchSizeRange, kafka.LingerRange...), which checks them in its Validate.
+var (
+	connectTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	retentionRange      = bounds.Duration{Min: time.Second, Max: 365 * 24 * time.Hour}
+	purgeIntervalRange  = bounds.Duration{Min: time.Second, Max: 24 * time.Hour}
+	purgeBatchRange     = bounds.Int{Min: 1, Max: 1000000}
+	startupTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	stallTimeoutRange   = bounds.Duration{Min: time.Second, Max: 24 * time.Hour}
+)
 
 // The values of database.layout.
 const (
@@ -538,13 +550,13 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	r := &reader{v: v}
 	c := &Config{}
 	c.DatabaseURL = r.secret("database.url", "database.url_file")
-	c.ConnectTimeout = r.dur("database.connect_timeout", 100*time.Millisecond, 10*time.Minute)
+	c.ConnectTimeout = r.dur("database.connect_timeout", connectTimeoutRange)
 	layout := r.oneOf("database.layout", layoutRelay, layoutDebezium)
 	c.Store = postgres.StoreConfig{
 		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table"), Columns: r.columns(layout)},
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
-		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
-		LeaderLease:  r.dur("relay.leader_lease", 100*time.Millisecond, time.Minute),
+		QueryTimeout: r.dur("database.query_timeout", postgres.QueryTimeoutRange),
+		LeaderLease:  r.dur("relay.leader_lease", postgres.LeaderLeaseRange),
 		WaitForReplication: r.oneOf("database.wait_for_replication",
 			postgres.ReplicationOff, postgres.ReplicationSync, postgres.ReplicationAll),
 	}
@@ -563,12 +575,12 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		ClientID:          r.str("kafka.client_id"),
 		TopicTemplate:     r.str("kafka.topic_template"),
 		IDHeader:          idHeader(r.str("kafka.id_header"), layout),
-		MaxRecordBytes:    r.int("kafka.max_record_bytes", 1024, 100<<20),
+		MaxRecordBytes:    r.int("kafka.max_record_bytes", kafka.MaxRecordBytesRange),
 		Tombstones:        r.bool("kafka.tombstones"),
-		Linger:            r.dur("kafka.linger", 0, 10*time.Second),
+		Linger:            r.dur("kafka.linger", kafka.LingerRange),
 		Compression:       r.str("kafka.compression"),
 		AutoCreateTopics:  r.bool("kafka.auto_create_topics"),
-		DialTimeout:       r.dur("kafka.dial_timeout", 100*time.Millisecond, 10*time.Minute),
+		DialTimeout:       r.dur("kafka.dial_timeout", kafka.DialTimeoutRange),
 		RecordTimestamp:   r.oneOf("kafka.record_timestamp", kafka.TimestampProduce, kafka.TimestampOccurredAt),
 		Format:            r.oneOf("kafka.format", kafka.FormatNative, kafka.FormatCloudEvents),
 		CloudEventsSource: r.str("kafka.cloudevents.source"),
@@ -600,18 +612,16 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		NoDeclare:           !r.bool("rabbitmq.declare_exchange"),
 		RoutingKeyTemplate:  r.str("rabbitmq.routing_key_template"),
 		DropUnroutable:      r.bool("rabbitmq.drop_unroutable"),
-		MaxMessageBytes:     r.int("rabbitmq.max_message_bytes", 1024, 512<<20),
-		DialTimeout:         r.dur("rabbitmq.dial_timeout", 100*time.Millisecond, 10*time.Minute),
-		Heartbeat:           r.dur("rabbitmq.heartbeat", time.Second, 10*time.Minute),
-		ReconnectBackoffMax: r.dur("rabbitmq.reconnect_backoff_max", 100*time.Millisecond, 10*time.Minute),
+		MaxMessageBytes:     r.int("rabbitmq.max_message_bytes", rabbitmq.MaxMessageBytesRange),
+		DialTimeout:         r.dur("rabbitmq.dial_timeout", rabbitmq.DialTimeoutRange),
+		Heartbeat:           r.dur("rabbitmq.heartbeat", rabbitmq.HeartbeatRange),
+		ReconnectBackoffMax: r.dur("rabbitmq.reconnect_backoff_max", rabbitmq.ReconnectBackoffMaxRange),
 	}
 	rc := c.RabbitMQ.WithDefaults()
 	if rc.URL == "" && c.Sink != "rabbitmq" {
 		rc.URL = "amqp://localhost/" // only required with sink rabbitmq; check the other keys anyway
 	}
-	if err := rc.Validate(); err != nil {
-		r.errs = append(r.errs, err)
-	}
+	own := []error{rc.Validate()} // the components' own checks, joined below without repeats
 	var topics []string
 	for _, t := range strings.Split(r.str("consumer.topics"), ",") {
 		if t = strings.TrimSpace(t); t != "" {
@@ -622,50 +632,46 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Group:           r.str("consumer.group"),
 		Topics:          topics,
 		DeadLetterTopic: r.str("consumer.dead_letter_topic"),
-		MaxAttempts:     r.int("consumer.max_attempts", 1, 100),
-		RetryBackoff:    r.dur("consumer.retry_backoff", time.Millisecond, time.Minute),
-		RetryBackoffMax: r.dur("consumer.retry_backoff_max", time.Millisecond, 10*time.Minute),
-		MaxPollRecords:  r.int("consumer.max_poll_records", 1, 100000),
-		SessionTimeout:  r.dur("consumer.session_timeout", 6*time.Second, 5*time.Minute),
+		MaxAttempts:     r.int("consumer.max_attempts", kafka.ConsumerMaxAttemptsRange),
+		RetryBackoff:    r.dur("consumer.retry_backoff", kafka.ConsumerRetryBackoffRange),
+		RetryBackoffMax: r.dur("consumer.retry_backoff_max", kafka.ConsumerRetryBackoffMaxRange),
+		MaxPollRecords:  r.int("consumer.max_poll_records", kafka.ConsumerMaxPollRecordsRange),
+		SessionTimeout:  r.dur("consumer.session_timeout", kafka.ConsumerSessionTimeoutRange),
 	}
-	if err := c.Consumer.WithDefaults().Validate(); err != nil {
-		r.errs = append(r.errs, err)
-	}
+	own = append(own, c.Consumer.WithDefaults().Validate())
 	c.ConsumerHTTPAddr = r.str("consumer.http_addr")
 	if _, _, err := net.SplitHostPort(c.ConsumerHTTPAddr); c.ConsumerHTTPAddr != "" && err != nil {
 		r.errs = append(r.errs, fmt.Errorf("consumer.http_addr: must be host:port or :port (empty disables the listener), got %q", c.ConsumerHTTPAddr))
 	}
 	c.Relay = relay.Config{
-		BatchSize:           r.int("relay.batch_size", 1, 10000),
-		MaxInFlight:         r.int("relay.max_in_flight", 1, 100000),
-		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", 1<<20, 1<<32),
-		PollInterval:        r.dur("relay.poll_interval", 10*time.Millisecond, time.Minute),
-		LeaderRetryInterval: r.dur("relay.leader_retry_interval", 10*time.Millisecond, time.Minute),
-		MaxAttempts:         r.int("relay.max_attempts", 1, 1000),
-		RetryBackoffMin:     r.dur("relay.retry_backoff_min", time.Millisecond, time.Hour),
-		RetryBackoffMax:     r.dur("relay.retry_backoff_max", time.Millisecond, 24*time.Hour),
+		BatchSize:           r.int("relay.batch_size", relay.BatchSizeRange),
+		MaxInFlight:         r.int("relay.max_in_flight", relay.MaxInFlightRange),
+		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", relay.MaxInFlightBytesRange),
+		PollInterval:        r.dur("relay.poll_interval", relay.PollIntervalRange),
+		LeaderRetryInterval: r.dur("relay.leader_retry_interval", relay.LeaderRetryIntervalRange),
+		MaxAttempts:         r.int("relay.max_attempts", relay.MaxAttemptsRange),
+		RetryBackoffMin:     r.dur("relay.retry_backoff_min", relay.RetryBackoffMinRange),
+		RetryBackoffMax:     r.dur("relay.retry_backoff_max", relay.RetryBackoffMaxRange),
 		OrderPolicy:         r.oneOf("relay.order_policy", relay.OrderPolicyWait, relay.OrderPolicySkip),
-		ShutdownTimeout:     r.dur("relay.shutdown_timeout", 100*time.Millisecond, time.Hour),
+		ShutdownTimeout:     r.dur("relay.shutdown_timeout", relay.ShutdownTimeoutRange),
+		ReconnectBackoffMax: relay.ReconnectBackoffMaxDefault, // not a key
 	}
-	c.Retention = r.dur("relay.retention", time.Second, 365*24*time.Hour)
-	c.PurgeInterval = r.dur("relay.purge_interval", time.Second, 24*time.Hour)
-	c.PurgeBatch = r.int("relay.purge_batch", 1, 1000000)
-	c.StartupTimeout = r.dur("relay.startup_timeout", 100*time.Millisecond, 10*time.Minute)
+	// Validated as read, not WithDefaults: a value refused above stays refused, and the checks
+	// across keys (relay.max_in_flight at least relay.batch_size) run even beside other errors.
+	own = append(own, c.Relay.Validate())
+	c.Retention = r.dur("relay.retention", retentionRange)
+	c.PurgeInterval = r.dur("relay.purge_interval", purgeIntervalRange)
+	c.PurgeBatch = r.int("relay.purge_batch", purgeBatchRange)
+	c.StartupTimeout = r.dur("relay.startup_timeout", startupTimeoutRange)
 	c.HTTPAddr = r.str("http.addr")
 	if _, _, err := net.SplitHostPort(c.HTTPAddr); c.HTTPAddr != "" && err != nil {
 		r.errs = append(r.errs, fmt.Errorf("http.addr: must be host:port or :port (empty disables the listener), got %q", c.HTTPAddr))
 	}
-	c.StallTimeout = r.dur("http.stall_timeout", time.Second, 24*time.Hour)
-	c.BacklogScanRows = r.int("http.backlog_scan_rows", 100, 10000000)
+	c.StallTimeout = r.dur("http.stall_timeout", stallTimeoutRange)
+	c.BacklogScanRows = r.int("http.backlog_scan_rows", postgres.BacklogScanRowsRange)
 	c.LogLevel = r.oneOf("log.level", "debug", "info", "warn", "error")
 	c.LogFormat = r.oneOf("log.format", "json", "text")
-	if len(r.errs) == 0 {
-		c.Relay = c.Relay.WithDefaults()
-		if err := c.Relay.Validate(); err != nil {
-			r.errs = append(r.errs, err)
-		}
-	}
-	return c, errors.Join(r.errs...)
+	return c, joinNew(errors.Join(r.errs...), errors.Join(own...))
 }
 
 // requireDatabase checks what connecting to the database needs: a connection string the

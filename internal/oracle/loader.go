@@ -462,14 +462,6 @@ func (l *Loader) Counts() (committed, rolledBack, unknown, failures int) {
 	return committed, rolledBack, unknown, l.failures
 }
 
-// Event returns the event with id, and its outcome.
-func (l *Loader) Event(id string) (Event, Outcome, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	ev, ok := l.events[id]
-	return ev, l.outcome[id], ok
-}
-
 // snapshot returns every event and its outcome.
 func (l *Loader) snapshot() (map[string]Event, map[string]Outcome) {
 	l.mu.Lock()
