@@ -136,11 +136,11 @@ type Sink interface {
 // message's Payload or Headers after they return (their memory may be reused, see Releaser).
 type Observer interface {
 	// Claimed reports a claim query that returned n rows.
-	Claimed(n int, took time.Duration)
+	Claimed(n int, elapsed time.Duration)
 	// Acked reports a message the broker acknowledged.
 	Acked(m *Message, at time.Time)
 	// Marked reports n rows marked as published.
-	Marked(n int, took time.Duration)
+	Marked(n int, elapsed time.Duration)
 	// Failed reports a publish that failed.
 	Failed(m *Message, err error)
 	// Parked reports a row parked with a reason.
