@@ -161,6 +161,7 @@ func (l *term) claim(ctx context.Context) (bool, error) {
 		l.inflight[m.ID] = m
 		l.bytes += m.Size()
 	}
+	l.endBatch()
 	l.release(l.unused) // read but not handed to the sink: held back, or in flight already
 	if !l.claiming {
 		if err := l.parkPutOff(ctx); err != nil {

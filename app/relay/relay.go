@@ -168,6 +168,12 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 			}
 		}
 	}
+	if err := r.recoverPublished(ctx, pubCtx, sess); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 	r.leader.Store(true)
 	r.obs.Leading(true)
 	r.log.Info("leadership gained")
