@@ -25,10 +25,11 @@ const HeaderTxID = "tx-id"
 
 // Defaults of TxConfig.
 const (
-	TxMaxRowsDefault            = 1000
-	TxLingerDefault             = 10 * time.Millisecond
-	TransactionTimeoutDefault   = 60 * time.Second
-	progressVersion        byte = 1
+	ProgressTopicDefault           = "outbox-relay.progress"
+	TxMaxRowsDefault               = 1000
+	TxLingerDefault                = 10 * time.Millisecond
+	TransactionTimeoutDefault      = 60 * time.Second
+	progressVersion           byte = 1
 )
 
 // ErrTransactionAborted is the error of a record whose Kafka transaction was aborted because

@@ -71,6 +71,10 @@ var settings = []setting{
 	{key: "kafka.format", def: kafka.FormatDefault, help: "record shape: native, or cloudevents (CloudEvents Kafka binding, binary mode, beside the native headers)"},
 	{key: "kafka.cloudevents.source", def: kafka.CloudEventsSourceDefault, help: "with kafka.format=cloudevents, the ce_source; {aggregate_type} and {event_type} are replaced"},
 	{key: "kafka.record_timestamp", def: kafka.RecordTimestampDefault, help: "record timestamp: produce (send time) or occurred_at (the event's time)"},
+	{key: "kafka.delivery", def: deliveryAtLeastOnce, help: "at_least_once, or exactly_once (Kafka transactions: a database transaction's rows are committed together, and a crash duplicates nothing)"},
+	{key: "kafka.transactional_id", def: "", help: "with exactly_once, the producer's transactional id, the same on every replica; empty: outbox-relay-<database>.<schema>.<table>"},
+	{key: "kafka.progress_topic", def: kafka.ProgressTopicDefault, help: "with exactly_once, the compacted topic (one partition) of the relay's progress records; created when missing"},
+	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
@@ -99,6 +103,7 @@ var settings = []setting{
 	{key: "consumer.max_attempts", def: strconv.Itoa(kafka.ConsumerMaxAttemptsDefault), help: "'consume': attempts at a failing event before it is dead-lettered"},
 	{key: "consumer.retry_backoff", def: kafka.ConsumerRetryBackoffDefault.String(), help: "'consume': first delay before retrying a failing event (doubles)"},
 	{key: "consumer.retry_backoff_max", def: kafka.ConsumerRetryBackoffMaxDefault.String(), help: "'consume': largest delay before retrying a failing event"},
+	{key: "consumer.isolation_level", def: "", help: "'consume': read_committed or read_uncommitted; empty: read_committed when kafka.delivery is exactly_once"},
 	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
 	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
 	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
@@ -145,6 +150,9 @@ type Config struct {
 	Store          postgres.StoreConfig
 	Sink           string
 	Kafka          kafka.Config
+	// Delivery is kafka.delivery; Tx the exactly-once settings.
+	Delivery string
+	Tx       kafka.TxConfig
 	RabbitMQ       rabbitmq.Config
 	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
 	Consumer         kafka.ConsumerConfig
@@ -559,6 +567,27 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			Password:  r.secret("kafka.sasl.password", "kafka.sasl.password_file"),
 		},
 	}
+	c.Delivery = r.oneOf("kafka.delivery", deliveryAtLeastOnce, deliveryExactlyOnce)
+	c.Store.Transactions = c.Delivery == deliveryExactlyOnce
+	table := c.Store.Table.WithDefaults()
+	identity := databaseName(c.DatabaseURL) + "." + table.Schema + "." + table.Name
+	c.Tx = kafka.TxConfig{
+		TransactionalID:    r.str("kafka.transactional_id"),
+		ProgressTopic:      r.str("kafka.progress_topic"),
+		Identity:           identity,
+		TransactionTimeout: r.dur("kafka.transaction_timeout", time.Second, 15*time.Minute),
+	}
+	if c.Tx.TransactionalID == "" {
+		c.Tx.TransactionalID = "outbox-relay-" + identity
+	}
+	if c.Delivery == deliveryExactlyOnce {
+		if c.Sink == "rabbitmq" {
+			r.errs = append(r.errs, errors.New("kafka.delivery: exactly_once needs sink kafka (RabbitMQ has no transactions that span a broker's queues and the relay's progress): use at_least_once with sink rabbitmq"))
+		}
+		if err := c.Tx.WithDefaults().Validate(); err != nil {
+			r.errs = append(r.errs, err)
+		}
+	}
 	c.RabbitMQ = rabbitmq.Config{
 		URL:                 r.secret("rabbitmq.url", "rabbitmq.url_file"),
 		Exchange:            r.str("rabbitmq.exchange"),
@@ -593,6 +622,15 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		RetryBackoffMax: r.dur("consumer.retry_backoff_max", time.Millisecond, 10*time.Minute),
 		MaxPollRecords:  r.int("consumer.max_poll_records", 1, 100000),
 		SessionTimeout:  r.dur("consumer.session_timeout", 6*time.Second, 5*time.Minute),
+	}
+	switch r.str("consumer.isolation_level") {
+	case "":
+		c.Consumer.ReadCommitted = c.Delivery == deliveryExactlyOnce
+	case "read_committed":
+		c.Consumer.ReadCommitted = true
+	case "read_uncommitted":
+	default:
+		r.errs = append(r.errs, fmt.Errorf("consumer.isolation_level: must be read_committed, read_uncommitted or empty, got %q", r.str("consumer.isolation_level")))
 	}
 	if err := c.Consumer.WithDefaults().Validate(); err != nil {
 		r.errs = append(r.errs, err)
@@ -686,4 +724,23 @@ func redacted(v *viper.Viper) map[string]string {
 		out[s.key] = val
 	}
 	return out
+}
+
+// Values of kafka.delivery.
+const (
+	deliveryAtLeastOnce = "at_least_once"
+	deliveryExactlyOnce = "exactly_once"
+)
+
+// databaseName returns the database a connection string names, for the outbox's identity in
+// exactly-once delivery; "" when it cannot be parsed (requireDatabase says why).
+func databaseName(url string) string {
+	if url == "" {
+		return ""
+	}
+	cfg, err := postgres.ParseURL(url)
+	if err != nil {
+		return ""
+	}
+	return cfg.Database
 }
