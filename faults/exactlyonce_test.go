@@ -153,8 +153,10 @@ func TestFaultEO03LostResponses(t *testing.T) {
 	dropped := 0
 	e.broker.Fake.ControlKey(int16(kmsg.EndTxn), func(kmsg.Request) (kmsg.Response, error, bool) {
 		dropped++
-		if dropped < 4 {
+		if dropped < 3 {
 			e.broker.Fake.KeepControl()
+		} else {
+			e.broker.Fake.DropControl() // kfake keeps a control once kept, until dropped
 		}
 		return nil, fmt.Errorf("dropped EndTxn %d", dropped), true
 	})
