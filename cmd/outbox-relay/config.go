@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -153,7 +154,7 @@ type Config struct {
 	// Delivery is kafka.delivery; Tx the exactly-once settings.
 	Delivery string
 	Tx       kafka.TxConfig
-	RabbitMQ       rabbitmq.Config
+	RabbitMQ rabbitmq.Config
 	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
 	Consumer         kafka.ConsumerConfig
 	ConsumerHTTPAddr string
@@ -578,15 +579,20 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		TransactionTimeout: r.dur("kafka.transaction_timeout", time.Second, 15*time.Minute),
 	}
 	if c.Tx.TransactionalID == "" {
-		c.Tx.TransactionalID = "outbox-relay-" + identity
+		c.Tx.TransactionalID = "outbox-relay-" + strings.Map(func(r rune) rune {
+			if r < 128 && (r == '.' || r == '_' || r == '-' || 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') {
+				return r
+			}
+			return '_'
+		}, identity)
+	} else if !transactionalIDRE.MatchString(c.Tx.TransactionalID) {
+		r.errs = append(r.errs, fmt.Errorf("kafka.transactional_id: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Tx.TransactionalID))
 	}
-	if c.Delivery == deliveryExactlyOnce {
-		if c.Sink == "rabbitmq" {
-			r.errs = append(r.errs, errors.New("kafka.delivery: exactly_once needs sink kafka (RabbitMQ has no transactions that span a broker's queues and the relay's progress): use at_least_once with sink rabbitmq"))
-		}
-		if err := c.Tx.WithDefaults().Validate(); err != nil {
-			r.errs = append(r.errs, err)
-		}
+	if c.Delivery == deliveryExactlyOnce && c.Sink == "rabbitmq" {
+		r.errs = append(r.errs, errors.New("kafka.delivery: exactly_once needs sink kafka (RabbitMQ has no transactions that span a broker's queues and the relay's progress): use at_least_once with sink rabbitmq"))
+	}
+	if err := c.Tx.WithDefaults().Validate(); err != nil {
+		r.errs = append(r.errs, err)
 	}
 	c.RabbitMQ = rabbitmq.Config{
 		URL:                 r.secret("rabbitmq.url", "rabbitmq.url_file"),
@@ -725,6 +731,9 @@ func redacted(v *viper.Viper) map[string]string {
 	}
 	return out
 }
+
+// transactionalIDRE is what kafka.transactional_id may hold.
+var transactionalIDRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
 
 // Values of kafka.delivery.
 const (
