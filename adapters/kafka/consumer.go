@@ -64,6 +64,10 @@ type ConsumerConfig struct {
 	// SessionTimeout is how long the group waits for a member that stopped heartbeating (a
 	// crashed process) before giving its partitions to the others. Default 45s; 6s to 5m.
 	SessionTimeout time.Duration
+	// ReadCommitted reads at read_committed: records of aborted or still open Kafka transactions
+	// are never handed over (the relay's kafka.delivery=exactly_once). Default false
+	// (read_uncommitted).
+	ReadCommitted bool
 }
 
 // Ranges of ConsumerConfig's fields: Validate checks them, and cmd parses the consumer.* keys
@@ -281,6 +285,9 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	)
 	if kcfg.AutoCreateTopics {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
+	}
+	if ccfg.ReadCommitted {
+		opts = append(opts, kgo.FetchIsolationLevel(kgo.ReadCommitted()))
 	}
 	opts = append(opts, extra...)
 	cl, err := kgo.NewClient(opts...)

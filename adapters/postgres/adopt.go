@@ -130,11 +130,17 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		{"next_attempt_at", "timestamp with time zone", "timestamptz"},
 		{"last_error", "text", "text"},
 		{"dispatched_at", "timestamp with time zone", "timestamptz"},
+		// The writing transaction, for kafka.delivery=exactly_once (sql/migrations/003_tx.sql):
+		// NULL for the rows already there, so no rewrite.
+		{"tx", "xid8", "xid8"},
 	} {
 		c, ok := cols[b.name]
 		switch {
 		case !ok:
 			p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ADD COLUMN `+pgx.Identifier{b.name}.Sanitize()+` `+b.add)
+			if b.name == "tx" {
+				p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ALTER COLUMN tx SET DEFAULT pg_current_xact_id()`)
+			}
 			if b.name == "created_at" {
 				p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ALTER COLUMN created_at SET DEFAULT clock_timestamp()`)
 			}
@@ -152,6 +158,7 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		`CREATE INDEX IF NOT EXISTS `+t.name("failing_idx")+` ON `+outbox+` (`+t.col("", m.AggregateType)+`, `+t.col("", m.Key)+`, `+t.id("")+`)
     WHERE attempts > 0 AND dispatched_at IS NULL`,
 		`CREATE INDEX IF NOT EXISTS `+t.name("dispatched_idx")+` ON `+outbox+` (dispatched_at) WHERE dispatched_at IS NOT NULL`,
+		`CREATE INDEX IF NOT EXISTS `+t.name("tx_idx")+` ON `+outbox+` (tx) WHERE dispatched_at IS NULL`,
 		// The parked table has the relay's layout, but keeps the outbox's types of the event id
 		// and the payload, so parking and retrying a row copy them unchanged.
 		`CREATE TABLE IF NOT EXISTS `+t.parked()+` (

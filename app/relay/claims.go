@@ -138,6 +138,7 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 		l.inflight[m.ID] = m
 		l.bytes += m.Size()
 	}
+	l.endBatch()
 	l.conn.release(l.unused) // read but not handed to the sink: held back, or in flight already
 	if !l.conn.claiming {
 		if err := l.parkPutOff(ctx); err != nil {

@@ -58,6 +58,7 @@ func (l *term) marked(ctx context.Context, res markResult) error {
 		delete(l.inflight, m.ID) // their bytes left the budget, and were released, at the ack
 	}
 	l.obs.Marked(len(batch), res.elapsed)
+	l.notedMarked(batch)
 	l.startMark(false)
 	return nil
 }

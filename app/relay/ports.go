@@ -19,6 +19,9 @@ type Message struct {
 	OccurredAt    time.Time // when the fact happened, as the writer said; zero for 'infinity' (OccurredAtInfinite)
 	CreatedAt     time.Time // when the row was inserted (clock of the database)
 	Attempts      int       // failed publish attempts so far
+	// TxID is the database transaction that wrote the row, when the store reads it (exactly-once
+	// delivery; 0 otherwise, and for rows written before the store recorded it).
+	TxID int64
 	// AggregateIDNull is true when the aggregate_id column is NULL (AggregateID is then ""): a
 	// NULL and an empty key are both invalid (Check), and each such row is parked on its own.
 	AggregateIDNull bool

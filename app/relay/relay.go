@@ -175,6 +175,12 @@ func (r *Relay) session(ctx context.Context, conn *owner) error {
 			}
 		}
 	}
+	if err := r.recoverPublished(ctx, pubCtx, conn.sess); err != nil { // Mark: beside any call but TryLead and Close
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 	r.leader.Store(true)
 	r.obs.Leading(true)
 	r.log.Info("leadership gained")

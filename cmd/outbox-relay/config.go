@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -72,6 +73,10 @@ var settings = []setting{
 	{key: "kafka.format", def: kafka.FormatDefault, help: "record shape: native, or cloudevents (CloudEvents Kafka binding, binary mode, beside the native headers)"},
 	{key: "kafka.cloudevents.source", def: kafka.CloudEventsSourceDefault, help: "with kafka.format=cloudevents, the ce_source; {aggregate_type} and {event_type} are replaced"},
 	{key: "kafka.record_timestamp", def: kafka.RecordTimestampDefault, help: "record timestamp: produce (send time) or occurred_at (the event's time)"},
+	{key: "kafka.delivery", def: deliveryAtLeastOnce, help: "at_least_once, or exactly_once (Kafka transactions: a database transaction's rows are committed together, and a crash duplicates nothing)"},
+	{key: "kafka.transactional_id", def: "", help: "with exactly_once, the producer's transactional id, the same on every replica; empty: outbox-relay-<database>.<schema>.<table>"},
+	{key: "kafka.progress_topic", def: kafka.ProgressTopicDefault, help: "with exactly_once, the compacted topic (one partition) of the relay's progress records; created when missing"},
+	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
@@ -107,6 +112,7 @@ var settings = []setting{
 	{key: "consumer.max_attempts", def: strconv.Itoa(kafka.ConsumerMaxAttemptsDefault), help: "'consume': attempts at a failing event before it is dead-lettered"},
 	{key: "consumer.retry_backoff", def: kafka.ConsumerRetryBackoffDefault.String(), help: "'consume': first delay before retrying a failing event (doubles)"},
 	{key: "consumer.retry_backoff_max", def: kafka.ConsumerRetryBackoffMaxDefault.String(), help: "'consume': largest delay before retrying a failing event"},
+	{key: "consumer.isolation_level", def: "", help: "'consume': read_committed or read_uncommitted; empty: read_committed when kafka.delivery is exactly_once"},
 	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
 	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
 	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
@@ -153,7 +159,10 @@ type Config struct {
 	Store          postgres.StoreConfig
 	Sink           string
 	Kafka          kafka.Config
-	RabbitMQ       rabbitmq.Config
+	// Delivery is kafka.delivery; Tx the exactly-once settings.
+	Delivery string
+	Tx       kafka.TxConfig
+	RabbitMQ rabbitmq.Config
 	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
 	Consumer         kafka.ConsumerConfig
 	ConsumerHTTPAddr string
@@ -605,6 +614,29 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			},
 		},
 	}
+	c.Delivery = r.oneOf("kafka.delivery", deliveryAtLeastOnce, deliveryExactlyOnce)
+	c.Store.Transactions = c.Delivery == deliveryExactlyOnce
+	table := c.Store.Table.WithDefaults()
+	identity := databaseName(c.DatabaseURL) + "." + table.Schema + "." + table.Name
+	c.Tx = kafka.TxConfig{
+		TransactionalID:    r.str("kafka.transactional_id"),
+		ProgressTopic:      r.str("kafka.progress_topic"),
+		Identity:           identity,
+		TransactionTimeout: r.dur("kafka.transaction_timeout", kafka.TransactionTimeoutRange),
+	}
+	if c.Tx.TransactionalID == "" {
+		c.Tx.TransactionalID = "outbox-relay-" + strings.Map(func(r rune) rune {
+			if r < 128 && (r == '.' || r == '_' || r == '-' || 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') {
+				return r
+			}
+			return '_'
+		}, identity)
+	} else if !transactionalIDRE.MatchString(c.Tx.TransactionalID) {
+		r.errs = append(r.errs, fmt.Errorf("kafka.transactional_id: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Tx.TransactionalID))
+	}
+	if c.Delivery == deliveryExactlyOnce && c.Sink == "rabbitmq" {
+		r.errs = append(r.errs, errors.New("kafka.delivery: exactly_once needs sink kafka (RabbitMQ has no transactions that span a broker's queues and the relay's progress): use at_least_once with sink rabbitmq"))
+	}
 	c.RabbitMQ = rabbitmq.Config{
 		URL:                 r.secret("rabbitmq.url", "rabbitmq.url_file"),
 		Exchange:            r.str("rabbitmq.exchange"),
@@ -621,7 +653,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	if rc.URL == "" && c.Sink != "rabbitmq" {
 		rc.URL = "amqp://localhost/" // only required with sink rabbitmq; check the other keys anyway
 	}
-	own := []error{rc.Validate()} // the components' own checks, joined below without repeats
+	own := []error{rc.Validate(), c.Tx.WithDefaults().Validate()} // the components' own checks, joined below without repeats
 	var topics []string
 	for _, t := range strings.Split(r.str("consumer.topics"), ",") {
 		if t = strings.TrimSpace(t); t != "" {
@@ -637,6 +669,15 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		RetryBackoffMax: r.dur("consumer.retry_backoff_max", kafka.ConsumerRetryBackoffMaxRange),
 		MaxPollRecords:  r.int("consumer.max_poll_records", kafka.ConsumerMaxPollRecordsRange),
 		SessionTimeout:  r.dur("consumer.session_timeout", kafka.ConsumerSessionTimeoutRange),
+	}
+	switch r.str("consumer.isolation_level") {
+	case "":
+		c.Consumer.ReadCommitted = c.Delivery == deliveryExactlyOnce
+	case "read_committed":
+		c.Consumer.ReadCommitted = true
+	case "read_uncommitted":
+	default:
+		r.errs = append(r.errs, fmt.Errorf("consumer.isolation_level: must be one of read_committed, read_uncommitted, got %q", r.str("consumer.isolation_level")))
 	}
 	own = append(own, c.Consumer.WithDefaults().Validate())
 	c.ConsumerHTTPAddr = r.str("consumer.http_addr")
@@ -731,4 +772,26 @@ func redacted(v *viper.Viper) map[string]string {
 		out[s.key] = val
 	}
 	return out
+}
+
+// transactionalIDRE is what kafka.transactional_id may hold.
+var transactionalIDRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
+
+// Values of kafka.delivery.
+const (
+	deliveryAtLeastOnce = "at_least_once"
+	deliveryExactlyOnce = "exactly_once"
+)
+
+// databaseName returns the database a connection string names, for the outbox's identity in
+// exactly-once delivery; "" when it cannot be parsed (requireDatabase says why).
+func databaseName(url string) string {
+	if url == "" {
+		return ""
+	}
+	cfg, err := postgres.ParseURL(url)
+	if err != nil {
+		return ""
+	}
+	return cfg.Database
 }

@@ -23,6 +23,7 @@ var keyRanges = map[string]fmt.Stringer{
 	"http.backlog_scan_rows":         postgres.BacklogScanRowsRange,
 	"kafka.max_record_bytes":         kafka.MaxRecordBytesRange,
 	"kafka.linger":                   kafka.LingerRange,
+	"kafka.transaction_timeout":      kafka.TransactionTimeoutRange,
 	"kafka.dial_timeout":             kafka.DialTimeoutRange,
 	"rabbitmq.max_message_bytes":     rabbitmq.MaxMessageBytesRange,
 	"rabbitmq.dial_timeout":          rabbitmq.DialTimeoutRange,
