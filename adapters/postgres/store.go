@@ -326,6 +326,7 @@ type session struct {
 	rest     []int64      // reused by skipRun
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
+	wake     wakeState    // the wake-up protocol's state (wake.go)
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -376,7 +377,15 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 // connection that cannot return it (the simple protocol) is read with Scan. With
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
 func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
+	if s.wake.release {
+		if err := s.releaseSleep(ctx); err != nil {
+			return nil, err
+		}
+	}
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
+	if err == nil {
+		s.claimed(len(out))
+	}
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
 	}
@@ -754,17 +763,6 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, 
 		return nil
 	})
 	return out, s.wrap(err)
-}
-
-// Wait implements relay.Session.
-func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
-	wctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	_, err := s.conn.WaitForNotification(wctx)
-	if err != nil && wctx.Err() != nil && ctx.Err() == nil && !s.conn.IsClosed() {
-		return nil // the timeout passed: the connection is still good
-	}
-	return s.wrap(err)
 }
 
 // Notified implements relay.Session.

@@ -212,3 +212,8 @@ func (t Table) Channel() string { return "outbox_relay_" + t.Schema + "_" + t.Na
 
 // lockKey returns the text hashed into the leadership advisory lock.
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
+
+// awakeKey and sleepKey return the texts hashed into the advisory locks of the wake-up protocol
+// (sql/migrations/003_wake.sql, wake.go).
+func (t Table) awakeKey() string { return "outbox-relay:awake:" + t.String() }
+func (t Table) sleepKey() string { return "outbox-relay:sleep:" + t.String() }
