@@ -265,7 +265,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
-	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
+	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.heard() }
 	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
 		// pgx reads at most 8 KiB per system call; a claim of a thousand 1 KB rows took 130 reads.
 		// Reading what the socket holds, up to 64 KiB, costs an extra copy and saves most of them.

@@ -213,7 +213,11 @@ func (t Table) Channel() string { return "outbox_relay_" + t.Schema + "_" + t.Na
 // lockKey returns the text hashed into the leadership advisory lock.
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
 
-// awakeKey and sleepKey return the texts hashed into the advisory locks of the wake-up protocol
-// (sql/migrations/003_wake.sql, wake.go).
-func (t Table) awakeKey() string { return "outbox-relay:awake:" + t.String() }
-func (t Table) sleepKey() string { return "outbox-relay:sleep:" + t.String() }
+// WakeKeys returns the texts hashed (hashtextextended(key, 0)) into the two advisory locks of the
+// wake-up protocol (sql/migrations/003_wake.sql, wake.go): the awake lock and the sleep lock.
+func (t Table) WakeKeys() (awake, sleep string) {
+	return "outbox-relay:awake:" + t.String(), "outbox-relay:sleep:" + t.String()
+}
+
+func (t Table) awakeKey() string { k, _ := t.WakeKeys(); return k }
+func (t Table) sleepKey() string { _, k := t.WakeKeys(); return k }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -50,6 +51,11 @@ const (
 
 // wakeState is a session's side of the wake-up protocol.
 type wakeState struct {
+	// polling is set while the session holds the awake lock but not the sleep lock: it claims
+	// every lingerFor or goes to sleep, so a notification, sent by a writer that found it asleep
+	// before, wakes nothing and is dropped (heard). Read by the connection's notification
+	// handler, which may run on another goroutine than the claims.
+	polling atomic.Bool
 	awake   bool // holds the awake lock
 	asleep  bool // holds the sleep lock...
 	checked bool // ...and a claim ran since it was granted
@@ -88,8 +94,20 @@ func (s *session) releaseSleep(ctx context.Context) error {
 		return s.wrap(err)
 	}
 	w.asleep, w.checked = false, false
+	w.setPolling()
 	return nil
 }
+
+// heard is the connection's notification handler: a notification makes the relay claim, unless
+// it is polling (wakeState.polling).
+func (s *session) heard() {
+	if !s.wake.polling.Load() {
+		s.notified.Store(true)
+	}
+}
+
+// setPolling records whether the session holds the awake lock and not the sleep lock.
+func (w *wakeState) setPolling() { w.polling.Store(w.awake && !w.asleep) }
 
 // claimed records a claim that returned n rows.
 func (s *session) claimed(n int) {
@@ -126,13 +144,21 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 			return err
 		}
 		w.awake = got
+		w.setPolling()
 	}
 	if !w.asleep {
 		if w.awake && s.lastRows > 0 {
-			// Rows are coming and the writers do not notify an awake relay: look again soon.
-			err := s.waitNotification(ctx, min(timeout, lingerFor))
+			// Rows are coming and the writers do not notify an awake relay: look again soon. A
+			// notification now is one sent before the relay woke (see heard): the timer, not it,
+			// ends the wait.
+			t := time.NewTimer(min(timeout, lingerFor))
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
 			s.notified.Store(true)
-			return err
+			return nil
 		}
 		got, err := s.lockWithin(ctx, s.store.table.sleepKey(), min(timeout, sleepLockWait))
 		if err != nil {
@@ -140,6 +166,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		}
 		if got {
 			w.asleep, w.checked, w.since, w.rows = true, false, time.Now(), 0
+			w.setPolling()
 		}
 		s.notified.Store(true) // the claim after the lock (or, without it, a poll)
 		return nil
