@@ -109,6 +109,7 @@ func parseFlags(args []string) (options, error) {
 	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
 	cases := fs.String("cases", "", "drain cases to run, as payload/keys pairs (e.g. 256/100,16384/1); default every case of the scale")
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
+	writeRepeats := fs.Int("write-repeats", 0, "rounds of the write-cost section's modes (0: the scale's, 2 at any factor, 1 for smoke)")
 	noSettle := fs.Bool("no-settle", false, "start each section at once, without waiting for checkpoints, autovacuum and dirty pages (quick A/B runs)")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
@@ -177,6 +178,9 @@ func parseFlags(args []string) (options, error) {
 		sc.Matrix = keep
 	}
 	o.Scale = sc
+	if *writeRepeats > 0 {
+		o.Scale.WriteRepeats = *writeRepeats
+	}
 	for _, s := range strings.Split(*only, ",") {
 		s = strings.TrimSpace(s)
 		if !slices.Contains(allSections, s) {

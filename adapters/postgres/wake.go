@@ -37,16 +37,17 @@ import (
 // sleepLockWait (lock_timeout); then it claims again and tries later: while a writer holds a
 // transaction open, the relay polls every sleepLockWait instead of sleeping.
 //
-// While rows keep coming (the last claim returned some), the session does not take the sleep
-// lock: it lingers for lingerFor and claims again, and writers, finding the relay awake, do not
-// notify, so flat-out writers keep their group commits. It takes the lock once a claim comes back
-// empty. Holding it, it keeps it while the rows trickle in (each one then wakes it, as before)
+// While rows keep coming, the session does not take the sleep lock: it lingers for lingerFor and
+// claims again, and writers, finding the relay awake, do not notify, so flat-out writers keep
+// their group commits. It takes the lock once emptyToSleep claims in a row came back empty (one
+// empty claim is common among busy writers on a loaded machine: 1 ms without a commit). Holding it, it keeps it while the rows trickle in (each one then wakes it, as before)
 // and lets it go once claims return busyRows rows within busyWindow.
 const (
 	sleepLockWait = 20 * time.Millisecond
 	lingerFor     = time.Millisecond
 	busyWindow    = 10 * time.Millisecond
 	busyRows      = 10
+	emptyToSleep  = 2
 )
 
 // wakeState is a session's side of the wake-up protocol.
@@ -60,6 +61,9 @@ type wakeState struct {
 	asleep  bool // holds the sleep lock...
 	checked bool // ...and a claim ran since it was granted
 	release bool // let the sleep lock go before the next claim or wait
+	// empty counts the claims in a row that found nothing while polling: emptyToSleep of them,
+	// a lingerFor apart, and the session goes to sleep.
+	empty int
 	// Rows claimed since since, while asleep: busyRows within busyWindow lets the lock go.
 	since time.Time
 	rows  int
@@ -93,7 +97,7 @@ func (s *session) releaseSleep(ctx context.Context) error {
 	if _, err := s.conn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.store.table.sleepKey()); err != nil {
 		return s.wrap(err)
 	}
-	w.asleep, w.checked = false, false
+	w.asleep, w.checked, w.empty = false, false, 0
 	w.setPolling()
 	return nil
 }
@@ -113,6 +117,11 @@ func (w *wakeState) setPolling() { w.polling.Store(w.awake && !w.asleep) }
 func (s *session) claimed(n int) {
 	w := &s.wake
 	if !w.asleep {
+		if n == 0 {
+			w.empty++
+		} else {
+			w.empty = 0
+		}
 		return
 	}
 	w.checked = true
@@ -147,7 +156,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		w.setPolling()
 	}
 	if !w.asleep {
-		if w.awake && s.lastRows > 0 {
+		if w.awake && (s.lastRows > 0 || w.empty < emptyToSleep) {
 			// Rows are coming and the writers do not notify an awake relay: look again soon. A
 			// notification now is one sent before the relay woke (see heard): the timer, not it,
 			// ends the wait.
