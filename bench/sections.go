@@ -4,8 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -21,6 +25,25 @@ type writeResult struct {
 	Notify   bool    `json:"notify"` // the trigger was enabled
 	Round    int     `json:"round"`
 	TxPerSec float64 `json:"tx_per_sec"`
+	// NotifiesPerTx is how many notifications a listener received per commit: the share of
+	// commits that paid for NOTIFY.
+	NotifiesPerTx float64 `json:"notifies_per_tx"`
+	LoadAvg       float64 `json:"load_avg_1m,omitempty"` // the host's 1-minute load average after the run
+}
+
+// loadAvg returns the host's 1-minute load average, 0 when unknown: on a shared machine, what
+// else ran.
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 // The write-cost section's modes.
@@ -75,12 +98,17 @@ func (b *bench) writeCost(ctx context.Context) error {
 	}
 	lctx, stopListen := context.WithCancel(ctx)
 	listened := make(chan struct{})
+	var heard atomic.Int64 // notifications the listener received
 	go func() {
 		defer close(listened)
 		for lctx.Err() == nil {
-			if _, err := conn.WaitForNotification(lctx); err != nil && lctx.Err() == nil {
-				return
+			if _, err := conn.WaitForNotification(lctx); err != nil {
+				if lctx.Err() == nil {
+					return
+				}
+				continue
 			}
+			heard.Add(1)
 		}
 	}()
 	defer func() { stopListen(); <-listened }()
@@ -105,7 +133,7 @@ func (b *bench) writeCost(ctx context.Context) error {
 	b.res.Write = res
 	byMode := map[string][]float64{}
 	measure := func(mode string, round int) error {
-		c0 := w.committed.Load()
+		c0, h0 := w.committed.Load(), heard.Load()
 		start := time.Now()
 		wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.WriteRun)
 		w.run(wctx, 0)
@@ -113,11 +141,18 @@ func (b *bench) writeCost(ctx context.Context) error {
 		if err := w.failure(); err != nil {
 			return err
 		}
+		secs := time.Since(start).Seconds()
+		n := w.committed.Load() - c0
 		r := writeResult{Mode: mode, Notify: mode != writeOff && mode != writeRelayOff, Round: round,
-			TxPerSec: float64(w.committed.Load()-c0) / time.Since(start).Seconds()}
+			TxPerSec: float64(n) / secs, LoadAvg: loadAvg()}
+		if n > 0 {
+			// Counted a moment after the run: the last commits' notifications are on their way.
+			time.Sleep(100 * time.Millisecond)
+			r.NotifiesPerTx = float64(heard.Load()-h0) / float64(n)
+		}
 		res.Runs = append(res.Runs, r)
 		byMode[mode] = append(byMode[mode], r.TxPerSec)
-		b.log.Printf("write cost %s round %d: %.0f tx/s", mode, round, r.TxPerSec)
+		b.log.Printf("write cost %s round %d: %.0f tx/s, %.3f notifications per commit (load average %.1f)", mode, round, r.TxPerSec, r.NotifiesPerTx, r.LoadAvg)
 		return nil
 	}
 	alone := []string{writeOff, writeAwake, writeNotifyAll}

@@ -22,9 +22,8 @@ func wakeLoop(ctx context.Context, sess relay.Session, ids chan<- int64) <-chan 
 	done := make(chan error, 1)
 	go func() {
 		var skip []int64
-		poll := time.Now()
 		for ctx.Err() == nil {
-			poll = time.Now()
+			poll := time.Now()
 			rows, err := sess.Claim(ctx, 0, skip, 1000, 1<<30, nil)
 			if err != nil && ctx.Err() == nil {
 				done <- err
