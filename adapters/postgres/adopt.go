@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	outboxsql "github.com/outbox-relay/outbox-relay/sql"
 )
 
 // AdoptPlan is what 'outbox-relay migrate --adopt' adds to an existing outbox table so that the
@@ -153,6 +155,12 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		return p, err
 	}
 	idxCount := len(p.Statements)
+	// The trigger's function is the relay's own (sql/migrations/003_wake.sql): writers notify
+	// only while the relay sleeps.
+	wake, err := render(outboxsql.Migrations, "migrations/003_wake.sql", t)
+	if err != nil {
+		return p, err
+	}
 	p.Statements = append(p.Statements,
 		`CREATE INDEX IF NOT EXISTS `+t.name("pending_idx")+` ON `+outbox+` (`+t.id("")+`) WHERE dispatched_at IS NULL`,
 		`CREATE INDEX IF NOT EXISTS `+t.name("failing_idx")+` ON `+outbox+` (`+t.col("", m.AggregateType)+`, `+t.col("", m.Key)+`, `+t.id("")+`)
@@ -182,12 +190,7 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
     partitions integer     NOT NULL CHECK (partitions > 0),
     pinned_at  timestamptz NOT NULL DEFAULT now()
 )`,
-		`CREATE OR REPLACE FUNCTION `+t.notifyFunc()+`() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('`+t.Channel()+`', '');
-    RETURN NULL;
-END
-$$`,
+		wake,
 		`DROP TRIGGER IF EXISTS `+t.name("notify")+` ON `+outbox,
 		`CREATE TRIGGER `+t.name("notify")+` AFTER INSERT ON `+outbox+`
     FOR EACH STATEMENT EXECUTE FUNCTION `+t.notifyFunc()+`()`,
@@ -225,9 +228,13 @@ func adopted(ctx context.Context, pool *pgxpool.Pool, t Table, columns bool) (bo
 		return false, nil
 	}
 	var ok bool
+	// A trigger function that notifies on every insert is the one adopted before the wake-up
+	// protocol: it is replaced.
 	err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL
-		AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)`,
-		t.parked(), t.topics(), pgx.Identifier{t.Schema, t.Name + "_pending_idx"}.Sanitize(), t.outbox(), t.Name+"_notify").Scan(&ok)
+		AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)
+		AND EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure($6) AND prosrc LIKE '%pg_try_advisory_xact_lock_shared%')`,
+		t.parked(), t.topics(), pgx.Identifier{t.Schema, t.Name + "_pending_idx"}.Sanitize(), t.outbox(), t.Name+"_notify",
+		t.notifyFunc()+"()").Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("adopt %s: %w", t, err)
 	}

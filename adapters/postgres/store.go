@@ -314,7 +314,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
-	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
+	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.heard() }
 	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
 		// pgx reads at most 8 KiB per system call; a claim of a thousand 1 KB rows took 130 reads.
 		// Reading what the socket holds, up to 64 KiB, costs an extra copy and saves most of them.
@@ -388,6 +388,7 @@ type session struct {
 	rest     []int64      // reused by skipRun
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
+	wake     wakeState    // the wake-up protocol's state (wake.go)
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -438,7 +439,15 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 // connection that cannot return it (the simple protocol) is read with Scan. With
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
 func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
+	if s.wake.release {
+		if err := s.releaseSleep(ctx); err != nil {
+			return nil, err
+		}
+	}
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
+	if err == nil {
+		s.claimed(len(out))
+	}
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
 	}
@@ -816,17 +825,6 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, 
 		return nil
 	})
 	return out, s.wrap(err)
-}
-
-// Wait implements relay.Session.
-func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
-	wctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	_, err := s.conn.WaitForNotification(wctx)
-	if err != nil && wctx.Err() != nil && ctx.Err() == nil && !s.conn.IsClosed() {
-		return nil // the timeout passed: the connection is still good
-	}
-	return s.wrap(err)
 }
 
 // Notified implements relay.Session.

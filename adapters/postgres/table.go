@@ -233,3 +233,12 @@ func (t Table) Channel() string {
 
 // lockKey returns the text hashed into the leadership advisory lock.
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
+
+// WakeKeys returns the texts hashed (hashtextextended(key, 0)) into the two advisory locks of the
+// wake-up protocol (sql/migrations/003_wake.sql, wake.go): the awake lock and the sleep lock.
+func (t Table) WakeKeys() (awake, sleep string) {
+	return "outbox-relay:awake:" + t.String(), "outbox-relay:sleep:" + t.String()
+}
+
+func (t Table) awakeKey() string { k, _ := t.WakeKeys(); return k }
+func (t Table) sleepKey() string { _, k := t.WakeKeys(); return k }

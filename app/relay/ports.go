@@ -98,7 +98,9 @@ type Session interface {
 	Park(ctx context.Context, id int64, reason string) error
 	// Blocked returns the keys with a failing row and, when withParked, those with a parked row.
 	Blocked(ctx context.Context, withParked bool) (Blocked, error)
-	// Wait blocks until a wake-up notification arrives or timeout passes.
+	// Wait blocks until a wake-up notification arrives or timeout passes. It may return sooner
+	// with Notified set, when the session wants a claim before it sleeps (the Postgres session
+	// does, so writers need not notify a relay that is awake).
 	Wait(ctx context.Context, timeout time.Duration) error
 	// Notified reports, and clears, whether a wake-up arrived since the last call.
 	Notified() bool
