@@ -155,9 +155,9 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		return p, err
 	}
 	idxCount := len(p.Statements)
-	// The trigger's function is the relay's own (sql/migrations/003_wake.sql): writers notify
+	// The trigger's function is the relay's own (sql/migrations/004_wake.sql): writers notify
 	// only while the relay sleeps.
-	wake, err := render(outboxsql.Migrations, "migrations/003_wake.sql", t)
+	wake, err := render(outboxsql.Migrations, "migrations/004_wake.sql", t)
 	if err != nil {
 		return p, err
 	}

@@ -235,7 +235,7 @@ func (t Table) Channel() string {
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
 
 // WakeKeys returns the texts hashed (hashtextextended(key, 0)) into the two advisory locks of the
-// wake-up protocol (sql/migrations/003_wake.sql, wake.go): the awake lock and the sleep lock.
+// wake-up protocol (sql/migrations/004_wake.sql, wake.go): the awake lock and the sleep lock.
 func (t Table) WakeKeys() (awake, sleep string) {
 	return "outbox-relay:awake:" + t.String(), "outbox-relay:sleep:" + t.String()
 }

@@ -10,7 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// The wake-up protocol: writers notify only while the relay sleeps (sql/migrations/003_wake.sql).
+// The wake-up protocol: writers notify only while the relay sleeps (sql/migrations/004_wake.sql).
 //
 // The outbox trigger of a writer's INSERT notifies unless two try-locks, which never wait, say
 // that a relay is awake: it cannot take the awake lock in share mode (the relay holds it), and it

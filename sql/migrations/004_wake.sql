@@ -1,4 +1,4 @@
--- 003_wake: writers notify only when the relay sleeps.
+-- 004_wake: writers notify only when the relay sleeps.
 --
 -- A NOTIFY makes PostgreSQL commit the notifying transactions one at a time, each behind the
 -- previous one's WAL flush: flat out, writers that notify on every commit lost a third of their
