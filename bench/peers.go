@@ -207,8 +207,8 @@ func peerSummaries(all []latencyResult) []peerSummary {
 		}
 		p99 := col(func(l latencyResult) float64 { return l.P99 })
 		out = append(out, peerSummary{Variant: v, Runs: len(runs),
-			P50:  median(col(func(l latencyResult) float64 { return l.P50 })),
-			P99:  median(p99), MinP99: slices.Min(p99), MaxP99: slices.Max(p99),
+			P50: median(col(func(l latencyResult) float64 { return l.P50 })),
+			P99: median(p99), MinP99: slices.Min(p99), MaxP99: slices.Max(p99),
 			P999:          median(col(func(l latencyResult) float64 { return l.P999 })),
 			Max:           median(col(func(l latencyResult) float64 { return l.Max })),
 			CPUMsPer10k:   median(col(func(l latencyResult) float64 { return l.CPUMsPer10k })),

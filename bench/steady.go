@@ -351,9 +351,9 @@ type writers struct {
 	mu        sync.Mutex
 	err       error
 	appendFn  func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error // writes msgs in tx
-	perTx     int              // events per transaction (1 unless a section says otherwise)
-	n         int              // concurrent writers
-	commits   map[string]int64 // when tracking: event id -> unix nanoseconds its COMMIT returned
+	perTx     int                                                                 // events per transaction (1 unless a section says otherwise)
+	n         int                                                                 // concurrent writers
+	commits   map[string]int64                                                    // when tracking: event id -> unix nanoseconds its COMMIT returned
 }
 
 // track starts recording when each event's commit returned; untrack stops and returns them.
@@ -382,7 +382,9 @@ func (b *bench) newWriters(ctx context.Context, schema string) (*writers, error)
 		return nil, err
 	}
 	w := &writers{pool: pool, w: wr, perTx: 1, n: writersN}
-	w.appendFn = func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error { return wr.Append(ctx, tx, msgs...) }
+	w.appendFn = func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error {
+		return wr.Append(ctx, tx, msgs...)
+	}
 	return w, nil
 }
 
