@@ -104,6 +104,13 @@ func (b *bench) peerRun(ctx context.Context, variant string) (latencyResult, err
 		defer br.close()
 		cfg.Brokers = br.addrs
 	}
+	if variant == variantNaive || variant == variantSQLOnly {
+		// They poll and LISTEN to nothing: their writers do not pay for a NOTIFY, as Watermill's
+		// do not (its table has no trigger), and the relay's do (its wake-up).
+		if err := b.setTrigger(ctx, schema, false); err != nil {
+			return latencyResult{}, err
+		}
+	}
 	p, err := b.start(ctx, cfg)
 	if err != nil {
 		return latencyResult{}, err
