@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"log"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -33,8 +34,13 @@ func TestMain(m *testing.M) {
 func TestSmoke(t *testing.T) {
 	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
-	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog)
+	wm := buildWatermill(t)
+	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog, "-watermill-exe", wm)
 	ctx := context.Background()
+	variants := len(drainVariants)
+	if _, err := os.Stat(wm); err != nil {
+		variants-- // the build failed where it may (no OUTBOX_REQUIRE_TOOLS): the variant was skipped
+	}
 
 	if left, err := os.ReadDir(brokerLog); err != nil || len(left) != 0 {
 		t.Errorf("the brokers left %d entries in -broker-log (%v): each removes its log when it stops", len(left), err)
@@ -48,7 +54,7 @@ func TestSmoke(t *testing.T) {
 		t.Fatalf("results.json is not valid: %v", err)
 	}
 	// Every variant in the first round, all but produce-only in the second.
-	if want := len(opts.Scale.Matrix) * (2*len(drainVariants) - 1); len(got.Drain) != want {
+	if want := len(opts.Scale.Matrix) * (2*variants - 1); len(got.Drain) != want {
 		t.Errorf("drain results: got %d, want %d", len(got.Drain), want)
 	}
 	for _, d := range got.Drain {
@@ -88,6 +94,7 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("latency %s at %.0f/s: malformed %+v", l.Mode, l.OfferedPerSec, l)
 		}
 	}
+	checkPeers(t, got.Peers, variants == len(drainVariants), 2)
 	if got.Write == nil || got.Write.NotifyTxSec <= 0 || got.Write.PollTxSec <= 0 {
 		t.Errorf("write-cost section incomplete: %+v", got.Write)
 	}
@@ -119,6 +126,84 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("chart %s: %v", name, err)
 		} else if !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
 			t.Errorf("chart %s is not a PNG", name)
+		}
+	}
+}
+
+// TestWatermill runs the Watermill baseline alone beside the relay, at the smallest size: its
+// forwarder must drain what its own publisher preloaded, and forward every event the writers
+// committed in Watermill's layout, or the run fails.
+func TestWatermill(t *testing.T) {
+	dbtest.Pool(t)
+	wm := buildWatermill(t)
+	if _, err := os.Stat(wm); err != nil {
+		t.Skip("bench/watermill did not build (see the log above)")
+	}
+	opts, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "drain,peers", "-cases", "1024/10",
+		"-variants", "relay,watermill", "-watermill-exe", wm, "-broker-log", t.TempDir())
+	var drained bool
+	for _, d := range res.Drain {
+		if d.Error != "" || d.EventsPerSec <= 0 || d.CPUSec <= 0 || d.PeakRSS <= 0 {
+			t.Errorf("drain %s: incomplete result %+v", d.Variant, d)
+		}
+		drained = drained || d.Variant == variantWatermill
+	}
+	if !drained {
+		t.Errorf("no watermill drain among %d results\n%s", len(res.Drain), logs)
+	}
+	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("| watermill | 1 | ")) ||
+		!bytes.Contains(b, []byte("### Beside its peers")) {
+		t.Errorf("tables.md does not show the watermill drain and the peers table (%v):\n%s", err, b)
+	}
+	modes := map[string]int{}
+	for _, l := range res.Peers {
+		modes[l.Mode]++
+		if l.Events == 0 || l.P50 > l.P99 || l.P99 > l.Max || l.CPUMsPer10k <= 0 {
+			t.Errorf("peers %s: malformed %+v", l.Mode, l)
+		}
+	}
+	if len(res.Peers) != 2 || modes[variantRelay] != 1 || modes[variantWatermill] != 1 {
+		t.Errorf("peers: got runs %v, want one of the relay and one of watermill", modes)
+	}
+}
+
+// buildWatermill builds the Watermill baseline (bench/watermill, a module of its own) into a
+// temporary directory and returns its path. Where the build fails (its modules cannot be
+// fetched), the test fails under OUTBOX_REQUIRE_TOOLS=1 (CI), and otherwise logs why and returns
+// a path that does not exist, so the bench skips the variant.
+func buildWatermill(t *testing.T) string {
+	t.Helper()
+	exe := filepath.Join(t.TempDir(), "bench-watermill")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "go", "build", "-C", "watermill", "-o", exe, ".").CombinedOutput()
+	if err != nil {
+		if os.Getenv("OUTBOX_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("build bench/watermill: %v\n%s", err, out)
+		}
+		t.Logf("build bench/watermill: %v (its variant is skipped)\n%s", err, out)
+	}
+	return exe
+}
+
+// checkPeers checks the peers section: every variant measured runs times, with latencies in
+// order and CPU counted.
+func checkPeers(t *testing.T, peers []latencyResult, withWatermill bool, runs int) {
+	t.Helper()
+	count := map[string]int{}
+	for _, l := range peers {
+		count[l.Mode]++
+		if l.Events == 0 || l.P50 > l.P99 || l.P99 > l.Max || l.CPUMsPer10k <= 0 {
+			t.Errorf("peers %s run %d: malformed %+v", l.Mode, l.Run, l)
+		}
+	}
+	for _, v := range peerVariants {
+		want := runs
+		if v == variantWatermill && !withWatermill {
+			want = 0
+		}
+		if count[v] != want {
+			t.Errorf("peers: %d runs of %s, want %d", count[v], v, want)
 		}
 	}
 }

@@ -40,6 +40,8 @@ const (
 	roleNaive   = "naive"   // SELECT ... FOR UPDATE SKIP LOCKED, ProduceSync, DELETE, COMMIT
 	roleSQLOnly = "sqlonly" // the relay's own claim and mark statements, no broker
 	roleProduce = "produce" // raw franz-go produce of the same records, no database
+	// roleWatermill is Watermill's forwarder, from the binary of bench/watermill (-watermill-exe).
+	roleWatermill = "watermill"
 )
 
 // topic is the topic every bench event goes to: the default template with aggregate_type bench.
@@ -578,6 +580,23 @@ func (o *countingObserver) Claimed(n int, took time.Duration) {
 	o.c.mu.Unlock()
 }
 
+// acked records, in latency runs, that the broker acknowledged events at at, handed to the
+// producer at published (zero: not known), for the baselines' commit-to-ack latencies.
+func (c *child) acked(events []string, published, at time.Time) {
+	if !c.cfg.Latency {
+		return
+	}
+	var pub int64
+	if !published.IsZero() {
+		pub = published.UnixNano()
+	}
+	c.mu.Lock()
+	for _, e := range events {
+		c.acks = append(c.acks, ack{EventID: e, At: at.UnixNano(), Published: pub})
+	}
+	c.mu.Unlock()
+}
+
 // producerOpts are the producer settings of kafka.Publisher, for the baselines.
 func producerOpts(brokers []string) []kgo.Opt {
 	return []kgo.Opt{
@@ -642,6 +661,7 @@ func (c *child) naiveBatch(ctx context.Context, conn *pgx.Conn, cl *kgo.Client, 
 		return 0, err
 	}
 	var ids []int64
+	var events []string
 	var recs []*kgo.Record
 	for rows.Next() {
 		var id int64
@@ -652,6 +672,7 @@ func (c *child) naiveBatch(ctx context.Context, conn *pgx.Conn, cl *kgo.Client, 
 			return 0, err
 		}
 		ids = append(ids, id)
+		events = append(events, eventID)
 		recs = append(recs, &kgo.Record{Topic: "outbox.event." + aggType, Key: []byte(aggID), Value: payload,
 			Headers: []kgo.RecordHeader{
 				{Key: kafka.HeaderEventID, Value: []byte(eventID)},
@@ -666,9 +687,11 @@ func (c *child) naiveBatch(ctx context.Context, conn *pgx.Conn, cl *kgo.Client, 
 	if len(ids) == 0 {
 		return 0, tx.Commit(ctx)
 	}
+	published := time.Now()
 	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
 		return 0, err
 	}
+	c.acked(events, published, time.Now())
 	if _, err := tx.Exec(ctx, del, ids); err != nil {
 		return 0, err
 	}
@@ -737,6 +760,13 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			rowBytes = max(1, size/len(rows))
 			if err := sess.Mark(ctx, ids); err != nil {
 				return err
+			}
+			if c.cfg.Latency { // no broker: the mark stands for the acknowledgement
+				events := make([]string, len(rows))
+				for i := range rows {
+					events[i] = rows[i].EventID
+				}
+				c.acked(events, time.Time{}, time.Now())
 			}
 			if rel, ok := sess.(relay.Releaser); ok { // as the relay does once rows are marked
 				done = done[:0]

@@ -77,6 +77,9 @@ type options struct {
 	Repeat      int      // runs of every drain variant but produce-only, per case
 	Variants    []string // the drain variants to run; all when empty
 	ChildExe    string   // the binary of the measured children; this one when empty
+	// WatermillExe is the binary of the Watermill baseline (bench/watermill, a module of its
+	// own); the variant is skipped when it is missing.
+	WatermillExe string
 	// MaxInFlightBytes is the relay's relay.max_in_flight_bytes in the drains; 0: its default.
 	MaxInFlightBytes int
 	// BrokerLog is where the broker keeps its log: brokerLogMemory, or a directory its segment
@@ -98,7 +101,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "write", "health", "memory"}
+var allSections = []string{"drain", "steady", "peers", "write", "health", "memory"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -115,6 +118,7 @@ func parseFlags(args []string) (options, error) {
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
 	maxBytes := fs.Int("max-in-flight-bytes", 0, "the relay's relay.max_in_flight_bytes in the drains (default the relay's own)")
+	watermillExe := fs.String("watermill-exe", watermillExeDefault, "binary of the Watermill baseline, built from its own module: go build -C bench/watermill -o \"$PWD/bin/bench-watermill\" . (the watermill variant is skipped when it is missing)")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
 	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
@@ -122,7 +126,7 @@ func parseFlags(args []string) (options, error) {
 		return options{}, err
 	}
 	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
-		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
+		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
 	}
@@ -259,6 +263,7 @@ type bench struct {
 	pool *pgxpool.Pool
 	res  *results
 	exe  string
+	watermillState
 }
 
 // run runs the sections of opts and writes results.json and the charts into opts.Out.
@@ -279,7 +284,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog, DrainMark: opts.DrainMark}}
 	b.res.Machine = machineInfo(ctx, pool)
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,
+		"drain": b.drain, "steady": b.steady, "peers": b.peers, "write": b.writeCost, "health": b.health, "memory": b.memory,
 	}
 	var errs []error
 	for _, s := range allSections {

@@ -51,6 +51,12 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 	if cfg.Role != roleKfake && b.opts.ChildExe != "" {
 		exe = b.opts.ChildExe // the measured roles, from the build without charts and broker
 	}
+	readyWithin := 60 * time.Second
+	if cfg.Role == roleWatermill {
+		exe = b.opts.WatermillExe
+		// It preloads its table before it is ready: a second per 1000 events is generous.
+		readyWithin += time.Duration(cfg.Events/1000) * time.Second
+	}
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), childEnv+"="+string(data))
 	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
@@ -103,9 +109,9 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 		return p, nil
 	case <-p.exited:
 		return nil, fmt.Errorf("%s exited before it was ready: %v: %s", cfg.Role, p.err, p.stderrText())
-	case <-time.After(60 * time.Second):
+	case <-time.After(readyWithin):
 		p.kill()
-		return nil, fmt.Errorf("%s not ready within 60s: %s", cfg.Role, p.stderrText())
+		return nil, fmt.Errorf("%s not ready within %s: %s", cfg.Role, readyWithin, p.stderrText())
 	case <-ctx.Done():
 		p.kill()
 		return nil, ctx.Err()

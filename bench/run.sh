@@ -16,7 +16,13 @@ go build -o bin/bench ./bench
 # The measured processes (the relay and the baselines) run from a build without the chart
 # library and the broker: pages of code a process never runs would count in its RSS otherwise.
 go build -tags benchchild -o bin/bench-child ./bench
-bin/bench -scale "$scale" -repeat "$repeat" -child-exe bin/bench-child -out "$out" -profile "$@"
+# The Watermill baseline is a module of its own (bench/watermill/go.mod), so the relay's go.mod
+# never lists Watermill. Without it (no network for its modules, say) the bench skips that variant.
+if ! go build -C bench/watermill -o "$PWD/bin/bench-watermill" .; then
+  echo "bench: could not build bench/watermill: the watermill variant will be skipped" >&2
+  rm -f bin/bench-watermill
+fi
+bin/bench -scale "$scale" -repeat "$repeat" -child-exe bin/bench-child -watermill-exe bin/bench-watermill -out "$out" -profile "$@"
 if [ -f "$out/relay-cpu.pprof" ]; then
 	go tool pprof -top -nodecount=40 bin/bench-child "$out/relay-cpu.pprof" >"$out/relay-cpu-top.txt" 2>/dev/null || true
 	echo "relay CPU profile: $out/relay-cpu.pprof (top: $out/relay-cpu-top.txt)"

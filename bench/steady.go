@@ -58,6 +58,9 @@ type latencyResult struct {
 	AckP50      float64 `json:"publish_to_ack_p50_ms"`
 	AckP99      float64 `json:"publish_to_ack_p99_ms"`
 	CPUMsPer10k float64 `json:"relay_cpu_ms_per_10k"` // relay CPU per 10k events, idle time included
+	// The CPU of its PostgreSQL sessions per 10k events, idle time included.
+	DBCPUMsPer10k float64 `json:"db_cpu_ms_per_10k,omitempty"`
+	Run           int     `json:"run,omitempty"` // the round, in the peers section
 	// Database round trips of the relay per event: claims (and those that found nothing), marks.
 	ClaimsPerEvent      float64 `json:"claims_per_event"`
 	EmptyClaimsPerEvent float64 `json:"empty_claims_per_event"`
@@ -305,8 +308,10 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1),
 		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99),
 		PublishP50: quantile(toPub, .5), PublishP99: quantile(toPub, .99), AckP50: quantile(toAck, .5), AckP99: quantile(toAck, .99)}
-	if len(rep.LatenciesMS) > 0 {
-		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(len(rep.LatenciesMS)) / 10000)
+	// The relay counts what it acknowledged; the baselines do not, and their events are s.
+	if n := max(len(rep.LatenciesMS), len(s)); n > 0 {
+		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(n) / 10000)
+		lr.DBCPUMsPer10k = rep.DBCPUSec * 1000 / (float64(n) / 10000)
 	}
 	if st := rep.Relay; st != nil && len(s) > 0 {
 		n := float64(len(s))
@@ -345,9 +350,10 @@ type writers struct {
 	committed atomic.Int64
 	mu        sync.Mutex
 	err       error
-	perTx     int              // events per transaction (1 unless a section says otherwise)
-	n         int              // concurrent writers
-	commits   map[string]int64 // when tracking: event id -> unix nanoseconds its COMMIT returned
+	appendFn  func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error // writes msgs in tx
+	perTx     int                                                                 // events per transaction (1 unless a section says otherwise)
+	n         int                                                                 // concurrent writers
+	commits   map[string]int64                                                    // when tracking: event id -> unix nanoseconds its COMMIT returned
 }
 
 // track starts recording when each event's commit returned; untrack stops and returns them.
@@ -375,7 +381,11 @@ func (b *bench) newWriters(ctx context.Context, schema string) (*writers, error)
 		pool.Close()
 		return nil, err
 	}
-	return &writers{pool: pool, w: wr, perTx: 1, n: writersN}, nil
+	w := &writers{pool: pool, w: wr, perTx: 1, n: writersN}
+	w.appendFn = func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error {
+		return wr.Append(ctx, tx, msgs...)
+	}
+	return w, nil
 }
 
 func (w *writers) close() { w.pool.Close() }
@@ -420,7 +430,7 @@ func (w *writers) run(ctx context.Context, rate float64) {
 				}
 				// A started transaction is finished even when the run ends, so every commit is counted.
 				txctx := context.WithoutCancel(ctx)
-				err := pgx.BeginFunc(txctx, w.pool, func(tx pgx.Tx) error { return w.w.Append(txctx, tx, msgs...) })
+				err := pgx.BeginFunc(txctx, w.pool, func(tx pgx.Tx) error { return w.appendFn(txctx, tx, msgs) })
 				if err != nil {
 					w.mu.Lock()
 					w.err = err
