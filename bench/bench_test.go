@@ -88,6 +88,10 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("latency %s at %.0f/s: malformed %+v", l.Mode, l.OfferedPerSec, l)
 		}
 	}
+	checkFeatures(t, got, 2)
+	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("### Cost of the ecosystem features")) {
+		t.Errorf("tables.md has no section on the cost of the ecosystem features (%v)", err)
+	}
 	if got.Write == nil || got.Write.NotifyTxSec <= 0 || got.Write.PollTxSec <= 0 {
 		t.Errorf("write-cost section incomplete: %+v", got.Write)
 	}
@@ -254,4 +258,42 @@ func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *re
 		t.Fatalf("bench %s: %v\n%s", strings.Join(args, " "), err, logs.String())
 	}
 	return opts, res, logs.String()
+}
+
+// checkFeatures checks the features' results: the tracing drains sampled as their sampler says
+// (every span, or some and not all), and each variant's latency was measured repeat times.
+func checkFeatures(t *testing.T, got results, repeat int) {
+	t.Helper()
+	for _, d := range got.Drain {
+		_, _, tracing := tracingSampler(d.Variant)
+		switch {
+		case !tracing && d.Spans != nil:
+			t.Errorf("drain %s %s: spans %+v without tracing", caseLabel(d.drainCase), d.Variant, d.Spans)
+		case !tracing:
+		case d.Spans == nil:
+			t.Errorf("drain %s %s: no span statistics", caseLabel(d.drainCase), d.Variant)
+		case d.Variant == variantRelayTrace && d.Spans.Sampled < d.Events:
+			t.Errorf("drain %s %s: %d spans sampled for %d events, want one at least per event (always_on)", caseLabel(d.drainCase), d.Variant, d.Spans.Sampled, d.Events)
+		case d.Variant == variantRelayTraceRatio && (d.Spans.Sampled == 0 || d.Spans.Sampled >= d.Events):
+			t.Errorf("drain %s %s: %d spans sampled for %d events, want some and not all (ratio 0.1)", caseLabel(d.drainCase), d.Variant, d.Spans.Sampled, d.Events)
+		}
+		if d.Spans != nil && d.Spans.Failed != 0 {
+			t.Errorf("drain %s %s: %d spans failed to export to the bench's collector", caseLabel(d.drainCase), d.Variant, d.Spans.Failed)
+		}
+	}
+	runs := map[string]int{}
+	for _, f := range got.Features {
+		runs[f.Variant]++
+		if f.Events == 0 || len(f.CDF) != 100 || f.P50 > f.P99 {
+			t.Errorf("features %s run %d: malformed %+v", f.Variant, f.Run, f.latencyResult)
+		}
+		if _, _, tracing := tracingSampler(f.Variant); tracing != (f.Spans != nil) {
+			t.Errorf("features %s run %d: span statistics %+v, want them with tracing only", f.Variant, f.Run, f.Spans)
+		}
+	}
+	for _, v := range append([]string{variantRelay}, featureVariants...) {
+		if runs[v] != repeat {
+			t.Errorf("features: %d latency runs of %s, want %d", runs[v], v, repeat)
+		}
+	}
 }

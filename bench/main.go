@@ -97,7 +97,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "write", "health", "memory"}
+var allSections = []string{"drain", "steady", "features", "write", "health", "memory"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -253,6 +253,7 @@ type bench struct {
 	pool *pgxpool.Pool
 	res  *results
 	exe  string
+	coll *collector // the OTLP receiver of the tracing variants, started at the first
 }
 
 // run runs the sections of opts and writes results.json and the charts into opts.Out.
@@ -272,8 +273,9 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
 		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog, DrainMark: opts.DrainMark}}
 	b.res.Machine = machineInfo(ctx, pool)
+	defer func() { b.coll.close() }()
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "write": b.writeCost, "health": b.health, "memory": b.memory,
+		"drain": b.drain, "steady": b.steady, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory,
 	}
 	var errs []error
 	for _, s := range allSections {

@@ -23,16 +23,17 @@ type results struct {
 	// -drain-mark).
 	DrainMark string `json:"drain_mark,omitempty"`
 	// RelayMaxInFlightBytes is the relay's byte budget in the drains when not its default.
-	RelayMaxInFlightBytes int            `json:"relay_max_in_flight_bytes,omitempty"`
-	Started               time.Time      `json:"started"`
-	Finished              time.Time      `json:"finished"`
-	Machine               machine        `json:"machine"`
-	Drain                 []drainResult  `json:"drain"`
-	Steady                *steadyResults `json:"steady,omitempty"`
-	Write                 *writeResults  `json:"write_cost,omitempty"`
-	Health                []healthResult `json:"table_health,omitempty"`
-	Memory                *memoryResult  `json:"memory,omitempty"`
-	Targets               []targetResult `json:"targets"`
+	RelayMaxInFlightBytes int              `json:"relay_max_in_flight_bytes,omitempty"`
+	Started               time.Time        `json:"started"`
+	Finished              time.Time        `json:"finished"`
+	Machine               machine          `json:"machine"`
+	Drain                 []drainResult    `json:"drain"`
+	Steady                *steadyResults   `json:"steady,omitempty"`
+	Features              []featureLatency `json:"features,omitempty"`
+	Write                 *writeResults    `json:"write_cost,omitempty"`
+	Health                []healthResult   `json:"table_health,omitempty"`
+	Memory                *memoryResult    `json:"memory,omitempty"`
+	Targets               []targetResult   `json:"targets"`
 }
 
 // machine describes where the numbers come from.
