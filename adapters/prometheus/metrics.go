@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
@@ -31,6 +32,9 @@ type Metrics struct {
 	dbUp          prom.Gauge
 	lastPublish   prom.Gauge
 	partitions    *prom.GaugeVec
+	tokenErrors   prom.Counter
+	// tracingFailed returns the spans the OpenTelemetry exporter failed to send (WatchTracing).
+	tracingFailed atomic.Pointer[func() float64]
 }
 
 var _ relay.Observer = (*Metrics)(nil)
@@ -68,13 +72,23 @@ func New(version, revision string) *Metrics {
 		partitions: prom.NewGaugeVec(prom.GaugeOpts{Name: "outbox_relay_topic_partitions",
 			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
 			[]string{"topic", "kind"}),
+		tokenErrors: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_sasl_token_errors_total",
+			Help: "Times the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) could not get a token or credentials; each fails a connection to a broker."}),
 	}
+	tracingFailed := prom.NewCounterFunc(prom.CounterOpts{Name: "outbox_relay_tracing_spans_failed_total",
+		Help: "Spans the OpenTelemetry exporter failed to send to the collector (lost; events are not affected). 0 with tracing off."},
+		func() float64 {
+			if f := m.tracingFailed.Load(); f != nil {
+				return (*f)()
+			}
+			return 0
+		})
 	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
 		Help:        "Build information; the value is always 1.",
 		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, build,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors, tracingFailed, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -144,3 +158,8 @@ func b2f(b bool) float64 {
 	}
 	return 0
 }
+
+// WatchTracing makes outbox_relay_tracing_spans_failed_total report failed: the spans the
+// OpenTelemetry exporter failed to send to the collector so far (called on each scrape; it must
+// be cheap). Until then, or with tracing off, the counter stays at 0.
+func (m *Metrics) WatchTracing(failed func() float64) { m.tracingFailed.Store(&failed) }

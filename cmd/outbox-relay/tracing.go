@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel"
@@ -29,8 +30,9 @@ const tracingShutdownTimeout = 5 * time.Second
 // tracing is off, and the function that flushes and stops it. The OTLP exporter, the sampler
 // (OTEL_TRACES_SAMPLER), the batch span processor (OTEL_BSP_*) and the resource
 // (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) read their own variables; service is the
-// service.name when OTEL_SERVICE_NAME is unset.
-func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Logger, service string) (trace.TracerProvider, func(), error) {
+// service.name when OTEL_SERVICE_NAME is unset. failed, when not nil, counts the spans the
+// exporter failed to send.
+func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Logger, service string, failed *atomic.Int64) (trace.TracerProvider, func(), error) {
 	off := func() {}
 	if strings.EqualFold(strings.TrimSpace(getenv("OTEL_SDK_DISABLED")), "true") {
 		return nil, off, nil
@@ -78,7 +80,7 @@ func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Log
 	if err != nil {
 		return nil, off, fmt.Errorf("opentelemetry resource (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME): %w", err)
 	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res))
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(countingExporter{SpanExporter: exp, failed: failed}), sdktrace.WithResource(res))
 	otel.SetTracerProvider(tp)
 	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
 	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
@@ -93,6 +95,21 @@ func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Log
 			log.Warn("opentelemetry: spans lost at exit", "err", err)
 		}
 	}, nil
+}
+
+// countingExporter counts in failed (when not nil) the spans its exporter failed to send. The
+// batch processor reports each failure to the error handler too, without the count.
+type countingExporter struct {
+	sdktrace.SpanExporter
+	failed *atomic.Int64
+}
+
+func (e countingExporter) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	err := e.SpanExporter.ExportSpans(ctx, spans)
+	if err != nil && e.failed != nil {
+		e.failed.Add(int64(len(spans)))
+	}
+	return err
 }
 
 // redactEndpoint returns endpoint without a user:password it may hold.
