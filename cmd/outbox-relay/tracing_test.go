@@ -323,14 +323,14 @@ func TestTracingConfigErrors(t *testing.T) {
 					t.Errorf("%s with %s: stderr does not say %s:\n%s", cmd, tc.env, w, stderr)
 				}
 			}
-			if strings.Contains(stderr, "127.0.0.1:1") && !strings.Contains(stderr, "OTEL_") {
+			if strings.Contains(stderr, "connection refused") {
 				t.Errorf("%s with %s: it tried to connect before refusing the variable:\n%s", cmd, tc.env, stderr)
 			}
 		}
 	}
 	// OTEL_TRACES_EXPORTER=none is tracing off: the command goes on, to the database it cannot reach.
 	_, stderr, code := runBin(t, 60*time.Second, append(base, "OTEL_TRACES_EXPORTER=none"), "run")
-	if code == 0 || strings.Contains(stderr, "OTEL_TRACES_EXPORTER") || strings.Contains(stderr, "tracing on") {
+	if code == 0 || strings.Contains(stderr, "OTEL_TRACES_EXPORTER") || strings.Contains(stderr, "tracing on") || !strings.Contains(stderr, "connection refused") {
 		t.Errorf("run with OTEL_TRACES_EXPORTER=none: exit %d, stderr:\n%s\nwant a database error and no tracing", code, stderr)
 	}
 }
