@@ -167,9 +167,9 @@ type Config struct {
 	BacklogScanRows int
 	LogLevel        string
 	LogFormat       string
-	// tracingFailed returns the spans the OpenTelemetry exporter failed to send; nil when
-	// tracing is off. Set by 'run' from setupTracing, not a configuration key.
-	tracingFailed func() int64
+	// tracingSpans counts the relay's spans; nil when tracing is off. Set by 'run' from
+	// setupTracing, not a configuration key.
+	tracingSpans *spanCounts
 }
 
 // newViper returns a viper with every key's default and the environment bound.

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -37,15 +36,15 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
-	var spansFailed atomic.Int64
-	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay", &spansFailed)
+	spans := &spanCounts{}
+	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay", spans)
 	if err != nil {
 		return err
 	}
 	defer stopTracing()
 	cfg.Kafka.Tracing = tp
 	if tp != nil {
-		cfg.tracingFailed = spansFailed.Load
+		cfg.tracingSpans = spans
 	}
 	return serve(ctx, cfg, log, nil)
 }
@@ -146,8 +145,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
-	if cfg.tracingFailed != nil {
-		metrics.WatchTracing(func() float64 { return float64(cfg.tracingFailed()) })
+	if cfg.tracingSpans != nil {
+		metrics.WatchTracing(cfg.tracingSpans.read)
 	}
 	cfg.Kafka.SASL.OnTokenError = metrics.SASLTokenFailed
 	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics,

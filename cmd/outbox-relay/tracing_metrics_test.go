@@ -18,14 +18,20 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/logbuf"
 )
 
-// TestTracingSpansFailedMetric: with a collector that refuses every export, the relay still
-// publishes the row, and outbox_relay_tracing_spans_failed_total counts its span; the counter
-// is there, at 0, before anything failed. Not parallel: the OpenTelemetry SDK reads its
+// TestTracingSpansMetrics: while the collector refuses every export, the relay still publishes
+// its row, and outbox_relay_tracing_spans_failed_total counts the row's span (sampled, not
+// exported); once the collector takes them again, the next row's span counts as exported. The
+// counters are there, at 0, before any span. Not parallel: the OpenTelemetry SDK reads its
 // settings from the process's environment, and setupTracing sets the global provider.
-func TestTracingSpansFailedMetric(t *testing.T) {
+func TestTracingSpansMetrics(t *testing.T) {
 	var exports atomic.Int32
+	var accept atomic.Bool
 	coll := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		exports.Add(1)
+		if accept.Load() {
+			w.Header().Set("Content-Type", "application/x-protobuf") // an empty response: all accepted
+			return
+		}
 		http.Error(w, "refused by the test", http.StatusBadRequest) // not retried by the exporter
 	}))
 	defer coll.Close()
@@ -40,9 +46,9 @@ func TestTracingSpansFailedMetric(t *testing.T) {
 		otel.SetErrorHandler(prevHandler)
 	}()
 	logs := &logbuf.Buffer{}
-	var failed atomic.Int64
+	counts := &spanCounts{}
 	tp, stopTracing, err := setupTracing(context.Background(), os.Getenv,
-		slog.New(slog.NewTextHandler(logs, nil)), "outbox-relay", &failed)
+		slog.New(slog.NewTextHandler(logs, nil)), "outbox-relay", counts)
 	if err != nil || tp == nil {
 		t.Fatalf("setupTracing: %v (provider %v)", err, tp)
 	}
@@ -53,40 +59,57 @@ func TestTracingSpansFailedMetric(t *testing.T) {
 	topic := b.Topic(t, "traced-failing", 1)
 	r := startOpsRelay(t, table, b.Addrs, map[string]string{"kafka.topic_template": topic}, func(c *Config) {
 		c.Kafka.Tracing = tp
-		c.tracingFailed = failed.Load
+		c.tracingSpans = counts
 	})
-	if v, ok := value(r.scrape(t), "outbox_relay_tracing_spans_failed_total", nil); !ok || v != 0 {
-		t.Fatalf("before any export: outbox_relay_tracing_spans_failed_total = %v (present %t), want 0", v, ok)
+	names := []string{"outbox_relay_tracing_spans_sampled_total", "outbox_relay_tracing_spans_exported_total", "outbox_relay_tracing_spans_failed_total"}
+	mfs := r.scrape(t)
+	for _, name := range names {
+		if v, ok := value(mfs, name, nil); !ok || v != 0 {
+			t.Fatalf("before any span: %s = %v (present %t), want 0", name, v, ok)
+		}
 	}
 	w, err := postgres.NewWriter(table)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	tx, err := pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Append(ctx, tx, postgres.Message{AggregateType: "user", AggregateID: "u-1", EventType: "UserCreated", Payload: []byte(`{}`)}); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		mfs := r.scrape(t)
-		spans, _ := value(mfs, "outbox_relay_tracing_spans_failed_total", nil)
-		published, _ := value(mfs, "outbox_relay_events_published_total", nil)
-		if spans >= 1 && published == 1 {
-			break
+	write := func(key string) {
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after 60s: %v spans failed, %v events published, %d exports tried; want 1 and 1\n%s", spans, published, exports.Load(), logs.String())
+		if err := w.Append(ctx, tx, postgres.Message{AggregateType: "user", AggregateID: key, EventType: "UserCreated", Payload: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(50 * time.Millisecond)
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if exports.Load() == 0 {
-		t.Error("the collector saw no export")
+	// wait polls the metrics until sampled, exported and failed spans and published events are
+	// as wanted.
+	wait := func(want [3]float64, published float64) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			mfs := r.scrape(t)
+			var got [3]float64
+			for i, name := range names {
+				got[i], _ = value(mfs, name, nil)
+			}
+			pub, _ := value(mfs, "outbox_relay_events_published_total", nil)
+			if got == want && pub == published {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after 60s: spans sampled, exported, failed %v, events published %v, %d exports tried; want %v and %v\n%s",
+					got, pub, exports.Load(), want, published, logs.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
 	}
+	write("u-1")
+	wait([3]float64{1, 0, 1}, 1) // the collector refuses: the span is lost, the event is not
+	accept.Store(true)
+	write("u-2")
+	wait([3]float64{2, 1, 1}, 2)
 }
