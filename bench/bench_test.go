@@ -47,8 +47,17 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(data, &got); err != nil {
 		t.Fatalf("results.json is not valid: %v", err)
 	}
-	// Every variant in the first round, all but produce-only in the second.
-	if want := len(opts.Scale.Matrix) * (2*len(drainVariants) - 1); len(got.Drain) != want {
+	// Every variant of a case in the first round, all but produce-only in the second; the
+	// feature variants on the 256 B, 100-key case only.
+	want := 0
+	for _, dc := range opts.Scale.Matrix {
+		n := len(drainVariants)
+		if dc.Keys != 100 || dc.Payload > 1<<10 {
+			n -= len(featureVariants)
+		}
+		want += 2*n - 1
+	}
+	if len(got.Drain) != want {
 		t.Errorf("drain results: got %d, want %d", len(got.Drain), want)
 	}
 	for _, d := range got.Drain {
@@ -294,6 +303,31 @@ func checkFeatures(t *testing.T, got results, repeat int) {
 	for _, v := range append([]string{variantRelay}, featureVariants...) {
 		if runs[v] != repeat {
 			t.Errorf("features: %d latency runs of %s, want %d", runs[v], v, repeat)
+		}
+	}
+}
+
+// TestRunsVariant: without -variants the feature variants drain the 256 B and 1 KB cases over
+// 100 keys only, the others every case; -variants runs what it names on every case.
+func TestRunsVariant(t *testing.T) {
+	all := &bench{}
+	named := &bench{opts: options{Variants: []string{variantRelay, variantRelayTrace}}}
+	for _, tc := range []struct {
+		b       *bench
+		dc      drainCase
+		variant string
+		want    bool
+	}{
+		{all, drainCase{Payload: 256, Keys: 100}, variantRelayTrace, true},
+		{all, drainCase{Payload: 1024, Keys: 100}, variantRelayCE, true},
+		{all, drainCase{Payload: 16384, Keys: 100}, variantRelayTraceRatio, false},
+		{all, drainCase{Payload: 256, Keys: 1}, variantRelayTrace, false},
+		{all, drainCase{Payload: 16384, Keys: 1}, variantNaive, true},
+		{named, drainCase{Payload: 16384, Keys: 1}, variantRelayTrace, true},
+		{named, drainCase{Payload: 256, Keys: 100}, variantNaive, false},
+	} {
+		if got := tc.b.runsVariant(tc.dc, tc.variant); got != tc.want {
+			t.Errorf("variants %v, case %s, %s: runs %t, want %t", tc.b.opts.Variants, caseLabel(tc.dc), tc.variant, got, tc.want)
 		}
 	}
 }
