@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 func TestSmoke(t *testing.T) {
 	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
-	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog)
+	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-no-settle", "-broker-log", brokerLog)
 	ctx := context.Background()
 
 	if left, err := os.ReadDir(brokerLog); err != nil || len(left) != 0 {

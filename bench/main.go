@@ -72,6 +72,7 @@ type options struct {
 	Sections    []string
 	Partitions  int
 	Profile     bool
+	NoSettle    bool
 	Replot      bool
 	Repeat      int      // runs of every drain variant but produce-only, per case
 	Variants    []string // the drain variants to run; all when empty
@@ -108,6 +109,8 @@ func parseFlags(args []string) (options, error) {
 	partitions := fs.Int("partitions", 6, "partitions of the bench topic")
 	cases := fs.String("cases", "", "drain cases to run, as payload/keys pairs (e.g. 256/100,16384/1); default every case of the scale")
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
+	writeRepeats := fs.Int("write-repeats", 0, "rounds of the write-cost section's modes (0: the scale's, 2 at any factor, 1 for smoke)")
+	noSettle := fs.Bool("no-settle", false, "start each section at once, without waiting for checkpoints, autovacuum and dirty pages (quick A/B runs)")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
@@ -118,7 +121,7 @@ func parseFlags(args []string) (options, error) {
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
-	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, Replot: *replot,
+	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
 		Repeat: *repeat, ChildExe: *childExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
@@ -175,6 +178,9 @@ func parseFlags(args []string) (options, error) {
 		sc.Matrix = keep
 	}
 	o.Scale = sc
+	if *writeRepeats > 0 {
+		o.Scale.WriteRepeats = *writeRepeats
+	}
 	for _, s := range strings.Split(*only, ",") {
 		s = strings.TrimSpace(s)
 		if !slices.Contains(allSections, s) {
@@ -282,9 +288,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 		if !slices.Contains(opts.Sections, s) || ctx.Err() != nil {
 			continue
 		}
-		if opts.ScaleName != "smoke" {
-			// The smoke run checks that the suite runs, not its numbers: no wait for the
-			// machine's dirty pages (up to two minutes per section on a shared machine).
+		if !opts.NoSettle {
 			b.settle(ctx)
 		}
 		start := time.Now()

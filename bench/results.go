@@ -132,6 +132,10 @@ func (b *bench) targets() []targetResult {
 			}
 		}
 	}
+	if wc := b.res.Write; wc != nil && len(wc.Medians) > 0 {
+		add("writers flat out, relay running: trigger on / off", ">= 0.95x", wc.NotifyFactor >= 0.95, "%.2fx", wc.NotifyFactor)
+		add("writers flat out, no relay: trigger with the relay awake / no trigger", ">= 0.95x", wc.AwakeRatio >= 0.95, "%.2fx", wc.AwakeRatio)
+	}
 	var rss int64
 	var cpu float64
 	for _, d := range sums {

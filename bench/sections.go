@@ -4,8 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -14,88 +18,223 @@ import (
 	"github.com/outbox-relay/outbox-relay/app/relay"
 )
 
-// writeResult is the writers' rate, flat out, with or without the NOTIFY trigger.
+// writeResult is the writers' rate, flat out, in one mode of the write-cost section.
 type writeResult struct {
-	Notify   bool    `json:"notify"`
+	// Mode is one of writeModes; empty in results written before the modes (Notify tells).
+	Mode     string  `json:"mode,omitempty"`
+	Notify   bool    `json:"notify"` // the trigger was enabled
 	Round    int     `json:"round"`
 	TxPerSec float64 `json:"tx_per_sec"`
+	// NotifiesPerTx is how many notifications a listener received per commit: the share of
+	// commits that paid for NOTIFY.
+	NotifiesPerTx float64 `json:"notifies_per_tx"`
+	LoadAvg       float64 `json:"load_avg_1m,omitempty"` // the host's 1-minute load average after the run
+}
+
+// loadAvg returns the host's 1-minute load average, 0 when unknown: on a shared machine, what
+// else ran.
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
+}
+
+// The write-cost section's modes.
+const (
+	writeOff       = "off"        // trigger disabled, no relay
+	writeAwake     = "awake"      // trigger enabled, the awake lock held as an awake relay holds it: no writer notifies
+	writeNotifyAll = "notify-all" // trigger enabled, no relay: every commit notifies (an older relay, or none)
+	writeRelayOff  = "relay-off"  // the relay runs (polling every 500 ms), trigger disabled
+	writeRelayOn   = "relay-on"   // the relay runs, trigger enabled: the wake-up protocol as deployed
+	writeRelayPoll = "relay-poll" // the relay runs polling every 10 ms, trigger disabled: busy as in relay-on, no wake-up
+)
+
+// writeModes describes each mode in the tables.
+var writeModes = map[string]string{
+	writeOff:       "no trigger, no relay",
+	writeAwake:     "trigger, relay awake (lock held by the bench)",
+	writeNotifyAll: "trigger, no relay: every commit notifies (as before migration 003)",
+	writeRelayOff:  "relay running, no trigger (polls every 500 ms)",
+	writeRelayOn:   "relay running, trigger (wake-up protocol)",
+	writeRelayPoll: "relay running, no trigger, polling every 10 ms",
 }
 
 // writeResults is the write-cost section.
 type writeResults struct {
 	Runs         []writeResult `json:"runs"`
-	NotifyTxSec  float64       `json:"notify_tx_per_sec"`  // median with the trigger
-	PollTxSec    float64       `json:"polling_tx_per_sec"` // median without it
+	NotifyTxSec  float64       `json:"notify_tx_per_sec"`  // median with the trigger (relay running)
+	PollTxSec    float64       `json:"polling_tx_per_sec"` // median without it (relay running)
 	NotifyFactor float64       `json:"notify_factor"`      // NotifyTxSec / PollTxSec
+	// Medians per mode, and the modes' ratios to their baselines.
+	Medians    map[string]float64 `json:"medians,omitempty"`
+	AwakeRatio float64            `json:"awake_ratio,omitempty"` // awake / off
+	AllRatio   float64            `json:"notify_all_ratio,omitempty"`
 }
 
-// writeCost measures 8 writers flat out (one event per transaction) with the trigger enabled and
-// disabled, alternating. No relay runs (its CPU would differ between the two); one connection
-// LISTENs and consumes the notifications, as the relay's session would.
+// writeCost measures 8 writers flat out (one event per transaction) in each mode, alternating
+// the order from round to round. Without a relay, one connection LISTENs and consumes the
+// notifications, as the relay's session would; with one, the relay publishes everything.
 func (b *bench) writeCost(ctx context.Context) error {
 	schema, err := b.schema(ctx, "write")
 	if err != nil {
 		return err
 	}
 	defer b.dropSchema(schema)
+	table := postgres.Table{Schema: schema}.WithDefaults()
 	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{postgres.Table{Schema: schema}.WithDefaults().Channel()}.Sanitize()); err != nil {
+	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{table.Channel()}.Sanitize()); err != nil {
 		return err
 	}
 	lctx, stopListen := context.WithCancel(ctx)
 	listened := make(chan struct{})
+	var heard atomic.Int64 // notifications the listener received
 	go func() {
 		defer close(listened)
 		for lctx.Err() == nil {
-			if _, err := conn.WaitForNotification(lctx); err != nil && lctx.Err() == nil {
-				return
+			if _, err := conn.WaitForNotification(lctx); err != nil {
+				if lctx.Err() == nil {
+					return
+				}
+				continue
 			}
+			heard.Add(1)
 		}
 	}()
 	defer func() { stopListen(); <-listened }()
+	// The awake lock, held on a connection of its own in the awake mode.
+	awakeConn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer awakeConn.Close(context.Background())
+	awakeKey, _ := table.WakeKeys()
 	w, err := b.newWriters(ctx, schema)
 	if err != nil {
 		return err
 	}
 	defer w.close()
-	res := &writeResults{}
+	br, err := b.startBroker(ctx)
+	if err != nil {
+		return err
+	}
+	defer br.close()
+	res := &writeResults{Medians: map[string]float64{}}
 	b.res.Write = res
-	var on, off []float64
+	byMode := map[string][]float64{}
+	measure := func(mode string, round int) error {
+		c0, h0 := w.committed.Load(), heard.Load()
+		start := time.Now()
+		wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.WriteRun)
+		w.run(wctx, 0)
+		cancel()
+		if err := w.failure(); err != nil {
+			return err
+		}
+		secs := time.Since(start).Seconds()
+		n := w.committed.Load() - c0
+		r := writeResult{Mode: mode, Notify: mode != writeOff && mode != writeRelayOff, Round: round,
+			TxPerSec: float64(n) / secs, LoadAvg: loadAvg()}
+		if n > 0 {
+			// Counted a moment after the run: the last commits' notifications are on their way.
+			time.Sleep(100 * time.Millisecond)
+			r.NotifiesPerTx = float64(heard.Load()-h0) / float64(n)
+		}
+		res.Runs = append(res.Runs, r)
+		byMode[mode] = append(byMode[mode], r.TxPerSec)
+		b.log.Printf("write cost %s round %d: %.0f tx/s, %.3f notifications per commit (load average %.1f)", mode, round, r.TxPerSec, r.NotifiesPerTx, r.LoadAvg)
+		return nil
+	}
+	alone := []string{writeOff, writeAwake, writeNotifyAll}
 	for round := range b.opts.Scale.WriteRepeats {
-		for _, notify := range []bool{true, false} {
-			if err := b.setTrigger(ctx, schema, notify); err != nil {
+		order := slices.Clone(alone)
+		if round%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, mode := range order {
+			if err := b.setTrigger(ctx, schema, mode != writeOff); err != nil {
 				return err
 			}
 			if _, err := b.pool.Exec(ctx, `TRUNCATE `+pgx.Identifier{schema, "outbox"}.Sanitize()); err != nil {
 				return err
 			}
-			c0 := w.committed.Load()
-			start := time.Now()
-			wctx, cancel := context.WithTimeout(ctx, b.opts.Scale.WriteRun)
-			w.run(wctx, 0)
-			cancel()
-			if err := w.failure(); err != nil {
+			if mode == writeAwake {
+				if _, err := awakeConn.Exec(ctx, `SELECT pg_advisory_lock(hashtextextended($1, 0))`, awakeKey); err != nil {
+					return err
+				}
+			}
+			if err := measure(mode, round); err != nil {
 				return err
 			}
-			r := writeResult{Notify: notify, Round: round, TxPerSec: float64(w.committed.Load()-c0) / time.Since(start).Seconds()}
-			res.Runs = append(res.Runs, r)
-			if notify {
-				on = append(on, r.TxPerSec)
-			} else {
-				off = append(off, r.TxPerSec)
+			if mode == writeAwake {
+				if _, err := awakeConn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, awakeKey); err != nil {
+					return err
+				}
 			}
-			b.log.Printf("write cost notify=%t round %d: %.0f tx/s", notify, round, r.TxPerSec)
+		}
+		order = []string{writeRelayOff, writeRelayOn, writeRelayPoll}
+		if round%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, mode := range order {
+			if err := b.setTrigger(ctx, schema, mode == writeRelayOn); err != nil {
+				return err
+			}
+			if err := b.writeWithRelay(ctx, w, br, schema, mode, func() error { return measure(mode, round) }); err != nil {
+				return err
+			}
 		}
 	}
-	res.NotifyTxSec, res.PollTxSec = median(on), median(off)
+	for mode, v := range byMode {
+		res.Medians[mode] = median(v)
+	}
+	res.NotifyTxSec, res.PollTxSec = res.Medians[writeRelayOn], res.Medians[writeRelayOff]
 	if res.PollTxSec > 0 {
 		res.NotifyFactor = res.NotifyTxSec / res.PollTxSec
 	}
+	if off := res.Medians[writeOff]; off > 0 {
+		res.AwakeRatio, res.AllRatio = res.Medians[writeAwake]/off, res.Medians[writeNotifyAll]/off
+	}
 	return b.setTrigger(ctx, schema, true)
+}
+
+// writeWithRelay runs measure while a relay publishes the outbox of schema (emptied first), and
+// waits until it published everything.
+func (b *bench) writeWithRelay(ctx context.Context, w *writers, br *broker, schema, mode string, measure func() error) error {
+	if _, err := b.pool.Exec(ctx, `TRUNCATE `+pgx.Identifier{schema, "outbox"}.Sanitize()); err != nil {
+		return err
+	}
+	var settings relaySettings
+	if mode == writeRelayPoll {
+		settings.PollInterval = 10 * time.Millisecond
+	}
+	relay, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
+		Brokers: br.addrs, Mark: postgres.MarkDelete, Relay: settings})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = relay.stop() }()
+	relay.offset = w.committed.Load() // it publishes only what is committed from here
+	if err := relay.send("go"); err != nil {
+		return err
+	}
+	if err := measure(); err != nil {
+		return err
+	}
+	if err := waitCaughtUp(ctx, w, relay, time.Minute); err != nil {
+		return err
+	}
+	return relay.stop()
 }
 
 func median(s []float64) float64 {

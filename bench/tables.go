@@ -172,12 +172,31 @@ func (b *bench) tables(w io.Writer) {
 	if wc := r.Write; wc != nil {
 		fmt.Fprintln(w, "### Write-side cost (8 writers flat out, one event per transaction)")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| NOTIFY trigger | round | tx/s |")
-		fmt.Fprintln(w, "|---|---:|---:|")
-		for _, run := range wc.Runs {
-			fmt.Fprintf(w, "| %s | %d | %.0f |\n", onOff(run.Notify), run.Round, run.TxPerSec)
+		if len(wc.Medians) == 0 { // results written before the modes
+			fmt.Fprintln(w, "| NOTIFY trigger | round | tx/s |")
+			fmt.Fprintln(w, "|---|---:|---:|")
+			for _, run := range wc.Runs {
+				fmt.Fprintf(w, "| %s | %d | %.0f |\n", onOff(run.Notify), run.Round, run.TxPerSec)
+			}
+			fmt.Fprintf(w, "\nMedian: %.0f tx/s with the trigger, %.0f without: %.2fx.\n\n", wc.NotifyTxSec, wc.PollTxSec, wc.NotifyFactor)
+		} else {
+			fmt.Fprintln(w, "| mode | runs (tx/s) | median tx/s | notifications per commit | load average after each run |")
+			fmt.Fprintln(w, "|---|---|---:|---|---|")
+			for _, mode := range []string{writeOff, writeAwake, writeNotifyAll, writeRelayOff, writeRelayOn, writeRelayPoll} {
+				var runs, notes, loads []string
+				for _, run := range wc.Runs {
+					if run.Mode == mode {
+						runs = append(runs, fmt.Sprintf("%.0f", run.TxPerSec))
+						notes = append(notes, fmt.Sprintf("%.3f", run.NotifiesPerTx))
+						loads = append(loads, fmt.Sprintf("%.1f", run.LoadAvg))
+					}
+				}
+				fmt.Fprintf(w, "| %s | %s | %.0f | %s | %s |\n", writeModes[mode], strings.Join(runs, ", "), wc.Medians[mode],
+					strings.Join(notes, ", "), strings.Join(loads, ", "))
+			}
+			fmt.Fprintf(w, "\nMedians: relay running, %.0f tx/s with the trigger and %.0f without: %.2fx. No relay: trigger with the relay awake %.2fx of no trigger, every commit notifying %.2fx.\n\n",
+				wc.NotifyTxSec, wc.PollTxSec, wc.NotifyFactor, wc.AwakeRatio, wc.AllRatio)
 		}
-		fmt.Fprintf(w, "\nMedian: %.0f tx/s with the trigger, %.0f without: %.2fx.\n\n", wc.NotifyTxSec, wc.PollTxSec, wc.NotifyFactor)
 	}
 
 	if len(r.Health) > 0 {

@@ -3,6 +3,8 @@ package e2e_test
 import (
 	"context"
 	"encoding/json"
+	"math/rand/v2"
+	"sync"
 	"testing"
 	"time"
 
@@ -134,5 +136,63 @@ func TestRelayVisibilityGap(t *testing.T) {
 	v := f.oracle.check(t, readTopic(t, f.broker.Addrs, f.topic))
 	if v.duplicates != 0 {
 		t.Errorf("D: %d duplicates without any failure, want 0", v.duplicates)
+	}
+}
+
+// TestRelayLosesNoWakeUp runs the relay with the longest poll interval (a minute) beside writers
+// that commit in rounds: in each, a burst of 20 transactions and four writers that commit a few
+// transactions, some held open a moment after inserting, then all stop until the relay
+// published and marked every row. The
+// relay goes to sleep and wakes up hundreds of times, and writers insert while it is awake (their
+// trigger then sends no notification) and commit while it goes to sleep. A lost wake-up leaves
+// a round's last rows to the next poll, a minute later: every round must end long before.
+func TestRelayLosesNoWakeUp(t *testing.T) {
+	f := newFixture(t, 20, 3)
+	f.startRelay(relay.Config{PollInterval: time.Minute})
+	ctx := context.Background()
+	// The bound is generous for a loaded machine, and half the poll interval.
+	const rounds, bound = 150, 30 * time.Second
+	for r := range rounds {
+		var wg sync.WaitGroup
+		// A burst of one event per key, each its own transaction: the relay, busy, lets its
+		// sleep lock go and the writers beside it stop notifying.
+		wg.Go(func() { f.backlog(1) })
+		for i := range 4 {
+			rng := rand.New(rand.NewPCG(uint64(r*4+i)+1, uint64(time.Now().UnixNano())))
+			wg.Go(func() {
+				for range 1 + rng.IntN(3) {
+					o := writeOpts{}
+					if rng.IntN(2) == 0 {
+						o.hold = time.Duration(rng.Int64N(int64(3 * time.Millisecond)))
+					}
+					if _, err := f.write(ctx, rng, o); err != nil {
+						t.Errorf("writer %d: %v", i, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.FailNow()
+		}
+		start := time.Now()
+		for {
+			n, _, err := f.pending(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n == 0 {
+				break
+			}
+			if time.Since(start) > bound {
+				t.Fatalf("round %d: %d rows still pending %s after the last commit (poll interval 1 min): a wake-up was lost", r, n, bound)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	v := f.oracle.check(t, readTopic(t, f.broker.Addrs, f.topic))
+	if v.committed < rounds*4 {
+		t.Fatalf("load too small to prove anything: %s", v)
 	}
 }

@@ -7,7 +7,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
 )
 
@@ -49,45 +48,45 @@ func TestFault05ListenConnectionKilled(t *testing.T) {
 	result(t, 5, rep, "reconnects and catches up after each of 3 kills")
 }
 
-// countNotified decorates a store: it counts the wake-up notifications its sessions saw.
-type countNotified struct {
-	relay.Store
-	n *int64
-}
-
-func (s countNotified) Open(ctx context.Context) (relay.Session, error) {
-	sess, err := s.Store.Open(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return &notifiedSession{Session: sess, n: s.n}, nil
-}
-
-type notifiedSession struct {
-	relay.Session
-	n *int64
-}
-
-func (s *notifiedSession) Notified() bool {
-	ok := s.Session.Notified()
-	if ok {
-		*s.n++ // Notified is called by the relay's goroutine only
-	}
-	return ok
-}
-
-// Entry 6: no NOTIFY at all (the trigger is disabled): polling alone delivers everything.
+// Entry 6: no NOTIFY at all (the trigger is disabled): polling alone delivers everything. A
+// connection LISTENing on the outbox's channel beside the relay counts the notifications: after
+// the drain, a marker sent on the channel must be the first it receives. (The relay's own
+// Notified is no count of them: its session sets it too, to claim before it sleeps.)
 func TestFault06NoNotify(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
 	e.exec(`ALTER TABLE {outbox} DISABLE TRIGGER outbox_notify`)
-	var notified int64
-	r := e.startRelay(relayOpts{store: func(s relay.Store) relay.Store { return countNotified{Store: s, n: &notified} }})
+	conn, err := pgx.Connect(e.ctx, e.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	channel := e.table.WithDefaults().Channel()
+	if _, err := conn.Exec(e.ctx, `LISTEN `+pgx.Identifier{channel}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startRelay(relayOpts{})
 	e.loader.Run(e.ctx, 400)
 	e.waitDrained(60 * time.Second)
 	r.stop(t)
+	if _, err := conn.Exec(e.ctx, `SELECT pg_notify($1, 'marker')`, channel); err != nil {
+		t.Fatal(err)
+	}
+	notified := 0
+	for {
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
+		n, err := conn.WaitForNotification(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("the marker notification never arrived: %v", err)
+		}
+		if n.Payload == "marker" {
+			break
+		}
+		notified++
+	}
 	if notified != 0 {
-		t.Errorf("the relay saw %d notifications with the trigger disabled", notified)
+		t.Errorf("%d notifications were sent with the trigger disabled", notified)
 	}
 	rep := e.check(0)
 	result(t, 6, rep, "polling alone, 0 notifications seen")

@@ -6,6 +6,7 @@ package faults_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -589,7 +590,7 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	if p.err == nil {
 		return 0
 	}
-	if ee, ok := p.err.(*exec.ExitError); ok {
+	if ee := (*exec.ExitError)(nil); errors.As(p.err, &ee) {
 		return ee.ExitCode()
 	}
 	t.Fatalf("relay process: %v", p.err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -28,6 +29,13 @@ const (
 	FormatDefault          = FormatNative
 	// CloudEventsSourceDefault is the default of Config.CloudEventsSource.
 	CloudEventsSourceDefault = "/outbox/{aggregate_type}"
+)
+
+// Ranges of Config's fields: Validate checks them, and cmd parses the kafka.* keys with them.
+var (
+	MaxRecordBytesRange = bounds.Int{Min: 1024, Max: 100 << 20}
+	LingerRange         = bounds.Duration{Min: 0, Max: 10 * time.Second}
+	DialTimeoutRange    = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
 )
 
 // Values of Config.Format.
@@ -184,23 +192,16 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("kafka.id_header: must be letters, digits, '.', '_' or '-', and none of the relay's own headers (%s), got %q",
 			strings.Join(relay.ReservedHeaders(), ", "), c.IDHeader))
 	}
-	if c.MaxRecordBytes < 1024 || c.MaxRecordBytes > 100<<20 {
-		errs = append(errs, fmt.Errorf("kafka.max_record_bytes: must be between 1024 and 104857600, got %d", c.MaxRecordBytes))
-	}
-	if c.Linger < 0 || c.Linger > 10*time.Second {
-		errs = append(errs, fmt.Errorf("kafka.linger: must be between 0 and 10s, got %s", c.Linger))
-	}
+	errs = append(errs, MaxRecordBytesRange.Check("kafka.max_record_bytes", c.MaxRecordBytes),
+		LingerRange.Check("kafka.linger", c.Linger), DialTimeoutRange.Check("kafka.dial_timeout", c.DialTimeout))
 	if _, err := codec(c.Compression); err != nil {
 		errs = append(errs, err)
 	}
-	if c.DialTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("kafka.dial_timeout: must be positive, got %s", c.DialTimeout))
-	}
 	if c.RecordTimestamp != TimestampProduce && c.RecordTimestamp != TimestampOccurredAt {
-		errs = append(errs, fmt.Errorf("kafka.record_timestamp: must be %s or %s, got %q", TimestampProduce, TimestampOccurredAt, c.RecordTimestamp))
+		errs = append(errs, fmt.Errorf("kafka.record_timestamp: must be one of %s, %s, got %q", TimestampProduce, TimestampOccurredAt, c.RecordTimestamp))
 	}
 	if c.Format != FormatNative && c.Format != FormatCloudEvents {
-		errs = append(errs, fmt.Errorf("kafka.format: must be %s or %s, got %q", FormatNative, FormatCloudEvents, c.Format))
+		errs = append(errs, fmt.Errorf("kafka.format: must be one of %s, %s, got %q", FormatNative, FormatCloudEvents, c.Format))
 	}
 	for _, p := range placeholderRE.FindAllString(c.CloudEventsSource, -1) {
 		if p != "{aggregate_type}" && p != "{event_type}" {

@@ -18,6 +18,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app"
 	"github.com/outbox-relay/outbox-relay/domain"
 	"github.com/outbox-relay/outbox-relay/internal/backoff"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // Defaults of ConsumerConfig.
@@ -63,7 +64,21 @@ type ConsumerConfig struct {
 	// SessionTimeout is how long the group waits for a member that stopped heartbeating (a
 	// crashed process) before giving its partitions to the others. Default 45s; 6s to 5m.
 	SessionTimeout time.Duration
+	// ReadCommitted reads at read_committed: records of aborted or still open Kafka transactions
+	// are never handed over (the relay's kafka.delivery=exactly_once). Default false
+	// (read_uncommitted).
+	ReadCommitted bool
 }
+
+// Ranges of ConsumerConfig's fields: Validate checks them, and cmd parses the consumer.* keys
+// with them.
+var (
+	ConsumerMaxAttemptsRange     = bounds.Int{Min: 1, Max: 100}
+	ConsumerRetryBackoffRange    = bounds.Duration{Min: time.Millisecond, Max: time.Minute}
+	ConsumerRetryBackoffMaxRange = bounds.Duration{Min: time.Millisecond, Max: 10 * time.Minute} // and at least RetryBackoff
+	ConsumerMaxPollRecordsRange  = bounds.Int{Min: 1, Max: 100000}
+	ConsumerSessionTimeoutRange  = bounds.Duration{Min: 6 * time.Second, Max: 5 * time.Minute}
+)
 
 // WithDefaults returns c with zero fields set to their defaults.
 func (c ConsumerConfig) WithDefaults() ConsumerConfig {
@@ -105,17 +120,13 @@ func (c ConsumerConfig) Validate() error {
 	if !topicRE.MatchString(c.DeadLetterTopic) {
 		errs = append(errs, fmt.Errorf("consumer.dead_letter_topic: must be a valid Kafka topic name, got %q", c.DeadLetterTopic))
 	}
-	if c.MaxAttempts < 1 || c.MaxAttempts > 100 {
-		errs = append(errs, fmt.Errorf("consumer.max_attempts: must be between 1 and 100, got %d", c.MaxAttempts))
-	}
-	if c.RetryBackoff <= 0 || c.RetryBackoffMax < c.RetryBackoff {
+	backoff := ConsumerRetryBackoffRange.Check("consumer.retry_backoff", c.RetryBackoff)
+	backoffMax := ConsumerRetryBackoffMaxRange.Check("consumer.retry_backoff_max", c.RetryBackoffMax)
+	errs = append(errs, ConsumerMaxAttemptsRange.Check("consumer.max_attempts", c.MaxAttempts), backoff, backoffMax,
+		ConsumerMaxPollRecordsRange.Check("consumer.max_poll_records", c.MaxPollRecords),
+		ConsumerSessionTimeoutRange.Check("consumer.session_timeout", c.SessionTimeout))
+	if backoff == nil && backoffMax == nil && c.RetryBackoffMax < c.RetryBackoff {
 		errs = append(errs, fmt.Errorf("consumer.retry_backoff_max: must be at least consumer.retry_backoff (%s), got %s", c.RetryBackoff, c.RetryBackoffMax))
-	}
-	if c.MaxPollRecords < 1 || c.MaxPollRecords > 100000 {
-		errs = append(errs, fmt.Errorf("consumer.max_poll_records: must be between 1 and 100000, got %d", c.MaxPollRecords))
-	}
-	if c.SessionTimeout < 6*time.Second || c.SessionTimeout > 5*time.Minute {
-		errs = append(errs, fmt.Errorf("consumer.session_timeout: must be between 6s and 5m, got %s", c.SessionTimeout))
 	}
 	return errors.Join(errs...)
 }
@@ -274,6 +285,9 @@ func NewConsumer(kcfg Config, ccfg ConsumerConfig, handle Handler, obs ConsumerO
 	)
 	if kcfg.AutoCreateTopics {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
+	}
+	if ccfg.ReadCommitted {
+		opts = append(opts, kgo.FetchIsolationLevel(kgo.ReadCommitted()))
 	}
 	opts = append(opts, extra...)
 	cl, err := kgo.NewClient(opts...)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	outboxsql "github.com/outbox-relay/outbox-relay/sql"
 )
 
 // AdoptPlan is what 'outbox-relay migrate --adopt' adds to an existing outbox table so that the
@@ -130,11 +132,17 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		{"next_attempt_at", "timestamp with time zone", "timestamptz"},
 		{"last_error", "text", "text"},
 		{"dispatched_at", "timestamp with time zone", "timestamptz"},
+		// The writing transaction, for kafka.delivery=exactly_once (sql/migrations/003_tx.sql):
+		// NULL for the rows already there, so no rewrite.
+		{"tx", "xid8", "xid8"},
 	} {
 		c, ok := cols[b.name]
 		switch {
 		case !ok:
 			p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ADD COLUMN `+pgx.Identifier{b.name}.Sanitize()+` `+b.add)
+			if b.name == "tx" {
+				p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ALTER COLUMN tx SET DEFAULT pg_current_xact_id()`)
+			}
 			if b.name == "created_at" {
 				p.Statements = append(p.Statements, `ALTER TABLE `+outbox+` ALTER COLUMN created_at SET DEFAULT clock_timestamp()`)
 			}
@@ -147,11 +155,18 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		return p, err
 	}
 	idxCount := len(p.Statements)
+	// The trigger's function is the relay's own (sql/migrations/004_wake.sql): writers notify
+	// only while the relay sleeps.
+	wake, err := render(outboxsql.Migrations, "migrations/004_wake.sql", t)
+	if err != nil {
+		return p, err
+	}
 	p.Statements = append(p.Statements,
 		`CREATE INDEX IF NOT EXISTS `+t.name("pending_idx")+` ON `+outbox+` (`+t.id("")+`) WHERE dispatched_at IS NULL`,
 		`CREATE INDEX IF NOT EXISTS `+t.name("failing_idx")+` ON `+outbox+` (`+t.col("", m.AggregateType)+`, `+t.col("", m.Key)+`, `+t.id("")+`)
     WHERE attempts > 0 AND dispatched_at IS NULL`,
 		`CREATE INDEX IF NOT EXISTS `+t.name("dispatched_idx")+` ON `+outbox+` (dispatched_at) WHERE dispatched_at IS NOT NULL`,
+		`CREATE INDEX IF NOT EXISTS `+t.name("tx_idx")+` ON `+outbox+` (tx) WHERE dispatched_at IS NULL`,
 		// The parked table has the relay's layout, but keeps the outbox's types of the event id
 		// and the payload, so parking and retrying a row copy them unchanged.
 		`CREATE TABLE IF NOT EXISTS `+t.parked()+` (
@@ -175,12 +190,7 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
     partitions integer     NOT NULL CHECK (partitions > 0),
     pinned_at  timestamptz NOT NULL DEFAULT now()
 )`,
-		`CREATE OR REPLACE FUNCTION `+t.notifyFunc()+`() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('`+t.Channel()+`', '');
-    RETURN NULL;
-END
-$$`,
+		wake,
 		`DROP TRIGGER IF EXISTS `+t.name("notify")+` ON `+outbox,
 		`CREATE TRIGGER `+t.name("notify")+` AFTER INSERT ON `+outbox+`
     FOR EACH STATEMENT EXECUTE FUNCTION `+t.notifyFunc()+`()`,
@@ -218,9 +228,13 @@ func adopted(ctx context.Context, pool *pgxpool.Pool, t Table, columns bool) (bo
 		return false, nil
 	}
 	var ok bool
+	// A trigger function that notifies on every insert is the one adopted before the wake-up
+	// protocol: it is replaced.
 	err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL
-		AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)`,
-		t.parked(), t.topics(), pgx.Identifier{t.Schema, t.Name + "_pending_idx"}.Sanitize(), t.outbox(), t.Name+"_notify").Scan(&ok)
+		AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)
+		AND EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure($6) AND prosrc LIKE '%pg_try_advisory_xact_lock_shared%')`,
+		t.parked(), t.topics(), pgx.Identifier{t.Schema, t.Name + "_pending_idx"}.Sanitize(), t.outbox(), t.Name+"_notify",
+		t.notifyFunc()+"()").Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("adopt %s: %w", t, err)
 	}

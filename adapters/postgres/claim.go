@@ -22,8 +22,8 @@ import (
 
 // claimColumns is the number of columns of the claim query, in this order: id, event_id,
 // aggregate_type, aggregate_id, event_type, payload, topic, headers, occurred_at, created_at,
-// attempts.
-const claimColumns = 11
+// attempts, tx (the writing transaction, 0 unless StoreConfig.Transactions).
+const claimColumns = 12
 
 // claimFormats asks for every column of the claim in the binary format (for text columns the
 // bytes are the same in either format).
@@ -39,8 +39,11 @@ var claimFormats = func() pgx.QueryResultFormats {
 // (a connection in the simple protocol, say, which returns text) is read with Scan instead.
 var claimOIDs = [claimColumns]uint32{
 	pgtype.Int8OID, pgtype.TextOID, pgtype.TextOID, pgtype.TextOID, pgtype.TextOID, pgtype.ByteaOID,
-	pgtype.TextOID, pgtype.TextOID, pgtype.TimestamptzOID, pgtype.TimestamptzOID, pgtype.Int4OID,
+	pgtype.TextOID, pgtype.TextOID, pgtype.TimestamptzOID, pgtype.TimestamptzOID, pgtype.Int4OID, pgtype.Int8OID,
 }
+
+// txCol is the position of the writing transaction in the claim.
+const txCol = 11
 
 // payloadCol is the position of the payload in the claim.
 const payloadCol = 5
@@ -107,11 +110,12 @@ type textSpans struct{ eventID, aggregateID [2]int32 }
 // decode appends the message of one raw row to out. Until finish, its Size misses pendingText.
 func (d *claimDecoder) decode(out []relay.Message, vals [][]byte) ([]relay.Message, error) {
 	var m relay.Message
-	if len(vals) != claimColumns || len(vals[0]) != 8 || len(vals[10]) != 4 {
+	if len(vals) != claimColumns || len(vals[0]) != 8 || len(vals[10]) != 4 || len(vals[txCol]) != 8 {
 		return out, fmt.Errorf("claim: unexpected row of %d columns", len(vals))
 	}
 	m.ID = int64(binary.BigEndian.Uint64(vals[0]))
 	m.Attempts = int(int32(binary.BigEndian.Uint32(vals[10])))
+	m.TxID = int64(binary.BigEndian.Uint64(vals[txCol]))
 	var sp textSpans
 	sp.eventID = d.appendText(vals[1])
 	sp.aggregateID = d.appendText(vals[3])

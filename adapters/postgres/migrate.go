@@ -30,6 +30,8 @@ func (d templateData) Topics() string         { return d.t.topics() }
 func (d templateData) NotifyFunc() string     { return d.t.notifyFunc() }
 func (d templateData) ChannelLiteral() string { return "'" + d.t.Channel() + "'" }
 func (d templateData) Name(s string) string   { return d.t.name(s) }
+func (d templateData) AwakeKey() string       { return "'" + d.t.awakeKey() + "'" }
+func (d templateData) SleepKey() string       { return "'" + d.t.sleepKey() + "'" }
 func (d templateData) Users() string          { return pgx.Identifier{d.t.Schema, "users"}.Sanitize() }
 
 // Table returns the quoted name of the example's table name in the outbox's schema.
@@ -74,15 +76,11 @@ func migrate(ctx context.Context, pool *pgxpool.Pool, t Table, fsys fs.FS, dir, 
 		if err != nil {
 			return steps, fmt.Errorf("read migration %s: %w", name, err)
 		}
-		tmpl, err := template.New(name).Option("missingkey=error").Parse(string(raw))
+		sqlText, err := renderText(name, string(raw), t)
 		if err != nil {
-			return steps, fmt.Errorf("parse migration %s: %w", name, err)
+			return steps, err
 		}
-		var sqlText bytes.Buffer
-		if err := tmpl.Execute(&sqlText, templateData{t}); err != nil {
-			return steps, fmt.Errorf("render migration %s: %w", name, err)
-		}
-		applied, err := applyOne(ctx, pool, t, target, name, sqlText.String())
+		applied, err := applyOne(ctx, pool, t, target, name, sqlText)
 		if err != nil {
 			return steps, fmt.Errorf("apply migration %s to %s: %w", name, t, err)
 		}
@@ -93,6 +91,28 @@ func migrate(ctx context.Context, pool *pgxpool.Pool, t Table, fsys fs.FS, dir, 
 		}
 	}
 	return steps, nil
+}
+
+// render returns the migration file name of fsys with t's names filled in.
+func render(fsys fs.FS, name string, t Table) (string, error) {
+	raw, err := fs.ReadFile(fsys, name)
+	if err != nil {
+		return "", fmt.Errorf("read migration %s: %w", name, err)
+	}
+	return renderText(name, string(raw), t)
+}
+
+// renderText returns the migration raw, named name, with t's names filled in.
+func renderText(name, raw string, t Table) (string, error) {
+	tmpl, err := template.New(name).Option("missingkey=error").Parse(raw)
+	if err != nil {
+		return "", fmt.Errorf("parse migration %s: %w", name, err)
+	}
+	var sqlText bytes.Buffer
+	if err := tmpl.Execute(&sqlText, templateData{t}); err != nil {
+		return "", fmt.Errorf("render migration %s: %w", name, err)
+	}
+	return sqlText.String(), nil
 }
 
 func applyOne(ctx context.Context, pool *pgxpool.Pool, t Table, target, name, sqlText string) (bool, error) {

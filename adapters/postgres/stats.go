@@ -2,15 +2,21 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // BacklogScanRowsDefault is the default number of pending rows Backlog reads.
 const BacklogScanRowsDefault = 10000
+
+// BacklogScanRowsRange is the range cmd allows for http.backlog_scan_rows, the rows Backlog reads.
+var BacklogScanRowsRange = bounds.Int{Min: 100, Max: 10000000}
 
 // Querier is what the read-only operations need: a pool, a connection or a transaction.
 type Querier interface {
@@ -301,7 +307,7 @@ func LeaderOf(ctx context.Context, q Querier, t Table) (*Holder, error) {
 	var h Holder
 	var addr, app, state *string
 	err := q.QueryRow(ctx, holderSQL, t.lockKey()).Scan(&h.PID, &addr, &h.BackendStart, &app, &state, &h.LastActive)
-	if err == pgx.ErrNoRows {
+	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
 	if err != nil {

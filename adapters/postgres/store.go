@@ -21,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -30,6 +31,13 @@ const (
 	MarkDelete = "delete"
 	// MarkRetain stamps published rows with dispatched_at and keeps them until purged.
 	MarkRetain = "retain"
+)
+
+// Ranges of StoreConfig's durations: NewStore checks them, and cmd parses database.query_timeout
+// and relay.leader_lease with them.
+var (
+	QueryTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	LeaderLeaseRange  = bounds.Duration{Min: 100 * time.Millisecond, Max: time.Minute}
 )
 
 // QueryTimeoutDefault is the default of StoreConfig.QueryTimeout.
@@ -55,6 +63,12 @@ type StoreConfig struct {
 	WaitForReplication string
 	// OnReplicationWait, when set, is called with the time each successful wait took.
 	OnReplicationWait func(took time.Duration)
+	// Transactions makes the claims read the writing transaction of each row (the tx column,
+	// sql/migrations/003_tx.sql) into relay.Message.TxID, and never end inside a transaction:
+	// a claim also returns the rest of the rows of every transaction it returned a row of (for
+	// kafka.delivery=exactly_once). The claim's byte bound then does not apply: its row bound
+	// does, plus the rest of those transactions.
+	Transactions bool
 }
 
 // Store is the relay's view of one outbox in PostgreSQL: relay.Store.
@@ -67,6 +81,8 @@ type Store struct {
 	// replMode is StoreConfig.WaitForReplication; onReplWait its hook.
 	replMode   string
 	onReplWait func(time.Duration)
+	// txs is StoreConfig.Transactions.
+	txs bool
 }
 
 var (
@@ -89,16 +105,43 @@ func holdCond(t Table) string {
 }
 
 // claimPart is one ordered range of the claim query.
-func claimPart(t Table, cond string) string {
-	id := t.id("")
-	return `(SELECT ` + id + ` AS id, ` + t.eventID("") + `::text AS event_id, ` + t.aggType("") + ` AS aggregate_type,
-			` + t.key("") + ` AS aggregate_id, ` + t.evType("") + ` AS event_type, ` + t.payload("") + ` AS payload,
-			coalesce(` + t.topicCol("") + `, '') AS topic, ` + t.headers("") + `::text AS headers,
-			` + t.occurred("") + ` AS occurred_at, created_at, attempts
+func claimPart(t Table, txs bool, cond string) string {
+	return `(SELECT ` + claimCols(t, txs) + `
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
-			AND ` + id + ` >= $5 AND ` + id + ` NOT IN (SELECT unnest($3::bigint[]))
-		ORDER BY ` + id + ` LIMIT $4)`
+			AND ` + t.id("") + ` >= $5 AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))
+		ORDER BY ` + t.id("") + ` LIMIT $4)`
+}
+
+// claimCols is the claim's list of columns (claimColumns). The writing transaction is read only
+// with txs (the column may not exist otherwise); NULL, for rows written before the column was
+// added, is 0: a transaction of its own.
+func claimCols(t Table, txs bool) string {
+	tx := `0::bigint`
+	if txs {
+		tx = `coalesce(tx::text::bigint, 0)`
+	}
+	return t.id("") + ` AS id, ` + t.eventID("") + `::text AS event_id, ` + t.aggType("") + ` AS aggregate_type,
+			` + t.key("") + ` AS aggregate_id, ` + t.evType("") + ` AS event_type, ` + t.payload("") + ` AS payload,
+			coalesce(` + t.topicCol("") + `, '') AS topic, ` + t.headers("") + `::text AS headers,
+			` + t.occurred("") + ` AS occurred_at, created_at, attempts, ` + tx + ` AS tx`
+}
+
+// wholeTxs extends a claim query (with txs) with the rest of the rows of each transaction it
+// returned a row of: the rows above its last row written by one of those transactions, due, not
+// in flight ($1..$2 and $3) and not held (cond). One statement, so one snapshot; a transaction
+// whose row is visible is committed, so all its rows are visible too.
+func wholeTxs(t Table, claim, cond string) string {
+	return `WITH c AS (` + claim + `)
+		SELECT * FROM c
+		UNION ALL
+		(SELECT ` + claimCols(t, true) + ` FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+			AND tx IN (SELECT tx::text::xid8 FROM c WHERE tx <> 0)
+			AND ` + t.id("") + ` > (SELECT max(id) FROM c)
+			AND NOT (` + t.id("") + ` BETWEEN $1 AND $2) AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))` + cond + `
+		ORDER BY ` + t.id("") + `)
+		ORDER BY id`
 }
 
 // ParseURL parses a PostgreSQL connection string, URL or key=value. Its errors never contain
@@ -205,20 +248,21 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	case MarkRetain:
 		mark = `UPDATE ` + t.outbox() + ` SET dispatched_at = now() WHERE ` + t.id("") + ` = ANY($1::bigint[]) AND dispatched_at IS NULL`
 	default:
-		return nil, fmt.Errorf("relay.mark: must be %q or %q, got %q", MarkDelete, MarkRetain, cfg.Mark)
+		return nil, fmt.Errorf("relay.mark: must be one of %s, %s, got %q", MarkDelete, MarkRetain, cfg.Mark)
 	}
 	if cfg.LeaderLease == 0 {
 		cfg.LeaderLease = LeaderLeaseDefault
 	}
-	if cfg.LeaderLease < 100*time.Millisecond {
-		return nil, fmt.Errorf("relay.leader_lease: must be at least 100ms, got %s", cfg.LeaderLease)
+	if err := errors.Join(QueryTimeoutRange.Check("database.query_timeout", cfg.QueryTimeout),
+		LeaderLeaseRange.Check("relay.leader_lease", cfg.LeaderLease)); err != nil {
+		return nil, err
 	}
 	switch cfg.WaitForReplication {
 	case "":
 		cfg.WaitForReplication = ReplicationOff
 	case ReplicationOff, ReplicationSync, ReplicationAll:
 	default:
-		return nil, fmt.Errorf("database.wait_for_replication: must be %q, %q or %q, got %q",
+		return nil, fmt.Errorf("database.wait_for_replication: must be one of %s, %s, %s, got %q",
 			ReplicationOff, ReplicationSync, ReplicationAll, cfg.WaitForReplication)
 	}
 	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease,
@@ -228,10 +272,10 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
-		claim: claimPart(t, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`,
+		claim: claimPart(t, cfg.Transactions, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, cfg.Transactions, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`,
 		// The same, leaving out the rows of held keys: used only while some key is held, so the
 		// common claim pays nothing for it.
-		claimHold: claimPart(t, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`,
+		claimHold: claimPart(t, cfg.Transactions, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, cfg.Transactions, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`,
 		mark:      mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
 				next_attempt_at = now() + $3::interval WHERE ` + t.id("") + ` = $1`,
@@ -257,6 +301,11 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		leading: `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted)`,
 		repl:    replQuery(cfg.WaitForReplication),
 	}
+	if cfg.Transactions {
+		s.txs = true
+		s.q.claim = wholeTxs(t, s.q.claim, "")
+		s.q.claimHold = wholeTxs(t, s.q.claimHold, holdCond(t))
+	}
 	return s, nil
 }
 
@@ -265,7 +314,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 	sess := &session{store: s}
 	cfg := s.conn.Copy()
-	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.notified.Store(true) }
+	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.heard() }
 	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
 		// pgx reads at most 8 KiB per system call; a claim of a thousand 1 KB rows took 130 reads.
 		// Reading what the socket holds, up to 64 KiB, costs an extra copy and saves most of them.
@@ -292,6 +341,19 @@ func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 		return nil, sess.wrap(err)
 	}
 	sess.pid = pid
+	if s.txs {
+		var has bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'tx' AND NOT attisdropped)`,
+			s.table.outbox()).Scan(&has); err != nil {
+			_ = conn.Close(context.WithoutCancel(ctx))
+			return nil, sess.wrap(err)
+		}
+		if !has {
+			_ = conn.Close(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("%w: kafka.delivery=exactly_once needs the column tx of %s, which records each row's transaction: run outbox-relay migrate (or migrate --adopt for a table of your own)",
+				relay.ErrSessionUnsupported, s.table)
+		}
+	}
 	return sess, nil
 }
 
@@ -326,6 +388,7 @@ type session struct {
 	rest     []int64      // reused by skipRun
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
+	wake     wakeState    // the wake-up protocol's state (wake.go)
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -376,7 +439,15 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 // connection that cannot return it (the simple protocol) is read with Scan. With
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
 func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
+	if s.wake.release {
+		if err := s.releaseSleep(ctx); err != nil {
+			return nil, err
+		}
+	}
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
+	if err == nil {
+		s.claimed(len(out))
+	}
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
 	}
@@ -425,8 +496,8 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 		if !scan {
 			size += s.dec.pendingText()
 		}
-		if size >= maxBytes {
-			break // memory is bounded by bytes, not by the backlog
+		if size >= maxBytes && !s.store.txs {
+			break // memory is bounded by bytes, not by the backlog (whole transactions: by rows)
 		}
 	}
 	rows.Close()
@@ -503,7 +574,7 @@ func scanClaimed(out []relay.Message, rows pgx.Rows) ([]relay.Message, error) {
 	var aggregateID, headers *string
 	var occurred, created pgtype.Timestamptz
 	if err := rows.Scan(&m.ID, &m.EventID, &m.AggregateType, &aggregateID, &m.EventType, &m.Payload,
-		&m.Topic, &headers, &occurred, &created, &m.Attempts); err != nil {
+		&m.Topic, &headers, &occurred, &created, &m.Attempts, &m.TxID); err != nil {
 		return out, err
 	}
 	if aggregateID != nil {
@@ -754,17 +825,6 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, 
 		return nil
 	})
 	return out, s.wrap(err)
-}
-
-// Wait implements relay.Session.
-func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
-	wctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	_, err := s.conn.WaitForNotification(wctx)
-	if err != nil && wctx.Err() != nil && ctx.Err() == nil && !s.conn.IsClosed() {
-		return nil // the timeout passed: the connection is still good
-	}
-	return s.wrap(err)
 }
 
 // Notified implements relay.Session.

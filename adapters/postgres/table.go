@@ -1,11 +1,14 @@
 package postgres
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"regexp"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -207,8 +210,35 @@ func (t Table) migrations() string {
 func (t Table) notifyFunc() string        { return pgx.Identifier{t.Schema, t.Name + "_notify"}.Sanitize() }
 func (t Table) name(suffix string) string { return pgx.Identifier{t.Name + "_" + suffix}.Sanitize() }
 
-// Channel returns the LISTEN/NOTIFY channel of the outbox.
-func (t Table) Channel() string { return "outbox_relay_" + t.Schema + "_" + t.Name }
+// maxChannelLen is the longest channel name pg_notify accepts (NAMEDATALEN - 1 bytes): a longer
+// one makes the wake-up trigger, and with it every INSERT into the outbox, fail.
+const maxChannelLen = 63
+
+// Channel returns the LISTEN/NOTIFY channel of the outbox: outbox_relay_<schema>_<table>, or,
+// when that is longer than PostgreSQL allows, its first bytes followed by a hash of the schema
+// and table, so two long names that start alike still get channels of their own.
+func (t Table) Channel() string {
+	c := "outbox_relay_" + t.Schema + "_" + t.Name
+	if len(c) <= maxChannelLen {
+		return c
+	}
+	sum := sha256.Sum256([]byte(t.Schema + "\x00" + t.Name))
+	tag := hex.EncodeToString(sum[:8])
+	n := maxChannelLen - 1 - len(tag)
+	for n > 0 && !utf8.RuneStart(c[n]) {
+		n--
+	}
+	return c[:n] + "_" + tag
+}
 
 // lockKey returns the text hashed into the leadership advisory lock.
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
+
+// WakeKeys returns the texts hashed (hashtextextended(key, 0)) into the two advisory locks of the
+// wake-up protocol (sql/migrations/004_wake.sql, wake.go): the awake lock and the sleep lock.
+func (t Table) WakeKeys() (awake, sleep string) {
+	return "outbox-relay:awake:" + t.String(), "outbox-relay:sleep:" + t.String()
+}
+
+func (t Table) awakeKey() string { k, _ := t.WakeKeys(); return k }
+func (t Table) sleepKey() string { _, k := t.WakeKeys(); return k }

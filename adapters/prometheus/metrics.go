@@ -147,11 +147,24 @@ func (m *Metrics) TopicPartitions(topic string, pinned, live int) {
 	m.partitions.WithLabelValues(topic, "live").Set(float64(live))
 }
 
-// Reason returns a short, bounded label for a publish error: the Kafka error code name when there
-// is one.
+// Labeled is an error that names its own label in outbox_relay_publish_errors_total: a sink's
+// kinds of failure (rabbitmq.ErrNacked says "nacked"). The label must come from a small fixed set.
+type Labeled interface {
+	error
+	Reason() string
+}
+
+// Reason returns a short, bounded label for a publish error: the label of a Labeled error it
+// wraps (the RabbitMQ sink's), the Kafka error code name when there is one, invalid_message for a
+// row the relay refuses, else other.
 func Reason(err error) string {
-	var ke *kerr.Error
+	var (
+		le Labeled
+		ke *kerr.Error
+	)
 	switch {
+	case errors.As(err, &le):
+		return le.Reason()
 	case errors.As(err, &ke):
 		return ke.Message
 	case errors.Is(err, relay.ErrInvalidMessage):

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // Defaults of Config.
@@ -22,6 +24,14 @@ const (
 	HeartbeatDefault           = 10 * time.Second
 	ReconnectBackoffMinDefault = 100 * time.Millisecond
 	ReconnectBackoffMaxDefault = 10 * time.Second
+)
+
+// Ranges of Config's fields: Validate checks them, and cmd parses the rabbitmq.* keys with them.
+var (
+	MaxMessageBytesRange     = bounds.Int{Min: 1024, Max: 512 << 20}
+	DialTimeoutRange         = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	HeartbeatRange           = bounds.Duration{Min: time.Second, Max: 10 * time.Minute}
+	ReconnectBackoffMaxRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute} // and at least ReconnectBackoffMin
 )
 
 // Config configures the RabbitMQ publisher.
@@ -101,7 +111,7 @@ func (c Config) Validate() error {
 	switch c.ExchangeType {
 	case "direct", "fanout", "topic", "headers":
 	default:
-		errs = append(errs, fmt.Errorf("rabbitmq.exchange_type: must be direct, fanout, topic or headers, got %q", c.ExchangeType))
+		errs = append(errs, fmt.Errorf("rabbitmq.exchange_type: must be one of direct, fanout, topic, headers, got %q", c.ExchangeType))
 	}
 	if !exchangeRE.MatchString(c.Exchange) {
 		errs = append(errs, fmt.Errorf("rabbitmq.exchange: must match %s (empty: the default exchange), got %q", exchangeRE, c.Exchange))
@@ -114,17 +124,11 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("rabbitmq.routing_key_template: unknown placeholder %s (allowed: {aggregate_type}, {event_type}, {aggregate_id})", p))
 		}
 	}
-	if c.MaxMessageBytes < 1024 || c.MaxMessageBytes > 512<<20 {
-		errs = append(errs, fmt.Errorf("rabbitmq.max_message_bytes: must be between 1024 and 536870912, got %d", c.MaxMessageBytes))
-	}
-	if c.DialTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("rabbitmq.dial_timeout: must be positive, got %s", c.DialTimeout))
-	}
-	if c.Heartbeat < time.Second {
-		errs = append(errs, fmt.Errorf("rabbitmq.heartbeat: must be at least 1s, got %s", c.Heartbeat))
-	}
-	if c.ReconnectBackoffMin <= 0 || c.ReconnectBackoffMax < c.ReconnectBackoffMin {
-		errs = append(errs, fmt.Errorf("rabbitmq.reconnect_backoff_max: must be at least %s, got %s", c.ReconnectBackoffMin, c.ReconnectBackoffMax))
+	backoffMax := ReconnectBackoffMaxRange.Check("rabbitmq.reconnect_backoff_max", c.ReconnectBackoffMax)
+	errs = append(errs, MaxMessageBytesRange.Check("rabbitmq.max_message_bytes", c.MaxMessageBytes),
+		DialTimeoutRange.Check("rabbitmq.dial_timeout", c.DialTimeout), HeartbeatRange.Check("rabbitmq.heartbeat", c.Heartbeat), backoffMax)
+	if c.ReconnectBackoffMin <= 0 || (backoffMax == nil && c.ReconnectBackoffMax < c.ReconnectBackoffMin) {
+		errs = append(errs, fmt.Errorf("rabbitmq.reconnect_backoff_max: must be at least the first delay (%s), got %s", c.ReconnectBackoffMin, c.ReconnectBackoffMax))
 	}
 	return errors.Join(errs...)
 }

@@ -3,6 +3,7 @@ package rabbitmq_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -156,7 +157,7 @@ func TestRelayToRabbitMQSurvivesConnectionCuts(t *testing.T) {
 					})
 					mu.Lock()
 					switch {
-					case rollback && err == errRollback:
+					case rollback && errors.Is(err, errRollback):
 						rolledBack[id] = true
 					case err == nil:
 						committed[id] = true

@@ -30,11 +30,29 @@ const (
 	HeaderOccurredAt    = relay.HeaderOccurredAt
 )
 
-// ErrAborted is the error of the messages failed by Abort.
-var ErrAborted = errors.New("rabbitmq: publish aborted")
+// The errors a message's done receives: each is, or wraps, one of these. Their Reason is the
+// label the relay's metrics count the failure under (outbox_relay_publish_errors_total{reason}).
+// A lost connection or channel fails no message: the unconfirmed ones are published again.
+var (
+	// ErrUnroutable: the broker returned the message, no queue being bound for its routing key
+	// (the message is published mandatory unless rabbitmq.drop_unroutable is set).
+	ErrUnroutable error = &failure{reason: "unroutable", text: "rabbitmq returned the message as unroutable"}
+	// ErrNacked: the broker refused the message (a nack), for instance a queue with
+	// x-overflow=reject-publish that is full.
+	ErrNacked error = &failure{reason: "nacked", text: "rabbitmq nacked the message"}
+	// ErrAborted is the error of the messages failed by Abort.
+	ErrAborted error = &failure{reason: "aborted", text: "rabbitmq: publish aborted"}
+	// ErrClosed is the error of the messages published to, or pending in, a closed Publisher.
+	ErrClosed error = &failure{reason: "publisher_closed", text: "rabbitmq: publisher closed"}
+)
 
-// ErrClosed is the error of the messages published to, or pending in, a closed Publisher.
-var ErrClosed = errors.New("rabbitmq: publisher closed")
+// failure is a kind of failed publish, with its metrics label.
+type failure struct{ reason, text string }
+
+func (f *failure) Error() string { return f.text }
+
+// Reason returns the label of the failure in outbox_relay_publish_errors_total.
+func (f *failure) Reason() string { return f.reason }
 
 // Publisher publishes outbox rows to a RabbitMQ exchange: relay.Sink.
 //
@@ -436,10 +454,10 @@ func (p *Publisher) confirmed(c amqp.Confirmation) {
 	p.mu.Unlock()
 	switch {
 	case returned:
-		pd.done(fmt.Errorf("rabbitmq returned the message as unroutable: %d %s (no queue bound to exchange %q for routing key %q)",
-			r.ReplyCode, r.ReplyText, p.cfg.Exchange, pd.key))
+		pd.done(fmt.Errorf("%w: %d %s (no queue bound to exchange %q for routing key %q)",
+			ErrUnroutable, r.ReplyCode, r.ReplyText, p.cfg.Exchange, pd.key))
 	case !c.Ack:
-		pd.done(fmt.Errorf("rabbitmq nacked the message (exchange %q, routing key %q)", p.cfg.Exchange, pd.key))
+		pd.done(fmt.Errorf("%w (exchange %q, routing key %q)", ErrNacked, p.cfg.Exchange, pd.key))
 	default:
 		pd.done(nil)
 	}

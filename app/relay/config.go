@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // Defaults of Config.
@@ -19,6 +22,20 @@ const (
 	ShutdownTimeoutDefault     = 15 * time.Second
 	ReconnectBackoffMaxDefault = 10 * time.Second
 	OrderPolicyDefault         = OrderPolicyWait
+)
+
+// Ranges of Config's fields: Validate checks them, and cmd parses the relay.* keys with them.
+var (
+	BatchSizeRange           = bounds.Int{Min: 1, Max: 10000}
+	MaxInFlightRange         = bounds.Int{Min: 1, Max: 100000} // and at least BatchSize
+	MaxInFlightBytesRange    = bounds.Int{Min: 1 << 20, Max: 1 << 32}
+	PollIntervalRange        = bounds.Duration{Min: 10 * time.Millisecond, Max: time.Minute}
+	LeaderRetryIntervalRange = bounds.Duration{Min: 10 * time.Millisecond, Max: time.Minute}
+	MaxAttemptsRange         = bounds.Int{Min: 1, Max: 1000}
+	RetryBackoffMinRange     = bounds.Duration{Min: time.Millisecond, Max: time.Hour}
+	RetryBackoffMaxRange     = bounds.Duration{Min: time.Millisecond, Max: 24 * time.Hour} // and at least RetryBackoffMin
+	ShutdownTimeoutRange     = bounds.Duration{Min: 100 * time.Millisecond, Max: time.Hour}
+	ReconnectBackoffMaxRange = bounds.Duration{Min: time.Millisecond, Max: 10 * time.Minute}
 )
 
 // Order policies: what happens to a key's later events when one of its events is parked.
@@ -94,48 +111,38 @@ func (c Config) WithDefaults() Config {
 
 // Validate reports every invalid field, naming its configuration key.
 func (c Config) Validate() error {
-	var errs []error
-	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("relay.%s: %s", key, fmt.Sprintf(format, args...)))
+	errs := []error{
+		BatchSizeRange.Check("relay.batch_size", c.BatchSize),
+		MaxInFlightRange.Check("relay.max_in_flight", c.MaxInFlight),
+		MaxInFlightBytesRange.Check("relay.max_in_flight_bytes", c.MaxInFlightBytes),
+		PollIntervalRange.Check("relay.poll_interval", c.PollInterval),
+		LeaderRetryIntervalRange.Check("relay.leader_retry_interval", c.LeaderRetryInterval),
+		MaxAttemptsRange.Check("relay.max_attempts", c.MaxAttempts),
+		RetryBackoffMinRange.Check("relay.retry_backoff_min", c.RetryBackoffMin),
+		RetryBackoffMaxRange.Check("relay.retry_backoff_max", c.RetryBackoffMax),
+		ShutdownTimeoutRange.Check("relay.shutdown_timeout", c.ShutdownTimeout),
+		// Not a configuration key: the field's name.
+		ReconnectBackoffMaxRange.Check("ReconnectBackoffMax", c.ReconnectBackoffMax),
 	}
-	if c.BatchSize < 1 || c.BatchSize > 10000 {
-		bad("batch_size", "must be between 1 and 10000, got %d", c.BatchSize)
+	if c.MaxInFlight < c.BatchSize && errs[0] == nil && errs[1] == nil {
+		errs = append(errs, fmt.Errorf("relay.max_in_flight: must be between relay.batch_size (%d) and %d, got %d",
+			c.BatchSize, MaxInFlightRange.Max, c.MaxInFlight))
 	}
-	if c.MaxInFlight < c.BatchSize || c.MaxInFlight > 100000 {
-		bad("max_in_flight", "must be between relay.batch_size (%d) and 100000, got %d", c.BatchSize, c.MaxInFlight)
-	}
-	if c.MaxInFlightBytes < 1<<20 {
-		bad("max_in_flight_bytes", "must be at least 1048576 (1 MiB), got %d", c.MaxInFlightBytes)
-	}
-	if c.PollInterval < 10*time.Millisecond || c.PollInterval > time.Minute {
-		bad("poll_interval", "must be between 10ms and 1m, got %s", c.PollInterval)
-	}
-	if c.LeaderRetryInterval < 10*time.Millisecond || c.LeaderRetryInterval > time.Minute {
-		bad("leader_retry_interval", "must be between 10ms and 1m, got %s", c.LeaderRetryInterval)
-	}
-	if c.MaxAttempts < 1 || c.MaxAttempts > 1000 {
-		bad("max_attempts", "must be between 1 and 1000, got %d", c.MaxAttempts)
-	}
-	if c.RetryBackoffMin <= 0 || c.RetryBackoffMax < c.RetryBackoffMin {
-		bad("retry_backoff_max", "must be at least relay.retry_backoff_min (%s), got %s", c.RetryBackoffMin, c.RetryBackoffMax)
+	if c.RetryBackoffMax < c.RetryBackoffMin && errs[6] == nil && errs[7] == nil {
+		errs = append(errs, fmt.Errorf("relay.retry_backoff_max: must be at least relay.retry_backoff_min (%s), got %s",
+			c.RetryBackoffMin, c.RetryBackoffMax))
 	}
 	if c.OrderPolicy != OrderPolicyWait && c.OrderPolicy != OrderPolicySkip {
-		bad("order_policy", "must be %q or %q, got %q", OrderPolicyWait, OrderPolicySkip, c.OrderPolicy)
-	}
-	if c.ShutdownTimeout <= 0 {
-		bad("shutdown_timeout", "must be positive, got %s", c.ShutdownTimeout)
-	}
-	if c.ReconnectBackoffMax <= 0 {
-		bad("reconnect_backoff_max", "must be positive, got %s", c.ReconnectBackoffMax)
+		errs = append(errs, fmt.Errorf("relay.order_policy: must be one of %s, %s, got %q", OrderPolicyWait, OrderPolicySkip, c.OrderPolicy))
 	}
 	return errors.Join(errs...)
 }
 
 // backoff returns the delay before attempt number attempts+1 of a failing row.
 func (c Config) backoff(attempts int) time.Duration {
-	d := c.RetryBackoffMin
+	d := min(c.RetryBackoffMin, c.RetryBackoffMax)
 	for i := 1; i < attempts && d < c.RetryBackoffMax; i++ {
-		d *= 2
+		d = backoff.Double(d, c.RetryBackoffMax)
 	}
-	return min(d, c.RetryBackoffMax)
+	return d
 }

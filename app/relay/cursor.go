@@ -113,5 +113,5 @@ func (c *cursor) read(from, horizon int64, limit, budget int, rows []Message) (s
 	if len(rows) > 0 {
 		c.rowBytes = max(1, size/len(rows))
 	}
-	return size, len(rows) == limit || (len(rows) > 0 && size >= budget)
+	return size, len(rows) >= limit || (len(rows) > 0 && size >= budget)
 }

@@ -361,7 +361,7 @@ func deliveredTypes(t *testing.T, ctx context.Context, sink *memory.Sink, n int)
 // most a minute).
 func writerEnv(t *testing.T) (*pgxpool.Pool, postgres.Table, *postgres.Writer, context.Context) {
 	t.Helper()
-	pool, table := dbtest.Schema(t)
+	pool, table := integrationSchema(t)
 	// Generous: the bound of every wait of the test, on a machine that may be loaded.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)

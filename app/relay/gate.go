@@ -29,7 +29,7 @@ type keyGate struct {
 	// backoff is the delay before attempt number n+1 of a failing row (Config.backoff).
 	backoff func(n int) time.Duration
 	// failing counts, per order key, the failures the sink reported that settle has not yet
-	// taken. The sink's callback adds to it before the result reaches the loop, so a later row
+	// begun to settle. The sink's callback adds to it before the result reaches the loop, so a later row
 	// of a key whose row just failed is held back at once, not only after the loop reads the
 	// failure: in between, the broker would take the later row first. failingN is the total,
 	// read without the lock on the path of every row.
@@ -127,8 +127,8 @@ func (g *keyGate) head(k string) (int64, bool) {
 	return 0, false
 }
 
-// held reports whether m must wait at now (why is not mayGo).
-func (g *keyGate) held(m *Message, now time.Time) bool { return g.why(m, now) != mayGo }
+// mustWait reports whether m must wait at now (why is not mayGo).
+func (g *keyGate) mustWait(m *Message, now time.Time) bool { return g.why(m, now) != mayGo }
 
 // holdKeys returns the keys whose rows a claim leaves out, with the head of each that may still
 // go (see why): a claim that returned them would only hand them back. Without it, more rows of
@@ -205,8 +205,9 @@ func (g *keyGate) failed(m *Message) {
 	g.failingN.Add(1)
 }
 
-// taken removes one failure of m's key from the failures not settled: the loop has taken it.
-func (g *keyGate) taken(m *Message) {
+// failureSettled removes one failure of m's key from the failures not settled: the loop settles
+// it now.
+func (g *keyGate) failureSettled(m *Message) {
 	k := m.orderKey()
 	g.failMu.Lock()
 	if g.failing[k]--; g.failing[k] <= 0 {

@@ -62,7 +62,7 @@ func TestKeyGateWhy(t *testing.T) {
 		{name: "behind a row waiting to be sent again", setup: func(g *keyGate) { g.resendAfter(row(5, "a"), time.Minute, t0) }, m: row(6, "a"), at: t0.Add(time.Hour), want: behindOwnHead},
 		// The sink's callback holds the key the moment a row fails, before the loop settles it.
 		{name: "a failure reported, not settled", setup: func(g *keyGate) { g.failed(row(5, "a")) }, m: row(6, "a"), want: failureUnsettled},
-		{name: "a failure reported and settled", setup: func(g *keyGate) { g.failed(row(5, "a")); g.taken(row(5, "a")) }, m: row(6, "a"), want: mayGo},
+		{name: "a failure reported and settled", setup: func(g *keyGate) { g.failed(row(5, "a")); g.failureSettled(row(5, "a")) }, m: row(6, "a"), want: mayGo},
 		{name: "a failure of another key reported", setup: func(g *keyGate) { g.failed(row(5, "b")) }, m: row(6, "a"), want: mayGo},
 		{name: "acknowledged head releases its key", setup: func(g *keyGate) { g.holdBehind(row(5, "a")); g.acked(row(5, "a"), t0) }, m: row(6, "a"), want: mayGo},
 		{name: "acknowledged head the database held", setup: func(g *keyGate) {
@@ -95,7 +95,7 @@ func TestKeyGateWhy(t *testing.T) {
 			if got := g.why(tc.m, at); got != tc.want {
 				t.Fatalf("why(row %d) = %q, want %q", tc.m.ID, got, tc.want)
 			}
-			if g.held(tc.m, at) != (tc.want != mayGo) {
+			if g.mustWait(tc.m, at) != (tc.want != mayGo) {
 				t.Fatalf("held disagrees with why")
 			}
 		})

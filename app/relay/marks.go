@@ -8,8 +8,8 @@ import (
 
 // markResult is the outcome of one Mark of the rows in term.marking.
 type markResult struct {
-	err  error
-	took time.Duration
+	err     error
+	elapsed time.Duration
 }
 
 // markDelay is how long acknowledged rows may wait for more to be marked with them. Without it,
@@ -18,7 +18,7 @@ type markResult struct {
 // much later, and at once when BatchSize rows wait or the in-flight bounds are reached.
 const markDelay = 10 * time.Millisecond
 
-// startMark hands the acknowledged rows waiting in toMark to markLoop, unless a mark is running
+// startMark hands the acknowledged rows waiting in toMark to the session's owner (owner.mark), unless a mark is running
 // (its result comes back on markDone, and the next batch starts then) or the rows may still wait
 // for others (markDelay); now starts them regardless.
 func (l *term) startMark(now bool) {
@@ -33,7 +33,7 @@ func (l *term) startMark(now bool) {
 	for i, m := range l.marking {
 		ids[i] = m.ID
 	}
-	l.markReq <- ids
+	l.conn.mark(ids)
 }
 
 // markDue reports whether rows wait for a mark that has not started, and how long until it is
@@ -43,18 +43,6 @@ func (l *term) markDue() (time.Duration, bool) {
 		return 0, false
 	}
 	return max(markDelay-time.Since(l.toMarkSince), 0), true
-}
-
-// markLoop runs the marks sent on markReq until it is closed. The acknowledged rows are marked
-// even when the relay is stopping: ctx is not cancelled by a stop.
-func (l *term) markLoop(ctx context.Context) {
-	for ids := range l.markReq {
-		start := time.Now()
-		mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := l.sess.Mark(mctx, ids)
-		cancel()
-		l.markDone <- markResult{err: err, took: time.Since(start)} // buffered: one mark at a time
-	}
 }
 
 // marked ends the running mark: its rows leave the in-flight set, and the next batch starts.
@@ -69,7 +57,8 @@ func (l *term) marked(ctx context.Context, res markResult) error {
 	for _, m := range batch {
 		delete(l.inflight, m.ID) // their bytes left the budget, and were released, at the ack
 	}
-	l.obs.Marked(len(batch), res.took)
+	l.obs.Marked(len(batch), res.elapsed)
+	l.notedMarked(batch)
 	l.startMark(false)
 	return nil
 }

@@ -59,7 +59,7 @@ func (c *parkCounter) count() int {
 
 func setupPoison(t *testing.T, partitions int32) *poisonEnv {
 	t.Helper()
-	pool, table := dbtest.Schema(t)
+	pool, table := integrationSchema(t)
 	b := kafkatest.Start(t)
 	return &poisonEnv{pool: pool, table: table, broker: b, topic: b.Topic(t, "poison", partitions)}
 }
@@ -614,7 +614,7 @@ func TestRelayHeldRowsDoNotHoldUpOtherKeys(t *testing.T) {
 // Before, each row burnt its attempts and the keys were parked one after the other.
 func TestRelayWaitsForAMissingTopic(t *testing.T) {
 	t.Parallel()
-	pool, table := dbtest.Schema(t)
+	pool, table := integrationSchema(t)
 	b := kafkatest.Start(t)
 	if b.Fake == nil {
 		t.Skip("a real cluster may create topics (KAFKA_BROKERS is set)")

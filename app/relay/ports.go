@@ -19,6 +19,9 @@ type Message struct {
 	OccurredAt    time.Time // when the fact happened, as the writer said; zero for 'infinity' (OccurredAtInfinite)
 	CreatedAt     time.Time // when the row was inserted (clock of the database)
 	Attempts      int       // failed publish attempts so far
+	// TxID is the database transaction that wrote the row, when the store reads it (exactly-once
+	// delivery; 0 otherwise, and for rows written before the store recorded it).
+	TxID int64
 	// AggregateIDNull is true when the aggregate_id column is NULL (AggregateID is then ""): a
 	// NULL and an empty key are both invalid (Check), and each such row is parked on its own.
 	AggregateIDNull bool
@@ -61,19 +64,15 @@ type Store interface {
 // Session is one database connection of the relay. Leadership is tied to it: when the connection
 // ends, the leadership ends with it.
 //
-// Concurrency. The relay calls a session from three goroutines of a term, and these are the only
-// overlaps an implementation must allow:
-//   - Claim and Wait run one at a time, never beside each other nor beside TryLead, Horizon,
-//     Blocked, Retry, Park or Close.
-//   - Mark runs one at a time, and may run beside any method but TryLead and Close.
-//   - Notified, and Release when the session is a Releaser, may be called at any time while
-//     leading (one call at a time, from one goroutine): beside a running Claim, Wait or Mark.
-//   - TryLead, Horizon, Blocked, Retry and Park run one at a time, never beside Claim or Wait;
-//     Horizon, Blocked, Retry and Park may run beside Mark.
-//   - Close runs alone, once every other call returned.
+// Concurrency. The relay makes its calls of a session one at a time, each returning before
+// the next starts, as from a single goroutine, with these exceptions only:
+//   - Mark runs beside any other call but TryLead and Close (one Mark at a time): a session
+//     marks on a connection of its own, or orders its marks with its other calls itself.
+//   - Fenced.TermContext may be called beside any call but Close; the context it returns is
+//     read by the sink's goroutines.
 //
-// Fenced.TermContext may be called beside any method but Close, and the context it returns is
-// read by the sink's goroutines.
+// That includes Notified and, when the session is a Releaser, Release: neither runs beside
+// another call but Mark. Close is called once, last, when every other call returned.
 type Session interface {
 	// TryLead tries to become the only publisher of the outbox. It returns ErrReadOnly when the
 	// database cannot be written.
@@ -99,7 +98,9 @@ type Session interface {
 	Park(ctx context.Context, id int64, reason string) error
 	// Blocked returns the keys with a failing row and, when withParked, those with a parked row.
 	Blocked(ctx context.Context, withParked bool) (Blocked, error)
-	// Wait blocks until a wake-up notification arrives or timeout passes.
+	// Wait blocks until a wake-up notification arrives or timeout passes. It may return sooner
+	// with Notified set, when the session wants a claim before it sleeps (the Postgres session
+	// does, so writers need not notify a relay that is awake).
 	Wait(ctx context.Context, timeout time.Duration) error
 	// Notified reports, and clears, whether a wake-up arrived since the last call.
 	Notified() bool
@@ -136,11 +137,11 @@ type Sink interface {
 // message's Payload or Headers after they return (their memory may be reused, see Releaser).
 type Observer interface {
 	// Claimed reports a claim query that returned n rows.
-	Claimed(n int, took time.Duration)
+	Claimed(n int, elapsed time.Duration)
 	// Acked reports a message the broker acknowledged.
 	Acked(m *Message, at time.Time)
 	// Marked reports n rows marked as published.
-	Marked(n int, took time.Duration)
+	Marked(n int, elapsed time.Duration)
 	// Failed reports a publish that failed.
 	Failed(m *Message, err error)
 	// Parked reports a row parked with a reason.

@@ -89,9 +89,11 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 		r.setConnected(true)
 		delay = 100 * time.Millisecond
-		err = r.session(ctx, sess)
+		// From here on every use of the session goes through its owner, one at a time.
+		conn := newOwner(sess, r.sink, r.cfg.PollInterval)
+		err = r.session(ctx, conn)
 		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		_ = sess.Close(closeCtx)
+		_ = conn.close(closeCtx)
 		cancel()
 		r.setConnected(false)
 		if ctx.Err() != nil {
@@ -118,11 +120,16 @@ func (r *Relay) setConnected(up bool) {
 	}
 }
 
-// session waits for the leadership on sess, then leads until sess fails or ctx ends.
-func (r *Relay) session(ctx context.Context, sess Session) error {
+// session waits for the leadership on the session conn owns, then leads until the session fails
+// or ctx ends.
+func (r *Relay) session(ctx context.Context, conn *owner) error {
 	standbyLogged, deniedLogged := false, false
 	for {
-		ok, err := sess.TryLead(ctx)
+		var ok bool
+		err := conn.call(ctx, func(ctx context.Context, s Session) (err error) {
+			ok, err = s.TryLead(ctx)
+			return err
+		})
 		if errors.Is(err, ErrTakeoverDenied) {
 			// The leader is silent and this replica may not end its session: stay standby, say
 			// it once (readiness shows the stall), and try again at the next interval.
@@ -152,7 +159,7 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 	// Records go to the sink with the term's context: a sink checks it where they leave the
 	// process, so a leader that was frozen past its lease sends nothing when it wakes.
 	pubCtx := context.WithoutCancel(ctx)
-	if f, ok := sess.(Fenced); ok {
+	if f, ok := conn.sess.(Fenced); ok { // not a use of the connection: beside any call
 		if tctx, holdOff := f.TermContext(); tctx != nil {
 			pubCtx = tctx
 			if holdOff > 0 {
@@ -168,6 +175,12 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 			}
 		}
 	}
+	if err := r.recoverPublished(ctx, pubCtx, conn.sess); err != nil { // Mark: beside any call but TryLead and Close
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 	r.leader.Store(true)
 	r.obs.Leading(true)
 	r.log.Info("leadership gained")
@@ -176,15 +189,5 @@ func (r *Relay) session(ctx context.Context, sess Session) error {
 		r.obs.Leading(false)
 		r.log.Info("leadership released")
 	}()
-	l := newTerm(r, sess, pubCtx)
-	// One goroutine runs the term's marks, one at a time: a goroutine per mark grew a fresh stack
-	// for the driver's calls every time, which was a tenth of the relay's CPU at low rates.
-	go l.markLoop(context.WithoutCancel(ctx))
-	defer close(l.markReq)
-	// One goroutine runs the term's claims, for the same reason, and watches the session for
-	// wake-ups between them. The loop never waits for a claim it can do without: while one
-	// reads, it settles the broker's verdicts and starts marks.
-	go l.claimLoop(context.WithoutCancel(ctx))
-	defer close(l.claimReq)
-	return l.run(ctx)
+	return newTerm(r, conn, pubCtx).run(ctx)
 }

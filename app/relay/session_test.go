@@ -18,27 +18,20 @@ import (
 
 // mayOverlap reports whether the relay may call a and b of a Session at once, as the Session
 // port documents it (and nothing more): Mark beside any but TryLead, Close and another Mark;
-// Notified and Release beside Claim, Wait and Mark; TermContext beside any but Close.
+// TermContext beside any but Close; nothing else beside anything.
 func mayOverlap(a, b string) bool {
 	if a > b {
 		a, b = b, a
 	}
-	pair := a + "+" + b
-	switch {
+	switch pair := a + "+" + b; {
 	case a == "Close" || b == "Close":
 		return false
 	case a == "TermContext" || b == "TermContext":
 		return true
 	case pair == "Mark+Mark" || pair == "Mark+TryLead":
 		return false
-	case a == "Mark" || b == "Mark":
-		return true
 	}
-	switch pair {
-	case "Claim+Notified", "Claim+Release", "Notified+Wait", "Release+Wait":
-		return true
-	}
-	return false
+	return a == "Mark" || b == "Mark"
 }
 
 // contractStore opens sessions that record every overlap of two calls the Session port does not

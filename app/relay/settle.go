@@ -60,7 +60,7 @@ func (l *term) settle(ctx context.Context, results []result) error {
 	defer func() {
 		// The broker has them: nothing reads their payloads and headers again. Their bytes leave
 		// the byte budget now, their rows the in-flight set only once marked.
-		l.release(acked)
+		l.conn.release(acked)
 		clear(acked)
 		l.acked = acked[:0]
 	}()
@@ -85,15 +85,12 @@ func (l *term) settle(ctx context.Context, results []result) error {
 			// is counted against the row; the term ends and the row stays pending.
 			return fmt.Errorf("row %d not sent: %w", m.ID, res.err)
 		}
-		// A failure is recorded, or its row parked, on the session: the claim running on it ends
-		// first. Its rows are handed to the sink after this failure is settled, so the key's
-		// later rows among them are held back.
-		if err := l.await(ctx); err != nil {
-			return err
-		}
+		// A failure is recorded, or its row parked, on the session, after the claim running on it
+		// (conn.call). That claim's rows are handed to the sink after this failure is settled,
+		// so the key's later rows among them are held back.
 		delete(l.inflight, m.ID)
 		l.bytes -= m.Size()
-		l.gate.taken(m) // the key stays held below, by the gate or the park's order policy
+		l.gate.failureSettled(m) // the key stays held below, by the gate or the park's order policy
 		l.obs.Failed(m, res.err)
 		if l.gate.behindOwnFailure(m) {
 			continue // an earlier row of this key failed first: this one only waits behind it
@@ -115,7 +112,10 @@ func (l *term) settle(ctx context.Context, results []result) error {
 			continue
 		}
 		delay := l.cfg.backoff(m.Attempts + 1)
-		if err := l.sess.Retry(ctx, m.ID, res.err.Error(), delay); err != nil {
+		reason := res.err.Error()
+		if err := l.conn.call(ctx, func(ctx context.Context, s Session) error {
+			return s.Retry(ctx, m.ID, reason, delay)
+		}); err != nil {
 			return fmt.Errorf("record failed attempt of row %d: %w", m.ID, err)
 		}
 		l.gate.holdBehind(m)
@@ -128,7 +128,9 @@ func (l *term) settle(ctx context.Context, results []result) error {
 
 // park moves m to the parked rows and applies the order policy to its key.
 func (l *term) park(ctx context.Context, m *Message, reason string) error {
-	if err := l.sess.Park(context.WithoutCancel(ctx), m.ID, reason); err != nil {
+	if err := l.conn.call(context.WithoutCancel(ctx), func(ctx context.Context, s Session) error {
+		return s.Park(ctx, m.ID, reason)
+	}); err != nil {
 		return fmt.Errorf("park row %d: %w", m.ID, err)
 	}
 	if l.gate.parked(m, l.cfg.OrderPolicy == OrderPolicyWait, time.Now()) {

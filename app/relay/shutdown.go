@@ -7,12 +7,8 @@ import (
 
 // abandon ends a term whose session failed: it stops the sink from publishing anything more of
 // this term, since another replica may lead by now.
+// The session's owner lets the running claim, watch and mark end before it closes the session.
 func (l *term) abandon(cause error) error {
-	_ = l.unlisten() // the session is closed next: let the watch end first
-	if l.claiming {
-		<-l.claimDone // the session is closed next: let the running claim end first
-		l.claiming = false
-	}
 	l.toPark = nil // still pending in the outbox: the next leader sees them again
 	if len(l.inflight) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.ShutdownTimeout)
@@ -22,10 +18,6 @@ func (l *term) abandon(cause error) error {
 			<-l.results
 		}
 	}
-	if l.marking != nil {
-		<-l.markDone // the session is closed next: let the running mark end first (it has a timeout)
-		l.marking = nil
-	}
 	return cause
 }
 
@@ -34,6 +26,11 @@ func (l *term) shutdown(ctx context.Context) error {
 	deadline := time.NewTimer(l.cfg.ShutdownTimeout)
 	defer deadline.Stop()
 	sctx := context.WithoutCancel(ctx)
+	if l.conn.claiming { // its rows stay pending; the rows it found refused are parked
+		if err := l.claimEnded(sctx, <-l.conn.claimDone); err != nil {
+			return l.abandon(err)
+		}
+	}
 	l.stopping = true
 	l.startMark(true)
 	for len(l.inflight) > 0 {
@@ -42,7 +39,7 @@ func (l *term) shutdown(ctx context.Context) error {
 			if err := l.settleReady(sctx, res); err != nil {
 				return l.abandon(err)
 			}
-		case res := <-l.markDone:
+		case res := <-l.conn.markDone:
 			if err := l.marked(sctx, res); err != nil {
 				return l.abandon(err)
 			}

@@ -14,11 +14,11 @@ type result struct {
 	at  time.Time
 }
 
-// term is the state of one leadership term. It is owned by one goroutine, the term's loop
-// (run), but for its two helpers: claimLoop runs the claims and the watches for wake-ups on the
-// session, markLoop the marks, each one at a time, and they talk to the loop only over their
-// channels (claimReq/claimDone, listenReq/listenDone, markReq/markDone); and the sink's
-// callbacks (verdict), which send on results and note failures in the gate (keyGate.failed).
+// term is the state of one leadership term. It is owned by one goroutine, the term's loop (run),
+// but for the sink's callbacks (verdict), which send on results and note failures in the gate
+// (keyGate.failed). The loop uses the session only through its owner (conn), which runs the
+// claims, the watches for wake-ups and the marks beside the loop and brings their results back
+// on channels.
 type term struct {
 	// What the term takes from its Relay: its configuration, sink, observer and logger, and
 	// where it notes the last acknowledgement.
@@ -28,7 +28,7 @@ type term struct {
 	log     *slog.Logger
 	lastAck *atomic.Int64
 
-	sess     Session
+	conn     *owner          // the owner of the session: every use of it goes through conn
 	pubCtx   context.Context // what records are published with: the term's context (Fenced)
 	inflight map[int64]*Message
 	// bytes is the size of the rows in flight not yet acknowledged: the memory they hold.
@@ -43,76 +43,49 @@ type term struct {
 	blockedAt time.Time
 	// skip holds the ids a claim skips (reused: one claim runs at a time).
 	skip []int64
-	// Claims run in claimLoop: claimReq starts one, claimDone brings its result back, and
-	// claiming is true in between. The session's connection is the claim's meanwhile: anything
-	// else that needs it waits for the result first (await), which is kept in ahead until claim
-	// hands its rows to the sink; the parks of that time wait in toPark. There is never both a
-	// claim running and a result in ahead.
-	claimReq  chan claimReq
-	claimDone chan claimed
-	claiming  bool
-	ahead     *claimed
-	// While no claim runs and one could start, claimLoop watches the session for wake-ups
-	// instead (listen), so a commit is claimed while the rows before it wait for the broker:
-	// listenReq starts the watch, listenDone brings its end back, listening is true in between
-	// and stopListen cuts it short. The session is the watch's meanwhile, as it is a claim's.
-	listenReq  chan context.Context
-	listenDone chan error
-	listening  bool
-	stopListen context.CancelFunc
-	timer      *time.Timer // the loop's wait for the poll interval or a mark falling due (reused)
-	toPark     []parkReq
-	send       []*Message // the rows of the current claim that go to the sink (reused)
-	unused     []*Message // the rows of the current claim that do not (reused)
-	acked      []*Message // the rows settle found acknowledged, to release (reused)
+	// A claim's result waits in ahead, once conn brought it back (claimEnded), until its rows
+	// are handed to the sink (sendClaimed); parks refused by the sink while the next claim reads
+	// ahead wait in toPark until that claim ended, so the loop is not held up behind it. There
+	// is never both a claim running and a result in ahead.
+	ahead  *claimed
+	toPark []parkReq
+	timer  *time.Timer // the loop's wait for the poll interval or a mark falling due (reused)
+	send   []*Message  // the rows of the current claim that go to the sink (reused)
+	unused []*Message  // the rows of the current claim that do not (reused)
+	acked  []*Message  // the rows settle found acknowledged, to release (reused)
 	// cur is where the next claim starts and how much it may read.
 	cur cursor
-	// releaser, when the session and the sink allow it, lets the session reuse the memory of
-	// the rows acknowledged (see Releaser).
-	releaser Releaser
 	// Acknowledged rows are marked by one Mark at a time, running beside the claims so the
 	// database's commit of a mark does not hold up the next claim: marking is the batch being
 	// marked, toMark the rows acknowledged since. Both stay in inflight until marked, so a
 	// claim does not publish them again and they count against MaxInFlight (the duplicate
 	// bound), not against MaxInFlightBytes (their payloads were released at the ack).
-	marking  []*Message
-	toMark   []*Message
-	markReq  chan []int64 // to markLoop: the ids of the next mark
-	markDone chan markResult
+	marking []*Message
+	toMark  []*Message
 	// toMarkSince is when the oldest row of toMark was acknowledged: a mark waits up to markDelay
 	// to gather more rows (see startMark). stopping marks at once.
 	toMarkSince time.Time
 	stopping    bool
 }
 
-// newTerm returns the state of a term of r that leads on sess and publishes with pubCtx.
-func newTerm(r *Relay, sess Session, pubCtx context.Context) *term {
+// newTerm returns the state of a term of r that leads on the session conn owns and publishes
+// with pubCtx.
+func newTerm(r *Relay, conn *owner, pubCtx context.Context) *term {
 	l := &term{
-		cfg:        r.cfg,
-		sink:       r.sink,
-		obs:        r.obs,
-		log:        r.log,
-		lastAck:    &r.lastAck,
-		sess:       sess,
-		pubCtx:     pubCtx,
-		inflight:   make(map[int64]*Message),
-		results:    make(chan result, r.cfg.MaxInFlight+1),
-		cur:        newCursor(r.cfg),
-		gate:       newKeyGate(r.cfg.backoff),
-		markReq:    make(chan []int64),
-		markDone:   make(chan markResult, 1),
-		claimReq:   make(chan claimReq),
-		claimDone:  make(chan claimed, 1),
-		listenReq:  make(chan context.Context),
-		listenDone: make(chan error, 1),
-		timer:      time.NewTimer(time.Hour),
+		cfg:      r.cfg,
+		sink:     r.sink,
+		obs:      r.obs,
+		log:      r.log,
+		lastAck:  &r.lastAck,
+		conn:     conn,
+		pubCtx:   pubCtx,
+		inflight: make(map[int64]*Message),
+		results:  make(chan result, r.cfg.MaxInFlight+1),
+		cur:      newCursor(r.cfg),
+		gate:     newKeyGate(r.cfg.backoff),
+		timer:    time.NewTimer(time.Hour),
 	}
 	l.timer.Stop()
-	if rel, ok := sess.(Releaser); ok {
-		if rs, ok := r.sink.(ReleasingSink); ok && rs.ReleasesMessages() {
-			l.releaser = rel
-		}
-	}
 	return l
 }
 
@@ -122,17 +95,15 @@ func (l *term) run(ctx context.Context) error {
 	// Starting a claim clears it, so a wake-up that comes while the claim reads is kept.
 	wake := true
 	for {
-		if l.claiming {
-			select {
-			case res := <-l.claimDone:
-				if err := l.claimEnded(ctx, res); err != nil {
-					return l.abandon(err)
-				}
-			default:
+		select {
+		case res := <-l.conn.claimResult(): // never ready when no claim runs
+			if err := l.claimEnded(ctx, res); err != nil {
+				return l.abandon(err)
 			}
+		default:
 		}
 		select {
-		case res := <-l.markDone:
+		case res := <-l.conn.markDone:
 			if err := l.marked(ctx, res); err != nil {
 				return l.abandon(err)
 			}
@@ -142,19 +113,16 @@ func (l *term) run(ctx context.Context) error {
 			return l.abandon(err)
 		}
 		if ctx.Err() != nil {
-			if err := l.await(ctx); err != nil { // the rows it read stay pending
-				return l.abandon(err)
-			}
-			return l.shutdown(ctx)
+			return l.shutdown(ctx) // the rows of a claim not handed to the sink stay pending
 		}
-		if l.sess.Notified() {
+		if l.conn.wokenUp() {
 			wake = true
 		}
 		// Not cancelled by a stop: a query interrupted by cancellation closes the connection
 		// (pgx), and the rows in flight could then not be marked once acknowledged. The store's
 		// query timeout bounds the claim.
 		if l.ahead != nil {
-			more, err := l.claim(context.WithoutCancel(ctx))
+			more, err := l.sendClaimed(context.WithoutCancel(ctx))
 			if err != nil {
 				return l.abandon(err)
 			}
@@ -163,7 +131,7 @@ func (l *term) run(ctx context.Context) error {
 		}
 		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
 		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
-		if room && !l.claiming && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
+		if room && !l.conn.claiming && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
 			wake = false
 			if err := l.startClaim(context.WithoutCancel(ctx)); err != nil {
 				return l.abandon(err)
@@ -172,11 +140,11 @@ func (l *term) run(ctx context.Context) error {
 		}
 		// Wait for what comes first: the claim reading, the broker's verdicts, the running mark,
 		// a wake-up, the poll interval or a waiting mark falling due. While no claim runs and
-		// the bounds leave room for one, claimLoop watches the session for wake-ups, so a
-		// commit is claimed while the rows before it still wait for the broker.
-		canClaim := room && !l.claiming
-		if canClaim && !l.listening {
-			l.listen(ctx)
+		// the bounds leave room for one, conn watches the session for wake-ups, so a commit is
+		// claimed while the rows before it still wait for the broker.
+		canClaim := room && !l.conn.claiming
+		if canClaim {
+			l.conn.watch(ctx)
 		}
 		d := l.cfg.PollInterval
 		if canClaim {
@@ -185,17 +153,9 @@ func (l *term) run(ctx context.Context) error {
 		if markIn, pending := l.markDue(); pending {
 			d = min(d, markIn)
 		}
-		var claimDone <-chan claimed // nil, never ready, unless a claim runs
-		if l.claiming {
-			claimDone = l.claimDone
-		}
-		var heard <-chan error // likewise, unless claimLoop listens
-		if l.listening {
-			heard = l.listenDone
-		}
 		l.timer.Reset(d)
 		select {
-		case res := <-claimDone:
+		case res := <-l.conn.claimResult(): // nil, never ready, unless a claim runs
 			if err := l.claimEnded(ctx, res); err != nil {
 				return l.abandon(err)
 			}
@@ -203,12 +163,12 @@ func (l *term) run(ctx context.Context) error {
 			if err := l.settleReady(ctx, res); err != nil {
 				return l.abandon(err)
 			}
-		case res := <-l.markDone:
+		case res := <-l.conn.markDone:
 			if err := l.marked(ctx, res); err != nil {
 				return l.abandon(err)
 			}
-		case err := <-heard: // a wake-up (Notified says so), or the watch's own timeout
-			if err := l.watchEnded(err); err != nil {
+		case err := <-l.conn.watchResult(): // likewise unless conn watches: a wake-up, or the watch's timeout
+			if err := l.conn.watchEnded(err); err != nil {
 				return l.abandon(err)
 			}
 		case <-l.timer.C:

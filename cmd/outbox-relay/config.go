@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
 )
 
 // setting is one configuration key: its default, its help, and whether it is a secret (secrets
@@ -71,6 +73,10 @@ var settings = []setting{
 	{key: "kafka.format", def: kafka.FormatDefault, help: "record shape: native, or cloudevents (CloudEvents Kafka binding, binary mode, beside the native headers)"},
 	{key: "kafka.cloudevents.source", def: kafka.CloudEventsSourceDefault, help: "with kafka.format=cloudevents, the ce_source; {aggregate_type} and {event_type} are replaced"},
 	{key: "kafka.record_timestamp", def: kafka.RecordTimestampDefault, help: "record timestamp: produce (send time) or occurred_at (the event's time)"},
+	{key: "kafka.delivery", def: deliveryAtLeastOnce, help: "at_least_once, or exactly_once (Kafka transactions: a database transaction's rows are committed together, and a crash duplicates nothing)"},
+	{key: "kafka.transactional_id", def: "", help: "with exactly_once, the producer's transactional id, the same on every replica; empty: outbox-relay-<database>.<schema>.<table>"},
+	{key: "kafka.progress_topic", def: kafka.ProgressTopicDefault, help: "with exactly_once, the compacted topic (one partition) of the relay's progress records; created when missing"},
+	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
@@ -106,6 +112,7 @@ var settings = []setting{
 	{key: "consumer.max_attempts", def: strconv.Itoa(kafka.ConsumerMaxAttemptsDefault), help: "'consume': attempts at a failing event before it is dead-lettered"},
 	{key: "consumer.retry_backoff", def: kafka.ConsumerRetryBackoffDefault.String(), help: "'consume': first delay before retrying a failing event (doubles)"},
 	{key: "consumer.retry_backoff_max", def: kafka.ConsumerRetryBackoffMaxDefault.String(), help: "'consume': largest delay before retrying a failing event"},
+	{key: "consumer.isolation_level", def: "", help: "'consume': read_committed or read_uncommitted; empty: read_committed when kafka.delivery is exactly_once"},
 	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
 	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
 	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
@@ -152,7 +159,10 @@ type Config struct {
 	Store          postgres.StoreConfig
 	Sink           string
 	Kafka          kafka.Config
-	RabbitMQ       rabbitmq.Config
+	// Delivery is kafka.delivery; Tx the exactly-once settings.
+	Delivery string
+	Tx       kafka.TxConfig
+	RabbitMQ rabbitmq.Config
 	// Consumer and ConsumerHTTPAddr configure the 'consume' command.
 	Consumer         kafka.ConsumerConfig
 	ConsumerHTTPAddr string
@@ -465,20 +475,20 @@ func (r *reader) secret(key, fileKey string) string {
 	return r.str(key)
 }
 
-func (r *reader) int(key string, lo, hi int) int {
-	s := r.str(key)
-	n, err := strconv.Atoi(s)
-	if err != nil || n < lo || n > hi {
-		r.errs = append(r.errs, fmt.Errorf("%s: must be an integer between %d and %d, got %q", key, lo, hi, s))
+// int reads key as an integer within rng, the range the key's owner defines.
+func (r *reader) int(key string, rng bounds.Int) int {
+	n, err := rng.Parse(key, r.str(key))
+	if err != nil {
+		r.errs = append(r.errs, err)
 	}
 	return n
 }
 
-func (r *reader) dur(key string, lo, hi time.Duration) time.Duration {
-	s := r.str(key)
-	d, err := time.ParseDuration(s)
-	if err != nil || d < lo || d > hi {
-		r.errs = append(r.errs, fmt.Errorf("%s: must be a duration between %s and %s (like 500ms, 10s, 2m), got %q", key, lo, hi, s))
+// dur reads key as a duration within rng, the range the key's owner defines.
+func (r *reader) dur(key string, rng bounds.Duration) time.Duration {
+	d, err := rng.Parse(key, r.str(key))
+	if err != nil {
+		r.errs = append(r.errs, err)
 	}
 	return d
 }
@@ -502,6 +512,17 @@ func (r *reader) oneOf(key string, allowed ...string) string {
 	r.errs = append(r.errs, fmt.Errorf("%s: must be one of %s, got %q", key, strings.Join(allowed, ", "), s))
 	return s
 }
+
+// Ranges of the keys cmd alone uses; the other keys' ranges are defined by the package that
+// uses them (relay.BatchSizeRange, kafka.LingerRange...), which checks them in its Validate.
+var (
+	connectTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	retentionRange      = bounds.Duration{Min: time.Second, Max: 365 * 24 * time.Hour}
+	purgeIntervalRange  = bounds.Duration{Min: time.Second, Max: 24 * time.Hour}
+	purgeBatchRange     = bounds.Int{Min: 1, Max: 1000000}
+	startupTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
+	stallTimeoutRange   = bounds.Duration{Min: time.Second, Max: 24 * time.Hour}
+)
 
 // The values of database.layout.
 const (
@@ -541,13 +562,13 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 	r := &reader{v: v}
 	c := &Config{}
 	c.DatabaseURL = r.secret("database.url", "database.url_file")
-	c.ConnectTimeout = r.dur("database.connect_timeout", 100*time.Millisecond, 10*time.Minute)
+	c.ConnectTimeout = r.dur("database.connect_timeout", connectTimeoutRange)
 	layout := r.oneOf("database.layout", layoutRelay, layoutDebezium)
 	c.Store = postgres.StoreConfig{
 		Table:        postgres.Table{Schema: r.str("database.schema"), Name: r.str("database.table"), Columns: r.columns(layout)},
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
-		QueryTimeout: r.dur("database.query_timeout", 100*time.Millisecond, 10*time.Minute),
-		LeaderLease:  r.dur("relay.leader_lease", 100*time.Millisecond, time.Minute),
+		QueryTimeout: r.dur("database.query_timeout", postgres.QueryTimeoutRange),
+		LeaderLease:  r.dur("relay.leader_lease", postgres.LeaderLeaseRange),
 		WaitForReplication: r.oneOf("database.wait_for_replication",
 			postgres.ReplicationOff, postgres.ReplicationSync, postgres.ReplicationAll),
 	}
@@ -566,12 +587,12 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		ClientID:          r.str("kafka.client_id"),
 		TopicTemplate:     r.str("kafka.topic_template"),
 		IDHeader:          idHeader(r.str("kafka.id_header"), layout),
-		MaxRecordBytes:    r.int("kafka.max_record_bytes", 1024, 100<<20),
+		MaxRecordBytes:    r.int("kafka.max_record_bytes", kafka.MaxRecordBytesRange),
 		Tombstones:        r.bool("kafka.tombstones"),
-		Linger:            r.dur("kafka.linger", 0, 10*time.Second),
+		Linger:            r.dur("kafka.linger", kafka.LingerRange),
 		Compression:       r.str("kafka.compression"),
 		AutoCreateTopics:  r.bool("kafka.auto_create_topics"),
-		DialTimeout:       r.dur("kafka.dial_timeout", 100*time.Millisecond, 10*time.Minute),
+		DialTimeout:       r.dur("kafka.dial_timeout", kafka.DialTimeoutRange),
 		RecordTimestamp:   r.oneOf("kafka.record_timestamp", kafka.TimestampProduce, kafka.TimestampOccurredAt),
 		Format:            r.oneOf("kafka.format", kafka.FormatNative, kafka.FormatCloudEvents),
 		CloudEventsSource: r.str("kafka.cloudevents.source"),
@@ -596,6 +617,29 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			},
 		},
 	}
+	c.Delivery = r.oneOf("kafka.delivery", deliveryAtLeastOnce, deliveryExactlyOnce)
+	c.Store.Transactions = c.Delivery == deliveryExactlyOnce
+	table := c.Store.Table.WithDefaults()
+	identity := databaseName(c.DatabaseURL) + "." + table.Schema + "." + table.Name
+	c.Tx = kafka.TxConfig{
+		TransactionalID:    r.str("kafka.transactional_id"),
+		ProgressTopic:      r.str("kafka.progress_topic"),
+		Identity:           identity,
+		TransactionTimeout: r.dur("kafka.transaction_timeout", kafka.TransactionTimeoutRange),
+	}
+	if c.Tx.TransactionalID == "" {
+		c.Tx.TransactionalID = "outbox-relay-" + strings.Map(func(r rune) rune {
+			if r < 128 && (r == '.' || r == '_' || r == '-' || 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') {
+				return r
+			}
+			return '_'
+		}, identity)
+	} else if !transactionalIDRE.MatchString(c.Tx.TransactionalID) {
+		r.errs = append(r.errs, fmt.Errorf("kafka.transactional_id: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Tx.TransactionalID))
+	}
+	if c.Delivery == deliveryExactlyOnce && c.Sink == "rabbitmq" {
+		r.errs = append(r.errs, errors.New("kafka.delivery: exactly_once needs sink kafka (RabbitMQ has no transactions that span a broker's queues and the relay's progress): use at_least_once with sink rabbitmq"))
+	}
 	c.RabbitMQ = rabbitmq.Config{
 		URL:                 r.secret("rabbitmq.url", "rabbitmq.url_file"),
 		Exchange:            r.str("rabbitmq.exchange"),
@@ -603,18 +647,16 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		NoDeclare:           !r.bool("rabbitmq.declare_exchange"),
 		RoutingKeyTemplate:  r.str("rabbitmq.routing_key_template"),
 		DropUnroutable:      r.bool("rabbitmq.drop_unroutable"),
-		MaxMessageBytes:     r.int("rabbitmq.max_message_bytes", 1024, 512<<20),
-		DialTimeout:         r.dur("rabbitmq.dial_timeout", 100*time.Millisecond, 10*time.Minute),
-		Heartbeat:           r.dur("rabbitmq.heartbeat", time.Second, 10*time.Minute),
-		ReconnectBackoffMax: r.dur("rabbitmq.reconnect_backoff_max", 100*time.Millisecond, 10*time.Minute),
+		MaxMessageBytes:     r.int("rabbitmq.max_message_bytes", rabbitmq.MaxMessageBytesRange),
+		DialTimeout:         r.dur("rabbitmq.dial_timeout", rabbitmq.DialTimeoutRange),
+		Heartbeat:           r.dur("rabbitmq.heartbeat", rabbitmq.HeartbeatRange),
+		ReconnectBackoffMax: r.dur("rabbitmq.reconnect_backoff_max", rabbitmq.ReconnectBackoffMaxRange),
 	}
 	rc := c.RabbitMQ.WithDefaults()
 	if rc.URL == "" && c.Sink != "rabbitmq" {
 		rc.URL = "amqp://localhost/" // only required with sink rabbitmq; check the other keys anyway
 	}
-	if err := rc.Validate(); err != nil {
-		r.errs = append(r.errs, err)
-	}
+	own := []error{rc.Validate(), c.Tx.WithDefaults().Validate()} // the components' own checks, joined below without repeats
 	var topics []string
 	for _, t := range strings.Split(r.str("consumer.topics"), ",") {
 		if t = strings.TrimSpace(t); t != "" {
@@ -625,50 +667,55 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Group:           r.str("consumer.group"),
 		Topics:          topics,
 		DeadLetterTopic: r.str("consumer.dead_letter_topic"),
-		MaxAttempts:     r.int("consumer.max_attempts", 1, 100),
-		RetryBackoff:    r.dur("consumer.retry_backoff", time.Millisecond, time.Minute),
-		RetryBackoffMax: r.dur("consumer.retry_backoff_max", time.Millisecond, 10*time.Minute),
-		MaxPollRecords:  r.int("consumer.max_poll_records", 1, 100000),
-		SessionTimeout:  r.dur("consumer.session_timeout", 6*time.Second, 5*time.Minute),
+		MaxAttempts:     r.int("consumer.max_attempts", kafka.ConsumerMaxAttemptsRange),
+		RetryBackoff:    r.dur("consumer.retry_backoff", kafka.ConsumerRetryBackoffRange),
+		RetryBackoffMax: r.dur("consumer.retry_backoff_max", kafka.ConsumerRetryBackoffMaxRange),
+		MaxPollRecords:  r.int("consumer.max_poll_records", kafka.ConsumerMaxPollRecordsRange),
+		SessionTimeout:  r.dur("consumer.session_timeout", kafka.ConsumerSessionTimeoutRange),
 	}
-	if err := c.Consumer.WithDefaults().Validate(); err != nil {
-		r.errs = append(r.errs, err)
+	switch r.str("consumer.isolation_level") {
+	case "":
+		c.Consumer.ReadCommitted = c.Delivery == deliveryExactlyOnce
+	case "read_committed":
+		c.Consumer.ReadCommitted = true
+	case "read_uncommitted":
+	default:
+		r.errs = append(r.errs, fmt.Errorf("consumer.isolation_level: must be one of read_committed, read_uncommitted, got %q", r.str("consumer.isolation_level")))
 	}
+	own = append(own, c.Consumer.WithDefaults().Validate())
 	c.ConsumerHTTPAddr = r.str("consumer.http_addr")
 	if _, _, err := net.SplitHostPort(c.ConsumerHTTPAddr); c.ConsumerHTTPAddr != "" && err != nil {
 		r.errs = append(r.errs, fmt.Errorf("consumer.http_addr: must be host:port or :port (empty disables the listener), got %q", c.ConsumerHTTPAddr))
 	}
 	c.Relay = relay.Config{
-		BatchSize:           r.int("relay.batch_size", 1, 10000),
-		MaxInFlight:         r.int("relay.max_in_flight", 1, 100000),
-		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", 1<<20, 1<<32),
-		PollInterval:        r.dur("relay.poll_interval", 10*time.Millisecond, time.Minute),
-		LeaderRetryInterval: r.dur("relay.leader_retry_interval", 10*time.Millisecond, time.Minute),
-		MaxAttempts:         r.int("relay.max_attempts", 1, 1000),
-		RetryBackoffMin:     r.dur("relay.retry_backoff_min", time.Millisecond, time.Hour),
-		RetryBackoffMax:     r.dur("relay.retry_backoff_max", time.Millisecond, 24*time.Hour),
+		BatchSize:           r.int("relay.batch_size", relay.BatchSizeRange),
+		MaxInFlight:         r.int("relay.max_in_flight", relay.MaxInFlightRange),
+		MaxInFlightBytes:    r.int("relay.max_in_flight_bytes", relay.MaxInFlightBytesRange),
+		PollInterval:        r.dur("relay.poll_interval", relay.PollIntervalRange),
+		LeaderRetryInterval: r.dur("relay.leader_retry_interval", relay.LeaderRetryIntervalRange),
+		MaxAttempts:         r.int("relay.max_attempts", relay.MaxAttemptsRange),
+		RetryBackoffMin:     r.dur("relay.retry_backoff_min", relay.RetryBackoffMinRange),
+		RetryBackoffMax:     r.dur("relay.retry_backoff_max", relay.RetryBackoffMaxRange),
 		OrderPolicy:         r.oneOf("relay.order_policy", relay.OrderPolicyWait, relay.OrderPolicySkip),
-		ShutdownTimeout:     r.dur("relay.shutdown_timeout", 100*time.Millisecond, time.Hour),
+		ShutdownTimeout:     r.dur("relay.shutdown_timeout", relay.ShutdownTimeoutRange),
+		ReconnectBackoffMax: relay.ReconnectBackoffMaxDefault, // not a key
 	}
-	c.Retention = r.dur("relay.retention", time.Second, 365*24*time.Hour)
-	c.PurgeInterval = r.dur("relay.purge_interval", time.Second, 24*time.Hour)
-	c.PurgeBatch = r.int("relay.purge_batch", 1, 1000000)
-	c.StartupTimeout = r.dur("relay.startup_timeout", 100*time.Millisecond, 10*time.Minute)
+	// Validated as read, not WithDefaults: a value refused above stays refused, and the checks
+	// across keys (relay.max_in_flight at least relay.batch_size) run even beside other errors.
+	own = append(own, c.Relay.Validate())
+	c.Retention = r.dur("relay.retention", retentionRange)
+	c.PurgeInterval = r.dur("relay.purge_interval", purgeIntervalRange)
+	c.PurgeBatch = r.int("relay.purge_batch", purgeBatchRange)
+	c.StartupTimeout = r.dur("relay.startup_timeout", startupTimeoutRange)
 	c.HTTPAddr = r.str("http.addr")
 	if _, _, err := net.SplitHostPort(c.HTTPAddr); c.HTTPAddr != "" && err != nil {
 		r.errs = append(r.errs, fmt.Errorf("http.addr: must be host:port or :port (empty disables the listener), got %q", c.HTTPAddr))
 	}
-	c.StallTimeout = r.dur("http.stall_timeout", time.Second, 24*time.Hour)
-	c.BacklogScanRows = r.int("http.backlog_scan_rows", 100, 10000000)
+	c.StallTimeout = r.dur("http.stall_timeout", stallTimeoutRange)
+	c.BacklogScanRows = r.int("http.backlog_scan_rows", postgres.BacklogScanRowsRange)
 	c.LogLevel = r.oneOf("log.level", "debug", "info", "warn", "error")
 	c.LogFormat = r.oneOf("log.format", "json", "text")
-	if len(r.errs) == 0 {
-		c.Relay = c.Relay.WithDefaults()
-		if err := c.Relay.Validate(); err != nil {
-			r.errs = append(r.errs, err)
-		}
-	}
-	return c, errors.Join(r.errs...)
+	return c, joinNew(errors.Join(r.errs...), errors.Join(own...))
 }
 
 // requireDatabase checks what connecting to the database needs: a connection string the
@@ -728,4 +775,26 @@ func redacted(v *viper.Viper) map[string]string {
 		out[s.key] = val
 	}
 	return out
+}
+
+// transactionalIDRE is what kafka.transactional_id may hold.
+var transactionalIDRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
+
+// Values of kafka.delivery.
+const (
+	deliveryAtLeastOnce = "at_least_once"
+	deliveryExactlyOnce = "exactly_once"
+)
+
+// databaseName returns the database a connection string names, for the outbox's identity in
+// exactly-once delivery; "" when it cannot be parsed (requireDatabase says why).
+func databaseName(url string) string {
+	if url == "" {
+		return ""
+	}
+	cfg, err := postgres.ParseURL(url)
+	if err != nil {
+		return ""
+	}
+	return cfg.Database
 }

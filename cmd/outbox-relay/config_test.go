@@ -195,6 +195,7 @@ func TestConfigAllErrorsAtOnceAcrossSources(t *testing.T) {
 	}{
 		{"two bad flag values", "", []string{"--relay-batch-size", "0", "--kafka-compression", "brotli"},
 			[]string{`relay.batch_size: must be an integer between 1 and 10000, got "0"`, `kafka.compression: must be none, gzip, snappy, lz4 or zstd, got "brotli"`}},
+		//nolint:misspell // the misspelled flag is the input under test
 		{"two unknown flags", "", []string{"--relay-batchsize", "0", "--kafka-compresion=zstd"},
 			[]string{"unknown flag --relay-batchsize (did you mean --relay-batch-size?)", "unknown flag --kafka-compresion=zstd (did you mean --kafka-compression?)"}},
 		{"two unknown YAML keys", "relay:\n  batchsize: 5\nkafka:\n  brokerz: k:9092\n", nil,

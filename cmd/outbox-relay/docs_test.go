@@ -15,7 +15,7 @@ import (
 const repoRoot = "../.."
 
 // docFiles are the Markdown files whose links must all resolve inside the repository.
-var docFiles = []string{"README.md", "BENCHMARKS.md", "docs/DESIGN.md"}
+var docFiles = []string{"README.md", "BENCHMARKS.md", "docs/DESIGN.md", "docs/ENGINE-LOG.md", "app/relay/DESIGN.md"}
 
 var (
 	// inlineLinkRE matches [text](target) and ![alt](target), with an optional "title".
@@ -30,8 +30,7 @@ var (
 	schemeRE = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9+.-]*:`)
 )
 
-// TestDocLinksResolveInRepository checks that every relative link of README.md, BENCHMARKS.md
-// and docs/DESIGN.md names a file or directory the repository tracks (a user's clone has it),
+// TestDocLinksResolveInRepository checks that every relative link of docFiles names a file or directory the repository tracks (a user's clone has it),
 // that every #anchor names a heading of its target, and that no path, linked or quoted, leads
 // out of the repository.
 func TestDocLinksResolveInRepository(t *testing.T) {

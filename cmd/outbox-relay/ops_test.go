@@ -421,7 +421,11 @@ func TestReadyzBrokerCut(t *testing.T) {
 		}
 		return ""
 	})
-	if resp, err := http.Get(r.base + "/healthz"); err != nil || resp.StatusCode != http.StatusOK {
+	resp, err := http.Get(r.base + "/healthz")
+	if err == nil {
+		_ = resp.Body.Close()
+	}
+	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Errorf("/healthz while the broker is cut: %v %v, want 200: the process is alive", resp, err)
 	}
 	gate.cut(false)

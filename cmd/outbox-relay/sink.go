@@ -25,6 +25,7 @@ type relaySink interface {
 var (
 	_ relaySink               = (*kafka.Publisher)(nil)
 	_ relaySink               = (*rabbitmq.Publisher)(nil)
+	_ relaySink               = (*kafka.TxPublisher)(nil)
 	_ kafka.PartitionPins     = (*postgres.PartitionPins)(nil)
 	_ kafka.PartitionObserver = (*prometheus.Metrics)(nil)
 )
@@ -37,5 +38,10 @@ func newRelaySink(cfg *Config, log *slog.Logger, deps kafka.PublisherDeps, kafka
 	}
 	kc := cfg.Kafka
 	kc.Log = log.With("sink", "kafka")
+	if cfg.Delivery == deliveryExactlyOnce {
+		tx := cfg.Tx
+		tx.MaxRows = cfg.Relay.WithDefaults().BatchSize
+		return kafka.NewTxPublisher(kc, tx, deps, kafkaOpts...)
+	}
 	return kafka.NewPublisherWith(kc, deps, kafkaOpts...)
 }

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
@@ -95,7 +96,7 @@ func setupTracing(ctx context.Context, getenv func(string) string, log *slog.Log
 		log.Warn("opentelemetry: spans not exported", "err", err)
 	}))
 	// The endpoint alone: OTEL_EXPORTER_OTLP_HEADERS may hold an API key, and is never logged.
-	log.Info("tracing on", "protocol", protocol, "endpoint", redactEndpoint(endpoint))
+	log.Info("tracing on", "protocol", protocol, "endpoint", redact.Text(endpoint))
 	return tp, func() {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), tracingShutdownTimeout)
 		defer cancel()
@@ -143,18 +144,4 @@ func (e countingExporter) ExportSpans(ctx context.Context, spans []sdktrace.Read
 		e.counts.exported.Add(int64(len(spans)))
 	}
 	return err
-}
-
-// redactEndpoint returns endpoint without a user:password it may hold.
-func redactEndpoint(endpoint string) string {
-	scheme, rest, ok := strings.Cut(endpoint, "://")
-	if !ok {
-		return endpoint
-	}
-	if at := strings.LastIndex(rest, "@"); at >= 0 {
-		if slash := strings.Index(rest, "/"); slash < 0 || at < slash {
-			rest = "xxxxx@" + rest[at+1:]
-		}
-	}
-	return scheme + "://" + rest
 }

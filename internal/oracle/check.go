@@ -32,7 +32,26 @@ type Report struct {
 	NoHeader int
 	// Foreign counts records with an event id the loader never wrote.
 	Foreign int
+	// Split lists database transactions whose records on one partition are not all in one Kafka
+	// transaction (a commit or abort marker between them). Read at read_committed only.
+	Split []string
+	// TxHeaderMismatch counts records whose tx-id header is missing, differs from another record
+	// of the same database transaction, or is shared with another one. Checked with
+	// Options.TxHeader only.
+	TxHeaderMismatch int
 }
+
+// Options shape a check.
+type Options struct {
+	// ReadCommitted reads the topics at read_committed, and checks that each database
+	// transaction's records on a partition lie in one Kafka transaction (Report.Split).
+	ReadCommitted bool
+	// TxHeader checks the tx-id header (Report.TxHeaderMismatch).
+	TxHeader bool
+}
+
+// HeaderTxID is the header naming a record's database transaction (exactly-once delivery).
+const HeaderTxID = "tx-id"
 
 // String summarizes r on one line.
 func (r Report) String() string {
@@ -63,6 +82,12 @@ func (r Report) Assert(t testing.TB, maxDuplicates int) {
 	if r.Foreign > 0 {
 		t.Errorf("%d records with an event id the loader never wrote", r.Foreign)
 	}
+	if len(r.Split) > 0 {
+		t.Errorf("A: %d database transactions split across Kafka transactions, first: %v", len(r.Split), r.Split[:min(5, len(r.Split))])
+	}
+	if r.TxHeaderMismatch > 0 {
+		t.Errorf("%d records whose %s header does not name their database transaction alone", r.TxHeaderMismatch, HeaderTxID)
+	}
 	if r.Committed == 0 {
 		t.Errorf("no event committed: the test proved nothing")
 	}
@@ -72,6 +97,11 @@ func (r Report) Assert(t testing.TB, maxDuplicates int) {
 // passed, then up to the topics' end, and checks the records against what l wrote. Unknown
 // outcomes are resolved first. Call it once the relay has nothing left to publish.
 func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Duration) (Report, error) {
+	return CheckWith(ctx, brokers, l, timeout, Options{})
+}
+
+// CheckWith is Check with options.
+func CheckWith(ctx context.Context, brokers []string, l *Loader, timeout time.Duration, o Options) (Report, error) {
 	if _, err := l.Resolve(ctx); err != nil {
 		return Report{}, err
 	}
@@ -85,8 +115,13 @@ func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Durati
 			rep.RolledBack++
 		}
 	}
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(l.Topics()...),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(200*time.Millisecond))
+	opts := []kgo.Opt{kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(l.Topics()...),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(200 * time.Millisecond)}
+	if o.ReadCommitted {
+		// The markers too: they say where each Kafka transaction ends.
+		opts = append(opts, kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.KeepControlRecords())
+	}
+	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		return rep, err
 	}
@@ -100,6 +135,17 @@ func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Durati
 	}
 	next := map[pos]int64{}  // next offset to read per partition
 	last := map[string]int{} // highest sequence seen per key
+	// markers counts the transaction markers read per partition: records of one Kafka
+	// transaction on a partition have the same count.
+	markers := map[pos]int{}
+	type txPart struct {
+		tx string
+		p  pos
+	}
+	txAt := map[txPart]int{}        // markers before the first record of a database transaction on a partition
+	txHeader := map[string]string{} // database transaction -> its tx-id header
+	headerTx := map[string]string{} // tx-id header -> database transaction
+	split := map[string]bool{}
 	missing := func() int {
 		n := 0
 		for id, o := range outcomes {
@@ -130,8 +176,12 @@ func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Durati
 		fetches := cl.PollFetches(pctx)
 		cancel()
 		fetches.EachRecord(func(r *kgo.Record) {
-			rep.Records++
 			next[pos{r.Topic, r.Partition}] = r.Offset + 1
+			if r.Attrs.IsControl() {
+				markers[pos{r.Topic, r.Partition}]++
+				return
+			}
+			rep.Records++
 			id := ""
 			for _, h := range r.Headers {
 				if h.Key == HeaderEventID {
@@ -155,6 +205,29 @@ func Check(ctx context.Context, brokers []string, l *Loader, timeout time.Durati
 			if outcomes[id] != Committed {
 				rep.Phantoms = append(rep.Phantoms, id)
 				return
+			}
+			tp := txPart{ev.Tx, pos{r.Topic, r.Partition}}
+			if m, ok := txAt[tp]; !ok {
+				txAt[tp] = markers[tp.p]
+			} else if m != markers[tp.p] && !split[ev.Tx] {
+				split[ev.Tx] = true
+				rep.Split = append(rep.Split, fmt.Sprintf("transaction of event %s on %s[%d]", ev.Tx, r.Topic, r.Partition))
+			}
+			if o.TxHeader {
+				h := ""
+				for _, hd := range r.Headers {
+					if hd.Key == HeaderTxID {
+						h = string(hd.Value)
+					}
+				}
+				prevH, seenTx := txHeader[ev.Tx]
+				prevTx, seenH := headerTx[h]
+				switch {
+				case h == "", seenTx && prevH != h, seenH && prevTx != ev.Tx:
+					rep.TxHeaderMismatch++
+				default:
+					txHeader[ev.Tx], headerTx[h] = h, ev.Tx
+				}
 			}
 			var p Payload
 			if err := json.Unmarshal(r.Value, &p); err != nil || p.Key != ev.Key || p.Seq != ev.Seq || string(r.Key) != ev.Key {

@@ -46,6 +46,8 @@ type Event struct {
 	Key   string
 	Topic string
 	Seq   int
+	// Tx names the loader's database transaction that wrote the event (its first event's id).
+	Tx string
 }
 
 // Payload is the JSON value of every event the loader writes.
@@ -295,6 +297,7 @@ func (l *Loader) begin(ctx context.Context, key string, n, pad int, rng *rand.Ra
 	for i := range n {
 		ev := Event{ID: domain.NewID(), Key: key, Topic: topic, Seq: last - n + 1 + i}
 		ids[i] = ev.ID
+		ev.Tx = ids[0]
 		p.Events = append(p.Events, ev)
 		payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", pad)})
 		occurred := time.Now()
@@ -380,6 +383,11 @@ func (l *Loader) bulkTx(ctx context.Context, n int) error {
 		topic := l.TopicOf(key)
 		for i := range cnt {
 			ev := Event{ID: domain.NewID(), Key: key, Topic: topic, Seq: last - cnt + 1 + i}
+			if len(evs) > 0 {
+				ev.Tx = evs[0].ID
+			} else {
+				ev.Tx = ev.ID
+			}
 			evs = append(evs, ev)
 			ids = append(ids, ev.ID)
 			payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", l.cfg.PayloadBytes)})
@@ -460,14 +468,6 @@ func (l *Loader) Counts() (committed, rolledBack, unknown, failures int) {
 		}
 	}
 	return committed, rolledBack, unknown, l.failures
-}
-
-// Event returns the event with id, and its outcome.
-func (l *Loader) Event(id string) (Event, Outcome, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	ev, ok := l.events[id]
-	return ev, l.outcome[id], ok
 }
 
 // snapshot returns every event and its outcome.

@@ -108,7 +108,9 @@ func newCluster(t testing.TB) *Cluster {
 	}
 	c.dir = dir
 	t.Cleanup(func() {
-		c.ctl("stop", "-m", "immediate")
+		if out, err := c.ctl("stop", "-m", "immediate"); err != nil { // often already stopped by the test
+			t.Logf("pg_ctl stop at cleanup: %v\n%s", err, out)
+		}
 		_ = os.RemoveAll(dir)
 	})
 	c.chown(dir)
@@ -270,17 +272,6 @@ func (c *Cluster) Promote() {
 	if out, err := c.ctl("promote"); err != nil {
 		c.t.Fatalf("pg_ctl promote: %v\n%s", err, out)
 	}
-}
-
-// Exec runs sql on a fresh connection to the cluster.
-func (c *Cluster) Exec(ctx context.Context, sql string, args ...any) error {
-	conn, err := pgx.Connect(ctx, c.URL())
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	_, err = conn.Exec(ctx, sql, args...)
-	return err
 }
 
 // SetReadOnly makes every new transaction of the cluster read-only (or writable again) and

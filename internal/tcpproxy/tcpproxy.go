@@ -128,9 +128,6 @@ func New(target string) (*Proxy, error) {
 // Addr returns the proxy's host:port.
 func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 
-// Port returns the proxy's port.
-func (p *Proxy) Port() int { return p.ln.Addr().(*net.TCPAddr).Port }
-
 // Close stops accepting, closes every connection and waits for the proxy's goroutines.
 func (p *Proxy) Close() error {
 	err := p.ln.Close()

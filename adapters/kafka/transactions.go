@@ -1,0 +1,670 @@
+package kafka
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/bounds"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// HeaderTxID is the header naming the database transaction that wrote a record's row, set in
+// exactly-once delivery (TxPublisher) for every row written since the tx column exists: the
+// records of one database transaction carry the same value, and are committed in one Kafka
+// transaction.
+const HeaderTxID = "tx-id"
+
+// Defaults of TxConfig.
+const (
+	ProgressTopicDefault           = "outbox-relay.progress"
+	TxMaxRowsDefault               = 1000
+	TxLingerDefault                = 10 * time.Millisecond
+	TransactionTimeoutDefault      = 60 * time.Second
+	progressVersion           byte = 1
+)
+
+// TransactionTimeoutRange is the range of TxConfig.TransactionTimeout (kafka.transaction_timeout).
+var TransactionTimeoutRange = bounds.Duration{Min: time.Second, Max: 15 * time.Minute}
+
+// ErrTransactionAborted is the error of a record whose Kafka transaction was aborted because
+// another record of it failed: it is sent again, without an attempt counted against its row.
+var ErrTransactionAborted = errors.New("kafka transaction aborted: another record of it failed")
+
+// TxConfig configures exactly-once delivery (TxPublisher).
+type TxConfig struct {
+	// TransactionalID is the producer's transactional id: one per outbox, the same for every
+	// replica, so that a new leader fences every earlier one at the broker. Required.
+	TransactionalID string
+	// ProgressTopic is the compacted topic, of one partition, where each Kafka transaction also
+	// writes the ids of the rows it and the earlier ones published that may not be marked yet.
+	// Created (compacted, one partition) when missing. Required.
+	ProgressTopic string
+	// Identity is the key of the outbox's progress records (database, schema, table). Required.
+	Identity string
+	// MaxRows ends a Kafka transaction, at the end of a claim, once it holds this many rows.
+	// Default 1000 (relay.batch_size).
+	MaxRows int
+	// Linger ends a Kafka transaction, at the end of a claim, once this long passed since its
+	// first row. Default 10ms.
+	Linger time.Duration
+	// TransactionTimeout is the producer's transaction.timeout.ms: a transaction left open
+	// longer (its producer frozen or dead) is aborted by the broker. Default 60s.
+	TransactionTimeout time.Duration
+}
+
+// WithDefaults returns c with every zero field set to its default.
+func (c TxConfig) WithDefaults() TxConfig {
+	if c.MaxRows == 0 {
+		c.MaxRows = TxMaxRowsDefault
+	}
+	if c.Linger == 0 {
+		c.Linger = TxLingerDefault
+	}
+	if c.TransactionTimeout == 0 {
+		c.TransactionTimeout = TransactionTimeoutDefault
+	}
+	return c
+}
+
+// Validate reports every invalid field, naming its configuration key.
+func (c TxConfig) Validate() error {
+	var errs []error
+	if c.TransactionalID == "" {
+		errs = append(errs, errors.New("kafka.transactional_id: must not be empty"))
+	}
+	if !topicRE.MatchString(c.ProgressTopic) || c.ProgressTopic == "." || c.ProgressTopic == ".." {
+		errs = append(errs, fmt.Errorf("kafka.progress_topic: %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", c.ProgressTopic))
+	}
+	if c.Identity == "" {
+		errs = append(errs, errors.New("kafka progress identity: must not be empty"))
+	}
+	if c.MaxRows < 1 {
+		errs = append(errs, fmt.Errorf("kafka transaction rows: must be at least 1, got %d", c.MaxRows))
+	}
+	if err := TransactionTimeoutRange.Check("kafka.transaction_timeout", c.TransactionTimeout); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// TxPublisher publishes outbox rows exactly once: relay.Sink, with the optional ports
+// relay.BatchEnder, relay.Recoverer and relay.MarkNoter.
+//
+// Rows are produced inside Kafka transactions of a transactional producer. A transaction ends only
+// at the end of a claim's hand-over (EndBatch), once it holds TxConfig.MaxRows rows or its first
+// row is TxConfig.Linger old: claims never end inside a database transaction
+// (postgres.StoreConfig.Transactions), so neither does a Kafka transaction. Before the commit the
+// transaction also writes a progress record: the ids of every row committed so far whose mark is
+// not known (MarkNoter), this transaction's included. Only after the commit is each row's done
+// called with nil, and the relay marks it.
+//
+// A record that fails aborts its whole transaction: its row's failure is reported with the
+// broker's error, the other rows' with ErrTransactionAborted, all as one group
+// (relay.GroupError), so only one row counts an attempt. A commit whose outcome is unknown (its
+// response lost, the producer fenced) fails every row with relay.ErrNotLeader: the term ends and
+// the next one, here or on another replica, reads the last committed progress record back
+// (Recover) and marks the rows it names without publishing them again.
+type TxPublisher struct {
+	cfg   Config
+	tx    TxConfig
+	deps  PublisherDeps
+	extra []kgo.Opt
+	log   *slog.Logger
+
+	// mu guards the transaction: Publish, EndBatch, the commit, Abort, Recover and Close.
+	mu      sync.Mutex
+	pub     *Publisher // this term's producer; nil until the first Recover
+	broken  error      // set when the producer cannot go on: Publish fails until Recover
+	open    bool       // a Kafka transaction is begun
+	handing bool       // a claim's rows are being handed over: no commit until EndBatch
+	began   time.Time  // when the open transaction got its first row
+	recs    []*txRecord
+
+	// umu guards unmarked: the rows committed whose mark is not known.
+	umu      sync.Mutex
+	unmarked map[int64]struct{}
+
+	kick      chan struct{}
+	stop      chan struct{}
+	stopped   chan struct{}
+	closeOnce sync.Once
+}
+
+// txRecord is one row in the open transaction.
+type txRecord struct {
+	id   int64
+	done func(error)
+	mu   sync.Mutex
+	err  error // the producer's verdict, set by its promise
+}
+
+// result is the producer's promise of the record: it keeps the verdict for the commit.
+func (r *txRecord) result(err error) {
+	r.mu.Lock()
+	r.err = err
+	r.mu.Unlock()
+}
+
+func (r *txRecord) verdict() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+var (
+	_ relay.Sink       = (*TxPublisher)(nil)
+	_ relay.BatchEnder = (*TxPublisher)(nil)
+	_ relay.Recoverer  = (*TxPublisher)(nil)
+	_ relay.MarkNoter  = (*TxPublisher)(nil)
+)
+
+// NewTxPublisher returns an exactly-once publisher. It connects nothing: each term's Recover
+// starts a new transactional producer. extra options are added to each producer's.
+func NewTxPublisher(cfg Config, tx TxConfig, deps PublisherDeps, extra ...kgo.Opt) (*TxPublisher, error) {
+	cfg = cfg.WithDefaults()
+	tx = tx.WithDefaults()
+	if err := errors.Join(cfg.Validate(), tx.Validate()); err != nil {
+		return nil, err
+	}
+	log := deps.Log
+	if log == nil {
+		log = cfg.Log
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &TxPublisher{cfg: cfg, tx: tx, deps: deps, extra: extra, log: log,
+		unmarked: make(map[int64]struct{}),
+		kick:     make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{})}
+	go p.loop()
+	return p, nil
+}
+
+// Recover implements relay.Recoverer. It starts a new transactional producer, whose
+// InitProducerID fences every earlier producer of the transactional id (an earlier term's, here
+// or on another replica): their open transaction is aborted, or completed if its commit was
+// accepted. It then reads, at read_committed, the last progress record of the outbox and returns
+// the ids it names.
+func (p *TxPublisher) Recover(ctx context.Context) ([]int64, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failOpen(fmt.Errorf("%w: a new term started", ErrTransactionAborted))
+	if p.pub != nil {
+		p.pub.Close()
+		p.pub = nil
+	}
+	opts := append(slices.Clone(p.extra), kgo.TransactionalID(p.tx.TransactionalID), kgo.TransactionTimeout(p.tx.TransactionTimeout))
+	pub, err := NewPublisherWith(p.cfg, p.deps, opts...)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) ([]int64, error) {
+		pub.Close()
+		return nil, err
+	}
+	if _, _, err := pub.cl.ProducerID(ctx); err != nil {
+		return fail(fmt.Errorf("init the transactional producer %q: %w", p.tx.TransactionalID, err))
+	}
+	if err := p.progressTopic(ctx, pub.cl); err != nil {
+		return fail(err)
+	}
+	ids, err := p.readProgress(ctx, pub.cl)
+	if err != nil {
+		return fail(err)
+	}
+	p.pub, p.broken = pub, nil
+	p.umu.Lock()
+	clear(p.unmarked)
+	for _, id := range ids {
+		p.unmarked[id] = struct{}{}
+	}
+	p.umu.Unlock()
+	return ids, nil
+}
+
+// progressTopic creates the progress topic when missing (compacted, one partition), and checks
+// it has one partition.
+func (p *TxPublisher) progressTopic(ctx context.Context, cl *kgo.Client) error {
+	adm := kadm.NewClient(cl)
+	topic := p.tx.ProgressTopic
+	details, err := adm.ListTopics(ctx, topic)
+	if err != nil {
+		return fmt.Errorf("kafka.progress_topic %q: %w", topic, err)
+	}
+	if d, ok := details[topic]; ok && d.Err == nil {
+		if n := len(d.Partitions); n != 1 {
+			return fmt.Errorf("kafka.progress_topic %q has %d partitions: it must have one (the relay reads its outbox's last record there)", topic, n)
+		}
+		return nil
+	}
+	compact := "compact"
+	resp, err := adm.CreateTopic(ctx, 1, -1, map[string]*string{"cleanup.policy": &compact}, topic)
+	if err == nil {
+		err = resp.Err
+	}
+	if err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
+		return fmt.Errorf("create kafka.progress_topic %q: %w", topic, err)
+	}
+	p.log.Info("created the progress topic of exactly-once delivery", "topic", topic)
+	return nil
+}
+
+// readProgress returns the ids of the last progress record of the outbox, read at
+// read_committed once no transaction is open on the progress topic (its last stable offset is
+// its end): an earlier producer's last transaction is then committed or aborted for good.
+func (p *TxPublisher) readProgress(ctx context.Context, cl *kgo.Client) ([]int64, error) {
+	adm := kadm.NewClient(cl)
+	topic := p.tx.ProgressTopic
+	ctx, cancel := context.WithTimeout(ctx, 2*p.tx.TransactionTimeout)
+	defer cancel()
+	var start, end int64
+	for {
+		ends, err := adm.ListEndOffsets(ctx, topic)
+		if err == nil {
+			err = ends.Error()
+		}
+		stable, serr := adm.ListCommittedOffsets(ctx, topic)
+		if err == nil && serr == nil {
+			serr = stable.Error()
+		}
+		err = errors.Join(err, serr)
+		if err != nil && !errors.Is(err, kerr.UnknownTopicOrPartition) { // just created: retried
+			return nil, fmt.Errorf("read the end of kafka.progress_topic %q: %w", topic, err)
+		}
+		hw, _ := ends.Lookup(topic, 0)
+		ls, _ := stable.Lookup(topic, 0)
+		if err == nil && ls.Offset >= hw.Offset {
+			end = ls.Offset
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("kafka.progress_topic %q: a transaction stays open (last stable offset %d, end %d; %v): %w", topic, ls.Offset, hw.Offset, err, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	starts, err := adm.ListStartOffsets(ctx, topic)
+	if err == nil {
+		err = starts.Error()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read the start of kafka.progress_topic %q: %w", topic, err)
+	}
+	so, _ := starts.Lookup(topic, 0)
+	start = so.Offset
+	// The last record is near the end: read a window before it, growing until one is found.
+	for window := int64(256); ; window *= 8 {
+		from := max(start, end-window)
+		rec, err := p.lastRecord(ctx, from, end)
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			ids, err := decodeProgress(rec.Value)
+			if err != nil {
+				return nil, fmt.Errorf("kafka.progress_topic %q, offset %d: %w", topic, rec.Offset, err)
+			}
+			return ids, nil
+		}
+		if from == start {
+			return nil, nil
+		}
+	}
+}
+
+// lastRecord returns the last committed record of the outbox's identity in [from, end) of the
+// progress topic, nil if none.
+func (p *TxPublisher) lastRecord(ctx context.Context, from, end int64) (*kgo.Record, error) {
+	if from >= end {
+		return nil, nil
+	}
+	opts, err := p.cfg.clientOptsFenced(nil)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := kgo.NewClient(append(opts,
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{p.tx.ProgressTopic: {0: kgo.NewOffset().At(from)}}),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		// The commit and abort markers are returned too: the offset after the last one read is
+		// the end, whatever the last records were.
+		kgo.KeepControlRecords())...)
+	if err != nil {
+		return nil, fmt.Errorf("read kafka.progress_topic: %w", err)
+	}
+	defer cl.Close()
+	var last *kgo.Record
+	for next := from; next < end; {
+		fetches := cl.PollFetches(ctx)
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("read kafka.progress_topic %q up to offset %d (at %d): %w", p.tx.ProgressTopic, end, next, err)
+		}
+		var ferr error
+		fetches.EachError(func(_ string, _ int32, err error) { ferr = errors.Join(ferr, err) })
+		if ferr != nil {
+			return nil, fmt.Errorf("read kafka.progress_topic %q: %w", p.tx.ProgressTopic, ferr)
+		}
+		fetches.EachRecord(func(r *kgo.Record) {
+			next = max(next, r.Offset+1)
+			if r.Offset < end && !r.Attrs.IsControl() && string(r.Key) == p.tx.Identity {
+				last = r
+			}
+		})
+	}
+	return last, nil
+}
+
+// encodeProgress encodes sorted ids as runs of consecutive ids: a version byte, then for each
+// run the gap from the end of the previous one and its length less one, as uvarints.
+func encodeProgress(ids []int64) []byte {
+	out := []byte{progressVersion}
+	prev := int64(0)
+	for i := 0; i < len(ids); {
+		j := i + 1
+		for j < len(ids) && ids[j] == ids[j-1]+1 {
+			j++
+		}
+		out = binary.AppendUvarint(out, uint64(ids[i]-prev))
+		out = binary.AppendUvarint(out, uint64(j-i-1))
+		prev = ids[j-1]
+		i = j
+	}
+	return out
+}
+
+// decodeProgress decodes what encodeProgress encoded.
+func decodeProgress(b []byte) ([]int64, error) {
+	if len(b) == 0 || b[0] != progressVersion {
+		return nil, errors.New("progress record of an unknown version")
+	}
+	b = b[1:]
+	var ids []int64
+	prev := int64(0)
+	for len(b) > 0 {
+		gap, n := binary.Uvarint(b)
+		if n <= 0 {
+			return nil, errors.New("progress record cut short")
+		}
+		b = b[n:]
+		run, n := binary.Uvarint(b)
+		if n <= 0 || run > 1<<24 {
+			return nil, errors.New("progress record cut short")
+		}
+		b = b[n:]
+		first := prev + int64(gap)
+		for k := int64(0); k <= int64(run); k++ {
+			ids = append(ids, first+k)
+		}
+		prev = first + int64(run)
+	}
+	return ids, nil
+}
+
+// Publish implements relay.Sink: m's record joins the open Kafka transaction (begun if none is).
+// done is called once the transaction committed or aborted.
+func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(error)) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pub == nil {
+		done(fmt.Errorf("%w: exactly-once delivery: no producer (the term did not recover)", relay.ErrNotLeader))
+		return nil
+	}
+	if p.broken != nil {
+		done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
+		return nil
+	}
+	var extra []kgo.RecordHeader
+	if m.TxID != 0 {
+		extra = []kgo.RecordHeader{{Key: HeaderTxID, Value: strconv.AppendInt(nil, m.TxID, 10)}}
+	}
+	pr, ts, err := p.pub.record(m, extra...)
+	if err != nil {
+		return err
+	}
+	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
+		if h.Key == HeaderTxID {
+			return fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+		}
+	}
+	if err := p.pub.pinned(ctx, ts); err != nil {
+		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
+		return nil
+	}
+	if !p.open {
+		if err := p.pub.cl.BeginTransaction(); err != nil {
+			p.broken = fmt.Errorf("begin a kafka transaction: %w", err)
+			done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
+			return nil
+		}
+		p.open, p.began = true, time.Now()
+	}
+	p.handing = true
+	rec := &txRecord{id: m.ID, done: done}
+	p.pub.report(ts)
+	pr.Context, pr.done = ctx, rec.result
+	p.pub.fence.set(ctx)
+	p.pub.cl.Produce(ctx, &pr.rec, p.pub.promise)
+	p.recs = append(p.recs, rec)
+	return nil
+}
+
+// EndBatch implements relay.BatchEnder: the open transaction may end now.
+func (p *TxPublisher) EndBatch() {
+	p.mu.Lock()
+	p.handing = false
+	p.mu.Unlock()
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// ReleasesMessages implements relay.ReleasingSink: the records refer to the messages' payloads
+// until their promises ran, which is before the commit, before done.
+func (p *TxPublisher) ReleasesMessages() bool { return true }
+
+// Marked implements relay.MarkNoter: the rows are marked, no progress record needs to name them.
+func (p *TxPublisher) Marked(ids []int64) {
+	p.umu.Lock()
+	for _, id := range ids {
+		delete(p.unmarked, id)
+	}
+	p.umu.Unlock()
+}
+
+// loop ends the open transaction when it is due: at the end of a claim's hand-over (kick) or when
+// its linger ran out after one.
+func (p *TxPublisher) loop() {
+	defer close(p.stopped)
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-p.kick:
+		case <-t.C:
+		}
+		if wait := p.maybeCommit(); wait > 0 {
+			t.Reset(wait)
+		}
+	}
+}
+
+// maybeCommit commits the open transaction if it is due, and returns how long until it is
+// otherwise (0: nothing to wait for).
+func (p *TxPublisher) maybeCommit() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.open || p.handing {
+		return 0
+	}
+	if age := time.Since(p.began); len(p.recs) < p.tx.MaxRows && age < p.tx.Linger {
+		return p.tx.Linger - age
+	}
+	p.commit()
+	return 0
+}
+
+// commit ends the open transaction: flushes its records, writes the progress record, commits,
+// and calls every record's done. Called with mu held.
+func (p *TxPublisher) commit() {
+	recs := p.recs
+	p.recs, p.open = nil, false
+	cl := p.pub.cl
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	if err := cl.Flush(ctx); err != nil {
+		p.abort(recs, fmt.Errorf("flush the kafka transaction: %w", err))
+		return
+	}
+	for _, r := range recs {
+		if r.verdict() != nil {
+			p.abort(recs, nil)
+			return
+		}
+	}
+	ids := make([]int64, 0, len(recs))
+	p.umu.Lock()
+	for id := range p.unmarked {
+		ids = append(ids, id)
+	}
+	p.umu.Unlock()
+	for _, r := range recs {
+		ids = append(ids, r.id)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	prog := &kgo.Record{Topic: p.tx.ProgressTopic, Key: []byte(p.tx.Identity), Value: encodeProgress(ids)}
+	if err := cl.ProduceSync(ctx, prog).FirstErr(); err != nil {
+		p.abort(recs, fmt.Errorf("write the progress record to kafka.progress_topic %q: %w", p.tx.ProgressTopic, err))
+		return
+	}
+	if err := cl.EndTransaction(ctx, kgo.TryCommit); err != nil {
+		// The outcome may be unknown: the next term reads it back from the progress topic.
+		p.broken = fmt.Errorf("commit the kafka transaction (outcome unknown until the next term reads the progress topic): %w", err)
+		_ = cl.EndTransaction(ctx, kgo.TryAbort)
+		p.log.Warn("exactly-once: kafka commit failed, ending the term", "rows", len(recs), "err", err)
+		for _, r := range recs {
+			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
+		}
+		return
+	}
+	p.umu.Lock()
+	for _, r := range recs {
+		p.unmarked[r.id] = struct{}{}
+	}
+	p.umu.Unlock()
+	for _, r := range recs {
+		r.done(nil)
+	}
+}
+
+// abort aborts the transaction of recs and fails them. With cause nil, a record failed: its
+// failure is reported, and the others' as ErrTransactionAborted, all in one group. With a cause
+// (the transaction itself failed), every record fails with relay.ErrNotLeader: the term ends.
+// Called with mu held.
+func (p *TxPublisher) abort(recs []*txRecord, cause error) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	cl := p.pub.cl
+	aerr := cl.AbortBufferedRecords(ctx)
+	if aerr == nil {
+		aerr = cl.EndTransaction(ctx, kgo.TryAbort)
+	}
+	if aerr != nil {
+		cause = errors.Join(cause, fmt.Errorf("abort the kafka transaction: %w", aerr))
+	}
+	if cause != nil {
+		p.broken = cause
+		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", cause)
+		for _, r := range recs {
+			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, cause))
+		}
+		return
+	}
+	const group = "kafka-transaction"
+	// The records that failed first, so that one of them counts the group's attempt.
+	for _, r := range recs {
+		if err := r.verdict(); err != nil {
+			r.done(&relay.GroupError{Group: group, Err: err})
+		}
+	}
+	for _, r := range recs {
+		if r.verdict() == nil {
+			r.done(&relay.GroupError{Group: group, Err: ErrTransactionAborted})
+		}
+	}
+}
+
+// failOpen aborts the open transaction, if any, and fails its records with cause. Called with mu
+// held.
+func (p *TxPublisher) failOpen(cause error) {
+	if !p.open {
+		return
+	}
+	recs := p.recs
+	p.recs, p.open, p.handing = nil, false, false
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	if err := p.pub.cl.AbortBufferedRecords(ctx); err == nil {
+		if err := p.pub.cl.EndTransaction(ctx, kgo.TryAbort); err != nil {
+			p.broken = fmt.Errorf("abort the kafka transaction: %w", err)
+		}
+	}
+	for _, r := range recs {
+		r.done(cause)
+	}
+}
+
+// Abort implements relay.Sink: the open transaction is aborted, and its records fail.
+func (p *TxPublisher) Abort(context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failOpen(fmt.Errorf("%w: the term ended", ErrTransactionAborted))
+	return nil
+}
+
+// Ping checks that a broker answers a metadata request.
+func (p *TxPublisher) Ping(ctx context.Context) error {
+	p.mu.Lock()
+	pub := p.pub
+	p.mu.Unlock()
+	if pub == nil {
+		opts, err := p.cfg.clientOptsFenced(nil)
+		if err != nil {
+			return err
+		}
+		cl, err := kgo.NewClient(opts...)
+		if err != nil {
+			return err
+		}
+		defer cl.Close()
+		return cl.Ping(ctx)
+	}
+	return pub.Ping(ctx)
+}
+
+// Close aborts what is open and closes the producer.
+func (p *TxPublisher) Close() {
+	p.closeOnce.Do(func() {
+		close(p.stop)
+		<-p.stopped
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.failOpen(fmt.Errorf("%w: the relay stopped", ErrTransactionAborted))
+		if p.pub != nil {
+			p.pub.Close()
+			p.pub = nil
+		}
+	})
+}

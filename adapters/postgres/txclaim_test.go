@@ -1,0 +1,139 @@
+package postgres_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/dbtest"
+)
+
+// TestClaimNeverEndsInsideATransaction checks the claims of StoreConfig.Transactions: each row
+// carries its writing transaction, two transactions whose rows interleave are each returned
+// whole by the claim that returns their first row (beyond the claim's row bound), the rows of a
+// transaction left in flight are not returned again, and rows written before the column existed
+// (NULL) are each a transaction of their own. Without the option, TxID is 0.
+func TestClaimNeverEndsInsideATransaction(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	insert := func(conn *pgx.Conn, key string) {
+		t.Helper()
+		if _, err := conn.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload) VALUES ('t', $1, 'E', 'x')`, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Two rows written before the column had a default: NULL, each its own transaction.
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload, tx)
+		VALUES ('t', 'old', 'E', 'x', NULL), ('t', 'old', 'E', 'x', NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	// Transactions a and b interleave their rows: a1 b1 a2 b2 a3 b3 ... a5 b5.
+	ca, err := pgx.Connect(ctx, dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ca.Close(ctx)
+	cb, err := pgx.Connect(ctx, dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Close(ctx)
+	for _, c := range []*pgx.Conn{ca, cb} {
+		if _, err := c.Exec(ctx, `BEGIN`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 5 {
+		insert(ca, fmt.Sprintf("a%d", i))
+		insert(cb, fmt.Sprintf("b%d", i))
+	}
+	for _, c := range []*pgx.Conn{ca, cb} {
+		if _, err := c.Exec(ctx, `COMMIT`); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	conn, err := postgres.ParseURL(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table, Transactions: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := store.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+
+	// A claim of 1 row: the first NULL row alone.
+	rows, err := sess.Claim(ctx, 0, nil, 1, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1 || rows[0].AggregateID != "old" || rows[0].TxID != 0 {
+		t.Fatalf("first claim of 1 row: got %v, want the first old row with TxID 0", summary(rows))
+	}
+	skip := []int64{rows[0].ID}
+	// A claim of 2 rows: the second NULL row, then a's first row, and the rest of a.
+	rows, err = sess.Claim(ctx, 0, skip, 2, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := summary(rows); got != "old a0 a1 a2 a3 a4" {
+		t.Fatalf("claim of 2 rows: got %q, want the second old row and all of transaction a", got)
+	}
+	txA := rows[1].TxID
+	for _, r := range rows[1:] {
+		if r.TxID == 0 || r.TxID != txA {
+			t.Fatalf("row %s: TxID %d, want a's %d (non-zero)", r.AggregateID, r.TxID, txA)
+		}
+		skip = append(skip, r.ID)
+	}
+	skip = append(skip, rows[0].ID)
+	// The rest: b whole, even with a byte budget of 1.
+	rows, err = sess.Claim(ctx, 0, skip, 1, 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := summary(rows); got != "b0 b1 b2 b3 b4" {
+		t.Fatalf("claim of 1 row and 1 byte: got %q, want all of transaction b", got)
+	}
+	if rows[0].TxID == txA || rows[0].TxID == 0 {
+		t.Fatalf("b's TxID %d: want non-zero and not a's", rows[0].TxID)
+	}
+
+	// Without the option the column is not read.
+	plain := dbtest.Session(t, table, dbtest.URL())
+	rows, err = plain.Claim(ctx, 0, nil, 3, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 3 {
+		t.Fatalf("plain claim of 3: got %d rows", len(rows))
+	}
+	for _, r := range rows {
+		if r.TxID != 0 {
+			t.Fatalf("plain claim: row %d has TxID %d, want 0", r.ID, r.TxID)
+		}
+	}
+}
+
+// summary lists the aggregate ids of rows, in order.
+func summary(rows []relay.Message) string {
+	s := ""
+	for i, r := range rows {
+		if i > 0 {
+			s += " "
+		}
+		s += r.AggregateID
+	}
+	return s
+}

@@ -1,0 +1,205 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// The wake-up protocol: writers notify only while the relay sleeps (sql/migrations/004_wake.sql).
+//
+// The outbox trigger of a writer's INSERT notifies unless two try-locks, which never wait, say
+// that a relay is awake: it cannot take the awake lock in share mode (the relay holds it), and it
+// can take the sleep lock in share mode (the relay neither holds it nor waits for it). A writer
+// that skips the notification so keeps the sleep lock until its transaction ends.
+//
+// The session sleeps (waits for a notification) only when
+//
+//  1. it holds the sleep lock, exclusively, since some moment G, and
+//  2. a claim ran after G (its snapshot was taken after G).
+//
+// Why no wake-up is lost. A writer W that skipped the notification held the sleep lock in
+// share mode from its trigger to its commit. The session's exclusive lock was granted at G, so W
+// had ended before G: W committed before G, and the claim after G saw its rows (it returns them,
+// or stops at its bound and the relay claims again at once). A writer whose trigger ran after G
+// cannot take the sleep lock (the session holds it until it wakes), so it notifies; its
+// notification is sent at its commit, and the session, LISTENing, receives it whether it waits
+// already or not yet (Notified). The same holds while the session waits for the lock: a waiting
+// exclusive request makes the writers' share try-locks fail, so they notify. The awake lock
+// plays no part in this: it only makes writers notify when no relay follows the protocol.
+//
+// A writer never waits for the relay: its try-locks return at once. The relay's exclusive
+// request waits for the writers in the middle of a transaction that took the sleep lock, at most
+// sleepLockWait (lock_timeout); then it claims again and tries later: while a writer holds a
+// transaction open, the relay polls every sleepLockWait instead of sleeping.
+//
+// While rows keep coming, the session does not take the sleep lock: it lingers for lingerFor and
+// claims again, and writers, finding the relay awake, do not notify, so flat-out writers keep
+// their group commits. It takes the lock once emptyToSleep claims in a row came back empty: busy
+// writers on a loaded machine often leave a millisecond or two without a commit, and with one
+// empty claim the relay went to sleep (and writers notified) 25-40 times a second flat out;
+// with two, 6-10 % of their commits notified, with five 3-6 %. Holding the lock, it keeps it while
+// the rows trickle in (each one then wakes it, as before) and lets it go once claims return
+// busyRows rows within busyWindow.
+const (
+	sleepLockWait = 20 * time.Millisecond
+	lingerFor     = time.Millisecond
+	busyWindow    = 10 * time.Millisecond
+	busyRows      = 10
+	emptyToSleep  = 5
+)
+
+// wakeState is a session's side of the wake-up protocol.
+type wakeState struct {
+	// polling is set while the session holds the awake lock but not the sleep lock: it claims
+	// every lingerFor or goes to sleep, so a notification, sent by a writer that found it asleep
+	// before, wakes nothing and is dropped (heard). Read by the connection's notification
+	// handler, which may run on another goroutine than the claims.
+	polling atomic.Bool
+	awake   bool // holds the awake lock
+	asleep  bool // holds the sleep lock...
+	checked bool // ...and a claim ran since it was granted
+	release bool // let the sleep lock go before the next claim or wait
+	// empty counts the claims in a row that found nothing while polling: emptyToSleep of them,
+	// a lingerFor apart, and the session goes to sleep.
+	empty int
+	// Rows claimed since since, while asleep: busyRows within busyWindow lets the lock go.
+	since time.Time
+	rows  int
+}
+
+// lockWithin runs pg_advisory_lock on key, waiting at most wait for it (lock_timeout, set for
+// this statement only: it ends the statement's implicit transaction). It reports whether the
+// lock was granted. The wait is bounded by the server, so the context's cancellation is not
+// passed on: pgx closes a connection whose query was cancelled.
+func (s *session) lockWithin(ctx context.Context, key string, wait time.Duration) (bool, error) {
+	ctx, cancel := s.op(context.WithoutCancel(ctx))
+	defer cancel()
+	_, err := s.conn.Exec(ctx, `SELECT pg_advisory_lock(hashtextextended($1, 0))
+		FROM (SELECT set_config('lock_timeout', $2, true) OFFSET 0) t`, key, fmt.Sprintf("%dms", max(wait.Milliseconds(), 1)))
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" { // lock_not_available: lock_timeout passed
+		return false, nil
+	}
+	if err != nil {
+		return false, s.wrap(err)
+	}
+	return true, nil
+}
+
+// releaseSleep lets the sleep lock go: writers stop notifying.
+func (s *session) releaseSleep(ctx context.Context) error {
+	ctx, cancel := s.op(context.WithoutCancel(ctx))
+	defer cancel()
+	w := &s.wake
+	w.release = false
+	if _, err := s.conn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.store.table.sleepKey()); err != nil {
+		return s.wrap(err)
+	}
+	w.asleep, w.checked, w.empty = false, false, 0
+	w.setPolling()
+	return nil
+}
+
+// heard is the connection's notification handler: a notification makes the relay claim, unless
+// it is polling (wakeState.polling).
+func (s *session) heard() {
+	if !s.wake.polling.Load() {
+		s.notified.Store(true)
+	}
+}
+
+// setPolling records whether the session holds the awake lock and not the sleep lock.
+func (w *wakeState) setPolling() { w.polling.Store(w.awake && !w.asleep) }
+
+// claimed records a claim that returned n rows.
+func (s *session) claimed(n int) {
+	w := &s.wake
+	if !w.asleep {
+		if n == 0 {
+			w.empty++
+		} else {
+			w.empty = 0
+		}
+		return
+	}
+	w.checked = true
+	if n == 0 || !w.awake {
+		return // without the awake lock every writer notifies: the sleep lock costs them nothing
+	}
+	now := time.Now()
+	if now.Sub(w.since) > busyWindow {
+		w.since, w.rows = now, 0
+	}
+	w.rows += n
+	if w.rows >= busyRows {
+		w.release = true
+	}
+}
+
+// Wait implements relay.Session: see the protocol above. It returns at once, with Notified
+// set, when the relay must claim before it may sleep.
+func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
+	w := &s.wake
+	if w.release {
+		if err := s.releaseSleep(ctx); err != nil {
+			return err
+		}
+	}
+	if !w.awake {
+		got, err := s.lockWithin(ctx, s.store.table.awakeKey(), min(timeout, sleepLockWait))
+		if err != nil {
+			return err
+		}
+		w.awake = got
+		w.setPolling()
+	}
+	if !w.asleep {
+		if w.awake && (s.lastRows > 0 || w.empty < emptyToSleep) {
+			// Rows are coming and the writers do not notify an awake relay: look again soon. A
+			// notification now is one sent before the relay woke (see heard): the timer, not it,
+			// ends the wait.
+			t := time.NewTimer(min(timeout, lingerFor))
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			s.notified.Store(true)
+			return nil
+		}
+		got, err := s.lockWithin(ctx, s.store.table.sleepKey(), min(timeout, sleepLockWait))
+		if err != nil {
+			return err
+		}
+		if got {
+			w.asleep, w.checked, w.since, w.rows = true, false, time.Now(), 0
+			w.setPolling()
+		}
+		s.notified.Store(true) // the claim after the lock (or, without it, a poll)
+		return nil
+	}
+	if !w.checked {
+		s.notified.Store(true)
+		return nil
+	}
+	if s.notified.Load() {
+		return nil // a wake-up came with the answer to a statement above
+	}
+	return s.waitNotification(ctx, timeout)
+}
+
+// waitNotification waits for a notification at most timeout.
+func (s *session) waitNotification(ctx context.Context, timeout time.Duration) error {
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	_, err := s.conn.WaitForNotification(wctx)
+	if err != nil && wctx.Err() != nil && ctx.Err() == nil && !s.conn.IsClosed() {
+		return nil // the timeout passed: the connection is still good
+	}
+	return s.wrap(err)
+}
