@@ -35,7 +35,7 @@ func TestSmoke(t *testing.T) {
 	pool := dbtest.Pool(t)   // fails with a clear message when PostgreSQL is unreachable
 	brokerLog := t.TempDir() // the brokers' segment files, in a directory of their own each
 	wm := buildWatermill(t)
-	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-broker-log", brokerLog, "-watermill-exe", wm)
+	opts, res, _ := runBench(t, 20*time.Minute, "-scale", "smoke", "-repeat", "2", "-no-settle", "-broker-log", brokerLog, "-watermill-exe", wm)
 	ctx := context.Background()
 	variants := len(drainVariants)
 	if _, err := os.Stat(wm); err != nil {
@@ -53,8 +53,17 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(data, &got); err != nil {
 		t.Fatalf("results.json is not valid: %v", err)
 	}
-	// Every variant in the first round, all but produce-only in the second.
-	if want := len(opts.Scale.Matrix) * (2*variants - 1); len(got.Drain) != want {
+	// Every variant of a case in the first round, all but produce-only in the second; the
+	// feature variants on the 256 B, 100-key case only.
+	want := 0
+	for _, dc := range opts.Scale.Matrix {
+		n := variants
+		if dc.Keys != 100 || dc.Payload > 1<<10 {
+			n -= len(featureVariants)
+		}
+		want += 2*n - 1
+	}
+	if len(got.Drain) != want {
 		t.Errorf("drain results: got %d, want %d", len(got.Drain), want)
 	}
 	for _, d := range got.Drain {
@@ -95,6 +104,10 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	checkPeers(t, got.Peers, variants == len(drainVariants), 2)
+	checkFeatures(t, got, 2)
+	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("### Cost of the ecosystem features")) {
+		t.Errorf("tables.md has no section on the cost of the ecosystem features (%v)", err)
+	}
 	if got.Write == nil || got.Write.NotifyTxSec <= 0 || got.Write.PollTxSec <= 0 {
 		t.Errorf("write-cost section incomplete: %+v", got.Write)
 	}
@@ -339,4 +352,67 @@ func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *re
 		t.Fatalf("bench %s: %v\n%s", strings.Join(args, " "), err, logs.String())
 	}
 	return opts, res, logs.String()
+}
+
+// checkFeatures checks the features' results: the tracing drains sampled as their sampler says
+// (every span, or some and not all), and each variant's latency was measured repeat times.
+func checkFeatures(t *testing.T, got results, repeat int) {
+	t.Helper()
+	for _, d := range got.Drain {
+		_, _, tracing := tracingSampler(d.Variant)
+		switch {
+		case !tracing && d.Spans != nil:
+			t.Errorf("drain %s %s: spans %+v without tracing", caseLabel(d.drainCase), d.Variant, d.Spans)
+		case !tracing:
+		case d.Spans == nil:
+			t.Errorf("drain %s %s: no span statistics", caseLabel(d.drainCase), d.Variant)
+		case d.Variant == variantRelayTrace && d.Spans.Sampled < d.Events:
+			t.Errorf("drain %s %s: %d spans sampled for %d events, want one at least per event (always_on)", caseLabel(d.drainCase), d.Variant, d.Spans.Sampled, d.Events)
+		case d.Variant == variantRelayTraceRatio && (d.Spans.Sampled == 0 || d.Spans.Sampled >= d.Events):
+			t.Errorf("drain %s %s: %d spans sampled for %d events, want some and not all (ratio 0.1)", caseLabel(d.drainCase), d.Variant, d.Spans.Sampled, d.Events)
+		}
+		if d.Spans != nil && d.Spans.Failed != 0 {
+			t.Errorf("drain %s %s: %d spans failed to export to the bench's collector", caseLabel(d.drainCase), d.Variant, d.Spans.Failed)
+		}
+	}
+	runs := map[string]int{}
+	for _, f := range got.Features {
+		runs[f.Variant]++
+		if f.Events == 0 || len(f.CDF) != 100 || f.P50 > f.P99 {
+			t.Errorf("features %s run %d: malformed %+v", f.Variant, f.Run, f.latencyResult)
+		}
+		if _, _, tracing := tracingSampler(f.Variant); tracing != (f.Spans != nil) {
+			t.Errorf("features %s run %d: span statistics %+v, want them with tracing only", f.Variant, f.Run, f.Spans)
+		}
+	}
+	for _, v := range append([]string{variantRelay}, featureVariants...) {
+		if runs[v] != repeat {
+			t.Errorf("features: %d latency runs of %s, want %d", runs[v], v, repeat)
+		}
+	}
+}
+
+// TestRunsVariant: without -variants the feature variants drain the 256 B and 1 KB cases over
+// 100 keys only, the others every case; -variants runs what it names on every case.
+func TestRunsVariant(t *testing.T) {
+	all := &bench{}
+	named := &bench{opts: options{Variants: []string{variantRelay, variantRelayTrace}}}
+	for _, tc := range []struct {
+		b       *bench
+		dc      drainCase
+		variant string
+		want    bool
+	}{
+		{all, drainCase{Payload: 256, Keys: 100}, variantRelayTrace, true},
+		{all, drainCase{Payload: 1024, Keys: 100}, variantRelayCE, true},
+		{all, drainCase{Payload: 16384, Keys: 100}, variantRelayTraceRatio, false},
+		{all, drainCase{Payload: 256, Keys: 1}, variantRelayTrace, false},
+		{all, drainCase{Payload: 16384, Keys: 1}, variantNaive, true},
+		{named, drainCase{Payload: 16384, Keys: 1}, variantRelayTrace, true},
+		{named, drainCase{Payload: 256, Keys: 100}, variantNaive, false},
+	} {
+		if got := tc.b.runsVariant(tc.dc, tc.variant); got != tc.want {
+			t.Errorf("variants %v, case %s, %s: runs %t, want %t", tc.b.opts.Variants, caseLabel(tc.dc), tc.variant, got, tc.want)
+		}
+	}
 }

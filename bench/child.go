@@ -70,6 +70,8 @@ type childConfig struct {
 	// For the relay role: its kafka.format and kafka.record_timestamp; "" is the default.
 	KafkaFormat     string `json:"kafka_format,omitempty"`
 	RecordTimestamp string `json:"record_timestamp,omitempty"`
+	// For the relay role: tracing on, exported to an OTLP/HTTP collector; nil: off.
+	Tracing *tracingSettings `json:"tracing,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -92,6 +94,7 @@ type childReport struct {
 	LatenciesMS []float64   `json:"latencies_ms,omitempty"` // sorted insert-to-ack latencies (created_at to ack)
 	Acks        []ack       `json:"acks,omitempty"`         // when each event was acknowledged
 	Relay       *relayStats `json:"relay,omitempty"`
+	Spans       *spanStats  `json:"spans,omitempty"` // with tracing on: the relay's spans since it started
 }
 
 // ack is the broker's acknowledgement of one event, for commit-to-ack latencies.
@@ -143,7 +146,8 @@ type child struct {
 	monMu     sync.Mutex
 	monitor   *pgx.Conn // finds this child's backends; under monMu
 	dbBase    float64
-	stats     *relayStats // kept by the relay's observer, under mu
+	stats     *relayStats   // kept by the relay's observer, under mu
+	tracing   *childTracing // the relay's tracer provider; nil when tracing is off
 	peak      int64
 	base      syscall.Rusage
 	baseAt    time.Time
@@ -288,6 +292,7 @@ func (c *child) report() {
 		st := *c.stats
 		r.Relay = &st
 	}
+	r.Spans = c.tracing.stats()
 	c.mu.Unlock()
 	sort.Float64s(r.LatenciesMS)
 	b, _ := json.Marshal(r)
@@ -417,9 +422,15 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		return nil, err
 	}
 	metrics := prometheus.New("bench", "bench")
+	kcfg := kafka.Config{Brokers: c.cfg.Brokers, Format: c.cfg.KafkaFormat, RecordTimestamp: c.cfg.RecordTimestamp}
+	if c.cfg.Tracing != nil {
+		if c.tracing, err = startChildTracing(ctx, *c.cfg.Tracing); err != nil {
+			return nil, err
+		}
+		kcfg.Tracing = c.tracing.tp
+	}
 	// The daemon's producer metrics; in four runs at 1 KB they cost no CPU the noise shows.
-	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers, Format: c.cfg.KafkaFormat,
-		RecordTimestamp: c.cfg.RecordTimestamp}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	pub, err := kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		return nil, err
 	}
@@ -451,6 +462,9 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		return nil, err
 	}
 	return func(ctx context.Context) error {
+		if c.tracing != nil {
+			defer c.tracing.shutdown() // after the publisher closed: its last spans end as it closes
+		}
 		defer pub.Close()
 		rctx, stop := context.WithCancel(ctx)
 		defer stop()

@@ -22,12 +22,46 @@ const (
 	// variantRelayCE is the relay with kafka.format=cloudevents and
 	// kafka.record_timestamp=occurred_at: the cost of both beside the default.
 	variantRelayCE = "relay-cloudevents"
+	// variantRelayTrace is the relay with tracing on, every span sampled
+	// (OTEL_TRACES_SAMPLER=always_on), exported over OTLP/HTTP to a collector that discards them.
+	variantRelayTrace = "relay-tracing"
+	// variantRelayTraceRatio is the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio and
+	// an argument of 0.1: the bench's rows carry no traceparent, so one span in ten is sampled, as
+	// when a tenth of the rows come from sampled requests.
+	variantRelayTraceRatio = "relay-tracing-0.1"
 	// variantWatermill is Watermill's SQL outbox drained to Kafka by its forwarder (bench/watermill,
 	// a binary of its own module): the peer users compare the relay with.
 	variantWatermill = "watermill"
 )
 
-var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE, variantWatermill}
+var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE, variantRelayTrace, variantRelayTraceRatio, variantWatermill}
+
+// featureVariants are the relay with one of the ecosystem features on: their cost is measured
+// beside the default relay, in the drains and in the features section's latency runs.
+var featureVariants = []string{variantRelayCE, variantRelayTrace, variantRelayTraceRatio}
+
+// runsVariant reports whether variant v drains case dc: the variants -variants names, on every
+// case; without -variants, every variant, but the feature variants only on the 256 B and 1 KB
+// cases over 100 keys (what a feature costs per record shows there; on every case they would
+// add half again to a full run).
+func (b *bench) runsVariant(dc drainCase, v string) bool {
+	if len(b.opts.Variants) > 0 {
+		return slices.Contains(b.opts.Variants, v)
+	}
+	return !slices.Contains(featureVariants, v) || (dc.Keys == 100 && dc.Payload <= 1<<10)
+}
+
+// tracingSampler is the sampler (OTEL_TRACES_SAMPLER, _ARG) of a tracing variant; ok is false for
+// the others.
+func tracingSampler(variant string) (sampler, arg string, ok bool) {
+	switch variant {
+	case variantRelayTrace:
+		return "always_on", "", true
+	case variantRelayTraceRatio:
+		return "parentbased_traceidratio", "0.1", true
+	}
+	return "", "", false
+}
 
 // drainResult is one drain of a preloaded backlog.
 type drainResult struct {
@@ -52,6 +86,7 @@ type drainResult struct {
 	WALFPIPer10k   float64     `json:"wal_fpi_per_10k,omitempty"`
 	Error          string      `json:"error,omitempty"`
 	Relay          *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
+	Spans          *spanStats  `json:"spans,omitempty"`       // the relay's spans, with tracing on
 }
 
 // drain measures every case of the matrix with every variant: the produce-only reference once,
@@ -60,7 +95,7 @@ type drainResult struct {
 func (b *bench) drain(ctx context.Context) error {
 	for _, dc := range b.opts.Scale.Matrix {
 		for run := 1; run <= max(1, b.opts.Repeat); run++ {
-			for _, v := range b.roundVariants(run) {
+			for _, v := range b.roundVariants(dc, run) {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
@@ -84,14 +119,14 @@ func (b *bench) drain(ctx context.Context) error {
 	return nil
 }
 
-// roundVariants returns the variants of round run (from 1) of a case, of those -variants keeps.
-func (b *bench) roundVariants(run int) []string {
+// roundVariants returns the variants of round run (from 1) of case dc, of those runsVariant keeps.
+func (b *bench) roundVariants(dc drainCase, run int) []string {
 	var out []string
 	for _, v := range drainVariants {
 		if v == variantWatermill && !b.watermillReady() {
 			continue
 		}
-		if (run == 1 || v != variantProduce) && (len(b.opts.Variants) == 0 || slices.Contains(b.opts.Variants, v)) {
+		if (run == 1 || v != variantProduce) && b.runsVariant(dc, v) {
 			out = append(out, v)
 		}
 	}
@@ -172,6 +207,7 @@ func summarize(all []drainResult, dc drainCase, variant string) (s drainSummary,
 		}
 	}
 	s.Relay = mid.Relay
+	s.Spans = mid.Spans
 	s.Run = mid.Run
 	return s, true
 }
@@ -201,6 +237,7 @@ func (b *bench) drainOne(ctx context.Context, dc drainCase, variant string, cfg 
 	r.PeakRSS = rep.PeakRSS
 	r.HWM = rep.HWM
 	r.Relay = rep.Relay
+	r.Spans = rep.Spans
 	return r
 }
 
@@ -225,10 +262,12 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 	case variantRelay:
 		cfg.Role = roleRelay
 		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
-	case variantRelayCE:
+	case variantRelayCE, variantRelayTrace, variantRelayTraceRatio:
 		cfg.Role = roleRelay
 		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
-		cfg.KafkaFormat, cfg.RecordTimestamp = kafka.FormatCloudEvents, kafka.TimestampOccurredAt
+		if err := b.feature(&cfg, variant); err != nil {
+			return rep, side, err
+		}
 	case variantWatermill:
 		// The child preloads its own table through Watermill's publisher before it is ready.
 		cfg.Role = roleWatermill
@@ -327,4 +366,26 @@ func (b *bench) profilePayload() int {
 		return n
 	}
 	return 256
+}
+
+// feature sets what a feature variant turns on in a relay child's cfg: the CloudEvents format
+// and the event time as the record timestamp, or tracing to the bench's collector.
+func (b *bench) feature(cfg *childConfig, variant string) error {
+	if variant == variantRelayCE {
+		cfg.KafkaFormat, cfg.RecordTimestamp = kafka.FormatCloudEvents, kafka.TimestampOccurredAt
+		return nil
+	}
+	sampler, arg, ok := tracingSampler(variant)
+	if !ok {
+		return nil
+	}
+	if b.coll == nil {
+		c, err := startCollector()
+		if err != nil {
+			return err
+		}
+		b.coll = c
+	}
+	cfg.Tracing = &tracingSettings{Endpoint: b.coll.url, Sampler: sampler, SamplerArg: arg}
+	return nil
 }

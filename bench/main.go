@@ -101,7 +101,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "peers", "write", "health", "memory"}
+var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -264,6 +264,7 @@ type bench struct {
 	res  *results
 	exe  string
 	watermillState
+	coll *collector // the OTLP receiver of the tracing variants, started at the first
 }
 
 // run runs the sections of opts and writes results.json and the charts into opts.Out.
@@ -283,8 +284,9 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	b := &bench{opts: opts, log: lg, pool: pool, exe: exe, res: &results{Scale: opts.ScaleName, Sizes: opts.Scale,
 		Started: time.Now().UTC(), Partitions: opts.Partitions, RelayMaxInFlightBytes: opts.MaxInFlightBytes, BrokerLog: opts.BrokerLog, DrainMark: opts.DrainMark}}
 	b.res.Machine = machineInfo(ctx, pool)
+	defer func() { b.coll.close() }()
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "peers": b.peers, "write": b.writeCost, "health": b.health, "memory": b.memory,
+		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory,
 	}
 	var errs []error
 	for _, s := range allSections {

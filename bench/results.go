@@ -32,11 +32,13 @@ type results struct {
 	// Peers is commit-to-ack latency and CPU at 1k events/s of the relay and its baselines (the
 	// naive loop, SQL-only, Watermill's forwarder), each run in rounds of alternating order; Mode
 	// names the variant.
-	Peers   []latencyResult `json:"peers,omitempty"`
-	Write   *writeResults   `json:"write_cost,omitempty"`
-	Health  []healthResult  `json:"table_health,omitempty"`
-	Memory  *memoryResult   `json:"memory,omitempty"`
-	Targets []targetResult  `json:"targets"`
+	Peers []latencyResult `json:"peers,omitempty"`
+	// Features is commit-to-ack latency at 1k events/s of the relay with each ecosystem feature on.
+	Features []featureLatency `json:"features,omitempty"`
+	Write    *writeResults    `json:"write_cost,omitempty"`
+	Health   []healthResult   `json:"table_health,omitempty"`
+	Memory   *memoryResult    `json:"memory,omitempty"`
+	Targets  []targetResult   `json:"targets"`
 }
 
 // machine describes where the numbers come from.

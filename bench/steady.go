@@ -62,9 +62,10 @@ type latencyResult struct {
 	DBCPUMsPer10k float64 `json:"db_cpu_ms_per_10k,omitempty"`
 	Run           int     `json:"run,omitempty"` // the round, in the peers section
 	// Database round trips of the relay per event: claims (and those that found nothing), marks.
-	ClaimsPerEvent      float64 `json:"claims_per_event"`
-	EmptyClaimsPerEvent float64 `json:"empty_claims_per_event"`
-	MarksPerEvent       float64 `json:"marks_per_event"`
+	ClaimsPerEvent      float64    `json:"claims_per_event"`
+	EmptyClaimsPerEvent float64    `json:"empty_claims_per_event"`
+	MarksPerEvent       float64    `json:"marks_per_event"`
+	Spans               *spanStats `json:"spans,omitempty"` // the relay's spans, with tracing on
 	samples             []float64
 }
 
@@ -308,6 +309,7 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		P50: quantile(s, .5), P99: quantile(s, .99), P999: quantile(s, .999), Max: quantile(s, 1),
 		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99),
 		PublishP50: quantile(toPub, .5), PublishP99: quantile(toPub, .99), AckP50: quantile(toAck, .5), AckP99: quantile(toAck, .99)}
+	lr.Spans = rep.Spans
 	// The relay counts what it acknowledged; the baselines do not, and their events are s.
 	if n := max(len(rep.LatenciesMS), len(s)); n > 0 {
 		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(n) / 10000)

@@ -180,6 +180,7 @@ func (b *bench) tables(w io.Writer) {
 		}
 		fmt.Fprintln(w)
 	}
+	b.featureTables(w)
 
 	if wc := r.Write; wc != nil {
 		fmt.Fprintln(w, "### Write-side cost (8 writers flat out, one event per transaction)")

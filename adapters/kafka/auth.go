@@ -100,6 +100,7 @@ func (s SASLConfig) mechanism() (sasl.Mechanism, error) {
 		return oauth.Oauth(func(ctx context.Context) (oauth.Auth, error) {
 			tok, err := src(ctx)
 			if err != nil {
+				s.tokenFailed(err)
 				return oauth.Auth{}, err
 			}
 			return oauth.Auth{Token: tok, Extensions: s.OAuth.Extensions}, nil
@@ -114,16 +115,27 @@ func (s SASLConfig) mechanism() (sasl.Mechanism, error) {
 		creds := cfg.Credentials
 		return aws.ManagedStreamingIAM(func(ctx context.Context) (aws.Auth, error) {
 			if creds == nil {
-				return aws.Auth{}, errors.New("AWS_MSK_IAM: no AWS credentials found (environment, shared files, web identity, ECS or EC2 role)")
+				err := errors.New("AWS_MSK_IAM: no AWS credentials found (environment, shared files, web identity, ECS or EC2 role)")
+				s.tokenFailed(err)
+				return aws.Auth{}, err
 			}
 			c, err := creds.Retrieve(ctx)
 			if err != nil {
-				return aws.Auth{}, fmt.Errorf("AWS_MSK_IAM: AWS credentials: %w", err)
+				err = fmt.Errorf("AWS_MSK_IAM: AWS credentials: %w", err)
+				s.tokenFailed(err)
+				return aws.Auth{}, err
 			}
 			return aws.Auth{AccessKey: c.AccessKeyID, SecretKey: c.SecretAccessKey, SessionToken: c.SessionToken}, nil
 		}), nil
 	}
 	return nil, nil
+}
+
+// tokenFailed tells OnTokenError, if set, that a token or credentials could not be had.
+func (s SASLConfig) tokenFailed(err error) {
+	if s.OnTokenError != nil {
+		s.OnTokenError(err)
+	}
 }
 
 // source returns the function that gives the OAUTHBEARER token at each authentication.

@@ -124,6 +124,86 @@ func TestOAuthBearerTokenFile(t *testing.T) {
 	}
 }
 
+// TestOAuthBearerTokenErrorsReported: each time OAUTHBEARER cannot get a token (the file gone,
+// then empty; the endpoint refusing the client) the connection fails and OnTokenError hears of
+// it, which the daemon counts in outbox_relay_sasl_token_errors_total; a good token calls it not.
+func TestOAuthBearerTokenErrorsReported(t *testing.T) {
+	t.Parallel()
+	certs := tlstest.New(t)
+	b := newSASLBroker(t, certs, kafka.MechanismOAuthBearer, func(auth []byte) bool {
+		return strings.Contains(string(auth), bearer("good-token"))
+	})
+	var mu sync.Mutex
+	var reported []error
+	file := filepath.Join(t.TempDir(), "token")
+	cfg := kafka.Config{Brokers: b.cluster.ListenAddrs(), TopicTemplate: "secure",
+		TLS: kafka.TLSConfig{Enabled: true, CAFile: certs.CAFile},
+		SASL: kafka.SASLConfig{Mechanism: "OAUTHBEARER", OAuth: kafka.OAuthConfig{TokenFile: file},
+			OnTokenError: func(err error) {
+				mu.Lock()
+				defer mu.Unlock()
+				reported = append(reported, err)
+			}}}
+	count := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(reported)
+	}
+	if err := publishOne(t, cfg); err == nil {
+		t.Fatal("published without a token file")
+	}
+	if n := count(); n == 0 {
+		t.Fatal("a missing token file was not reported")
+	}
+	mu.Lock()
+	if !strings.Contains(reported[0].Error(), "kafka.sasl.oauth.token_file") {
+		t.Errorf("reported %v, want an error naming kafka.sasl.oauth.token_file", reported[0])
+	}
+	mu.Unlock()
+	if err := os.WriteFile(file, []byte(" \n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := count()
+	if err := publishOne(t, cfg); err == nil {
+		t.Fatal("published with an empty token file")
+	}
+	if count() == before {
+		t.Error("an empty token file was not reported")
+	}
+	if err := os.WriteFile(file, []byte("good-token"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before = count()
+	if err := publishOne(t, cfg); err != nil {
+		t.Fatalf("publish with a good token: %v", err)
+	}
+	if count() != before {
+		t.Errorf("a good token was reported as a failure: %v", reported[before:])
+	}
+
+	idp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusUnauthorized)
+		_ = json.NewEncoder(w).Encode(map[string]string{"error": "invalid_client"})
+	}))
+	defer idp.Close()
+	endpoint := cfg
+	endpoint.SASL.OAuth = kafka.OAuthConfig{TokenURL: idp.URL + "/token", ClientID: "relay", ClientSecret: "Some-Secret-Value"}
+	before = count()
+	if err := publishOne(t, endpoint); err == nil {
+		t.Fatal("published with a refused client")
+	}
+	if count() == before {
+		t.Error("a token endpoint refusing the client was not reported")
+	}
+	mu.Lock()
+	for _, err := range reported {
+		if strings.Contains(err.Error(), "Some-Secret-Value") {
+			t.Errorf("a reported error shows the client secret: %v", err)
+		}
+	}
+	mu.Unlock()
+}
+
 // TestOAuthBearerClientCredentials: with kafka.sasl.oauth.token_url the relay gets a token with
 // the client-credentials grant (HTTP Basic client authentication, the scope asked), keeps it
 // while it is valid, and sends it to the broker; a wrong client secret fails with the endpoint's

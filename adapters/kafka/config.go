@@ -129,6 +129,11 @@ type SASLConfig struct {
 	Password  string // a secret: never logged
 	// OAuth says where OAUTHBEARER gets its token.
 	OAuth OAuthConfig
+	// OnTokenError, when not nil, is called each time OAUTHBEARER could not get a token (the
+	// file unreadable or empty, the endpoint unreachable or refusing) or AWS_MSK_IAM could not
+	// get credentials: the connection being authenticated fails, and is tried again. Not a
+	// configuration key: the daemon counts these in its metrics.
+	OnTokenError func(error)
 }
 
 var headerRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,100}$`)

@@ -70,3 +70,7 @@ func (c *missingCollector) Collect(ch chan<- prom.Metric) {
 		}
 	}
 }
+
+// SASLTokenFailed counts one failure of the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) to
+// get a token or credentials: the hook of kafka.SASLConfig.OnTokenError.
+func (m *Metrics) SASLTokenFailed(error) { m.tokenErrors.Inc() }

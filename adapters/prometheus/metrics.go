@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
@@ -31,6 +32,9 @@ type Metrics struct {
 	dbUp          prom.Gauge
 	lastPublish   prom.Gauge
 	partitions    *prom.GaugeVec
+	tokenErrors   prom.Counter
+	// tracing returns the counts of the relay's spans (WatchTracing).
+	tracing atomic.Pointer[func() TracingSpans]
 }
 
 var _ relay.Observer = (*Metrics)(nil)
@@ -68,13 +72,32 @@ func New(version, revision string) *Metrics {
 		partitions: prom.NewGaugeVec(prom.GaugeOpts{Name: "outbox_relay_topic_partitions",
 			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
 			[]string{"topic", "kind"}),
+		tokenErrors: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_sasl_token_errors_total",
+			Help: "Times the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) could not get a token or credentials; each fails a connection to a broker."}),
 	}
+	spans := func(name, help string, get func(TracingSpans) float64) prom.Collector {
+		return prom.NewCounterFunc(prom.CounterOpts{Name: name, Help: help}, func() float64 {
+			if f := m.tracing.Load(); f != nil {
+				return get((*f)())
+			}
+			return 0
+		})
+	}
+	sampled := spans("outbox_relay_tracing_spans_sampled_total",
+		"Spans the OpenTelemetry sampler kept, handed to the batch span processor. 0 with tracing off.",
+		func(s TracingSpans) float64 { return s.Sampled })
+	exported := spans("outbox_relay_tracing_spans_exported_total",
+		"Spans the OpenTelemetry exporter sent to the collector. 0 with tracing off.",
+		func(s TracingSpans) float64 { return s.Exported })
+	failed := spans("outbox_relay_tracing_spans_failed_total",
+		"Spans the OpenTelemetry exporter failed to send to the collector (lost; events are not affected). 0 with tracing off.",
+		func(s TracingSpans) float64 { return s.Failed })
 	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
 		Help:        "Build information; the value is always 1.",
 		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, build,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors, sampled, exported, failed, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -157,3 +180,15 @@ func b2f(b bool) float64 {
 	}
 	return 0
 }
+
+// TracingSpans counts the relay's spans since it started: those the sampler kept (handed to the
+// batch span processor), and of them those the exporter sent and those it failed to send. The
+// others are in the processor's queue or were dropped when it was full.
+type TracingSpans struct {
+	Sampled, Exported, Failed float64
+}
+
+// WatchTracing makes outbox_relay_tracing_spans_{sampled,exported,failed}_total report what read
+// returns (called on each scrape; it must be cheap). Until then, or with tracing off, they stay
+// at 0.
+func (m *Metrics) WatchTracing(read func() TracingSpans) { m.tracing.Store(&read) }

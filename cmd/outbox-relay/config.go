@@ -177,6 +177,9 @@ type Config struct {
 	BacklogScanRows int
 	LogLevel        string
 	LogFormat       string
+	// tracingSpans counts the relay's spans; nil when tracing is off. Set by 'run' from
+	// setupTracing, not a configuration key.
+	tracingSpans *spanCounts
 }
 
 // newViper returns a viper with every key's default and the environment bound.

@@ -39,7 +39,7 @@ func consumeCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	ccfg, httpAddr := cfg.Consumer, cfg.ConsumerHTTPAddr
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
-	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay-consume")
+	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay-consume", nil)
 	if err != nil {
 		return err
 	}

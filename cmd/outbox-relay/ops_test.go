@@ -41,8 +41,9 @@ type opsRelay struct {
 	logs *logbuf.Buffer
 }
 
-// startOpsRelay starts serve() on the outbox table with the broker addrs; extra are config keys.
-func startOpsRelay(t *testing.T, table postgres.Table, brokers []string, extra map[string]string) *opsRelay {
+// startOpsRelay starts serve() on the outbox table with the broker addrs; extra are config keys,
+// mods change the parsed configuration (what no key sets, such as tracing).
+func startOpsRelay(t *testing.T, table postgres.Table, brokers []string, extra map[string]string, mods ...func(*Config)) *opsRelay {
 	t.Helper()
 	v := newViper()
 	v.Set("database.url", dbtest.URL())
@@ -59,6 +60,9 @@ func startOpsRelay(t *testing.T, table postgres.Table, brokers []string, extra m
 	cfg, err := parseConfig(v)
 	if err != nil {
 		t.Fatalf("config: %v", err)
+	}
+	for _, mod := range mods {
+		mod(cfg)
 	}
 	logs := &logbuf.Buffer{}
 	log := newLogger(logs, cfg.LogLevel, "json")

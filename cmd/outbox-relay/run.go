@@ -36,12 +36,16 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
-	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay")
+	spans := &spanCounts{}
+	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay", spans)
 	if err != nil {
 		return err
 	}
 	defer stopTracing()
 	cfg.Kafka.Tracing = tp
+	if tp != nil {
+		cfg.tracingSpans = spans
+	}
 	return serve(ctx, cfg, log, nil)
 }
 
@@ -141,6 +145,10 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
+	if cfg.tracingSpans != nil {
+		metrics.WatchTracing(cfg.tracingSpans.read)
+	}
+	cfg.Kafka.SASL.OnTokenError = metrics.SASLTokenFailed
 	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics,
 		Log: log.With("outbox", cfg.Store.Table.WithDefaults().String())}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {

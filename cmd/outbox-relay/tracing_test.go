@@ -294,3 +294,43 @@ func stop(t *testing.T, p *subcommandProc) {
 		t.Fatalf("%s did not exit within 60s of SIGTERM", p.cmd.Args[1])
 	}
 }
+
+// TestTracingConfigErrors: 'run' and 'consume' refuse an OTEL_TRACES_EXPORTER or
+// OTEL_EXPORTER_OTLP_PROTOCOL they do not support, before connecting anywhere, with an error
+// naming the variable and the values allowed; 'none' turns tracing off and is no error.
+func TestTracingConfigErrors(t *testing.T) {
+	t.Parallel()
+	// Nothing listens on these: the commands must fail on the variables before they connect.
+	base := []string{"OUTBOX_DATABASE_URL=postgres://postgres@127.0.0.1:1/none?connect_timeout=1",
+		"OUTBOX_KAFKA_BROKERS=127.0.0.1:1", "OUTBOX_CONSUMER_GROUP=g", "OUTBOX_CONSUMER_TOPICS=t",
+		"OUTBOX_RELAY_STARTUP_TIMEOUT=2s", "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:1"}
+	for _, tc := range []struct {
+		name, env string
+		want      []string
+	}{
+		{"protocol", "OTEL_EXPORTER_OTLP_PROTOCOL=http/json", []string{"OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf or grpc", `"http/json"`}},
+		{"traces protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=thrift", []string{"OTEL_EXPORTER_OTLP_PROTOCOL", `"thrift"`}},
+		{"exporter", "OTEL_TRACES_EXPORTER=zipkin", []string{"OTEL_TRACES_EXPORTER", "otlp or none", `"zipkin"`}},
+	} {
+		for _, cmd := range []string{"run", "consume"} {
+			_, stderr, code := runBin(t, 60*time.Second, append(base, tc.env), cmd)
+			if code == 0 {
+				t.Errorf("%s with %s: exit 0, want an error", cmd, tc.env)
+				continue
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("%s with %s: stderr does not say %s:\n%s", cmd, tc.env, w, stderr)
+				}
+			}
+			if strings.Contains(stderr, "connection refused") {
+				t.Errorf("%s with %s: it tried to connect before refusing the variable:\n%s", cmd, tc.env, stderr)
+			}
+		}
+	}
+	// OTEL_TRACES_EXPORTER=none is tracing off: the command goes on, to the database it cannot reach.
+	_, stderr, code := runBin(t, 60*time.Second, append(base, "OTEL_TRACES_EXPORTER=none"), "run")
+	if code == 0 || strings.Contains(stderr, "OTEL_TRACES_EXPORTER") || strings.Contains(stderr, "tracing on") || !strings.Contains(stderr, "connection refused") {
+		t.Errorf("run with OTEL_TRACES_EXPORTER=none: exit %d, stderr:\n%s\nwant a database error and no tracing", code, stderr)
+	}
+}
