@@ -15,9 +15,12 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 )
 
-// Metrics records what the relay does: relay.Observer.
+// Metrics records what the relay of one outbox does: relay.Observer.
 type Metrics struct {
+	// Registry is the registry the metrics are served from, shared by the outboxes of a process.
 	Registry *prom.Registry
+	// reg registers this outbox's collectors, with its outbox label.
+	reg prom.Registerer
 
 	published     prom.Counter
 	publishErrors *prom.CounterVec
@@ -35,12 +38,34 @@ type Metrics struct {
 
 var _ relay.Observer = (*Metrics)(nil)
 
-// New returns Metrics registered in a new private registry, with Go and process collectors and
-// outbox_relay_build_info.
-func New(version, revision string) *Metrics {
+// New returns Metrics registered in a new private registry (NewRegistry), without an outbox
+// label: for a process serving one outbox whose metrics need no label (tests, benchmarks).
+func New(version, revision string) *Metrics { return ForOutbox(NewRegistry(version, revision), "") }
+
+// NewRegistry returns a private registry with Go and process collectors and
+// outbox_relay_build_info, for the Metrics of one or several outboxes (ForOutbox).
+func NewRegistry(version, revision string) *prom.Registry {
 	reg := prom.NewRegistry()
+	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
+		Help:        "Build information; the value is always 1.",
+		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
+	build.Set(1)
+	reg.MustRegister(build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// ForOutbox returns the Metrics of one outbox, registered in reg: every series it adds (those
+// of WatchBacklog, WatchMissingTopics and RelayKafkaHooks too) has the label outbox="outbox",
+// so one process serves the relays of several outboxes from one registry. An empty outbox adds
+// no label. Each outbox of a registry must have its own name.
+func ForOutbox(reg *prom.Registry, outbox string) *Metrics {
+	var r prom.Registerer = reg
+	if outbox != "" {
+		r = prom.WrapRegistererWith(prom.Labels{"outbox": outbox}, reg)
+	}
 	m := &Metrics{
 		Registry: reg,
+		reg:      r,
 		published: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_events_published_total",
 			Help: "Outbox events acknowledged by the broker."}),
 		publishErrors: prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_publish_errors_total",
@@ -69,13 +94,8 @@ func New(version, revision string) *Metrics {
 			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
 			[]string{"topic", "kind"}),
 	}
-	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
-		Help:        "Build information; the value is always 1.",
-		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
-	build.Set(1)
-	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, build,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions)
 	return m
 }
 
