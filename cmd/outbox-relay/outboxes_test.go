@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -121,5 +123,32 @@ func TestOutboxesWithoutFileServeOne(t *testing.T) {
 	}
 	if o, err := cfg.outbox(""); err != nil || o != cfg {
 		t.Errorf("outbox(\"\"): %v", err)
+	}
+}
+
+// TestOutboxesExampleLoads: configs/outboxes.yaml, the README's example, loads as it is written.
+func TestOutboxesExampleLoads(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "shipping-url")
+	if err := os.WriteFile(secret, []byte("postgres://shipping:pw@db3:5432/shipping\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	configEnv(t, map[string]string{
+		"OUTBOX_DATABASE_URL":  "postgres://relay:s3cret@db1:5432/app",
+		"BILLING_DATABASE_URL": "postgres://billing:other@db2:5432/billing",
+	})
+	b, err := os.ReadFile("../../configs/outboxes.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadFor(t, strings.ReplaceAll(string(b), "/run/secrets/shipping-database-url", secret))
+	if err != nil {
+		t.Fatalf("configs/outboxes.yaml: %v", err)
+	}
+	if got := strings.Join(cfg.names(), ","); got != "orders,billing,shipping" {
+		t.Fatalf("outboxes %s", got)
+	}
+	ship := cfg.Outboxes[2]
+	if ship.Store.Table.Columns.ID != "seq" || ship.Store.Mark != "retain" || !strings.Contains(ship.DatabaseURL, "db3") {
+		t.Errorf("shipping: %+v mark %s", ship.Store.Table.Columns, ship.Store.Mark)
 	}
 }
