@@ -32,7 +32,9 @@ type results struct {
 	Write                 *writeResults  `json:"write_cost,omitempty"`
 	Health                []healthResult `json:"table_health,omitempty"`
 	Memory                *memoryResult  `json:"memory,omitempty"`
-	Targets               []targetResult `json:"targets"`
+	// Outboxes are the drains of one relay process serving 1, 4 and 16 outboxes.
+	Outboxes []outboxesResult `json:"outboxes,omitempty"`
+	Targets  []targetResult   `json:"targets"`
 }
 
 // machine describes where the numbers come from.
