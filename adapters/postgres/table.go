@@ -1,11 +1,14 @@
 package postgres
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"regexp"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -207,8 +210,25 @@ func (t Table) migrations() string {
 func (t Table) notifyFunc() string        { return pgx.Identifier{t.Schema, t.Name + "_notify"}.Sanitize() }
 func (t Table) name(suffix string) string { return pgx.Identifier{t.Name + "_" + suffix}.Sanitize() }
 
-// Channel returns the LISTEN/NOTIFY channel of the outbox.
-func (t Table) Channel() string { return "outbox_relay_" + t.Schema + "_" + t.Name }
+// Channel returns the LISTEN/NOTIFY channel of the outbox: outbox_relay_<schema>_<table>. A
+// channel name is at most 63 bytes (pg_notify refuses a longer one, failing the writers'
+// INSERTs through the wake-up trigger): a longer one keeps its first 46 bytes (whole
+// characters) and ends with a hash of the schema and table, so it stays distinct.
+func (t Table) Channel() string {
+	c := "outbox_relay_" + t.Schema + "_" + t.Name
+	if len(c) <= maxIdentifier {
+		return c
+	}
+	cut := 46
+	for cut > 0 && !utf8.RuneStart(c[cut]) {
+		cut--
+	}
+	sum := sha256.Sum256([]byte(t.Schema + "." + t.Name))
+	return c[:cut] + "_" + hex.EncodeToString(sum[:8])
+}
+
+// maxIdentifier is PostgreSQL's longest identifier, and channel name, in bytes.
+const maxIdentifier = 63
 
 // lockKey returns the text hashed into the leadership advisory lock.
 func (t Table) lockKey() string { return "outbox-relay:" + t.String() }
