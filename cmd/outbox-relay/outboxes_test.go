@@ -14,7 +14,7 @@ import (
 func TestOutboxesEachOverTheTopLevel(t *testing.T) {
 	configEnv(t, map[string]string{
 		"OUTBOX_DATABASE_URL": "postgres://relay:s3cret@db1:5432/app",
-		"BILLING_DB":          "postgres://billing:other@db2:5432/billing",
+		"BILLING_DB":          "postgres://billing:b1llingPw9@db2:5432/billing",
 	})
 	cfg, err := loadFor(t, `
 kafka:
@@ -129,12 +129,12 @@ func TestOutboxesWithoutFileServeOne(t *testing.T) {
 // TestOutboxesExampleLoads: configs/outboxes.yaml, the README's example, loads as it is written.
 func TestOutboxesExampleLoads(t *testing.T) {
 	secret := filepath.Join(t.TempDir(), "shipping-url")
-	if err := os.WriteFile(secret, []byte("postgres://shipping:pw@db3:5432/shipping\n"), 0o600); err != nil {
+	if err := os.WriteFile(secret, []byte("postgres://shipping:sh1pPw7x@db3:5432/shipping\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	configEnv(t, map[string]string{
 		"OUTBOX_DATABASE_URL":  "postgres://relay:s3cret@db1:5432/app",
-		"BILLING_DATABASE_URL": "postgres://billing:other@db2:5432/billing",
+		"BILLING_DATABASE_URL": "postgres://billing:b1llingPw9@db2:5432/billing",
 	})
 	b, err := os.ReadFile("../../configs/outboxes.yaml")
 	if err != nil {
