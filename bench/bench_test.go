@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -124,6 +125,14 @@ func TestSmoke(t *testing.T) {
 	}
 	if got.Memory == nil || got.Memory.Drained == 0 || got.Memory.PeakRSS == 0 {
 		t.Errorf("memory section incomplete: %+v", got.Memory)
+	}
+	if len(got.Outboxes) != len(outboxCounts) {
+		t.Errorf("outboxes section: %d results, want %d", len(got.Outboxes), len(outboxCounts))
+	}
+	for _, o := range got.Outboxes {
+		if o.Error != "" || o.EventsPerSec <= 0 || o.PeakRSS <= 0 || o.Events != opts.Scale.DrainSmall {
+			t.Errorf("outboxes %d: incomplete result %+v", o.Outboxes, o)
+		}
 	}
 	if len(got.Targets) == 0 || len(res.Targets) != len(got.Targets) {
 		t.Errorf("targets: %d in results.json, %d returned", len(got.Targets), len(res.Targets))
@@ -340,7 +349,11 @@ func TestDrainRetain(t *testing.T) {
 // the options, the results and the bench's log, and ends the test when the run fails.
 func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *results, string) {
 	t.Helper()
-	opts, err := parseFlags(append([]string{"-db", dbtest.URL(), "-out", t.TempDir()}, args...))
+	base := []string{"-db", dbtest.URL(), "-out", t.TempDir()}
+	if !slices.Contains(args, "-only") || strings.Contains(args[slices.Index(args, "-only")+1], "outboxes") {
+		base = append(base, "-relay-bin", relayBin(t)) // the outboxes section runs the daemon
+	}
+	opts, err := parseFlags(append(base, args...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -415,4 +428,19 @@ func TestRunsVariant(t *testing.T) {
 			t.Errorf("variants %v, case %s, %s: runs %t, want %t", tc.b.opts.Variants, caseLabel(tc.dc), tc.variant, got, tc.want)
 		}
 	}
+}
+
+// relayBin returns the outbox-relay binary: $OUTBOX_RELAY_BIN, else one built for the test.
+func relayBin(t *testing.T) string {
+	t.Helper()
+	if bin := os.Getenv("OUTBOX_RELAY_BIN"); bin != "" {
+		return bin
+	}
+	bin := filepath.Join(t.TempDir(), "outbox-relay")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/outbox-relay")
+	cmd.Dir = ".."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build outbox-relay: %v\n%s", err, out)
+	}
+	return bin
 }

@@ -65,6 +65,8 @@ func main() {
 
 // options are the command line of the benchmark.
 type options struct {
+	// RelayBin is the outbox-relay binary of the outboxes section.
+	RelayBin    string
 	ScaleName   string
 	Scale       scale
 	DatabaseURL string
@@ -101,7 +103,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory"}
+var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory", "outboxes"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -122,10 +124,11 @@ func parseFlags(args []string) (options, error) {
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
 	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
+	relayBin := fs.String("relay-bin", "bin/outbox-relay", "the outbox-relay binary the outboxes section runs (make build writes it)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
-	o := options{ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
+	o := options{RelayBin: *relayBin, ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
 		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
@@ -286,7 +289,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	b.res.Machine = machineInfo(ctx, pool)
 	defer func() { b.coll.close() }()
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory,
+		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory, "outboxes": b.outboxes,
 	}
 	var errs []error
 	for _, s := range allSections {

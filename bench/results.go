@@ -38,6 +38,8 @@ type results struct {
 	Write    *writeResults    `json:"write_cost,omitempty"`
 	Health   []healthResult   `json:"table_health,omitempty"`
 	Memory   *memoryResult    `json:"memory,omitempty"`
+	// Outboxes are the drains of one relay process serving 1, 4 and 16 outboxes.
+	Outboxes []outboxesResult `json:"outboxes,omitempty"`
 	Targets  []targetResult   `json:"targets"`
 }
 

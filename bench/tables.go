@@ -245,6 +245,30 @@ func (b *bench) tables(w io.Writer) {
 			mr.Backlog, mr.Payload, mr.MaxInFlight, mr.MaxInFlightBytes>>20, mr.Drained, mr.EventsPerSec, mib(mr.PeakRSS), mib(mr.HWM))
 	}
 
+	if len(r.Outboxes) > 0 {
+		fmt.Fprintln(w, "### Many outboxes in one process")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "The same backlog of 256 B events (100 keys), spread evenly over n outbox tables, drained by one `outbox-relay run` process serving them all. Timed from its first leadership, so outboxes led later count against the rate.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| outboxes | events | events/s | vs 1 outbox | CPU ms / 10k | RSS at start MiB | peak RSS MiB | all led after |")
+		fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
+		one := 0.0
+		for _, o := range r.Outboxes {
+			if o.Outboxes == 1 && o.Error == "" {
+				one = o.EventsPerSec
+			}
+		}
+		for _, o := range r.Outboxes {
+			if o.Error != "" {
+				fmt.Fprintf(w, "| %d | %d | failed: %s | | | | | |\n", o.Outboxes, o.Events, o.Error)
+				continue
+			}
+			fmt.Fprintf(w, "| %d | %d | %.0f | %s | %.1f | %.1f | %.1f | %.2f s |\n", o.Outboxes, o.Events, o.EventsPerSec,
+				ratio(o.EventsPerSec, one), o.CPUMsPer10k, mib(o.IdleRSS), mib(o.PeakRSS), o.StartSec)
+		}
+		fmt.Fprintln(w)
+	}
+
 	if len(r.Targets) > 0 {
 		fmt.Fprintln(w, "### Targets")
 		fmt.Fprintln(w)

@@ -862,8 +862,8 @@ func (p *relayProc) httpAddr(t *testing.T, timeout time.Duration) string {
 // metricsClient scrapes the relay processes; its timeout is generous, for a loaded machine.
 var metricsClient = &http.Client{Timeout: 30 * time.Second}
 
-// metric scrapes http://addr/metrics and returns the value of the sample named name (without
-// labels).
+// metric scrapes http://addr/metrics and returns the value of the samples named name, summed
+// over their labels.
 func metric(addr, name string) (float64, error) {
 	resp, err := metricsClient.Get("http://" + addr + "/metrics")
 	if err != nil {
@@ -874,10 +874,25 @@ func metric(addr, name string) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
+	// The relay's series carry the label outbox="<name>" (one outbox here): the sum of the
+	// series named name, with or without labels.
+	sum, found := 0.0, false
 	for _, line := range strings.Split(string(body), "\n") {
-		if rest, ok := strings.CutPrefix(line, name+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		rest, ok := strings.CutPrefix(line, name+" ")
+		if !ok && strings.HasPrefix(line, name+"{") {
+			_, rest, ok = strings.Cut(line, "} ")
 		}
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		if err != nil {
+			return 0, err
+		}
+		sum, found = sum+v, true
 	}
-	return 0, fmt.Errorf("metric %s not exposed by %s", name, addr)
+	if !found {
+		return 0, fmt.Errorf("metric %s not exposed by %s", name, addr)
+	}
+	return sum, nil
 }

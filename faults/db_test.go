@@ -7,11 +7,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
 )
 
-// Entry 1: transaction A takes id n and stays open; B takes n+1 and commits first. The relay
+// Entry 1, on the relay's table and on an adopted Debezium table: transaction A takes id n and stays open; B takes n+1 and commits first. The relay
 // publishes B, and A once it commits: nothing is skipped.
 func TestFault01VisibilityGap(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{})
+	forLayouts(t, fault01)
+}
+
+func fault01(t *testing.T, layout string) {
+	e := setup(t, options{layout: layout})
 	r := e.startRelay(relayOpts{})
 	e.waitLeader(r)
 	a, err := e.loader.Begin(e.ctx, "gap-a", 1)
@@ -40,11 +44,15 @@ func TestFault01VisibilityGap(t *testing.T) {
 	result(t, 1, rep, "A's lower id, committed last, found by the rescan")
 }
 
-// Entry 2: rolled-back transactions, and transactions whose COMMIT fails on a deferred
+// Entry 2, on both layouts: rolled-back transactions, and transactions whose COMMIT fails on a deferred
 // constraint, are never published.
 func TestFault02Rollbacks(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{load: oracle.Config{RollbackRatio: 0.25, FailCommitRatio: 0.15, Workers: 6}})
+	forLayouts(t, fault02)
+}
+
+func fault02(t *testing.T, layout string) {
+	e := setup(t, options{layout: layout, load: oracle.Config{RollbackRatio: 0.25, FailCommitRatio: 0.15, Workers: 6}})
 	r := e.startRelay(relayOpts{})
 	e.loader.Run(e.ctx, 600)
 	e.waitDrained(60 * time.Second)

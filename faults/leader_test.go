@@ -14,7 +14,11 @@ import (
 // Only one publishes at a time, and per-key order holds across the handovers.
 func TestFault08TwoReplicas(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{})
+	forLayouts(t, fault08)
+}
+
+func fault08(t *testing.T, layout string) {
+	e := setup(t, options{layout: layout})
 	a := e.startRelay(relayOpts{name: "fault08-a"})
 	e.waitLeader(a)
 	b := e.startRelay(relayOpts{name: "fault08-b"})

@@ -9,12 +9,16 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
-// Entry 3: the relay is killed (SIGKILL) after the broker acknowledged a batch and before the
+// Entry 3, on both layouts: the relay is killed (SIGKILL) after the broker acknowledged a batch and before the
 // batch was marked. The next relay publishes the batch again: nothing is lost, and the duplicates
 // are that one batch.
 func TestFault03SigkillBetweenAckAndMark(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{})
+	forLayouts(t, fault03)
+}
+
+func fault03(t *testing.T, layout string) {
+	e := setup(t, options{layout: layout})
 	e.loader.Run(e.ctx, 300)
 	held, release := e.holdRows() // the relay's DELETE will wait on these rows
 	p1 := e.startProcess("fault03-a")

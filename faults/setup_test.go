@@ -76,7 +76,13 @@ type options struct {
 	topics     int
 	topicConf  map[string]*string // configuration of the env's topics
 	load       oracle.Config
+	// layout is the outbox table's: "" (the relay's own) or layoutDebezium, Debezium's outbox
+	// table adopted with 'migrate --adopt' (one topic then: the aggregate type names it).
+	layout string
 }
+
+// layoutDebezium is options.layout for Debezium's outbox table.
+const layoutDebezium = "debezium"
 
 // env is one fault test's world: an outbox, a broker, topics and a loader.
 type env struct {
@@ -90,16 +96,21 @@ type env struct {
 	topics []string
 	loader *oracle.Loader
 	seq    atomic.Int64
+	layout string // options.layout
 }
 
 func setup(t *testing.T, o options) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	e := &env{t: t, ctx: ctx}
+	e := &env{t: t, ctx: ctx, layout: o.layout}
 	if o.cluster == nil {
 		e.pool, e.table = dbtest.Schema(t)
 		e.url = dbtest.URL()
+		if o.layout == layoutDebezium {
+			e.table = adoptDebezium(t, e.pool, e.table.Schema)
+			o.topics = 1
+		}
 	} else {
 		e.url = o.cluster.URL()
 		pool, err := pgxpool.New(ctx, e.url)
@@ -156,6 +167,9 @@ func setup(t *testing.T, o options) *env {
 		e.topics = append(e.topics, name)
 	}
 	o.load.Topics = e.topics
+	if o.layout == layoutDebezium {
+		o.load.AggregateType = e.topics[0] // the relay's topic template is {aggregate_type}
+	}
 	l, err := oracle.New(ctx, e.pool, e.table, o.load)
 	if err != nil {
 		t.Fatal(err)
@@ -298,6 +312,9 @@ func (e *env) startRelay(o relayOpts) *inRelay {
 	logs := &logBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	kc := kafka.Config{Brokers: e.broker.Addrs, DialTimeout: 3 * time.Second, Log: log}
+	if e.layout == layoutDebezium {
+		kc.TopicTemplate, kc.IDHeader = "{aggregate_type}", "id" // as 'run' with database.layout debezium
+	}
 	if o.kafka != nil {
 		o.kafka(&kc)
 	}
@@ -546,6 +563,9 @@ func (e *env) startProcess(name string, extra ...string) *proc {
 		"OUTBOX_RELAY_BATCH_SIZE=200",
 		"OUTBOX_RELAY_MAX_IN_FLIGHT=1000",
 	)
+	if e.layout == layoutDebezium {
+		cmd.Env = append(cmd.Env, "OUTBOX_DATABASE_LAYOUT=debezium", "OUTBOX_KAFKA_TOPIC_TEMPLATE={aggregate_type}")
+	}
 	cmd.Env = append(cmd.Env, extra...)
 	p := &proc{cmd: cmd, logs: &logBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout = p.logs
@@ -660,16 +680,47 @@ func (e *env) holdRows() (int, func()) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	rows, err := tx.Query(e.ctx, e.sql(`SELECT id FROM {outbox} FOR SHARE`))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
-		e.t.Fatal(err)
-	}
 	var once sync.Once
 	release := func() { once.Do(func() { _ = tx.Rollback(context.Background()) }) }
 	e.t.Cleanup(release)
-	return len(ids), release
+	var n int
+	// Counted in the database: the id column is the event's uuid in some layouts.
+	if err := tx.QueryRow(e.ctx, e.sql(`SELECT count(*) FROM (SELECT 1 FROM {outbox} FOR SHARE) s`)).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	return n, release
+}
+
+// adoptDebezium creates Debezium's outbox table in schema, adopts it as 'outbox-relay migrate
+// --adopt --yes' does, and returns it.
+func adoptDebezium(t *testing.T, pool *pgxpool.Pool, schema string) postgres.Table {
+	t.Helper()
+	ctx := context.Background()
+	table := postgres.Table{Schema: schema, Name: "outboxevent", Columns: postgres.DebeziumColumns}
+	if _, err := pool.Exec(ctx, `CREATE TABLE `+pgx.Identifier{schema, table.Name}.Sanitize()+` (id uuid NOT NULL PRIMARY KEY,
+		aggregatetype varchar(255) NOT NULL, aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb)`); err != nil {
+		t.Fatal(err)
+	}
+	plan, err := postgres.PlanAdopt(ctx, pool, table)
+	if err != nil {
+		t.Fatalf("plan adopt: %v", err)
+	}
+	if err := postgres.Adopt(ctx, pool, plan, "10s"); err != nil {
+		t.Fatalf("adopt: %v", err)
+	}
+	return table
+}
+
+// forLayouts runs f as a parallel subtest with the relay's own table and with an adopted
+// Debezium table: every guarantee holds on both.
+func forLayouts(t *testing.T, f func(t *testing.T, layout string)) {
+	for _, layout := range []string{"relay", layoutDebezium} {
+		t.Run(layout, func(t *testing.T) {
+			t.Parallel()
+			if layout == "relay" {
+				layout = ""
+			}
+			f(t, layout)
+		})
+	}
 }

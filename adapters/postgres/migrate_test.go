@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
@@ -103,43 +102,5 @@ func TestMigrateConcurrently(t *testing.T) {
 	if _, err := pool.Exec(ctx, `INSERT INTO `+schema+`.events_outbox (aggregate_type, aggregate_id, event_type, payload)
 		VALUES ('order', 'o-1', 'OrderPlaced', '\x7b7d')`); err != nil {
 		t.Fatalf("minimal insert into the migrated outbox: %v", err)
-	}
-}
-
-// TestLongNamesKeepTheWakeUp: a schema and table whose channel name would pass PostgreSQL's 63
-// bytes still get a working wake-up. pg_notify refuses a longer name, and the trigger with it
-// every INSERT into the outbox.
-func TestLongNamesKeepTheWakeUp(t *testing.T) {
-	t.Parallel()
-	pool, base := dbtest.Schema(t)
-	ctx := context.Background()
-	table := postgres.Table{Schema: base.Schema, Name: "outbox_of_the_order_fulfilment_service"}
-	other := postgres.Table{Schema: base.Schema, Name: table.Name + "_2"} // 40 bytes, the longest name allowed
-	if len(table.Channel()) > 63 || len(other.Channel()) > 63 || table.Channel() == other.Channel() {
-		t.Fatalf("channels %q and %q: want two distinct names of at most 63 bytes", table.Channel(), other.Channel())
-	}
-	if _, err := postgres.Migrate(ctx, pool, table, nil); err != nil {
-		t.Fatalf("migrate: %v", err)
-	}
-	conn, err := pool.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Release()
-	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{table.Channel()}.Sanitize()); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{table.Schema, table.Name}.Sanitize()+
-		` (event_id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'a', 'k', 'e', '{}')`); err != nil {
-		t.Fatalf("insert into an outbox with a long name: %v", err)
-	}
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	n, err := conn.Conn().WaitForNotification(wctx)
-	if err != nil {
-		t.Fatalf("no wake-up on %q: %v", table.Channel(), err)
-	}
-	if n.Channel != table.Channel() {
-		t.Fatalf("wake-up on %q, want %q", n.Channel, table.Channel())
 	}
 }

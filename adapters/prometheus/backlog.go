@@ -82,7 +82,7 @@ func (m *Metrics) WatchBacklog(read BacklogFunc, opts BacklogOptions) {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
 	topic := []string{"topic"}
-	m.Registry.MustRegister(&backlogCollector{
+	m.reg.MustRegister(&backlogCollector{
 		read: read,
 		opts: opts,
 		pending: prom.NewDesc("outbox_relay_pending_rows",

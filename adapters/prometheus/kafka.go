@@ -11,7 +11,7 @@ import (
 // (outbox_relay_kafka_*: requests, end-to-end request durations, batches, records and bytes by
 // broker and topic), registered in m's registry. Pass them with kgo.WithHooks.
 func (m *Metrics) RelayKafkaHooks() *kprom.Metrics {
-	return kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(m.Registry), kprom.Gatherer(m.Registry),
+	return kprom.NewMetrics("outbox_relay_kafka", kprom.Registerer(m.reg), kprom.Gatherer(m.Registry),
 		kprom.Histograms(kprom.RequestDurationE2E),
 		kprom.FetchAndProduceDetail(kprom.ByNode, kprom.ByTopic, kprom.Batches, kprom.Records, kprom.UncompressedBytes))
 }
@@ -33,7 +33,7 @@ type missingCollector struct {
 // outbox_relay_topic_missing{topic}: 1 for each of them, 0 for those it returned before. read is
 // called on each scrape and must be cheap.
 func (m *Metrics) WatchMissingTopics(read func() []string) {
-	m.Registry.MustRegister(&missingCollector{
+	m.reg.MustRegister(&missingCollector{
 		read: read,
 		desc: prom.NewDesc("outbox_relay_topic_missing",
 			"1 while the broker says the topic does not exist: its rows wait, and are sent again until it does (create it, or set kafka.auto_create_topics); 0 once a publish to it succeeded.",

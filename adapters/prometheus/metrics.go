@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net/http"
 	"runtime"
-	"sync/atomic"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
@@ -16,9 +15,12 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 )
 
-// Metrics records what the relay does: relay.Observer.
+// Metrics records what the relay of one outbox does: relay.Observer.
 type Metrics struct {
+	// Registry is the registry the metrics are served from, shared by the outboxes of a process.
 	Registry *prom.Registry
+	// reg registers this outbox's collectors, with its outbox label.
+	reg prom.Registerer
 
 	published     prom.Counter
 	publishErrors *prom.CounterVec
@@ -33,18 +35,38 @@ type Metrics struct {
 	lastPublish   prom.Gauge
 	partitions    *prom.GaugeVec
 	tokenErrors   prom.Counter
-	// tracing returns the counts of the relay's spans (WatchTracing).
-	tracing atomic.Pointer[func() TracingSpans]
 }
 
 var _ relay.Observer = (*Metrics)(nil)
 
-// New returns Metrics registered in a new private registry, with Go and process collectors and
-// outbox_relay_build_info.
-func New(version, revision string) *Metrics {
+// New returns Metrics registered in a new private registry (NewRegistry), without an outbox
+// label: for a process serving one outbox whose metrics need no label (tests, benchmarks).
+func New(version, revision string) *Metrics { return ForOutbox(NewRegistry(version, revision), "") }
+
+// NewRegistry returns a private registry with Go and process collectors and
+// outbox_relay_build_info, for the Metrics of one or several outboxes (ForOutbox).
+func NewRegistry(version, revision string) *prom.Registry {
 	reg := prom.NewRegistry()
+	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
+		Help:        "Build information; the value is always 1.",
+		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
+	build.Set(1)
+	reg.MustRegister(build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// ForOutbox returns the Metrics of one outbox, registered in reg: every series it adds (those
+// of WatchBacklog, WatchMissingTopics and RelayKafkaHooks too) has the label outbox="outbox",
+// so one process serves the relays of several outboxes from one registry. An empty outbox adds
+// no label. Each outbox of a registry must have its own name.
+func ForOutbox(reg *prom.Registry, outbox string) *Metrics {
+	var r prom.Registerer = reg
+	if outbox != "" {
+		r = prom.WrapRegistererWith(prom.Labels{"outbox": outbox}, reg)
+	}
 	m := &Metrics{
 		Registry: reg,
+		reg:      r,
 		published: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_events_published_total",
 			Help: "Outbox events acknowledged by the broker."}),
 		publishErrors: prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_publish_errors_total",
@@ -75,30 +97,8 @@ func New(version, revision string) *Metrics {
 		tokenErrors: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_sasl_token_errors_total",
 			Help: "Times the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) could not get a token or credentials; each fails a connection to a broker."}),
 	}
-	spans := func(name, help string, get func(TracingSpans) float64) prom.Collector {
-		return prom.NewCounterFunc(prom.CounterOpts{Name: name, Help: help}, func() float64 {
-			if f := m.tracing.Load(); f != nil {
-				return get((*f)())
-			}
-			return 0
-		})
-	}
-	sampled := spans("outbox_relay_tracing_spans_sampled_total",
-		"Spans the OpenTelemetry sampler kept, handed to the batch span processor. 0 with tracing off.",
-		func(s TracingSpans) float64 { return s.Sampled })
-	exported := spans("outbox_relay_tracing_spans_exported_total",
-		"Spans the OpenTelemetry exporter sent to the collector. 0 with tracing off.",
-		func(s TracingSpans) float64 { return s.Exported })
-	failed := spans("outbox_relay_tracing_spans_failed_total",
-		"Spans the OpenTelemetry exporter failed to send to the collector (lost; events are not affected). 0 with tracing off.",
-		func(s TracingSpans) float64 { return s.Failed })
-	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
-		Help:        "Build information; the value is always 1.",
-		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
-	build.Set(1)
-	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors, sampled, exported, failed, build,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors)
 	return m
 }
 
@@ -188,7 +188,27 @@ type TracingSpans struct {
 	Sampled, Exported, Failed float64
 }
 
-// WatchTracing makes outbox_relay_tracing_spans_{sampled,exported,failed}_total report what read
-// returns (called on each scrape; it must be cheap). Until then, or with tracing off, they stay
-// at 0.
-func (m *Metrics) WatchTracing(read func() TracingSpans) { m.tracing.Store(&read) }
+// WatchTracing registers in reg outbox_relay_tracing_spans_{sampled,exported,failed}_total,
+// which report what read returns (called on each scrape; it must be cheap). Tracing is the
+// process's, not an outbox's: register them once per registry, with no outbox label. A nil read
+// reports 0, as with tracing off.
+func WatchTracing(reg prom.Registerer, read func() TracingSpans) {
+	spans := func(name, help string, get func(TracingSpans) float64) prom.Collector {
+		return prom.NewCounterFunc(prom.CounterOpts{Name: name, Help: help}, func() float64 {
+			if read == nil {
+				return 0
+			}
+			return get(read())
+		})
+	}
+	reg.MustRegister(
+		spans("outbox_relay_tracing_spans_sampled_total",
+			"Spans the OpenTelemetry sampler kept, handed to the batch span processor. 0 with tracing off.",
+			func(s TracingSpans) float64 { return s.Sampled }),
+		spans("outbox_relay_tracing_spans_exported_total",
+			"Spans the OpenTelemetry exporter sent to the collector. 0 with tracing off.",
+			func(s TracingSpans) float64 { return s.Exported }),
+		spans("outbox_relay_tracing_spans_failed_total",
+			"Spans the OpenTelemetry exporter failed to send to the collector (lost; events are not affected). 0 with tracing off.",
+			func(s TracingSpans) float64 { return s.Failed }))
+}

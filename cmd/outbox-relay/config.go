@@ -180,6 +180,14 @@ type Config struct {
 	// tracingSpans counts the relay's spans; nil when tracing is off. Set by 'run' from
 	// setupTracing, not a configuration key.
 	tracingSpans *spanCounts
+	// Name names the outbox in metrics (the outbox label), logs, /readyz and the commands'
+	// --outbox: an entry's name under outboxes:, else the table (schema.table).
+	Name string
+	// Outboxes are the outboxes the relay serves, each a whole configuration: the entries of
+	// outboxes: (the top-level settings with the entry's on top), else this configuration alone.
+	Outboxes []*Config
+	// Multi is true when the configuration file lists outboxes:.
+	Multi bool
 }
 
 // newViper returns a viper with every key's default and the environment bound.
@@ -240,6 +248,18 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 	processSecrets.Add(cfg.Kafka.SASL.Password)
 	processSecrets.Add(cfg.Kafka.SASL.OAuth.ClientSecret)
 	errs = append(errs, err)
+	cfg.Name = cfg.Store.Table.WithDefaults().String()
+	cfg.Outboxes = []*Config{cfg}
+	if file != "" && v.IsSet("outboxes") {
+		outboxes, err := parseOutboxes(v, file, v.Get("outboxes"))
+		for _, o := range outboxes {
+			o.Multi = true
+			processSecrets.AddConnString(o.DatabaseURL, o.RabbitMQ.URL)
+			processSecrets.Add(o.Kafka.SASL.Password, o.Kafka.SASL.OAuth.ClientSecret)
+		}
+		errs = append(errs, err)
+		cfg.Outboxes, cfg.Multi = outboxes, true
+	}
 	if warnings := unknownEnv(); len(warnings) > 0 {
 		log := newLogger(fs.Output(), cfg.LogLevel, cfg.LogFormat)
 		for _, w := range warnings {
@@ -285,6 +305,9 @@ func fileKeyErrors(file string) []error {
 	}
 	var errs []error
 	for _, k := range fv.AllKeys() { // sorted
+		if k == "outboxes" {
+			continue // checked entry by entry by parseOutboxes
+		}
 		s, ok := known[k]
 		switch why, fixed := fixedKeys[k]; {
 		case fixed:

@@ -54,7 +54,7 @@ func loadLogged(t *testing.T, yaml string, flags ...string) (*Config, string, er
 	}
 	cfg, _, err := loadConfig(fs)
 	if cfg != nil {
-		err = joinNew(err, cfg.requireRelay()) // as runCmd does
+		err = joinNew(err, cfg.requireOutboxes()) // as runCmd does
 	}
 	return cfg, stderr.String(), err
 }

@@ -278,3 +278,21 @@ func checkMetricsDocumented(t *testing.T, mfs map[string]*dto.MetricFamily) {
 		}
 	}
 }
+
+// TestDashboardSelectsOutbox checks that the dashboard has an outbox variable and that every
+// query of a relay metric (but the build information, which is the process's) filters by it.
+func TestDashboardSelectsOutbox(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile(dashboardFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"name": "outbox"`) {
+		t.Errorf("%s: no outbox variable", dashboardFile)
+	}
+	for _, e := range dashboardExprs(t) {
+		if strings.Contains(e, "outbox_relay_") && !strings.Contains(e, "build_info") && !strings.Contains(e, `outbox=~"$outbox"`) {
+			t.Errorf("%s: query does not filter by $outbox: %s", dashboardFile, e)
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,11 +46,15 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	rate := fs.Int("rate", 20, "users created per second")
 	writers := fs.Int("writers", 4, "concurrent writers")
 	duration := fs.Duration("duration", 0, "stop after this long (0: run until Ctrl-C)")
+	outboxCount := fs.Int("outboxes", 1, "outbox tables served by the one relay process (1 to 8): outbox, outbox2...; the writers take turns")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *rate < 1 || *writers < 1 {
 		return errors.New("--rate and --writers must be at least 1")
+	}
+	if *outboxCount < 1 || *outboxCount > 8 {
+		return fmt.Errorf("--outboxes: must be between 1 and 8, got %d", *outboxCount)
 	}
 	// Under make (or go run) Ctrl-C would also interrupt the parent, which then reports an error
 	// however cleanly the demo stops: take the terminal so that Ctrl-C reaches the demo alone.
@@ -99,18 +104,41 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	defer pool.Close()
 	table := cfg.Store.Table.WithDefaults()
-	fmt.Fprintf(stdout, "database %s:%d/%s, outbox %s\n", pool.Config().ConnConfig.Host, pool.Config().ConnConfig.Port,
-		pool.Config().ConnConfig.Database, table)
-	if _, err := postgres.Migrate(ctx, pool, table, func(s postgres.MigrationStep) {
-		fmt.Fprintf(stdout, "migration %s: applied=%t\n", s.Name, s.Applied)
-	}); err != nil {
-		return err
+	fmt.Fprintf(stdout, "database %s:%d/%s\n", pool.Config().ConnConfig.Host, pool.Config().ConnConfig.Port,
+		pool.Config().ConnConfig.Database)
+	// With --outboxes N the one relay serves N tables, as a configuration file listing N outboxes
+	// would: outbox, outbox2...
+	var tables []postgres.Table
+	var outboxCfgs []*Config
+	for i := range *outboxCount {
+		t := table
+		if i > 0 {
+			t.Name = fmt.Sprintf("%s%d", table.Name, i+1)
+		}
+		tables = append(tables, t)
+		c := *cfg
+		c.Store.Table, c.Name, c.Outboxes = t, t.Name, nil
+		outboxCfgs = append(outboxCfgs, &c)
+		fmt.Fprintf(stdout, "outbox %s\n", t)
+		if _, err := postgres.Migrate(ctx, pool, t, func(s postgres.MigrationStep) {
+			fmt.Fprintf(stdout, "migration %s: applied=%t\n", s.Name, s.Applied)
+		}); err != nil {
+			return err
+		}
+		if table.Schema == demoSchema {
+			if _, err := pool.Exec(ctx, `TRUNCATE outbox_demo.`+t.Name+`, outbox_demo.`+t.Name+`_parked`); err != nil {
+				return fmt.Errorf("reset demo tables: %w", err)
+			}
+		}
+	}
+	if *outboxCount > 1 {
+		cfg.Outboxes, cfg.Multi = outboxCfgs, true
 	}
 	if err := postgres.MigrateExample(ctx, pool, table); err != nil {
 		return err
 	}
 	if table.Schema == demoSchema {
-		if _, err := pool.Exec(ctx, `TRUNCATE outbox_demo.users, outbox_demo.`+table.Name+`, outbox_demo.`+table.Name+`_parked`); err != nil {
+		if _, err := pool.Exec(ctx, `TRUNCATE outbox_demo.users`); err != nil {
 			return fmt.Errorf("reset demo tables: %w", err)
 		}
 	}
@@ -182,11 +210,14 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	})
 
 	// The writers: the CreateUser use case through the Postgres unit of work.
-	uow, err := postgres.NewUnitOfWork(pool, table)
-	if err != nil {
-		return err
+	var createUsers []*app.CreateUser
+	for _, t := range tables {
+		uow, err := postgres.NewUnitOfWork(pool, t)
+		if err != nil {
+			return err
+		}
+		createUsers = append(createUsers, app.NewCreateUser(uow, nil))
 	}
-	createUser := app.NewCreateUser(uow, nil)
 	var written, failed atomic.Int64
 	writeCtx, stopWriters := context.WithCancel(ctx)
 	defer stopWriters()
@@ -203,7 +234,7 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				case <-t.C:
 				}
 				// Not cancelled mid-transaction: a user whose COMMIT went out is counted as written.
-				_, err := createUser.Execute(context.WithoutCancel(writeCtx), app.CreateUserCommand{
+				_, err := createUsers[(w+n)%len(createUsers)].Execute(context.WithoutCancel(writeCtx), app.CreateUserCommand{
 					Name: fmt.Sprintf("User %d-%d", w, n), Email: fmt.Sprintf("user-%d-%d-%s@example.com", w, n, domain.NewID()[:8])})
 				if err != nil {
 					if writeCtx.Err() == nil {
@@ -219,7 +250,10 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	tty := isTerminal(stdout)
 	start := time.Now()
 	var maxLag int64
-	outboxTable := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	var pendingSQL []string
+	for _, t := range tables {
+		pendingSQL = append(pendingSQL, `(SELECT count(*) FROM `+pgx.Identifier{t.Schema, t.Name}.Sanitize()+` WHERE dispatched_at IS NULL)`)
+	}
 	status := func(final bool) {
 		// The three counts are read in this order so that received <= published <= written on
 		// every line: an event the consumer counted was on the topic before, and a topic only
@@ -242,7 +276,7 @@ func demoCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		ends.Each(func(o kadm.ListedOffset) { published += o.Offset - startOffsets[o.Partition] })
 		var w, pending int64
 		if err := pool.QueryRow(qctx, `SELECT (SELECT count(*) FROM `+users+`) - $1,
-			(SELECT count(*) FROM `+outboxTable+` WHERE dispatched_at IS NULL)`, usersBefore).Scan(&w, &pending); err != nil {
+			`+strings.Join(pendingSQL, " + "), usersBefore).Scan(&w, &pending); err != nil {
 			log.Debug("demo: count users and pending rows", "err", err)
 			return
 		}

@@ -80,10 +80,10 @@ func (b *brokerCheck) watch(ctx context.Context) {
 // it could publish (rows it holds on purpose, behind a parked row or a retry, are no stall: see
 // postgres.Stalled). A standby is ready: waiting is its job. It costs one database round trip
 // (two for the leader); the broker's answer is reused for brokerCheckInterval.
-func (d *daemon) ready(ctx context.Context) error {
+func (d *served) ready(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	if !d.relay.Connected() {
+	if !d.relay().Connected() {
 		return errors.New("database session down")
 	}
 	if err := d.pool.Ping(ctx); err != nil {
@@ -96,7 +96,7 @@ func (d *daemon) ready(ctx context.Context) error {
 	if err != nil {
 		return errors.New("database query failed")
 	}
-	if !d.relay.Leader() {
+	if !d.relay().Leader() {
 		// A standby is ready while the leader works. A leader that gave no sign of life for
 		// longer than the stall timeout (and its lease) while rows could go is a stall every
 		// replica shows: the standby takes such a leader over after relay.leader_lease, so this
@@ -117,7 +117,7 @@ func (d *daemon) ready(ctx context.Context) error {
 	}
 	// Progress is the last acknowledgement, or the start of this leadership term: a replica that
 	// just took over a backlog has not stalled yet.
-	progress := d.relay.LastAck()
+	progress := d.relay().LastAck()
 	if since := d.leading.since(); progress.Before(since) {
 		progress = since
 	}

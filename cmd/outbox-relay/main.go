@@ -143,7 +143,13 @@ func newLogger(w io.Writer, level, format string, secrets ...string) *slog.Logge
 // secretsOf returns the bare secret values of cfg, to keep them out of logs and errors (the
 // connection strings are known to processSecrets since loadConfig).
 func secretsOf(cfg *Config) []string {
-	return []string{cfg.Kafka.SASL.Password, cfg.RabbitMQ.Password()}
+	out := []string{cfg.Kafka.SASL.Password, cfg.Kafka.SASL.OAuth.ClientSecret, cfg.RabbitMQ.Password()}
+	for _, o := range cfg.Outboxes {
+		if o != cfg {
+			out = append(out, o.Kafka.SASL.Password, o.Kafka.SASL.OAuth.ClientSecret, o.RabbitMQ.Password())
+		}
+	}
+	return out
 }
 
 func versionCmd(_ context.Context, args []string, stdout, stderr io.Writer) error {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -15,6 +16,7 @@ import (
 func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("migrate", "Create or upgrade the outbox tables. Safe to run twice, and from several replicas at once.", stderr)
 	addFlags(fs)
+	addOutboxFlag(fs, "to migrate (default: every outbox; --adopt needs one)")
 	example := fs.Bool("example", false, "also create the example service's users table")
 	adopt := fs.Bool("adopt", false, "prepare an existing outbox table (database.table, database.columns): print what it adds, apply only with --yes")
 	yes := fs.Bool("yes", false, "with --adopt: apply the statements printed")
@@ -22,13 +24,30 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, pool, err := loadDatabase(ctx, fs)
+	cfgs, err := loadOutboxes(fs, !*adopt)
+	if err != nil {
+		return err
+	}
+	for _, cfg := range cfgs {
+		if err := migrateOne(ctx, cfg, *adopt, *yes, *example, *lockTimeout, stdout); err != nil {
+			if len(cfgs) > 1 {
+				return fmt.Errorf("outbox %s: %w", cfg.Name, err)
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// migrateOne migrates (or adopts) the table of one outbox.
+func migrateOne(ctx context.Context, cfg *Config, adopt, yes, example bool, lockTimeout string, stdout io.Writer) error {
+	pool, err := openPool(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	if *adopt {
-		return adoptTable(ctx, pool, cfg.Store.Table, *yes, *lockTimeout, stdout)
+	if adopt {
+		return adoptTable(ctx, pool, cfg.Store.Table, yes, lockTimeout, stdout)
 	}
 	fmt.Fprintf(stdout, "migrating %s\n", cfg.Store.Table.WithDefaults())
 	applied := 0
@@ -43,7 +62,7 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return fmt.Errorf("migrate: %s", postgres.Redact(err.Error(), pool.Config().ConnConfig.Password))
 	}
-	if *example {
+	if example {
 		if err := postgres.MigrateExample(ctx, pool, cfg.Store.Table); err != nil {
 			return fmt.Errorf("migrate example: %w", err)
 		}
@@ -53,12 +72,49 @@ func migrateCmd(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return nil
 }
 
-// loadDatabase loads the configuration of a command that needs only the database, and connects.
-func loadDatabase(ctx context.Context, fs *pflag.FlagSet) (*Config, *pgxpool.Pool, error) {
-	cfg, _, err := loadConfig(fs)
-	if cfg != nil {
-		err = joinNew(err, cfg.requireDatabase())
+// loadOutbox loads the configuration of a command on one outbox: the only one, or the one
+// --outbox names when the file lists several.
+func loadOutbox(fs *pflag.FlagSet) (*Config, error) {
+	cfgs, err := loadOutboxes(fs, false)
+	if err != nil {
+		return nil, err
 	}
+	return cfgs[0], nil
+}
+
+// loadOutboxes loads the configuration of a command on one outbox or, with every true and no
+// --outbox, on each outbox the file lists.
+func loadOutboxes(fs *pflag.FlagSet, every bool) ([]*Config, error) {
+	all, _, err := loadConfig(fs)
+	if all == nil {
+		return nil, err
+	}
+	name, _ := fs.GetString("outbox") // "" when the command has no --outbox
+	cfgs := all.Outboxes
+	if name != "" || !every {
+		cfg, perr := all.outbox(name)
+		if perr != nil {
+			return nil, errors.Join(err, perr)
+		}
+		cfgs = []*Config{cfg}
+	}
+	for _, c := range cfgs {
+		more := c.requireDatabase()
+		if more != nil && all.Multi {
+			more = fmt.Errorf("outboxes[%s]: %w", c.Name, more)
+		}
+		err = joinNew(err, more)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return cfgs, nil
+}
+
+// loadDatabase loads the configuration of a command that needs only the database (the outbox
+// --outbox names, when the file lists several), and connects.
+func loadDatabase(ctx context.Context, fs *pflag.FlagSet) (*Config, *pgxpool.Pool, error) {
+	cfg, err := loadOutbox(fs)
 	if err != nil {
 		return nil, nil, err
 	}

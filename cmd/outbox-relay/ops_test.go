@@ -465,8 +465,8 @@ func TestReadyzHeldRowsAreNoStall(t *testing.T) {
 	ctx := context.Background()
 	eventually(t, 30*time.Second, "leader and ready", func() string {
 		code, body := r.readyz(t)
-		if code != http.StatusOK || !r.d.relay.Leader() {
-			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.relay.Leader())
+		if code != http.StatusOK || !r.d.outboxes[0].relay().Leader() {
+			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.outboxes[0].relay().Leader())
 		}
 		return ""
 	})
@@ -803,7 +803,7 @@ func TestReadyzStandbyShowsASilentLeader(t *testing.T) {
 		}
 		return ""
 	})
-	if r.d.relay.Leader() {
+	if r.d.outboxes[0].relay().Leader() {
 		t.Fatal("the relay leads while the silent session holds the lock")
 	}
 	eventually(t, 30*time.Second, "the refused takeover logged", func() string {
@@ -821,8 +821,8 @@ func TestReadyzStandbyShowsASilentLeader(t *testing.T) {
 	}
 	eventually(t, 60*time.Second, "ready as the leader", func() string {
 		code, body := r.readyz(t)
-		if code != http.StatusOK || !r.d.relay.Leader() {
-			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.relay.Leader())
+		if code != http.StatusOK || !r.d.outboxes[0].relay().Leader() {
+			return fmt.Sprintf("%d %s leader=%v", code, body, r.d.outboxes[0].relay().Leader())
 		}
 		return ""
 	})

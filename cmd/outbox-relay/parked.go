@@ -43,6 +43,7 @@ func parkedCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	fs := newFlagSet("parked "+sub, strings.SplitN(parkedUsage, "\n\n", 2)[1], stderr)
 	addFlags(fs)
+	addOutboxFlag(fs, "whose parked rows to work on")
 	ids := fs.Int64Slice("id", nil, "select the parked row with this id (repeatable, or comma-separated)")
 	key := fs.String("key", "", "select the parked rows with this aggregate_id (the record key)")
 	aggType := fs.String("aggregate-type", "", "select the parked rows with this aggregate_type")

@@ -54,6 +54,7 @@ func partitionsCmd(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	fs := newFlagSet("partitions "+sub, strings.SplitN(partitionsUsage, "\n\n", 2)[1], stderr)
 	addFlags(fs)
+	addOutboxFlag(fs, "whose pins to list or change")
 	force := fs.Bool("force", false, "repin even while a relay leads the outbox")
 	asJSON := fs.Bool("json", false, "print the topics as a JSON array")
 	if err := fs.Parse(args[1:]); err != nil {

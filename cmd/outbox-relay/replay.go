@@ -31,6 +31,7 @@ const replayInFlight = 10000
 func replayCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("replay", replaySummary, stderr)
 	addFlags(fs)
+	addOutboxFlag(fs, "to replay")
 	since := fs.String("since", "", "select events published at or after this time: RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (90m)")
 	until := fs.String("until", "", "select events published before this time: RFC 3339 or a duration ago")
 	key := fs.String("key", "", "select the events with this aggregate_id (the record key)")

@@ -9,10 +9,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	prom "github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
@@ -29,7 +33,7 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	cfg, v, err := loadConfig(fs)
 	if cfg != nil {
-		err = joinNew(err, cfg.requireRelay()) // every mistake in one report
+		err = joinNew(err, cfg.requireOutboxes()) // every mistake in one report
 	}
 	if err != nil {
 		return err
@@ -43,28 +47,77 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	defer stopTracing()
 	cfg.Kafka.Tracing = tp
+	for _, oc := range cfg.Outboxes { // every outbox's publisher traces with the process's provider
+		oc.Kafka.Tracing = tp
+	}
 	if tp != nil {
 		cfg.tracingSpans = spans
 	}
 	return serve(ctx, cfg, log, nil)
 }
 
-// daemon is a running relay with its dependencies, as wired by start.
+// daemon is a running relay process: the relays of its outboxes and the HTTP listener.
 type daemon struct {
+	cfg      *Config
+	log      *slog.Logger
+	outboxes []*served
+	balance  *balancer // nil unless the configuration lists outboxes
+	server   *http.Server
+	listener net.Listener
+}
+
+// served is one outbox's relay with its dependencies, as wired by startOutbox.
+type served struct {
 	cfg       *Config
 	log       *slog.Logger
 	pool      *pgxpool.Pool
 	publisher relaySink
-	relay     *relay.Relay
+	store     relay.Store
 	metrics   *prometheus.Metrics
 	broker    *brokerCheck
 	leading   *leaderClock
-	server    *http.Server
-	listener  net.Listener
+	rel       atomic.Pointer[relay.Relay]
+	yieldMu   sync.Mutex
+	yieldFn   context.CancelFunc // ends the current relay's run, so it gives up its leadership
 }
 
-// serve starts the relay and blocks until ctx ends and the relay has flushed. started, when not
-// nil, is called once everything is up.
+// relay returns the outbox's current relay (a new one replaces it after it yielded).
+func (o *served) relay() *relay.Relay { return o.rel.Load() }
+
+// yield makes the outbox's relay give up its leadership: it stops as on SIGTERM (in-flight
+// acknowledgements are waited for and marked) and a new relay stands by in its place.
+func (o *served) yield() {
+	o.yieldMu.Lock()
+	defer o.yieldMu.Unlock()
+	if o.yieldFn != nil {
+		o.yieldFn()
+	}
+}
+
+// run runs the outbox's relay until ctx ends, and a new one each time the balancer made the
+// current one yield.
+func (o *served) run(ctx context.Context) error {
+	for {
+		rctx, cancel := context.WithCancel(ctx)
+		o.yieldMu.Lock()
+		o.yieldFn = cancel
+		o.yieldMu.Unlock()
+		err := o.relay().Run(rctx)
+		cancel()
+		if err != nil || ctx.Err() != nil {
+			return err
+		}
+		o.log.Info("leadership given up to balance the outboxes over the replicas")
+		r, err := relay.New(o.cfg.Relay, o.store, o.publisher, o.leading, o.log)
+		if err != nil {
+			return err
+		}
+		o.rel.Store(r)
+	}
+}
+
+// serve starts the relays and blocks until ctx ends and every relay has flushed. started, when
+// not nil, is called once everything is up.
 func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*daemon)) error {
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -84,29 +137,102 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*dae
 			}
 		})
 	}
-	if cfg.Store.Mark == postgres.MarkRetain {
-		wg.Go(func() { d.purge(ctx) })
+	if d.balance != nil {
+		wg.Go(func() { d.balance.watch(ctx) })
 	}
-	wg.Go(func() { d.broker.watch(ctx) })
-	err = d.relay.Run(ctx)
-	stop() // Run returns early only on a fatal error: end the helpers with it
+	errs := make(chan error, len(d.outboxes))
+	var relays sync.WaitGroup
+	for _, o := range d.outboxes {
+		if o.cfg.Store.Mark == postgres.MarkRetain {
+			wg.Go(func() { o.purge(ctx) })
+		}
+		wg.Go(func() { o.broker.watch(ctx) })
+		relays.Go(func() {
+			if err := o.run(ctx); err != nil {
+				if cfg.Multi {
+					err = fmt.Errorf("outbox %s: %w", o.cfg.Name, err)
+				}
+				errs <- err
+				stop() // a relay returns early only on a fatal error: end the process with it
+			}
+		})
+	}
+	relays.Wait()
+	stop()
 	if d.server != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = d.server.Shutdown(sctx)
 		cancel()
 	}
 	wg.Wait()
+	close(errs)
+	var all []error
+	for e := range errs {
+		all = append(all, e)
+	}
 	log.Info("relay stopped")
-	return err
+	return errors.Join(all...)
 }
 
-// start checks the database and the broker within the startup timeout and wires the relay.
+// start checks every outbox's database and broker within the startup timeout, wires a relay for
+// each, and listens.
 func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) {
+	if len(cfg.Outboxes) == 0 { // a configuration built by hand (the tests, the demo)
+		if cfg.Name == "" {
+			cfg.Name = cfg.Store.Table.WithDefaults().String()
+		}
+		cfg.Outboxes = []*Config{cfg}
+	}
+	d := &daemon{cfg: cfg, log: log}
+	reg := prometheus.NewRegistry(version, revision)
+	var spans func() prometheus.TracingSpans
+	if cfg.tracingSpans != nil {
+		spans = cfg.tracingSpans.read
+	}
+	prometheus.WatchTracing(reg, spans)
+	if cfg.Multi {
+		d.balance = newBalancer(cfg, log)
+		log.Info("serving outboxes", "outboxes", cfg.names(), "replica", d.balance.self)
+	}
+	for _, oc := range cfg.Outboxes {
+		o, err := startOutbox(ctx, oc, reg, log, d.balance)
+		if err != nil {
+			d.close()
+			if cfg.Multi {
+				return nil, fmt.Errorf("outbox %s: %w", oc.Name, err)
+			}
+			return nil, err
+		}
+		d.outboxes = append(d.outboxes, o)
+		if d.balance != nil {
+			d.balance.add(o)
+		}
+	}
+	if cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", cfg.HTTPAddr)
+		if err != nil {
+			d.close()
+			return nil, fmt.Errorf("http.addr: %w", err)
+		}
+		d.listener = ln
+		d.server = &http.Server{Handler: d.routes(reg), ReadHeaderTimeout: 5 * time.Second}
+		log.Info("http listening", "addr", ln.Addr().String())
+	}
+	return d, nil
+}
+
+// startOutbox checks one outbox's database and broker within the startup timeout and wires its
+// relay, with metrics labelled with its name in reg.
+func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog.Logger, bal *balancer) (*served, error) {
 	connCfg, err := postgres.ParseURL(cfg.DatabaseURL)
 	if err != nil {
 		return nil, err
 	}
 	connCfg.ConnectTimeout = cfg.ConnectTimeout
+	if bal != nil {
+		// The balancer tells the replicas and the outboxes apart by their sessions' names.
+		connCfg.RuntimeParams["application_name"] = bal.applicationName(cfg.Name)
+	}
 	secret := connCfg.Password
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartupTimeout)
 	defer cancel()
@@ -123,6 +249,9 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	poolCfg.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
 	poolCfg.MaxConns = 3
+	if bal != nil {
+		poolCfg.ConnConfig.RuntimeParams["application_name"] = bal.applicationName(cfg.Name) + " pool"
+	}
 	postgres.SetApplicationName(poolCfg.ConnConfig)
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
@@ -143,14 +272,13 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 			return nil, errors.New(postgres.Redact(err.Error(), secret))
 		}
 	}
-	metrics := prometheus.New(version, revision)
-	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
-	if cfg.tracingSpans != nil {
-		metrics.WatchTracing(cfg.tracingSpans.read)
-	}
+	// Every line of the relay names its outbox: one process may serve several.
+	olog := log.With("outbox", cfg.Name)
+	metrics := prometheus.ForOutbox(reg, cfg.Name)
+	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: olog})
 	cfg.Kafka.SASL.OnTokenError = metrics.SASLTokenFailed
-	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics,
-		Log: log.With("outbox", cfg.Store.Table.WithDefaults().String())}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	publisher, err := newRelaySink(cfg, olog, kafka.PublisherDeps{Pins: pins, Observer: metrics, Log: olog},
+		kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		pool.Close()
 		return nil, err
@@ -165,51 +293,77 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	storeCfg := cfg.Store
 	storeCfg.OnReplicationWait = metrics.ReplicationWaited
-	store, err := postgres.NewStore(connCfg, storeCfg)
+	pgStore, err := postgres.NewStore(connCfg, storeCfg)
 	if err != nil {
 		pool.Close()
 		publisher.Close()
 		return nil, err
 	}
-	// Every line of the relay names its outbox: one process may serve several in a fleet.
+	var store relay.Store = pgStore
+	if bal != nil {
+		store = bal.wrap(cfg.Name, pgStore)
+	}
 	leading := &leaderClock{Observer: metrics}
-	relay, err := relay.New(cfg.Relay, store, publisher, leading, log.With("outbox", cfg.Store.Table.WithDefaults().String()))
+	r, err := relay.New(cfg.Relay, store, publisher, leading, olog)
 	if err != nil {
 		pool.Close()
 		publisher.Close()
 		return nil, err
 	}
-	d := &daemon{cfg: cfg, log: log, pool: pool, publisher: publisher, relay: relay, metrics: metrics,
-		broker: newBrokerCheck(cfg.Sink, publisher.Ping, log), leading: leading}
-	if cfg.HTTPAddr != "" {
-		ln, err := net.Listen("tcp", cfg.HTTPAddr)
-		if err != nil {
-			d.close()
-			return nil, fmt.Errorf("http.addr: %w", err)
-		}
-		d.listener = ln
-		d.server = &http.Server{Handler: d.routes(), ReadHeaderTimeout: 5 * time.Second}
-		log.Info("http listening", "addr", ln.Addr().String())
-	}
-	return d, nil
+	o := &served{cfg: cfg, log: olog, pool: pool, publisher: publisher, store: store, metrics: metrics,
+		broker: newBrokerCheck(cfg.Sink, publisher.Ping, olog), leading: leading}
+	o.rel.Store(r)
+	return o, nil
 }
 
 func (d *daemon) close() {
-	d.publisher.Close()
-	d.pool.Close()
+	for _, o := range d.outboxes {
+		o.publisher.Close()
+		o.pool.Close()
+	}
 }
 
-// routes serves /metrics, /healthz and /readyz.
-func (d *daemon) routes() http.Handler {
+// outbox returns the served outbox named name, or nil.
+func (d *daemon) outbox(name string) *served {
+	for _, o := range d.outboxes {
+		if o.cfg.Name == name {
+			return o
+		}
+	}
+	return nil
+}
+
+// routes serves /metrics, /healthz and /readyz (/readyz?outbox=NAME for one outbox).
+func (d *daemon) routes(reg *prom.Registry) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", d.metrics.Handler())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		if err := d.ready(r.Context()); err != nil {
+		outboxes := d.outboxes
+		if name := r.URL.Query().Get("outbox"); name != "" {
+			o := d.outbox(name)
+			if o == nil {
+				w.WriteHeader(http.StatusNotFound)
+				_, _ = fmt.Fprintf(w, "no outbox named %q\n", name)
+				return
+			}
+			outboxes = []*served{o}
+		}
+		var why []string
+		for _, o := range outboxes {
+			if err := o.ready(r.Context()); err != nil {
+				if d.cfg.Multi {
+					why = append(why, fmt.Sprintf("outbox %s: %v", o.cfg.Name, err))
+				} else {
+					why = append(why, err.Error())
+				}
+			}
+		}
+		if len(why) > 0 {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = fmt.Fprintf(w, "not ready: %v\n", err)
+			_, _ = fmt.Fprintf(w, "not ready: %s\n", strings.Join(why, "; "))
 			return
 		}
 		_, _ = io.WriteString(w, "ready\n")
@@ -218,8 +372,8 @@ func (d *daemon) routes() http.Handler {
 }
 
 // purge deletes rows kept past the retention period, in batches, while this replica leads.
-func (d *daemon) purge(ctx context.Context) {
-	t := time.NewTicker(d.cfg.PurgeInterval)
+func (o *served) purge(ctx context.Context) {
+	t := time.NewTicker(o.cfg.PurgeInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -227,14 +381,14 @@ func (d *daemon) purge(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if !d.relay.Leader() {
+		if !o.relay().Leader() {
 			continue
 		}
-		n, err := postgres.Purge(ctx, d.pool, d.cfg.Store.Table, d.cfg.Retention, d.cfg.PurgeBatch)
+		n, err := postgres.Purge(ctx, o.pool, o.cfg.Store.Table, o.cfg.Retention, o.cfg.PurgeBatch)
 		if err != nil && ctx.Err() == nil {
-			d.log.Warn("purge failed", "err", err)
+			o.log.Warn("purge failed", "err", err)
 		} else if n > 0 {
-			d.log.Info("purged published rows", "rows", n)
+			o.log.Info("purged published rows", "rows", n)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -17,6 +18,8 @@ import (
 // statusReport is what 'outbox-relay status --json' prints.
 type statusReport struct {
 	Outbox string `json:"outbox"`
+	// Name is the outbox's name: its entry's under outboxes:, else its table (Outbox).
+	Name string `json:"name"`
 	// Pending counts rows not yet published, Held included; extrapolated when PendingEstimated.
 	Pending          int64 `json:"pending"`
 	PendingEstimated bool  `json:"pending_estimated"`
@@ -68,43 +71,90 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		"the oldest, parked rows), why rows are held, the topics of pending rows that do not exist in\n"+
 		"Kafka, and which relay holds the leadership. A readable table by default, --json for scripts.", stderr)
 	addFlags(fs)
+	addOutboxFlag(fs, "to show (default: every outbox)")
 	asJSON := fs.Bool("json", false, "print JSON instead of a table")
 	scanRows := fs.Int("scan-rows", 100000, "pending rows read at most; beyond, counts are extrapolated and marked estimated")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, pool, err := loadDatabase(ctx, fs)
+	cfgs, err := loadOutboxes(fs, true)
 	if err != nil {
 		return err
+	}
+	// Every outbox of the file is shown, each in its order, unless --outbox picks one; one that
+	// cannot be read is reported after the others.
+	list := cfgs[0].Multi && fs.Lookup("outbox").Value.String() == ""
+	var reps []statusReport
+	var errs []error
+	for _, cfg := range cfgs {
+		rep, err := statusOf(ctx, cfg, *scanRows)
+		if err != nil {
+			if list {
+				err = fmt.Errorf("outbox %s: %w", cfg.Name, err)
+			}
+			errs = append(errs, err)
+			continue
+		}
+		reps = append(reps, rep)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if list {
+			if err := enc.Encode(reps); err != nil {
+				return err
+			}
+		} else if len(reps) == 1 {
+			if err := enc.Encode(reps[0]); err != nil {
+				return err
+			}
+		}
+		return errors.Join(errs...)
+	}
+	for i, rep := range reps {
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		printStatus(stdout, rep)
+	}
+	return errors.Join(errs...)
+}
+
+// statusOf reads the status of one outbox.
+func statusOf(ctx context.Context, cfg *Config, scanRows int) (statusReport, error) {
+	pool, err := openPool(ctx, cfg)
+	if err != nil {
+		return statusReport{}, err
 	}
 	defer pool.Close()
 	table := cfg.Store.Table.WithDefaults()
 	qctx, cancel := context.WithTimeout(ctx, cfg.Store.QueryTimeout)
 	defer cancel()
 	if err := postgres.CheckOutbox(qctx, pool, table); err != nil {
-		return err
+		return statusReport{}, err
 	}
 	template := cfg.Kafka.TopicTemplate
 	if cfg.Sink != "kafka" {
 		template = "{aggregate_type}" // as the metrics label it: see backlogOf
 	}
 	held := holdsParked(cfg)
-	b, err := postgres.BacklogOf(qctx, pool, table, template, *scanRows, held)
+	b, err := postgres.BacklogOf(qctx, pool, table, template, scanRows, held)
 	if err != nil {
-		return err
+		return statusReport{}, err
 	}
 	heldKeys := []postgres.HeldKey{}
 	if held && b.Held > 0 {
-		if heldKeys, err = postgres.HeldKeys(qctx, pool, table, *scanRows, heldKeysRead); err != nil {
-			return err
+		if heldKeys, err = postgres.HeldKeys(qctx, pool, table, scanRows, heldKeysRead); err != nil {
+			return statusReport{}, err
 		}
 	}
 	leader, err := postgres.LeaderOf(qctx, pool, table)
 	if err != nil {
-		return err
+		return statusReport{}, err
 	}
 	rep := statusReport{
 		Outbox:           table.String(),
+		Name:             cfg.Name,
 		Pending:          int64(math.Round(b.Pending)),
 		PendingEstimated: b.Estimated,
 		Held:             int64(math.Round(b.Held)),
@@ -123,13 +173,7 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if cfg.Sink == "kafka" && len(cfg.Kafka.Brokers) > 0 {
 		checkTopics(ctx, cfg, &rep)
 	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(rep)
-	}
-	printStatus(stdout, rep)
-	return nil
+	return rep, nil
 }
 
 // checkTopics asks Kafka whether the topics of the pending rows exist, and puts those that do
@@ -173,7 +217,11 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.ParkedEstimated {
 		approxParked = "~"
 	}
-	fmt.Fprintf(w, "outbox   %s\n", r.Outbox)
+	if r.Name != r.Outbox {
+		fmt.Fprintf(w, "outbox   %s (%s)\n", r.Name, r.Outbox)
+	} else {
+		fmt.Fprintf(w, "outbox   %s\n", r.Outbox)
+	}
 	if h := r.Leader; h != nil {
 		parts := []string{fmt.Sprintf("pid %d", h.PID)}
 		if h.ApplicationName != "" {

@@ -84,7 +84,8 @@ type Config struct {
 type Loader struct {
 	pool                   *pgxpool.Pool
 	table                  postgres.Table
-	writer                 *postgres.Writer
+	writer                 *postgres.Writer // nil for a mapped table: append writes it with plain SQL
+	insert                 string           // append's statement for a mapped table
 	cfg                    Config
 	keys, ledger, deferred string
 
@@ -114,11 +115,20 @@ func New(ctx context.Context, pool *pgxpool.Pool, table postgres.Table, cfg Conf
 		cfg.AggregateType = "order"
 	}
 	table = table.WithDefaults()
-	w, err := postgres.NewWriter(table)
-	if err != nil {
-		return nil, err
+	var w *postgres.Writer
+	insert := ""
+	if table.Mapped() {
+		// An adopted table (Debezium's, or one with renamed columns) is written as its own
+		// writers write it: an INSERT of its columns. Events then go to the topic the relay's
+		// template makes of the aggregate type, unless the table has a topic column.
+		insert = mappedInsert(table)
+	} else {
+		var err error
+		if w, err = postgres.NewWriter(table); err != nil {
+			return nil, err
+		}
 	}
-	l := &Loader{pool: pool, table: table, writer: w, cfg: cfg,
+	l := &Loader{pool: pool, table: table, writer: w, insert: insert, cfg: cfg,
 		keys:     pgx.Identifier{table.Schema, "oracle_keys"}.Sanitize(),
 		ledger:   pgx.Identifier{table.Schema, "oracle_ledger"}.Sanitize(),
 		deferred: pgx.Identifier{table.Schema, "oracle_deferred"}.Sanitize(),
@@ -309,7 +319,7 @@ func (l *Loader) begin(ctx context.Context, key string, n, pad int, rng *rand.Ra
 	}
 	// The events are known from here on: if anything below fails they are rolled back.
 	l.record(p.Events, RolledBack)
-	if err := l.writer.Append(ctx, tx, msgs...); err != nil {
+	if err := l.append(ctx, tx, msgs); err != nil {
 		p.Rollback(ctx)
 		return nil, err
 	}
@@ -396,7 +406,7 @@ func (l *Loader) bulkTx(ctx context.Context, n int) error {
 		}
 	}
 	l.record(evs, RolledBack)
-	if err := l.writer.Append(ctx, tx, msgs...); err != nil {
+	if err := l.append(ctx, tx, msgs); err != nil {
 		return err
 	}
 	if _, err := tx.Exec(ctx, `INSERT INTO `+l.ledger+` SELECT unnest($1::uuid[])`, ids); err != nil {
@@ -481,4 +491,45 @@ func (l *Loader) snapshot() (map[string]Event, map[string]Outcome) {
 		outs[id] = l.outcome[id]
 	}
 	return evs, outs
+}
+
+// mappedInsert is the INSERT of one event into a mapped table: its event id, aggregate type,
+// key, event type and payload columns, and its topic and occurred-at columns when it has them
+// ($6 and $7, in that order after the others).
+func mappedInsert(t postgres.Table) string {
+	c := t.Columns
+	cols := []string{c.EventID, c.AggregateType, c.Key, c.EventType, c.Payload}
+	for _, opt := range []string{c.Topic, c.OccurredAt} {
+		if opt != postgres.Absent {
+			cols = append(cols, opt)
+		}
+	}
+	vals := make([]string, len(cols))
+	for i, col := range cols {
+		cols[i] = pgx.Identifier{col}.Sanitize()
+		vals[i] = fmt.Sprintf("$%d", i+1)
+	}
+	return `INSERT INTO ` + pgx.Identifier{t.Schema, t.Name}.Sanitize() + ` (` + strings.Join(cols, ", ") +
+		`) VALUES (` + strings.Join(vals, ", ") + `)`
+}
+
+// append writes msgs in tx: with the relay's writer, or the mapped table's INSERT.
+func (l *Loader) append(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error {
+	if l.writer != nil {
+		return l.writer.Append(ctx, tx, msgs...)
+	}
+	c := l.table.Columns
+	for _, m := range msgs {
+		args := []any{m.EventID, m.AggregateType, m.AggregateID, m.EventType, m.Payload}
+		if c.Topic != postgres.Absent {
+			args = append(args, m.Topic)
+		}
+		if c.OccurredAt != postgres.Absent {
+			args = append(args, m.OccurredAt)
+		}
+		if _, err := tx.Exec(ctx, l.insert, args...); err != nil {
+			return fmt.Errorf("oracle: insert into %s: %w", l.table, err)
+		}
+	}
+	return nil
 }
