@@ -3,6 +3,8 @@ package faults_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +22,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
+	"github.com/outbox-relay/outbox-relay/internal/tcpproxy"
 )
 
 // multiOutbox is one outbox of the multi-outbox tests: its table, its database and its loader.
@@ -251,3 +254,137 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestFaultMultiOutboxOneDatabaseDown: one process serves two outboxes, and the database of one
+// of them cannot be reached when the process starts. The other outbox serves at once; /readyz
+// says which outbox is not started and why; once the database answers, the late outbox starts
+// on its own and drains. Neither outbox loses or reorders an event (the oracle).
+func TestFaultMultiOutboxOneDatabaseDown(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	broker := kafkatest.Start(t)
+	host := strings.TrimPrefix(strings.SplitN(strings.TrimPrefix(dbtest.URL(), "postgres://"), "/", 2)[0], "postgres@")
+	proxy, err := tcpproxy.New(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = proxy.Close() })
+	proxy.Down() // the late outbox's database refuses every connection
+	lateURL := strings.Replace(dbtest.URL(), host, proxy.Addr(), 1)
+
+	var yaml strings.Builder
+	yaml.WriteString("kafka:\n  brokers: " + strings.Join(broker.Addrs, ",") + "\n")
+	yaml.WriteString("http:\n  addr: 127.0.0.1:0\nlog:\n  format: text\n")
+	yaml.WriteString("relay:\n  poll_interval: 100ms\n  leader_retry_interval: 200ms\n  startup_timeout: 2s\n")
+	yaml.WriteString("database:\n  connect_timeout: 1s\n")
+	yaml.WriteString("outboxes:\n")
+	var outboxes []*multiOutbox
+	for _, name := range []string{"early", "late"} {
+		o := &multiOutbox{name: name}
+		o.pool, o.table = dbtest.Schema(t)
+		fmt.Fprintf(&yaml, "  - name: %s\n    database:\n      schema: %s\n", name, o.table.Schema)
+		if name == "late" {
+			yaml.WriteString("      url_env: FAULTS_LATE_DB\n")
+		}
+		l, err := oracle.New(ctx, o.pool, o.table, oracle.Config{Topics: []string{broker.Topic(t, "faults-late", 3)}, Keys: 8, Workers: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.loader = l
+		outboxes = append(outboxes, o)
+	}
+	early, late := outboxes[0], outboxes[1]
+	file := filepath.Join(t.TempDir(), "relay.yaml")
+	if err := os.WriteFile(file, []byte(yaml.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(relayBin, "run")
+	cmd.Env = append(os.Environ(), "OUTBOX_CONFIG="+file, "OUTBOX_DATABASE_URL="+dbtest.URL(), "FAULTS_LATE_DB="+lateURL)
+	p := &proc{cmd: cmd, logs: &logBuffer{}, exited: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.exited:
+		default:
+			_ = cmd.Process.Kill()
+			<-p.exited
+		}
+		if t.Failed() {
+			t.Logf("logs of the relay:\n%s", p.logs.tail(60))
+		}
+	})
+	var addr string
+	waitFor(t, 60*time.Second, "the relay listens", func() (bool, string) {
+		select {
+		case <-p.exited:
+			t.Fatalf("the relay exited with one database down (%v):\n%s", p.err, p.logs.tail(20))
+		default:
+		}
+		m := listenRE.FindStringSubmatch(p.logs.tail(200))
+		if m == nil {
+			return false, p.logs.tail(5)
+		}
+		addr = m[1]
+		return true, ""
+	})
+	ready := func(q string) (int, string) {
+		resp, err := http.Get("http://" + addr + "/readyz" + q)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	pending := func(o *multiOutbox) (int, error) {
+		var n int
+		err := o.pool.QueryRow(ctx, `SELECT count(*) FROM `+pgx.Identifier{o.table.Schema, o.table.Name}.Sanitize()+
+			` WHERE dispatched_at IS NULL`).Scan(&n)
+		return n, err
+	}
+
+	early.loader.Run(ctx, 300)
+	late.loader.Run(ctx, 300)
+	waitFor(t, 90*time.Second, "the early outbox drained while the late one's database is down", func() (bool, string) {
+		n, err := pending(early)
+		return err == nil && n == 0, fmt.Sprintf("%d pending (%v)", n, err)
+	})
+	if code, body := ready("?outbox=late"); code != http.StatusServiceUnavailable || !strings.Contains(body, "not started") {
+		t.Fatalf("/readyz?outbox=late with its database down: %d %q, want 503 naming it not started", code, body)
+	}
+	if code, body := ready("?outbox=early"); code != http.StatusOK {
+		t.Fatalf("/readyz?outbox=early: %d %q, want 200", code, body)
+	}
+	if n, err := pending(late); err != nil || n == 0 {
+		t.Fatalf("the late outbox has %d pending rows (%v), want every row it was given while its relay cannot reach it", n, err)
+	}
+
+	proxy.Up()
+	waitFor(t, 120*time.Second, "the late outbox started and drained once its database answered", func() (bool, string) {
+		n, err := pending(late)
+		return err == nil && n == 0, fmt.Sprintf("%d pending (%v)", n, err)
+	})
+	waitFor(t, 30*time.Second, "/readyz ready for every outbox", func() (bool, string) {
+		code, body := ready("")
+		return code == http.StatusOK, fmt.Sprintf("%d %s", code, body)
+	})
+	for _, o := range outboxes {
+		rep, err := oracle.Check(ctx, broker.Addrs, o.loader, 90*time.Second)
+		if err != nil {
+			t.Fatalf("oracle %s: %v", o.name, err)
+		}
+		t.Logf("outbox %s: %s", o.name, rep)
+		rep.Assert(t, 0)
+	}
+}
+
+// listenRE finds the address the relay's HTTP listener logs at start.
+var listenRE = regexp.MustCompile(`msg="http listening" addr=(\S+)`)

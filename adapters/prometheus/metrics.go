@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
@@ -19,8 +20,9 @@ import (
 type Metrics struct {
 	// Registry is the registry the metrics are served from, shared by the outboxes of a process.
 	Registry *prom.Registry
-	// reg registers this outbox's collectors, with its outbox label.
-	reg prom.Registerer
+	// reg registers this outbox's collectors, with its outbox label, and remembers them for
+	// Unregister.
+	reg *tracked
 
 	published     prom.Counter
 	publishErrors *prom.CounterVec
@@ -66,7 +68,7 @@ func ForOutbox(reg *prom.Registry, outbox string) *Metrics {
 	}
 	m := &Metrics{
 		Registry: reg,
-		reg:      r,
+		reg:      &tracked{Registerer: r},
 		published: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_events_published_total",
 			Help: "Outbox events acknowledged by the broker."}),
 		publishErrors: prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_publish_errors_total",
@@ -97,9 +99,51 @@ func ForOutbox(reg *prom.Registry, outbox string) *Metrics {
 		tokenErrors: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_sasl_token_errors_total",
 			Help: "Times the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) could not get a token or credentials; each fails a connection to a broker."}),
 	}
-	r.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
+	m.reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
 		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors)
 	return m
+}
+
+// Unregister removes every collector of the outbox from the registry (those of WatchBacklog,
+// WatchMissingTopics and RelayKafkaHooks too), so that a new Metrics of the same outbox can be
+// registered: the wiring of an outbox that failed to start is undone before it is tried again.
+func (m *Metrics) Unregister() { m.reg.unregisterAll() }
+
+// tracked is a Registerer that remembers what it registered.
+type tracked struct {
+	prom.Registerer
+	mu  sync.Mutex
+	all []prom.Collector
+}
+
+// Register implements prom.Registerer.
+func (t *tracked) Register(c prom.Collector) error {
+	if err := t.Registerer.Register(c); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	t.all = append(t.all, c)
+	t.mu.Unlock()
+	return nil
+}
+
+// MustRegister implements prom.Registerer.
+func (t *tracked) MustRegister(cs ...prom.Collector) {
+	for _, c := range cs {
+		if err := t.Register(c); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// unregisterAll unregisters everything t registered.
+func (t *tracked) unregisterAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, c := range t.all {
+		t.Registerer.Unregister(c)
+	}
+	t.all = nil
 }
 
 // Handler serves the registry in the Prometheus text format.

@@ -57,3 +57,48 @@ func TestOutboxesShareARegistry(t *testing.T) {
 		t.Errorf("build info: %v, want one series without an outbox", bi)
 	}
 }
+
+// TestUnregisterLetsAnOutboxRegisterAgain: the metrics of an outbox that failed to start are
+// unregistered, every series with them, so that the next try registers the same names again
+// (without Unregister, MustRegister panics on the duplicates).
+func TestUnregisterLetsAnOutboxRegisterAgain(t *testing.T) {
+	reg := prometheus.NewRegistry("test", "abc")
+	register := func() *prometheus.Metrics {
+		m := prometheus.ForOutbox(reg, "late")
+		m.WatchBacklog(func(context.Context) (prometheus.Backlog, error) {
+			return prometheus.Backlog{Topics: []prometheus.TopicBacklog{{Topic: "t", Pending: 3}}}, nil
+		}, prometheus.BacklogOptions{})
+		m.WatchMissingTopics(func() []string { return nil })
+		return m
+	}
+	outboxSeries := func() int {
+		families, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, f := range families {
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "outbox" && l.GetValue() == "late" {
+						n++
+					}
+				}
+			}
+		}
+		return n
+	}
+	first := register()
+	if outboxSeries() == 0 {
+		t.Fatal("no series with outbox=late after ForOutbox")
+	}
+	first.Unregister()
+	if n := outboxSeries(); n != 0 {
+		t.Fatalf("%d series with outbox=late left after Unregister", n)
+	}
+	second := register() // panics if anything was left registered
+	second.Leading(true)
+	if outboxSeries() == 0 {
+		t.Fatal("no series with outbox=late after registering again")
+	}
+}

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,6 +25,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/backoff"
 )
 
 func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -60,10 +63,21 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 type daemon struct {
 	cfg      *Config
 	log      *slog.Logger
-	outboxes []*served
+	reg      *prom.Registry
 	balance  *balancer // nil unless the configuration lists outboxes
 	server   *http.Server
 	listener net.Listener
+
+	mu       sync.Mutex
+	outboxes []*served        // the outboxes whose relay is wired (guarded by mu once serving)
+	waiting  map[string]error // outboxes: listed but not started yet, with the reason (guarded by mu)
+}
+
+// started returns the outboxes whose relay is wired.
+func (d *daemon) started() []*served {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.outboxes)
 }
 
 // served is one outbox's relay with its dependencies, as wired by startOutbox.
@@ -140,9 +154,9 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*dae
 	if d.balance != nil {
 		wg.Go(func() { d.balance.watch(ctx) })
 	}
-	errs := make(chan error, len(d.outboxes))
+	errs := make(chan error, len(cfg.Outboxes))
 	var relays sync.WaitGroup
-	for _, o := range d.outboxes {
+	launch := func(o *served) {
 		if o.cfg.Store.Mark == postgres.MarkRetain {
 			wg.Go(func() { o.purge(ctx) })
 		}
@@ -157,6 +171,18 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, started func(*dae
 			}
 		})
 	}
+	for _, o := range d.started() {
+		launch(o)
+	}
+	// An outbox that could not start (its database or broker unreachable) is tried again in
+	// the background: the others serve meanwhile.
+	d.mu.Lock()
+	for _, oc := range cfg.Outboxes {
+		if _, ok := d.waiting[oc.Name]; ok {
+			relays.Go(func() { d.retryStart(ctx, oc, launch) })
+		}
+	}
+	d.mu.Unlock()
 	relays.Wait()
 	stop()
 	if d.server != nil {
@@ -183,8 +209,8 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 		}
 		cfg.Outboxes = []*Config{cfg}
 	}
-	d := &daemon{cfg: cfg, log: log}
 	reg := prometheus.NewRegistry(version, revision)
+	d := &daemon{cfg: cfg, log: log, reg: reg, waiting: map[string]error{}}
 	var spans func() prometheus.TracingSpans
 	if cfg.tracingSpans != nil {
 		spans = cfg.tracingSpans.read
@@ -196,11 +222,15 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	for _, oc := range cfg.Outboxes {
 		o, err := startOutbox(ctx, oc, reg, log, d.balance)
+		if err != nil && cfg.Multi && ctx.Err() == nil {
+			// One outbox's database or broker being down must not keep the others from
+			// serving: serve tries it again in the background (retryStart).
+			log.Error("outbox not started: trying again in the background", "outbox", oc.Name, "err", err)
+			d.waiting[oc.Name] = err
+			continue
+		}
 		if err != nil {
 			d.close()
-			if cfg.Multi {
-				return nil, fmt.Errorf("outbox %s: %w", oc.Name, err)
-			}
 			return nil, err
 		}
 		d.outboxes = append(d.outboxes, o)
@@ -280,6 +310,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 	publisher, err := newRelaySink(cfg, olog, kafka.PublisherDeps{Pins: pins, Observer: metrics, Log: olog},
 		kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
+		metrics.Unregister() // a later try registers the outbox's metrics again
 		pool.Close()
 		return nil, err
 	}
@@ -287,6 +318,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 		metrics.WatchMissingTopics(kp.MissingTopics)
 	}
 	if err := publisher.Ping(sctx); err != nil {
+		metrics.Unregister() // a later try registers the outbox's metrics again
 		pool.Close()
 		publisher.Close()
 		return nil, fmt.Errorf("%w (within relay.startup_timeout %s)", err, cfg.StartupTimeout)
@@ -295,6 +327,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 	storeCfg.OnReplicationWait = metrics.ReplicationWaited
 	pgStore, err := postgres.NewStore(connCfg, storeCfg)
 	if err != nil {
+		metrics.Unregister() // a later try registers the outbox's metrics again
 		pool.Close()
 		publisher.Close()
 		return nil, err
@@ -306,6 +339,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 	leading := &leaderClock{Observer: metrics}
 	r, err := relay.New(cfg.Relay, store, publisher, leading, olog)
 	if err != nil {
+		metrics.Unregister() // a later try registers the outbox's metrics again
 		pool.Close()
 		publisher.Close()
 		return nil, err
@@ -317,15 +351,53 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 }
 
 func (d *daemon) close() {
-	for _, o := range d.outboxes {
+	for _, o := range d.started() {
 		o.publisher.Close()
 		o.pool.Close()
 	}
 }
 
+// startRetryMin and startRetryMax bound the backoff between two tries to start an outbox that
+// could not start (retryStart).
+const (
+	startRetryMin = time.Second
+	startRetryMax = 30 * time.Second
+)
+
+// retryStart tries to start the outbox of oc until it starts or ctx ends, and hands it to launch.
+// Meanwhile /readyz reports it not ready, with the last reason.
+func (d *daemon) retryStart(ctx context.Context, oc *Config, launch func(*served)) {
+	for wait := startRetryMin; ; wait = backoff.Double(wait, startRetryMax) {
+		if !backoff.Sleep(ctx, wait) {
+			return
+		}
+		o, err := startOutbox(ctx, oc, d.reg, d.log, d.balance)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d.log.Warn("outbox still not started", "outbox", oc.Name, "err", err)
+			d.mu.Lock()
+			d.waiting[oc.Name] = err
+			d.mu.Unlock()
+			continue
+		}
+		d.mu.Lock()
+		d.outboxes = append(d.outboxes, o)
+		delete(d.waiting, oc.Name)
+		d.mu.Unlock()
+		if d.balance != nil {
+			d.balance.add(o)
+		}
+		d.log.Info("outbox started", "outbox", oc.Name)
+		launch(o)
+		return
+	}
+}
+
 // outbox returns the served outbox named name, or nil.
 func (d *daemon) outbox(name string) *served {
-	for _, o := range d.outboxes {
+	for _, o := range d.started() {
 		if o.cfg.Name == name {
 			return o
 		}
@@ -341,8 +413,17 @@ func (d *daemon) routes(reg *prom.Registry) http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		outboxes := d.outboxes
+		outboxes := d.started()
+		d.mu.Lock()
+		waiting := maps.Clone(d.waiting)
+		d.mu.Unlock()
 		if name := r.URL.Query().Get("outbox"); name != "" {
+			if err, ok := waiting[name]; ok {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_, _ = fmt.Fprintf(w, "not ready: outbox %s: not started: %v\n", name, err)
+				return
+			}
+			waiting = nil
 			o := d.outbox(name)
 			if o == nil {
 				w.WriteHeader(http.StatusNotFound)
@@ -352,6 +433,9 @@ func (d *daemon) routes(reg *prom.Registry) http.Handler {
 			outboxes = []*served{o}
 		}
 		var why []string
+		for _, name := range slices.Sorted(maps.Keys(waiting)) {
+			why = append(why, fmt.Sprintf("outbox %s: not started: %v", name, waiting[name]))
+		}
 		for _, o := range outboxes {
 			if err := o.ready(r.Context()); err != nil {
 				if d.cfg.Multi {
