@@ -128,6 +128,10 @@ type TxPublisher struct {
 	open    bool       // a Kafka transaction is begun
 	handing bool       // a claim's rows are being handed over: no commit until EndBatch
 	began   time.Time  // when the open transaction got its first row
+	// doomed is set when a row of the hand-over was refused or failed at once: the transaction
+	// that holds the hand-over's other rows (open or begun after) is aborted, not committed, so
+	// that no database transaction is committed without one of its rows (relay.ErrSendAgain).
+	doomed error
 	recs    []*txRecord
 
 	// umu guards unmarked: the rows committed whose mark is not known.
@@ -428,14 +432,18 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 	}
 	pr, ts, err := p.pub.record(m, extra...)
 	if err != nil {
+		p.doom(m, err)
 		return err
 	}
 	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
 		if h.Key == HeaderTxID {
-			return fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+			err := fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+			p.doom(m, err)
+			return err
 		}
 	}
 	if err := p.pub.pinned(ctx, ts); err != nil {
+		p.doom(m, err)
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
@@ -455,6 +463,25 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 	p.pub.cl.Produce(ctx, &pr.rec, p.pub.promise)
 	p.recs = append(p.recs, rec)
 	return nil
+}
+
+// doom makes the transaction of this hand-over abort instead of commit: row m of it was refused
+// or failed at once with err. Called with mu held.
+func (p *TxPublisher) doom(m *relay.Message, err error) {
+	if p.doomed == nil {
+		p.doomed = fmt.Errorf("row %d of the same hand-over was refused: %w", m.ID, err)
+	}
+}
+
+// BeginBatch implements relay.BatchEnder: no transaction ends until EndBatch. A commit running
+// now ends first (its rows' verdicts are given before BeginBatch returns).
+func (p *TxPublisher) BeginBatch() {
+	p.mu.Lock()
+	p.handing = true
+	if !p.open {
+		p.doomed = nil
+	}
+	p.mu.Unlock()
 }
 
 // EndBatch implements relay.BatchEnder: the open transaction may end now.
@@ -506,6 +533,12 @@ func (p *TxPublisher) maybeCommit() time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !p.open || p.handing {
+		return 0
+	}
+	if p.doomed != nil {
+		recs, cause := p.recs, p.doomed
+		p.recs, p.open, p.doomed = nil, false, nil
+		p.abortDoomed(recs, cause)
 		return 0
 	}
 	if age := time.Since(p.began); len(p.recs) < p.tx.MaxRows && age < p.tx.Linger {
@@ -606,6 +639,31 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 	}
 }
 
+// abortDoomed aborts the transaction of recs, doomed by cause, and fails every record with
+// relay.ErrSendAgain: none of them is at fault, they are sent again without an attempt counted.
+// Called with mu held.
+func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	cl := p.pub.cl
+	aerr := cl.AbortBufferedRecords(ctx)
+	if aerr == nil {
+		aerr = cl.EndTransaction(ctx, kgo.TryAbort)
+	}
+	if aerr != nil {
+		p.broken = fmt.Errorf("abort the kafka transaction: %w", aerr)
+		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", p.broken)
+		for _, r := range recs {
+			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
+		}
+		return
+	}
+	p.log.Debug("exactly-once: kafka transaction aborted, a row of its hand-over was refused", "rows", len(recs), "cause", cause)
+	for _, r := range recs {
+		r.done(fmt.Errorf("%w: %w", relay.ErrSendAgain, cause))
+	}
+}
+
 // failOpen aborts the open transaction, if any, and fails its records with cause. Called with mu
 // held.
 func (p *TxPublisher) failOpen(cause error) {
@@ -613,7 +671,7 @@ func (p *TxPublisher) failOpen(cause error) {
 		return
 	}
 	recs := p.recs
-	p.recs, p.open, p.handing = nil, false, false
+	p.recs, p.open, p.handing, p.doomed = nil, false, false, nil
 	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
 	defer cancel()
 	if err := p.pub.cl.AbortBufferedRecords(ctx); err == nil {
