@@ -132,7 +132,7 @@ type TxPublisher struct {
 	// that holds the hand-over's other rows (open or begun after) is aborted, not committed, so
 	// that no database transaction is committed without one of its rows (relay.ErrSendAgain).
 	doomed error
-	recs    []*txRecord
+	recs   []*txRecord
 
 	// umu guards unmarked: the rows committed whose mark is not known.
 	umu      sync.Mutex
