@@ -385,6 +385,12 @@ func encodeProgress(ids []int64) []byte {
 	return out
 }
 
+// DecodeProgress decodes the value of a progress record (kafka.progress_topic): the ids of the
+// outbox rows committed and not known to be marked when its Kafka transaction committed, that
+// transaction's own rows included. For tests and tools that check what each Kafka transaction
+// published.
+func DecodeProgress(b []byte) ([]int64, error) { return decodeProgress(b) }
+
 // decodeProgress decodes what encodeProgress encoded.
 func decodeProgress(b []byte) ([]int64, error) {
 	if len(b) == 0 || b[0] != progressVersion {

@@ -136,18 +136,20 @@ func claimColsTx(t Table, tx string) string {
 }
 
 // wholeTxs extends a claim query (with txs) with the rest of the pending rows of each
-// transaction it returned a row of. Those above its last row that are due, not in flight ($1..$2
-// and $3) and not held (held: holdExpr, or "" when the claim holds no key) come as any row; every
-// other one (below the claim's last row yet left out by it: in flight, held, not due) comes with
-// its tx negated, to say that it may not go now and that its transaction is therefore not whole
+// transaction it returned a row of. Those that are due, not below the claim's start ($5), not in
+// flight ($1..$2 and $3) and not held (held: holdExpr, or "" when the claim holds no key; a row
+// of a held key of the same transaction as the key's head is not held) come as any row; every
+// other one comes with its tx negated, to say that it may not go now and that its transaction is therefore not whole
 // (the session reads it into relay.Message.TxHeld). One statement, so one snapshot; a transaction
 // whose row is visible is committed, so all its rows are visible too.
 func wholeTxs(t Table, claim, held string) string {
 	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
-				OR ` + t.id("") + ` < (SELECT max(id) FROM c)
+				OR ` + t.id("") + ` < $5
 				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
 	if held != "" {
-		waits += ` OR NOT ` + held
+		// A row of a held key may go with its key's head ($8) when both are of one transaction.
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
+				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
 	}
 	return `WITH c AS (` + claim + `)
 		SELECT * FROM c

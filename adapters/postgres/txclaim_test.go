@@ -148,9 +148,9 @@ func TestClaimFlagsTheRowsAWholeTransactionWaitsFor(t *testing.T) {
 	pool, table := dbtest.Schema(t)
 	ctx := context.Background()
 	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
-	// One transaction: keys x, y, z, w in id order.
+	// One transaction: keys x, y, z, w, y in id order.
 	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
-		VALUES ('t', 'x', 'E', 'x'), ('t', 'y', 'E', 'x'), ('t', 'z', 'E', 'x'), ('t', 'w', 'E', 'x')`); err != nil {
+		VALUES ('t', 'x', 'E', 'x'), ('t', 'y', 'E', 'x'), ('t', 'z', 'E', 'x'), ('t', 'w', 'E', 'x'), ('t', 'y', 'E', 'x')`); err != nil {
 		t.Fatal(err)
 	}
 	conn, err := postgres.ParseURL(dbtest.URL())
@@ -186,16 +186,24 @@ func TestClaimFlagsTheRowsAWholeTransactionWaitsFor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := flags(all); got != "x y z w" {
+	if got := flags(all); got != "x y z w y" {
 		t.Fatalf("plain claim: %q, want every row unflagged", got)
 	}
-	// y's key held: y comes flagged.
+	// y's key held (parked: no head): both y rows come flagged.
 	rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, relay.Blocked{relay.BlockKey("t", "y"): 0})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := flags(rows); got != "x y! z w" {
-		t.Fatalf("claim with y's key held: %q, want y flagged", got)
+	if got := flags(rows); got != "x y! z w y!" {
+		t.Fatalf("claim with y's key held: %q, want the y rows flagged", got)
+	}
+	// y's key held behind its first row: the second, of the head's transaction, goes with it.
+	rows, err = sess.Claim(ctx, 0, nil, 10, 1<<20, relay.Blocked{relay.BlockKey("t", "y"): all[1].ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(rows); got != "x y z w y" {
+		t.Fatalf("claim with y's key held behind its first row: %q, want nothing flagged", got)
 	}
 	// z in flight (skipped) and a claim of one row: x, then the rest of its transaction, z
 	// flagged, y and w unflagged (above the claim's last row, free).
@@ -203,7 +211,7 @@ func TestClaimFlagsTheRowsAWholeTransactionWaitsFor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := flags(rows); got != "x y z! w" {
+	if got := flags(rows); got != "x y z! w y" {
 		t.Fatalf("claim of one row with z in flight: %q, want z flagged", got)
 	}
 	// w backing off (a failed attempt): w flagged.
@@ -214,7 +222,7 @@ func TestClaimFlagsTheRowsAWholeTransactionWaitsFor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := flags(rows); got != "x y z w!" {
+	if got := flags(rows); got != "x y z w! y" {
 		t.Fatalf("claim with w backing off: %q, want w flagged", got)
 	}
 }

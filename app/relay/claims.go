@@ -96,7 +96,7 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 	l.send, l.unused = l.send[:0], l.unused[:0]
 	for i := range rows {
 		m := &rows[i]
-		if _, dup := l.inflight[m.ID]; !dup && !m.TxHeld && !waits[txOf(m)] && !l.gate.mustWait(m, now) {
+		if _, dup := l.inflight[m.ID]; !dup && !m.TxHeld && !waits[txOf(m)] && !l.mustWait(m, now) {
 			l.send = append(l.send, m)
 		} else {
 			l.unused = append(l.unused, m)
@@ -127,7 +127,7 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 		}
 	}
 	for _, m := range l.send {
-		if l.gate.mustWait(m, time.Now()) { // an earlier row of its key was refused or failed just now: the key waits
+		if l.mustWait(m, time.Now()) { // an earlier row of its key was refused or failed just now: the key waits
 			if l.conn.claiming {
 				l.cur.passedOver(m.ID) // the read-ahead passes over it: claims must come back to it
 			}
@@ -155,6 +155,15 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 		}
 	}
 	return more, nil
+}
+
+// mustWait reports whether m must wait behind an earlier row of its key at now: keyGate.mustWait,
+// or for a row of a database transaction txMustWait.
+func (l *term) mustWait(m *Message, now time.Time) bool {
+	if m.TxID != 0 {
+		return l.txMustWait(m, now)
+	}
+	return l.gate.mustWait(m, now)
 }
 
 // reload reloads the blocked keys, once per poll interval rather than at every claim: a relay

@@ -78,13 +78,14 @@ func (l *term) beginBatch() {
 // of another transaction, makes that one wait too, and so on, so the order per key holds. A row
 // written before the store recorded transactions (TxID 0) is a transaction of its own.
 func (l *term) wholeTxs(rows []Message, now time.Time) map[int64]bool {
+	l.headTxs(rows, now)
 	var waits map[int64]bool
 	for i := range rows {
 		m := &rows[i]
 		if m.TxID == 0 {
 			continue
 		}
-		if _, dup := l.inflight[m.ID]; m.TxHeld || dup || l.gate.mustWait(m, now) {
+		if _, dup := l.inflight[m.ID]; m.TxHeld || dup || l.txMustWait(m, now) {
 			if waits == nil {
 				waits = make(map[int64]bool)
 			}
@@ -115,6 +116,42 @@ func (l *term) wholeTxs(rows []Message, now time.Time) map[int64]bool {
 		}
 	}
 	return waits
+}
+
+// headTxs notes, for each waiting key whose head may go now and is among rows, the head's
+// database transaction (in heads): the key's rows of that transaction go with their head (see
+// txMustWait). Without it a transaction with two rows of a key behind a failure could never go:
+// the head alone may go, and the transaction only whole.
+func (l *term) headTxs(rows []Message, now time.Time) {
+	clear(l.heads)
+	if !l.gate.holding() {
+		return
+	}
+	if l.heads == nil {
+		l.heads = make(map[string]int64)
+	}
+	for i := range rows {
+		m := &rows[i]
+		if m.TxID == 0 || m.TxHeld || !m.keyed() {
+			continue
+		}
+		if head, ok := l.gate.head(m.orderKey()); ok && head == m.ID && !l.gate.mustWait(m, now) {
+			l.heads[m.orderKey()] = m.TxID
+		}
+	}
+}
+
+// txMustWait is keyGate.mustWait for a row of a database transaction: a row held behind its
+// key's head may go when the head goes in this hand-over and is of its transaction (headTxs).
+func (l *term) txMustWait(m *Message, now time.Time) bool {
+	switch l.gate.why(m, now) {
+	case mayGo:
+		return false
+	case behindOwnHead, behindStoredHead:
+		tx, ok := l.heads[m.orderKey()]
+		return !ok || m.TxID == 0 || tx != m.TxID
+	}
+	return true
 }
 
 // txOf returns the transaction m is handed over with: its TxID, or for a row without one a
