@@ -40,6 +40,31 @@ var TransactionTimeoutRange = bounds.Duration{Min: time.Second, Max: 15 * time.M
 // another record of it failed: it is sent again, without an attempt counted against its row.
 var ErrTransactionAborted = errors.New("kafka transaction aborted: another record of it failed")
 
+// Outcomes of a Kafka transaction, for TxObserver.TxEnded.
+const (
+	TxCommitted = "committed" // committed: its rows are marked next
+	TxAborted   = "aborted"   // aborted: a record failed, a row of its hand-over was refused, or the term ended
+	TxFailed    = "failed"    // could not be ended, or its commit's outcome is unknown: the term ends
+)
+
+// TxObserver is told what the transactions of a TxPublisher do. Its methods must not block.
+type TxObserver interface {
+	// TxEnded is told each Kafka transaction's end (TxCommitted, TxAborted, TxFailed) and rows.
+	TxEnded(outcome string, rows int)
+	// ProgressWritten is told each progress record written, with how many rows it names.
+	ProgressWritten(rows int)
+	// Recovered is told, when a term starts, how many rows the last progress record named: rows
+	// an earlier term published, marked now without being published again.
+	Recovered(rows int)
+}
+
+// nopTxObserver is the TxObserver of a publisher without one.
+type nopTxObserver struct{}
+
+func (nopTxObserver) TxEnded(string, int) {}
+func (nopTxObserver) ProgressWritten(int) {}
+func (nopTxObserver) Recovered(int)       {}
+
 // TxConfig configures exactly-once delivery (TxPublisher).
 type TxConfig struct {
 	// TransactionalID is the producer's transactional id: one per outbox, the same for every
@@ -120,6 +145,7 @@ type TxPublisher struct {
 	deps  PublisherDeps
 	extra []kgo.Opt
 	log   *slog.Logger
+	obs   TxObserver
 
 	// mu guards the transaction: Publish, EndBatch, the commit, Abort, Recover and Close.
 	mu      sync.Mutex
@@ -187,7 +213,11 @@ func NewTxPublisher(cfg Config, tx TxConfig, deps PublisherDeps, extra ...kgo.Op
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &TxPublisher{cfg: cfg, tx: tx, deps: deps, extra: extra, log: log,
+	obs := deps.Tx
+	if obs == nil {
+		obs = nopTxObserver{}
+	}
+	p := &TxPublisher{cfg: cfg, tx: tx, deps: deps, extra: extra, log: log, obs: obs,
 		unmarked: make(map[int64]struct{}),
 		kick:     make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{})}
 	go p.loop()
@@ -227,6 +257,7 @@ func (p *TxPublisher) Recover(ctx context.Context) ([]int64, error) {
 		return fail(err)
 	}
 	p.pub, p.broken = pub, nil
+	p.obs.Recovered(len(ids))
 	p.umu.Lock()
 	clear(p.unmarked)
 	for _, id := range ids {
@@ -588,11 +619,13 @@ func (p *TxPublisher) commit() {
 		p.abort(recs, fmt.Errorf("write the progress record to kafka.progress_topic %q: %w", p.tx.ProgressTopic, err))
 		return
 	}
+	p.obs.ProgressWritten(len(ids))
 	if err := cl.EndTransaction(ctx, kgo.TryCommit); err != nil {
 		// The outcome may be unknown: the next term reads it back from the progress topic.
 		p.broken = fmt.Errorf("commit the kafka transaction (outcome unknown until the next term reads the progress topic): %w", err)
 		_ = cl.EndTransaction(ctx, kgo.TryAbort)
 		p.log.Warn("exactly-once: kafka commit failed, ending the term", "rows", len(recs), "err", err)
+		p.obs.TxEnded(TxFailed, len(recs))
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		}
@@ -603,6 +636,7 @@ func (p *TxPublisher) commit() {
 		p.unmarked[r.id] = struct{}{}
 	}
 	p.umu.Unlock()
+	p.obs.TxEnded(TxCommitted, len(recs))
 	for _, r := range recs {
 		r.done(nil)
 	}
@@ -625,12 +659,14 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 	}
 	if cause != nil {
 		p.broken = cause
+		p.obs.TxEnded(TxFailed, len(recs))
 		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", cause)
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, cause))
 		}
 		return
 	}
+	p.obs.TxEnded(TxAborted, len(recs))
 	const group = "kafka-transaction"
 	// The records that failed first, so that one of them counts the group's attempt.
 	for _, r := range recs {
@@ -658,12 +694,14 @@ func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
 	}
 	if aerr != nil {
 		p.broken = fmt.Errorf("abort the kafka transaction: %w", aerr)
+		p.obs.TxEnded(TxFailed, len(recs))
 		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", p.broken)
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		}
 		return
 	}
+	p.obs.TxEnded(TxAborted, len(recs))
 	p.log.Debug("exactly-once: kafka transaction aborted, a row of its hand-over was refused", "rows", len(recs), "cause", cause)
 	for _, r := range recs {
 		r.done(fmt.Errorf("%w: %w", relay.ErrSendAgain, cause))
@@ -680,11 +718,14 @@ func (p *TxPublisher) failOpen(cause error) {
 	p.recs, p.open, p.handing, p.doomed = nil, false, false, nil
 	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
 	defer cancel()
+	outcome := TxAborted
 	if err := p.pub.cl.AbortBufferedRecords(ctx); err == nil {
 		if err := p.pub.cl.EndTransaction(ctx, kgo.TryAbort); err != nil {
 			p.broken = fmt.Errorf("abort the kafka transaction: %w", err)
+			outcome = TxFailed
 		}
 	}
+	p.obs.TxEnded(outcome, len(recs))
 	for _, r := range recs {
 		r.done(cause)
 	}

@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	prom "github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -31,6 +32,10 @@ type Metrics struct {
 	dbUp          prom.Gauge
 	lastPublish   prom.Gauge
 	partitions    *prom.GaugeVec
+	txs           *prom.CounterVec
+	txRows        *prom.CounterVec
+	progress      prom.Counter
+	recovered     prom.Counter
 }
 
 var _ relay.Observer = (*Metrics)(nil)
@@ -69,15 +74,43 @@ func New(version, revision string) *Metrics {
 			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
 			[]string{"topic", "kind"}),
 	}
+	m.txs = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_kafka_transactions_total",
+		Help: "Kafka transactions of exactly-once delivery, by outcome: committed, aborted (a record failed, a row of its hand-over was refused, or the term ended), failed (could not be ended or its commit's outcome is unknown: the term ended)."},
+		[]string{"outcome"})
+	m.txRows = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_kafka_transaction_rows_total",
+		Help: "Rows in the Kafka transactions of exactly-once delivery, by the transaction's outcome."}, []string{"outcome"})
+	m.progress = prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_progress_records_total",
+		Help: "Progress records written to kafka.progress_topic (one per Kafka transaction that reached its commit)."})
+	m.recovered = prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_recovered_rows_total",
+		Help: "Rows an earlier term published without marking them, marked at a term's start from the progress topic without being published again."})
+	for _, o := range []string{kafka.TxCommitted, kafka.TxAborted, kafka.TxFailed} {
+		m.txs.WithLabelValues(o)
+		m.txRows.WithLabelValues(o)
+	}
 	build := prom.NewGauge(prom.GaugeOpts{Name: "outbox_relay_build_info",
 		Help:        "Build information; the value is always 1.",
 		ConstLabels: prom.Labels{"version": version, "revision": revision, "goversion": runtime.Version()}})
 	build.Set(1)
 	reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, build,
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.txs, m.txRows,
+		m.progress, m.recovered, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
+
+var _ kafka.TxObserver = (*Metrics)(nil)
+
+// TxEnded implements kafka.TxObserver.
+func (m *Metrics) TxEnded(outcome string, rows int) {
+	m.txs.WithLabelValues(outcome).Inc()
+	m.txRows.WithLabelValues(outcome).Add(float64(rows))
+}
+
+// ProgressWritten implements kafka.TxObserver.
+func (m *Metrics) ProgressWritten(int) { m.progress.Inc() }
+
+// Recovered implements kafka.TxObserver.
+func (m *Metrics) Recovered(rows int) { m.recovered.Add(float64(rows)) }
 
 // Handler serves the registry in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {

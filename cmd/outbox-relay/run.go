@@ -141,7 +141,7 @@ func start(ctx context.Context, cfg *Config, log *slog.Logger) (*daemon, error) 
 	}
 	metrics := prometheus.New(version, revision)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: log})
-	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics,
+	publisher, err := newRelaySink(cfg, log, kafka.PublisherDeps{Pins: pins, Observer: metrics, Tx: metrics,
 		Log: log.With("outbox", cfg.Store.Table.WithDefaults().String())}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		pool.Close()
