@@ -2,6 +2,7 @@ package faults_test
 
 import (
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -60,30 +61,49 @@ func TestFaultEO06KillDuringClaim(t *testing.T) {
 	e.loader.Run(e.ctx, 100)
 	p1 := e.startProcess("eo06-a", e.eoEnv()...)
 	e.eventually(60*time.Second, "the relay publishes", func() (bool, string) { return e.records() > 100, "records " + itoa(e.records()) })
-	lock, err := e.pool.Begin(e.ctx)
+	// Connections of their own: the pool's could all wait on the lock.
+	lock, err := pgx.Connect(e.ctx, e.url)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lock.Rollback(e.ctx) //nolint:errcheck // released below; a no-op then
-	if _, err := lock.Exec(e.ctx, `LOCK TABLE `+pgx.Identifier{e.table.Schema, e.table.Name}.Sanitize()+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+	defer lock.Close(e.ctx)
+	watch, err := pgx.Connect(e.ctx, e.url)
+	if err != nil {
 		t.Fatal(err)
 	}
-	// Rows written meanwhile wait on the lock too; they commit once it is released.
-	stop := e.loader.Go(e.ctx)
-	defer stop()
-	e.eventually(60*time.Second, "the leader's claim waits on the lock", func() (bool, string) {
-		var n int
-		err := e.pool.QueryRow(e.ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eo06-a'
-			AND wait_event_type = 'Lock' AND query LIKE '%WITH c AS%'`).Scan(&n)
-		return err == nil && n > 0, fmt.Sprintf("claims waiting: %d (%v)", n, err)
-	})
+	defer watch.Close(e.ctx)
+	// The leader claims at its poll interval; a claim first reads the blocked keys (once per
+	// interval), then the rows. The lock is taken until the query waiting on it is the claim's
+	// own (WITH c AS ...): if another is, the lock is released and taken again.
+	var query string
+	for try := 0; !strings.Contains(query, "WITH c AS"); try++ {
+		if try == 100 {
+			t.Fatalf("after %d tries the leader's claim never waited on the lock (last: %.100s)", try, query)
+		}
+		if try > 0 {
+			if _, err := lock.Exec(e.ctx, `ROLLBACK`); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := lock.Exec(e.ctx, `BEGIN; LOCK TABLE `+pgx.Identifier{e.table.Schema, e.table.Name}.Sanitize()+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+			t.Fatal(err)
+		}
+		e.eventually(60*time.Second, "a query of the leader's session waits on the lock", func() (bool, string) {
+			err := watch.QueryRow(e.ctx, `SELECT coalesce(max(query), '') FROM pg_stat_activity WHERE application_name = 'eo06-a'
+				AND wait_event_type = 'Lock'`).Scan(&query)
+			return err == nil && query != "", fmt.Sprintf("none waits (%v)", err)
+		})
+	}
+	t.Logf("killed while the claim waits: %.100s", strings.Join(strings.Fields(query), " "))
 	p1.signal(t, syscall.SIGKILL)
 	p1.wait(t, 30*time.Second)
 	e.terminate("eo06-a")
 	e.terminate("eo06-a marks")
-	if err := lock.Rollback(e.ctx); err != nil {
+	if _, err := lock.Exec(e.ctx, `ROLLBACK`); err != nil {
 		t.Fatal(err)
 	}
+	stop := e.loader.Go(e.ctx)
+	defer stop()
 	p2 := e.startProcess("eo06-b", e.eoEnv()...)
 	n := e.records()
 	e.eventually(60*time.Second, "the next leader publishes", func() (bool, string) { return e.records() > n+100, "records " + itoa(e.records()) })

@@ -11,6 +11,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	prom "github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -104,6 +105,16 @@ var _ kafka.TxObserver = (*Metrics)(nil)
 func (m *Metrics) TxEnded(outcome string, rows int) {
 	m.txs.WithLabelValues(outcome).Inc()
 	m.txRows.WithLabelValues(outcome).Add(float64(rows))
+}
+
+// CommittedRows returns how many rows Kafka transactions committed since the start (exactly-once
+// delivery).
+func (m *Metrics) CommittedRows() int64 {
+	var out dto.Metric
+	if err := m.txRows.WithLabelValues(kafka.TxCommitted).Write(&out); err != nil {
+		return 0
+	}
+	return int64(out.GetCounter().GetValue())
 }
 
 // ProgressWritten implements kafka.TxObserver.
