@@ -268,29 +268,36 @@ func (p *TxPublisher) Recover(ctx context.Context) ([]int64, error) {
 }
 
 // progressTopic creates the progress topic when missing (compacted, one partition), and checks
-// it has one partition.
+// it has one partition. It creates first and lists only when the topic exists: a metadata request
+// for a missing topic makes a broker that creates topics on demand (auto.create.topics.enable)
+// create it with its default partition count.
 func (p *TxPublisher) progressTopic(ctx context.Context, cl *kgo.Client) error {
 	adm := kadm.NewClient(cl)
 	topic := p.tx.ProgressTopic
-	details, err := adm.ListTopics(ctx, topic)
-	if err != nil {
-		return fmt.Errorf("kafka.progress_topic %q: %w", topic, err)
-	}
-	if d, ok := details[topic]; ok && d.Err == nil {
-		if n := len(d.Partitions); n != 1 {
-			return fmt.Errorf("kafka.progress_topic %q has %d partitions: it must have one (the relay reads its outbox's last record there)", topic, n)
-		}
-		return nil
-	}
 	compact := "compact"
 	resp, err := adm.CreateTopic(ctx, 1, -1, map[string]*string{"cleanup.policy": &compact}, topic)
 	if err == nil {
 		err = resp.Err
 	}
-	if err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
+	switch {
+	case err == nil:
+		p.log.Info("created the progress topic of exactly-once delivery", "topic", topic)
+		return nil
+	case !errors.Is(err, kerr.TopicAlreadyExists) && !errors.Is(err, kerr.TopicAuthorizationFailed) && !errors.Is(err, kerr.ClusterAuthorizationFailed):
 		return fmt.Errorf("create kafka.progress_topic %q: %w", topic, err)
 	}
-	p.log.Info("created the progress topic of exactly-once delivery", "topic", topic)
+	// It exists (or this principal may not create topics: then it must exist).
+	details, err := adm.ListTopics(ctx, topic)
+	if err != nil {
+		return fmt.Errorf("kafka.progress_topic %q: %w", topic, err)
+	}
+	d, ok := details[topic]
+	if !ok || d.Err != nil {
+		return fmt.Errorf("kafka.progress_topic %q: cannot create it nor find it (create it: compacted, one partition): %v", topic, d.Err)
+	}
+	if n := len(d.Partitions); n != 1 {
+		return fmt.Errorf("kafka.progress_topic %q has %d partitions: it must have one (the relay reads its outbox's last record there)", topic, n)
+	}
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -254,5 +255,37 @@ func TestProgressEncoding(t *testing.T) {
 	}
 	if _, err := kafka.DecodeProgress([]byte{9}); err == nil {
 		t.Fatal("decoded an unknown version")
+	}
+}
+
+// TestTxPublisherProgressTopicOnAutoCreatingBroker: on a broker that creates topics on demand
+// (auto.create.topics.enable), with the producer allowed to ask for it (kafka.auto_create_topics),
+// the progress topic is created with one partition: looking it up first made the broker create it
+// with its default count, and every term then failed. A progress topic of several partitions is
+// refused with a clear error.
+func TestTxPublisherProgressTopicOnAutoCreatingBroker(t *testing.T) {
+	t.Parallel()
+	if kafkatest.Real() {
+		t.Skip("needs a broker that creates topics on demand (kfake)")
+	}
+	b := kafkatest.Start(t, kfake.AllowAutoTopicCreation(), kfake.DefaultNumPartitions(10))
+	topic := b.Topic(t, "eos", 3)
+	cfg := kafka.Config{Brokers: b.Addrs, TopicTemplate: topic, AutoCreateTopics: true}
+	tx := kafka.TxConfig{TransactionalID: kafkatest.Name("txid"), ProgressTopic: kafkatest.Name("progress"),
+		Identity: "db/public/" + topic, TransactionTimeout: 10 * time.Second}
+	e := &txEnv{b: b, topic: topic, cfg: cfg, tx: tx}
+	p, _ := e.publisher(t)
+	if errs := publish(t, p, 7, 1, 3); slices.ContainsFunc(errs, func(err error) bool { return err != nil }) {
+		t.Fatalf("publish: %v", errs)
+	}
+	wide := b.Topic(t, "progress-wide", 2)
+	e.tx.ProgressTopic = wide
+	p2, err := kafka.NewTxPublisher(e.cfg, e.tx, kafka.PublisherDeps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	if _, err := p2.Recover(context.Background()); err == nil || !strings.Contains(err.Error(), "has 2 partitions") {
+		t.Fatalf("recover with a progress topic of 2 partitions: %v, want an error saying so", err)
 	}
 }
