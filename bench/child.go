@@ -68,6 +68,8 @@ type childConfig struct {
 	// For the relay role: its kafka.format and kafka.record_timestamp; "" is the default.
 	KafkaFormat     string `json:"kafka_format,omitempty"`
 	RecordTimestamp string `json:"record_timestamp,omitempty"`
+	// ExactlyOnce runs the relay with kafka.delivery=exactly_once.
+	ExactlyOnce bool `json:"exactly_once,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -416,18 +418,30 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	}
 	metrics := prometheus.New("bench", "bench")
 	// The daemon's producer metrics; in four runs at 1 KB they cost no CPU the noise shows.
-	pub, err := kafka.NewPublisher(kafka.Config{Brokers: c.cfg.Brokers, Format: c.cfg.KafkaFormat,
-		RecordTimestamp: c.cfg.RecordTimestamp}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	kcfg := kafka.Config{Brokers: c.cfg.Brokers, Format: c.cfg.KafkaFormat, RecordTimestamp: c.cfg.RecordTimestamp}
+	var sink interface {
+		relay.Sink
+		Ping(context.Context) error
+		Close()
+	}
+	if c.cfg.ExactlyOnce {
+		sink, err = kafka.NewTxPublisher(kcfg,
+			kafka.TxConfig{TransactionalID: "bench-" + c.cfg.Schema, ProgressTopic: "bench-progress-" + c.cfg.Schema, Identity: c.cfg.Schema},
+			kafka.PublisherDeps{Tx: metrics}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	} else {
+		sink, err = kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	}
 	if err != nil {
 		return nil, err
 	}
+	pub := sink
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := pub.Ping(pctx); err != nil {
 		return nil, err
 	}
 	table := postgres.Table{Schema: c.cfg.Schema}
-	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark})
+	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark, Transactions: c.cfg.ExactlyOnce})
 	if err != nil {
 		return nil, err
 	}
@@ -440,11 +454,11 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c.stats = &relayStats{}
 	obs := &countingObserver{Observer: metrics, c: c}
-	var sink relay.Sink = pub
+	var rsink relay.Sink = pub
 	if c.cfg.Latency {
-		sink = &timingSink{Sink: pub, c: c}
+		rsink = &timingSink{Sink: pub, c: c}
 	}
-	relay, err := relay.New(rcfg, store, sink, obs, log)
+	relay, err := relay.New(rcfg, store, rsink, obs, log)
 	if err != nil {
 		return nil, err
 	}

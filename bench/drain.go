@@ -22,9 +22,12 @@ const (
 	// variantRelayCE is the relay with kafka.format=cloudevents and
 	// kafka.record_timestamp=occurred_at: the cost of both beside the default.
 	variantRelayCE = "relay-cloudevents"
+	// variantRelayEO is the relay with kafka.delivery=exactly_once: Kafka transactions, a
+	// progress record each, whole database transactions (the preload's are of txSize rows).
+	variantRelayEO = "relay-exactly-once"
 )
 
-var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE}
+var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE, variantRelayEO}
 
 // drainResult is one drain of a preloaded backlog.
 type drainResult struct {
@@ -223,6 +226,10 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 		cfg.Role = roleRelay
 		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
 		cfg.KafkaFormat, cfg.RecordTimestamp = kafka.FormatCloudEvents, kafka.TimestampOccurredAt
+	case variantRelayEO:
+		cfg.Role = roleRelay
+		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
+		cfg.ExactlyOnce = true
 	default:
 		return rep, side, fmt.Errorf("unknown variant %q", variant)
 	}
