@@ -109,6 +109,8 @@ type relayStats struct {
 	Marks      int64   `json:"marks"`
 	MarkSec    float64 `json:"mark_sec"`
 	EmptyClaim int64   `json:"empty_claims"`
+	// Kafka transactions committed (exactly-once delivery).
+	Transactions int64 `json:"transactions,omitempty"`
 }
 
 // runChild runs the child role described by the JSON in cfgJSON, talking to the parent over
@@ -427,7 +429,7 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	if c.cfg.ExactlyOnce {
 		sink, err = kafka.NewTxPublisher(kcfg,
 			kafka.TxConfig{TransactionalID: "bench-" + c.cfg.Schema, ProgressTopic: "bench-progress-" + c.cfg.Schema, Identity: c.cfg.Schema},
-			kafka.PublisherDeps{Tx: metrics}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+			kafka.PublisherDeps{Tx: &txCounter{TxObserver: metrics, c: c}}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	} else {
 		sink, err = kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	}
@@ -550,6 +552,53 @@ func (t *timingSink) Publish(ctx context.Context, m *relay.Message, done func(er
 	t.c.published[m.ID] = now
 	t.c.mu.Unlock()
 	return t.Sink.Publish(ctx, m, done)
+}
+
+// BeginBatch, EndBatch, Recover and Marked pass the optional ports of a transactional sink
+// (exactly-once delivery) through; for another sink they do nothing.
+func (t *timingSink) BeginBatch() {
+	if be, ok := t.Sink.(relay.BatchEnder); ok {
+		be.BeginBatch()
+	}
+}
+
+// EndBatch implements relay.BatchEnder.
+func (t *timingSink) EndBatch() {
+	if be, ok := t.Sink.(relay.BatchEnder); ok {
+		be.EndBatch()
+	}
+}
+
+// Recover implements relay.Recoverer.
+func (t *timingSink) Recover(ctx context.Context) ([]int64, error) {
+	if rc, ok := t.Sink.(relay.Recoverer); ok {
+		return rc.Recover(ctx)
+	}
+	return nil, nil
+}
+
+// Marked implements relay.MarkNoter.
+func (t *timingSink) Marked(ids []int64) {
+	if mn, ok := t.Sink.(relay.MarkNoter); ok {
+		mn.Marked(ids)
+	}
+}
+
+// txCounter counts the Kafka transactions committed, then passes every call on.
+type txCounter struct {
+	kafka.TxObserver
+	c *child
+}
+
+func (t *txCounter) TxEnded(outcome string, rows int) {
+	t.TxObserver.TxEnded(outcome, rows)
+	if outcome == kafka.TxCommitted {
+		t.c.mu.Lock()
+		if t.c.stats != nil {
+			t.c.stats.Transactions++
+		}
+		t.c.mu.Unlock()
+	}
 }
 
 // countingObserver counts marked rows and records commit-to-ack latencies, then passes every

@@ -75,8 +75,12 @@ func (b *bench) drain(ctx context.Context) error {
 				if r.Error != "" {
 					b.log.Printf("drain %s %dB %d keys: %s", v, dc.Payload, dc.Keys, r.Error)
 				} else {
-					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
-						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS))
+					txs := ""
+					if r.Relay != nil && r.Relay.Transactions > 0 {
+						txs = fmt.Sprintf("  kafka txs %d (%.0f/s)", r.Relay.Transactions, float64(r.Relay.Transactions)/r.WallSec)
+					}
+					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB%s",
+						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS), txs)
 				}
 			}
 		}
