@@ -75,10 +75,10 @@ func New(version, revision string) *Metrics {
 			Help: "Partitions of each topic this replica published to: kind=\"pinned\" is the count keys are hashed with, kind=\"live\" the count the brokers have."},
 			[]string{"topic", "kind"}),
 	}
-	m.txs = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_kafka_transactions_total",
+	m.txs = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_transactions_total",
 		Help: "Kafka transactions of exactly-once delivery, by outcome: committed, aborted (a record failed, a row of its hand-over was refused, or the term ended), failed (could not be ended or its commit's outcome is unknown: the term ended)."},
 		[]string{"outcome"})
-	m.txRows = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_kafka_transaction_rows_total",
+	m.txRows = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_transaction_rows_total",
 		Help: "Rows in the Kafka transactions of exactly-once delivery, by the transaction's outcome."}, []string{"outcome"})
 	m.progress = prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_progress_records_total",
 		Help: "Progress records written to kafka.progress_topic (one per Kafka transaction that reached its commit)."})
