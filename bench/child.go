@@ -72,6 +72,8 @@ type childConfig struct {
 	RecordTimestamp string `json:"record_timestamp,omitempty"`
 	// For the relay role: tracing on, exported to an OTLP/HTTP collector; nil: off.
 	Tracing *tracingSettings `json:"tracing,omitempty"`
+	// ExactlyOnce runs the relay with kafka.delivery=exactly_once.
+	ExactlyOnce bool `json:"exactly_once,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -112,6 +114,8 @@ type relayStats struct {
 	Marks      int64   `json:"marks"`
 	MarkSec    float64 `json:"mark_sec"`
 	EmptyClaim int64   `json:"empty_claims"`
+	// Kafka transactions committed (exactly-once delivery).
+	Transactions int64 `json:"transactions,omitempty"`
 }
 
 // runChild runs the child role described by the JSON in cfgJSON, talking to the parent over
@@ -430,17 +434,29 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		kcfg.Tracing = c.tracing.tp
 	}
 	// The daemon's producer metrics; in four runs at 1 KB they cost no CPU the noise shows.
-	pub, err := kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	var sink interface {
+		relay.Sink
+		Ping(context.Context) error
+		Close()
+	}
+	if c.cfg.ExactlyOnce {
+		sink, err = kafka.NewTxPublisher(kcfg,
+			kafka.TxConfig{TransactionalID: "bench-" + c.cfg.Schema, ProgressTopic: "bench-progress-" + c.cfg.Schema, Identity: c.cfg.Schema},
+			kafka.PublisherDeps{Tx: &txCounter{TxObserver: metrics, c: c}}, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	} else {
+		sink, err = kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))
+	}
 	if err != nil {
 		return nil, err
 	}
+	pub := sink
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := pub.Ping(pctx); err != nil {
 		return nil, err
 	}
 	table := postgres.Table{Schema: c.cfg.Schema}
-	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark})
+	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark, Transactions: c.cfg.ExactlyOnce})
 	if err != nil {
 		return nil, err
 	}
@@ -453,11 +469,11 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c.stats = &relayStats{}
 	obs := &countingObserver{Observer: metrics, c: c}
-	var sink relay.Sink = pub
+	var rsink relay.Sink = pub
 	if c.cfg.Latency {
-		sink = &timingSink{Sink: pub, c: c}
+		rsink = &timingSink{Sink: pub, c: c}
 	}
-	relay, err := relay.New(rcfg, store, sink, obs, log)
+	relay, err := relay.New(rcfg, store, rsink, obs, log)
 	if err != nil {
 		return nil, err
 	}
@@ -552,6 +568,53 @@ func (t *timingSink) Publish(ctx context.Context, m *relay.Message, done func(er
 	t.c.published[m.ID] = now
 	t.c.mu.Unlock()
 	return t.Sink.Publish(ctx, m, done)
+}
+
+// BeginBatch, EndBatch, Recover and Marked pass the optional ports of a transactional sink
+// (exactly-once delivery) through; for another sink they do nothing.
+func (t *timingSink) BeginBatch() {
+	if be, ok := t.Sink.(relay.BatchEnder); ok {
+		be.BeginBatch()
+	}
+}
+
+// EndBatch implements relay.BatchEnder.
+func (t *timingSink) EndBatch() {
+	if be, ok := t.Sink.(relay.BatchEnder); ok {
+		be.EndBatch()
+	}
+}
+
+// Recover implements relay.Recoverer.
+func (t *timingSink) Recover(ctx context.Context) ([]int64, error) {
+	if rc, ok := t.Sink.(relay.Recoverer); ok {
+		return rc.Recover(ctx)
+	}
+	return nil, nil
+}
+
+// Marked implements relay.MarkNoter.
+func (t *timingSink) Marked(ids []int64) {
+	if mn, ok := t.Sink.(relay.MarkNoter); ok {
+		mn.Marked(ids)
+	}
+}
+
+// txCounter counts the Kafka transactions committed, then passes every call on.
+type txCounter struct {
+	kafka.TxObserver
+	c *child
+}
+
+func (t *txCounter) TxEnded(outcome string, rows int) {
+	t.TxObserver.TxEnded(outcome, rows)
+	if outcome == kafka.TxCommitted {
+		t.c.mu.Lock()
+		if t.c.stats != nil {
+			t.c.stats.Transactions++
+		}
+		t.c.mu.Unlock()
+	}
 }
 
 // countingObserver counts marked rows and records commit-to-ack latencies, then passes every

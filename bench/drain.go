@@ -32,9 +32,12 @@ const (
 	// variantWatermill is Watermill's SQL outbox drained to Kafka by its forwarder (bench/watermill,
 	// a binary of its own module): the peer users compare the relay with.
 	variantWatermill = "watermill"
+	// variantRelayEO is the relay with kafka.delivery=exactly_once: Kafka transactions, a
+	// progress record each, whole database transactions (the preload's are of txSize rows).
+	variantRelayEO = "relay-exactly-once"
 )
 
-var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE, variantRelayTrace, variantRelayTraceRatio, variantWatermill}
+var drainVariants = []string{variantProduce, variantSQLOnly, variantNaive, variantRelay, variantRelayCE, variantRelayTrace, variantRelayTraceRatio, variantRelayEO, variantWatermill}
 
 // featureVariants are the relay with one of the ecosystem features on: their cost is measured
 // beside the default relay, in the drains and in the features section's latency runs.
@@ -110,8 +113,12 @@ func (b *bench) drain(ctx context.Context) error {
 				if r.Error != "" {
 					b.log.Printf("drain %s %dB %d keys: %s", v, dc.Payload, dc.Keys, r.Error)
 				} else {
-					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB",
-						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS))
+					txs := ""
+					if r.Relay != nil && r.Relay.Transactions > 0 {
+						txs = fmt.Sprintf("  kafka txs %d (%.0f/s)", r.Relay.Transactions, float64(r.Relay.Transactions)/r.WallSec)
+					}
+					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB%s",
+						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS), txs)
 				}
 			}
 		}
@@ -272,6 +279,10 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 		// The child preloads its own table through Watermill's publisher before it is ready.
 		cfg.Role = roleWatermill
 		cfg.Events, cfg.PayloadSize, cfg.Keys = dc.Events, dc.Payload, dc.Keys
+	case variantRelayEO:
+		cfg.Role = roleRelay
+		cfg.Relay.MaxInFlightBytes = b.opts.MaxInFlightBytes
+		cfg.ExactlyOnce = true
 	default:
 		return rep, side, fmt.Errorf("unknown variant %q", variant)
 	}

@@ -226,16 +226,22 @@ var slab = sync.OnceValue(func() []byte {
 // payloadOffset is where event i's payload starts in the slab.
 func payloadOffset(i int64, size int) int64 { return (i * 7919) % int64(slabSize-size) }
 
+// txSize is how many rows of the preload share a database transaction (its tx column): the
+// relay in exactly-once delivery hands them over together. Set for every variant alike.
+const txSize = 5
+
 // preload inserts n events of size bytes over keys keys, in id order, with statements of 50k
-// rows generated inside the database, then analyzes the table.
+// rows generated inside the database, then analyzes the table. Each txSize rows in a row get a
+// tx value of their own, as if written by one small transaction each.
 func (b *bench) preload(ctx context.Context, schema string, n int64, size, keys int) error {
 	t := pgx.Identifier{schema, "outbox"}.Sanitize()
 	const chunk = 50000
 	for from := int64(1); from <= n; from += chunk {
 		to := min(from+chunk-1, n)
-		_, err := b.pool.Exec(ctx, `INSERT INTO `+t+` (aggregate_type, aggregate_id, event_type, payload)
-			SELECT 'bench', (i % $3)::text, 'bench.created', substring($4::bytea from ((i * 7919) % ($5::bigint - $6::bigint))::int + 1 for $6::int)
-			FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i`, from, to, keys, slab(), slabSize, size)
+		_, err := b.pool.Exec(ctx, `INSERT INTO `+t+` (aggregate_type, aggregate_id, event_type, payload, tx)
+			SELECT 'bench', (i % $3)::text, 'bench.created', substring($4::bytea from ((i * 7919) % ($5::bigint - $6::bigint))::int + 1 for $6::int),
+				((i - 1) / $7 + 1)::text::xid8
+			FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i`, from, to, keys, slab(), slabSize, size, txSize)
 		if err != nil {
 			return fmt.Errorf("preload: %w", err)
 		}

@@ -28,14 +28,14 @@ type kcatRecord struct {
 }
 
 // kcatRead reads topic from the beginning to its end with kcat (librdkafka), an independent
-// client. The JSON envelope (-J) is used rather than -f '%k|%h|%s\n' because %h prints
+// client, with args added (such as -X isolation.level=read_committed). The JSON envelope (-J) is used rather than -f '%k|%h|%s\n' because %h prints
 // headers as unescaped name=value CSV, which a header value holding a comma would make ambiguous.
-func kcatRead(t *testing.T, brokers []string, topic string) []kcatRecord {
+func kcatRead(t *testing.T, brokers []string, topic string, args ...string) []kcatRecord {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "kcat", "-C", "-b", strings.Join(brokers, ","), "-t", topic,
-		"-o", "beginning", "-e", "-J", "-q")
+	cmd := exec.CommandContext(ctx, "kcat", append([]string{"-C", "-b", strings.Join(brokers, ","), "-t", topic,
+		"-o", "beginning", "-e", "-J", "-q"}, args...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

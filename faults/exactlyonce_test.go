@@ -20,8 +20,12 @@ import (
 // 0 phantoms, 0 reorders, 0 duplicates, each database transaction's records on a partition in
 // one Kafka transaction, and the tx-id header naming it, read at read_committed.
 
-// eoOptions are the options of an exactly-once test: transactions of 3 events.
-func eoOptions() options { return options{load: oracle.Config{EventsPerTx: 3, Keys: 32}} }
+// eoOptions are the options of an exactly-once test: transactions of 2 events of each of 3 keys
+// (so across topics and partitions), with their row ids for the oracle's all-or-none check
+// across partitions (checkEO).
+func eoOptions() options {
+	return options{load: oracle.Config{EventsPerTx: 2, KeysPerTx: 3, Keys: 32, RowIDs: true}}
+}
 
 // eoEnv returns the environment variables of a relay in exactly-once mode on e.
 func (e *env) eoEnv() []string {
@@ -33,10 +37,12 @@ func (e *env) eoEnv() []string {
 // progressTopic is the env's progress topic: one per test, named after its first topic.
 func (e *env) progressTopic() string { return e.topics[0] + "-progress" }
 
-// checkEO runs the oracle at read_committed and requires no duplicate.
+// checkEO runs the oracle at read_committed, with the all-or-none check across partitions (the
+// progress records name each Kafka transaction's rows), and requires no duplicate.
 func (e *env) checkEO() oracle.Report {
 	e.t.Helper()
-	rep, err := oracle.CheckWith(e.ctx, e.broker.Addrs, e.loader, 90*time.Second, oracle.Options{ReadCommitted: true, TxHeader: true})
+	rep, err := oracle.CheckWith(e.ctx, e.broker.Addrs, e.loader, 90*time.Second,
+		oracle.Options{ReadCommitted: true, TxHeader: true, ProgressTopic: e.progressTopic()})
 	if err != nil {
 		e.t.Fatalf("oracle: %v", err)
 	}

@@ -1,7 +1,4 @@
 package kafka
 
-// EncodeProgress and DecodeProgress are the progress record's encoding, for tests.
-var (
-	EncodeProgress = encodeProgress
-	DecodeProgress = decodeProgress
-)
+// EncodeProgress is the progress record's encoding, for tests (DecodeProgress is exported).
+var EncodeProgress = encodeProgress

@@ -50,6 +50,9 @@ type PublisherDeps struct {
 	// Log receives one warning per topic and change of its partition count. Default
 	// slog.Default().
 	Log *slog.Logger
+	// Tx is told how the Kafka transactions of exactly-once delivery end (TxPublisher). Default
+	// none.
+	Tx TxObserver
 }
 
 const (

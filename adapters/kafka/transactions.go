@@ -40,6 +40,31 @@ var TransactionTimeoutRange = bounds.Duration{Min: time.Second, Max: 15 * time.M
 // another record of it failed: it is sent again, without an attempt counted against its row.
 var ErrTransactionAborted = errors.New("kafka transaction aborted: another record of it failed")
 
+// Outcomes of a Kafka transaction, for TxObserver.TxEnded.
+const (
+	TxCommitted = "committed" // committed: its rows are marked next
+	TxAborted   = "aborted"   // aborted: a record failed, a row of its hand-over was refused, or the term ended
+	TxFailed    = "failed"    // could not be ended, or its commit's outcome is unknown: the term ends
+)
+
+// TxObserver is told what the transactions of a TxPublisher do. Its methods must not block.
+type TxObserver interface {
+	// TxEnded is told each Kafka transaction's end (TxCommitted, TxAborted, TxFailed) and rows.
+	TxEnded(outcome string, rows int)
+	// ProgressWritten is told each progress record written, with how many rows it names.
+	ProgressWritten(rows int)
+	// Recovered is told, when a term starts, how many rows the last progress record named: rows
+	// an earlier term published, marked now without being published again.
+	Recovered(rows int)
+}
+
+// nopTxObserver is the TxObserver of a publisher without one.
+type nopTxObserver struct{}
+
+func (nopTxObserver) TxEnded(string, int) {}
+func (nopTxObserver) ProgressWritten(int) {}
+func (nopTxObserver) Recovered(int)       {}
+
 // TxConfig configures exactly-once delivery (TxPublisher).
 type TxConfig struct {
 	// TransactionalID is the producer's transactional id: one per outbox, the same for every
@@ -120,6 +145,7 @@ type TxPublisher struct {
 	deps  PublisherDeps
 	extra []kgo.Opt
 	log   *slog.Logger
+	obs   TxObserver
 
 	// mu guards the transaction: Publish, EndBatch, the commit, Abort, Recover and Close.
 	mu      sync.Mutex
@@ -128,7 +154,11 @@ type TxPublisher struct {
 	open    bool       // a Kafka transaction is begun
 	handing bool       // a claim's rows are being handed over: no commit until EndBatch
 	began   time.Time  // when the open transaction got its first row
-	recs    []*txRecord
+	// doomed is set when a row of the hand-over was refused or failed at once: the transaction
+	// that holds the hand-over's other rows (open or begun after) is aborted, not committed, so
+	// that no database transaction is committed without one of its rows (relay.ErrSendAgain).
+	doomed error
+	recs   []*txRecord
 
 	// umu guards unmarked: the rows committed whose mark is not known.
 	umu      sync.Mutex
@@ -183,7 +213,11 @@ func NewTxPublisher(cfg Config, tx TxConfig, deps PublisherDeps, extra ...kgo.Op
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &TxPublisher{cfg: cfg, tx: tx, deps: deps, extra: extra, log: log,
+	obs := deps.Tx
+	if obs == nil {
+		obs = nopTxObserver{}
+	}
+	p := &TxPublisher{cfg: cfg, tx: tx, deps: deps, extra: extra, log: log, obs: obs,
 		unmarked: make(map[int64]struct{}),
 		kick:     make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{})}
 	go p.loop()
@@ -223,6 +257,7 @@ func (p *TxPublisher) Recover(ctx context.Context) ([]int64, error) {
 		return fail(err)
 	}
 	p.pub, p.broken = pub, nil
+	p.obs.Recovered(len(ids))
 	p.umu.Lock()
 	clear(p.unmarked)
 	for _, id := range ids {
@@ -233,29 +268,36 @@ func (p *TxPublisher) Recover(ctx context.Context) ([]int64, error) {
 }
 
 // progressTopic creates the progress topic when missing (compacted, one partition), and checks
-// it has one partition.
+// it has one partition. It creates first and lists only when the topic exists: a metadata request
+// for a missing topic makes a broker that creates topics on demand (auto.create.topics.enable)
+// create it with its default partition count.
 func (p *TxPublisher) progressTopic(ctx context.Context, cl *kgo.Client) error {
 	adm := kadm.NewClient(cl)
 	topic := p.tx.ProgressTopic
-	details, err := adm.ListTopics(ctx, topic)
-	if err != nil {
-		return fmt.Errorf("kafka.progress_topic %q: %w", topic, err)
-	}
-	if d, ok := details[topic]; ok && d.Err == nil {
-		if n := len(d.Partitions); n != 1 {
-			return fmt.Errorf("kafka.progress_topic %q has %d partitions: it must have one (the relay reads its outbox's last record there)", topic, n)
-		}
-		return nil
-	}
 	compact := "compact"
 	resp, err := adm.CreateTopic(ctx, 1, -1, map[string]*string{"cleanup.policy": &compact}, topic)
 	if err == nil {
 		err = resp.Err
 	}
-	if err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
+	switch {
+	case err == nil:
+		p.log.Info("created the progress topic of exactly-once delivery", "topic", topic)
+		return nil
+	case !errors.Is(err, kerr.TopicAlreadyExists) && !errors.Is(err, kerr.TopicAuthorizationFailed) && !errors.Is(err, kerr.ClusterAuthorizationFailed):
 		return fmt.Errorf("create kafka.progress_topic %q: %w", topic, err)
 	}
-	p.log.Info("created the progress topic of exactly-once delivery", "topic", topic)
+	// It exists (or this principal may not create topics: then it must exist).
+	details, err := adm.ListTopics(ctx, topic)
+	if err != nil {
+		return fmt.Errorf("kafka.progress_topic %q: %w", topic, err)
+	}
+	d, ok := details[topic]
+	if !ok || d.Err != nil {
+		return fmt.Errorf("kafka.progress_topic %q: cannot create it nor find it (create it: compacted, one partition): %v", topic, d.Err)
+	}
+	if n := len(d.Partitions); n != 1 {
+		return fmt.Errorf("kafka.progress_topic %q has %d partitions: it must have one (the relay reads its outbox's last record there)", topic, n)
+	}
 	return nil
 }
 
@@ -381,6 +423,12 @@ func encodeProgress(ids []int64) []byte {
 	return out
 }
 
+// DecodeProgress decodes the value of a progress record (kafka.progress_topic): the ids of the
+// outbox rows committed and not known to be marked when its Kafka transaction committed, that
+// transaction's own rows included. For tests and tools that check what each Kafka transaction
+// published.
+func DecodeProgress(b []byte) ([]int64, error) { return decodeProgress(b) }
+
 // decodeProgress decodes what encodeProgress encoded.
 func decodeProgress(b []byte) ([]int64, error) {
 	if len(b) == 0 || b[0] != progressVersion {
@@ -428,14 +476,18 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 	}
 	pr, ts, err := p.pub.record(m, extra...)
 	if err != nil {
+		p.doom(m, err)
 		return err
 	}
 	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
 		if h.Key == HeaderTxID {
-			return fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+			err := fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+			p.doom(m, err)
+			return err
 		}
 	}
 	if err := p.pub.pinned(ctx, ts); err != nil {
+		p.doom(m, err)
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
@@ -455,6 +507,25 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 	p.pub.cl.Produce(ctx, &pr.rec, p.pub.promise)
 	p.recs = append(p.recs, rec)
 	return nil
+}
+
+// doom makes the transaction of this hand-over abort instead of commit: row m of it was refused
+// or failed at once with err. Called with mu held.
+func (p *TxPublisher) doom(m *relay.Message, err error) {
+	if p.doomed == nil {
+		p.doomed = fmt.Errorf("row %d of the same hand-over was refused: %w", m.ID, err)
+	}
+}
+
+// BeginBatch implements relay.BatchEnder: no transaction ends until EndBatch. A commit running
+// now ends first (its rows' verdicts are given before BeginBatch returns).
+func (p *TxPublisher) BeginBatch() {
+	p.mu.Lock()
+	p.handing = true
+	if !p.open {
+		p.doomed = nil
+	}
+	p.mu.Unlock()
 }
 
 // EndBatch implements relay.BatchEnder: the open transaction may end now.
@@ -508,6 +579,12 @@ func (p *TxPublisher) maybeCommit() time.Duration {
 	if !p.open || p.handing {
 		return 0
 	}
+	if p.doomed != nil {
+		recs, cause := p.recs, p.doomed
+		p.recs, p.open, p.doomed = nil, false, nil
+		p.abortDoomed(recs, cause)
+		return 0
+	}
 	if age := time.Since(p.began); len(p.recs) < p.tx.MaxRows && age < p.tx.Linger {
 		return p.tx.Linger - age
 	}
@@ -549,11 +626,13 @@ func (p *TxPublisher) commit() {
 		p.abort(recs, fmt.Errorf("write the progress record to kafka.progress_topic %q: %w", p.tx.ProgressTopic, err))
 		return
 	}
+	p.obs.ProgressWritten(len(ids))
 	if err := cl.EndTransaction(ctx, kgo.TryCommit); err != nil {
 		// The outcome may be unknown: the next term reads it back from the progress topic.
 		p.broken = fmt.Errorf("commit the kafka transaction (outcome unknown until the next term reads the progress topic): %w", err)
 		_ = cl.EndTransaction(ctx, kgo.TryAbort)
 		p.log.Warn("exactly-once: kafka commit failed, ending the term", "rows", len(recs), "err", err)
+		p.obs.TxEnded(TxFailed, len(recs))
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		}
@@ -564,6 +643,7 @@ func (p *TxPublisher) commit() {
 		p.unmarked[r.id] = struct{}{}
 	}
 	p.umu.Unlock()
+	p.obs.TxEnded(TxCommitted, len(recs))
 	for _, r := range recs {
 		r.done(nil)
 	}
@@ -586,12 +666,14 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 	}
 	if cause != nil {
 		p.broken = cause
+		p.obs.TxEnded(TxFailed, len(recs))
 		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", cause)
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, cause))
 		}
 		return
 	}
+	p.obs.TxEnded(TxAborted, len(recs))
 	const group = "kafka-transaction"
 	// The records that failed first, so that one of them counts the group's attempt.
 	for _, r := range recs {
@@ -606,6 +688,33 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 	}
 }
 
+// abortDoomed aborts the transaction of recs, doomed by cause, and fails every record with
+// relay.ErrSendAgain: none of them is at fault, they are sent again without an attempt counted.
+// Called with mu held.
+func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	cl := p.pub.cl
+	aerr := cl.AbortBufferedRecords(ctx)
+	if aerr == nil {
+		aerr = cl.EndTransaction(ctx, kgo.TryAbort)
+	}
+	if aerr != nil {
+		p.broken = fmt.Errorf("abort the kafka transaction: %w", aerr)
+		p.obs.TxEnded(TxFailed, len(recs))
+		p.log.Warn("exactly-once: kafka transaction failed, ending the term", "rows", len(recs), "err", p.broken)
+		for _, r := range recs {
+			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
+		}
+		return
+	}
+	p.obs.TxEnded(TxAborted, len(recs))
+	p.log.Debug("exactly-once: kafka transaction aborted, a row of its hand-over was refused", "rows", len(recs), "cause", cause)
+	for _, r := range recs {
+		r.done(fmt.Errorf("%w: %w", relay.ErrSendAgain, cause))
+	}
+}
+
 // failOpen aborts the open transaction, if any, and fails its records with cause. Called with mu
 // held.
 func (p *TxPublisher) failOpen(cause error) {
@@ -613,14 +722,17 @@ func (p *TxPublisher) failOpen(cause error) {
 		return
 	}
 	recs := p.recs
-	p.recs, p.open, p.handing = nil, false, false
+	p.recs, p.open, p.handing, p.doomed = nil, false, false, nil
 	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
 	defer cancel()
+	outcome := TxAborted
 	if err := p.pub.cl.AbortBufferedRecords(ctx); err == nil {
 		if err := p.pub.cl.EndTransaction(ctx, kgo.TryAbort); err != nil {
 			p.broken = fmt.Errorf("abort the kafka transaction: %w", err)
+			outcome = TxFailed
 		}
 	}
+	p.obs.TxEnded(outcome, len(recs))
 	for _, r := range recs {
 		r.done(cause)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -254,5 +255,78 @@ func TestProgressEncoding(t *testing.T) {
 	}
 	if _, err := kafka.DecodeProgress([]byte{9}); err == nil {
 		t.Fatal("decoded an unknown version")
+	}
+}
+
+// TestTxPublisherProgressTopicOnAutoCreatingBroker: on a broker that creates topics on demand
+// (auto.create.topics.enable), with the producer allowed to ask for it (kafka.auto_create_topics),
+// the progress topic is created with one partition: looking it up first made the broker create it
+// with its default count, and every term then failed. A progress topic of several partitions is
+// refused with a clear error.
+func TestTxPublisherProgressTopicOnAutoCreatingBroker(t *testing.T) {
+	t.Parallel()
+	if kafkatest.Real() {
+		t.Skip("needs a broker that creates topics on demand (kfake)")
+	}
+	b := kafkatest.Start(t, kfake.AllowAutoTopicCreation(), kfake.DefaultNumPartitions(10))
+	topic := b.Topic(t, "eos", 3)
+	cfg := kafka.Config{Brokers: b.Addrs, TopicTemplate: topic, AutoCreateTopics: true}
+	tx := kafka.TxConfig{TransactionalID: kafkatest.Name("txid"), ProgressTopic: kafkatest.Name("progress"),
+		Identity: "db/public/" + topic, TransactionTimeout: 10 * time.Second}
+	e := &txEnv{b: b, topic: topic, cfg: cfg, tx: tx}
+	p, _ := e.publisher(t)
+	if errs := publish(t, p, 7, 1, 3); slices.ContainsFunc(errs, func(err error) bool { return err != nil }) {
+		t.Fatalf("publish: %v", errs)
+	}
+	wide := b.Topic(t, "progress-wide", 2)
+	e.tx.ProgressTopic = wide
+	p2, err := kafka.NewTxPublisher(e.cfg, e.tx, kafka.PublisherDeps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	if _, err := p2.Recover(context.Background()); err == nil || !strings.Contains(err.Error(), "has 2 partitions") {
+		t.Fatalf("recover with a progress topic of 2 partitions: %v, want an error saying so", err)
+	}
+}
+
+// TestTxPublisherRefusedRowAbortsItsHandOver: a row refused in a hand-over (an invalid topic
+// name: Publish returns the error, the relay parks it) makes the transaction holding the rest of
+// the hand-over abort instead of commit: its rows fail with relay.ErrSendAgain (sent again, no
+// attempt counted), nothing of it is visible at read_committed, and the next hand-over commits.
+func TestTxPublisherRefusedRowAbortsItsHandOver(t *testing.T) {
+	t.Parallel()
+	e := newTxEnv(t)
+	p, _ := e.publisher(t)
+	ch := make(chan error, 3)
+	p.BeginBatch()
+	for id := int64(1); id <= 2; id++ {
+		m := &relay.Message{ID: id, EventID: domain.NewID(), AggregateType: "order", AggregateID: "k", EventType: "E",
+			Payload: []byte(fmt.Sprint(id)), OccurredAt: time.Now(), TxID: 9}
+		if err := p.Publish(context.Background(), m, func(err error) { ch <- err }); err != nil {
+			t.Fatalf("publish %d: %v", id, err)
+		}
+	}
+	bad := &relay.Message{ID: 3, EventID: domain.NewID(), AggregateType: "order", AggregateID: "k", EventType: "E",
+		Payload: []byte("3"), Topic: "not a topic!", OccurredAt: time.Now(), TxID: 9}
+	if err := p.Publish(context.Background(), bad, func(err error) { ch <- err }); !errors.Is(err, relay.ErrInvalidMessage) {
+		t.Fatalf("publish of the refused row: %v, want ErrInvalidMessage", err)
+	}
+	p.EndBatch()
+	for range 2 {
+		select {
+		case err := <-ch:
+			if !errors.Is(err, relay.ErrSendAgain) {
+				t.Fatalf("verdict of a row of the refused row's hand-over: %v, want ErrSendAgain", err)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("no verdict within a minute")
+		}
+	}
+	if errs := publish(t, p, 10, 4, 5); slices.ContainsFunc(errs, func(err error) bool { return err != nil }) {
+		t.Fatalf("the next hand-over: %v, want it committed", errs)
+	}
+	if got := readTopic(t, e, true); !slices.Equal(got, []string{"4/10", "5/10"}) { // payload/tx-id
+		t.Fatalf("read_committed: %v, want only the next hand-over's rows 4 and 5", got)
 	}
 }

@@ -96,11 +96,14 @@ type queries struct {
 }
 
 // holdCond leaves out the rows of the held keys, the pairs ($6[i], $7[i]), but for the heads $8.
-// The keys form a hashed subplan, looked up once per row read: the rows keep their index order,
+// The claim leaves them out in the database, so that a batch is never filled with held rows,
 // and the held rows a claim passes over are never sent to the relay. Without it, more held rows
 // at the front of the outbox than a batch held every claim up, and with them every other key.
-func holdCond(t Table) string {
-	return ` AND ((` + t.aggType("") + `, coalesce(` + t.key("") + `, '')) NOT IN (SELECT * FROM unnest($6::text[], $7::text[]))
+func holdCond(t Table) string { return ` AND ` + holdExpr(t) }
+
+// holdExpr is true for a row holdCond keeps: not of a held key, or its head.
+func holdExpr(t Table) string {
+	return `((` + t.aggType("") + `, coalesce(` + t.key("") + `, '')) NOT IN (SELECT * FROM unnest($6::text[], $7::text[]))
 			OR ` + t.id("") + ` = ANY($8::bigint[]))`
 }
 
@@ -121,25 +124,40 @@ func claimCols(t Table, txs bool) string {
 	if txs {
 		tx = `coalesce(tx::text::bigint, 0)`
 	}
+	return claimColsTx(t, tx)
+}
+
+// claimColsTx is claimCols with tx as the expression of the column tx.
+func claimColsTx(t Table, tx string) string {
 	return t.id("") + ` AS id, ` + t.eventID("") + `::text AS event_id, ` + t.aggType("") + ` AS aggregate_type,
 			` + t.key("") + ` AS aggregate_id, ` + t.evType("") + ` AS event_type, ` + t.payload("") + ` AS payload,
 			coalesce(` + t.topicCol("") + `, '') AS topic, ` + t.headers("") + `::text AS headers,
 			` + t.occurred("") + ` AS occurred_at, created_at, attempts, ` + tx + ` AS tx`
 }
 
-// wholeTxs extends a claim query (with txs) with the rest of the rows of each transaction it
-// returned a row of: the rows above its last row written by one of those transactions, due, not
-// in flight ($1..$2 and $3) and not held (cond). One statement, so one snapshot; a transaction
+// wholeTxs extends a claim query (with txs) with the rest of the pending rows of each
+// transaction it returned a row of. Those that are due, not below the claim's start ($5), not in
+// flight ($1..$2 and $3) and not held (held: holdExpr, or "" when the claim holds no key; a row
+// of a held key of the same transaction as the key's head is not held) come as any row; every
+// other one comes with its tx negated, to say that it may not go now and that its transaction is therefore not whole
+// (the session reads it into relay.Message.TxHeld). One statement, so one snapshot; a transaction
 // whose row is visible is committed, so all its rows are visible too.
-func wholeTxs(t Table, claim, cond string) string {
+func wholeTxs(t Table, claim, held string) string {
+	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
+				OR ` + t.id("") + ` < $5
+				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
+	if held != "" {
+		// A row of a held key may go with its key's head ($8) when both are of one transaction.
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
+				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
+	}
 	return `WITH c AS (` + claim + `)
 		SELECT * FROM c
 		UNION ALL
-		(SELECT ` + claimCols(t, true) + ` FROM ` + t.outbox() + `
-		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL
 			AND tx IN (SELECT tx::text::xid8 FROM c WHERE tx <> 0)
-			AND ` + t.id("") + ` > (SELECT max(id) FROM c)
-			AND NOT (` + t.id("") + ` BETWEEN $1 AND $2) AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))` + cond + `
+			AND ` + t.id("") + ` NOT IN (SELECT id FROM c)
 		ORDER BY ` + t.id("") + `)
 		ORDER BY id`
 }
@@ -304,7 +322,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	if cfg.Transactions {
 		s.txs = true
 		s.q.claim = wholeTxs(t, s.q.claim, "")
-		s.q.claimHold = wholeTxs(t, s.q.claimHold, holdCond(t))
+		s.q.claimHold = wholeTxs(t, s.q.claimHold, holdExpr(t))
 	}
 	return s, nil
 }
@@ -506,6 +524,11 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	}
 	if !scan {
 		s.dec.finish(out)
+	}
+	for i := range out {
+		if out[i].TxID < 0 { // a row of a transaction the claim returned, which may not go now (wholeTxs)
+			out[i].TxID, out[i].TxHeld = -out[i].TxID, true
+		}
 	}
 	s.lastRows = len(out)
 	return out, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -136,4 +137,92 @@ func summary(rows []relay.Message) string {
 		s += r.AggregateID
 	}
 	return s
+}
+
+// TestClaimFlagsTheRowsAWholeTransactionWaitsFor checks that a claim of StoreConfig.Transactions
+// returns, with a transaction it returned a row of, every other pending row of it that may not go
+// now (held key, in flight, backing off) flagged TxHeld, and the rows that may go unflagged: the
+// relay then hands over the transaction only whole.
+func TestClaimFlagsTheRowsAWholeTransactionWaitsFor(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	// One transaction: keys x, y, z, w, y in id order.
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		VALUES ('t', 'x', 'E', 'x'), ('t', 'y', 'E', 'x'), ('t', 'z', 'E', 'x'), ('t', 'w', 'E', 'x'), ('t', 'y', 'E', 'x')`); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := postgres.ParseURL(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table, Transactions: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := store.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	flags := func(rows []relay.Message) string {
+		s := ""
+		for i, r := range rows {
+			if i > 0 {
+				s += " "
+			}
+			s += r.AggregateID
+			if r.TxHeld {
+				s += "!"
+			}
+			if r.TxID <= 0 || r.TxID != rows[0].TxID {
+				t.Fatalf("row %s: TxID %d, want the transaction's (positive, the same for all)", r.AggregateID, r.TxID)
+			}
+		}
+		return s
+	}
+	all, err := sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(all); got != "x y z w y" {
+		t.Fatalf("plain claim: %q, want every row unflagged", got)
+	}
+	// y's key held (parked: no head): both y rows come flagged.
+	rows, err := sess.Claim(ctx, 0, nil, 10, 1<<20, relay.Blocked{relay.BlockKey("t", "y"): 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(rows); got != "x y! z w y!" {
+		t.Fatalf("claim with y's key held: %q, want the y rows flagged", got)
+	}
+	// y's key held behind its first row: the second, of the head's transaction, goes with it.
+	rows, err = sess.Claim(ctx, 0, nil, 10, 1<<20, relay.Blocked{relay.BlockKey("t", "y"): all[1].ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(rows); got != "x y z w y" {
+		t.Fatalf("claim with y's key held behind its first row: %q, want nothing flagged", got)
+	}
+	// z in flight (skipped) and a claim of one row: x, then the rest of its transaction, z
+	// flagged, y and w unflagged (above the claim's last row, free).
+	rows, err = sess.Claim(ctx, 0, []int64{all[2].ID}, 1, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(rows); got != "x y z! w y" {
+		t.Fatalf("claim of one row with z in flight: %q, want z flagged", got)
+	}
+	// w backing off (a failed attempt): w flagged.
+	if err := sess.Retry(ctx, all[3].ID, "test", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	rows, err = sess.Claim(ctx, 0, nil, 10, 1<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := flags(rows); got != "x y z w! y" {
+		t.Fatalf("claim with w backing off: %q, want w flagged", got)
+	}
 }

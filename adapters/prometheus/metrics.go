@@ -9,10 +9,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	prom "github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/twmb/franz-go/pkg/kerr"
 )
 
@@ -37,6 +39,10 @@ type Metrics struct {
 	lastPublish   prom.Gauge
 	partitions    *prom.GaugeVec
 	tokenErrors   prom.Counter
+	txs           *prom.CounterVec
+	txRows        *prom.CounterVec
+	progress      prom.Counter
+	recovered     prom.Counter
 }
 
 var _ relay.Observer = (*Metrics)(nil)
@@ -99,8 +105,22 @@ func ForOutbox(reg *prom.Registry, outbox string) *Metrics {
 		tokenErrors: prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_sasl_token_errors_total",
 			Help: "Times the Kafka SASL mechanism (OAUTHBEARER, AWS_MSK_IAM) could not get a token or credentials; each fails a connection to a broker."}),
 	}
+	m.txs = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_transactions_total",
+		Help: "Kafka transactions of exactly-once delivery, by outcome: committed, aborted (a record failed, a row of its hand-over was refused, or the term ended), failed (could not be ended or its commit's outcome is unknown: the term ended)."},
+		[]string{"outcome"})
+	m.txRows = prom.NewCounterVec(prom.CounterOpts{Name: "outbox_relay_transaction_rows_total",
+		Help: "Rows in the Kafka transactions of exactly-once delivery, by the transaction's outcome."}, []string{"outcome"})
+	m.progress = prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_progress_records_total",
+		Help: "Progress records written to kafka.progress_topic (one per Kafka transaction that reached its commit)."})
+	m.recovered = prom.NewCounter(prom.CounterOpts{Name: "outbox_relay_recovered_rows_total",
+		Help: "Rows an earlier term published without marking them, marked at a term's start from the progress topic without being published again."})
+	for _, o := range []string{kafka.TxCommitted, kafka.TxAborted, kafka.TxFailed} {
+		m.txs.WithLabelValues(o)
+		m.txRows.WithLabelValues(o)
+	}
 	m.reg.MustRegister(m.published, m.publishErrors, m.parked, m.latency, m.batchSize, m.claimDuration,
-		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors)
+		m.markDuration, m.replWait, m.leader, m.dbUp, m.lastPublish, m.partitions, m.tokenErrors, m.txs, m.txRows,
+		m.progress, m.recovered)
 	return m
 }
 
@@ -145,6 +165,30 @@ func (t *tracked) unregisterAll() {
 	}
 	t.all = nil
 }
+
+var _ kafka.TxObserver = (*Metrics)(nil)
+
+// TxEnded implements kafka.TxObserver.
+func (m *Metrics) TxEnded(outcome string, rows int) {
+	m.txs.WithLabelValues(outcome).Inc()
+	m.txRows.WithLabelValues(outcome).Add(float64(rows))
+}
+
+// CommittedRows returns how many rows Kafka transactions committed since the start (exactly-once
+// delivery).
+func (m *Metrics) CommittedRows() int64 {
+	var out dto.Metric
+	if err := m.txRows.WithLabelValues(kafka.TxCommitted).Write(&out); err != nil {
+		return 0
+	}
+	return int64(out.GetCounter().GetValue())
+}
+
+// ProgressWritten implements kafka.TxObserver.
+func (m *Metrics) ProgressWritten(int) { m.progress.Inc() }
+
+// Recovered implements kafka.TxObserver.
+func (m *Metrics) Recovered(rows int) { m.recovered.Add(float64(rows)) }
 
 // Handler serves the registry in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {

@@ -88,11 +88,15 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 	size, more := l.cur.read(a.from, a.horizon, limit, budget, rows)
 	now := time.Now()
 	l.lastPoll = now
-	// The rows that go to the sink: not in flight already, not waiting behind an earlier row.
+	// The rows that go to the sink: not in flight already, not waiting behind an earlier row, and
+	// in exactly-once delivery only with their whole database transaction (wholeTxs). From here to
+	// endBatch a transactional sink ends no transaction, so no failure of one reaches the gate.
+	l.beginBatch()
+	waits := l.wholeTxs(rows, now)
 	l.send, l.unused = l.send[:0], l.unused[:0]
 	for i := range rows {
 		m := &rows[i]
-		if _, dup := l.inflight[m.ID]; !dup && !l.gate.mustWait(m, now) {
+		if _, dup := l.inflight[m.ID]; !dup && !m.TxHeld && !waits[txOf(m)] && !l.mustWait(m, now) {
 			l.send = append(l.send, m)
 		} else {
 			l.unused = append(l.unused, m)
@@ -104,6 +108,11 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 	// could be read without it. When the blocked keys are due to be reloaded, the loop starts the
 	// next claim itself, after the reload.
 	reloadDue := time.Since(l.blockedAt) >= l.cfg.PollInterval
+	if len(waits) > 0 && len(l.send) == 0 {
+		// Every row waits with its transaction: claiming again at once would read them again.
+		// The next claim comes with a result, a wake-up or the poll.
+		more = false
+	}
 	if more && !reloadDue {
 		if nextLimit, nextBudget := l.cur.claimSize(len(l.inflight)+len(rows), l.bytes+size); nextLimit > 0 && nextBudget > 0 {
 			l.skip = l.appendInflight(l.skip[:0])
@@ -118,7 +127,7 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 		}
 	}
 	for _, m := range l.send {
-		if l.gate.mustWait(m, time.Now()) { // an earlier row of its key was refused or failed just now: the key waits
+		if l.mustWait(m, time.Now()) { // an earlier row of its key was refused or failed just now: the key waits
 			if l.conn.claiming {
 				l.cur.passedOver(m.ID) // the read-ahead passes over it: claims must come back to it
 			}
@@ -146,6 +155,15 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 		}
 	}
 	return more, nil
+}
+
+// mustWait reports whether m must wait behind an earlier row of its key at now: keyGate.mustWait,
+// or for a row of a database transaction txMustWait.
+func (l *term) mustWait(m *Message, now time.Time) bool {
+	if m.TxID != 0 {
+		return l.txMustWait(m, now)
+	}
+	return l.gate.mustWait(m, now)
 }
 
 // reload reloads the blocked keys, once per poll interval rather than at every claim: a relay

@@ -15,6 +15,13 @@ var ErrInvalidMessage = errors.New("invalid message")
 // with nothing else published it is a stall.
 var ErrDestinationMissing = errors.New("destination missing")
 
+// ErrSendAgain is wrapped by a Sink when it dropped a message for no fault of the message's row:
+// a transaction the message was in was aborted because another message of it was refused (a
+// transactional sink never commits a transaction that lost a row of a database transaction). The
+// relay counts no attempt against the row and parks nothing; it holds the row's key and sends the
+// row again after a backoff, as for ErrDestinationMissing.
+var ErrSendAgain = errors.New("sent again: its transaction was aborted for another message")
+
 // ErrNotLeader is returned by a Session when it lost the leadership it held.
 var ErrNotLeader = errors.New("leadership lost")
 

@@ -127,6 +127,9 @@ func (g *keyGate) head(k string) (int64, bool) {
 	return 0, false
 }
 
+// holding reports whether some key waits (the term's own or the database's).
+func (g *keyGate) holding() bool { return len(g.own) > 0 || len(g.stored) > 0 }
+
 // mustWait reports whether m must wait at now (why is not mayGo).
 func (g *keyGate) mustWait(m *Message, now time.Time) bool { return g.why(m, now) != mayGo }
 

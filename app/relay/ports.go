@@ -22,6 +22,10 @@ type Message struct {
 	// TxID is the database transaction that wrote the row, when the store reads it (exactly-once
 	// delivery; 0 otherwise, and for rows written before the store recorded it).
 	TxID int64
+	// TxHeld is set on a row the claim returned only to say that its transaction (TxID) is not
+	// whole now: the row may not go (it is in flight, backing off, or its key is held), so no row
+	// of its transaction goes in this hand-over. Such a row is never handed to the sink.
+	TxHeld bool
 	// AggregateIDNull is true when the aggregate_id column is NULL (AggregateID is then ""): a
 	// NULL and an empty key are both invalid (Check), and each such row is parked on its own.
 	AggregateIDNull bool

@@ -99,6 +99,12 @@ func (l *term) settle(ctx context.Context, results []result) error {
 			l.destinationMissing(m)
 			continue
 		}
+		if errors.Is(res.err, ErrSendAgain) {
+			at := l.gate.resendAfter(m, missingRetryMax, time.Now())
+			l.log.Debug("the sink aborted the row's transaction for another row, sending again without counting an attempt",
+				"row_id", m.ID, "event_id", m.EventID, "retry_in", time.Until(at).Round(time.Millisecond))
+			continue
+		}
 		if l.gate.collateral(m, res.err, res.at, time.Now()) { // the key's later rows wait behind m
 			l.log.Debug("publish failed with its group, resending without counting an attempt",
 				"row_id", m.ID, "event_id", m.EventID, "aggregate_type", m.AggregateType,

@@ -37,7 +37,10 @@ type term struct {
 	results chan result
 	ready   []result // the batch settleReady gathers (reused)
 	// gate holds keys back: "may this row go now, and if not why".
-	gate     *keyGate
+	gate *keyGate
+	// heads is, per waiting key, the database transaction of its head in the hand-over under
+	// way (headTxs): the key's rows of that transaction go with the head.
+	heads    map[string]int64
 	lastPoll time.Time
 	// blockedAt is when the database's blocked keys were last loaded into the gate.
 	blockedAt time.Time

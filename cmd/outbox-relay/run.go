@@ -307,7 +307,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 	metrics := prometheus.ForOutbox(reg, cfg.Name)
 	metrics.WatchBacklog(backlogOf(cfg, pool), prometheus.BacklogOptions{Log: olog})
 	cfg.Kafka.SASL.OnTokenError = metrics.SASLTokenFailed
-	publisher, err := newRelaySink(cfg, olog, kafka.PublisherDeps{Pins: pins, Observer: metrics, Log: olog},
+	publisher, err := newRelaySink(cfg, olog, kafka.PublisherDeps{Pins: pins, Observer: metrics, Tx: metrics, Log: olog},
 		kgo.WithHooks(metrics.RelayKafkaHooks()))
 	if err != nil {
 		metrics.Unregister() // a later try registers the outbox's metrics again

@@ -3,10 +3,14 @@ package oracle
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/adapters/kafka"
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -35,6 +39,9 @@ type Report struct {
 	// Split lists database transactions whose records on one partition are not all in one Kafka
 	// transaction (a commit or abort marker between them). Read at read_committed only.
 	Split []string
+	// Unaccounted counts committed events published but named by no progress record
+	// (Options.ProgressTopic): their Kafka transaction wrote no progress, or they have no row id.
+	Unaccounted int
 	// TxHeaderMismatch counts records whose tx-id header is missing, differs from another record
 	// of the same database transaction, or is shared with another one. Checked with
 	// Options.TxHeader only.
@@ -48,6 +55,11 @@ type Options struct {
 	ReadCommitted bool
 	// TxHeader checks the tx-id header (Report.TxHeaderMismatch).
 	TxHeader bool
+	// ProgressTopic, with the loader's Config.RowIDs, checks that each database transaction's
+	// records lie in one Kafka transaction across every topic and partition (Report.Split): each
+	// Kafka transaction of the relay writes one progress record there, which names its own rows,
+	// so a row's Kafka transaction is the first progress record that names it.
+	ProgressTopic string
 }
 
 // HeaderTxID is the header naming a record's database transaction (exactly-once delivery).
@@ -55,8 +67,8 @@ const HeaderTxID = "tx-id"
 
 // String summarizes r on one line.
 func (r Report) String() string {
-	return fmt.Sprintf("committed=%d rolled_back=%d records=%d lost=%d phantoms=%d duplicates=%d reorders=%d no_header=%d foreign=%d",
-		r.Committed, r.RolledBack, r.Records, len(r.Lost), len(r.Phantoms), r.Duplicates, len(r.Reorders), r.NoHeader, r.Foreign)
+	return fmt.Sprintf("committed=%d rolled_back=%d records=%d lost=%d phantoms=%d duplicates=%d reorders=%d no_header=%d foreign=%d split=%d unaccounted=%d",
+		r.Committed, r.RolledBack, r.Records, len(r.Lost), len(r.Phantoms), r.Duplicates, len(r.Reorders), r.NoHeader, r.Foreign, len(r.Split), r.Unaccounted)
 }
 
 // Assert fails t unless r shows no loss, no phantom, no reorder, every header present, no
@@ -84,6 +96,9 @@ func (r Report) Assert(t testing.TB, maxDuplicates int) {
 	}
 	if len(r.Split) > 0 {
 		t.Errorf("A: %d database transactions split across Kafka transactions, first: %v", len(r.Split), r.Split[:min(5, len(r.Split))])
+	}
+	if r.Unaccounted > 0 {
+		t.Errorf("%d published events named by no progress record", r.Unaccounted)
 	}
 	if r.TxHeaderMismatch > 0 {
 		t.Errorf("%d records whose %s header does not name their database transaction alone", r.TxHeaderMismatch, HeaderTxID)
@@ -261,5 +276,82 @@ func CheckWith(ctx context.Context, brokers []string, l *Loader, timeout time.Du
 		}
 	}
 	slices.Sort(rep.Lost)
+	if o.ProgressTopic != "" {
+		if err := checkProgress(ctx, brokers, o.ProgressTopic, events, outcomes, seen, &rep); err != nil {
+			return rep, err
+		}
+	}
 	return rep, nil
+}
+
+// checkProgress reads the progress topic at read_committed and requires every published
+// database transaction's rows to be first named by one progress record: one Kafka transaction,
+// across all topics and partitions.
+func checkProgress(ctx context.Context, brokers []string, topic string, events map[string]Event, outcomes map[string]Outcome, seen map[string]int, rep *Report) error {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...),
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: {0: kgo.NewOffset().AtStart()}}),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()), kgo.KeepControlRecords(), kgo.FetchMaxWait(200*time.Millisecond))
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(ectx, topic)
+	if err == nil {
+		err = ends.Error()
+	}
+	if err != nil {
+		return fmt.Errorf("progress topic %q: %w", topic, err)
+	}
+	end, _ := ends.Lookup(topic, 0)
+	first := map[int64]int64{} // row id -> offset of the first progress record naming it
+	for next := int64(0); next < end.Offset; {
+		fetches := cl.PollFetches(ectx)
+		if err := ectx.Err(); err != nil {
+			return fmt.Errorf("progress topic %q: read up to %d, at %d: %w", topic, end.Offset, next, err)
+		}
+		var ferr error
+		fetches.EachError(func(_ string, _ int32, err error) { ferr = errors.Join(ferr, err) })
+		if ferr != nil {
+			return fmt.Errorf("progress topic %q: %w", topic, ferr)
+		}
+		var derr error
+		fetches.EachRecord(func(r *kgo.Record) {
+			next = max(next, r.Offset+1)
+			if r.Attrs.IsControl() {
+				return
+			}
+			ids, err := kafka.DecodeProgress(r.Value)
+			if err != nil {
+				derr = fmt.Errorf("progress topic %q, offset %d: %w", topic, r.Offset, err)
+				return
+			}
+			for _, id := range ids {
+				if _, ok := first[id]; !ok {
+					first[id] = r.Offset
+				}
+			}
+		})
+		if derr != nil {
+			return derr
+		}
+	}
+	txAt := map[string]int64{}
+	for id, ev := range events {
+		if outcomes[id] != Committed || seen[id] == 0 {
+			continue
+		}
+		at, ok := first[ev.RowID]
+		if ev.RowID == 0 || !ok {
+			rep.Unaccounted++
+			continue
+		}
+		if prev, ok := txAt[ev.Tx]; !ok {
+			txAt[ev.Tx] = at
+		} else if prev != at && !slices.ContainsFunc(rep.Split, func(s string) bool { return strings.HasPrefix(s, "transaction of event "+ev.Tx+" ") }) {
+			rep.Split = append(rep.Split, fmt.Sprintf("transaction of event %s across Kafka transactions (progress records at offsets %d and %d)", ev.Tx, prev, at))
+		}
+	}
+	return nil
 }

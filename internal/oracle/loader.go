@@ -48,6 +48,8 @@ type Event struct {
 	Seq   int
 	// Tx names the loader's database transaction that wrote the event (its first event's id).
 	Tx string
+	// RowID is the event's outbox id, with Config.RowIDs (0 otherwise).
+	RowID int64
 }
 
 // Payload is the JSON value of every event the loader writes.
@@ -65,8 +67,14 @@ type Config struct {
 	Keys int
 	// Workers is the number of concurrent writing transactions. Default 4.
 	Workers int
-	// EventsPerTx is how many events of one key each transaction writes. Default 1.
+	// EventsPerTx is how many events of each of its keys each transaction writes. Default 1.
 	EventsPerTx int
+	// KeysPerTx is how many distinct keys each transaction writes events of (interleaved, so the
+	// transaction spans several partitions and topics). Default 1.
+	KeysPerTx int
+	// RowIDs records each event's outbox id (Event.RowID), read back in its transaction, for
+	// Options.ProgressTopic. Default false.
+	RowIDs bool
 	// RollbackRatio is the share of transactions rolled back on purpose. Default 0.
 	RollbackRatio float64
 	// FailCommitRatio is the share of transactions whose COMMIT fails (a deferred unique
@@ -110,6 +118,9 @@ func New(ctx context.Context, pool *pgxpool.Pool, table postgres.Table, cfg Conf
 	}
 	if cfg.EventsPerTx == 0 {
 		cfg.EventsPerTx = 1
+	}
+	if cfg.KeysPerTx == 0 {
+		cfg.KeysPerTx = 1
 	}
 	if cfg.AggregateType == "" {
 		cfg.AggregateType = "order"
@@ -237,11 +248,16 @@ func (l *Loader) Go(ctx context.Context) (stop func()) {
 }
 
 func (l *Loader) one(ctx context.Context, rng *rand.Rand) error {
-	key := Key(rng.IntN(l.cfg.Keys))
+	keys := make([]string, 0, l.cfg.KeysPerTx)
+	for len(keys) < min(l.cfg.KeysPerTx, l.cfg.Keys) {
+		if key := Key(rng.IntN(l.cfg.Keys)); !slices.Contains(keys, key) {
+			keys = append(keys, key)
+		}
+	}
 	r := rng.Float64()
 	rollback := r < l.cfg.RollbackRatio
 	failCommit := !rollback && r < l.cfg.RollbackRatio+l.cfg.FailCommitRatio
-	p, err := l.begin(ctx, key, l.cfg.EventsPerTx, l.cfg.PayloadBytes, rng)
+	p, err := l.begin(ctx, keys, l.cfg.EventsPerTx, l.cfg.PayloadBytes, rng)
 	if err != nil {
 		return err
 	}
@@ -277,7 +293,7 @@ func (l *Loader) Begin(ctx context.Context, key string, n int) (*Pending, error)
 
 // BeginPadded is Begin with payloads padded to about pad bytes.
 func (l *Loader) BeginPadded(ctx context.Context, key string, n, pad int) (*Pending, error) {
-	return l.begin(ctx, key, n, pad, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+	return l.begin(ctx, []string{key}, n, pad, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
 }
 
 // Write writes n events of key in one transaction and commits it.
@@ -289,33 +305,42 @@ func (l *Loader) Write(ctx context.Context, key string, n int) error {
 	return p.Commit(ctx)
 }
 
-func (l *Loader) begin(ctx context.Context, key string, n, pad int, rng *rand.Rand) (*Pending, error) {
+func (l *Loader) begin(ctx context.Context, keys []string, n, pad int, rng *rand.Rand) (*Pending, error) {
 	tx, err := l.pool.Begin(ctx)
 	if err != nil {
 		return nil, err
 	}
 	p := &Pending{l: l, tx: tx}
-	var last int
-	if err := tx.QueryRow(ctx, `INSERT INTO `+l.keys+` AS k (key, seq) VALUES ($1, $2)
-		ON CONFLICT (key) DO UPDATE SET seq = k.seq + excluded.seq RETURNING seq`, key, n).Scan(&last); err != nil {
-		p.Rollback(ctx)
-		return nil, err
-	}
-	msgs := make([]postgres.Message, n)
-	ids := make([]string, n)
-	topic := l.TopicOf(key)
-	for i := range n {
-		ev := Event{ID: domain.NewID(), Key: key, Topic: topic, Seq: last - n + 1 + i}
-		ids[i] = ev.ID
-		ev.Tx = ids[0]
-		p.Events = append(p.Events, ev)
-		payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", pad)})
-		occurred := time.Now()
-		if l.cfg.ClockSkew > 0 {
-			occurred = occurred.Add(time.Duration((rng.Float64()*2 - 1) * float64(l.cfg.ClockSkew)))
+	// The keys' rows are locked in one order, so that writers of several keys never deadlock.
+	sorted := slices.Sorted(slices.Values(keys))
+	last := make(map[string]int, len(keys))
+	for _, key := range slices.Compact(sorted) {
+		var seq int
+		if err := tx.QueryRow(ctx, `INSERT INTO `+l.keys+` AS k (key, seq) VALUES ($1, $2)
+			ON CONFLICT (key) DO UPDATE SET seq = k.seq + excluded.seq RETURNING seq`, key, n).Scan(&seq); err != nil {
+			p.Rollback(ctx)
+			return nil, err
 		}
-		msgs[i] = postgres.Message{AggregateType: l.cfg.AggregateType, AggregateID: key, EventType: "OracleEvent",
-			Payload: payload, Topic: topic, EventID: ev.ID, OccurredAt: occurred}
+		last[key] = seq
+	}
+	// The events of the keys interleave: the first of each key, then the second of each...
+	msgs := make([]postgres.Message, 0, n*len(keys))
+	ids := make([]string, 0, n*len(keys))
+	for i := range n {
+		for _, key := range keys {
+			topic := l.TopicOf(key)
+			ev := Event{ID: domain.NewID(), Key: key, Topic: topic, Seq: last[key] - n + 1 + i}
+			ids = append(ids, ev.ID)
+			ev.Tx = ids[0]
+			p.Events = append(p.Events, ev)
+			payload, _ := json.Marshal(Payload{Key: key, Seq: ev.Seq, Pad: strings.Repeat("x", pad)})
+			occurred := time.Now()
+			if l.cfg.ClockSkew > 0 {
+				occurred = occurred.Add(time.Duration((rng.Float64()*2 - 1) * float64(l.cfg.ClockSkew)))
+			}
+			msgs = append(msgs, postgres.Message{AggregateType: l.cfg.AggregateType, AggregateID: key, EventType: "OracleEvent",
+				Payload: payload, Topic: topic, EventID: ev.ID, OccurredAt: occurred})
+		}
 	}
 	// The events are known from here on: if anything below fails they are rolled back.
 	l.record(p.Events, RolledBack)
@@ -327,7 +352,53 @@ func (l *Loader) begin(ctx context.Context, key string, n, pad int, rng *rand.Ra
 		p.Rollback(ctx)
 		return nil, err
 	}
+	if l.cfg.RowIDs {
+		if err := p.rowIDs(ctx, ids); err != nil {
+			p.Rollback(ctx)
+			return nil, err
+		}
+	}
 	return p, nil
+}
+
+// rowIDs reads the outbox ids of the events ids into p.Events: the rows the transaction wrote.
+func (p *Pending) rowIDs(ctx context.Context, ids []string) error {
+	rows, err := p.tx.Query(ctx, `SELECT id, event_id::text FROM `+pgx.Identifier{p.l.table.Schema, p.l.table.Name}.Sanitize()+
+		` WHERE tx = pg_current_xact_id() AND dispatched_at IS NULL`) // the tx column's index (003_tx.sql)
+	if err != nil {
+		return err
+	}
+	byEvent := make(map[string]int64, len(ids))
+	for rows.Next() {
+		var id int64
+		var ev string
+		if err := rows.Scan(&id, &ev); err != nil {
+			rows.Close()
+			return err
+		}
+		byEvent[ev] = id
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for i := range p.Events {
+		p.Events[i].RowID = byEvent[p.Events[i].ID]
+	}
+	return nil
+}
+
+// BeginKeys opens a transaction that writes n events of each of keys, interleaved (the first
+// event of each key, then the second...), and leaves it open. Its events span the keys' topics
+// and partitions: Check's all-or-none test covers them together.
+func (l *Loader) BeginKeys(ctx context.Context, keys []string, n int) (*Pending, error) {
+	return l.begin(ctx, keys, n, l.cfg.PayloadBytes, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+}
+
+// AppendRaw writes msgs in p's transaction, as they are: they are not the oracle's events (no
+// sequence, never expected on a topic), such as a poison row the relay must park.
+func (p *Pending) AppendRaw(ctx context.Context, msgs ...postgres.Message) error {
+	return p.l.writer.Append(ctx, p.tx, msgs...)
 }
 
 // Commit commits the transaction. When the COMMIT fails its outcome is recorded as unknown, to be
