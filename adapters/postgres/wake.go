@@ -43,13 +43,28 @@ import (
 // writers on a loaded machine often leave a millisecond or two without a commit, and with one
 // empty claim the relay went to sleep (and writers notified) 25-40 times a second flat out;
 // with two, 6-10 % of their commits notified, with five 3-6 %. Holding the lock, it keeps it while
-// the rows trickle in (each one then wakes it, as before) and lets it go once claims return
-// busyRows rows within busyWindow.
+// the commits trickle in (each one then wakes it, as before) and lets it go once it heard
+// busyWakeUps notifications within busyWindow: 2,000 notifying commits a second. What a
+// notification costs the writers is a commit serialised behind the previous notifying one's WAL
+// flush, which matters only near the rate at which those flushes fill the time (about 4,000 a
+// second on the bench's host, BENCHMARKS.md); below it, being woken by each commit is faster than
+// claiming every lingerFor (at 1,000 events/s, commit-to-ack p50 0.7 ms instead of 1.2-1.5 ms,
+// when the threshold was 10 rows in 10 ms and the relay polled at that rate). The threshold counts
+// notifications, not rows: a transaction of many rows notifies once. A window of 50 ms, not
+// less, keeps a steady 1,000 commits a second from crossing it by chance (the count of a 50 ms
+// window then averages 50; 100 is far out in its tail).
+//
+// The way back: writers at a steady rate leave no gap of five empty claims, so a polling session
+// also goes to sleep once a window of claims returned fewer than quietRows rows, 1,200 a second:
+// between that and busyWakeUps it stays as it is, so a rate near either threshold does not make
+// it switch back and forth. (Rows, not commits, as awake writers send nothing to count: a
+// transaction of many rows keeps the relay polling at fewer commits a second.)
 const (
 	sleepLockWait = 20 * time.Millisecond
 	lingerFor     = time.Millisecond
-	busyWindow    = 10 * time.Millisecond
-	busyRows      = 10
+	busyWindow    = 50 * time.Millisecond
+	busyWakeUps   = 100
+	quietRows     = 60
 	emptyToSleep  = 5
 )
 
@@ -67,9 +82,29 @@ type wakeState struct {
 	// empty counts the claims in a row that found nothing while polling: emptyToSleep of them,
 	// a lingerFor apart, and the session goes to sleep.
 	empty int
-	// Rows claimed since since, while asleep: busyRows within busyWindow lets the lock go.
-	since time.Time
-	rows  int
+	// Rows claimed since since, while polling: fewer than quietRows in a window ended makes
+	// quiet, and the session goes to sleep.
+	rows  int64
+	quiet bool
+	// heardN counts the notifications heard while asleep (written by the notification handler);
+	// busyWakeUps of them within busyWindow of since, when heardN was base, let the lock go.
+	heardN atomic.Int64
+	since  time.Time
+	base   int64
+}
+
+// busy reports, at now, whether the notifications heard since since came at busyWakeUps per
+// busyWindow or faster: busyWakeUps of them within the window, or, once the window is over (the
+// relay did not look before), as many per busyWindow over the whole time; an ended window starts
+// the next one at now.
+func (w *wakeState) busy(now time.Time) bool {
+	total := w.heardN.Load()
+	n, elapsed := total-w.base, now.Sub(w.since)
+	if elapsed <= busyWindow {
+		return n >= busyWakeUps
+	}
+	w.since, w.base = now, total
+	return n*int64(busyWindow) >= busyWakeUps*int64(elapsed)
 }
 
 // lockWithin runs pg_advisory_lock on key, waiting at most wait for it (lock_timeout, set for
@@ -101,6 +136,7 @@ func (s *session) releaseSleep(ctx context.Context) error {
 		return s.wrap(err)
 	}
 	w.asleep, w.checked, w.empty = false, false, 0
+	w.since, w.rows, w.quiet = time.Now(), 0, false
 	w.setPolling()
 	return nil
 }
@@ -110,6 +146,7 @@ func (s *session) releaseSleep(ctx context.Context) error {
 func (s *session) heard() {
 	if !s.wake.polling.Load() {
 		s.notified.Store(true)
+		s.wake.heardN.Add(1)
 	}
 }
 
@@ -125,18 +162,19 @@ func (s *session) claimed(n int) {
 		} else {
 			w.empty = 0
 		}
+		w.rows += int64(n)
+		now := time.Now()
+		if elapsed := now.Sub(w.since); elapsed > busyWindow {
+			w.quiet = w.rows*int64(busyWindow) < quietRows*int64(elapsed)
+			w.since, w.rows = now, 0
+		}
 		return
 	}
 	w.checked = true
 	if n == 0 || !w.awake {
 		return // without the awake lock every writer notifies: the sleep lock costs them nothing
 	}
-	now := time.Now()
-	if now.Sub(w.since) > busyWindow {
-		w.since, w.rows = now, 0
-	}
-	w.rows += n
-	if w.rows >= busyRows {
+	if w.busy(time.Now()) {
 		w.release = true
 	}
 }
@@ -155,11 +193,11 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		if err != nil {
 			return err
 		}
-		w.awake = got
+		w.awake, w.since, w.rows = got, time.Now(), 0
 		w.setPolling()
 	}
 	if !w.asleep {
-		if w.awake && (s.lastRows > 0 || w.empty < emptyToSleep) {
+		if w.awake && !w.quiet && (s.lastRows > 0 || w.empty < emptyToSleep) {
 			// Rows are coming and the writers do not notify an awake relay: look again soon. A
 			// notification now is one sent before the relay woke (see heard): the timer, not it,
 			// ends the wait.
@@ -177,7 +215,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 			return err
 		}
 		if got {
-			w.asleep, w.checked, w.since, w.rows = true, false, time.Now(), 0
+			w.asleep, w.checked, w.quiet, w.since, w.base = true, false, false, time.Now(), w.heardN.Load()
 			w.setPolling()
 		}
 		s.notified.Store(true) // the claim after the lock (or, without it, a poll)
