@@ -44,27 +44,27 @@ import (
 // empty claim the relay went to sleep (and writers notified) 25-40 times a second flat out;
 // with two, 6-10 % of their commits notified, with five 3-6 %. Holding the lock, it keeps it while
 // the commits trickle in (each one then wakes it, as before) and lets it go once it heard
-// busyWakeUps notifications within busyWindow: 2,000 notifying commits a second. What a
-// notification costs the writers is a commit serialised behind the previous notifying one's WAL
-// flush, which matters only near the rate at which those flushes fill the time (about 4,000 a
-// second on the bench's host, BENCHMARKS.md); below it, being woken by each commit is faster than
-// claiming every lingerFor (at 1,000 events/s, commit-to-ack p50 0.7 ms instead of 1.2-1.5 ms,
-// when the threshold was 10 rows in 10 ms and the relay polled at that rate). The threshold counts
-// notifications, not rows: a transaction of many rows notifies once. A window of 50 ms, not
-// less, keeps a steady 1,000 commits a second from crossing it by chance (the count of a 50 ms
-// window then averages 50; 100 is far out in its tail).
+// busyWakeUps notifications within busyWindow: 1,200 notifying commits a second. Being woken by
+// each commit is faster than claiming every lingerFor (at 1,000 events/s, commit-to-ack p50
+// 0.5-0.7 ms against 1.1-1.5 ms when the threshold was 10 rows in 10 ms and the relay polled at
+// that rate for part of the time). But a notification costs the writers a commit serialised
+// behind the previous notifying one's WAL flush, and a sleeping relay only sees the rate the
+// writers reach while they notify: on a loaded host, flat-out writers that notify reached
+// 1,200-2,000 commits a second (BENCHMARKS.md), so a threshold of 2,000 kept the relay asleep,
+// and a third of their commits notifying, for seconds. The threshold counts notifications, not
+// rows: a transaction of many rows notifies once.
 //
 // The way back: writers at a steady rate leave no gap of five empty claims, so a polling session
-// also goes to sleep once a window of claims returned fewer than quietRows rows, 1,200 a second:
-// between that and busyWakeUps it stays as it is, so a rate near either threshold does not make
-// it switch back and forth. (Rows, not commits, as awake writers send nothing to count: a
-// transaction of many rows keeps the relay polling at fewer commits a second.)
+// also goes to sleep once a window of claims returned fewer than quietRows rows, 1,000 a
+// second: between that and busyWakeUps it stays as it is, so a rate near either threshold does
+// not make it switch at every window. (Rows, not commits, as awake writers send nothing to count:
+// a transaction of many rows keeps the relay polling at fewer commits a second.)
 const (
 	sleepLockWait = 20 * time.Millisecond
 	lingerFor     = time.Millisecond
-	busyWindow    = 50 * time.Millisecond
-	busyWakeUps   = 100
-	quietRows     = 60
+	busyWindow    = 20 * time.Millisecond
+	busyWakeUps   = 24
+	quietRows     = 20
 	emptyToSleep  = 5
 )
 
