@@ -444,9 +444,15 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 			return nil, err
 		}
 	}
+	sent := time.Now()
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
 	if err == nil {
 		s.claimed(len(out))
+		if s.term != nil {
+			// The claim's answer came from the session's own backend, which holds the
+			// session-level lock for as long as it lives: the leadership held after sent.
+			s.term.confirm(sent, s.store.lease)
+		}
 	}
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
@@ -684,6 +690,14 @@ func (s *session) openMarkConn(ctx context.Context) error {
 // the same check as the mark fence: the session's backend still holds the lock. A check that
 // finds the lock gone ends the term at once; one that fails (the connection, a timeout) leaves
 // the lease to run out, as the relay's next call on the session will tell what happened.
+//
+// A tick skips the check when a claim or a mark sent within the last quarter confirmed the lease
+// already (a claim answered by the session's backend shows the lock held as well as the check
+// does: the backend holds it as long as it lives): an idle relay polls every relay.poll_interval,
+// a busy one claims and marks all the time, and the check would only add a query a second. When
+// the claims stop (the broker down, the bounds full, a long poll interval), the checks resume, so
+// the leader's last sign of life in pg_stat_activity stays within a quarter of the lease of its
+// confirmations.
 func (s *session) heartbeat(stop, done chan struct{}) {
 	defer close(done)
 	every := s.store.lease / 4
@@ -696,6 +710,9 @@ func (s *session) heartbeat(stop, done chan struct{}) {
 		case <-t.C:
 		}
 		s.term.Done() // wake waiters on an expired lease
+		if s.term.confirmedSince(time.Now().Add(-every), s.store.lease) {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), s.store.lease)
 		s.markMu.Lock()
 		sent := time.Now()
