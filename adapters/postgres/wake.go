@@ -91,20 +91,30 @@ type wakeState struct {
 	heardN atomic.Int64
 	since  time.Time
 	base   int64
+	// firstAt is when the first notification of the window was heard (Unix nanoseconds), 0
+	// before it.
+	firstAt atomic.Int64
 }
 
-// busy reports, at now, whether the notifications heard since since came at busyWakeUps per
-// busyWindow or faster: busyWakeUps of them within the window, or, once the window is over (the
-// relay did not look before), as many per busyWindow over the whole time; an ended window starts
-// the next one at now.
+// busy reports, at now, whether the notifications heard since the window began came at
+// busyWakeUps per busyWindow or faster: at least busyWakeUps of them, at that rate counted from
+// the window's start or, if later, from the first of them (so a burst after a quiet spell counts
+// from its own start, not the spell's). A window older than busyWindow ends: the next one starts
+// at now.
 func (w *wakeState) busy(now time.Time) bool {
 	total := w.heardN.Load()
-	n, elapsed := total-w.base, now.Sub(w.since)
-	if elapsed <= busyWindow {
-		return n >= busyWakeUps
+	n, start := total-w.base, w.since
+	if f := w.firstAt.Load(); f != 0 {
+		if t := time.Unix(0, f); t.After(start) {
+			start = t
+		}
 	}
-	w.since, w.base = now, total
-	return n*int64(busyWindow) >= busyWakeUps*int64(elapsed)
+	busy := n >= busyWakeUps && n*int64(busyWindow) >= busyWakeUps*int64(now.Sub(start))
+	if now.Sub(w.since) > busyWindow {
+		w.since, w.base = now, total
+		w.firstAt.Store(0)
+	}
+	return busy
 }
 
 // lockWithin runs pg_advisory_lock on key, waiting at most wait for it (lock_timeout, set for
@@ -147,6 +157,7 @@ func (s *session) heard() {
 	if !s.wake.polling.Load() {
 		s.notified.Store(true)
 		s.wake.heardN.Add(1)
+		s.wake.firstAt.CompareAndSwap(0, time.Now().UnixNano())
 	}
 }
 
@@ -216,6 +227,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		}
 		if got {
 			w.asleep, w.checked, w.quiet, w.since, w.base = true, false, false, time.Now(), w.heardN.Load()
+			w.firstAt.Store(0)
 			w.setPolling()
 		}
 		s.notified.Store(true) // the claim after the lock (or, without it, a poll)

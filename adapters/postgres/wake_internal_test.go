@@ -46,6 +46,19 @@ func TestBusyCountsNotificationsPerWindow(t *testing.T) {
 	if w.busy(t0.Add(3 * busyWindow)) {
 		t.Fatalf("busy at %d notifications in three windows", 3*busyWakeUps-1)
 	}
+
+	// A burst after a quiet spell: counted from its first notification, not from the window
+	// that began before the spell.
+	w = wakeState{since: t0}
+	burst := t0.Add(time.Second)
+	w.firstAt.Store(burst.UnixNano())
+	w.heardN.Add(busyWakeUps)
+	if !w.busy(burst.Add(busyWindow / 2)) {
+		t.Fatalf("not busy at a burst of %d notifications after a quiet second", busyWakeUps)
+	}
+	if w.firstAt.Load() != 0 || w.base != busyWakeUps {
+		t.Fatal("the ended window did not restart")
+	}
 }
 
 // TestQuietPollingGoesToSleep: a polling session whose claims returned fewer than quietRows rows
