@@ -66,6 +66,17 @@ const (
 	busyWakeUps   = 24
 	quietRows     = 20
 	emptyToSleep  = 5
+	// A session asleep for probeAfter and woken at probeRate commits a second or more lets the
+	// sleep lock go anyway, to see whether the writers go faster without notifying: if they do
+	// (flat-out writers held back by NOTIFY), its claims keep returning quietRows and more and
+	// it stays awake; if not (a steady rate), the next windows are quiet and it sleeps again. The
+	// rate alone missed flat-out writers on a loaded host: while every commit notified they
+	// reached only 400-1,000 commits a second, below busyWakeUps, and the relay, asleep, kept
+	// them notifying (0.17-0.79 notifications per commit in the write-cost section). A probe
+	// costs a lock, its release and a window of claims a millisecond apart: at most two a
+	// second, and none below probeRate.
+	probeAfter = 500 * time.Millisecond
+	probeRate  = 200
 )
 
 // wakeState is a session's side of the wake-up protocol.
@@ -91,6 +102,9 @@ type wakeState struct {
 	heardN atomic.Int64
 	since  time.Time
 	base   int64
+	// asleepAt is when the sleep lock was granted, and asleepBase heardN then.
+	asleepAt   time.Time
+	asleepBase int64
 	// firstAt is when the first notification of the window was heard (Unix nanoseconds), 0
 	// before it.
 	firstAt atomic.Int64
@@ -115,6 +129,13 @@ func (w *wakeState) busy(now time.Time) bool {
 		w.firstAt.Store(0)
 	}
 	return busy
+}
+
+// probe reports, at now, whether the session has been asleep for probeAfter and heard
+// notifications at probeRate a second or more meanwhile (see probeAfter).
+func (w *wakeState) probe(now time.Time) bool {
+	asleep := now.Sub(w.asleepAt)
+	return asleep >= probeAfter && (w.heardN.Load()-w.asleepBase)*int64(time.Second) >= probeRate*int64(asleep)
 }
 
 // lockWithin runs pg_advisory_lock on key, waiting at most wait for it (lock_timeout, set for
@@ -185,7 +206,8 @@ func (s *session) claimed(n int) {
 	if n == 0 || !w.awake {
 		return // without the awake lock every writer notifies: the sleep lock costs them nothing
 	}
-	if w.busy(time.Now()) {
+	now := time.Now()
+	if w.busy(now) || w.probe(now) {
 		w.release = true
 	}
 }
@@ -228,6 +250,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		if got {
 			w.asleep, w.checked, w.quiet, w.since, w.base = true, false, false, time.Now(), w.heardN.Load()
 			w.firstAt.Store(0)
+			w.asleepAt, w.asleepBase = w.since, w.base
 			w.setPolling()
 		}
 		s.notified.Store(true) // the claim after the lock (or, without it, a poll)

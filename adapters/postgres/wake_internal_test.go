@@ -86,3 +86,23 @@ func TestQuietPollingGoesToSleep(t *testing.T) {
 		t.Fatalf("the next window starts with %d rows", s.wake.rows)
 	}
 }
+
+// TestProbeAfterASpellAsleepAtARate: a session asleep for probeAfter lets the lock go to probe
+// when it was woken at probeRate a second or more, not sooner and not at a lower rate.
+func TestProbeAfterASpellAsleepAtARate(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	w := wakeState{asleepAt: t0}
+	perSpell := int64(probeRate) * int64(probeAfter) / int64(time.Second)
+	w.heardN.Add(perSpell)
+	if w.probe(t0.Add(probeAfter / 2)) {
+		t.Fatal("probed before probeAfter")
+	}
+	if !w.probe(t0.Add(probeAfter)) {
+		t.Fatalf("no probe after probeAfter at %d notifications", perSpell)
+	}
+	w = wakeState{asleepAt: t0}
+	w.heardN.Add(perSpell - 1)
+	if w.probe(t0.Add(probeAfter)) {
+		t.Fatalf("probed at %d notifications, below probeRate", perSpell-1)
+	}
+}
