@@ -66,7 +66,11 @@ type latencyResult struct {
 	EmptyClaimsPerEvent float64    `json:"empty_claims_per_event"`
 	MarksPerEvent       float64    `json:"marks_per_event"`
 	Spans               *spanStats `json:"spans,omitempty"` // the relay's spans, with tracing on
-	samples             []float64
+	// NotifiesPerTx is how many notifications a listener received per commit, and LoadAvg the
+	// host's 1-minute load average after the run (-latency-only runs).
+	NotifiesPerTx float64 `json:"notifies_per_tx,omitempty"`
+	LoadAvg       float64 `json:"load_avg_1m,omitempty"`
+	samples       []float64
 }
 
 // steadyResults is the steady-state section.
@@ -114,6 +118,9 @@ func (b *bench) steady(ctx context.Context) error {
 	defer w.close()
 	res := &steadyResults{}
 	b.res.Steady = res
+	if b.opts.LatencyOnly {
+		return b.latencyOnly(ctx, w, relay, schema, res)
+	}
 
 	// The search, with the wake-up and with polling alone (NOTIFY serializes the writers'
 	// commits, so their own ceiling differs): double the offered rate until lag grows or the
@@ -237,6 +244,54 @@ func (b *bench) steady(ctx context.Context) error {
 
 // modeExactlyOnce names the latency run of exactly-once delivery (with the wake-up).
 const modeExactlyOnce = "notify-exactly-once"
+
+// latencyOnly measures the latency with the wake-up at 1,000 events/s, b.opts.LatencyRepeats
+// times, and counts the notifications a second listener receives per commit: how many commits
+// paid for NOTIFY.
+func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema string, res *steadyResults) error {
+	if err := b.setTrigger(ctx, schema, true); err != nil {
+		return err
+	}
+	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{postgres.Table{Schema: schema}.WithDefaults().Channel()}.Sanitize()); err != nil {
+		return err
+	}
+	lctx, stopListen := context.WithCancel(ctx)
+	listened := make(chan struct{})
+	var heard atomic.Int64
+	go func() {
+		defer close(listened)
+		for lctx.Err() == nil {
+			if _, err := conn.WaitForNotification(lctx); err != nil {
+				if lctx.Err() == nil {
+					return
+				}
+				continue
+			}
+			heard.Add(1)
+		}
+	}()
+	defer func() { stopListen(); <-listened }()
+	for i := range b.opts.LatencyRepeats {
+		c0, h0 := w.committed.Load(), heard.Load()
+		lr, err := b.latencyRun(ctx, w, relay, "notify", 1000)
+		if err != nil {
+			return err
+		}
+		if n := w.committed.Load() - c0; n > 0 {
+			lr.NotifiesPerTx = round3(float64(heard.Load()-h0) / float64(n))
+		}
+		lr.LoadAvg = loadAvg()
+		res.Latency = append(res.Latency, lr)
+		b.log.Printf("latency-only run %d at 1000/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms (commit-to-publish p99 %.2f); relay cpu %.1f ms/10k; per event %.2f claims (%.2f empty), %.2f marks; %.3f notifications per commit; load average %.1f",
+			i, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.PublishP99, lr.CPUMsPer10k, lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent, lr.NotifiesPerTx, lr.LoadAvg)
+	}
+	return nil
+}
 
 // fastPoll is the poll interval of the "poll-fast" latency runs.
 const fastPoll = 50 * time.Millisecond

@@ -154,9 +154,17 @@ func TestRelayLosesNoWakeUp(t *testing.T) {
 	const rounds, bound = 150, 30 * time.Second
 	for r := range rounds {
 		var wg sync.WaitGroup
-		// A burst of one event per key, each its own transaction: the relay, busy, lets its
-		// sleep lock go and the writers beside it stop notifying.
-		wg.Go(func() { f.backlog(1) })
+		// A burst of one event per key, each its own transaction, and as many notifications at
+		// once as a commit rate past the relay's busy threshold would send it (50 in one
+		// commit): the relay, busy, lets its sleep lock go and the writers beside it stop
+		// notifying. (Twenty transactions alone commit too slowly on a loaded machine to cross
+		// the threshold, 24 notifications within 20 ms.)
+		wg.Go(func() {
+			if _, err := f.pool.Exec(ctx, `SELECT pg_notify($1, g::text) FROM generate_series(1, 50) g`, f.table.Channel()); err != nil {
+				t.Errorf("notifications: %v", err)
+			}
+			f.backlog(1)
+		})
 		for i := range 4 {
 			rng := rand.New(rand.NewPCG(uint64(r*4+i)+1, uint64(time.Now().UnixNano())))
 			wg.Go(func() {

@@ -55,6 +55,11 @@ func (l *lease) end() {
 	l.Done()
 }
 
+// confirmedSince reports whether a confirmation sent at or after t extended the lease.
+func (l *lease) confirmedSince(t time.Time, d time.Duration) bool {
+	return time.Duration(l.until.Load()) >= t.Sub(l.base)+d
+}
+
 func (l *lease) expired() bool {
 	return l.ended.Load() || time.Since(l.base) > time.Duration(l.until.Load())
 }

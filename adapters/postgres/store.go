@@ -92,7 +92,7 @@ var (
 )
 
 type queries struct {
-	claim, claimHold, mark, retry, park, failing, parkedKeys, lock, listen, leading, repl string
+	claim, claimHold, mark, retry, park, failing, blocked, lock, listen, leading, repl string
 }
 
 // holdCond leaves out the rows of the held keys, the pairs ($6[i], $7[i]), but for the heads $8.
@@ -308,7 +308,11 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 			ON CONFLICT (id) DO NOTHING`,
 		failing: `SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), min(` + t.id("") + `) FROM ` + t.outbox() + `
 			WHERE attempts > 0 AND dispatched_at IS NULL GROUP BY 1, 2`,
-		parkedKeys: `SELECT DISTINCT aggregate_type, coalesce(aggregate_id, '') FROM ` + t.parked(),
+		// Both in one round trip: a caught-up relay reloads them at every poll.
+		blocked: `SELECT false, ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), min(` + t.id("") + `) FROM ` + t.outbox() + `
+			WHERE attempts > 0 AND dispatched_at IS NULL GROUP BY 2, 3
+			UNION ALL
+			SELECT DISTINCT true, aggregate_type, coalesce(aggregate_id, ''), 0::bigint FROM ` + t.parked(),
 		// The lock is taken only on the session's own backend ($2): a pooler that moved the
 		// session to another backend (transaction pooling) must not leave a lock behind there.
 		lock: `SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on',
@@ -462,9 +466,15 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 			return nil, err
 		}
 	}
+	sent := time.Now()
 	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
 	if err == nil {
 		s.claimed(len(out))
+		if s.term != nil {
+			// The claim's answer came from the session's own backend, which holds the
+			// session-level lock for as long as it lives: the leadership held after sent.
+			s.term.confirm(sent, s.store.lease)
+		}
 	}
 	if err != nil || len(out) == 0 || s.store.replMode == ReplicationOff {
 		return out, err
@@ -707,6 +717,14 @@ func (s *session) openMarkConn(ctx context.Context) error {
 // the same check as the mark fence: the session's backend still holds the lock. A check that
 // finds the lock gone ends the term at once; one that fails (the connection, a timeout) leaves
 // the lease to run out, as the relay's next call on the session will tell what happened.
+//
+// A tick skips the check when a claim or a mark sent within the last quarter confirmed the lease
+// already (a claim answered by the session's backend shows the lock held as well as the check
+// does: the backend holds it as long as it lives): an idle relay polls every relay.poll_interval,
+// a busy one claims and marks all the time, and the check would only add a query a second. When
+// the claims stop (the broker down, the bounds full, a long poll interval), the checks resume, so
+// the leader's last sign of life in pg_stat_activity stays within a quarter of the lease of its
+// confirmations.
 func (s *session) heartbeat(stop, done chan struct{}) {
 	defer close(done)
 	every := s.store.lease / 4
@@ -719,6 +737,9 @@ func (s *session) heartbeat(stop, done chan struct{}) {
 		case <-t.C:
 		}
 		s.term.Done() // wake waiters on an expired lease
+		if s.term.confirmedSince(time.Now().Add(-every), s.store.lease) {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), s.store.lease)
 		s.markMu.Lock()
 		sent := time.Now()
@@ -818,33 +839,31 @@ func (s *session) Park(ctx context.Context, id int64, reason string) error {
 	return s.wrap(err)
 }
 
-// Blocked implements relay.Session.
+// Blocked implements relay.Session. With the parked keys, both sets are read in one round trip.
 func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	out := make(relay.Blocked)
-	rows, err := s.conn.Query(ctx, s.store.q.failing)
+	q := s.store.q.failing
+	if withParked {
+		q = s.store.q.blocked
+	}
+	rows, err := s.conn.Query(ctx, q)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
 	var at, aid string
 	var id int64
-	_, err = pgx.ForEachRow(rows, []any{&at, &aid, &id}, func() error {
-		out[relay.BlockKey(at, aid)] = id
-		return nil
-	})
-	if err != nil {
-		return nil, s.wrap(err)
+	var parked bool
+	dest := []any{&at, &aid, &id}
+	if withParked {
+		dest = []any{&parked, &at, &aid, &id}
 	}
-	if !withParked {
-		return out, nil
-	}
-	rows, err = s.conn.Query(ctx, s.store.q.parkedKeys)
-	if err != nil {
-		return nil, s.wrap(err)
-	}
-	_, err = pgx.ForEachRow(rows, []any{&at, &aid}, func() error {
-		out[relay.BlockKey(at, aid)] = 0
+	_, err = pgx.ForEachRow(rows, dest, func() error {
+		k := relay.BlockKey(at, aid)
+		if _, seen := out[k]; parked || !seen { // a parked key waits for no row: 0 wins
+			out[k] = id
+		}
 		return nil
 	})
 	return out, s.wrap(err)

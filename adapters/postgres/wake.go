@@ -43,14 +43,40 @@ import (
 // writers on a loaded machine often leave a millisecond or two without a commit, and with one
 // empty claim the relay went to sleep (and writers notified) 25-40 times a second flat out;
 // with two, 6-10 % of their commits notified, with five 3-6 %. Holding the lock, it keeps it while
-// the rows trickle in (each one then wakes it, as before) and lets it go once claims return
-// busyRows rows within busyWindow.
+// the commits trickle in (each one then wakes it, as before) and lets it go once it heard
+// busyWakeUps notifications within busyWindow: 1,200 notifying commits a second. Being woken by
+// each commit is faster than claiming every lingerFor (at 1,000 events/s, commit-to-ack p50
+// 0.5-0.7 ms against 1.1-1.5 ms when the threshold was 10 rows in 10 ms and the relay polled at
+// that rate for part of the time). But a notification costs the writers a commit serialised
+// behind the previous notifying one's WAL flush, and a sleeping relay only sees the rate the
+// writers reach while they notify: on a loaded host, flat-out writers that notify reached
+// 1,200-2,000 commits a second (BENCHMARKS.md), so a threshold of 2,000 kept the relay asleep,
+// and a third of their commits notifying, for seconds. The threshold counts notifications, not
+// rows: a transaction of many rows notifies once.
+//
+// The way back: writers at a steady rate leave no gap of five empty claims, so a polling session
+// also goes to sleep once a window of claims returned fewer than quietRows rows, 1,000 a
+// second: between that and busyWakeUps it stays as it is, so a rate near either threshold does
+// not make it switch at every window. (Rows, not commits, as awake writers send nothing to count:
+// a transaction of many rows keeps the relay polling at fewer commits a second.)
 const (
 	sleepLockWait = 20 * time.Millisecond
 	lingerFor     = time.Millisecond
-	busyWindow    = 10 * time.Millisecond
-	busyRows      = 10
+	busyWindow    = 20 * time.Millisecond
+	busyWakeUps   = 24
+	quietRows     = 20
 	emptyToSleep  = 5
+	// A session asleep for probeAfter and woken at probeRate commits a second or more lets the
+	// sleep lock go anyway, to see whether the writers go faster without notifying: if they do
+	// (flat-out writers held back by NOTIFY), its claims keep returning quietRows and more and
+	// it stays awake; if not (a steady rate), the next windows are quiet and it sleeps again. The
+	// rate alone missed flat-out writers on a loaded host: while every commit notified they
+	// reached only 400-1,000 commits a second, below busyWakeUps, and the relay, asleep, kept
+	// them notifying (0.17-0.79 notifications per commit in the write-cost section). A probe
+	// costs a lock, its release and a window of claims a millisecond apart: at most two a
+	// second, and none below probeRate.
+	probeAfter = 500 * time.Millisecond
+	probeRate  = 200
 )
 
 // wakeState is a session's side of the wake-up protocol.
@@ -67,9 +93,49 @@ type wakeState struct {
 	// empty counts the claims in a row that found nothing while polling: emptyToSleep of them,
 	// a lingerFor apart, and the session goes to sleep.
 	empty int
-	// Rows claimed since since, while asleep: busyRows within busyWindow lets the lock go.
-	since time.Time
-	rows  int
+	// Rows claimed since since, while polling: fewer than quietRows in a window ended makes
+	// quiet, and the session goes to sleep.
+	rows  int64
+	quiet bool
+	// heardN counts the notifications heard while asleep (written by the notification handler);
+	// busyWakeUps of them within busyWindow of since, when heardN was base, let the lock go.
+	heardN atomic.Int64
+	since  time.Time
+	base   int64
+	// asleepAt is when the sleep lock was granted, and asleepBase heardN then.
+	asleepAt   time.Time
+	asleepBase int64
+	// firstAt is when the first notification of the window was heard (Unix nanoseconds), 0
+	// before it.
+	firstAt atomic.Int64
+}
+
+// busy reports, at now, whether the notifications heard since the window began came at
+// busyWakeUps per busyWindow or faster: at least busyWakeUps of them, at that rate counted from
+// the window's start or, if later, from the first of them (so a burst after a quiet spell counts
+// from its own start, not the spell's). A window older than busyWindow ends: the next one starts
+// at now.
+func (w *wakeState) busy(now time.Time) bool {
+	total := w.heardN.Load()
+	n, start := total-w.base, w.since
+	if f := w.firstAt.Load(); f != 0 {
+		if t := time.Unix(0, f); t.After(start) {
+			start = t
+		}
+	}
+	busy := n >= busyWakeUps && n*int64(busyWindow) >= busyWakeUps*int64(now.Sub(start))
+	if now.Sub(w.since) > busyWindow {
+		w.since, w.base = now, total
+		w.firstAt.Store(0)
+	}
+	return busy
+}
+
+// probe reports, at now, whether the session has been asleep for probeAfter and heard
+// notifications at probeRate a second or more meanwhile (see probeAfter).
+func (w *wakeState) probe(now time.Time) bool {
+	asleep := now.Sub(w.asleepAt)
+	return asleep >= probeAfter && (w.heardN.Load()-w.asleepBase)*int64(time.Second) >= probeRate*int64(asleep)
 }
 
 // lockWithin runs pg_advisory_lock on key, waiting at most wait for it (lock_timeout, set for
@@ -101,6 +167,7 @@ func (s *session) releaseSleep(ctx context.Context) error {
 		return s.wrap(err)
 	}
 	w.asleep, w.checked, w.empty = false, false, 0
+	w.since, w.rows, w.quiet = time.Now(), 0, false
 	w.setPolling()
 	return nil
 }
@@ -110,6 +177,8 @@ func (s *session) releaseSleep(ctx context.Context) error {
 func (s *session) heard() {
 	if !s.wake.polling.Load() {
 		s.notified.Store(true)
+		s.wake.heardN.Add(1)
+		s.wake.firstAt.CompareAndSwap(0, time.Now().UnixNano())
 	}
 }
 
@@ -125,6 +194,12 @@ func (s *session) claimed(n int) {
 		} else {
 			w.empty = 0
 		}
+		w.rows += int64(n)
+		now := time.Now()
+		if elapsed := now.Sub(w.since); elapsed > busyWindow {
+			w.quiet = w.rows*int64(busyWindow) < quietRows*int64(elapsed)
+			w.since, w.rows = now, 0
+		}
 		return
 	}
 	w.checked = true
@@ -132,11 +207,7 @@ func (s *session) claimed(n int) {
 		return // without the awake lock every writer notifies: the sleep lock costs them nothing
 	}
 	now := time.Now()
-	if now.Sub(w.since) > busyWindow {
-		w.since, w.rows = now, 0
-	}
-	w.rows += n
-	if w.rows >= busyRows {
+	if w.busy(now) || w.probe(now) {
 		w.release = true
 	}
 }
@@ -155,11 +226,11 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 		if err != nil {
 			return err
 		}
-		w.awake = got
+		w.awake, w.since, w.rows = got, time.Now(), 0
 		w.setPolling()
 	}
 	if !w.asleep {
-		if w.awake && (s.lastRows > 0 || w.empty < emptyToSleep) {
+		if w.awake && !w.quiet && (s.lastRows > 0 || w.empty < emptyToSleep) {
 			// Rows are coming and the writers do not notify an awake relay: look again soon. A
 			// notification now is one sent before the relay woke (see heard): the timer, not it,
 			// ends the wait.
@@ -177,7 +248,9 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 			return err
 		}
 		if got {
-			w.asleep, w.checked, w.since, w.rows = true, false, time.Now(), 0
+			w.asleep, w.checked, w.quiet, w.since, w.base = true, false, false, time.Now(), w.heardN.Load()
+			w.firstAt.Store(0)
+			w.asleepAt, w.asleepBase = w.since, w.base
 			w.setPolling()
 		}
 		s.notified.Store(true) // the claim after the lock (or, without it, a poll)

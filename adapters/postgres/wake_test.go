@@ -57,6 +57,16 @@ func insert(ctx context.Context, t *testing.T, tx pgx.Tx, table postgres.Table) 
 	return id
 }
 
+// busy makes tx, at its commit, send the relay as many notifications at once as a commit rate
+// past its busy threshold would (24 within 20 ms): a sleeping relay then lets its sleep lock go
+// at its next claim that finds rows.
+func busy(ctx context.Context, t *testing.T, tx pgx.Tx, table postgres.Table) {
+	t.Helper()
+	if _, err := tx.Exec(ctx, `SELECT pg_notify($1, g::text) FROM generate_series(1, 50) g`, table.Channel()); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // awaitID waits, at most within, for id on ids.
 func awaitID(t *testing.T, ids <-chan int64, id int64, within time.Duration, what string) {
 	t.Helper()
@@ -123,6 +133,7 @@ func TestWakeUpOfAWriterThatDidNotNotify(t *testing.T) {
 			for range 20 {
 				last = insert(ctx, t, tx, table)
 			}
+			busy(ctx, t, tx, table)
 			if err := tx.Commit(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -177,6 +188,7 @@ func TestWakeUpOfAWriterThatDidNotNotify(t *testing.T) {
 				for range 20 {
 					last = insert(ctx, t, tx, table)
 				}
+				busy(ctx, t, tx, table)
 				if err := tx.Commit(ctx); err != nil {
 					t.Fatal(err)
 				}
