@@ -185,20 +185,7 @@ func TestFaultEO09BrokerOutage(t *testing.T) {
 	o := eoOptions()
 	o.brokerGate = true
 	e := setup(t, o)
-	p := e.startProcess("eo09", e.eoEnv()...)
-	stop := e.loader.Go(e.ctx)
-	defer stop()
-	e.eventually(60*time.Second, "the relay publishes", func() (bool, string) { return e.records() > 300, "records " + itoa(e.records()) })
-	e.gate.Down()
-	time.Sleep(3 * time.Second) // the outage
-	e.gate.Up()
-	n := e.records()
-	e.eventually(90*time.Second, "progress after the outage", func() (bool, string) { return e.records() > n+300, "records " + itoa(e.records()) })
-	stop()
-	e.waitDrained(120 * time.Second)
-	p.signal(t, syscall.SIGTERM)
-	p.wait(t, 60*time.Second)
-	result(t, 109, e.checkEO(), "3 s broker outage mid-transaction")
+	e.eoOutage(t, 109, "3 s broker outage mid-transaction", 3*time.Second, e.gate.Down, e.gate.Up)
 }
 
 // TestFaultEO10DatabaseRestart: the outbox's PostgreSQL is stopped hard (immediate) under load
@@ -209,20 +196,28 @@ func TestFaultEO10DatabaseRestart(t *testing.T) {
 	o := eoOptions()
 	o.cluster = pgcluster.Start(t)
 	e := setup(t, o)
-	p := e.startProcess("eo10", e.eoEnv()...)
+	e.eoOutage(t, 110, "PostgreSQL stopped hard and restarted", 2*time.Second, o.cluster.StopImmediate, o.cluster.Start)
+}
+
+// eoOutage runs a relay process in exactly-once mode under load, calls down once it publishes,
+// up after outage (the outage's length, not a wait for a condition), and checks that it makes
+// progress again, drains, and published every event once (fault catalog entry).
+func (e *env) eoOutage(t *testing.T, entry int, what string, outage time.Duration, down, up func()) {
+	t.Helper()
+	p := e.startProcess(fmt.Sprintf("eo%02d", entry%100), e.eoEnv()...)
 	stop := e.loader.Go(e.ctx)
 	defer stop()
 	e.eventually(60*time.Second, "the relay publishes", func() (bool, string) { return e.records() > 300, "records " + itoa(e.records()) })
-	o.cluster.StopImmediate()
-	time.Sleep(2 * time.Second) // the outage
-	o.cluster.Start()
+	down()
+	time.Sleep(outage)
+	up()
 	n := e.records()
-	e.eventually(90*time.Second, "progress after the restart", func() (bool, string) { return e.records() > n+300, "records " + itoa(e.records()) })
+	e.eventually(90*time.Second, "progress after the outage", func() (bool, string) { return e.records() > n+300, "records " + itoa(e.records()) })
 	stop()
 	e.waitDrained(120 * time.Second)
 	p.signal(t, syscall.SIGTERM)
 	p.wait(t, 60*time.Second)
-	result(t, 110, e.checkEO(), "PostgreSQL stopped hard and restarted")
+	result(t, entry, e.checkEO(), what)
 }
 
 // TestFaultEO11LargeLoad: 12,000 events in transactions of three keys, written while the leader

@@ -113,26 +113,7 @@ func TestFaultMultiOutboxReplicas(t *testing.T) {
 	start := func(name string) (*proc, string) {
 		cmd := exec.Command(relayBin, "run")
 		cmd.Env = append(os.Environ(), "OUTBOX_CONFIG="+file, "OUTBOX_DATABASE_URL="+dbtest.URL(), "FAULTS_MULTI_DB2="+url2)
-		p := &proc{cmd: cmd, logs: &logBuffer{}, exited: make(chan struct{})}
-		cmd.Stdout, cmd.Stderr = p.logs, p.logs
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		go func() {
-			p.err = cmd.Wait()
-			close(p.exited)
-		}()
-		t.Cleanup(func() {
-			select {
-			case <-p.exited:
-			default:
-				_ = cmd.Process.Kill()
-				<-p.exited
-			}
-			if t.Failed() {
-				t.Logf("logs of process %s:\n%s", name, p.logs.tail(40))
-			}
-		})
+		p := runProc(t, name, cmd)
 		var id string
 		waitFor(t, 30*time.Second, name+" logs its replica id", func() (bool, string) {
 			m := replicaRE.FindStringSubmatch(p.logs.tail(200))
@@ -301,26 +282,7 @@ func TestFaultMultiOutboxOneDatabaseDown(t *testing.T) {
 	}
 	cmd := exec.Command(relayBin, "run")
 	cmd.Env = append(os.Environ(), "OUTBOX_CONFIG="+file, "OUTBOX_DATABASE_URL="+dbtest.URL(), "FAULTS_LATE_DB="+lateURL)
-	p := &proc{cmd: cmd, logs: &logBuffer{}, exited: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = p.logs, p.logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.exited)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.exited:
-		default:
-			_ = cmd.Process.Kill()
-			<-p.exited
-		}
-		if t.Failed() {
-			t.Logf("logs of the relay:\n%s", p.logs.tail(60))
-		}
-	})
+	p := runProc(t, "relay", cmd)
 	var addr string
 	waitFor(t, 60*time.Second, "the relay listens", func() (bool, string) {
 		select {

@@ -567,25 +567,32 @@ func (e *env) startProcess(name string, extra ...string) *proc {
 		cmd.Env = append(cmd.Env, "OUTBOX_DATABASE_LAYOUT=debezium", "OUTBOX_KAFKA_TOPIC_TEMPLATE={aggregate_type}")
 	}
 	cmd.Env = append(cmd.Env, extra...)
+	return runProc(e.t, name, cmd)
+}
+
+// runProc starts cmd (an 'outbox-relay' command) with its output in the returned proc's logs,
+// killed when t ends if it still runs; the tail of its logs is printed when t failed.
+func runProc(t *testing.T, name string, cmd *exec.Cmd) *proc {
+	t.Helper()
 	p := &proc{cmd: cmd, logs: &logBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout = p.logs
 	cmd.Stderr = p.logs
 	if err := cmd.Start(); err != nil {
-		e.t.Fatalf("start %s: %v", relayBin, err)
+		t.Fatalf("start %s: %v", cmd.Path, err)
 	}
 	go func() {
 		p.err = cmd.Wait()
 		close(p.exited)
 	}()
-	e.t.Cleanup(func() {
+	t.Cleanup(func() {
 		select {
 		case <-p.exited:
 		default:
 			_ = cmd.Process.Kill()
 			<-p.exited
 		}
-		if e.t.Failed() {
-			e.t.Logf("logs of process %s:\n%s", name, p.logs.tail(60))
+		if t.Failed() {
+			t.Logf("logs of process %s:\n%s", name, p.logs.tail(60))
 		}
 	})
 	return p
