@@ -10,11 +10,9 @@ package pgbouncer
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -79,19 +77,15 @@ func Start(t testing.TB, upstream string, mode Mode) *Bouncer {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
-	var run *user.User
-	if os.Geteuid() == 0 {
-		run, err = user.Lookup("postgres")
-		if err != nil {
-			t.Skipf("running as root and no postgres user to run pgbouncer: %v", err)
-		}
+	run := testenv.ServerUser(t, "pgbouncer")
+	if run != nil {
 		uid, _ := strconv.Atoi(run.Uid)
 		gid, _ := strconv.Atoi(run.Gid)
 		if err := os.Chown(dir, uid, gid); err != nil {
 			t.Fatal(err)
 		}
 	}
-	b := &Bouncer{Port: freePort(t), Mode: mode, db: db}
+	b := &Bouncer{Port: testenv.FreePort(t), Mode: mode, db: db}
 	ini := fmt.Sprintf(`[databases]
 %s = host=%s port=%s dbname=%s user=%s
 [pgbouncer]
@@ -173,13 +167,4 @@ func (b *Bouncer) Log() string {
 		return err.Error()
 	}
 	return string(out)
-}
-
-func freePort(t testing.TB) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }

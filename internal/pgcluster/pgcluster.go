@@ -95,13 +95,7 @@ func newCluster(t testing.TB) *Cluster {
 		testenv.Missing(t, "PostgreSQL server binaries not found in %s (set PGBIN): %v", bin, err)
 	}
 	c := &Cluster{t: t, bin: bin}
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			testenv.Missing(t, "running as root and no postgres user to run the server: %v", err)
-		}
-		c.run = u
-	}
+	c.run = testenv.ServerUser(t, "the server")
 	dir, err := os.MkdirTemp("", "pgcluster-")
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +126,7 @@ func (c *Cluster) chown(path string) {
 // configure appends the test settings and settings to postgresql.conf, and picks the port.
 func (c *Cluster) configure(settings []string) {
 	c.t.Helper()
-	c.Port = freePort(c.t)
+	c.Port = testenv.FreePort(c.t)
 	conf := []string{
 		"listen_addresses = '127.0.0.1'",
 		fmt.Sprintf("port = %d", c.Port),
@@ -314,13 +308,4 @@ func (c *Cluster) SetReadOnly(ctx context.Context, on bool) error {
 	_, err = conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
 		WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'`)
 	return err
-}
-
-func freePort(t testing.TB) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }

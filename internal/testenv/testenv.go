@@ -7,8 +7,10 @@
 package testenv
 
 import (
+	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"testing"
 )
 
@@ -41,4 +43,31 @@ func Missing(t testing.TB, format string, args ...any) {
 		t.Fatalf("%s=1: "+format, append([]any{RequireToolsEnv}, args...)...)
 	}
 	t.Skipf(format, args...)
+}
+
+// ServerUser returns the user a test runs a database server or pooler as: nil when the test does
+// not run as root (the server runs as the test's own user), else the postgres user, which
+// PostgreSQL and PgBouncer require instead of root. Without that user t is skipped (or, with
+// OUTBOX_REQUIRE_TOOLS=1, fails). what names the program, for the message.
+func ServerUser(t testing.TB, what string) *user.User {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		Missing(t, "running as root and no postgres user to run %s: %v", what, err)
+	}
+	return u
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that nothing listened on a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
 }
