@@ -14,6 +14,8 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/pflag"
@@ -87,6 +89,24 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.usage)
 	}
 	fmt.Fprintln(w, "\nRun 'outbox-relay <command> --help' for the flags of a command and their environment variables.")
+}
+
+// subcommand reads the subcommand of a command that has several (parked, partitions) from
+// args[0]. It returns "" when there is none to run: for help (usage printed, err nil), a missing
+// one (usage printed, and an error) or one not in subs (an error naming the valid ones).
+func subcommand(args []string, usage string, stderr io.Writer, subs ...string) (string, error) {
+	want := strings.Join(subs[:len(subs)-1], ", ") + " or " + subs[len(subs)-1]
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintln(stderr, usage)
+		if len(args) == 0 {
+			return "", errors.New("missing subcommand: " + want)
+		}
+		return "", nil
+	}
+	if !slices.Contains(subs, args[0]) {
+		return "", fmt.Errorf("unknown subcommand %q: want %s", args[0], want)
+	}
+	return args[0], nil
 }
 
 // newFlagSet returns a flag set whose usage lists every flag with its environment variable.

@@ -30,16 +30,9 @@ retry and drop change the tables (retry inserts into the outbox, drop deletes pa
 them as the tables' owner. The relay's least-privilege role (sql/roles/relay_role.sql) may only list.`
 
 func parkedCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintln(stderr, parkedUsage)
-		if len(args) == 0 {
-			return errors.New("missing subcommand: list, retry or drop")
-		}
-		return nil
-	}
-	sub := args[0]
-	if sub != "list" && sub != "retry" && sub != "drop" {
-		return fmt.Errorf("unknown subcommand %q: want list, retry or drop", sub)
+	sub, err := subcommand(args, parkedUsage, stderr, "list", "retry", "drop")
+	if sub == "" {
+		return err
 	}
 	fs := newFlagSet("parked "+sub, strings.SplitN(parkedUsage, "\n\n", 2)[1], stderr)
 	addFlags(fs)

@@ -41,16 +41,9 @@ type partitionsRow struct {
 }
 
 func partitionsCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintln(stderr, partitionsUsage)
-		if len(args) == 0 {
-			return errors.New("missing subcommand: list or repin")
-		}
-		return nil
-	}
-	sub := args[0]
-	if sub != "list" && sub != "repin" {
-		return fmt.Errorf("unknown subcommand %q: want list or repin", sub)
+	sub, err := subcommand(args, partitionsUsage, stderr, "list", "repin")
+	if sub == "" {
+		return err
 	}
 	fs := newFlagSet("partitions "+sub, strings.SplitN(partitionsUsage, "\n\n", 2)[1], stderr)
 	addFlags(fs)

@@ -105,3 +105,26 @@ func lineOf(out, prefix string) string {
 	}
 	return ""
 }
+
+// TestSubcommandMistakes: the commands with subcommands print their usage and name the valid
+// subcommands when none or a wrong one is given, and help exits 0.
+func TestSubcommandMistakes(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		args    []string
+		rc      int
+		wantErr string
+	}{
+		{[]string{"parked"}, 1, "missing subcommand: list, retry or drop"},
+		{[]string{"parked", "purge"}, 1, `unknown subcommand "purge": want list, retry or drop`},
+		{[]string{"partitions"}, 1, "missing subcommand: list or repin"},
+		{[]string{"partitions", "nope"}, 1, `unknown subcommand "nope": want list or repin`},
+		{[]string{"parked", "--help"}, 0, "Usage: outbox-relay parked"},
+		{[]string{"partitions", "help"}, 0, "Usage: outbox-relay partitions"},
+	} {
+		_, stderr, rc := runBin(t, 30*time.Second, nil, c.args...)
+		if rc != c.rc || !strings.Contains(stderr, c.wantErr) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", c.args, rc, stderr, c.rc, c.wantErr)
+		}
+	}
+}
