@@ -74,6 +74,8 @@ type childConfig struct {
 	Tracing *tracingSettings `json:"tracing,omitempty"`
 	// ExactlyOnce runs the relay with kafka.delivery=exactly_once.
 	ExactlyOnce bool `json:"exactly_once,omitempty"`
+	// Timings records the duration of each claim and mark of the relay (relayStats.ClaimMS, MarkMS).
+	Timings bool `json:"timings,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -116,6 +118,9 @@ type relayStats struct {
 	EmptyClaim int64   `json:"empty_claims"`
 	// Kafka transactions committed (exactly-once delivery).
 	Transactions int64 `json:"transactions,omitempty"`
+	// With childConfig.Timings: each claim's and mark's duration, milliseconds.
+	ClaimMS []float64 `json:"claim_ms,omitempty"`
+	MarkMS  []float64 `json:"mark_ms,omitempty"`
 }
 
 // runChild runs the child role described by the JSON in cfgJSON, talking to the parent over
@@ -641,6 +646,9 @@ func (o *countingObserver) Marked(n int, took time.Duration) {
 	o.c.mu.Lock()
 	o.c.stats.Marks++
 	o.c.stats.MarkSec += took.Seconds()
+	if o.c.cfg.Timings {
+		o.c.stats.MarkMS = append(o.c.stats.MarkMS, float64(took)/float64(time.Millisecond))
+	}
 	o.c.mu.Unlock()
 	o.c.events.Add(int64(n))
 }
@@ -651,6 +659,9 @@ func (o *countingObserver) Claimed(n int, took time.Duration) {
 	o.c.stats.Claims++
 	o.c.stats.ClaimRows += int64(n)
 	o.c.stats.ClaimSec += took.Seconds()
+	if o.c.cfg.Timings {
+		o.c.stats.ClaimMS = append(o.c.stats.ClaimMS, float64(took)/float64(time.Millisecond))
+	}
 	if n == 0 {
 		o.c.stats.EmptyClaim++
 	}

@@ -107,7 +107,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory", "outboxes"}
+var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory", "outboxes", "live"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -129,6 +129,7 @@ func parseFlags(args []string) (options, error) {
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
 	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
+	liveRepeats := fs.Int("live-repeats", 0, "rounds of the live section's two modes (0: the scale's, 3 at any factor, 1 for smoke)")
 	relayBin := fs.String("relay-bin", "bin/outbox-relay", "the outbox-relay binary the outboxes section runs (make build writes it)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
@@ -191,6 +192,9 @@ func parseFlags(args []string) (options, error) {
 		sc.Matrix = keep
 	}
 	o.Scale = sc
+	if *liveRepeats > 0 {
+		o.Scale.LiveRepeats = *liveRepeats
+	}
 	if *writeRepeats > 0 {
 		o.Scale.WriteRepeats = *writeRepeats
 	}
@@ -220,6 +224,8 @@ type scale struct {
 	HealthEvents int64         `json:"health_events"`   // events through the relay per mark mode (1M at full size)
 	Backlog      int64         `json:"memory_backlog"`  // rows preloaded for the memory run (5M at full size)
 	MaxRate      int           `json:"steady_max_rate"` // the search stops here
+	LiveBacklog  int64         `json:"live_backlog"`    // rows of the live-backlog section's backlog (200k at full size)
+	LiveRepeats  int           `json:"live_repeats"`    // rounds of its two modes
 }
 
 // drainCase is one payload size and key count of the drain matrix.
@@ -233,7 +239,7 @@ func parseScale(s string) (scale, error) {
 	if s == "smoke" {
 		sc := scale{Factor: 0, DrainSmall: 2000, DrainLarge: 500, Step: time.Second,
 			LatencyRun: time.Second, WriteRun: time.Second, WriteRepeats: 1, HealthEvents: 2000,
-			Backlog: 4000, MaxRate: 1000}
+			Backlog: 4000, MaxRate: 1000, LiveBacklog: 2000, LiveRepeats: 1}
 		sc.Matrix = []drainCase{{256, 100, sc.DrainSmall}, {16 << 10, 1, sc.DrainLarge}}
 		return sc, nil
 	}
@@ -252,6 +258,8 @@ func parseScale(s string) (scale, error) {
 		HealthEvents: max(int64(1e6*f), 1000),
 		Backlog:      max(int64(5e6*f), 1000),
 		MaxRate:      64000,
+		LiveBacklog:  max(int64(2e5*f), 1000),
+		LiveRepeats:  3,
 	}
 	for _, p := range []int{256, 1 << 10, 16 << 10} {
 		for _, k := range []int{1, 100, 10000} {
@@ -295,7 +303,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	b.res.Machine = machineInfo(ctx, pool)
 	defer func() { b.coll.close() }()
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory, "outboxes": b.outboxes,
+		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory, "outboxes": b.outboxes, "live": b.live,
 	}
 	var errs []error
 	for _, s := range allSections {

@@ -29,6 +29,7 @@ func (p *proc) cpu() float64 { return procCPU(p.cmd.Process.Pid) }
 // proc is a running child process.
 type proc struct {
 	role     string
+	appName  string // application_name of its database sessions
 	info     string // what the child said with "ready"
 	cmd      *exec.Cmd
 	stdin    io.WriteCloser
@@ -59,7 +60,7 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 	}
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), childEnv+"="+string(data))
-	p := &proc{role: cfg.Role, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
+	p := &proc{role: cfg.Role, appName: cfg.AppName, cmd: cmd, ready: make(chan string, 1), reports: make(chan childReport, 16),
 		stderr: &logbuf.Buffer{}, exited: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	if os.Getenv("BENCH_CHILD_STDERR") != "" {

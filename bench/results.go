@@ -40,7 +40,9 @@ type results struct {
 	Memory   *memoryResult    `json:"memory,omitempty"`
 	// Outboxes are the drains of one relay process serving 1, 4 and 16 outboxes.
 	Outboxes []outboxesResult `json:"outboxes,omitempty"`
-	Targets  []targetResult   `json:"targets"`
+	// Live is the drain of a backlog written by one transaction, alone and under live writers.
+	Live    *liveResults   `json:"live_backlog,omitempty"`
+	Targets []targetResult `json:"targets"`
 }
 
 // machine describes where the numbers come from.
