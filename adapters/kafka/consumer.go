@@ -103,21 +103,21 @@ func (c ConsumerConfig) WithDefaults() ConsumerConfig {
 // Validate reports every invalid field, naming its configuration key.
 func (c ConsumerConfig) Validate() error {
 	var errs []error
-	if !topicRE.MatchString(c.Group) {
+	if !validName(c.Group, topicMaxLen) {
 		errs = append(errs, fmt.Errorf("consumer.group: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Group))
 	}
 	if len(c.Topics) == 0 {
 		errs = append(errs, errors.New("consumer.topics: at least one topic is required"))
 	}
 	for _, t := range c.Topics {
-		if !topicRE.MatchString(t) {
+		if !validName(t, topicMaxLen) {
 			errs = append(errs, fmt.Errorf("consumer.topics: %q is not a valid Kafka topic name", t))
 		}
 		if t == c.DeadLetterTopic {
 			errs = append(errs, fmt.Errorf("consumer.dead_letter_topic: %q is also consumed (consumer.topics)", t))
 		}
 	}
-	if !topicRE.MatchString(c.DeadLetterTopic) {
+	if !validName(c.DeadLetterTopic, topicMaxLen) {
 		errs = append(errs, fmt.Errorf("consumer.dead_letter_topic: must be a valid Kafka topic name, got %q", c.DeadLetterTopic))
 	}
 	backoff := ConsumerRetryBackoffRange.Check("consumer.retry_backoff", c.RetryBackoff)

@@ -37,7 +37,16 @@ const (
 // and headers: the batch header (61) and the record's own lengths, offset and timestamp (36).
 const recordBatchOverhead = 61 + 36
 
-var topicRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
+// nameRE is the characters of a Kafka name (a topic, a group, a header); validName checks the
+// length apart: a bounded repetition such as {1,249} compiles to a program of 249 copies of the
+// class, about 100 kB of heap held for the life of the process by each such expression.
+var nameRE = regexp.MustCompile(`^[a-zA-Z0-9._-]+$`)
+
+// validName reports whether s is 1 to maxLen characters of [a-zA-Z0-9._-].
+func validName(s string, maxLen int) bool { return len(s) <= maxLen && nameRE.MatchString(s) }
+
+// topicMaxLen is the longest topic (or group) name Kafka takes.
+const topicMaxLen = 249
 
 // Publisher publishes outbox rows to Kafka: relay.Sink. It hashes each topic's keys with the
 // topic's pinned partition count (see PartitionPins), so adding partitions to a topic moves no
@@ -256,7 +265,7 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 			topic = strings.NewReplacer("{aggregate_type}", m.AggregateType, "{event_type}", m.EventType).
 				Replace(p.cfg.TopicTemplate)
 		}
-		if !topicRE.MatchString(topic) || topic == "." || topic == ".." {
+		if !validName(topic, topicMaxLen) || topic == "." || topic == ".." {
 			return nil, nil, fmt.Errorf("%w: topic %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", relay.ErrInvalidMessage, truncate(topic, 300))
 		}
 		ts = p.parts.get(topic)

@@ -107,7 +107,7 @@ func (c TxConfig) Validate() error {
 	if c.TransactionalID == "" {
 		errs = append(errs, errors.New("kafka.transactional_id: must not be empty"))
 	}
-	if !topicRE.MatchString(c.ProgressTopic) || c.ProgressTopic == "." || c.ProgressTopic == ".." {
+	if !validName(c.ProgressTopic, topicMaxLen) || c.ProgressTopic == "." || c.ProgressTopic == ".." {
 		errs = append(errs, fmt.Errorf("kafka.progress_topic: %q is not a valid Kafka topic name ([a-zA-Z0-9._-], 1 to 249 characters)", c.ProgressTopic))
 	}
 	if c.Identity == "" {

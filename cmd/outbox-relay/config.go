@@ -69,6 +69,7 @@ var settings = []setting{
 	{key: "kafka.linger", def: "0s", help: "time the producer waits to fill a batch"},
 	{key: "kafka.compression", def: kafka.CompressionDefault, help: "none, gzip, snappy, lz4 or zstd"},
 	{key: "kafka.auto_create_topics", def: "false", help: "let the brokers create missing topics"},
+	{key: "kafka.client_metrics", def: "false", help: "send the Kafka client's metrics to brokers that subscribe to them (KIP-714)"},
 	{key: "kafka.dial_timeout", def: kafka.DialTimeoutDefault.String(), help: "bound on connecting to a broker"},
 	{key: "kafka.format", def: kafka.FormatDefault, help: "record shape: native, or cloudevents (CloudEvents Kafka binding, binary mode, beside the native headers)"},
 	{key: "kafka.cloudevents.source", def: kafka.CloudEventsSourceDefault, help: "with kafka.format=cloudevents, the ce_source; {aggregate_type} and {event_type} are replaced"},
@@ -615,6 +616,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Linger:            r.dur("kafka.linger", kafka.LingerRange),
 		Compression:       r.str("kafka.compression"),
 		AutoCreateTopics:  r.bool("kafka.auto_create_topics"),
+		ClientMetrics:     r.bool("kafka.client_metrics"),
 		DialTimeout:       r.dur("kafka.dial_timeout", kafka.DialTimeoutRange),
 		RecordTimestamp:   r.oneOf("kafka.record_timestamp", kafka.TimestampProduce, kafka.TimestampOccurredAt),
 		Format:            r.oneOf("kafka.format", kafka.FormatNative, kafka.FormatCloudEvents),
@@ -657,7 +659,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 			}
 			return '_'
 		}, identity)
-	} else if !transactionalIDRE.MatchString(c.Tx.TransactionalID) {
+	} else if !validTransactionalID(c.Tx.TransactionalID) {
 		r.errs = append(r.errs, fmt.Errorf("kafka.transactional_id: must be 1 to 249 characters of [a-zA-Z0-9._-], got %q", c.Tx.TransactionalID))
 	}
 	if c.Delivery == deliveryExactlyOnce && c.Sink == "rabbitmq" {
@@ -800,8 +802,12 @@ func redacted(v *viper.Viper) map[string]string {
 	return out
 }
 
-// transactionalIDRE is what kafka.transactional_id may hold.
-var transactionalIDRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,249}$`)
+// transactionalIDRE is the characters kafka.transactional_id may hold; validTransactionalID
+// checks its length apart (a bounded repetition compiles to 100 kB of program).
+var transactionalIDRE = regexp.MustCompile(`^[a-zA-Z0-9._-]+$`)
+
+// validTransactionalID reports whether id is 1 to 249 characters of [a-zA-Z0-9._-].
+func validTransactionalID(id string) bool { return len(id) <= 249 && transactionalIDRE.MatchString(id) }
 
 // Values of kafka.delivery.
 const (

@@ -147,6 +147,7 @@ func TestConfigBadValues(t *testing.T) {
 		{"in flight below batch", map[string]string{"OUTBOX_RELAY_BATCH_SIZE": "500", "OUTBOX_RELAY_MAX_IN_FLIGHT": "100"}, "relay.max_in_flight: must be between relay.batch_size (500) and 100000, got 100"},
 		{"http addr", map[string]string{"OUTBOX_HTTP_ADDR": "9090"}, `http.addr: must be host:port or :port (empty disables the listener), got "9090"`},
 		{"acks refused", map[string]string{"OUTBOX_KAFKA_ACKS": "1"}, "kafka.acks (OUTBOX_KAFKA_ACKS): not configurable: the producer always waits for every in-sync replica (acks=all)"},
+		{"transactional id too long", map[string]string{"OUTBOX_KAFKA_TRANSACTIONAL_ID": strings.Repeat("t", 250)}, "kafka.transactional_id: must be 1 to 249 characters"},
 		{"idempotence refused", map[string]string{"OUTBOX_KAFKA_IDEMPOTENT": "false"}, "kafka.idempotent (OUTBOX_KAFKA_IDEMPOTENT): not configurable: the producer is always idempotent"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
