@@ -89,6 +89,7 @@ var (
 	_ relay.Store    = (*Store)(nil)
 	_ relay.Releaser = (*session)(nil)
 	_ relay.Fenced   = (*session)(nil)
+	_ relay.Sleeper  = (*session)(nil)
 )
 
 type queries struct {

@@ -212,6 +212,12 @@ func (s *session) claimed(n int) {
 	}
 }
 
+// Asleep implements relay.Sleeper: the session holds the sleep lock and a claim ran since it was
+// granted, so (by the protocol above) every writer that commits from now on notifies it, and
+// the relay's poll is only a safety net for rows written with the trigger disabled (the awake
+// lock plays no part: a writer that cannot take the sleep lock notifies).
+func (s *session) Asleep() bool { return s.wake.asleep && s.wake.checked }
+
 // Wait implements relay.Session: see the protocol above. It returns at once, with Notified
 // set, when the relay must claim before it may sleep.
 func (s *session) Wait(ctx context.Context, timeout time.Duration) error {

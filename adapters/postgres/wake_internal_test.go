@@ -106,3 +106,23 @@ func TestProbeAfterASpellAsleepAtARate(t *testing.T) {
 		t.Fatalf("probed at %d notifications, below probeRate", perSpell-1)
 	}
 }
+
+// TestAsleepOnceAClaimRanAfterTheSleepLock: the session says it sleeps (relay.Sleeper, which
+// lets the relay poll less often) only once it holds the sleep lock and a claim ran after it was
+// granted: before that claim, a writer that skipped its notification may have committed rows
+// nothing woke the relay for.
+func TestAsleepOnceAClaimRanAfterTheSleepLock(t *testing.T) {
+	s := &session{}
+	s.wake.awake = true
+	if s.Asleep() {
+		t.Fatal("asleep without the sleep lock")
+	}
+	s.wake.asleep = true // the sleep lock granted (Wait)
+	if s.Asleep() {
+		t.Fatal("asleep before a claim ran after the sleep lock")
+	}
+	s.claimed(0)
+	if !s.Asleep() {
+		t.Fatal("not asleep with the sleep lock and a claim after it")
+	}
+}

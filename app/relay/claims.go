@@ -55,8 +55,9 @@ func (l *term) startClaim(ctx context.Context) error {
 	l.skip = l.appendInflight(l.skip[:0])
 	limit, budget := l.cur.claimSize(len(l.inflight), l.bytes)
 	// The loop claims only below the bounds; the first row always fits.
-	return l.conn.claim(ctx, claimReq{from: l.cur.start(fromOldest, l.gate.lowestHead()), readHorizon: !l.cur.noHorizon,
-		skip: l.skip, hold: l.gate.holdKeys(time.Now()), limit: max(limit, 1), budget: max(budget, 1)})
+	// A claim that reads no horizon (cursor.readsHorizon) advances under the one seen before.
+	return l.conn.claim(ctx, claimReq{from: l.cur.start(fromOldest, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(fromOldest),
+		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(time.Now()), limit: max(limit, 1), budget: max(budget, 1)})
 }
 
 // claimEnded keeps the result of the claim that ended in ahead: the session is free again, and the

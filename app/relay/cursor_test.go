@@ -166,3 +166,33 @@ func TestCursorRead(t *testing.T) {
 		})
 	}
 }
+
+// An idle relay claims from the oldest row once per poll interval; those claims read no
+// horizon (a third of its queries), the others still do.
+func TestCursorReadsHorizon(t *testing.T) {
+	cases := []struct {
+		name       string
+		lastRows   []int64 // what the claim before returned; nil: no claim yet
+		noClaim    bool
+		noHorizon  bool
+		fromOldest bool
+		want       bool
+	}{
+		{name: "the first claim of a term", noClaim: true, fromOldest: true, want: true},
+		{name: "a woken claim after an empty one", fromOldest: false, want: true},
+		{name: "a poll from the oldest row after rows", lastRows: []int64{5}, fromOldest: true, want: true},
+		{name: "a poll from the oldest row after an empty claim", fromOldest: true, want: false},
+		{name: "no horizon", noHorizon: true, lastRows: []int64{5}, want: false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := cursor{batchSize: 100, maxInFlight: 100, maxInFlightBytes: 1 << 20, noHorizon: tc.noHorizon}
+			if !tc.noClaim {
+				c.read(0, 10, 100, 1<<20, rowsOf(200, tc.lastRows...))
+			}
+			if got := c.readsHorizon(tc.fromOldest); got != tc.want {
+				t.Fatalf("readsHorizon(%v) = %v, want %v", tc.fromOldest, got, tc.want)
+			}
+		})
+	}
+}

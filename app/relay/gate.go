@@ -49,6 +49,14 @@ func newKeyGate(backoff func(int) time.Duration) *keyGate {
 	}
 }
 
+// quiet reports whether no key waits: no failure of this term unsettled, held or resending,
+// no group failing, and no key blocked in the database at the last reload (none loaded yet
+// counts as not quiet).
+func (g *keyGate) quiet() bool {
+	return g.stored != nil && len(g.stored) == 0 && len(g.own) == 0 && len(g.groups) == 0 &&
+		len(g.resend) == 0 && g.failingN.Load() == 0
+}
+
 // holdReason says why a row may not go to the sink now; mayGo when it may.
 type holdReason int
 

@@ -26,6 +26,7 @@ type owner struct {
 	sess     Session
 	poll     time.Duration // how long a watch waits for a wake-up at most
 	releaser Releaser      // nil unless the session and the sink allow releasing (see Releaser)
+	sleeper  Sleeper       // nil unless the session is one
 
 	ops      chan connOp
 	served   chan struct{} // closed when serve returned
@@ -47,8 +48,9 @@ type owner struct {
 	closed    bool
 
 	// woken is set when the session's Notified said a wake-up arrived; the client reads and
-	// clears it (wokenUp).
-	woken atomic.Bool
+	// clears it (wokenUp). asleep is what the session's Asleep said after the last use of it.
+	woken  atomic.Bool
+	asleep atomic.Bool
 
 	// toRelease gathers the messages the client released (relMu), until serve hands them to the
 	// session between two uses of the connection; releasing is serve's batch (reused).
@@ -68,13 +70,15 @@ const (
 
 // connOp is one use of the session, for serve.
 type connOp struct {
-	kind connOpKind
-	ctx  context.Context
-	req  claimReq
-	fn   func(context.Context, Session) error
+	kind    connOpKind
+	ctx     context.Context
+	req     claimReq
+	fn      func(context.Context, Session) error
+	timeout time.Duration // how long a watch waits at most
 }
 
-// newOwner returns the owner of sess and starts its goroutines. Watches wait up to poll. The
+// newOwner returns the owner of sess and starts its goroutines. Watches wait up to poll, unless
+// told otherwise (watch). The
 // messages the client releases reach the session when the session is a Releaser and sink a
 // ReleasingSink that lets go of its messages.
 func newOwner(sess Session, sink Sink, poll time.Duration) *owner {
@@ -90,6 +94,7 @@ func newOwner(sess Session, sink Sink, poll time.Duration) *owner {
 		claimDone: make(chan claimed, 1),
 		watchDone: make(chan error, 1),
 	}
+	o.sleeper, _ = sess.(Sleeper)
 	if rel, ok := sess.(Releaser); ok {
 		if rs, ok := sink.(ReleasingSink); ok && rs.ReleasesMessages() {
 			o.releaser = rel
@@ -113,7 +118,7 @@ func (o *owner) serve() {
 			o.noteWakeUp()
 			o.claimDone <- res // buffered: one claim at a time
 		case opWatch:
-			err := o.sess.Wait(op.ctx, o.poll)
+			err := o.sess.Wait(op.ctx, op.timeout)
 			if op.ctx.Err() != nil {
 				err = nil // cut short by the client (unwatch) or by the relay's stop: not a failure
 			}
@@ -144,12 +149,20 @@ func (o *owner) runClaim(ctx context.Context, req claimReq) claimed {
 	return res
 }
 
-// noteWakeUp records a wake-up the last use of the connection brought (Notified).
+// noteWakeUp records a wake-up the last use of the connection brought (Notified), and whether
+// the session sleeps now (Sleeper).
 func (o *owner) noteWakeUp() {
 	if o.sess.Notified() {
 		o.woken.Store(true)
 	}
+	if o.sleeper != nil {
+		o.asleep.Store(o.sleeper.Asleep())
+	}
 }
+
+// sleeping reports whether the session said it sleeps after the last use of it: a row committed
+// through the outbox's trigger wakes it (Sleeper).
+func (o *owner) sleeping() bool { return o.asleep.Load() }
 
 // wokenUp reports, and clears, whether a wake-up arrived since the last call.
 func (o *owner) wokenUp() bool { return o.woken.Load() && o.woken.Swap(false) }
@@ -203,15 +216,18 @@ func (o *owner) claimResult() <-chan claimed {
 func (o *owner) claimTaken() { o.claiming = false }
 
 // watch starts waiting for a wake-up on the connection, unless a watch or a claim runs; its end
-// comes on watchDone (watchResult), at a wake-up or after poll.
-func (o *owner) watch(ctx context.Context) {
+// comes on watchDone (watchResult), at a wake-up or after timeout (poll when 0).
+func (o *owner) watch(ctx context.Context, timeout time.Duration) {
 	if o.watching || o.claiming {
 		return
 	}
 	wctx, stop := context.WithCancel(ctx)
 	o.stopWatch = stop
 	o.watching = true
-	o.ops <- connOp{kind: opWatch, ctx: wctx}
+	if timeout <= 0 {
+		timeout = o.poll
+	}
+	o.ops <- connOp{kind: opWatch, ctx: wctx, timeout: timeout}
 }
 
 // watchResult returns the channel the running watch's end comes on: nil when none runs.

@@ -112,6 +112,16 @@ type Session interface {
 	Close(ctx context.Context) error
 }
 
+// Sleeper is implemented by a Session whose wake-ups can be relied on while it sleeps. Asleep
+// reports whether it sleeps now: from here on, every row committed to the outbox through its
+// trigger makes Wait return with Notified set (the Postgres session's wake-up protocol proves no
+// such wake-up is lost). The relay then polls less often (see term.pollEvery): the poll is
+// left to find what sends no wake-up, rows written with the trigger disabled or bypassed. It is
+// called like Notified, after a use of the session, never beside another call but Mark.
+type Sleeper interface {
+	Asleep() bool
+}
+
 // Releaser is implemented by a Session that reuses the memory of the messages its claims
 // returned. Release tells it that nothing refers any more to the payloads and headers of msgs:
 // the relay calls it for the rows the broker acknowledged (and the rows it read but did not

@@ -134,7 +134,8 @@ func (l *term) run(ctx context.Context) error {
 		}
 		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
 		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
-		if room && !l.conn.claiming && (wake || time.Since(l.lastPoll) >= l.cfg.PollInterval) {
+		poll := l.pollEvery()
+		if room && !l.conn.claiming && (wake || time.Since(l.lastPoll) >= poll) {
 			wake = false
 			if err := l.startClaim(context.WithoutCancel(ctx)); err != nil {
 				return l.abandon(err)
@@ -147,9 +148,9 @@ func (l *term) run(ctx context.Context) error {
 		// claimed while the rows before it still wait for the broker.
 		canClaim := room && !l.conn.claiming
 		if canClaim {
-			l.conn.watch(ctx)
+			l.conn.watch(ctx, poll)
 		}
-		d := l.cfg.PollInterval
+		d := poll
 		if canClaim {
 			d -= time.Since(l.lastPoll) // positive: a claim would have started above
 		}
@@ -179,4 +180,25 @@ func (l *term) run(ctx context.Context) error {
 		}
 		l.timer.Stop()
 	}
+}
+
+// asleepPolls is how many poll intervals apart a relay polls while its session sleeps with
+// nothing to do (pollEvery).
+const asleepPolls = 2
+
+// pollEvery returns how long after the last claim the next one starts without a wake-up:
+// Config.PollInterval, or asleepPolls of it while nothing is to do but wait for a wake-up: the
+// session sleeps (Sleeper, so every row committed through the outbox's trigger wakes it), the
+// last claim returned no rows, no row is in flight or waits to be parked, and no key waits
+// (keyGate.quiet: no failing or resending row of this term, no blocked key in the database at
+// the last reload). A poll then finds only rows that sent no wake-up (written with the trigger
+// disabled: found up to asleepPolls poll intervals later), as rows whose retry falls due keep
+// their key blocked, and parked rows put back are inserted through the trigger. An idle relay's
+// poll (the blocked keys and a claim, with their hand-offs between goroutines) was most of its
+// cost.
+func (l *term) pollEvery() time.Duration {
+	if l.conn.sleeping() && l.cur.idle && len(l.inflight) == 0 && len(l.toPark) == 0 && l.gate.quiet() {
+		return asleepPolls * l.cfg.PollInterval
+	}
+	return l.cfg.PollInterval
 }
