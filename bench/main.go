@@ -80,11 +80,11 @@ type options struct {
 	LatencyOnly    bool
 	LatencyRepeats int
 	// Tail makes the steady section run only the tail runs (bench/tail.go), this many times.
-	Tail int
-	Replot         bool
-	Repeat         int      // runs of every drain variant but produce-only, per case
-	Variants       []string // the drain variants to run; all when empty
-	ChildExe       string   // the binary of the measured children; this one when empty
+	Tail     int
+	Replot   bool
+	Repeat   int      // runs of every drain variant but produce-only, per case
+	Variants []string // the drain variants to run; all when empty
+	ChildExe string   // the binary of the measured children; this one when empty
 	// WatermillExe is the binary of the Watermill baseline (bench/watermill, a module of its
 	// own); the variant is skipped when it is missing.
 	WatermillExe string
