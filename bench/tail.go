@@ -89,6 +89,7 @@ type tailSummary struct {
 	ConP99Min, ConP99Max   float64
 	Other, OtherMin        float64
 	OtherMax, Load         float64
+	Written                float64 // events a second the writers committed
 }
 
 // tail runs the tail measurements b.opts.Tail times: every variant, in an order that turns from
@@ -325,11 +326,12 @@ func tailSummaries(runs []tailResult) []tailSummary {
 	var out []tailSummary
 	for _, tc := range tailCases {
 		for _, v := range tailVariants {
-			var ack, hist, under, c50, con, a50, other, load []float64
+			var ack, hist, under, c50, con, a50, other, load, written []float64
 			for _, r := range runs {
 				if r.Variant == v && r.OfferedPerSec == tc.Rate && r.PerTx == tc.PerTx {
 					ack, a50, hist, under = append(ack, r.AckP99), append(a50, r.AckP50), append(hist, r.HistP99), append(under, r.HistUnder5ms)
 					con, c50, other, load = append(con, r.ConsumeP99), append(c50, r.ConsumeP50), append(other, r.OtherCPUShare), append(load, r.LoadAvg)
+					written = append(written, r.WrittenPerSec)
 				}
 			}
 			if len(ack) == 0 {
@@ -339,7 +341,7 @@ func tailSummaries(runs []tailResult) []tailSummary {
 				AckP50: median(a50), AckP99: median(ack), AckP99Min: slices.Min(ack), AckP99Max: slices.Max(ack),
 				HistP99: median(hist), HistUnder5ms: median(under), HistP99Min: slices.Min(hist), HistP99Max: slices.Max(hist),
 				ConP50: median(c50), ConP99: median(con), ConP99Min: slices.Min(con), ConP99Max: slices.Max(con),
-				Other: median(other), OtherMin: slices.Min(other), OtherMax: slices.Max(other), Load: median(load)})
+				Other: median(other), OtherMin: slices.Min(other), OtherMax: slices.Max(other), Load: median(load), Written: median(written)})
 		}
 	}
 	return out
@@ -355,11 +357,11 @@ func tailTable(w io.Writer, runs []tailResult) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Commit-to-ack: the writer's COMMIT returned to the broker's acknowledgement reaching the relay. Histogram: what the relay's `outbox_relay_commit_to_ack_seconds` measures (from `created_at`, the writer's transaction start). Commit-to-consume: to a consumer in a process of its own receiving the record. Other processes: the CPU time of every process not part of the run, as a share of the machine's.")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| load | relay | runs | commit-to-ack p50 ms | p99 ms | histogram p99 ms | ≤ 5 ms | commit-to-consume p50 ms | p99 ms | other processes' CPU | load avg |")
-	fmt.Fprintln(w, "|---|---|---:|---:|---|---|---:|---:|---|---|---:|")
+	fmt.Fprintln(w, "| load | relay | runs | written ev/s | commit-to-ack p50 ms | p99 ms | histogram p99 ms | ≤ 5 ms | commit-to-consume p50 ms | p99 ms | other processes' CPU | load avg |")
+	fmt.Fprintln(w, "|---|---|---:|---:|---:|---|---|---:|---:|---|---|---:|")
 	for _, s := range sums {
-		fmt.Fprintf(w, "| %.0f ev/s, %d per tx | %s | %d | %.2f | %.2f [%.2f–%.2f] | %.2f [%.2f–%.2f] | %.1f %% | %.2f | %.2f [%.2f–%.2f] | %.0f %% [%.0f–%.0f] | %.1f |\n",
-			s.Case.Rate, s.Case.PerTx, s.Variant, s.Runs, s.AckP50, s.AckP99, s.AckP99Min, s.AckP99Max, s.HistP99, s.HistP99Min, s.HistP99Max,
+		fmt.Fprintf(w, "| %.0f ev/s, %d per tx | %s | %d | %.0f | %.2f | %.2f [%.2f–%.2f] | %.2f [%.2f–%.2f] | %.1f %% | %.2f | %.2f [%.2f–%.2f] | %.0f %% [%.0f–%.0f] | %.1f |\n",
+			s.Case.Rate, s.Case.PerTx, s.Variant, s.Runs, s.Written, s.AckP50, s.AckP99, s.AckP99Min, s.AckP99Max, s.HistP99, s.HistP99Min, s.HistP99Max,
 			100*s.HistUnder5ms, s.ConP50, s.ConP99, s.ConP99Min, s.ConP99Max, 100*s.Other, 100*s.OtherMin, 100*s.OtherMax, s.Load)
 	}
 	fmt.Fprintln(w)
