@@ -444,3 +444,46 @@ func relayBin(t *testing.T) string {
 	}
 	return bin
 }
+
+// TestTail runs the tail runs once at the smoke size: every variant at both loads, each event
+// received by the consumer process, and the host's CPU shares measured.
+func TestTail(t *testing.T) {
+	dbtest.Pool(t)
+	opts, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "steady", "-tail", "1", "-no-settle", "-broker-log", t.TempDir())
+	if res.Steady == nil || len(res.Steady.Tail) != len(tailVariants)*len(tailCases) {
+		t.Fatalf("tail runs: %+v, want %d\n%s", res.Steady, len(tailVariants)*len(tailCases), logs)
+	}
+	for _, r := range res.Steady.Tail {
+		if r.Events == 0 || r.Consumed != r.Events {
+			t.Errorf("%s at %.0f/s: %d events acknowledged, %d consumed", r.Variant, r.OfferedPerSec, r.Events, r.Consumed)
+		}
+		if r.RunCPUShare <= 0 || r.RunCPUShare > 1 || r.OtherCPUShare < 0 || r.OtherCPUShare+r.RunCPUShare > 1.001 {
+			t.Errorf("%s at %.0f/s: CPU shares run %.3f other %.3f", r.Variant, r.OfferedPerSec, r.RunCPUShare, r.OtherCPUShare)
+		}
+	}
+	tables, err := os.ReadFile(filepath.Join(opts.Out, "tables.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(tables), "### Tail latency") {
+		t.Errorf("tables.md has no tail table:\n%s", tables)
+	}
+}
+
+// TestCPUShares: the other processes' share is the busy time the run's processes and sessions
+// did not use; a session that opened during the run counts whole.
+func TestCPUShares(t *testing.T) {
+	before := cpuSample{total: 1000, busy: 400, procs: 100, sessions: map[int]float64{7: 50}}
+	after := cpuSample{total: 2000, busy: 1300, procs: 300, sessions: map[int]float64{7: 150, 9: 100}}
+	other, run := after.shares(before)
+	if run != 0.4 || other != 0.5 {
+		t.Errorf("shares: other %.3f run %.3f, want 0.5 and 0.4", other, run)
+	}
+	if total, busy := procStat(); total <= 0 || busy < 0 || busy > total {
+		t.Errorf("procStat: total %.0f busy %.0f", total, busy)
+	}
+	s := []float64{1, 2, 5, 5, 6}
+	if got := shareAtMost(s, 5); got != 0.8 {
+		t.Errorf("shareAtMost 5: %.2f, want 0.8", got)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
 	"slices"
 	"sort"
@@ -40,6 +41,7 @@ const (
 	roleNaive   = "naive"   // SELECT ... FOR UPDATE SKIP LOCKED, ProduceSync, DELETE, COMMIT
 	roleSQLOnly = "sqlonly" // the relay's own claim and mark statements, no broker
 	roleProduce = "produce" // raw franz-go produce of the same records, no database
+	roleConsume = "consume" // a consumer of the bench topic, from its end: when each record arrived
 	// roleWatermill is Watermill's forwarder, from the binary of bench/watermill (-watermill-exe).
 	roleWatermill = "watermill"
 )
@@ -76,6 +78,8 @@ type childConfig struct {
 	ExactlyOnce bool `json:"exactly_once,omitempty"`
 	// Timings records the duration of each claim and mark of the relay (relayStats.ClaimMS, MarkMS).
 	Timings bool `json:"timings,omitempty"`
+	// GoMaxProcs, when positive, is the child's GOMAXPROCS.
+	GoMaxProcs int `json:"gomaxprocs,omitempty"`
 }
 
 // relaySettings are the relay settings a run uses; zero means the relay's default.
@@ -135,6 +139,9 @@ func runChild(cfgJSON string) error {
 	if cfg.Role == roleKfake {
 		return runKfake(cfg)
 	}
+	if cfg.GoMaxProcs > 0 {
+		runtime.GOMAXPROCS(cfg.GoMaxProcs)
+	}
 	c := &child{cfg: cfg, out: bufio.NewWriter(os.Stdout)}
 	return c.run(ctx)
 }
@@ -185,6 +192,8 @@ func (c *child) run(ctx context.Context) error {
 		w, err = c.sqlOnly(ctx)
 	case roleProduce:
 		w, err = c.produce(ctx)
+	case roleConsume:
+		w, err = c.consume(ctx)
 	default:
 		err = fmt.Errorf("unknown role %q", c.cfg.Role)
 	}

@@ -79,10 +79,12 @@ type options struct {
 	// 1,000 events/s, LatencyRepeats times, with the notifications per commit (quick A/B runs).
 	LatencyOnly    bool
 	LatencyRepeats int
-	Replot         bool
-	Repeat         int      // runs of every drain variant but produce-only, per case
-	Variants       []string // the drain variants to run; all when empty
-	ChildExe       string   // the binary of the measured children; this one when empty
+	// Tail makes the steady section run only the tail runs (bench/tail.go), this many times.
+	Tail     int
+	Replot   bool
+	Repeat   int      // runs of every drain variant but produce-only, per case
+	Variants []string // the drain variants to run; all when empty
+	ChildExe string   // the binary of the measured children; this one when empty
 	// WatermillExe is the binary of the Watermill baseline (bench/watermill, a module of its
 	// own); the variant is skipped when it is missing.
 	WatermillExe string
@@ -120,6 +122,7 @@ func parseFlags(args []string) (options, error) {
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
 	writeRepeats := fs.Int("write-repeats", 0, "rounds of the write-cost section's modes (0: the scale's, 2 at any factor, 1 for smoke)")
 	latencyOnly := fs.Int("latency-only", 0, "steady section: skip the rate search and the polling modes; measure the latency with the wake-up at 1,000 events/s this many times, with the notifications per commit and the load average (quick A/B runs; 0: the whole section)")
+	tail := fs.Int("tail", 0, "steady section: run only the tail runs this many times: commit-to-ack and commit-to-consume (a consumer process of its own) at 1,000 events/s one per transaction and 5,000 events/s ten per transaction, the relay as deployed, pinned to one CPU and with GOMAXPROCS=1, with the other processes' CPU share during each run (0: off)")
 	noSettle := fs.Bool("no-settle", false, "start each section at once, without waiting for checkpoints, autovacuum and dirty pages (quick A/B runs)")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
@@ -135,7 +138,7 @@ func parseFlags(args []string) (options, error) {
 		return options{}, err
 	}
 	o := options{RelayBin: *relayBin, ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
-		LatencyOnly: *latencyOnly > 0, LatencyRepeats: *latencyOnly,
+		LatencyOnly: *latencyOnly > 0, LatencyRepeats: *latencyOnly, Tail: *tail,
 		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)

@@ -71,6 +71,8 @@ type latencyResult struct {
 	NotifiesPerTx float64 `json:"notifies_per_tx,omitempty"`
 	LoadAvg       float64 `json:"load_avg_1m,omitempty"`
 	samples       []float64
+	insertSamples []float64        // the sorted insert-to-ack latencies, ms
+	commits       map[string]int64 // event id -> unix nanoseconds its COMMIT returned
 }
 
 // steadyResults is the steady-state section.
@@ -84,6 +86,7 @@ type steadyResults struct {
 	PollWriterLimited   bool            `json:"poll_writer_limited"`
 	PollWriterMaxPerSec float64         `json:"poll_writer_max_per_sec,omitempty"`
 	Latency             []latencyResult `json:"latency"`
+	Tail                []tailResult    `json:"tail,omitempty"` // the -tail runs
 }
 
 // steady runs the search for the highest flat rate and the latency measurements.
@@ -98,6 +101,11 @@ func (b *bench) steady(ctx context.Context) error {
 		return err
 	}
 	defer br.close()
+	if b.opts.Tail > 0 {
+		res := &steadyResults{}
+		b.res.Steady = res
+		return b.tail(ctx, br, schema, res)
+	}
 	profile := ""
 	if b.opts.Profile {
 		profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-steady-cpu.pprof"))
@@ -397,6 +405,7 @@ func (b *bench) latencyRun(ctx context.Context, w *writers, relay *proc, mode st
 		InsertP50: quantile(rep.LatenciesMS, .5), InsertP99: quantile(rep.LatenciesMS, .99),
 		PublishP50: quantile(toPub, .5), PublishP99: quantile(toPub, .99), AckP50: quantile(toAck, .5), AckP99: quantile(toAck, .99)}
 	lr.Spans = rep.Spans
+	lr.insertSamples, lr.commits = rep.LatenciesMS, commits
 	// The relay counts what it acknowledged; the baselines do not, and their events are s.
 	if n := max(len(rep.LatenciesMS), len(s)); n > 0 {
 		lr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(n) / 10000)

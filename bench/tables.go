@@ -166,6 +166,7 @@ func (b *bench) tables(w io.Writer) {
 				l.PublishP50, l.PublishP99, l.AckP50, l.AckP99, l.ClaimsPerEvent, l.EmptyClaimsPerEvent, l.MarksPerEvent)
 		}
 		fmt.Fprintln(w)
+		tailTable(w, s.Tail)
 	}
 
 	if ps := peerSummaries(r.Peers); len(ps) > 0 {

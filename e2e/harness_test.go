@@ -169,6 +169,10 @@ type writeOpts struct {
 	inserted chan<- *written
 	// release, when not nil, keeps the transaction open until it is closed.
 	release <-chan struct{}
+	// ready, when not nil, is closed once the key's sequence is bumped, and the INSERT then
+	// waits for proceed to be closed: a test can time the insert alone.
+	ready   chan<- struct{}
+	proceed <-chan struct{}
 }
 
 // write runs one transaction: lock and bump the key's sequence, insert the event (the public
@@ -191,6 +195,10 @@ func (f *fixture) write(ctx context.Context, rng *rand.Rand, o writeOpts) (*writ
 	}
 	payload, _ := json.Marshal(eventPayload{Key: key, Seq: w.seq, Token: w.token})
 	headers, _ := json.Marshal(map[string]string{"x-seq": strconv.FormatInt(w.seq, 10), "x-token": w.token})
+	if o.ready != nil {
+		close(o.ready)
+		<-o.proceed
+	}
 	if err := tx.QueryRow(ctx, `INSERT INTO `+f.outbox()+` (aggregate_type, aggregate_id, event_type, payload, headers)
 		VALUES ($1, $2, 'SequenceBumped', $3, $4) RETURNING id, event_id::text`,
 		aggType, key, payload, string(headers)).Scan(&w.rowID, &w.eventID); err != nil {
@@ -225,44 +233,57 @@ func (f *fixture) write(ctx context.Context, rng *rand.Rand, o writeOpts) (*writ
 // relay has rows to chew on from the start.
 func (f *fixture) backlog(perKey int) {
 	f.t.Helper()
-	ctx := context.Background()
 	for _, key := range f.keys {
-		byToken := map[string]*written{}
-		err := pgx.BeginFunc(ctx, f.pool, func(tx pgx.Tx) error {
-			var top int64
-			if err := tx.QueryRow(ctx, `UPDATE `+f.seqTable()+` SET seq = seq + $2 WHERE key = $1 RETURNING seq`,
-				key, perKey).Scan(&top); err != nil {
+		f.commitEvents(key, perKey, 0)
+	}
+}
+
+// commitEvents commits n events of key in one transaction and one INSERT, with notify
+// notifications of the outbox's channel besides (pg_notify): as many as that many commits of a
+// notifying writer would send.
+func (f *fixture) commitEvents(key string, n, notify int) {
+	f.t.Helper()
+	ctx := context.Background()
+	byToken := map[string]*written{}
+	err := pgx.BeginFunc(ctx, f.pool, func(tx pgx.Tx) error {
+		if notify > 0 {
+			if _, err := tx.Exec(ctx, `SELECT pg_notify($1, g::text) FROM generate_series(1, $2::int) g`, f.table.Channel(), notify); err != nil {
 				return err
 			}
-			payloads, headers := make([][]byte, perKey), make([]string, perKey)
-			for i := range perKey {
-				w := &written{token: fmt.Sprintf("tok-%d", f.tokens.Add(1)), key: key, seq: top - int64(perKey) + 1 + int64(i)}
-				payloads[i], _ = json.Marshal(eventPayload{Key: key, Seq: w.seq, Token: w.token})
-				h, _ := json.Marshal(map[string]string{"x-seq": strconv.FormatInt(w.seq, 10), "x-token": w.token})
-				headers[i] = string(h)
-				byToken[w.token] = w
-			}
-			rows, err := tx.Query(ctx, `INSERT INTO `+f.outbox()+` (aggregate_type, aggregate_id, event_type, payload, headers)
-				SELECT $1, $2, 'SequenceBumped', p, h::jsonb FROM unnest($3::bytea[], $4::text[]) WITH ORDINALITY AS u(p, h, n)
-				ORDER BY n RETURNING id, event_id::text, headers->>'x-token'`, aggType, key, payloads, headers)
-			if err != nil {
-				return err
-			}
-			var id int64
-			var eventID, token string
-			_, err = pgx.ForEachRow(rows, []any{&id, &eventID, &token}, func() error {
-				byToken[token].rowID, byToken[token].eventID = id, eventID
-				return nil
-			})
+		}
+		var top int64
+		if err := tx.QueryRow(ctx, `UPDATE `+f.seqTable()+` SET seq = seq + $2 WHERE key = $1 RETURNING seq`,
+			key, n).Scan(&top); err != nil {
 			return err
-		})
+		}
+		payloads, headers := make([][]byte, n), make([]string, n)
+		for i := range n {
+			w := &written{token: fmt.Sprintf("tok-%d", f.tokens.Add(1)), key: key, seq: top - int64(n) + 1 + int64(i)}
+			payloads[i], _ = json.Marshal(eventPayload{Key: key, Seq: w.seq, Token: w.token})
+			h, _ := json.Marshal(map[string]string{"x-seq": strconv.FormatInt(w.seq, 10), "x-token": w.token})
+			headers[i] = string(h)
+			byToken[w.token] = w
+		}
+		rows, err := tx.Query(ctx, `INSERT INTO `+f.outbox()+` (aggregate_type, aggregate_id, event_type, payload, headers)
+			SELECT $1, $2, 'SequenceBumped', p, h::jsonb FROM unnest($3::bytea[], $4::text[]) WITH ORDINALITY AS u(p, h, n)
+			ORDER BY n RETURNING id, event_id::text, headers->>'x-token'`, aggType, key, payloads, headers)
 		if err != nil {
-			f.t.Fatalf("backlog of %s: %v", key, err)
+			return err
 		}
-		for _, w := range byToken {
-			w.state = txCommitted
-			f.oracle.add(w)
-		}
+		var id int64
+		var eventID, token string
+		_, err = pgx.ForEachRow(rows, []any{&id, &eventID, &token}, func() error {
+			byToken[token].rowID, byToken[token].eventID = id, eventID
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		f.t.Fatalf("events of %s: %v", key, err)
+	}
+	for _, w := range byToken {
+		w.state = txCommitted
+		f.oracle.add(w)
 	}
 }
 

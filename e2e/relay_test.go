@@ -3,8 +3,8 @@ package e2e_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
-	"sync"
 	"testing"
 	"time"
 
@@ -139,68 +139,128 @@ func TestRelayVisibilityGap(t *testing.T) {
 	}
 }
 
-// TestRelayLosesNoWakeUp runs the relay with the longest poll interval (a minute) beside writers
-// that commit in rounds: in each, a burst of 20 transactions and four writers that commit a few
-// transactions, some held open a moment after inserting, then all stop until the relay
-// published and marked every row. The
-// relay goes to sleep and wakes up hundreds of times, and writers insert while it is awake (their
-// trigger then sends no notification) and commit while it goes to sleep. A lost wake-up leaves
-// a round's last rows to the next poll, a minute later: every round must end long before.
+// TestRelayLosesNoWakeUp runs the relay binary with the longest poll interval (a minute), so only
+// a notification can wake it, and sets up, round after round, the race the wake-up protocol
+// (adapters/postgres/wake.go) exists for: a writer inserts while the relay is awake, so its
+// trigger sends no notification, and commits after the relay's last claim, while the relay goes
+// to sleep. Each round commits a burst that makes the sleeping relay let its sleep lock go (20
+// rows and 1,000 notifications at once: a commit rate past its busy threshold, 24 within 20 ms,
+// even when the relay claims the rows a second after the notifications arrived), then a writer
+// inserts; when its trigger skipped the notification (it holds the sleep lock in share mode), it
+// commits either once the relay waits for the sleep lock (its claims came back empty) or at once,
+// alternately. The relay must then claim the row on its own: every round's rows must be
+// published and marked within 30 s, half the poll interval. A relay that sleeps without claiming
+// again after the lock is granted leaves the row to its next poll, a minute later. Rounds whose
+// writer found the relay asleep (and notified) are retried until 12 rounds had a writer that did
+// not notify.
 func TestRelayLosesNoWakeUp(t *testing.T) {
 	f := newFixture(t, 20, 3)
-	f.startRelay(relay.Config{PollInterval: time.Minute})
+	p := startRelayProc(t, "relay", f.relayEnv("OUTBOX_RELAY_POLL_INTERVAL=1m"))
 	ctx := context.Background()
-	// The bound is generous for a loaded machine, and half the poll interval.
-	const rounds, bound = 150, 30 * time.Second
-	for r := range rounds {
-		var wg sync.WaitGroup
-		// A burst of one event per key, each its own transaction, and as many notifications at
-		// once as a commit rate past the relay's busy threshold would send it (50 in one
-		// commit): the relay, busy, lets its sleep lock go and the writers beside it stop
-		// notifying. (Twenty transactions alone commit too slowly on a loaded machine to cross
-		// the threshold, 24 notifications within 20 ms.)
-		wg.Go(func() {
-			if _, err := f.pool.Exec(ctx, `SELECT pg_notify($1, g::text) FROM generate_series(1, 50) g`, f.table.Channel()); err != nil {
-				t.Errorf("notifications: %v", err)
-			}
-			f.backlog(1)
-		})
-		for i := range 4 {
-			rng := rand.New(rand.NewPCG(uint64(r*4+i)+1, uint64(time.Now().UnixNano())))
-			wg.Go(func() {
-				for range 1 + rng.IntN(3) {
-					o := writeOpts{}
-					if rng.IntN(2) == 0 {
-						o.hold = time.Duration(rng.Int64N(int64(3 * time.Millisecond)))
-					}
-					if _, err := f.write(ctx, rng, o); err != nil {
-						t.Errorf("writer %d: %v", i, err)
-						return
-					}
-				}
-			})
-		}
-		wg.Wait()
-		if t.Failed() {
-			t.FailNow()
-		}
-		start := time.Now()
-		for {
+	drained := func(what string, bound time.Duration) {
+		t.Helper()
+		for start := time.Now(); ; time.Sleep(5 * time.Millisecond) {
 			n, _, err := f.pending(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if n == 0 {
-				break
+				return
+			}
+			if !p.running() {
+				t.Fatalf("%s: the relay exited: %v", what, p.err)
 			}
 			if time.Since(start) > bound {
-				t.Fatalf("round %d: %d rows still pending %s after the last commit (poll interval 1 min): a wake-up was lost", r, n, bound)
+				t.Fatalf("%s: %d rows still pending %s after the last commit (poll interval 1 min): a wake-up was lost", what, n, bound)
 			}
-			time.Sleep(time.Millisecond)
 		}
 	}
-	v := f.oracle.check(t, readTopic(t, f.broker.Addrs, f.topic))
-	if v.committed < rounds*4 {
-		t.Fatalf("load too small to prove anything: %s", v)
+	// The relay starts, claims what is there and goes to sleep.
+	f.backlog(1)
+	drained("the first rows", 2*time.Minute)
+
+	// Rounds until 12 writers did not notify; on a machine so loaded that the relay's busy
+	// spells are hard to hit, at least 2 within 4 minutes.
+	const rounds, least, bound = 12, 2, 30 * time.Second
+	rng := rand.New(rand.NewPCG(1, uint64(time.Now().UnixNano())))
+	attempt, skipped, held := 0, 0, 0
+	for begin := time.Now(); skipped < rounds; attempt++ {
+		if time.Since(begin) > 4*time.Minute {
+			if skipped < least {
+				t.Fatalf("only %d of %d writers found the relay awake (sent no notification) in 4 min", skipped, attempt)
+			}
+			break
+		}
+		// The writer's transaction begins and locks its key (another than the burst's) first, so
+		// that its INSERT alone comes after the burst.
+		ready, proceed := make(chan struct{}), make(chan struct{})
+		inserted, release, done := make(chan *written, 1), make(chan struct{}), make(chan error, 1)
+		go func() {
+			_, err := f.write(ctx, rng, writeOpts{key: f.keys[(attempt+1)%len(f.keys)], ready: ready, proceed: proceed,
+				inserted: inserted, release: release})
+			done <- err
+		}()
+		select {
+		case <-ready:
+		case err := <-done:
+			t.Fatalf("writer: %v", err)
+		}
+		// The burst: the relay, woken by commits past its busy threshold, lets the sleep lock go
+		// and polls a few milliseconds; a writer then finds it awake.
+		f.commitEvents(f.keys[attempt%len(f.keys)], 20, 1000)
+		// Insert at different points of the relay's busy spell: too soon, the relay still
+		// sleeps; too late, it sleeps again (either way the writer notifies, and the round is
+		// tried again).
+		time.Sleep([]time.Duration{0, time.Millisecond, 2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond}[attempt%5])
+		close(proceed)
+		select {
+		case <-inserted:
+		case err := <-done:
+			t.Fatalf("writer: %v", err)
+		}
+		waiters, holders, _ := f.sleepLock(ctx)
+		what := fmt.Sprintf("round %d: a writer that notified", attempt)
+		if holders > 0 {
+			skipped++
+			what = fmt.Sprintf("round %d: a writer that did not notify, committed at once", attempt)
+			if skipped%2 == 1 {
+				// Commit once the relay, its claims empty, waits for the sleep lock this writer
+				// holds: the lock is granted at the commit, and only a claim after it sees the row.
+				for start := time.Now(); waiters == 0; waiters, _, _ = f.sleepLock(ctx) {
+					if time.Since(start) > time.Minute || !p.running() {
+						close(release)
+						t.Fatalf("round %d: the relay never waited for the sleep lock", attempt)
+					}
+					time.Sleep(200 * time.Microsecond)
+				}
+				held++
+				what = fmt.Sprintf("round %d: a writer that did not notify, committed while the relay waited for the sleep lock", attempt)
+			}
+		}
+		close(release)
+		if err := <-done; err != nil {
+			t.Fatalf("writer: %v", err)
+		}
+		drained(what, bound)
 	}
+	t.Logf("%d rounds: %d writers sent no notification, %d of them committed while the relay waited for the sleep lock", attempt, skipped, held)
+	v := f.oracle.check(t, readTopic(t, f.broker.Addrs, f.topic))
+	if v.duplicates != 0 {
+		t.Errorf("%d duplicates without any failure, want 0", v.duplicates)
+	}
+}
+
+// sleepLock counts the sessions waiting for f's sleep lock in exclusive mode (the relay going
+// to sleep), those holding it in share mode (writers in a transaction that did not notify) and
+// those holding it in exclusive mode (the relay asleep).
+func (f *fixture) sleepLock(ctx context.Context) (waiters, holders, held int) {
+	f.t.Helper()
+	_, key := f.table.WakeKeys()
+	if err := f.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE NOT granted AND mode = 'ExclusiveLock'),
+			count(*) FILTER (WHERE granted AND mode = 'ShareLock'), count(*) FILTER (WHERE granted AND mode = 'ExclusiveLock')
+		FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+			AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)`, key).Scan(&waiters, &holders, &held); err != nil {
+		f.t.Fatal(err)
+	}
+	return waiters, holders, held
 }
