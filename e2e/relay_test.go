@@ -180,14 +180,16 @@ func TestRelayLosesNoWakeUp(t *testing.T) {
 	drained("the first rows", 2*time.Minute)
 
 	// Rounds until 12 writers did not notify; on a machine so loaded that the relay's busy
-	// spells are hard to hit, at least 2 within 4 minutes.
+	// spells are hard to hit, at least 2 within 4 minutes, else the test is skipped.
 	const rounds, least, bound = 12, 2, 30 * time.Second
 	rng := rand.New(rand.NewPCG(1, uint64(time.Now().UnixNano())))
 	attempt, skipped, held := 0, 0, 0
 	for begin := time.Now(); skipped < rounds; attempt++ {
 		if time.Since(begin) > 4*time.Minute {
 			if skipped < least {
-				t.Fatalf("only %d of %d writers found the relay awake (sent no notification) in 4 min", skipped, attempt)
+				// The race could not be set up (a machine too loaded for the relay's busy
+				// spells): nothing was shown either way, said as a skip with its reason.
+				t.Skipf("only %d of %d writers found the relay awake (sent no notification) in 4 min: the machine is too loaded to set up the race", skipped, attempt)
 			}
 			break
 		}
