@@ -26,6 +26,10 @@ import (
 // and a stream holds the claims up until its rows are marked.
 const streamCut = 2
 
+// restWindowMin is the fewest ids a page of ClaimRest reads past the last (twice its row limit,
+// at least twice this).
+const restWindowMin = 256
+
 var _ relay.TxStreamer = (*session)(nil)
 
 // CutClaims implements relay.TxStreamer.
@@ -91,8 +95,8 @@ func restOf(rows pgx.Rows, scan bool, after int64) (*relay.TxRest, error) {
 }
 
 // restQuery returns the query of ClaimRest: the pending rows with ids in ($1, $2] of the
-// transactions $3 (as text) or with the ids $4, in id order, at most $5. The primary key's order
-// reads them: a page costs its rows, not the transaction's.
+// transactions $3 (as text) or with the ids $4, in id order, at most $5. ($1, $2] is a window
+// past the last page: a page costs its window, not the transaction.
 func (s *Store) restQuery() string {
 	t := s.table
 	return `SELECT ` + claimCols(t, true) + ` FROM ` + t.outbox() + `
@@ -115,7 +119,11 @@ func (s *session) ClaimRest(ctx context.Context, rest *relay.TxRest, limit, maxB
 		ids = []int64{}
 	}
 	s.dec.pool.budget(maxBytes)
-	rows, err := s.conn.Query(ctx, s.store.restQuery(), claimFormats, rest.After, rest.End, txs, ids, max(limit, 1))
+	// A window of ids past After bounds what the page reads, whatever plan the database picks
+	// (without fresh statistics it scanned every id up to End for each page).
+	limit = max(limit, 1)
+	hi := min(rest.End, rest.After+int64(max(limit, restWindowMin)*2))
+	rows, err := s.conn.Query(ctx, s.store.restQuery(), claimFormats, rest.After, hi, txs, ids, limit)
 	if err != nil {
 		return nil, nil, s.wrap(err)
 	}
@@ -126,7 +134,7 @@ func (s *session) ClaimRest(ctx context.Context, rest *relay.TxRest, limit, maxB
 		s.dec.intern = make(map[string]string)
 	}
 	s.dec.reset()
-	size := 0
+	size, full := 0, false
 	for rows.Next() {
 		if scan {
 			out, err = scanClaimed(out, rows)
@@ -140,7 +148,8 @@ func (s *session) ClaimRest(ctx context.Context, rest *relay.TxRest, limit, maxB
 		if !scan {
 			size += s.dec.pendingText()
 		}
-		if size >= maxBytes {
+		if size >= maxBytes || len(out) >= limit {
+			full = true
 			break
 		}
 	}
@@ -154,11 +163,14 @@ func (s *session) ClaimRest(ctx context.Context, rest *relay.TxRest, limit, maxB
 	if s.term != nil {
 		s.term.confirm(sent, s.store.lease) // answered by the session's own backend, as Claim
 	}
-	if len(out) == 0 || out[len(out)-1].ID >= rest.End {
+	next := *rest
+	next.After = hi // the window was read whole
+	if full {
+		next.After = out[len(out)-1].ID
+	}
+	if next.After >= rest.End {
 		return out, nil, nil
 	}
-	next := *rest
-	next.After = out[len(out)-1].ID
 	next.Rows = max(rest.Rows-len(out), 1)
 	i, _ := slices.BinarySearch(rest.IDs, next.After+1)
 	next.IDs = rest.IDs[i:]

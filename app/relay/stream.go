@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 )
 
@@ -252,6 +253,10 @@ func (l *term) streamEnded(o streamOutcome) {
 	l.streamFails++
 	delay := l.cfg.backoff(l.streamFails)
 	l.streamRetryAt = time.Now().Add(delay)
-	l.log.Error("streamed transaction aborted: nothing of it is visible at read_committed, its rows are claimed again",
+	level := slog.LevelError
+	if l.stopping {
+		level = slog.LevelInfo // a stop aborts the stream: nothing is wrong
+	}
+	l.log.Log(context.Background(), level, "streamed transaction aborted: nothing of it is visible at read_committed, its rows are claimed again",
 		"rows_handed_over", st.rows, "took", took, "retry_in", delay, "err", cause)
 }
