@@ -84,6 +84,9 @@ func TestFaultEO12HugeTransaction(t *testing.T) {
 	if p.logs.count("streamed transaction committed") == 0 {
 		t.Errorf("the huge transaction was not streamed:\n%s", p.logs.tail(30))
 	}
+	for _, l := range p.logs.matching("stream") {
+		t.Log(l)
+	}
 	const txBytes = hugeTxRows * 1000
 	t.Logf("huge transaction of %d rows (%d MB) published in %s; relay peak RSS %d MB", hugeTxRows, txBytes>>20, took.Round(time.Millisecond), rss>>20)
 	if rss > txBytes/2 {
@@ -128,4 +131,17 @@ func TestFaultEO13KillMidStream(t *testing.T) {
 		t.Errorf("%d events committed, want more than 100,000", rep.Committed)
 	}
 	result(t, 113, rep, "killed -9 in the middle of a stream of 100,000 rows")
+}
+
+// matching returns the lines that contain s.
+func (b *logBuffer) matching(s string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for _, l := range b.lines {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
