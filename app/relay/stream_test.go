@@ -389,3 +389,69 @@ func TestRelayStopsMidStream(t *testing.T) {
 		t.Fatalf("%d records at read_committed, want 20000", len(recs))
 	}
 }
+
+// slowSink is a meterSink whose PublishStreamed takes a millisecond a row.
+type slowSink struct{ *meterSink }
+
+func (s slowSink) PublishStreamed(ctx context.Context, m *relay.Message, produced func(error)) error {
+	time.Sleep(time.Millisecond)
+	return s.meterSink.PublishStreamed(ctx, m, produced)
+}
+
+// TestRelayStreamTooSlowForTheTransactionTimeout: a stream that cannot be published within
+// kafka.transaction_timeout (1 s here; the sink takes a millisecond a row of 20,000) is aborted
+// by the relay once three quarters of it passed, with an error that says so, instead of waiting
+// for the broker to abort it: nothing is visible at read_committed, every row stays pending.
+func TestRelayStreamTooSlowForTheTransactionTimeout(t *testing.T) {
+	t.Parallel()
+	e := newStreamEnv(t)
+	e.tx.TransactionTimeout = time.Second
+	e.write(1, 20000, 13)
+	var logs strings.Builder
+	lw := &lockedWriter{b: &logs}
+	conn, err := postgres.ParseURL(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: e.table, Transactions: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := kafka.NewTxPublisher(kafka.Config{Brokers: e.broker.Addrs, TopicTemplate: e.topic}, e.tx, kafka.PublisherDeps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	r, err := relay.New(e.cfg, store, slowSink{&meterSink{TxPublisher: pub}}, nil, slog.New(slog.NewTextHandler(lw, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		lw.mu.Lock()
+		aborted := strings.Contains(logs.String(), "streamed transaction aborted") && strings.Contains(logs.String(), "too old")
+		lw.mu.Unlock()
+		if aborted {
+			break
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			<-done
+			t.Fatalf("no stream aborted for its age within a minute:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("relay: %v", err)
+	}
+	if n := e.pending(); n != 20000 {
+		t.Errorf("%d rows pending, want all 20000: none may be marked", n)
+	}
+	if recs := e.readCommitted(1, 3*time.Second); len(recs) != 0 {
+		t.Errorf("%d records visible at read_committed, want 0", len(recs))
+	}
+}
