@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
@@ -159,6 +160,13 @@ type TxPublisher struct {
 	// that no database transaction is committed without one of its rows (relay.ErrSendAgain).
 	doomed error
 	recs   []*txRecord
+
+	// A stream (stream.go): while streaming the transaction is not ended; streamIDs are the rows
+	// it produced, streamDone is EndStream's done, called when the transaction ends.
+	streaming    bool
+	streamIDs    []int64
+	streamDone   func(error)
+	streamFailed atomic.Bool // a streamed record failed: the transaction must not commit
 
 	// umu guards unmarked: the rows committed whose mark is not known.
 	umu      sync.Mutex
@@ -576,7 +584,7 @@ func (p *TxPublisher) loop() {
 func (p *TxPublisher) maybeCommit() time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.open || p.handing {
+	if !p.open || p.handing || p.streaming {
 		return 0
 	}
 	if p.doomed != nil {
@@ -585,7 +593,7 @@ func (p *TxPublisher) maybeCommit() time.Duration {
 		p.abortDoomed(recs, cause)
 		return 0
 	}
-	if age := time.Since(p.began); len(p.recs) < p.tx.MaxRows && age < p.tx.Linger {
+	if age := time.Since(p.began); p.streamDone == nil && len(p.recs) < p.tx.MaxRows && age < p.tx.Linger {
 		return p.tx.Linger - age
 	}
 	p.commit()
@@ -610,7 +618,11 @@ func (p *TxPublisher) commit() {
 			return
 		}
 	}
-	ids := make([]int64, 0, len(recs))
+	if p.streamFailed.Load() {
+		p.abortDoomed(recs, errors.New("a record of its stream failed"))
+		return
+	}
+	ids := make([]int64, 0, len(recs)+len(p.streamIDs))
 	p.umu.Lock()
 	for id := range p.unmarked {
 		ids = append(ids, id)
@@ -619,6 +631,7 @@ func (p *TxPublisher) commit() {
 	for _, r := range recs {
 		ids = append(ids, r.id)
 	}
+	ids = append(ids, p.streamIDs...)
 	slices.Sort(ids)
 	ids = slices.Compact(ids)
 	prog := &kgo.Record{Topic: p.tx.ProgressTopic, Key: []byte(p.tx.Identity), Value: encodeProgress(ids)}
@@ -632,21 +645,26 @@ func (p *TxPublisher) commit() {
 		p.broken = fmt.Errorf("commit the kafka transaction (outcome unknown until the next term reads the progress topic): %w", err)
 		_ = cl.EndTransaction(ctx, kgo.TryAbort)
 		p.log.Warn("exactly-once: kafka commit failed, ending the term", "rows", len(recs), "err", err)
-		p.obs.TxEnded(TxFailed, len(recs))
+		p.obs.TxEnded(TxFailed, len(recs)+len(p.streamIDs))
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		}
+		p.streamOver(p.broken)
 		return
 	}
 	p.umu.Lock()
 	for _, r := range recs {
 		p.unmarked[r.id] = struct{}{}
 	}
+	for _, id := range p.streamIDs {
+		p.unmarked[id] = struct{}{}
+	}
 	p.umu.Unlock()
-	p.obs.TxEnded(TxCommitted, len(recs))
+	p.obs.TxEnded(TxCommitted, len(recs)+len(p.streamIDs))
 	for _, r := range recs {
 		r.done(nil)
 	}
+	p.streamOver(nil)
 }
 
 // abort aborts the transaction of recs and fails them. With cause nil, a record failed: its
@@ -671,8 +689,10 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, cause))
 		}
+		p.streamOver(cause)
 		return
 	}
+	p.streamOver(errors.New("a record of it failed"))
 	p.obs.TxEnded(TxAborted, len(recs))
 	const group = "kafka-transaction"
 	// The records that failed first, so that one of them counts the group's attempt.
@@ -706,8 +726,10 @@ func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
 		for _, r := range recs {
 			r.done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		}
+		p.streamOver(p.broken)
 		return
 	}
+	p.streamOver(cause)
 	p.obs.TxEnded(TxAborted, len(recs))
 	p.log.Debug("exactly-once: kafka transaction aborted, a row of its hand-over was refused", "rows", len(recs), "cause", cause)
 	for _, r := range recs {
@@ -719,6 +741,7 @@ func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
 // held.
 func (p *TxPublisher) failOpen(cause error) {
 	if !p.open {
+		p.streaming = false
 		return
 	}
 	recs := p.recs
@@ -736,6 +759,7 @@ func (p *TxPublisher) failOpen(cause error) {
 	for _, r := range recs {
 		r.done(cause)
 	}
+	p.streamOver(cause)
 }
 
 // Abort implements relay.Sink: the open transaction is aborted, and its records fail.

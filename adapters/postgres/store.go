@@ -149,8 +149,10 @@ func wholeTxs(t Table, claim, held string) string {
 				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
 	if held != "" {
 		// A row of a held key may go with its key's head ($8) when both are of one transaction.
-		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
-				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
+		// The head is looked up in the outbox, not in c: it may be a row of the rest of the
+		// transaction (past the claim's row bound), which goes with it.
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
+				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
 	}
 	return `WITH c AS (` + claim + `)
 		SELECT * FROM c
@@ -431,6 +433,11 @@ type session struct {
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
 	wake     wakeState    // the wake-up protocol's state (wake.go)
+
+	// cuts: claims may stop inside their transactions (CutClaims); txRest is what the last
+	// claim left (ClaimedRest). See stream.go.
+	cuts   bool
+	txRest *relay.TxRest
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -508,6 +515,7 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
+	s.txRest = nil
 	lo, hi, rest := s.skipRun(skip)
 	s.dec.pool.budget(maxBytes)
 	var rows pgx.Rows
@@ -545,7 +553,13 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 			size += s.dec.pendingText()
 		}
 		if size >= maxBytes && !s.store.txs {
-			break // memory is bounded by bytes, not by the backlog (whole transactions: by rows)
+			break // memory is bounded by bytes, not by the backlog
+		}
+		if s.cuts && size >= streamCut*maxBytes { // whole transactions: cut, the rest streams (stream.go)
+			if s.txRest, err = restOf(rows, scan, out[len(out)-1].ID); err != nil {
+				return nil, s.wrap(err)
+			}
+			break
 		}
 	}
 	rows.Close()

@@ -18,6 +18,9 @@ type claimReq struct {
 	skip          []int64
 	hold          Blocked
 	limit, budget int
+	// rest, when set, makes the claim the next page of a stream (TxStreamer.ClaimRest): the
+	// fields above but limit and budget are unused.
+	rest *TxRest
 }
 
 // claimed is the result of a claimReq: the rows, or why there are none (horizonErr when the
@@ -28,6 +31,8 @@ type claimed struct {
 	err        error
 	horizonErr error
 	elapsed    time.Duration
+	// next is what the claim left to claim (TxStreamer): nil when it returned whole transactions.
+	next *TxRest
 }
 
 // parkReq is a park put off while a claim reads ahead.
@@ -80,6 +85,17 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 	if a.err != nil {
 		return false, fmt.Errorf("claim: %w", a.err)
 	}
+	if a.rest != nil { // a stream's page: driveStream claims the next
+		l.obs.Claimed(len(a.rows), a.elapsed)
+		l.lastPoll = time.Now()
+		l.sendStreamPage(a)
+		if !l.conn.claiming {
+			if err := l.parkPutOff(ctx); err != nil {
+				return false, err
+			}
+		}
+		return false, nil
+	}
 	if a.readHorizon {
 		l.cur.horizonSeen = a.horizon
 	}
@@ -94,6 +110,25 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 	// endBatch a transactional sink ends no transaction, so no failure of one reaches the gate.
 	l.beginBatch()
 	waits := l.wholeTxs(rows, now)
+	// A claim that stopped inside its transactions (a.next): the rest streams if nothing it could
+	// be behind waits; else its transactions wait, with every later row of their keys.
+	var st *txStream
+	if a.next != nil {
+		l.streamWaiting = false
+		switch {
+		case l.mayStream(rows, a.next, waits, now):
+			st = l.startStream(a.next, now)
+			more = false // the stream's pages come next (driveStream)
+		case l.streamWaiting: // nothing goes: the rows in flight commit first, then the stream starts
+			waits = l.wholeTxs(rows, now, restTxs(a.next)...)
+			for i := range rows {
+				waits[txOf(&rows[i])] = true
+			}
+		default:
+			l.log.Debug("a claim's rest waits", "rows_left", a.next.Rows, "held", a.next.Held, "waiting", len(waits), "retry_at", l.streamRetryAt)
+			waits = l.wholeTxs(rows, now, restTxs(a.next)...)
+		}
+	}
 	l.send, l.unused = l.send[:0], l.unused[:0]
 	for i := range rows {
 		m := &rows[i]
@@ -133,6 +168,10 @@ func (l *term) sendClaimed(ctx context.Context) (bool, error) {
 				l.cur.passedOver(m.ID) // the read-ahead passes over it: claims must come back to it
 			}
 			l.unused = append(l.unused, m)
+			continue
+		}
+		if st != nil { // the rows of a hand-over that starts a stream are the stream's
+			l.publishStreamed(st, m)
 			continue
 		}
 		err := l.sink.Publish(l.pubCtx, m, func(err error) { l.verdict(m, err) })

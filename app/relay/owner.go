@@ -27,6 +27,7 @@ type owner struct {
 	poll     time.Duration // how long a watch waits for a wake-up at most
 	releaser Releaser      // nil unless the session and the sink allow releasing (see Releaser)
 	sleeper  Sleeper       // nil unless the session is one
+	cuts     bool          // the session is a TxStreamer whose claims may leave a rest (CutClaims)
 
 	ops      chan connOp
 	served   chan struct{} // closed when serve returned
@@ -100,6 +101,12 @@ func newOwner(sess Session, sink Sink, poll time.Duration) *owner {
 			o.releaser = rel
 		}
 	}
+	if ts, ok := sess.(TxStreamer); ok {
+		if _, ok := sink.(StreamSink); ok {
+			ts.CutClaims() // before serve starts: no other call runs
+			o.cuts = true
+		}
+	}
 	go o.serve()
 	// Marks are not cancelled by a stop: what the broker acknowledged is marked while stopping.
 	go o.markLoop(context.Background())
@@ -137,6 +144,12 @@ func (o *owner) serve() {
 // at no cost to the client.
 func (o *owner) runClaim(ctx context.Context, req claimReq) claimed {
 	res := claimed{claimReq: req}
+	if req.rest != nil { // a stream's page (only a TxStreamer's claims leave a rest)
+		start := time.Now()
+		res.rows, res.next, res.err = o.sess.(TxStreamer).ClaimRest(ctx, req.rest, req.limit, req.budget)
+		res.elapsed = time.Since(start)
+		return res
+	}
 	if req.readHorizon {
 		res.horizon, res.horizonErr = o.sess.Horizon(ctx)
 		if res.horizonErr != nil {
@@ -146,6 +159,9 @@ func (o *owner) runClaim(ctx context.Context, req claimReq) claimed {
 	start := time.Now()
 	res.rows, res.err = o.sess.Claim(ctx, req.from, req.skip, req.limit, req.budget, req.hold)
 	res.elapsed = time.Since(start)
+	if ts, ok := o.sess.(TxStreamer); ok && res.err == nil && o.cuts {
+		res.next = ts.ClaimedRest()
+	}
 	return res
 }
 

@@ -66,6 +66,9 @@ func (l *term) settle(ctx context.Context, results []result) error {
 	}()
 	for _, res := range results {
 		m := res.m
+		if res.st != nil && l.streamSettled(res, &acked) {
+			continue
+		}
 		if res.err == nil {
 			if len(l.toMark) == 0 {
 				l.toMarkSince = time.Now()

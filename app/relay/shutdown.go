@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"time"
 )
 
@@ -10,7 +11,7 @@ import (
 // The session's owner lets the running claim, watch and mark end before it closes the session.
 func (l *term) abandon(cause error) error {
 	l.toPark = nil // still pending in the outbox: the next leader sees them again
-	if len(l.inflight) > 0 {
+	if len(l.inflight) > 0 || l.stream != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.ShutdownTimeout)
 		_ = l.sink.Abort(ctx)
 		cancel()
@@ -33,7 +34,12 @@ func (l *term) shutdown(ctx context.Context) error {
 	}
 	l.stopping = true
 	l.startMark(true)
-	for len(l.inflight) > 0 {
+	// A stream not committed is aborted: its rows stay pending, for the next term whole.
+	if st := l.stream; st != nil && !st.ending && !st.committed {
+		st.failed = errors.Join(st.failed, errors.New("the relay stops"))
+		l.endStream(false)
+	}
+	for len(l.inflight) > 0 || l.stream != nil {
 		select {
 		case res := <-l.results:
 			if err := l.settleReady(sctx, res); err != nil {
@@ -43,6 +49,8 @@ func (l *term) shutdown(ctx context.Context) error {
 			if err := l.marked(sctx, res); err != nil {
 				return l.abandon(err)
 			}
+		case o := <-l.streamEnd:
+			l.streamEnded(o)
 		case <-deadline.C:
 			l.log.Warn("shutdown timeout: abandoning unacknowledged rows, they will be published again",
 				"rows", len(l.inflight))

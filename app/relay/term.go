@@ -12,6 +12,7 @@ type result struct {
 	m   *Message
 	err error
 	at  time.Time
+	st  *txStream // the stream m was handed over in (PublishStreamed); nil for Publish
 }
 
 // term is the state of one leadership term. It is owned by one goroutine, the term's loop (run),
@@ -69,6 +70,21 @@ type term struct {
 	// to gather more rows (see startMark). stopping marks at once.
 	toMarkSince time.Time
 	stopping    bool
+	// toMarkIDs are rows of a committed stream waiting for their mark, without their messages
+	// (released at the broker's acknowledgement); markingIDs how many of them the running mark
+	// holds, after the rows of marking.
+	toMarkIDs  []int64
+	markingIDs int
+	// stream is the stream under way (stream.go), until its rows are marked; streamEnd brings
+	// EndStream's outcome. A failed stream makes the next wait until streamRetryAt (streamFails
+	// in a row). resume asks the loop for a claim once a stream is over.
+	stream        *txStream
+	streamEnd     chan streamOutcome
+	streamFails   int
+	streamRetryAt time.Time
+	resume        bool
+	// streamWaiting: a claim's rest may stream once nothing is unacknowledged (mayStream).
+	streamWaiting bool
 }
 
 // newTerm returns the state of a term of r that leads on the session conn owns and publishes
@@ -87,6 +103,8 @@ func newTerm(r *Relay, conn *owner, pubCtx context.Context) *term {
 		cur:      newCursor(r.cfg),
 		gate:     newKeyGate(r.cfg.backoff),
 		timer:    time.NewTimer(time.Hour),
+		// One outcome at a time, and the sink's Abort may end a stream while no one reads.
+		streamEnd: make(chan streamOutcome, 1),
 	}
 	l.timer.Stop()
 	return l
@@ -112,14 +130,22 @@ func (l *term) run(ctx context.Context) error {
 			}
 		default:
 		}
+		select {
+		case o := <-l.streamEnd:
+			l.streamEnded(o)
+		default:
+		}
 		if err := l.settleReady(ctx); err != nil {
 			return l.abandon(err)
 		}
 		if ctx.Err() != nil {
 			return l.shutdown(ctx) // the rows of a claim not handed to the sink stay pending
 		}
-		if l.conn.wokenUp() {
-			wake = true
+		if l.streamWaiting && l.bytes == 0 {
+			l.streamWaiting, l.resume = false, true // the rows in flight committed: the rest may stream
+		}
+		if l.conn.wokenUp() || l.resume {
+			wake, l.resume = true, false
 		}
 		// Not cancelled by a stop: a query interrupted by cancellation closes the connection
 		// (pgx), and the rows in flight could then not be marked once acknowledged. The store's
@@ -132,10 +158,15 @@ func (l *term) run(ctx context.Context) error {
 			wake = wake || more
 			continue
 		}
+		if l.stream != nil {
+			if err := l.driveStream(context.WithoutCancel(ctx)); err != nil {
+				return l.abandon(err)
+			}
+		}
 		room := len(l.inflight) < l.cfg.MaxInFlight && l.bytes < l.cfg.MaxInFlightBytes
-		l.startMark(!room) // rows that wait only for their mark hold up the claims: mark them now
+		l.startMark(!room || l.streamBusy()) // rows that wait only for their mark hold up the claims: mark them now
 		poll := l.pollEvery()
-		if room && !l.conn.claiming && (wake || time.Since(l.lastPoll) >= poll) {
+		if room && !l.conn.claiming && !l.streamBusy() && (wake || time.Since(l.lastPoll) >= poll) {
 			wake = false
 			if err := l.startClaim(context.WithoutCancel(ctx)); err != nil {
 				return l.abandon(err)
@@ -146,7 +177,7 @@ func (l *term) run(ctx context.Context) error {
 		// a wake-up, the poll interval or a waiting mark falling due. While no claim runs and
 		// the bounds leave room for one, conn watches the session for wake-ups, so a commit is
 		// claimed while the rows before it still wait for the broker.
-		canClaim := room && !l.conn.claiming
+		canClaim := room && !l.conn.claiming && !l.streamBusy()
 		if canClaim {
 			l.conn.watch(ctx, poll)
 		}
@@ -171,6 +202,8 @@ func (l *term) run(ctx context.Context) error {
 			if err := l.marked(ctx, res); err != nil {
 				return l.abandon(err)
 			}
+		case o := <-l.streamEnd:
+			l.streamEnded(o)
 		case err := <-l.conn.watchResult(): // likewise unless conn watches: a wake-up, or the watch's timeout
 			if err := l.conn.watchEnded(err); err != nil {
 				return l.abandon(err)
@@ -197,7 +230,7 @@ const asleepPolls = 2
 // poll (the blocked keys and a claim, with their hand-offs between goroutines) was most of its
 // cost.
 func (l *term) pollEvery() time.Duration {
-	if l.conn.sleeping() && l.cur.idle && len(l.inflight) == 0 && len(l.toPark) == 0 && l.gate.quiet() {
+	if l.conn.sleeping() && l.cur.idle && l.stream == nil && len(l.inflight) == 0 && len(l.toPark) == 0 && l.gate.quiet() {
 		return asleepPolls * l.cfg.PollInterval
 	}
 	return l.cfg.PollInterval

@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -76,10 +77,18 @@ func (l *term) beginBatch() {
 // saw it in flight, backing off or held; in flight already; or held by the gate at now). Every
 // key of a waiting transaction then waits behind its lowest row there: a later row of that key,
 // of another transaction, makes that one wait too, and so on, so the order per key holds. A row
-// written before the store recorded transactions (TxID 0) is a transaction of its own.
-func (l *term) wholeTxs(rows []Message, now time.Time) map[int64]bool {
+// written before the store recorded transactions (TxID 0) is a transaction of its own. The
+// transactions in seed wait whatever their rows (a claim's rest that may not stream, see
+// mayStream).
+func (l *term) wholeTxs(rows []Message, now time.Time, seed ...int64) map[int64]bool {
 	l.headTxs(rows, now)
 	var waits map[int64]bool
+	for _, tx := range seed {
+		if waits == nil {
+			waits = make(map[int64]bool)
+		}
+		waits[tx] = true
+	}
 	for i := range rows {
 		m := &rows[i]
 		if m.TxID == 0 {
@@ -148,6 +157,11 @@ func (l *term) txMustWait(m *Message, now time.Time) bool {
 	case mayGo:
 		return false
 	case behindOwnHead, behindStoredHead:
+		if head, _ := l.gate.head(m.orderKey()); m.ID < head {
+			// Before its key's head, not behind it: pending again with the head because their
+			// Kafka transaction was aborted (a stream's, its head further on). It goes first.
+			return false
+		}
 		tx, ok := l.heads[m.orderKey()]
 		return !ok || m.TxID == 0 || tx != m.TxID
 	}
@@ -170,15 +184,90 @@ func (l *term) endBatch() {
 	}
 }
 
-// notedMarked tells a MarkNoter sink which rows a mark marked.
-func (l *term) notedMarked(batch []*Message) {
+// notedMarked tells a MarkNoter sink which rows a mark marked: those of batch, and streamed.
+func (l *term) notedMarked(batch []*Message, streamed []int64) {
 	mn, ok := l.sink.(MarkNoter)
 	if !ok {
 		return
 	}
-	ids := make([]int64, len(batch))
+	ids := make([]int64, len(batch), len(batch)+len(streamed))
 	for i, m := range batch {
 		ids[i] = m.ID
 	}
-	mn.Marked(ids)
+	mn.Marked(append(ids, streamed...))
+}
+
+// TxRest is what a claim that stopped inside its database transactions left to claim (see
+// TxStreamer): the pending rows with ids in (After, End] of the transactions Txs and the rows IDs
+// (rows without a transaction). The claim read them in its snapshot, so they are exactly the
+// rows it would have returned past After: together with what it returned, whole transactions.
+type TxRest struct {
+	After, End int64
+	Txs        []int64  // the database transactions of the rows left, sorted
+	IDs        []int64  // the rows left that have no transaction (TxID 0), sorted
+	Keys       []uint64 // KeyHash of the order key of every row left, sorted, distinct
+	Rows       int      // how many rows are left
+	// Held is set when a row left may not go now (the claim would have flagged it TxHeld): its
+	// transaction is not whole now.
+	Held bool
+}
+
+// hasKey reports whether a row left is of the order key whose KeyHash is h.
+func (r *TxRest) hasKey(h uint64) bool {
+	_, ok := slices.BinarySearch(r.Keys, h)
+	return ok
+}
+
+// KeyHash returns a 64-bit FNV-1a hash of an order key (BlockKey of aggregateType and
+// aggregateID), for TxRest.Keys. Equal keys have equal hashes; a collision only makes a stream
+// wait when it need not.
+func KeyHash[T string | []byte](aggregateType, aggregateID T) uint64 {
+	const offset, prime = 14695981039346656037, 1099511628211
+	h := uint64(offset)
+	for i := 0; i < len(aggregateType); i++ {
+		h = (h ^ uint64(aggregateType[i])) * prime
+	}
+	h *= prime // the NUL between the two (h ^ 0)
+	for i := 0; i < len(aggregateID); i++ {
+		h = (h ^ uint64(aggregateID[i])) * prime
+	}
+	return h
+}
+
+// TxStreamer is implemented by a Session whose claims read whole database transactions
+// (Message.TxID) and can stop inside transactions too large for the relay's byte budget, so that
+// a huge transaction is never held in memory whole (exactly-once delivery). Its methods run as
+// the Session's other calls do, one at a time (see Session).
+type TxStreamer interface {
+	// CutClaims allows the claims from now on to stop inside their transactions once they read
+	// about twice their byte bound: such a claim returns the rows read so far, and ClaimedRest
+	// what it left. Called once, before the first claim, when the sink is a StreamSink.
+	CutClaims()
+	// ClaimedRest returns what the last Claim left to claim: nil when it returned every row it
+	// read (whole transactions).
+	ClaimedRest() *TxRest
+	// ClaimRest returns the next rows of rest, in id order, at most limit rows and, past the
+	// first row, about maxBytes, and what is left after them: nil when nothing is.
+	ClaimRest(ctx context.Context, rest *TxRest, limit, maxBytes int) ([]Message, *TxRest, error)
+}
+
+// StreamSink is implemented by a BatchEnder sink that can keep one transaction open across
+// hand-overs, so that the rows of a database transaction too large for memory are handed over in
+// pieces, each released once the broker holds it, and committed together (a stream).
+type StreamSink interface {
+	// BeginStream opens a stream: the sink's transaction (the one the hand-over under way joins)
+	// is not ended until EndStream. Called between BeginBatch and EndBatch.
+	BeginStream()
+	// PublishStreamed hands m to the stream's transaction. produced is called once, when the
+	// broker holds m's record inside the transaction (nil) or could not take it; the sink keeps
+	// nothing of m after that but its id, and the row is committed, or not, with the stream. An
+	// error wrapping ErrInvalidMessage, returned at once, means m can never be published; any
+	// other means the stream cannot go on (its transaction is too old, say); produced is then not
+	// called.
+	PublishStreamed(ctx context.Context, m *Message, produced func(error)) error
+	// EndStream ends the stream. With commit, its transaction commits at once, and with it every
+	// row the stream handed over and every message published since it began (their done called
+	// as usual); without, it is aborted (those messages fail with ErrSendAgain). done is called
+	// once with the outcome, nil only when the transaction committed; it must not block.
+	EndStream(commit bool, done func(error))
 }

@@ -77,7 +77,7 @@ var settings = []setting{
 	{key: "kafka.delivery", def: deliveryAtLeastOnce, help: "at_least_once, or exactly_once (Kafka transactions: a database transaction's rows are committed together, and a crash duplicates nothing)"},
 	{key: "kafka.transactional_id", def: "", help: "with exactly_once, the producer's transactional id, the same on every replica; empty: outbox-relay-<database>.<schema>.<table>"},
 	{key: "kafka.progress_topic", def: kafka.ProgressTopicDefault, help: "with exactly_once, the compacted topic (one partition) of the relay's progress records; created when missing"},
-	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it"},
+	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it, and a streamed database transaction must be published within three quarters of it"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},

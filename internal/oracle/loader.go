@@ -476,10 +476,17 @@ func (l *Loader) bulkTx(ctx context.Context, n int) error {
 				EventType: "OracleEvent", Payload: payload, Topic: topic, EventID: ev.ID})
 		}
 	}
-	l.record(evs, RolledBack)
 	if err := l.append(ctx, tx, msgs); err != nil {
+		l.record(evs, RolledBack)
 		return err
 	}
+	if l.cfg.RowIDs { // as Pending.rowIDs: the rows this transaction wrote
+		p := &Pending{l: l, tx: tx, Events: evs}
+		if err := p.rowIDs(ctx, ids); err != nil {
+			return err
+		}
+	}
+	l.record(evs, RolledBack)
 	if _, err := tx.Exec(ctx, `INSERT INTO `+l.ledger+` SELECT unnest($1::uuid[])`, ids); err != nil {
 		return err
 	}
