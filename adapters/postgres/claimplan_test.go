@@ -54,3 +54,26 @@ func TestClaimReadsTheBacklogInIDOrder(t *testing.T) {
 		t.Fatalf("claim returned %d rows, want ids 1..1000", len(rows))
 	}
 }
+
+// TestMarkFindsItsRowsByTheKey: on an outbox of a few rows, the mark's plan is a scan of the
+// primary key, not of the table. The mark is prepared, and its generic plan, made on a small
+// outbox, is kept when a backlog arrives: a sequential scan planned on one page then read all
+// 200k rows at every mark (BENCHMARKS.md, "Backlog under live writers").
+func TestMarkFindsItsRowsByTheKey(t *testing.T) {
+	t.Parallel()
+	pool, table := dbtest.Schema(t)
+	ctx := context.Background()
+	ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+` (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'live', i::text, 'Live', 'x' FROM generate_series(1, 3) AS i`); err != nil {
+		t.Fatal(err)
+	}
+	sess := dbtest.Session(t, table, dbtest.URL())
+	plan, err := postgres.ExplainMark(ctx, sess, []int64{1, 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(plan, `"Seq Scan"`) || !strings.Contains(plan, `"Index Name": "outbox_pkey"`) {
+		t.Errorf("want the mark to find its rows through outbox_pkey, not a sequential scan; plan:\n%s", plan)
+	}
+}

@@ -401,6 +401,16 @@ func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 // session's own; the marks run on another connection.
 const claimSettings = `SET enable_bitmapscan = off`
 
+// markSettings is run once on the mark connection: no sequential scans.
+//
+// The mark is a prepared statement, and PostgreSQL keeps its generic plan until the table's
+// definition or statistics change, not when the table grows. A relay that marks its first rows
+// while the outbox holds a few (live writers, nothing else) gets, after five executions, a
+// generic plan that scans the whole table, the cheapest on a page or two; when a backlog of 200k
+// rows then arrives, every mark scans all of it, comparing each row with every id marked. Without
+// sequential scans the mark finds its rows through the primary key under any plan.
+const markSettings = `SET enable_seqscan = off`
+
 // SetApplicationName names the relay's connections "outbox-relay <hostname>" in pg_stat_activity
 // (and so in 'outbox-relay status'), unless the connection string sets application_name.
 func SetApplicationName(cfg *pgx.ConnConfig) {
@@ -742,6 +752,10 @@ func (s *session) openMarkConn(ctx context.Context) error {
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("connect to database: %s", Redact(err.Error(), s.store.conn.Password))
+	}
+	if _, err := conn.Exec(ctx, markSettings); err != nil {
+		_ = conn.Close(context.WithoutCancel(ctx))
+		return err
 	}
 	s.markConn = conn
 	return nil
