@@ -159,21 +159,27 @@ func wholeTxs(t Table, claim, held string) string {
 		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
 				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
 	}
-	// OFFSET 0 keeps each gap's scan a scan of its own range of ids.
+	// OFFSET 0 keeps each lateral subquery a scan of its own, for one transaction or one gap: a
+	// subquery pulled up into a join let the first plans of a prepared statement (planned with
+	// the parameters' values, which say nothing of lo and hi) hash the whole outbox above the
+	// claim. The gaps' rows are read once (MATERIALIZED), then kept if of the claim's
+	// transactions: a join with them could scan each gap once per transaction.
 	return `WITH c AS (` + claim + `),
 		s AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM c),
 		x AS (SELECT DISTINCT tx::text::xid8 AS tx FROM c WHERE tx <> 0),
-		e AS (
-			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
-				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` < (SELECT lo FROM s)) o
-			UNION ALL
-			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
-				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` > (SELECT hi FROM s)) o
-			UNION ALL
+		gaps AS MATERIALIZED (
 			SELECT o.* FROM (SELECT id AS a, lead(id) OVER (ORDER BY id) AS b FROM c) g,
 				LATERAL (SELECT * FROM ` + t.outbox() + `
 					WHERE ` + t.id("") + ` > g.a AND ` + t.id("") + ` < g.b AND dispatched_at IS NULL OFFSET 0) o
-			WHERE g.b > g.a + 1 AND (SELECT hi - lo + 1 > n FROM s) AND o.tx IN (SELECT tx FROM x))
+			WHERE g.b > g.a + 1 AND (SELECT hi - lo + 1 > n FROM s)),
+		e AS (
+			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` < (SELECT lo FROM s) OFFSET 0) o
+			UNION ALL
+			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` > (SELECT hi FROM s) OFFSET 0) o
+			UNION ALL
+			SELECT * FROM gaps WHERE tx IN (SELECT tx FROM x))
 		SELECT * FROM c
 		UNION ALL
 		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM e
