@@ -455,7 +455,7 @@ func (c *child) relay(ctx context.Context) (work, error) {
 	}
 	if c.cfg.ExactlyOnce {
 		sink, err = kafka.NewTxPublisher(kcfg,
-			kafka.TxConfig{TransactionalID: "bench-" + c.cfg.Schema, ProgressTopic: "bench-progress-" + c.cfg.Schema, Identity: c.cfg.Schema},
+			kafka.TxConfig{TransactionalID: "bench-" + c.cfg.Schema, ProgressTopic: progressTopic(c.cfg.Schema), Identity: c.cfg.Schema},
 			kafka.PublisherDeps{Tx: &txCounter{TxObserver: metrics, c: c}}, kgo.WithHooks(metrics.RelayKafkaHooks()))
 	} else {
 		sink, err = kafka.NewPublisher(kcfg, kgo.WithHooks(metrics.RelayKafkaHooks()))

@@ -89,7 +89,13 @@ type drainResult struct {
 	WALFPIPer10k   float64     `json:"wal_fpi_per_10k,omitempty"`
 	Error          string      `json:"error,omitempty"`
 	Relay          *relayStats `json:"relay_stats,omitempty"` // the relay's claims and marks
-	Spans          *spanStats  `json:"spans,omitempty"`       // the relay's spans, with tracing on
+	// The broker's logs after an exactly-once drain (the outbox's topic and the progress topic):
+	// transaction markers (control records) counted there, and per second of the drain.
+	Markers       int64      `json:"markers,omitempty"`
+	MarkersPerSec float64    `json:"markers_per_sec,omitempty"`
+	LogRecords    int64      `json:"log_data_records,omitempty"` // data records there (progress records included)
+	TxPerSec      float64    `json:"kafka_tx_per_sec,omitempty"` // Kafka transactions committed per second (the relay's count)
+	Spans         *spanStats `json:"spans,omitempty"`            // the relay's spans, with tracing on
 }
 
 // drain measures every case of the matrix with every variant: the produce-only reference once,
@@ -116,6 +122,9 @@ func (b *bench) drain(ctx context.Context) error {
 					txs := ""
 					if r.Relay != nil && r.Relay.Transactions > 0 {
 						txs = fmt.Sprintf("  kafka txs %d (%.0f/s)", r.Relay.Transactions, float64(r.Relay.Transactions)/r.WallSec)
+					}
+					if r.Markers > 0 {
+						txs += fmt.Sprintf("  markers %d (%.0f/s)", r.Markers, r.MarkersPerSec)
 					}
 					b.log.Printf("drain %-17s %5dB %5d keys %8d events, run %d: %8.0f ev/s  cpu ms/10k: own %6.1f db %6.1f broker %6.1f  rss %5.1f MiB%s",
 						v, dc.Payload, dc.Keys, dc.Events, run, r.EventsPerSec, r.CPUMsPer10k, r.DBCPUMsPer10k, r.BrokerCPUMsPer10k, mib(r.PeakRSS), txs)
@@ -204,6 +213,9 @@ func summarize(all []drainResult, dc drainCase, variant string) (s drainSummary,
 	s.TotalCPUMsPer10k = median(func(d drainResult) float64 { return d.TotalCPUMsPer10k })
 	s.WALBytesPer10k = median(func(d drainResult) float64 { return d.WALBytesPer10k })
 	s.WALFPIPer10k = median(func(d drainResult) float64 { return d.WALFPIPer10k })
+	s.MarkersPerSec = median(func(d drainResult) float64 { return d.MarkersPerSec })
+	s.TxPerSec = median(func(d drainResult) float64 { return d.TxPerSec })
+	s.Markers = int64(median(func(d drainResult) float64 { return float64(d.Markers) }))
 	s.MinPerSec, s.MaxPerSec = runs[0].EventsPerSec, runs[0].EventsPerSec
 	mid := runs[0]
 	for _, d := range runs {
@@ -245,6 +257,13 @@ func (b *bench) drainOne(ctx context.Context, dc drainCase, variant string, cfg 
 	r.HWM = rep.HWM
 	r.Relay = rep.Relay
 	r.Spans = rep.Spans
+	if side.log != nil {
+		r.Markers, r.LogRecords = side.log.Markers, side.log.Data
+		r.MarkersPerSec = float64(r.Markers) / r.WallSec
+	}
+	if r.Relay != nil && r.Relay.Transactions > 0 {
+		r.TxPerSec = float64(r.Relay.Transactions) / r.WallSec
+	}
 	return r
 }
 
@@ -253,6 +272,7 @@ type drainSide struct {
 	brokerCPU float64       // CPU seconds of the broker process during the drain
 	preload   time.Duration // the preload of the outbox, before the drain
 	wal       walPosition   // WAL written from the drain's start until the child stopped
+	log       *logCount     // the broker's logs after an exactly-once drain
 }
 
 func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg childConfig) (rep childReport, side drainSide, err error) {
@@ -337,6 +357,17 @@ func (b *bench) drainRun(ctx context.Context, dc drainCase, variant string, cfg 
 	}
 	if rep.Events < dc.Events {
 		return rep, side, fmt.Errorf("%s reported %d events, want %d", variant, rep.Events, dc.Events)
+	}
+	if cfg.ExactlyOnce {
+		// The relay's last transaction is committed (its rows are marked only after): every
+		// marker of the drain is in the log.
+		lctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		n, err := countLog(lctx, br.addrs, topic, progressTopic(cfg.Schema))
+		cancel()
+		if err != nil {
+			return rep, side, fmt.Errorf("count the transaction markers: %w", err)
+		}
+		side.log = &n
 	}
 	// The child's backends report their WAL statistics as they exit: stop it first, and give
 	// them a moment.

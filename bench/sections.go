@@ -49,6 +49,7 @@ func loadAvg() float64 {
 // The write-cost section's modes.
 const (
 	writeOff       = "off"        // trigger disabled, no relay
+	writeOffNoTx   = "off-no-tx"  // the same without the index of transactions (exactly-once delivery's, sql/migrations/005_tx_id.sql)
 	writeAwake     = "awake"      // trigger enabled, the awake lock held as an awake relay holds it: no writer notifies
 	writeNotifyAll = "notify-all" // trigger enabled, no relay: every commit notifies (an older relay, or none)
 	writeRelayOff  = "relay-off"  // the relay runs (polling every 500 ms), trigger disabled
@@ -59,6 +60,7 @@ const (
 // writeModes describes each mode in the tables.
 var writeModes = map[string]string{
 	writeOff:       "no trigger, no relay",
+	writeOffNoTx:   "no trigger, no relay, no index of transactions (tx, id)",
 	writeAwake:     "trigger, relay awake (lock held by the bench)",
 	writeNotifyAll: "trigger, no relay: every commit notifies (as before migration 003)",
 	writeRelayOff:  "relay running, no trigger (polls every 500 ms)",
@@ -76,6 +78,9 @@ type writeResults struct {
 	Medians    map[string]float64 `json:"medians,omitempty"`
 	AwakeRatio float64            `json:"awake_ratio,omitempty"` // awake / off
 	AllRatio   float64            `json:"notify_all_ratio,omitempty"`
+	// NoTxIndexRatio is off-no-tx / off: what the writers gain without the index of
+	// transactions, which every row enters (exactly-once delivery reads it).
+	NoTxIndexRatio float64 `json:"no_tx_index_ratio,omitempty"`
 }
 
 // writeCost measures 8 writers flat out (one event per transaction) in each mode, alternating
@@ -143,7 +148,7 @@ func (b *bench) writeCost(ctx context.Context) error {
 		}
 		secs := time.Since(start).Seconds()
 		n := w.committed.Load() - c0
-		r := writeResult{Mode: mode, Notify: mode != writeOff && mode != writeRelayOff, Round: round,
+		r := writeResult{Mode: mode, Notify: mode != writeOff && mode != writeOffNoTx && mode != writeRelayOff, Round: round,
 			TxPerSec: float64(n) / secs, LoadAvg: loadAvg()}
 		if n > 0 {
 			// Counted a moment after the run: the last commits' notifications are on their way.
@@ -155,15 +160,23 @@ func (b *bench) writeCost(ctx context.Context) error {
 		b.log.Printf("write cost %s round %d: %.0f tx/s, %.3f notifications per commit (load average %.1f)", mode, round, r.TxPerSec, r.NotifiesPerTx, r.LoadAvg)
 		return nil
 	}
-	alone := []string{writeOff, writeAwake, writeNotifyAll}
+	alone := []string{writeOff, writeOffNoTx, writeAwake, writeNotifyAll}
+	// The index of transactions (sql/migrations/005_tx_id.sql), dropped for the off-no-tx runs.
+	txIndex := pgx.Identifier{schema, "outbox_tx_id_idx"}.Sanitize()
+	createTxIndex := `CREATE INDEX outbox_tx_id_idx ON ` + pgx.Identifier{schema, "outbox"}.Sanitize() + ` (tx, id) WHERE dispatched_at IS NULL`
 	for round := range b.opts.Scale.WriteRepeats {
 		order := slices.Clone(alone)
 		if round%2 == 1 {
 			slices.Reverse(order)
 		}
 		for _, mode := range order {
-			if err := b.setTrigger(ctx, schema, mode != writeOff); err != nil {
+			if err := b.setTrigger(ctx, schema, mode != writeOff && mode != writeOffNoTx); err != nil {
 				return err
+			}
+			if mode == writeOffNoTx {
+				if _, err := b.pool.Exec(ctx, `DROP INDEX `+txIndex); err != nil {
+					return err
+				}
 			}
 			if _, err := b.pool.Exec(ctx, `TRUNCATE `+pgx.Identifier{schema, "outbox"}.Sanitize()); err != nil {
 				return err
@@ -178,6 +191,11 @@ func (b *bench) writeCost(ctx context.Context) error {
 			}
 			if mode == writeAwake {
 				if _, err := awakeConn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, awakeKey); err != nil {
+					return err
+				}
+			}
+			if mode == writeOffNoTx {
+				if _, err := b.pool.Exec(ctx, createTxIndex); err != nil {
 					return err
 				}
 			}
@@ -204,6 +222,7 @@ func (b *bench) writeCost(ctx context.Context) error {
 	}
 	if off := res.Medians[writeOff]; off > 0 {
 		res.AwakeRatio, res.AllRatio = res.Medians[writeAwake]/off, res.Medians[writeNotifyAll]/off
+		res.NoTxIndexRatio = res.Medians[writeOffNoTx] / off
 	}
 	return b.setTrigger(ctx, schema, true)
 }

@@ -166,7 +166,10 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 		`CREATE INDEX IF NOT EXISTS `+t.name("failing_idx")+` ON `+outbox+` (`+t.col("", m.AggregateType)+`, `+t.col("", m.Key)+`, `+t.id("")+`)
     WHERE attempts > 0 AND dispatched_at IS NULL`,
 		`CREATE INDEX IF NOT EXISTS `+t.name("dispatched_idx")+` ON `+outbox+` (dispatched_at) WHERE dispatched_at IS NOT NULL`,
-		`CREATE INDEX IF NOT EXISTS `+t.name("tx_idx")+` ON `+outbox+` (tx) WHERE dispatched_at IS NULL`,
+		// The claims of exactly-once delivery read the rest of a transaction by range of ids
+		// (sql/migrations/005_tx_id.sql).
+		`CREATE INDEX IF NOT EXISTS `+t.name("tx_id_idx")+` ON `+outbox+` (tx, `+t.id("")+`) WHERE dispatched_at IS NULL`,
+		`DROP INDEX IF EXISTS `+pgx.Identifier{t.Schema, t.Name + "_tx_idx"}.Sanitize(),
 		// The parked table has the relay's layout, but keeps the outbox's types of the event id
 		// and the payload, so parking and retrying a row copy them unchanged.
 		`CREATE TABLE IF NOT EXISTS `+t.parked()+` (
@@ -222,7 +225,7 @@ func PlanAdopt(ctx context.Context, pool *pgxpool.Pool, t Table) (AdoptPlan, err
 }
 
 // adopted reports whether t is adopted already: its columns are all there (columns) and so are
-// its parked table, its pending index and its trigger.
+// its parked table, its pending index, its index of transactions (tx, id) and its trigger.
 func adopted(ctx context.Context, pool *pgxpool.Pool, t Table, columns bool) (bool, error) {
 	if !columns {
 		return false, nil
@@ -231,10 +234,10 @@ func adopted(ctx context.Context, pool *pgxpool.Pool, t Table, columns bool) (bo
 	// A trigger function that notifies on every insert is the one adopted before the wake-up
 	// protocol: it is replaced.
 	err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL
-		AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)
+		AND to_regclass($7) IS NOT NULL AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $4::regclass AND tgname = $5)
 		AND EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure($6) AND prosrc LIKE '%pg_try_advisory_xact_lock_shared%')`,
 		t.parked(), t.topics(), pgx.Identifier{t.Schema, t.Name + "_pending_idx"}.Sanitize(), t.outbox(), t.Name+"_notify",
-		t.notifyFunc()+"()").Scan(&ok)
+		t.notifyFunc()+"()", pgx.Identifier{t.Schema, t.Name + "_tx_id_idx"}.Sanitize()).Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("adopt %s: %w", t, err)
 	}

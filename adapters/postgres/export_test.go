@@ -34,3 +34,34 @@ func ExplainMark(ctx context.Context, sess relay.Session, ids []int64) (string, 
 	err = tx.QueryRow(ctx, `EXPLAIN (FORMAT JSON) `+s.store.q.mark, ids).Scan(&plan)
 	return plan, err
 }
+
+// ClaimQueries returns the claim queries of s, without and with held keys, and the same built
+// with wholeTxsBefore: TestWholeTxsReadsWhatTheirFirstFormRead compares them.
+func ClaimQueries(s *Store) (claim, claimHold, refClaim, refClaimHold string) {
+	t := s.table
+	base := claimPart(t, true, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, true, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`
+	baseHold := claimPart(t, true, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, true, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`
+	return s.q.claim, s.q.claimHold, wholeTxsBefore(t, base, ""), wholeTxsBefore(t, baseHold, holdExpr(t))
+}
+
+// wholeTxsBefore is the first form of wholeTxs: it read each transaction of the claim whole
+// through an index of tx, and left out the rows the claim returned. Plain, and slow; the
+// reference of what wholeTxs must return.
+func wholeTxsBefore(t Table, claim, held string) string {
+	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
+				OR ` + t.id("") + ` < $5
+				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
+	if held != "" {
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
+				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
+	}
+	return `WITH c AS (` + claim + `)
+		SELECT * FROM c
+		UNION ALL
+		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL
+			AND tx IN (SELECT tx::text::xid8 FROM c WHERE tx <> 0)
+			AND ` + t.id("") + ` NOT IN (SELECT id FROM c)
+		ORDER BY ` + t.id("") + `)
+		ORDER BY id`
+}

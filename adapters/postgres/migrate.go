@@ -34,6 +34,12 @@ func (d templateData) AwakeKey() string       { return "'" + d.t.awakeKey() + "'
 func (d templateData) SleepKey() string       { return "'" + d.t.sleepKey() + "'" }
 func (d templateData) Users() string          { return pgx.Identifier{d.t.Schema, "users"}.Sanitize() }
 
+// Index returns the quoted, schema-qualified name of the outbox's index name (as Name names it),
+// for DROP INDEX.
+func (d templateData) Index(name string) string {
+	return pgx.Identifier{d.t.Schema, d.t.Name + "_" + name}.Sanitize()
+}
+
 // Table returns the quoted name of the example's table name in the outbox's schema.
 func (d templateData) Table(name string) string { return pgx.Identifier{d.t.Schema, name}.Sanitize() }
 

@@ -143,6 +143,14 @@ func claimColsTx(t Table, tx string) string {
 // other one comes with its tx negated, to say that it may not go now and that its transaction is therefore not whole
 // (the session reads it into relay.Message.TxHeld). One statement, so one snapshot; a transaction
 // whose row is visible is committed, so all its rows are visible too.
+//
+// The rest is found without reading again a row the claim returned (sql/migrations/005_tx_id.sql):
+// a row of one of its transactions that it did not return is below its lowest id, above its
+// highest, or in a gap between two of its ids. The first two are two range scans of the index
+// (tx, id) per transaction; the gaps are scanned by id only when the claim's ids leave one (its
+// highest minus its lowest id is at least its number of rows), each gap alone. Reading each
+// transaction whole through an index of tx alone read every row of the claim a second time,
+// which doubled the database's work per row in a drain (BENCHMARKS.md, exactly-once cost).
 func wholeTxs(t Table, claim, held string) string {
 	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
 				OR ` + t.id("") + ` < $5
@@ -154,13 +162,30 @@ func wholeTxs(t Table, claim, held string) string {
 		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
 				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
 	}
-	return `WITH c AS (` + claim + `)
+	// OFFSET 0 keeps each lateral subquery a scan of its own, for one transaction or one gap: a
+	// subquery pulled up into a join let the first plans of a prepared statement (planned with
+	// the parameters' values, which say nothing of lo and hi) hash the whole outbox above the
+	// claim. The gaps' rows are read once (MATERIALIZED), then kept if of the claim's
+	// transactions: a join with them could scan each gap once per transaction.
+	return `WITH c AS (` + claim + `),
+		s AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM c),
+		x AS (SELECT DISTINCT tx::text::xid8 AS tx FROM c WHERE tx <> 0),
+		gaps AS MATERIALIZED (
+			SELECT o.* FROM (SELECT id AS a, lead(id) OVER (ORDER BY id) AS b FROM c) g,
+				LATERAL (SELECT * FROM ` + t.outbox() + `
+					WHERE ` + t.id("") + ` > g.a AND ` + t.id("") + ` < g.b AND dispatched_at IS NULL OFFSET 0) o
+			WHERE g.b > g.a + 1 AND (SELECT hi - lo + 1 > n FROM s)),
+		e AS (
+			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` < (SELECT lo FROM s) OFFSET 0) o
+			UNION ALL
+			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` > (SELECT hi FROM s) OFFSET 0) o
+			UNION ALL
+			SELECT * FROM gaps WHERE tx IN (SELECT tx FROM x))
 		SELECT * FROM c
 		UNION ALL
-		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM ` + t.outbox() + `
-		WHERE dispatched_at IS NULL
-			AND tx IN (SELECT tx::text::xid8 FROM c WHERE tx <> 0)
-			AND ` + t.id("") + ` NOT IN (SELECT id FROM c)
+		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM e
 		ORDER BY ` + t.id("") + `)
 		ORDER BY id`
 }
