@@ -227,7 +227,7 @@ func TestPublisherPinFailure(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if recs := b.ReadAll(t, topic, 2, 3*time.Second); len(recs) != 1 {
+	if recs := b.ReadToEnd(t, topic, time.Minute); len(recs) != 1 { // every record the topic holds, however slow the machine
 		t.Errorf("%d records on the topic, want only the one published after the store came back", len(recs))
 	}
 }

@@ -52,8 +52,10 @@ func wholeTxsBefore(t Table, claim, held string) string {
 				OR ` + t.id("") + ` < $5
 				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
 	if held != "" {
-		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx::text::bigint) IN
-				(SELECT aggregate_type, coalesce(aggregate_id, ''), tx FROM c WHERE id = ANY($8::bigint[])))`
+		// The head is looked up in the outbox, as wholeTxs does since streaming (a head past the
+		// claim's row bound goes with its transaction).
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
+				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
 	}
 	return `WITH c AS (` + claim + `)
 		SELECT * FROM c
