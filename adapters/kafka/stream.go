@@ -4,10 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
 )
@@ -49,21 +46,9 @@ func (p *TxPublisher) PublishStreamed(ctx context.Context, m *relay.Message, pro
 		return fmt.Errorf("%w: open for %s with %d rows, kafka.transaction_timeout is %s: raise it (and the brokers' transaction.max.timeout.ms) to publish this database transaction",
 			ErrStreamTooOld, time.Since(p.began).Round(time.Millisecond), len(p.streamIDs), p.tx.TransactionTimeout)
 	}
-	var extra []kgo.RecordHeader
-	if m.TxID != 0 {
-		extra = []kgo.RecordHeader{{Key: HeaderTxID, Value: strconv.AppendInt(nil, m.TxID, 10)}}
-	}
-	pr, ts, err := p.pub.record(m, extra...)
+	pr, ts, err := p.txRecord(m)
 	if err != nil {
-		p.doom(m, err)
 		return err
-	}
-	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
-		if h.Key == HeaderTxID {
-			err := fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
-			p.doom(m, err)
-			return err
-		}
 	}
 	if err := p.pub.pinned(ctx, ts); err != nil {
 		p.doom(m, err)

@@ -478,21 +478,9 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 		done(fmt.Errorf("%w: %w", relay.ErrNotLeader, p.broken))
 		return nil
 	}
-	var extra []kgo.RecordHeader
-	if m.TxID != 0 {
-		extra = []kgo.RecordHeader{{Key: HeaderTxID, Value: strconv.AppendInt(nil, m.TxID, 10)}}
-	}
-	pr, ts, err := p.pub.record(m, extra...)
+	pr, ts, err := p.txRecord(m)
 	if err != nil {
-		p.doom(m, err)
 		return err
-	}
-	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
-		if h.Key == HeaderTxID {
-			err := fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
-			p.doom(m, err)
-			return err
-		}
 	}
 	if err := p.pub.pinned(ctx, ts); err != nil {
 		p.doom(m, err)
@@ -803,4 +791,27 @@ func (p *TxPublisher) Close() {
 			p.pub = nil
 		}
 	})
+}
+
+// txRecord builds m's record with its transaction in the tx-id header. A row whose own headers
+// set tx-id is refused (relay.ErrInvalidMessage): the relay alone sets it in this mode. On an
+// error the open transaction is doomed.
+func (p *TxPublisher) txRecord(m *relay.Message) (*produced, *topicState, error) {
+	var extra []kgo.RecordHeader
+	if m.TxID != 0 {
+		extra = []kgo.RecordHeader{{Key: HeaderTxID, Value: strconv.AppendInt(nil, m.TxID, 10)}}
+	}
+	pr, ts, err := p.pub.record(m, extra...)
+	if err != nil {
+		p.doom(m, err)
+		return nil, nil, err
+	}
+	for _, h := range pr.rec.Headers[:len(pr.rec.Headers)-len(extra)] {
+		if h.Key == HeaderTxID {
+			err := fmt.Errorf("%w: header %q is reserved: with kafka.delivery=exactly_once the relay sets it to the row's transaction", relay.ErrInvalidMessage, h.Key)
+			p.doom(m, err)
+			return nil, nil, err
+		}
+	}
+	return pr, ts, nil
 }
