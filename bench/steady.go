@@ -474,6 +474,12 @@ func (b *bench) newWriters(ctx context.Context, schema string) (*writers, error)
 	if err != nil {
 		return nil, err
 	}
+	return writersOn(pool, schema)
+}
+
+// writersOn returns writersN writers of schema's outbox on pool, one event per transaction; they
+// own the pool (closed with them, or here on an error).
+func writersOn(pool *pgxpool.Pool, schema string) (*writers, error) {
 	wr, err := postgres.NewWriter(postgres.Table{Schema: schema})
 	if err != nil {
 		pool.Close()

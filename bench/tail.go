@@ -184,16 +184,7 @@ func (b *bench) tailWriters(ctx context.Context, schema, app string) (*writers, 
 	if err != nil {
 		return nil, err
 	}
-	wr, err := postgres.NewWriter(postgres.Table{Schema: schema})
-	if err != nil {
-		pool.Close()
-		return nil, err
-	}
-	w := &writers{pool: pool, w: wr, perTx: 1, n: writersN}
-	w.appendFn = func(ctx context.Context, tx pgx.Tx, msgs []postgres.Message) error {
-		return wr.Append(ctx, tx, msgs...)
-	}
-	return w, nil
+	return writersOn(pool, schema)
 }
 
 // tailRun measures one load: the relay's latencies (latencyRun), the consumer's, and the noise.

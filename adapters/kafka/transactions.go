@@ -660,13 +660,7 @@ func (p *TxPublisher) commit() {
 // (the transaction itself failed), every record fails with relay.ErrNotLeader: the term ends.
 // Called with mu held.
 func (p *TxPublisher) abort(recs []*txRecord, cause error) {
-	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
-	defer cancel()
-	cl := p.pub.cl
-	aerr := cl.AbortBufferedRecords(ctx)
-	if aerr == nil {
-		aerr = cl.EndTransaction(ctx, kgo.TryAbort)
-	}
+	aerr := p.abortOpen()
 	if aerr != nil {
 		cause = errors.Join(cause, fmt.Errorf("abort the kafka transaction: %w", aerr))
 	}
@@ -700,13 +694,7 @@ func (p *TxPublisher) abort(recs []*txRecord, cause error) {
 // relay.ErrSendAgain: none of them is at fault, they are sent again without an attempt counted.
 // Called with mu held.
 func (p *TxPublisher) abortDoomed(recs []*txRecord, cause error) {
-	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
-	defer cancel()
-	cl := p.pub.cl
-	aerr := cl.AbortBufferedRecords(ctx)
-	if aerr == nil {
-		aerr = cl.EndTransaction(ctx, kgo.TryAbort)
-	}
+	aerr := p.abortOpen()
 	if aerr != nil {
 		p.broken = fmt.Errorf("abort the kafka transaction: %w", aerr)
 		p.obs.TxEnded(TxFailed, len(recs))
@@ -814,4 +802,15 @@ func (p *TxPublisher) txRecord(m *relay.Message) (*produced, *topicState, error)
 		}
 	}
 	return pr, ts, nil
+}
+
+// abortOpen drops the records still buffered and aborts the open Kafka transaction, within
+// kafka.transaction_timeout. Called with mu held.
+func (p *TxPublisher) abortOpen() error {
+	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
+	defer cancel()
+	if err := p.pub.cl.AbortBufferedRecords(ctx); err != nil {
+		return err
+	}
+	return p.pub.cl.EndTransaction(ctx, kgo.TryAbort)
 }
