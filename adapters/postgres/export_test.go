@@ -39,8 +39,8 @@ func ExplainMark(ctx context.Context, sess relay.Session, ids []int64) (string, 
 // with wholeTxsBefore: TestWholeTxsReadsWhatTheirFirstFormRead compares them.
 func ClaimQueries(s *Store) (claim, claimHold, refClaim, refClaimHold string) {
 	t := s.table
-	base := claimPart(t, true, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, true, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`
-	baseHold := claimPart(t, true, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, true, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`
+	base := claimQuery(t, claimCols(t, true), "")
+	baseHold := claimQuery(t, claimCols(t, true), holdCond(t))
 	return s.q.claim, s.q.claimHold, wholeTxsBefore(t, base, ""), wholeTxsBefore(t, baseHold, holdExpr(t))
 }
 

@@ -108,13 +108,20 @@ func holdExpr(t Table) string {
 			OR ` + t.id("") + ` = ANY($8::bigint[]))`
 }
 
-// claimPart is one ordered range of the claim query.
-func claimPart(t Table, txs bool, cond string) string {
-	return `(SELECT ` + claimCols(t, txs) + `
+// claimPart is one ordered range of the claim query, of the columns cols (claimCols, or
+// claimIDs for a claim that wholeTxs extends).
+func claimPart(t Table, cols, cond string) string {
+	return `(SELECT ` + cols + `
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
 			AND ` + t.id("") + ` >= $5 AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))
 		ORDER BY ` + t.id("") + ` LIMIT $4)`
+}
+
+// claimQuery is the claim of the rows of the columns cols, in the two ranges around the run of
+// ids in flight, each range also under cond (holdCond, or "").
+func claimQuery(t Table, cols, cond string) string {
+	return claimPart(t, cols, t.id("")+` < $1`+cond) + ` UNION ALL ` + claimPart(t, cols, t.id("")+` > $2`+cond) + ` ORDER BY id LIMIT $4`
 }
 
 // claimCols is the claim's list of columns (claimColumns). The writing transaction is read only
@@ -123,10 +130,16 @@ func claimPart(t Table, txs bool, cond string) string {
 func claimCols(t Table, txs bool) string {
 	tx := `0::bigint`
 	if txs {
-		tx = `coalesce(tx::text::bigint, 0)`
+		tx = txCol0
 	}
 	return claimColsTx(t, tx)
 }
+
+// txCol0 is the writing transaction of a row as a bigint, 0 when NULL (claimCols).
+const txCol0 = `coalesce(tx::text::bigint, 0)`
+
+// claimIDs is the columns of a claim that wholeTxs extends: the id and the transaction only.
+func claimIDs(t Table) string { return t.id("") + ` AS id, ` + txCol0 + ` AS tx` }
 
 // claimColsTx is claimCols with tx as the expression of the column tx.
 func claimColsTx(t Table, tx string) string {
@@ -136,13 +149,15 @@ func claimColsTx(t Table, tx string) string {
 			` + t.occurred("") + ` AS occurred_at, created_at, attempts, ` + tx + ` AS tx`
 }
 
-// wholeTxs extends a claim query (with txs) with the rest of the pending rows of each
-// transaction it returned a row of. Those that are due, not below the claim's start ($5), not in
+// wholeTxs extends a claim query of ids and transactions (claimIDs) with the rest of the
+// pending rows of each transaction it returned a row of, and returns the rows of both with every
+// column (claimCols). Those of the rest that are due, not below the claim's start ($5), not in
 // flight ($1..$2 and $3) and not held (held: holdExpr, or "" when the claim holds no key; a row
 // of a held key of the same transaction as the key's head is not held) come as any row; every
-// other one comes with its tx negated, to say that it may not go now and that its transaction is therefore not whole
-// (the session reads it into relay.Message.TxHeld). One statement, so one snapshot; a transaction
-// whose row is visible is committed, so all its rows are visible too.
+// other one comes with its tx negated, to say that it may not go now and that its transaction is
+// therefore not whole (the session reads it into relay.Message.TxHeld). The claim's own rows pass
+// each of those tests, so the test is made of every row alike. One statement, so one snapshot; a
+// transaction whose row is visible is committed, so all its rows are visible too.
 //
 // The rest is found without reading again a row the claim returned (sql/migrations/005_tx_id.sql):
 // a row of one of its transactions that it did not return is below its lowest id, above its
@@ -151,6 +166,12 @@ func claimColsTx(t Table, tx string) string {
 // highest minus its lowest id is at least its number of rows), each gap alone. Reading each
 // transaction whole through an index of tx alone read every row of the claim a second time,
 // which doubled the database's work per row in a drain (BENCHMARKS.md, exactly-once cost).
+//
+// The claim and the lookups carry ids and transactions only; the rows are read once, at the end,
+// by their ids, in id order (an index scan of the ids, so no sort). The claim with every column,
+// which the lookups read several times, was materialized with its payloads and sorted again with
+// them: at 1 KB that took most of the statement's time (BENCHMARKS.md, "Exactly-once claims
+// without their payloads").
 func wholeTxs(t Table, claim, held string) string {
 	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
 				OR ` + t.id("") + ` < $5
@@ -167,27 +188,27 @@ func wholeTxs(t Table, claim, held string) string {
 	// the parameters' values, which say nothing of lo and hi) hash the whole outbox above the
 	// claim. The gaps' rows are read once (MATERIALIZED), then kept if of the claim's
 	// transactions: a join with them could scan each gap once per transaction.
+	id := t.id("") + ` AS id`
 	return `WITH c AS (` + claim + `),
 		s AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM c),
 		x AS (SELECT DISTINCT tx::text::xid8 AS tx FROM c WHERE tx <> 0),
 		gaps AS MATERIALIZED (
-			SELECT o.* FROM (SELECT id AS a, lead(id) OVER (ORDER BY id) AS b FROM c) g,
-				LATERAL (SELECT * FROM ` + t.outbox() + `
+			SELECT o.id, o.tx FROM (SELECT id AS a, lead(id) OVER (ORDER BY id) AS b FROM c) g,
+				LATERAL (SELECT ` + id + `, tx FROM ` + t.outbox() + `
 					WHERE ` + t.id("") + ` > g.a AND ` + t.id("") + ` < g.b AND dispatched_at IS NULL OFFSET 0) o
 			WHERE g.b > g.a + 1 AND (SELECT hi - lo + 1 > n FROM s)),
 		e AS (
-			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+			SELECT o.id FROM x, LATERAL (SELECT ` + id + ` FROM ` + t.outbox() + `
 				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` < (SELECT lo FROM s) OFFSET 0) o
 			UNION ALL
-			SELECT o.* FROM x, LATERAL (SELECT * FROM ` + t.outbox() + `
+			SELECT o.id FROM x, LATERAL (SELECT ` + id + ` FROM ` + t.outbox() + `
 				WHERE tx = x.tx AND dispatched_at IS NULL AND ` + t.id("") + ` > (SELECT hi FROM s) OFFSET 0) o
 			UNION ALL
-			SELECT * FROM gaps WHERE tx IN (SELECT tx FROM x))
-		SELECT * FROM c
-		UNION ALL
-		(SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -(tx::text::bigint) ELSE tx::text::bigint END`) + ` FROM e
-		ORDER BY ` + t.id("") + `)
-		ORDER BY id`
+			SELECT id FROM gaps WHERE tx IN (SELECT tx FROM x))
+		SELECT ` + claimColsTx(t, `CASE WHEN `+waits+` THEN -`+txCol0+` ELSE `+txCol0+` END`) + `
+		FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL AND ` + t.id("") + ` = ANY(ARRAY(SELECT id FROM c UNION ALL SELECT id FROM e))
+		ORDER BY ` + t.id("")
 }
 
 // ParseURL parses a PostgreSQL connection string, URL or key=value. Its errors never contain
@@ -318,10 +339,10 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
-		claim: claimPart(t, cfg.Transactions, t.id("")+` < $1`) + ` UNION ALL ` + claimPart(t, cfg.Transactions, t.id("")+` > $2`) + ` ORDER BY id LIMIT $4`,
+		claim: claimQuery(t, claimCols(t, false), ""),
 		// The same, leaving out the rows of held keys: used only while some key is held, so the
 		// common claim pays nothing for it.
-		claimHold: claimPart(t, cfg.Transactions, t.id("")+` < $1`+holdCond(t)) + ` UNION ALL ` + claimPart(t, cfg.Transactions, t.id("")+` > $2`+holdCond(t)) + ` ORDER BY id LIMIT $4`,
+		claimHold: claimQuery(t, claimCols(t, false), holdCond(t)),
 		mark:      mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
 				next_attempt_at = now() + $3::interval WHERE ` + t.id("") + ` = $1`,
@@ -353,8 +374,8 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	}
 	if cfg.Transactions {
 		s.txs = true
-		s.q.claim = wholeTxs(t, s.q.claim, "")
-		s.q.claimHold = wholeTxs(t, s.q.claimHold, holdExpr(t))
+		s.q.claim = wholeTxs(t, claimQuery(t, claimIDs(t), ""), "")
+		s.q.claimHold = wholeTxs(t, claimQuery(t, claimIDs(t), holdCond(t)), holdExpr(t))
 	}
 	return s, nil
 }
