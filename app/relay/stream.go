@@ -26,6 +26,10 @@ import (
 type txStream struct {
 	rest    *TxRest // what is left to claim; nil once every page was claimed
 	ids     []int64 // the rows the broker holds in the stream's transaction, in id order
+	// created is when each row of ids was written (Message.CreatedAt, Unix nanoseconds): the
+	// rows are reported acknowledged (Observer.Acked) only once the transaction commits, as a
+	// row of a Kafka transaction that aborts was not published.
+	created []int64
 	unacked int     // rows handed over whose produce was not acknowledged yet
 	rows    int     // rows handed over in pages
 	began   time.Time
@@ -206,12 +210,12 @@ func (l *term) streamSettled(res result, acked *[]*Message) bool {
 		*acked = append(*acked, m) // the broker holds it, or it is dropped: its payload is not read again
 		if res.err == nil && current {
 			st.ids = append(st.ids, m.ID)
+			st.created = append(st.created, m.CreatedAt.UnixNano())
 			if l.gate.holding() {
 				if head, ok := l.gate.head(m.orderKey()); ok && head == m.ID {
 					st.heads = append(st.heads, m)
 				}
 			}
-			l.obs.Acked(m, res.at)
 			l.lastAck.Store(res.at.UnixNano())
 		}
 		return true
@@ -240,7 +244,12 @@ func (l *term) streamEnded(o streamOutcome) {
 		}
 		st.heads = nil
 		l.toMarkIDs = append(l.toMarkIDs, st.ids...)
-		st.ids = nil
+		now, acked := time.Now(), &Message{}
+		for i, id := range st.ids {
+			acked.ID, acked.CreatedAt = id, time.Unix(0, st.created[i])
+			l.obs.Acked(acked, now)
+		}
+		st.ids, st.created = nil, nil
 		l.log.Info("streamed transaction committed", "rows", st.rows, "took", took)
 		if len(l.toMarkIDs) == 0 && l.markingIDs == 0 {
 			l.stream = nil

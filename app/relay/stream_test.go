@@ -86,7 +86,17 @@ type streamEnv struct {
 	topic  string
 	tx     kafka.TxConfig
 	cfg    relay.Config
+	// acked counts the rows the relays of this env reported published (Observer.Acked).
+	acked ackCounter
 }
+
+// ackCounter is an Observer that counts the rows reported published.
+type ackCounter struct {
+	relay.NopObserver
+	n atomic.Int64
+}
+
+func (c *ackCounter) Acked(*relay.Message, time.Time) { c.n.Add(1) }
 
 func newStreamEnv(t *testing.T) *streamEnv {
 	t.Helper()
@@ -148,7 +158,7 @@ func (e *streamEnv) run(failAt int64, logs *strings.Builder) (*meterSink, func()
 			lw.mu.Unlock()
 		}
 	})
-	r, err := relay.New(e.cfg, store, sink, nil, log)
+	r, err := relay.New(e.cfg, store, sink, &e.acked, log)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -300,6 +310,9 @@ func TestRelayStreamsAHugeTransaction(t *testing.T) {
 	if !strings.Contains(logs.String(), "streamed transaction committed") {
 		t.Errorf("no stream committed:\n%s", logs.String())
 	}
+	if n := e.acked.n.Load(); n != 20100 {
+		t.Errorf("%d rows reported published, want 20100", n)
+	}
 }
 
 // checkWhole checks that the first progress record naming a row of first..last names all of
@@ -359,6 +372,10 @@ func TestRelayStreamAbortsAndRetries(t *testing.T) {
 		t.Errorf("the stream was not aborted:\n%s", logs.String())
 	}
 	checkWhole(t, e.progress(), 1, 8000)
+	// The rows the aborted stream handed over were not published: each row is counted once.
+	if n := e.acked.n.Load(); n != 8000 {
+		t.Errorf("%d rows reported published, want 8000 (the aborted stream's rows counted too?)", n)
+	}
 }
 
 // TestRelayStopsMidStream: the relay is stopped while it streams a transaction: the stream's Kafka
