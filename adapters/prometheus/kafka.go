@@ -70,7 +70,7 @@ func (h *kafkaHooks) OnProduceBatchWritten(meta kgo.BrokerMetadata, topic string
 type produceCounts struct {
 	bytes, batches, records *prom.CounterVec
 
-	mu sync.Mutex
+	mu    sync.Mutex
 	byKey map[produceKey]*produceCounters
 }
 
@@ -98,7 +98,9 @@ func newProduceCounts() *produceCounts {
 }
 
 // vecs returns the collectors of p.
-func (p *produceCounts) vecs() []prom.Collector { return []prom.Collector{p.bytes, p.batches, p.records} }
+func (p *produceCounts) vecs() []prom.Collector {
+	return []prom.Collector{p.bytes, p.batches, p.records}
+}
 
 // of returns the counters of a broker and a topic. It may be called by several goroutines at
 // once (franz-go writes to each broker from a goroutine of its own).
