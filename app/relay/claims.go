@@ -75,11 +75,13 @@ func (l *term) startClaim(ctx context.Context) error {
 // claimOnWake returns the claim a watch runs when a wake-up comes before until (owner.watch):
 // the claim startClaim would start then, unless it would first reload the blocked keys (until
 // is when that falls due), or a stream is under way. It is called as a watch starts, when the
-// loop may claim (no claim runs, nothing waits in ahead, the bounds leave room); until the watch
-// ended, the rows in flight only leave and the bounds only grow, so the claim asks for no more
-// than startClaim would when the wake-up comes, and skips no row that startClaim would not (a
-// row that left the rows in flight was marked). A key that starts waiting meanwhile is as for a
-// claim under way: its rows are held back when handed to the sink (sendClaimed).
+// loop may claim (no claim runs, nothing waits in ahead, the bounds leave room). Until the
+// watch ended, the rows in flight only leave and the bounds only grow, so the claim asks for no
+// more than startClaim would when the wake-up comes; it is taken as a claim that started when
+// the watch did and ran while verdicts came, as the read-ahead claim does: a row that left the
+// rows in flight meanwhile was marked, or failed (its key then waits behind it, and claims
+// start at the lowest such head: cursor.start), and a key that starts waiting has its rows held
+// back when they are handed to the sink (sendClaimed).
 func (l *term) claimOnWake() (*claimReq, time.Time) {
 	now := time.Now()
 	until := l.blockedAt.Add(l.cfg.PollInterval)
