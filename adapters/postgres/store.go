@@ -568,6 +568,10 @@ func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, ma
 	return out, nil
 }
 
+// claimCapMin is the least capacity of a claim's messages: a caught-up relay's claims return a
+// row or two.
+const claimCapMin = 4
+
 func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
@@ -587,8 +591,11 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	}
 	defer rows.Close()
 	// As many as the last claim returned, so a backlog's full batches are read without growing
-	// the slice (each growth copied every message so far), and a caught-up relay's are small.
-	out := make([]relay.Message, 0, min(limit, max(64, s.lastRows)))
+	// the slice (each growth copied every message so far), and a caught-up relay's are small: at
+	// low rates a claim returns a row or two, and a floor of 64 messages (13 KB) a claim was most
+	// of what the relay allocated. An empty claim allocates none.
+	var out []relay.Message
+	first := min(limit, max(claimCapMin, s.lastRows))
 	scan := !s.dec.decodable(rows.FieldDescriptions())
 	if s.dec.intern == nil {
 		s.dec.intern = make(map[string]string)
@@ -596,6 +603,9 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	s.dec.reset()
 	size := 0
 	for rows.Next() {
+		if out == nil {
+			out = make([]relay.Message, 0, first)
+		}
 		if scan {
 			out, err = scanClaimed(out, rows)
 		} else {

@@ -43,8 +43,15 @@ type parkReq struct {
 
 // startClaim starts a claim on the session's owner from the oldest pending row not accounted
 // for. Once per poll interval it first reloads the blocked keys, and that claim reads from the
-// oldest row (see reload). No claim runs and none waits in ahead when it is called.
+// oldest row (see reload). No claim runs and none waits in ahead when it is called. A running
+// watch is ended first: if a wake-up made it claim (claimOnWake), that claim is the one started.
 func (l *term) startClaim(ctx context.Context) error {
+	if err := l.conn.unwatch(); err != nil {
+		return err
+	}
+	if l.conn.claiming {
+		return nil
+	}
 	now := time.Now()
 	fromOldest := !l.gate.loaded() || now.Sub(l.blockedAt) >= l.cfg.PollInterval
 	if fromOldest {
@@ -63,6 +70,28 @@ func (l *term) startClaim(ctx context.Context) error {
 	// A claim that reads no horizon (cursor.readsHorizon) advances under the one seen before.
 	return l.conn.claim(ctx, claimReq{from: l.cur.start(fromOldest, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(fromOldest),
 		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(time.Now()), limit: max(limit, 1), budget: max(budget, 1)})
+}
+
+// claimOnWake returns the claim a watch runs when a wake-up comes before until (owner.watch):
+// the claim startClaim would start then, unless it would first reload the blocked keys (until
+// is when that falls due), or a stream is under way. It is called as a watch starts, when the
+// loop may claim (no claim runs, nothing waits in ahead, the bounds leave room). Until the
+// watch ended, the rows in flight only leave and the bounds only grow, so the claim asks for no
+// more than startClaim would when the wake-up comes; it is taken as a claim that started when
+// the watch did and ran while verdicts came, as the read-ahead claim does: a row that left the
+// rows in flight meanwhile was marked, or failed (its key then waits behind it, and claims
+// start at the lowest such head: cursor.start), and a key that starts waiting has its rows held
+// back when they are handed to the sink (sendClaimed).
+func (l *term) claimOnWake() (*claimReq, time.Time) {
+	now := time.Now()
+	until := l.blockedAt.Add(l.cfg.PollInterval)
+	if !l.gate.loaded() || !now.Before(until) || l.stream != nil {
+		return nil, time.Time{}
+	}
+	l.skip = l.appendInflight(l.skip[:0])
+	limit, budget := l.cur.claimSize(len(l.inflight), l.bytes)
+	return &claimReq{from: l.cur.start(false, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(false),
+		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(now), limit: max(limit, 1), budget: max(budget, 1)}, until
 }
 
 // claimEnded keeps the result of the claim that ended in ahead: the session is free again, and the

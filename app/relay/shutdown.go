@@ -27,6 +27,9 @@ func (l *term) shutdown(ctx context.Context) error {
 	deadline := time.NewTimer(l.cfg.ShutdownTimeout)
 	defer deadline.Stop()
 	sctx := context.WithoutCancel(ctx)
+	if err := l.conn.unwatch(); err != nil { // a watch may have claimed on a wake-up (claimOnWake)
+		return l.abandon(err)
+	}
 	if l.conn.claiming { // its rows stay pending; the rows it found refused are parked
 		if err := l.claimEnded(sctx, <-l.conn.claimDone); err != nil {
 			return l.abandon(err)

@@ -178,8 +178,9 @@ func (l *term) run(ctx context.Context) error {
 		// the bounds leave room for one, conn watches the session for wake-ups, so a commit is
 		// claimed while the rows before it still wait for the broker.
 		canClaim := room && !l.conn.claiming && !l.streamBusy()
-		if canClaim {
-			l.conn.watch(ctx, poll)
+		if canClaim && !l.conn.watching {
+			then, until := l.claimOnWake()
+			l.conn.watch(ctx, poll, then, context.WithoutCancel(ctx), until)
 		}
 		d := poll
 		if canClaim {
@@ -204,8 +205,8 @@ func (l *term) run(ctx context.Context) error {
 			}
 		case o := <-l.streamEnd:
 			l.streamEnded(o)
-		case err := <-l.conn.watchResult(): // likewise unless conn watches: a wake-up, or the watch's timeout
-			if err := l.conn.watchEnded(err); err != nil {
+		case end := <-l.conn.watchResult(): // likewise unless conn watches: a wake-up (which may have claimed), or the watch's timeout
+			if err := l.conn.watchEnded(end); err != nil {
 				return l.abandon(err)
 			}
 		case <-l.timer.C:
