@@ -24,14 +24,14 @@ import (
 // txStream is the state of the stream under way: at most one per term, owned by the term's loop
 // but for the sink's produced callbacks, which only send on results.
 type txStream struct {
-	rest    *TxRest // what is left to claim; nil once every page was claimed
-	ids     []int64 // the rows the broker holds in the stream's transaction, in id order
+	rest *TxRest // what is left to claim; nil once every page was claimed
+	ids  []int64 // the rows the broker holds in the stream's transaction, in id order
 	// created is when each row of ids was written (Message.CreatedAt, Unix nanoseconds): the
 	// rows are reported acknowledged (Observer.Acked) only once the transaction commits, as a
 	// row of a Kafka transaction that aborts was not published.
 	created []int64
-	unacked int     // rows handed over whose produce was not acknowledged yet
-	rows    int     // rows handed over in pages
+	unacked int // rows handed over whose produce was not acknowledged yet
+	rows    int // rows handed over in pages
 	began   time.Time
 	// heads are the rows the broker holds that were the heads of waiting keys: their keys are
 	// released (keyGate.acked) once the stream commits.
