@@ -5,9 +5,11 @@ import (
 	"testing"
 	"time"
 
+	prom "github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kgo"
+
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // TestRelayKafkaHooksCountProducedBatches: the producer's counts of batches, records and bytes
@@ -37,28 +39,15 @@ func TestRelayKafkaHooksCountProducedBatches(t *testing.T) {
 			t.Fatal(err)
 		}
 		cancel()
-		got := map[string]map[string]float64{}
+		// franz-go may call the hook after the produce's promise: the counts are read until they
+		// are complete, or a generous bound passed.
+		var got map[string]map[string]float64
 		other := false
-		families, err := reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range families {
-			if f.GetName() == "outbox_relay_kafka_write_bytes_total" {
-				other = true
-			}
-			for _, s := range f.GetMetric() {
-				labels := map[string]string{}
-				for _, l := range s.GetLabel() {
-					labels[l.GetName()] = l.GetValue()
-				}
-				if labels["outbox"] != "orders" || labels["node_id"] == "" || labels["topic"] == "" {
-					continue
-				}
-				if got[f.GetName()] == nil {
-					got[f.GetName()] = map[string]float64{}
-				}
-				got[f.GetName()][labels["topic"]] += s.GetCounter().GetValue()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			got, other = gatherProduced(t, reg)
+			b := got["outbox_relay_kafka_produce_batches_total"]
+			if b[topics[0]] >= 3 && b[topics[1]] >= 1 || time.Now().After(deadline) {
+				break
 			}
 		}
 		if !other {
@@ -76,4 +65,35 @@ func TestRelayKafkaHooksCountProducedBatches(t *testing.T) {
 		cl.Close()
 		hooks = m.RelayKafkaHooks()
 	}
+}
+
+// gatherProduced returns the outbox "orders"'s counters by family and topic, and whether kprom's
+// own outbox_relay_kafka_write_bytes_total is there.
+func gatherProduced(t *testing.T, reg prom.Gatherer) (map[string]map[string]float64, bool) {
+	t.Helper()
+	got := map[string]map[string]float64{}
+	other := false
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == "outbox_relay_kafka_write_bytes_total" {
+			other = true
+		}
+		for _, s := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range s.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["outbox"] != "orders" || labels["node_id"] == "" || labels["topic"] == "" {
+				continue
+			}
+			if got[f.GetName()] == nil {
+				got[f.GetName()] = map[string]float64{}
+			}
+			got[f.GetName()][labels["topic"]] += s.GetCounter().GetValue()
+		}
+	}
+	return got, other
 }
