@@ -43,6 +43,7 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
+	setMemoryLimit(cfg, os.Getenv, log)
 	spans := &spanCounts{}
 	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay", spans)
 	if err != nil {
@@ -56,7 +57,15 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if tp != nil {
 		cfg.tracingSpans = spans
 	}
-	return serve(ctx, cfg, log, nil)
+	// Started: what start-up touched of the binary is no longer needed resident.
+	return serve(ctx, cfg, log, func(*daemon) {
+		n, err := releaseStartupPages()
+		if err != nil {
+			log.Warn("could not release the start-up pages of the binary", "err", err)
+			return
+		}
+		log.Debug("released the start-up pages of the binary", "bytes", n)
+	})
 }
 
 // daemon is a running relay process: the relays of its outboxes and the HTTP listener.
