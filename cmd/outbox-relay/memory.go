@@ -15,13 +15,17 @@ import (
 // twice the in-flight bytes and 10 MiB of room, so the collector never runs flat out to stay
 // under it: at 24 MiB it did (3–5 times the collections, drains up to 5 times slower), at
 // 28 MiB it ran 3 times as often as without a limit (BENCHMARKS.md, "Memory, second pass").
+// Tracing adds memoryLimitTracing: the span processor's queue and export buffers took 27–30 MiB
+// more with every span sampled (BENCHMARKS.md, "Cost of the ecosystem features").
 const (
 	memoryLimitBase        = 16 << 20
 	memoryLimitPerInFlight = 4
+	memoryLimitTracing     = 32 << 20
 )
 
-// memoryLimit returns the soft memory limit for cfg's outboxes (cfg itself when it lists none).
-func memoryLimit(cfg *Config) int64 {
+// memoryLimit returns the soft memory limit for cfg's outboxes (cfg itself when it lists none),
+// with room for the spans when tracing is on.
+func memoryLimit(cfg *Config, tracing bool) int64 {
 	outboxes := cfg.Outboxes
 	if len(outboxes) == 0 {
 		outboxes = []*Config{cfg}
@@ -30,18 +34,22 @@ func memoryLimit(cfg *Config) int64 {
 	for _, o := range outboxes {
 		inFlight += int64(o.Relay.WithDefaults().MaxInFlightBytes)
 	}
-	return memoryLimitBase + memoryLimitPerInFlight*inFlight
+	limit := memoryLimitBase + memoryLimitPerInFlight*inFlight
+	if tracing {
+		limit += memoryLimitTracing
+	}
+	return limit
 }
 
-// setMemoryLimit sets the Go runtime's soft memory limit to memoryLimit(cfg), unless the
-// environment variable GOMEMLIMIT is set (any value, "off" included): then the runtime keeps
-// the limit GOMEMLIMIT gave it.
-func setMemoryLimit(cfg *Config, getenv func(string) string, log *slog.Logger) {
+// setMemoryLimit sets the Go runtime's soft memory limit to memoryLimit(cfg, tracing), unless
+// the environment variable GOMEMLIMIT is set (any value, "off" included): then the runtime
+// keeps the limit GOMEMLIMIT gave it.
+func setMemoryLimit(cfg *Config, tracing bool, getenv func(string) string, log *slog.Logger) {
 	if v := getenv("GOMEMLIMIT"); v != "" {
 		log.Debug("memory limit from GOMEMLIMIT", "GOMEMLIMIT", v)
 		return
 	}
-	limit := memoryLimit(cfg)
+	limit := memoryLimit(cfg, tracing)
 	debug.SetMemoryLimit(limit)
 	log.Debug("memory limit set", "bytes", limit)
 }

@@ -6,16 +6,19 @@ import (
 	"testing"
 )
 
-// TestMemoryLimitFollowsInFlightBytes: the soft memory limit is 32 MiB at the defaults and grows
-// with every outbox's relay.max_in_flight_bytes.
+// TestMemoryLimitFollowsInFlightBytes: the soft memory limit is 32 MiB at the defaults, grows
+// with every outbox's relay.max_in_flight_bytes, and has 32 MiB more with tracing on.
 func TestMemoryLimitFollowsInFlightBytes(t *testing.T) {
 	configEnv(t, validEnv)
 	cfg, err := loadFor(t, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := memoryLimit(cfg); got != 32<<20 {
+	if got := memoryLimit(cfg, false); got != 32<<20 {
 		t.Errorf("defaults: %d MiB, want 32", got>>20)
+	}
+	if got := memoryLimit(cfg, true); got != 64<<20 {
+		t.Errorf("defaults, tracing on: %d MiB, want 64", got>>20)
 	}
 	cfg, err = loadFor(t, `
 relay:
@@ -30,7 +33,7 @@ outboxes:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := memoryLimit(cfg), int64(16<<20+4*(8<<20+2<<20)); got != want {
+	if got, want := memoryLimit(cfg, false), int64(16<<20+4*(8<<20+2<<20)); got != want {
 		t.Errorf("two outboxes, 8 and 2 MiB in flight: %d MiB, want %d", got>>20, want>>20)
 	}
 }
@@ -48,7 +51,7 @@ func TestSetMemoryLimitLeavesGOMEMLIMIT(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	for _, v := range []string{"off", "100MiB"} {
 		debug.SetMemoryLimit(1 << 40)
-		setMemoryLimit(cfg, func(k string) string {
+		setMemoryLimit(cfg, false, func(k string) string {
 			if k == "GOMEMLIMIT" {
 				return v
 			}
@@ -58,8 +61,8 @@ func TestSetMemoryLimitLeavesGOMEMLIMIT(t *testing.T) {
 			t.Errorf("GOMEMLIMIT=%s: the limit became %d, want the runtime's left alone", v, got)
 		}
 	}
-	setMemoryLimit(cfg, func(string) string { return "" }, log)
-	if got := debug.SetMemoryLimit(-1); got != memoryLimit(cfg) {
-		t.Errorf("GOMEMLIMIT unset: limit %d, want %d", got, memoryLimit(cfg))
+	setMemoryLimit(cfg, false, func(string) string { return "" }, log)
+	if got := debug.SetMemoryLimit(-1); got != memoryLimit(cfg, false) {
+		t.Errorf("GOMEMLIMIT unset: limit %d, want %d", got, memoryLimit(cfg, false))
 	}
 }

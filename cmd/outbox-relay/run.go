@@ -43,7 +43,6 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat, secretsOf(cfg)...)
 	log.Info("config loaded", "version", version, "config", redacted(v))
-	setMemoryLimit(cfg, os.Getenv, log)
 	spans := &spanCounts{}
 	tp, stopTracing, err := setupTracing(ctx, os.Getenv, log, "outbox-relay", spans)
 	if err != nil {
@@ -57,6 +56,7 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if tp != nil {
 		cfg.tracingSpans = spans
 	}
+	setMemoryLimit(cfg, tp != nil, os.Getenv, log)
 	// Started: what start-up touched of the binary is no longer needed resident.
 	return serve(ctx, cfg, log, func(*daemon) {
 		n, err := releaseStartupPages()
