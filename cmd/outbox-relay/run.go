@@ -56,7 +56,16 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if tp != nil {
 		cfg.tracingSpans = spans
 	}
-	return serve(ctx, cfg, log, nil)
+	setMemoryLimit(cfg, tp != nil, os.Getenv, log)
+	// Started: what start-up touched of the binary is no longer needed resident.
+	return serve(ctx, cfg, log, func(*daemon) {
+		n, err := releaseStartupPages()
+		if err != nil {
+			log.Warn("could not release the start-up pages of the binary", "err", err)
+			return
+		}
+		log.Debug("released the start-up pages of the binary", "bytes", n)
+	})
 }
 
 // daemon is a running relay process: the relays of its outboxes and the HTTP listener.
