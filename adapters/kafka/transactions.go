@@ -29,10 +29,13 @@ const HeaderTxID = "tx-id"
 const (
 	ProgressTopicDefault           = "outbox-relay.progress"
 	TxMaxRowsDefault               = 1000
-	TxLingerDefault                = 10 * time.Millisecond
+	TxLingerDefault                = 5 * time.Millisecond
 	TransactionTimeoutDefault      = 60 * time.Second
 	progressVersion           byte = 1
 )
+
+// TxLingerRange is the range of TxConfig.Linger (kafka.transaction_linger).
+var TxLingerRange = bounds.Duration{Min: time.Millisecond, Max: 10 * time.Second}
 
 // TransactionTimeoutRange is the range of TxConfig.TransactionTimeout (kafka.transaction_timeout).
 var TransactionTimeoutRange = bounds.Duration{Min: time.Second, Max: 15 * time.Minute}
@@ -81,7 +84,9 @@ type TxConfig struct {
 	// Default 1000 (relay.batch_size).
 	MaxRows int
 	// Linger ends a Kafka transaction, at the end of a claim, once this long passed since its
-	// first row. Default 10ms.
+	// first row (kafka.transaction_linger). Default 5ms: the commit-to-visibility p99 at 1k
+	// events/s stays under 15 ms; a longer linger makes fewer, larger transactions (fewer
+	// commit markers on the broker) for a later visibility.
 	Linger time.Duration
 	// TransactionTimeout is the producer's transaction.timeout.ms: a transaction left open
 	// longer (its producer frozen or dead) is aborted by the broker. Default 60s.
@@ -118,6 +123,9 @@ func (c TxConfig) Validate() error {
 		errs = append(errs, fmt.Errorf("kafka transaction rows: must be at least 1, got %d", c.MaxRows))
 	}
 	if err := TransactionTimeoutRange.Check("kafka.transaction_timeout", c.TransactionTimeout); err != nil {
+		errs = append(errs, err)
+	}
+	if err := TxLingerRange.Check("kafka.transaction_linger", c.Linger); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
@@ -596,6 +604,24 @@ func (p *TxPublisher) commit() {
 	cl := p.pub.cl
 	ctx, cancel := context.WithTimeout(context.Background(), p.tx.TransactionTimeout)
 	defer cancel()
+	// The progress record goes with the rows' records, not after them: the flush waits for all,
+	// one round trip instead of two. It names rows whose records may still fail: the
+	// transaction then aborts, the progress record with it.
+	ids := make([]int64, 0, len(recs)+len(p.streamIDs))
+	p.umu.Lock()
+	for id := range p.unmarked {
+		ids = append(ids, id)
+	}
+	p.umu.Unlock()
+	for _, r := range recs {
+		ids = append(ids, r.id)
+	}
+	ids = append(ids, p.streamIDs...)
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	prog := &kgo.Record{Topic: p.tx.ProgressTopic, Key: []byte(p.tx.Identity), Value: encodeProgress(ids)}
+	progDone := make(chan error, 1)
+	cl.Produce(ctx, prog, func(_ *kgo.Record, err error) { progDone <- err })
 	if err := cl.Flush(ctx); err != nil {
 		p.abort(recs, fmt.Errorf("flush the kafka transaction: %w", err))
 		return
@@ -610,21 +636,14 @@ func (p *TxPublisher) commit() {
 		p.abortDoomed(recs, errors.New("a record of its stream failed"))
 		return
 	}
-	ids := make([]int64, 0, len(recs)+len(p.streamIDs))
-	p.umu.Lock()
-	for id := range p.unmarked {
-		ids = append(ids, id)
+	var progErr error
+	select {
+	case progErr = <-progDone:
+	default: // Flush returns once every promise ran: not expected
+		progErr = errors.New("not acknowledged when the flush returned")
 	}
-	p.umu.Unlock()
-	for _, r := range recs {
-		ids = append(ids, r.id)
-	}
-	ids = append(ids, p.streamIDs...)
-	slices.Sort(ids)
-	ids = slices.Compact(ids)
-	prog := &kgo.Record{Topic: p.tx.ProgressTopic, Key: []byte(p.tx.Identity), Value: encodeProgress(ids)}
-	if err := cl.ProduceSync(ctx, prog).FirstErr(); err != nil {
-		p.abort(recs, fmt.Errorf("write the progress record to kafka.progress_topic %q: %w", p.tx.ProgressTopic, err))
+	if progErr != nil {
+		p.abort(recs, fmt.Errorf("write the progress record to kafka.progress_topic %q: %w", p.tx.ProgressTopic, progErr))
 		return
 	}
 	p.obs.ProgressWritten(len(ids))

@@ -78,6 +78,7 @@ var settings = []setting{
 	{key: "kafka.transactional_id", def: "", help: "with exactly_once, the producer's transactional id, the same on every replica; empty: outbox-relay-<database>.<schema>.<table>"},
 	{key: "kafka.progress_topic", def: kafka.ProgressTopicDefault, help: "with exactly_once, the compacted topic (one partition) of the relay's progress records; created when missing"},
 	{key: "kafka.transaction_timeout", def: kafka.TransactionTimeoutDefault.String(), help: "with exactly_once, the producer's transaction.timeout.ms: a dead leader's open transaction is aborted after it, and a streamed database transaction must be published within three quarters of it"},
+	{key: "kafka.transaction_linger", def: kafka.TxLingerDefault.String(), help: "with exactly_once, how long a Kafka transaction stays open for more rows after its first (it ends at the end of a claim, or at relay.batch_size rows): longer makes fewer transactions and commit markers, later visibility at read_committed"},
 	{key: "kafka.tls.enabled", def: "false", help: "connect to the brokers with TLS"},
 	{key: "kafka.tls.ca_file", def: "", help: "PEM file of the CAs to trust (system pool when empty)"},
 	{key: "kafka.tls.cert_file", def: "", help: "client certificate PEM file, for mutual TLS"},
@@ -651,6 +652,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		ProgressTopic:      r.str("kafka.progress_topic"),
 		Identity:           identity,
 		TransactionTimeout: r.dur("kafka.transaction_timeout", kafka.TransactionTimeoutRange),
+		Linger:             r.dur("kafka.transaction_linger", kafka.TxLingerRange),
 	}
 	if c.Tx.TransactionalID == "" {
 		c.Tx.TransactionalID = "outbox-relay-" + strings.Map(func(r rune) rune {

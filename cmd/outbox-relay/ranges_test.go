@@ -24,6 +24,7 @@ var keyRanges = map[string]fmt.Stringer{
 	"kafka.max_record_bytes":         kafka.MaxRecordBytesRange,
 	"kafka.linger":                   kafka.LingerRange,
 	"kafka.transaction_timeout":      kafka.TransactionTimeoutRange,
+	"kafka.transaction_linger":       kafka.TxLingerRange,
 	"kafka.dial_timeout":             kafka.DialTimeoutRange,
 	"rabbitmq.max_message_bytes":     rabbitmq.MaxMessageBytesRange,
 	"rabbitmq.dial_timeout":          rabbitmq.DialTimeoutRange,
