@@ -48,15 +48,7 @@ func ClaimQueries(s *Store) (claim, claimHold, refClaim, refClaimHold string) {
 // through an index of tx, and left out the rows the claim returned. Plain, and slow; the
 // reference of what wholeTxs must return.
 func wholeTxsBefore(t Table, claim, held string) string {
-	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
-				OR ` + t.id("") + ` < $5
-				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
-	if held != "" {
-		// The head is looked up in the outbox, as wholeTxs does since streaming (a head past the
-		// claim's row bound goes with its transaction).
-		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
-				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
-	}
+	waits := mayNotGo(t, held)
 	return `WITH c AS (` + claim + `)
 		SELECT * FROM c
 		UNION ALL

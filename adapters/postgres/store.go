@@ -173,16 +173,7 @@ func claimColsTx(t Table, tx string) string {
 // them: at 1 KB that took most of the statement's time (BENCHMARKS.md, "Exactly-once claims
 // without their payloads").
 func wholeTxs(t Table, claim, held string) string {
-	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
-				OR ` + t.id("") + ` < $5
-				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
-	if held != "" {
-		// A row of a held key may go with its key's head ($8) when both are of one transaction.
-		// The head is looked up in the outbox, not in c: it may be a row of the rest of the
-		// transaction (past the claim's row bound), which goes with it.
-		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
-				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
-	}
+	waits := mayNotGo(t, held)
 	// OFFSET 0 keeps each lateral subquery a scan of its own, for one transaction or one gap: a
 	// subquery pulled up into a join let the first plans of a prepared statement (planned with
 	// the parameters' values, which say nothing of lo and hi) hash the whole outbox above the
@@ -209,6 +200,23 @@ func wholeTxs(t Table, claim, held string) string {
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND ` + t.id("") + ` = ANY(ARRAY(SELECT id FROM c UNION ALL SELECT id FROM e))
 		ORDER BY ` + t.id("")
+}
+
+// mayNotGo is true for a row of a claim's transactions that may not go now (wholeTxs): not due,
+// below the claim's start ($5), in flight ($1..$2 and $3), or held (held: holdExpr, or "" when
+// the claim holds no key).
+func mayNotGo(t Table, held string) string {
+	waits := `NOT (next_attempt_at IS NULL OR next_attempt_at <= now())
+				OR ` + t.id("") + ` < $5
+				OR ` + t.id("") + ` BETWEEN $1 AND $2 OR ` + t.id("") + ` IN (SELECT unnest($3::bigint[]))`
+	if held != "" {
+		// A row of a held key may go with its key's head ($8) when both are of one transaction.
+		// The head is looked up in the outbox, not in c: it may be a row of the rest of the
+		// transaction (past the claim's row bound), which goes with it.
+		waits += ` OR NOT (` + held + ` OR (` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx) IN
+				(SELECT ` + t.aggType("") + `, coalesce(` + t.key("") + `, ''), tx FROM ` + t.outbox() + ` WHERE ` + t.id("") + ` = ANY($8::bigint[])))`
+	}
+	return waits
 }
 
 // ParseURL parses a PostgreSQL connection string, URL or key=value. Its errors never contain

@@ -64,12 +64,18 @@ func (l *term) startClaim(ctx context.Context) error {
 	// whose transaction was still open, and the next row of its key, committed after it, would
 	// go out first. from never passes the horizon, below which no transaction is open: the
 	// owner reads it just before the claim.
+	return l.conn.claim(ctx, l.nextClaim(fromOldest, time.Now()))
+}
+
+// nextClaim is the claim of the rows not accounted for, past the rows in flight, from the oldest
+// pending row when fromOldest (startClaim), with the keys held at now left out. The loop claims
+// only below the bounds; the first row always fits. A claim that reads no horizon
+// (cursor.readsHorizon) advances under the one seen before.
+func (l *term) nextClaim(fromOldest bool, now time.Time) claimReq {
 	l.skip = l.appendInflight(l.skip[:0])
 	limit, budget := l.cur.claimSize(len(l.inflight), l.bytes)
-	// The loop claims only below the bounds; the first row always fits.
-	// A claim that reads no horizon (cursor.readsHorizon) advances under the one seen before.
-	return l.conn.claim(ctx, claimReq{from: l.cur.start(fromOldest, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(fromOldest),
-		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(time.Now()), limit: max(limit, 1), budget: max(budget, 1)})
+	return claimReq{from: l.cur.start(fromOldest, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(fromOldest),
+		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(now), limit: max(limit, 1), budget: max(budget, 1)}
 }
 
 // claimOnWake returns the claim a watch runs when a wake-up comes before until (owner.watch):
@@ -88,10 +94,8 @@ func (l *term) claimOnWake() (*claimReq, time.Time) {
 	if !l.gate.loaded() || !now.Before(until) || l.stream != nil {
 		return nil, time.Time{}
 	}
-	l.skip = l.appendInflight(l.skip[:0])
-	limit, budget := l.cur.claimSize(len(l.inflight), l.bytes)
-	return &claimReq{from: l.cur.start(false, l.gate.lowestHead()), readHorizon: l.cur.readsHorizon(false),
-		horizon: l.cur.horizonSeen, skip: l.skip, hold: l.gate.holdKeys(now), limit: max(limit, 1), budget: max(budget, 1)}, until
+	req := l.nextClaim(false, now)
+	return &req, until
 }
 
 // claimEnded keeps the result of the claim that ended in ahead: the session is free again, and the
