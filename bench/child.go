@@ -28,6 +28,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/procs"
 )
 
 // childEnv names the environment variable that turns this binary (or the test binary) into a
@@ -78,7 +79,8 @@ type childConfig struct {
 	ExactlyOnce bool `json:"exactly_once,omitempty"`
 	// Timings records the duration of each claim and mark of the relay (relayStats.ClaimMS, MarkMS).
 	Timings bool `json:"timings,omitempty"`
-	// GoMaxProcs, when positive, is the child's GOMAXPROCS.
+	// GoMaxProcs, when positive, is the child's GOMAXPROCS; 0 leaves a relay child's GOMAXPROCS
+	// to internal/procs, as `outbox-relay run` does.
 	GoMaxProcs int `json:"gomaxprocs,omitempty"`
 }
 
@@ -88,6 +90,7 @@ type relaySettings struct {
 	MaxInFlight      int           `json:"max_in_flight,omitempty"`
 	MaxInFlightBytes int           `json:"max_in_flight_bytes,omitempty"`
 	PollInterval     time.Duration `json:"poll_interval,omitempty"`
+	Linger           time.Duration `json:"linger,omitempty"`
 }
 
 // childReport is what a measured child prints: everything since "go" or the last "reset".
@@ -141,6 +144,9 @@ func runChild(cfgJSON string) error {
 	}
 	if cfg.GoMaxProcs > 0 {
 		runtime.GOMAXPROCS(cfg.GoMaxProcs)
+	} else if cfg.Role == roleRelay {
+		// As `outbox-relay run` does: one P while the relay uses little CPU.
+		defer procs.Start(ctx, slog.New(slog.DiscardHandler))()
 	}
 	c := &child{cfg: cfg, out: bufio.NewWriter(os.Stdout)}
 	return c.run(ctx)
@@ -470,7 +476,7 @@ func (c *child) relay(ctx context.Context) (work, error) {
 		return nil, err
 	}
 	table := postgres.Table{Schema: c.cfg.Schema}
-	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark, Transactions: c.cfg.ExactlyOnce})
+	store, err := postgres.NewStore(connCfg, postgres.StoreConfig{Table: table, Mark: c.cfg.Mark, Transactions: c.cfg.ExactlyOnce, Linger: c.cfg.Relay.Linger})
 	if err != nil {
 		return nil, err
 	}

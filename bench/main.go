@@ -90,6 +90,8 @@ type options struct {
 	WatermillExe string
 	// MaxInFlightBytes is the relay's relay.max_in_flight_bytes in the drains; 0: its default.
 	MaxInFlightBytes int
+	// Linger is every relay child's relay.linger; 0: its default.
+	Linger time.Duration
 	// BrokerLog is where the broker keeps its log: brokerLogMemory, or a directory its segment
 	// files go to (by default brokerLogTmpfs where it exists).
 	BrokerLog string
@@ -128,6 +130,7 @@ func parseFlags(args []string) (options, error) {
 	repeat := fs.Int("repeat", 1, "runs of the sql-only, naive and relay drains per case, in alternating order; tables and targets take the median")
 	childExe := fs.String("child-exe", "", "binary of the measured children (the relay and the baselines), built with -tags benchchild; default this binary")
 	maxBytes := fs.Int("max-in-flight-bytes", 0, "the relay's relay.max_in_flight_bytes in the drains (default the relay's own)")
+	linger := fs.Duration("linger", 0, "the relay's relay.linger in every section (default the relay's own)")
 	watermillExe := fs.String("watermill-exe", watermillExeDefault, "binary of the Watermill baseline, built from its own module: go build -C bench/watermill -o \"$PWD/bin/bench-watermill\" . (the watermill variant is skipped when it is missing)")
 	variants := fs.String("variants", "", "drain variants to run, comma-separated: "+strings.Join(drainVariants, ",")+" (default all)")
 	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
@@ -139,7 +142,7 @@ func parseFlags(args []string) (options, error) {
 	}
 	o := options{RelayBin: *relayBin, ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
 		LatencyOnly: *latencyOnly > 0, LatencyRepeats: *latencyOnly, Tail: *tail,
-		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, BrokerLog: *brokerLog, DrainMark: *drainMark}
+		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, Linger: *linger, BrokerLog: *brokerLog, DrainMark: *drainMark}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
 	}
@@ -156,6 +159,11 @@ func parseFlags(args []string) (options, error) {
 	}
 	if o.DrainMark != postgres.MarkDelete && o.DrainMark != postgres.MarkRetain {
 		return o, fmt.Errorf("-drain-mark: must be %s or %s, got %q", postgres.MarkDelete, postgres.MarkRetain, o.DrainMark)
+	}
+	if o.Linger != 0 {
+		if err := postgres.LingerRange.Check("-linger", o.Linger); err != nil {
+			return o, err
+		}
 	}
 	if o.MaxInFlightBytes < 0 {
 		return o, fmt.Errorf("-max-in-flight-bytes: must not be negative, got %d", o.MaxInFlightBytes)

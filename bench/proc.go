@@ -47,6 +47,9 @@ func (b *bench) start(ctx context.Context, cfg childConfig) (*proc, error) {
 	if cfg.AppName == "" && cfg.Role != roleKfake {
 		cfg.AppName = fmt.Sprintf("bench-%d-%d", os.Getpid(), childSeq.Add(1))
 	}
+	if cfg.Role == roleRelay && cfg.Relay.Linger == 0 {
+		cfg.Relay.Linger = b.opts.Linger
+	}
 	data, _ := json.Marshal(cfg)
 	exe := b.exe
 	if cfg.Role != roleKfake && b.opts.ChildExe != "" {

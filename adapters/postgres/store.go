@@ -33,15 +33,21 @@ const (
 	MarkRetain = "retain"
 )
 
-// Ranges of StoreConfig's durations: NewStore checks them, and cmd parses database.query_timeout
-// and relay.leader_lease with them.
+// Ranges of StoreConfig's durations: NewStore checks them, and cmd parses database.query_timeout,
+// relay.leader_lease and relay.linger with them.
 var (
 	QueryTimeoutRange = bounds.Duration{Min: 100 * time.Millisecond, Max: 10 * time.Minute}
 	LeaderLeaseRange  = bounds.Duration{Min: 100 * time.Millisecond, Max: time.Minute}
+	// LingerRange: from claiming at once to the busy window (wake.go), whose rows decide whether
+	// the relay stays awake.
+	LingerRange = bounds.Duration{Min: time.Millisecond, Max: busyWindow}
 )
 
 // QueryTimeoutDefault is the default of StoreConfig.QueryTimeout.
 const QueryTimeoutDefault = 30 * time.Second
+
+// LingerDefault is the default of StoreConfig.Linger (see wake.go for what it trades).
+const LingerDefault = 2 * time.Millisecond
 
 // StoreConfig configures a Store.
 type StoreConfig struct {
@@ -69,6 +75,11 @@ type StoreConfig struct {
 	// kafka.delivery=exactly_once). The claim's byte bound then does not apply: its row bound
 	// does, plus the rest of those transactions.
 	Transactions bool
+	// Linger is how long an awake session waits between two claims while rows keep coming, to
+	// gather the commits of that time into one claim; a session stays awake (writers do not
+	// notify it) while at least one row comes per Linger on average (wake.go). Default
+	// LingerDefault.
+	Linger time.Duration
 }
 
 // Store is the relay's view of one outbox in PostgreSQL: relay.Store.
@@ -83,6 +94,8 @@ type Store struct {
 	onReplWait func(time.Duration)
 	// txs is StoreConfig.Transactions.
 	txs bool
+	// linger is StoreConfig.Linger.
+	linger time.Duration
 }
 
 var (
@@ -328,8 +341,12 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	if cfg.LeaderLease == 0 {
 		cfg.LeaderLease = LeaderLeaseDefault
 	}
+	if cfg.Linger == 0 {
+		cfg.Linger = LingerDefault
+	}
 	if err := errors.Join(QueryTimeoutRange.Check("database.query_timeout", cfg.QueryTimeout),
-		LeaderLeaseRange.Check("relay.leader_lease", cfg.LeaderLease)); err != nil {
+		LeaderLeaseRange.Check("relay.leader_lease", cfg.LeaderLease),
+		LingerRange.Check("relay.linger", cfg.Linger)); err != nil {
 		return nil, err
 	}
 	switch cfg.WaitForReplication {
@@ -341,7 +358,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 			ReplicationOff, ReplicationSync, ReplicationAll, cfg.WaitForReplication)
 	}
 	s := &Store{conn: conn, table: t, timeout: cfg.QueryTimeout, lease: cfg.LeaderLease,
-		replMode: cfg.WaitForReplication, onReplWait: cfg.OnReplicationWait}
+		replMode: cfg.WaitForReplication, onReplWait: cfg.OnReplicationWait, linger: cfg.Linger}
 	s.q = queries{
 		// The claim reads from id $5 in two ordered ranges, below and above the longest run of
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
@@ -392,6 +409,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 // the first Mark.
 func (s *Store) Open(ctx context.Context) (relay.Session, error) {
 	sess := &session{store: s}
+	sess.wake.lingerFor = s.linger
 	cfg := s.conn.Copy()
 	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { sess.heard() }
 	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {

@@ -37,17 +37,15 @@ import (
 // sleepLockWait (lock_timeout); then it claims again and tries later: while a writer holds a
 // transaction open, the relay polls every sleepLockWait instead of sleeping.
 //
-// While rows keep coming, the session does not take the sleep lock: it lingers for lingerFor and
-// claims again, and writers, finding the relay awake, do not notify, so flat-out writers keep
-// their group commits. It takes the lock once emptyToSleep claims in a row came back empty: busy
-// writers on a loaded machine often leave a millisecond or two without a commit, and with one
-// empty claim the relay went to sleep (and writers notified) 25-40 times a second flat out;
-// with two, 6-10 % of their commits notified, with five 3-6 %. Holding the lock, it keeps it while
-// the commits trickle in (each one then wakes it, as before) and lets it go once it heard
-// busyWakeUps notifications within busyWindow: 1,200 notifying commits a second. Being woken by
-// each commit is faster than claiming every lingerFor (at 1,000 events/s, commit-to-ack p50
-// 0.5-0.7 ms against 1.1-1.5 ms when the threshold was 10 rows in 10 ms and the relay polled at
-// that rate for part of the time). But a notification costs the writers a commit serialised
+// While rows keep coming, the session does not take the sleep lock: it lingers for its linger
+// (StoreConfig.Linger, relay.linger, 2 ms by default) and claims again, and writers, finding the
+// relay awake, do not notify, so flat-out writers keep their group commits. It takes the lock
+// once emptyToSleep claims in a row came back empty: busy writers on a loaded machine often leave
+// a millisecond or two without a commit, and with one empty claim the relay went to sleep (and
+// writers notified) 25-40 times a second flat out; with two, 6-10 % of their commits notified,
+// with five 3-6 %. Holding the lock, it keeps it while the commits trickle in (each one then
+// wakes it, as before) and lets it go once it heard busyWakeUps notifications within busyWindow:
+// 1,200 notifying commits a second. But a notification costs the writers a commit serialised
 // behind the previous notifying one's WAL flush, and a sleeping relay only sees the rate the
 // writers reach while they notify: on a loaded host, flat-out writers that notify reached
 // 1,200-2,000 commits a second (BENCHMARKS.md), so a threshold of 2,000 kept the relay asleep,
@@ -55,16 +53,24 @@ import (
 // rows: a transaction of many rows notifies once.
 //
 // The way back: writers at a steady rate leave no gap of five empty claims, so a polling session
-// also goes to sleep once a window of claims returned fewer than quietRows rows, 1,000 a
-// second: between that and busyWakeUps it stays as it is, so a rate near either threshold does
-// not make it switch at every window. (Rows, not commits, as awake writers send nothing to count:
-// a transaction of many rows keeps the relay polling at fewer commits a second.)
+// also goes to sleep once a window of claims returned fewer rows than one per linger (quietRows):
+// between that and busyWakeUps it stays as it is, so a rate near either threshold does not make
+// it switch at every window. (Rows, not commits, as awake writers send nothing to count: a
+// transaction of many rows keeps the relay polling at fewer commits a second.)
+//
+// The linger trades latency for CPU. Woken by each commit, a relay claims, produces and is
+// acknowledged about once per event at 1,000 events a second, one per transaction: with a 1 ms
+// linger (and so a threshold of 1,000 rows a second, which kept it asleep at that rate),
+// commit-to-ack p50 was 0.9-1.5 ms and p99 5.5-9.7 ms, for 2.6-2.8 s of relay CPU and 1.6 s of
+// its database sessions' per 10k events. With 2 ms it stays awake from 500 rows a second, the
+// writers stop notifying and each claim gathers two or three commits: p50 2.1-2.7 ms, p99
+// 4.6-10.6 ms, 1.9-2.2 s and 0.65-0.81 s (BENCHMARKS.md, "CPUs (GOMAXPROCS) follow the load,
+// and a 2 ms linger"; p99 is the host's noise in both).
+// The probe below is what lets a relay asleep at such a rate go back to polling.
 const (
 	sleepLockWait = 20 * time.Millisecond
-	lingerFor     = time.Millisecond
 	busyWindow    = 20 * time.Millisecond
 	busyWakeUps   = 24
-	quietRows     = 20
 	emptyToSleep  = 5
 	// A session asleep for probeAfter and woken at probeRate commits a second or more lets the
 	// sleep lock go anyway, to see whether the writers go faster without notifying: if they do
@@ -73,16 +79,18 @@ const (
 	// rate alone missed flat-out writers on a loaded host: while every commit notified they
 	// reached only 400-1,000 commits a second, below busyWakeUps, and the relay, asleep, kept
 	// them notifying (0.17-0.79 notifications per commit in the write-cost section). A probe
-	// costs a lock, its release and a window of claims a millisecond apart: at most two a
-	// second, and none below probeRate.
+	// costs a lock, its release and a window of claims a linger apart: at most two a second,
+	// and none below probeRate.
 	probeAfter = 500 * time.Millisecond
 	probeRate  = 200
 )
 
 // wakeState is a session's side of the wake-up protocol.
 type wakeState struct {
+	// lingerFor is StoreConfig.Linger (LingerDefault when zero): see linger.
+	lingerFor time.Duration
 	// polling is set while the session holds the awake lock but not the sleep lock: it claims
-	// every lingerFor or goes to sleep, so a notification, sent by a writer that found it asleep
+	// every linger or goes to sleep, so a notification, sent by a writer that found it asleep
 	// before, wakes nothing and is dropped (heard). Read by the connection's notification
 	// handler, which may run on another goroutine than the claims.
 	polling atomic.Bool
@@ -91,7 +99,7 @@ type wakeState struct {
 	checked bool // ...and a claim ran since it was granted
 	release bool // let the sleep lock go before the next claim or wait
 	// empty counts the claims in a row that found nothing while polling: emptyToSleep of them,
-	// a lingerFor apart, and the session goes to sleep.
+	// a linger apart, and the session goes to sleep.
 	empty int
 	// Rows claimed since since, while polling: fewer than quietRows in a window ended makes
 	// quiet, and the session goes to sleep.
@@ -109,6 +117,18 @@ type wakeState struct {
 	// before it.
 	firstAt atomic.Int64
 }
+
+// linger returns how long the session waits between two claims while polling.
+func (w *wakeState) linger() time.Duration {
+	if w.lingerFor <= 0 {
+		return LingerDefault
+	}
+	return w.lingerFor
+}
+
+// quietRows returns the rows a window of busyWindow must bring for a polling session to stay
+// awake: one per linger.
+func (w *wakeState) quietRows() int64 { return max(1, int64(busyWindow/w.linger())) }
 
 // busy reports, at now, whether the notifications heard since the window began came at
 // busyWakeUps per busyWindow or faster: at least busyWakeUps of them, at that rate counted from
@@ -197,7 +217,7 @@ func (s *session) claimed(n int) {
 		w.rows += int64(n)
 		now := time.Now()
 		if elapsed := now.Sub(w.since); elapsed > busyWindow {
-			w.quiet = w.rows*int64(busyWindow) < quietRows*int64(elapsed)
+			w.quiet = w.rows*int64(busyWindow) < w.quietRows()*int64(elapsed)
 			w.since, w.rows = now, 0
 		}
 		return
@@ -240,7 +260,7 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 			// Rows are coming and the writers do not notify an awake relay: look again soon. A
 			// notification now is one sent before the relay woke (see heard): the timer, not it,
 			// ends the wait.
-			t := time.NewTimer(min(timeout, lingerFor))
+			t := time.NewTimer(min(timeout, w.linger()))
 			defer t.Stop()
 			select {
 			case <-t.C:

@@ -68,19 +68,19 @@ func TestQuietPollingGoesToSleep(t *testing.T) {
 	s := &session{}
 	s.wake.awake = true
 	s.wake.since = time.Now()
-	s.claimed(quietRows) // within the window: nothing decided yet
+	s.claimed(int(s.wake.quietRows())) // within the window: nothing decided yet
 	if s.wake.quiet {
 		t.Fatal("quiet before its window ended")
 	}
 	s.wake.since = time.Now().Add(-busyWindow - time.Millisecond) // the window ended
-	s.claimed(quietRows)
+	s.claimed(int(s.wake.quietRows()))
 	if s.wake.quiet {
-		t.Fatalf("quiet after %d rows in a window", 2*quietRows)
+		t.Fatalf("quiet after %d rows in a window", 2*s.wake.quietRows())
 	}
 	s.wake.since = time.Now().Add(-busyWindow - time.Millisecond)
-	s.claimed(quietRows / 2)
+	s.claimed(int(s.wake.quietRows() / 2))
 	if !s.wake.quiet {
-		t.Fatalf("not quiet after %d rows in a window", quietRows/2)
+		t.Fatalf("not quiet after %d rows in a window", s.wake.quietRows()/2)
 	}
 	if s.wake.rows != 0 {
 		t.Fatalf("the next window starts with %d rows", s.wake.rows)

@@ -123,6 +123,7 @@ var settings = []setting{
 	{key: "relay.max_in_flight", def: strconv.Itoa(relay.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
 	{key: "relay.max_in_flight_bytes", def: strconv.Itoa(relay.MaxInFlightBytesDefault), help: "bound in bytes on the rows claimed and not yet acknowledged (held in memory)"},
 	{key: "relay.poll_interval", def: relay.PollIntervalDefault.String(), help: "read the outbox at least this often without a wake-up"},
+	{key: "relay.linger", def: postgres.LingerDefault.String(), help: "while rows keep coming, how long the relay gathers commits between two claims (1ms-20ms): latency for CPU"},
 	{key: "relay.leader_retry_interval", def: relay.LeaderRetryIntervalDefault.String(), help: "how often a standby tries to take the leadership"},
 	{key: "relay.leader_lease", def: postgres.LeaderLeaseDefault.String(), help: "a leader publishes only within this long of confirming its leadership; a standby takes over a leader silent this long while rows wait"},
 	{key: "relay.max_attempts", def: strconv.Itoa(relay.MaxAttemptsDefault), help: "failed publishes before a row is parked"},
@@ -594,6 +595,7 @@ func parseConfig(v *viper.Viper) (*Config, error) {
 		Mark:         r.oneOf("relay.mark", postgres.MarkDelete, postgres.MarkRetain),
 		QueryTimeout: r.dur("database.query_timeout", postgres.QueryTimeoutRange),
 		LeaderLease:  r.dur("relay.leader_lease", postgres.LeaderLeaseRange),
+		Linger:       r.dur("relay.linger", postgres.LingerRange),
 		WaitForReplication: r.oneOf("database.wait_for_replication",
 			postgres.ReplicationOff, postgres.ReplicationSync, postgres.ReplicationAll),
 	}

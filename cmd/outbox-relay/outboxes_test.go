@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // TestOutboxesEachOverTheTopLevel: each entry of outboxes: is the top-level configuration with
@@ -150,5 +152,33 @@ func TestOutboxesExampleLoads(t *testing.T) {
 	ship := cfg.Outboxes[2]
 	if ship.Store.Table.Columns.ID != "seq" || ship.Store.Mark != "retain" || !strings.Contains(ship.DatabaseURL, "db3") {
 		t.Errorf("shipping: %+v mark %s", ship.Store.Table.Columns, ship.Store.Mark)
+	}
+}
+
+// TestLingerReachesTheStore: relay.linger is the store's linger, its default when unset, and an
+// outbox of its own may set another.
+func TestLingerReachesTheStore(t *testing.T) {
+	configEnv(t, validEnv)
+	cfg, err := loadFor(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Store.Linger != postgres.LingerDefault {
+		t.Errorf("default linger %v, want %v", cfg.Store.Linger, postgres.LingerDefault)
+	}
+	cfg, err = loadFor(t, `
+relay: {linger: 5ms}
+outboxes:
+  - name: orders
+    database: {table: orders_outbox}
+  - name: billing
+    database: {table: billing_outbox}
+    relay: {linger: 1ms}
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := []time.Duration{cfg.Outboxes[0].Store.Linger, cfg.Outboxes[1].Store.Linger}; got[0] != 5*time.Millisecond || got[1] != time.Millisecond {
+		t.Errorf("outboxes' lingers %v, want [5ms 1ms]", got)
 	}
 }

@@ -20,6 +20,7 @@ var keyRanges = map[string]fmt.Stringer{
 	"database.connect_timeout":       connectTimeoutRange,
 	"database.query_timeout":         postgres.QueryTimeoutRange,
 	"relay.leader_lease":             postgres.LeaderLeaseRange,
+	"relay.linger":                   postgres.LingerRange,
 	"http.backlog_scan_rows":         postgres.BacklogScanRowsRange,
 	"kafka.max_record_bytes":         kafka.MaxRecordBytesRange,
 	"kafka.linger":                   kafka.LingerRange,

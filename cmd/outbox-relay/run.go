@@ -26,6 +26,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/backoff"
+	"github.com/outbox-relay/outbox-relay/internal/procs"
 )
 
 func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -57,6 +58,8 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 		cfg.tracingSpans = spans
 	}
 	setMemoryLimit(cfg, tp != nil, os.Getenv, log)
+	stopProcs := procs.Start(ctx, log) // one P while the relay uses little CPU (internal/procs)
+	defer stopProcs()
 	// Started: what start-up touched of the binary is no longer needed resident.
 	return serve(ctx, cfg, log, func(*daemon) {
 		n, err := releaseStartupPages()
