@@ -35,7 +35,7 @@ var tailCases = []tailCase{{1000, 1}, {5000, 10}}
 
 // The relay's variants in the tail runs.
 const (
-	tailDefault    = "default"     // as deployed: every CPU, GOMAXPROCS the CPU count
+	tailDefault    = "default"     // as deployed: every CPU, GOMAXPROCS governed by internal/procs
 	tailPinned     = "pinned"      // every thread of the relay pinned to the last CPU (taskset)
 	tailGoMaxProcs = "gomaxprocs1" // GOMAXPROCS=1
 )
