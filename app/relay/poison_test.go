@@ -468,7 +468,11 @@ func TestRelayBrokerRejection(t *testing.T) {
 			}
 			got := e.keys(t, want)
 			if len(got) != want {
-				t.Fatalf("published %d records %v, want %d", len(got), got, want)
+				var kv []string
+				for _, r := range e.broker.ReadAll(t, e.topic, len(got), time.Minute) {
+					kv = append(kv, string(r.Key)+"="+string(r.Value)+fmt.Sprintf("@%d", r.Offset))
+				}
+				t.Fatalf("published %d records %v, want %d", len(got), kv, want)
 			}
 			if n := strings.Count(fmt.Sprint(got), "poison"); tc.policy == relay.OrderPolicySkip && n != 1 {
 				t.Errorf("the poison key's later row published %d times, want once (order_policy skip): %v", n, got)
