@@ -4,5 +4,5 @@ package procs
 
 import "time"
 
-// cpuTime reports that the process's CPU time cannot be read here: Run then governs nothing.
+// cpuTime reports that the process's CPU time cannot be read here: Start then governs nothing.
 func cpuTime() (time.Duration, bool) { return 0, false }

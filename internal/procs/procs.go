@@ -82,20 +82,20 @@ func (s *state) next(share float64, late bool) (one bool, after time.Duration) {
 	return s.one, Interval
 }
 
-// Enabled reports whether Run governs anything: GOMAXPROCS is not set in the environment and the
+// Enabled reports whether Start governs anything: GOMAXPROCS is not set in the environment and the
 // runtime's default is more than one P.
 func Enabled(getenv func(string) string) bool {
 	return getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) > 1
 }
 
-// Start governs GOMAXPROCS on a goroutine of its own (Run) until stop is called; stop returns once
+// Start governs GOMAXPROCS on a goroutine of its own (run) until stop is called; stop returns once
 // the runtime has its default back.
 func Start(ctx context.Context, log *slog.Logger) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		Run(ctx, log)
+		run(ctx, log)
 	}()
 	return func() {
 		cancel()
@@ -103,9 +103,9 @@ func Start(ctx context.Context, log *slog.Logger) (stop func()) {
 	}
 }
 
-// Run governs GOMAXPROCS until ctx ends, then gives the runtime its default back. It returns at
+// run governs GOMAXPROCS until ctx ends, then gives the runtime its default back. It returns at
 // once when not Enabled, or when the process's CPU time cannot be read.
-func Run(ctx context.Context, log *slog.Logger) {
+func run(ctx context.Context, log *slog.Logger) {
 	if !Enabled(os.Getenv) {
 		log.Debug("GOMAXPROCS not governed", "GOMAXPROCS", os.Getenv("GOMAXPROCS"), "gomaxprocs", runtime.GOMAXPROCS(0))
 		return

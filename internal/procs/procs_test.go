@@ -69,7 +69,7 @@ func TestRunFollowsTheLoad(t *testing.T) {
 	if def < 2 || !Enabled(func(string) string { return "" }) {
 		t.Skipf("one CPU here (GOMAXPROCS default %d): nothing to govern", def)
 	}
-	t.Setenv("GOMAXPROCS", "") // Run reads the environment
+	t.Setenv("GOMAXPROCS", "") // Start reads the environment
 	stop := Start(context.Background(), slog.New(slog.DiscardHandler))
 	stopped := false
 	defer func() {
