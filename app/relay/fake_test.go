@@ -25,14 +25,20 @@ import (
 type fakeStore struct {
 	t *testing.T
 
-	mu      sync.Mutex
-	nextID  int64
-	rows    map[int64]*fakeRow // pending rows, committed or not
-	parked  map[int64]*fakeRow
-	marked  []int64 // in the order they were marked
-	leader  *fakeSession
-	noHoriz bool          // Horizon returns ErrNoHorizon
-	wake    chan struct{} // closed and replaced at every commit
+	mu     sync.Mutex
+	nextID int64
+	rows   map[int64]*fakeRow // pending rows, committed or not
+	parked map[int64]*fakeRow
+	marked []int64 // in the order they were marked
+	// committed numbers the rows in the order their transactions committed; began holds, per
+	// row, how many had committed when its transaction inserted it. A row committed before
+	// another's transaction began must reach the broker first; two writers of one key whose
+	// transactions overlap have no order between them (ids are taken at insert, and the later
+	// id may commit first).
+	committed, began map[int64]int
+	leader           *fakeSession
+	noHoriz          bool          // Horizon returns ErrNoHorizon
+	wake             chan struct{} // closed and replaced at every commit
 	// claimLatency is how long a claim takes, so the relay acts beside it as it would beside a
 	// database's.
 	claimLatency time.Duration
@@ -54,6 +60,7 @@ type fakeRow struct {
 
 func newFakeStore(t *testing.T) *fakeStore {
 	s := &fakeStore{t: t, rows: map[int64]*fakeRow{}, parked: map[int64]*fakeRow{},
+		committed: map[int64]int{}, began: map[int64]int{},
 		wake: make(chan struct{}), active: map[string]int{}, claimLatency: 200 * time.Microsecond}
 	t.Cleanup(func() {
 		s.mu.Lock()
@@ -89,6 +96,7 @@ func (s *fakeStore) begin(key, eventType string) *fakeTx {
 	s.rows[s.nextID] = &fakeRow{msg: relay.Message{ID: s.nextID, EventID: fmt.Sprintf("e-%d", s.nextID),
 		AggregateType: "order", AggregateID: key, EventType: eventType, Payload: []byte(eventType),
 		CreatedAt: time.Now(), OccurredAt: time.Now()}}
+	s.began[s.nextID] = len(s.committed)
 	return &fakeTx{s: s, id: s.nextID}
 }
 
@@ -97,6 +105,7 @@ func (tx *fakeTx) commit() int64 {
 	tx.s.mu.Lock()
 	defer tx.s.mu.Unlock()
 	tx.s.rows[tx.id].committed = true
+	tx.s.committed[tx.id] = len(tx.s.committed) + 1
 	close(tx.s.wake)
 	tx.s.wake = make(chan struct{})
 	return tx.id
@@ -109,6 +118,15 @@ func (s *fakeStore) append(key string, eventTypes ...string) []int64 {
 		ids = append(ids, s.begin(key, e).commit())
 	}
 	return ids
+}
+
+// committedBefore reports whether row x committed before the transaction of row y began: then
+// x must reach the broker before y, if they share a key.
+func (s *fakeStore) committedBefore(x, y int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rank, ok := s.committed[x]
+	return ok && rank <= s.began[y]
 }
 
 // pending returns the number of rows neither marked nor parked.
