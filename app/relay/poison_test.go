@@ -445,11 +445,24 @@ func TestRelayBrokerRejection(t *testing.T) {
 			for i := range 10 {
 				rows = append(rows, row{key: str(fmt.Sprintf("k%d", i)), payload: []byte("ok")})
 			}
-			rows = append(rows, row{key: str("poison"), payload: []byte("later")})
 			ids := e.insert(t, rows...)
 			const maxAttempts = 3
 			e.run(t, relay.Config{MaxAttempts: maxAttempts, RetryBackoffMin: 100 * time.Millisecond,
 				RetryBackoffMax: 400 * time.Millisecond, OrderPolicy: tc.policy}, kafka.Config{}, postgres.MarkRetain)
+			// The key's later row is written once its head's first failure is recorded. Handed to
+			// the producer in the same claim, it could be accepted ahead of the refused head: the
+			// gap the README documents (franz-go fails the records buffered when the batch fails,
+			// and a record handed over in the microseconds before its callback starts a new batch).
+			for deadline := time.Now().Add(30 * time.Second); ; {
+				if _, attempts := e.outbox(t); attempts[ids[0]] > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the poison row's first failure was not recorded")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			ids = append(ids, e.insert(t, row{key: str("poison"), payload: []byte("later")})...)
 
 			parked := e.waitParked(t, 1)
 			p, ok := parked[ids[0]]
@@ -498,14 +511,15 @@ func TestRelayBrokerRejection(t *testing.T) {
 			if err != nil || len(retried) != 1 {
 				t.Fatalf("retry parked row: %v, %d rows", err, len(retried))
 			}
-			recs := e.broker.ReadAll(t, e.topic, want+2, time.Minute)
-			var tail []string
-			for _, r := range recs[want:] {
-				tail = append(tail, string(r.Key)+"="+string(r.Value))
-			}
-			wantTail := "[poison=POISON-MARKER poison=later]"
+			wantTail, total := "[poison=POISON-MARKER poison=later]", want+2
 			if tc.policy == relay.OrderPolicySkip {
-				wantTail = "[poison=POISON-MARKER]" // the later row went out before
+				wantTail, total = "[poison=POISON-MARKER]", want+1 // the later row went out before
+			}
+			e.broker.ReadAll(t, e.topic, total, time.Minute) // waits for them
+			recs := e.broker.ReadToEnd(t, e.topic, time.Minute)
+			var tail []string
+			for _, r := range recs[min(want, len(recs)):] {
+				tail = append(tail, string(r.Key)+"="+string(r.Value))
 			}
 			if fmt.Sprint(tail) != wantTail {
 				t.Errorf("after the retry the topic ends with %v, want %s", tail, wantTail)
