@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -81,6 +82,103 @@ type topicState struct {
 	mu      sync.Mutex // serializes resolutions
 	retryAt time.Time  // under mu: no new resolution before
 	err     error      // under mu: why the last resolution failed
+
+	// maxBytes is the topic's max.message.bytes when it is below kafka.max_record_bytes: the
+	// largest batch, and so record, the brokers take for it (readLimit); 0 when not lower or
+	// not known. limitRead is set once it was read, or could not be and the log said so.
+	maxBytes     atomic.Int32
+	limitRead    atomic.Bool
+	limitRetryAt time.Time // under mu: no new read before (the topic did not exist, or no broker answered)
+	limitWarned  bool      // under mu: the log said the limit could not be read
+}
+
+// limitRetryDelay is how long a topic whose max.message.bytes could not be read, for a reason
+// other than a refusal, is published to without trying again.
+const limitRetryDelay = 30 * time.Second
+
+// batchMaxBytes returns the producer's cap on a topic's record batches (kgo.ProducerBatchMaxBytesFn):
+// the topic's max.message.bytes when readLimit found it below kafka.max_record_bytes (def), else
+// def. A batch above the topic's limit is refused whole (MESSAGE_TOO_LARGE) while the batches
+// behind it succeed: its keys would be reordered. franz-go asks once per partition, when the
+// producer first sees it: after the topic's first record went through Publish, and readLimit.
+func (ps *partitions) batchMaxBytes(def int) func(topic string) int32 {
+	return func(topic string) int32 {
+		if topic == "" { // the client checks the option as it is made
+			return int32(def)
+		}
+		if n := ps.get(topic).maxBytes.Load(); n > 0 {
+			return n
+		}
+		return int32(def)
+	}
+}
+
+// readLimit reads the max.message.bytes of ts's topic once, before its first record is produced,
+// when the topic exists: a record larger is then refused (ErrInvalidMessage, parked with the
+// limit named) before it is handed to the producer, and the producer's batches for the topic
+// stay below it. Refused by the broker instead, the record would fail with its batch a moment
+// after its key's later rows were handed over, and those could go out first. When the limit
+// cannot be read (no DescribeConfigs permission, say), the log says so once and records up to
+// kafka.max_record_bytes are sent.
+func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
+	if ts.limitRead.Load() {
+		return
+	}
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.limitRead.Load() || time.Now().Before(ts.limitRetryAt) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, pinTimeout)
+	defer cancel()
+	limit, err := p.topicMaxMessageBytes(ctx, ts.topic)
+	switch {
+	case errors.Is(err, kerr.UnknownTopicOrPartition):
+		ts.limitRetryAt = time.Now().Add(pinRetryDelay) // read again once it exists
+		return
+	case err != nil:
+		if !ts.limitWarned {
+			ts.limitWarned = true
+			p.log.Warn("could not read the topic's max.message.bytes: records up to kafka.max_record_bytes are sent, and one the brokers refuse as too large is retried and parked",
+				"topic", ts.topic, "kafka.max_record_bytes", p.cfg.MaxRecordBytes, "err", err)
+		}
+		if !errors.Is(err, kerr.TopicAuthorizationFailed) && !errors.Is(err, kerr.ClusterAuthorizationFailed) {
+			ts.limitRetryAt = time.Now().Add(limitRetryDelay) // a broker away: read it again later
+			return
+		}
+	case limit < p.cfg.MaxRecordBytes:
+		ts.maxBytes.Store(int32(limit))
+		p.log.Info("topic takes smaller records than kafka.max_record_bytes: larger rows are parked",
+			"topic", ts.topic, "max.message.bytes", limit, "kafka.max_record_bytes", p.cfg.MaxRecordBytes)
+	}
+	ts.limitRead.Store(true)
+}
+
+// topicMaxMessageBytes returns topic's max.message.bytes, from a DescribeConfigs request. It
+// returns an error wrapping kerr.UnknownTopicOrPartition when the topic does not exist.
+func (p *Publisher) topicMaxMessageBytes(ctx context.Context, topic string) (int, error) {
+	rcs, err := kadm.NewClient(p.cl).DescribeTopicConfigs(ctx, topic)
+	if err != nil {
+		return 0, fmt.Errorf("describe the configuration of topic %q: %w", topic, err)
+	}
+	rc, err := rcs.On(topic, nil)
+	if err == nil {
+		err = rc.Err
+	}
+	if err != nil {
+		return 0, fmt.Errorf("describe the configuration of topic %q: %w", topic, err)
+	}
+	for _, c := range rc.Configs {
+		if c.Key != "max.message.bytes" {
+			continue
+		}
+		n, err := strconv.Atoi(c.MaybeValue())
+		if err != nil || n < 1 {
+			return 0, fmt.Errorf("topic %q: max.message.bytes %q is not a positive integer", topic, c.MaybeValue())
+		}
+		return n, nil
+	}
+	return 0, fmt.Errorf("topic %q: the brokers did not say its max.message.bytes", topic)
 }
 
 // partitions holds the publisher's topicStates.
@@ -146,7 +244,10 @@ func pinnedPartition(ts *topicState, hash kgo.TopicPartitioner, r *kgo.Record, n
 // returns an error when it cannot be: the record must not be produced then. A topic the brokers
 // do not know is left unresolved, and its records produced, so that the producer reports the
 // missing topic (or creates it, with AutoCreateTopics); the pin is resolved at a later record.
+//
+// It reads the topic's max.message.bytes first (readLimit): after it, checkTopicSize holds.
 func (p *Publisher) pinned(ctx context.Context, ts *topicState) error {
+	p.readLimit(ctx, ts)
 	if ts.resolved.Load() {
 		return nil
 	}

@@ -109,6 +109,7 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		return nil, err
 	}
 	comp, _ := codec(cfg.Compression)
+	parts := &partitions{topics: make(map[string]*topicState)}
 	opts = append(opts,
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.ProducerLinger(cfg.Linger),
@@ -116,7 +117,8 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		// Never pack rows into a batch larger than the broker takes: it refuses the whole batch
 		// (MESSAGE_TOO_LARGE), the batches behind it still succeed, and keys are reordered.
 		// kafka.max_record_bytes is documented to be at most the broker's limit.
-		kgo.ProducerBatchMaxBytes(int32(cfg.MaxRecordBytes)),
+		// A topic's own max.message.bytes, when lower, caps its batches (batchMaxBytes).
+		kgo.ProducerBatchMaxBytesFn(parts.batchMaxBytes(cfg.MaxRecordBytes)),
 		kgo.MaxBufferedRecords(1<<20), // the relay bounds what is in flight; never block Publish
 		kgo.MaxBufferedBytes(0),
 	)
@@ -129,7 +131,6 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		// costs nothing, and one more answer covers a topic created a moment ago.
 		opts = append(opts, kgo.UnknownTopicRetries(1))
 	}
-	parts := &partitions{topics: make(map[string]*topicState)}
 	opts = append(opts, extra...)
 	// Last: keys must be hashed with the pinned count, whatever extra says.
 	opts = append(opts, kgo.RecordPartitioner(pinnedPartitioner{parts}))
@@ -365,14 +366,32 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 // checkSize returns an error wrapping relay.ErrInvalidMessage when rec is larger than
 // kafka.max_record_bytes.
 func (p *Publisher) checkSize(rec *kgo.Record) error {
+	if size := recordSize(rec); size > p.cfg.MaxRecordBytes {
+		return fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", relay.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
+	}
+	return nil
+}
+
+// checkTopicSize returns an error wrapping relay.ErrInvalidMessage when rec is larger than the
+// max.message.bytes of its topic, ts's, read before (readLimit) and below kafka.max_record_bytes.
+func checkTopicSize(rec *kgo.Record, ts *topicState) error {
+	limit := int(ts.maxBytes.Load())
+	if limit == 0 {
+		return nil
+	}
+	if size := recordSize(rec); size > limit {
+		return fmt.Errorf("%w: record of %d bytes exceeds the max.message.bytes of topic %q (%d)", relay.ErrInvalidMessage, size, ts.topic, limit)
+	}
+	return nil
+}
+
+// recordSize bounds the bytes rec takes in a batch of its own, as a broker measures it.
+func recordSize(rec *kgo.Record) int {
 	size := len(rec.Key) + len(rec.Value) + recordBatchOverhead + 10*len(rec.Headers)
 	for _, h := range rec.Headers {
 		size += len(h.Key) + len(h.Value)
 	}
-	if size > p.cfg.MaxRecordBytes {
-		return fmt.Errorf("%w: record of %d bytes exceeds kafka.max_record_bytes (%d)", relay.ErrInvalidMessage, size, p.cfg.MaxRecordBytes)
-	}
-	return nil
+	return size
 }
 
 // ceHeaderPrefix starts the name of every CloudEvents attribute header of the Kafka binding.
@@ -457,9 +476,16 @@ func (p *Publisher) Publish(ctx context.Context, m *relay.Message, done func(err
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
+	if err := checkTopicSize(&pr.rec, ts); err != nil {
+		return err
+	}
 	if p.tr != nil {
 		pr.span = p.tr.startPublish(ctx, m, &pr.rec)
-		if err := p.checkSize(&pr.rec); err != nil { // the relay's traceparent made it too large
+		err := p.checkSize(&pr.rec)
+		if err == nil {
+			err = checkTopicSize(&pr.rec, ts)
+		}
+		if err != nil { // the relay's traceparent made it too large
 			endPublish(pr.span, &pr.rec, err)
 			return err
 		}
@@ -485,6 +511,9 @@ func (p *Publisher) Replay(ctx context.Context, m *relay.Message, topic string, 
 		return err
 	}
 	if err := p.pinned(ctx, ts); err != nil {
+		return err
+	}
+	if err := checkTopicSize(&pr.rec, ts); err != nil {
 		return err
 	}
 	p.report(ts)

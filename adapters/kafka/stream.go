@@ -54,6 +54,9 @@ func (p *TxPublisher) PublishStreamed(ctx context.Context, m *relay.Message, pro
 		p.doom(m, err)
 		return fmt.Errorf("partition count of %s: %w", ts.topic, err)
 	}
+	if err := checkTopicSize(&pr.rec, ts); err != nil {
+		return err
+	}
 	if !p.open {
 		if err := p.pub.cl.BeginTransaction(); err != nil {
 			p.broken = fmt.Errorf("begin a kafka transaction: %w", err)

@@ -495,6 +495,9 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
+	if err := checkTopicSize(&pr.rec, ts); err != nil {
+		return err
+	}
 	if !p.open {
 		if err := p.pub.cl.BeginTransaction(); err != nil {
 			p.broken = fmt.Errorf("begin a kafka transaction: %w", err)

@@ -3,8 +3,10 @@ package relay_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -525,6 +527,73 @@ func TestRelayBrokerRejection(t *testing.T) {
 				t.Errorf("after the retry the topic ends with %v, want %s", tail, wantTail)
 			}
 		})
+	}
+}
+
+// TestRelayKeepsToTheTopicsMaxMessageBytes: a topic whose max.message.bytes is below
+// kafka.max_record_bytes. A row larger than the topic takes is parked at its first attempt, with
+// the topic's limit named, and its key's later row waits (order_policy wait): refused by the
+// broker instead, the row would fail with its batch a moment after that later row was handed
+// over, which could then go out first. And rows that fit are never packed into a batch the
+// topic refuses whole: 60 incompressible rows of 1 kB over 6 keys go out, in order, without a
+// failure.
+func TestRelayKeepsToTheTopicsMaxMessageBytes(t *testing.T) {
+	t.Parallel()
+	pool, table := integrationSchema(t)
+	b := kafkatest.Start(t)
+	topic, limit := kafkatest.Name("small-records"), "4096"
+	b.CreateWith(t, topic, 1, map[string]*string{"max.message.bytes": &limit})
+	e := &poisonEnv{pool: pool, table: table, broker: b, topic: topic}
+	noise := func(n int) []byte {
+		p := make([]byte, n)
+		_, _ = rand.Read(p)
+		return p
+	}
+	rows := []row{{key: str("big"), payload: noise(6000)}}
+	for i := range 60 {
+		rows = append(rows, row{key: str(fmt.Sprintf("k%d", i%6)), payload: append(fmt.Appendf(nil, "%02d:", i), noise(1000)...)})
+	}
+	rows = append(rows, row{key: str("big"), payload: []byte("later")})
+	ids := e.insert(t, rows...)
+	e.run(t, relay.Config{MaxAttempts: 5, OrderPolicy: relay.OrderPolicyWait}, kafka.Config{}, postgres.MarkRetain)
+
+	parked := e.waitParked(t, 1)
+	p, ok := parked[ids[0]]
+	switch {
+	case !ok || len(parked) != 1:
+		t.Fatalf("parked %v, want only row %d", parked, ids[0])
+	case p.attempts != 1:
+		t.Errorf("parked after %d attempts, want 1 (at once)", p.attempts)
+	case !strings.Contains(p.reason, "max.message.bytes") || !strings.Contains(p.reason, topic):
+		t.Errorf("reason %q, want the topic's max.message.bytes named", p.reason)
+	}
+	wantPending := fmt.Sprint([]int64{ids[len(ids)-1]})
+	pending, attempts := e.outboxEventually(t, wantPending)
+	if fmt.Sprint(pending) != wantPending {
+		t.Errorf("pending rows %v, want %s: the big key's later row waits behind its parked head", pending, wantPending)
+	}
+	for _, id := range ids[1:61] {
+		if attempts[id] != 0 {
+			t.Errorf("row %d has %d failed attempts, want 0", id, attempts[id])
+		}
+	}
+	recs := b.ReadToEnd(t, topic, time.Minute)
+	if len(recs) != 60 {
+		t.Errorf("the topic holds %d records, want the 60 that fit", len(recs))
+	}
+	last := map[string]int{}
+	for _, r := range recs {
+		n, err := strconv.Atoi(string(r.Value[:2]))
+		if err != nil || string(r.Key) == "big" {
+			t.Fatalf("record of key %s at offset %d is not one of the rows that fit", r.Key, r.Offset)
+		}
+		if prev, ok := last[string(r.Key)]; ok && n <= prev {
+			t.Errorf("key %s: row %d after row %d", r.Key, n, prev)
+		}
+		last[string(r.Key)] = n
+	}
+	if n := e.obs.failed.Load(); n != 0 {
+		t.Errorf("%d publishes failed, want none: no batch above the topic's max.message.bytes", n)
 	}
 }
 

@@ -63,7 +63,7 @@ var settings = []setting{
 	{key: "kafka.brokers", def: "", help: "comma-separated seed brokers host:port"},
 	{key: "kafka.client_id", def: kafka.ClientIDDefault, help: "client id sent to the brokers"},
 	{key: "kafka.topic_template", def: kafka.TopicTemplateDefault, help: "topic of rows without one; {aggregate_type} and {event_type} are replaced"},
-	{key: "kafka.max_record_bytes", def: strconv.Itoa(kafka.MaxRecordBytesDefault), help: "largest record in bytes; larger rows are parked"},
+	{key: "kafka.max_record_bytes", def: strconv.Itoa(kafka.MaxRecordBytesDefault), help: "largest record in bytes; larger rows are parked (a topic whose max.message.bytes is lower caps its own)"},
 	{key: "kafka.id_header", def: "", help: "one more header holding the event id; empty: id with database.layout debezium, none otherwise; none: no such header"},
 	{key: "kafka.tombstones", def: "false", help: "publish a NULL payload as a tombstone instead of parking it"},
 	{key: "kafka.linger", def: "0s", help: "time the producer waits to fill a batch"},

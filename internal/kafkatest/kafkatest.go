@@ -58,6 +58,13 @@ func Name(prefix string) string { return fmt.Sprintf("%s-%d-%d", prefix, os.Getp
 // Create creates the topic name with the given partitions.
 func (b *Broker) Create(t testing.TB, name string, partitions int32) {
 	t.Helper()
+	b.CreateWith(t, name, partitions, nil)
+}
+
+// CreateWith creates the topic name with the given partitions and topic configuration (such as
+// max.message.bytes).
+func (b *Broker) CreateWith(t testing.TB, name string, partitions int32, configs map[string]*string) {
+	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...))
 	if err != nil {
 		t.Fatal(err)
@@ -65,7 +72,7 @@ func (b *Broker) Create(t testing.TB, name string, partitions int32) {
 	defer cl.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	resp, err := kadm.NewClient(cl).CreateTopic(ctx, partitions, 1, nil, name)
+	resp, err := kadm.NewClient(cl).CreateTopic(ctx, partitions, 1, configs, name)
 	if err == nil {
 		err = resp.Err
 	}
