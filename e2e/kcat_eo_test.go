@@ -26,8 +26,10 @@ func (r kcatRecord) header(name string) string {
 
 // TestKcatExactlyOnce runs the built binary with kafka.delivery=exactly_once on transactions of
 // several keys written in plain SQL, one of which also holds a row the broker refuses (over its
-// topic's max.message.bytes): its Kafka transaction aborts, is retried, and the row is parked
-// after relay.max_attempts; the rest of its database transaction is then published whole. kcat
+// topic's max.message.bytes, lowered after the relay read it at the topic's first record: a row
+// over the limit it knows is parked before it is sent): its Kafka transaction aborts, is
+// retried, and the row is parked after relay.max_attempts; the rest of its database transaction
+// is then published whole. kcat
 // at isolation.level=read_committed reads exactly the events written but the parked one, each
 // once, with the tx-id header shared by each transaction's records. kcat at read_uncommitted
 // (librdkafka's default is read_committed) also sees the records of the aborted transactions:
@@ -42,14 +44,46 @@ func TestKcatExactlyOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	maxBytes := "2000"
-	resp, err := kadm.NewClient(cl).CreateTopic(ctx, 1, 1, map[string]*string{"max.message.bytes": &maxBytes}, small)
-	cl.Close()
+	defer cl.Close()
+	resp, err := kadm.NewClient(cl).CreateTopic(ctx, 1, 1, nil, small)
 	if err == nil {
 		err = resp.Err
 	}
 	if err != nil {
 		t.Fatalf("create topic %s: %v", small, err)
+	}
+	p := startRelayProc(t, "relay", f.relayEnv("OUTBOX_KAFKA_DELIVERY=exactly_once",
+		"OUTBOX_KAFKA_PROGRESS_TOPIC="+f.topic+".progress", "OUTBOX_RELAY_MAX_ATTEMPTS=3",
+		"OUTBOX_RELAY_RETRY_BACKOFF_MIN=20ms", "OUTBOX_RELAY_RETRY_BACKOFF_MAX=100ms"))
+	// A first row to the small topic makes the relay read its limit (the brokers' default); the
+	// limit is lowered once that row is published, so the poison row below reaches the broker.
+	if _, err := f.pool.Exec(ctx, `INSERT INTO `+f.outbox()+` (aggregate_type, aggregate_id, event_type, payload, topic)
+		VALUES ('order', 'first', 'E', convert_to('first', 'UTF8'), $1)`, small); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; {
+		n, _, err := f.pending(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first row to the small topic was not published within a minute")
+		}
+		time.Sleep(20 * time.Millisecond) // polling interval
+	}
+	maxBytes := "2000"
+	alt, err := kadm.NewClient(cl).AlterTopicConfigs(ctx, []kadm.AlterConfig{{Name: "max.message.bytes", Value: &maxBytes}}, small)
+	if err == nil {
+		var r kadm.AlterConfigsResponse
+		if r, err = alt.On(small, nil); err == nil {
+			err = r.Err
+		}
+	}
+	if err != nil {
+		t.Fatalf("lower max.message.bytes of %s: %v", small, err)
 	}
 	const txs, keysPerTx, perKey = 30, 3, 2
 	want := map[string]string{} // event id -> the transaction that wrote it (its number)
@@ -79,9 +113,6 @@ func TestKcatExactlyOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	p := startRelayProc(t, "relay", f.relayEnv("OUTBOX_KAFKA_DELIVERY=exactly_once",
-		"OUTBOX_KAFKA_PROGRESS_TOPIC="+f.topic+".progress", "OUTBOX_RELAY_MAX_ATTEMPTS=3",
-		"OUTBOX_RELAY_RETRY_BACKOFF_MIN=20ms", "OUTBOX_RELAY_RETRY_BACKOFF_MAX=100ms"))
 	for deadline := time.Now().Add(time.Minute); ; { // drained, the poison row parked
 		n, parked, err := f.pending(ctx)
 		if err != nil {
@@ -131,8 +162,8 @@ func TestKcatExactlyOnce(t *testing.T) {
 	if len(committed) != len(want) {
 		t.Errorf("read_committed: %d records, want the %d events written", len(committed), len(want))
 	}
-	if n := len(kcatRead(t, f.broker.Addrs, small, "-X", "isolation.level=read_committed")); n != 0 {
-		t.Errorf("read_committed: %d records on %s, want none (the row was parked)", n, small)
+	if n := len(kcatRead(t, f.broker.Addrs, small, "-X", "isolation.level=read_committed")); n != 1 {
+		t.Errorf("read_committed: %d records on %s, want the first row only (the poison row was parked)", n, small)
 	}
 
 	// read_uncommitted: every committed record, and the records of the aborted transactions.

@@ -8,7 +8,10 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/internal/oracle"
@@ -17,7 +20,8 @@ import (
 // TestFaultEO05PoisonInsideATransaction: under load of transactions spanning three keys (and
 // partitions and topics), transactions that also hold a poison row are written: a row the relay
 // refuses (an invalid topic name: parked at once) and a row the broker refuses (over the topic's
-// max.message.bytes: its Kafka transaction aborts, retried, then parked). The poison rows are
+// max.message.bytes, which the relay may not read here: its Kafka transaction aborts, retried,
+// then parked; against KAFKA_BROKERS the relay reads it and parks the row at once). The poison rows are
 // parked and never published; every other row of their transactions is published, in one Kafka
 // transaction, never split from the rest of its database transaction (the oracle's all-or-none
 // check across partitions), with 0 duplicates.
@@ -32,6 +36,13 @@ func TestFaultEO05PoisonInsideATransaction(t *testing.T) {
 	small := fmt.Sprintf("faults-eo-small-%d", time.Now().UnixNano())
 	if _, err := kadm.NewClient(cl).CreateTopic(e.ctx, 1, 1, map[string]*string{"max.message.bytes": ptr("4000")}, small); err != nil {
 		t.Fatal(err)
+	}
+	if e.broker.Fake != nil {
+		// The relay reads a topic's max.message.bytes and parks a larger row before it is sent.
+		// Refused that read, it falls back to kafka.max_record_bytes (1 MB), sends the row, and
+		// the broker refuses it inside the Kafka transaction: the path this test is about.
+		e.broker.Fake.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.DescribeConfigs}, Resource: small,
+			Err: kerr.TopicAuthorizationFailed, Count: -1})
 	}
 	p := e.startProcess("eo05", append(e.eoEnv(), "OUTBOX_RELAY_MAX_ATTEMPTS=3")...)
 	stop := e.loader.Go(e.ctx)
@@ -75,6 +86,11 @@ func TestFaultEO05PoisonInsideATransaction(t *testing.T) {
 	for _, r := range parked {
 		if !strings.HasPrefix(deref(r.AggregateID), "poison-") {
 			t.Errorf("parked row %d of key %s: only the poison rows may be parked (%s)", r.ID, deref(r.AggregateID), r.Reason)
+		}
+	}
+	if e.broker.Fake != nil {
+		if p.logs.count("could not read the topic's max.message.bytes") != 1 || p.logs.count("MESSAGE_TOO_LARGE") == 0 {
+			t.Errorf("the big row did not reach the broker with the topic's limit unread: want one 'could not read the topic's max.message.bytes' line and the broker's MESSAGE_TOO_LARGE in the logs")
 		}
 	}
 	rep := e.checkEO()

@@ -86,11 +86,23 @@ type topicState struct {
 	// maxBytes is the topic's max.message.bytes when it is below kafka.max_record_bytes: the
 	// largest batch, and so record, the brokers take for it (readLimit); 0 when not lower or
 	// not known. limitRead is set once it was read, or could not be and the log said so.
-	maxBytes     atomic.Int32
-	limitRead    atomic.Bool
+	maxBytes  atomic.Int32
+	limitRead atomic.Bool
+	// batchCap is the smallest cap on the topic's batches the producer was given
+	// (batchMaxBytes), which franz-go keeps for the life of the process: a record larger cannot
+	// be sent by this process even once the topic takes it. 0 until the producer asked.
+	batchCap     atomic.Int32
 	limitRetryAt time.Time // under mu: no new read before (the topic did not exist, or no broker answered)
+	limitAt      time.Time // under mu: when the limit was last read
 	limitWarned  bool      // under mu: the log said the limit could not be read
 }
+
+// limitRecheck is how long a topic's max.message.bytes is trusted before a record it refuses, or
+// the broker's MESSAGE_TOO_LARGE, makes the publisher read it again: an operator who raised the
+// limit and retried the parked rows must not see them parked again, and one who lowered it must
+// not see its batches refused until the next restart.
+
+const limitRecheck = time.Second
 
 // limitRetryDelay is how long a topic whose max.message.bytes could not be read, for a reason
 // other than a refusal, is published to without trying again.
@@ -106,10 +118,17 @@ func (ps *partitions) batchMaxBytes(def int) func(topic string) int32 {
 		if topic == "" { // the client checks the option as it is made
 			return int32(def)
 		}
-		if n := ps.get(topic).maxBytes.Load(); n > 0 {
-			return n
+		ts := ps.get(topic)
+		n := int32(def)
+		if m := ts.maxBytes.Load(); m > 0 {
+			n = m
 		}
-		return int32(def)
+		for {
+			c := ts.batchCap.Load()
+			if (c > 0 && c <= n) || ts.batchCap.CompareAndSwap(c, n) {
+				return n
+			}
+		}
 	}
 }
 
@@ -126,11 +145,12 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 	}
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
-	if ts.limitRead.Load() || time.Now().Before(ts.limitRetryAt) {
+	if ts.limitRead.Load() || time.Now().Before(ts.limitRetryAt) || time.Since(ts.limitAt) < limitRecheck {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, pinTimeout)
 	defer cancel()
+	ts.limitAt = time.Now()
 	limit, err := p.topicMaxMessageBytes(ctx, ts.topic)
 	switch {
 	case errors.Is(err, kerr.UnknownTopicOrPartition):
@@ -147,11 +167,35 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 			return
 		}
 	case limit < p.cfg.MaxRecordBytes:
-		ts.maxBytes.Store(int32(limit))
-		p.log.Info("topic takes smaller records than kafka.max_record_bytes: larger rows are parked",
-			"topic", ts.topic, "max.message.bytes", limit, "kafka.max_record_bytes", p.cfg.MaxRecordBytes)
+		if old := ts.maxBytes.Swap(int32(limit)); int(old) != limit {
+			p.log.Info("topic takes smaller records than kafka.max_record_bytes: larger rows are parked",
+				"topic", ts.topic, "max.message.bytes", limit, "kafka.max_record_bytes", p.cfg.MaxRecordBytes)
+		}
+	default:
+		if ts.maxBytes.Swap(0) != 0 {
+			p.log.Info("topic takes records up to kafka.max_record_bytes again", "topic", ts.topic,
+				"max.message.bytes", limit, "kafka.max_record_bytes", p.cfg.MaxRecordBytes)
+		}
 	}
 	ts.limitRead.Store(true)
+}
+
+// limitStale makes the next record of ts's topic read its max.message.bytes again (readLimit), at
+// most once per limitRecheck: the limit read may be out of date.
+func (ts *topicState) limitStale() { ts.limitRead.Store(false) }
+
+// fitsTopic returns an error wrapping relay.ErrInvalidMessage when rec is larger than the
+// max.message.bytes of its topic, ts's, as last read, or than the producer takes for it (checkTopicSize). Before refusing it, it
+// reads the limit again if it was read more than limitRecheck ago: the operator may have raised
+// it, and retried the parked rows.
+func (p *Publisher) fitsTopic(ctx context.Context, ts *topicState, rec *kgo.Record) error {
+	err := p.checkTopicSize(rec, ts)
+	if err == nil {
+		return nil
+	}
+	ts.limitStale()
+	p.readLimit(ctx, ts)
+	return p.checkTopicSize(rec, ts)
 }
 
 // topicMaxMessageBytes returns topic's max.message.bytes, from a DescribeConfigs request. It

@@ -183,6 +183,8 @@ func (p *Publisher) settle(r *kgo.Record, err error) {
 		if p.missingN.Load() > 0 {
 			p.topicFound(r.Topic)
 		}
+	case errors.Is(err, kerr.MessageTooLarge):
+		p.parts.get(r.Topic).limitStale() // the topic's limit may have been lowered
 	case errors.Is(err, kerr.UnknownTopicOrPartition):
 		p.topicMissing(r.Topic)
 		err = fmt.Errorf("%w: kafka topic %q does not exist; %s: %w", relay.ErrDestinationMissing, r.Topic, p.missingFix(), err)
@@ -373,14 +375,22 @@ func (p *Publisher) checkSize(rec *kgo.Record) error {
 }
 
 // checkTopicSize returns an error wrapping relay.ErrInvalidMessage when rec is larger than the
-// max.message.bytes of its topic, ts's, read before (readLimit) and below kafka.max_record_bytes.
-func checkTopicSize(rec *kgo.Record, ts *topicState) error {
-	limit := int(ts.maxBytes.Load())
-	if limit == 0 {
+// max.message.bytes of its topic, ts's, read before (readLimit) and below kafka.max_record_bytes,
+// or than the batches franz-go was told the topic takes when it first saw one of its partitions
+// (a limit raised since takes effect at the next start).
+func (p *Publisher) checkTopicSize(rec *kgo.Record, ts *topicState) error {
+	limit, batchCap := int(ts.maxBytes.Load()), int(ts.batchCap.Load())
+	if limit == 0 && (batchCap == 0 || batchCap >= p.cfg.MaxRecordBytes) {
 		return nil
 	}
-	if size := recordSize(rec); size > limit {
-		return fmt.Errorf("%w: record of %d bytes exceeds the max.message.bytes of topic %q (%d)", relay.ErrInvalidMessage, size, ts.topic, limit)
+	size := recordSize(rec)
+	switch {
+	case limit > 0 && size > limit:
+		return fmt.Errorf("%w: record of %d bytes exceeds the max.message.bytes of topic %q (%d): raise the topic's limit, then retry the parked row",
+			relay.ErrInvalidMessage, size, ts.topic, limit)
+	case batchCap > 0 && size > batchCap:
+		return fmt.Errorf("%w: record of %d bytes exceeds the %d bytes this process's producer takes for topic %q (the topic's max.message.bytes when the relay first wrote to it): restart the relay to take a raised limit, then retry the parked row",
+			relay.ErrInvalidMessage, size, batchCap, ts.topic)
 	}
 	return nil
 }
@@ -476,14 +486,14 @@ func (p *Publisher) Publish(ctx context.Context, m *relay.Message, done func(err
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
-	if err := checkTopicSize(&pr.rec, ts); err != nil {
+	if err := p.fitsTopic(ctx, ts, &pr.rec); err != nil {
 		return err
 	}
 	if p.tr != nil {
 		pr.span = p.tr.startPublish(ctx, m, &pr.rec)
 		err := p.checkSize(&pr.rec)
 		if err == nil {
-			err = checkTopicSize(&pr.rec, ts)
+			err = p.checkTopicSize(&pr.rec, ts)
 		}
 		if err != nil { // the relay's traceparent made it too large
 			endPublish(pr.span, &pr.rec, err)
@@ -513,7 +523,7 @@ func (p *Publisher) Replay(ctx context.Context, m *relay.Message, topic string, 
 	if err := p.pinned(ctx, ts); err != nil {
 		return err
 	}
-	if err := checkTopicSize(&pr.rec, ts); err != nil {
+	if err := p.fitsTopic(ctx, ts, &pr.rec); err != nil {
 		return err
 	}
 	p.report(ts)

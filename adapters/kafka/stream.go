@@ -54,7 +54,7 @@ func (p *TxPublisher) PublishStreamed(ctx context.Context, m *relay.Message, pro
 		p.doom(m, err)
 		return fmt.Errorf("partition count of %s: %w", ts.topic, err)
 	}
-	if err := checkTopicSize(&pr.rec, ts); err != nil {
+	if err := p.pub.fitsTopic(ctx, ts, &pr.rec); err != nil {
 		return err
 	}
 	if !p.open {

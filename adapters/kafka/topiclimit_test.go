@@ -82,6 +82,34 @@ func TestPublisherReadsTheTopicsMaxMessageBytes(t *testing.T) {
 				if n := strings.Count(logs.String(), "topic takes smaller records than kafka.max_record_bytes"); n != 1 {
 					t.Errorf("said %d times that the topic takes smaller records, want once:\n%s", n, logs)
 				}
+				// The operator raises the limit. The publisher reads it again (at most a second
+				// after the last read), but its producer keeps the batch cap it was given for the
+				// topic: the record is refused, saying to restart. After a restart it goes out.
+				raised := "1000000"
+				if err := b.AlterTopicConfig(topic, "max.message.bytes", &raised); err != nil {
+					t.Fatal(err)
+				}
+				for deadline := time.Now().Add(30 * time.Second); !strings.Contains(logs.String(), "topic takes records up to kafka.max_record_bytes again"); {
+					if time.Now().After(deadline) {
+						t.Fatalf("the limit raised, the publisher did not read it again within 30 s:\n%s", logs)
+					}
+					if atOnce, verdict := publish(3, 6000); atOnce == nil {
+						t.Fatalf("a record over the producer's batch cap was handed to it (verdict %v)", verdict)
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+				if atOnce, _ := publish(4, 6000); !errors.Is(atOnce, relay.ErrInvalidMessage) || !strings.Contains(atOnce.Error(), "restart the relay") {
+					t.Errorf("the limit raised, before a restart: refused with %v, want relay.ErrInvalidMessage saying to restart", atOnce)
+				}
+				pub.Close()
+				pub, err = kafka.NewPublisher(kafka.Config{Brokers: b.Addrs, TopicTemplate: topic})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(pub.Close)
+				if atOnce, verdict := publish(5, 6000); atOnce != nil || verdict != nil {
+					t.Errorf("after a restart, a record of 6000 bytes: refused with %v, verdict %v; want it published", atOnce, verdict)
+				}
 				return
 			}
 			if atOnce != nil || !errors.Is(verdict, kerr.MessageTooLarge) {

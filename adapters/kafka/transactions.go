@@ -495,7 +495,7 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 		done(&relay.GroupError{Group: ts.topic + "/partition-count", Err: err})
 		return nil
 	}
-	if err := checkTopicSize(&pr.rec, ts); err != nil {
+	if err := p.pub.fitsTopic(ctx, ts, &pr.rec); err != nil {
 		return err
 	}
 	if !p.open {

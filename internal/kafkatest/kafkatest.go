@@ -52,6 +52,33 @@ func (b *Broker) Topic(t testing.TB, prefix string, partitions int32) string {
 	return name
 }
 
+// AlterTopicConfig sets (value) or deletes (nil) the configuration key of topic.
+func (b *Broker) AlterTopicConfig(topic, key string, value *string) error {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.Addrs...))
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	op := kadm.SetConfig
+	if value == nil {
+		op = kadm.DeleteConfig
+	}
+	resps, err := kadm.NewClient(cl).AlterTopicConfigs(ctx, []kadm.AlterConfig{{Op: op, Name: key, Value: value}}, topic)
+	if err != nil {
+		return fmt.Errorf("alter %s of topic %s: %w", key, topic, err)
+	}
+	r, err := resps.On(topic, nil)
+	if err == nil {
+		err = r.Err
+	}
+	if err != nil {
+		return fmt.Errorf("alter %s of topic %s: %w", key, topic, err)
+	}
+	return nil
+}
+
 // Name returns a unique topic name, for a topic a test creates later, or never.
 func Name(prefix string) string { return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), seq.Add(1)) }
 
