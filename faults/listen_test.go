@@ -19,17 +19,26 @@ func TestFault05ListenConnectionKilled(t *testing.T) {
 	e.waitLeader(r)
 	stop := e.loader.Go(e.ctx)
 	defer stop()
+	var killedAt int64 // the relay's connects when it was last killed
 	for i := range 3 {
 		want := int64(100 * (i + 1))
 		e.eventually(60*time.Second, "progress", func() (bool, string) {
 			return r.probe.acked.Load() >= want, itoa(r.probe.acked.Load()) + " acknowledged"
 		})
 		// The relay may be between a kill and its reconnect (the loader can run ahead of the
-		// last kill's backoff): wait until it has a session again, then kill exactly that one.
+		// last kill's backoff): wait until it has connected again (a session killed while the
+		// relay was still opening it fails the open, and counts no connect), then kill exactly
+		// that session.
 		var n int
 		e.eventually(30*time.Second, "a relay session to kill", func() (bool, string) {
-			n = e.terminate("fault05")
-			return n > 0, itoa(r.probe.connects.Load()) + " connects so far"
+			c := r.probe.connects.Load()
+			if c <= killedAt {
+				return false, itoa(c) + " connects so far, none since the last kill"
+			}
+			if n = e.terminate("fault05"); n > 0 {
+				killedAt = c
+			}
+			return n > 0, itoa(c) + " connects so far"
 		})
 		if n != 1 {
 			t.Fatalf("terminated %d sessions, want 1", n)

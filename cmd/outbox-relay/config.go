@@ -28,6 +28,9 @@ type setting struct {
 	def    string
 	help   string
 	secret bool
+	// emptyIsValue: an empty value means something ("empty disables it"), so an environment
+	// variable set empty is that value, where viper would skip it as unset.
+	emptyIsValue bool
 }
 
 // envName returns the environment variable of a key: OUTBOX_<SECTION>_<KEY>.
@@ -117,7 +120,7 @@ var settings = []setting{
 	{key: "consumer.isolation_level", def: "", help: "'consume': read_committed or read_uncommitted; empty: read_committed when kafka.delivery is exactly_once"},
 	{key: "consumer.max_poll_records", def: strconv.Itoa(kafka.ConsumerMaxPollRecordsDefault), help: "'consume': most records handled between two offset commits"},
 	{key: "consumer.session_timeout", def: kafka.ConsumerSessionTimeoutDefault.String(), help: "'consume': how long the group waits for a crashed member before reassigning its partitions"},
-	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it"},
+	{key: "consumer.http_addr", def: ":9091", help: "'consume': listener for /metrics and /healthz; empty disables it", emptyIsValue: true},
 
 	{key: "relay.batch_size", def: strconv.Itoa(relay.BatchSizeDefault), help: "most rows per claim query (1-10000)"},
 	{key: "relay.max_in_flight", def: strconv.Itoa(relay.MaxInFlightDefault), help: "most rows published but not yet marked; bounds duplicates after a crash"},
@@ -137,7 +140,7 @@ var settings = []setting{
 	{key: "relay.purge_batch", def: "5000", help: "with relay.mark=retain, rows deleted per purge statement"},
 	{key: "relay.startup_timeout", def: "15s", help: "bound on reaching the database and the broker at start"},
 
-	{key: "http.addr", def: ":9090", help: "listener for /metrics, /healthz and /readyz; empty disables it"},
+	{key: "http.addr", def: ":9090", help: "listener for /metrics, /healthz and /readyz; empty disables it", emptyIsValue: true},
 	{key: "http.stall_timeout", def: "60s", help: "not ready when rows are pending and nothing was published for this long"},
 	{key: "http.backlog_scan_rows", def: strconv.Itoa(postgres.BacklogScanRowsDefault), help: "pending rows read per scrape for the per-topic gauges; counts beyond are extrapolated"},
 
@@ -227,6 +230,15 @@ func loadConfig(fs *pflag.FlagSet) (*Config, *viper.Viper, error) {
 		if f := fs.Lookup(flagName(s.key)); f != nil && !s.secret {
 			if err := v.BindPFlag(s.key, f); err != nil {
 				return nil, nil, err
+			}
+		}
+	}
+	for _, s := range settings {
+		// OUTBOX_HTTP_ADDR= disables the listener, as http.addr: "" in the file does; a flag
+		// given still wins.
+		if val, ok := os.LookupEnv(envName(s.key)); s.emptyIsValue && ok && val == "" {
+			if f := fs.Lookup(flagName(s.key)); f == nil || !f.Changed {
+				v.Set(s.key, "")
 			}
 		}
 	}

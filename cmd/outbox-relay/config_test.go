@@ -20,7 +20,8 @@ func configEnv(t *testing.T, env map[string]string) {
 	t.Helper()
 	for _, kv := range os.Environ() {
 		if name, _, _ := strings.Cut(kv, "="); strings.HasPrefix(name, "OUTBOX_") {
-			t.Setenv(name, "") // viper treats an empty variable as unset
+			t.Setenv(name, "") // restored when the test ends
+			_ = os.Unsetenv(name)
 		}
 	}
 	for k, v := range env {
@@ -377,6 +378,33 @@ func TestConfigPrecedence(t *testing.T) {
 	}
 	if cfg.Relay.MaxAttempts != 7 {
 		t.Errorf("OUTBOX_CONFIG: relay.max_attempts = %d, want 7", cfg.Relay.MaxAttempts)
+	}
+}
+
+// TestConfigEmptyEnvDisablesTheListener: OUTBOX_HTTP_ADDR set empty disables the listener, as
+// the help says ("empty disables it"); viper skips empty variables, and the relay listened on
+// :9090 anyway. A flag still wins over it; unset, the default holds.
+func TestConfigEmptyEnvDisablesTheListener(t *testing.T) {
+	configEnv(t, validEnv)
+	cfg, err := loadFor(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HTTPAddr != ":9090" {
+		t.Errorf("unset: http.addr = %q, want the default :9090", cfg.HTTPAddr)
+	}
+	t.Setenv("OUTBOX_HTTP_ADDR", "")
+	if cfg, err = loadFor(t, "http:\n  addr: 127.0.0.1:9998\n"); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HTTPAddr != "" {
+		t.Errorf("OUTBOX_HTTP_ADDR empty, over the file: http.addr = %q, want empty (listener disabled)", cfg.HTTPAddr)
+	}
+	if cfg, err = loadFor(t, "", "--http-addr", "127.0.0.1:9999"); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HTTPAddr != "127.0.0.1:9999" {
+		t.Errorf("flag over an empty OUTBOX_HTTP_ADDR: http.addr = %q, want 127.0.0.1:9999", cfg.HTTPAddr)
 	}
 }
 
