@@ -121,7 +121,7 @@ func (ps *partitions) batchMaxBytes(def int) func(topic string) int32 {
 		ts := ps.get(topic)
 		n := int32(def)
 		if m := ts.maxBytes.Load(); m > 0 {
-			n = m
+			n = max(m, 512) // franz-go's least; a record larger than m is refused before (checkTopicSize)
 		}
 		for {
 			c := ts.batchCap.Load()
