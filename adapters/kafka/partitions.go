@@ -101,7 +101,6 @@ type topicState struct {
 // the broker's MESSAGE_TOO_LARGE, makes the publisher read it again: an operator who raised the
 // limit and retried the parked rows must not see them parked again, and one who lowered it must
 // not see its batches refused until the next restart.
-
 const limitRecheck = time.Second
 
 // limitRetryDelay is how long a topic whose max.message.bytes could not be read, for a reason
@@ -185,9 +184,9 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 func (ts *topicState) limitStale() { ts.limitRead.Store(false) }
 
 // fitsTopic returns an error wrapping relay.ErrInvalidMessage when rec is larger than the
-// max.message.bytes of its topic, ts's, as last read, or than the producer takes for it (checkTopicSize). Before refusing it, it
-// reads the limit again if it was read more than limitRecheck ago: the operator may have raised
-// it, and retried the parked rows.
+// max.message.bytes of its topic, ts's, as last read, or than the producer takes for it
+// (checkTopicSize). Before refusing it, it reads the limit again if it was read more than
+// limitRecheck ago: the operator may have raised it, and retried the parked rows.
 func (p *Publisher) fitsTopic(ctx context.Context, ts *topicState, rec *kgo.Record) error {
 	err := p.checkTopicSize(rec, ts)
 	if err == nil {
