@@ -170,6 +170,12 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 			p.log.Info("topic takes smaller records than kafka.max_record_bytes: larger rows are parked",
 				"topic", ts.topic, "max.message.bytes", limit, "kafka.max_record_bytes", p.cfg.MaxRecordBytes)
 		}
+		if c := int(ts.batchCap.Load()); c > limit {
+			// The producer sized the topic's batches before the limit was known (the topic was
+			// created after the relay's first record to it), or before it was lowered.
+			p.log.Warn("the producer's batches for this topic may exceed its max.message.bytes until the relay restarts: a refused batch can reorder its keys",
+				"topic", ts.topic, "max.message.bytes", limit, "batch_cap", c)
+		}
 	default:
 		if ts.maxBytes.Swap(0) != 0 {
 			p.log.Info("topic takes records up to kafka.max_record_bytes again", "topic", ts.topic,

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/internal/kafkatest"
 )
 
 // defaultPartition is the partition franz-go's default partitioner gives a keyed record among n:
@@ -133,3 +135,40 @@ func TestReportPartitionChanges(t *testing.T) {
 type nopPins struct{}
 
 func (nopPins) Pin(_ context.Context, _ string, live int) (int, error) { return live, nil }
+
+// TestReadLimitSaysWhenBatchesOutgrowIt: when the producer sized a topic's batches before the
+// topic's lower max.message.bytes was read (the topic was created after the relay's first record
+// to it, or its limit lowered since), the publisher says that its batches may exceed the limit
+// until a restart; read before, the batches take the limit and nothing is said.
+func TestReadLimitSaysWhenBatchesOutgrowIt(t *testing.T) {
+	t.Parallel()
+	for _, askedFirst := range []bool{true, false} {
+		t.Run(fmt.Sprintf("producer asked first=%v", askedFirst), func(t *testing.T) {
+			t.Parallel()
+			b := kafkatest.Start(t)
+			topic, limit := kafkatest.Name("outgrown"), "4096"
+			b.CreateWith(t, topic, 1, map[string]*string{"max.message.bytes": &limit})
+			var logs bytes.Buffer
+			p, err := NewPublisher(Config{Brokers: b.Addrs, TopicTemplate: topic, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(p.Close)
+			capFor := p.parts.batchMaxBytes(p.cfg.MaxRecordBytes)
+			ts := p.parts.get(topic)
+			if askedFirst {
+				capFor(topic) // as franz-go asks when it first sees a partition
+			}
+			p.readLimit(context.Background(), ts)
+			if !askedFirst {
+				if got := capFor(topic); got != 4096 {
+					t.Errorf("batch cap %d after the limit was read, want the topic's 4096", got)
+				}
+			}
+			said := strings.Contains(logs.String(), "may exceed its max.message.bytes until the relay restarts")
+			if said != askedFirst {
+				t.Errorf("warned that batches may exceed the limit: %v, want %v:\n%s", said, askedFirst, logs.String())
+			}
+		})
+	}
+}
