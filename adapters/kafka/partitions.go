@@ -91,10 +91,9 @@ type topicState struct {
 	// batchCap is the smallest cap on the topic's batches the producer was given
 	// (batchMaxBytes), which franz-go keeps for the life of the process: a record larger cannot
 	// be sent by this process even once the topic takes it. 0 until the producer asked.
-	batchCap     atomic.Int32
-	limitRetryAt time.Time // under mu: no new read before (the topic did not exist, or no broker answered)
-	limitAt      time.Time // under mu: when the limit was last read
-	limitWarned  bool      // under mu: the log said the limit could not be read
+	batchCap    atomic.Int32
+	limitNext   time.Time // under mu: no new read before (limitRecheck after a read, longer after a failure)
+	limitWarned bool      // under mu: the log said the limit could not be read
 }
 
 // limitRecheck is how long a topic's max.message.bytes is trusted before a record it refuses, or
@@ -144,16 +143,16 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 	}
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
-	if ts.limitRead.Load() || time.Now().Before(ts.limitRetryAt) || time.Since(ts.limitAt) < limitRecheck {
+	if ts.limitRead.Load() || time.Now().Before(ts.limitNext) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, pinTimeout)
 	defer cancel()
-	ts.limitAt = time.Now()
+	ts.limitNext = time.Now().Add(limitRecheck)
 	limit, err := p.topicMaxMessageBytes(ctx, ts.topic)
 	switch {
 	case errors.Is(err, kerr.UnknownTopicOrPartition):
-		ts.limitRetryAt = time.Now().Add(pinRetryDelay) // read again once it exists
+		ts.limitNext = time.Now().Add(pinRetryDelay) // read again once it exists
 		return
 	case err != nil:
 		if !ts.limitWarned {
@@ -162,7 +161,7 @@ func (p *Publisher) readLimit(ctx context.Context, ts *topicState) {
 				"topic", ts.topic, "kafka.max_record_bytes", p.cfg.MaxRecordBytes, "err", err)
 		}
 		if !errors.Is(err, kerr.TopicAuthorizationFailed) && !errors.Is(err, kerr.ClusterAuthorizationFailed) {
-			ts.limitRetryAt = time.Now().Add(limitRetryDelay) // a broker away: read it again later
+			ts.limitNext = time.Now().Add(limitRetryDelay) // a broker away: read it again later
 			return
 		}
 	case limit < p.cfg.MaxRecordBytes:

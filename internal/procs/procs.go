@@ -6,11 +6,12 @@
 // (Ps), each hand-off to a parked goroutine may wake an idle thread to run it, which spins looking
 // for work and parks again: at 1,000 events a second that was 15–25 % of the relay's CPU on two
 // CPUs. On one P the readied goroutine runs next on the thread that readied it. An idle process
-// keeps the default (work after a quiet spell finds every CPU) and is read seldom. A drain, on the other hand, needs every CPU: the governor watches the
-// process's CPU time (user and system, from getrusage) and how long goroutines waited to run
-// (the scheduler's latencies), and switches back within one sample when one P is not enough: the
-// process uses most of a CPU, or its goroutines queue for the one P (which also tells it when the
-// host's other processes leave it less than a CPU).
+// keeps the default (work after a quiet spell finds every CPU) and is read seldom. A drain, on
+// the other hand, needs every CPU: the governor watches the process's CPU time (user and system,
+// from getrusage) and how long goroutines waited to run (the scheduler's latencies), and switches
+// back within one sample when one P is not enough: the process uses most of a CPU, or its
+// goroutines queue for the one P (which also tells it when the host's other processes leave it
+// less than a CPU).
 //
 // The governor never runs where the user chose: GOMAXPROCS set in the environment, or a default
 // of one already (a container limited to one CPU).
@@ -159,7 +160,9 @@ type schedWaits struct {
 // late reports whether, since the last call, more than Late of at least lateMin goroutine runs
 // came after a wait of LateWait or longer.
 func (w *schedWaits) late() bool {
-	w.sample[0].Name = "/sched/latencies:seconds"
+	if w.sample[0].Name == "" {
+		w.sample[0].Name = "/sched/latencies:seconds"
+	}
 	metrics.Read(w.sample[:])
 	if w.sample[0].Value.Kind() != metrics.KindFloat64Histogram {
 		return false

@@ -9,6 +9,9 @@ import (
 	"time"
 )
 
+// TestStateSwitches: the governor's rules, sample by sample: one P after lowSamples low samples
+// in a row, the default back at once when a sample is above High or its goroutines were late,
+// and the default, read every IdleInterval, when idle.
 func TestStateSwitches(t *testing.T) {
 	var s state
 	steps := []struct {
@@ -43,6 +46,8 @@ func TestStateSwitches(t *testing.T) {
 	}
 }
 
+// TestEnabledLeavesTheUsersChoice: GOMAXPROCS set in the environment, or a default of one P,
+// leaves nothing to govern.
 func TestEnabledLeavesTheUsersChoice(t *testing.T) {
 	if Enabled(func(k string) string {
 		if k == "GOMAXPROCS" {
