@@ -735,10 +735,7 @@ func (c *child) naive(ctx context.Context) (work, error) {
 		for ctx.Err() == nil {
 			n, err := c.naiveBatch(ctx, conn, cl, sel, del)
 			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
+				return stopped(ctx, err)
 			}
 			c.events.Add(int64(n))
 			if c.cfg.Expect > 0 && c.events.Load() >= c.cfg.Expect {
@@ -836,16 +833,14 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 				limit = max(1, min(limit, cfg.MaxInFlightBytes/rowBytes+1))
 			}
 			// Like the relay, start past the rows already marked, but never past the horizon.
+			// A stop cancels ctx: whichever statement it lands in, the work ends without error.
 			horizon, err := sess.Horizon(ctx)
 			if err != nil && !errors.Is(err, relay.ErrNoHorizon) {
-				return err
+				return stopped(ctx, err)
 			}
 			rows, err := sess.Claim(ctx, from, nil, limit, cfg.MaxInFlightBytes, nil)
 			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
+				return stopped(ctx, err)
 			}
 			if len(rows) == 0 {
 				from = max(from, horizon+1)
@@ -862,7 +857,7 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 			}
 			rowBytes = max(1, size/len(rows))
 			if err := sess.Mark(ctx, ids); err != nil {
-				return err
+				return stopped(ctx, err)
 			}
 			if c.cfg.Latency { // no broker: the mark stands for the acknowledgement
 				events := make([]string, len(rows))
@@ -886,6 +881,14 @@ func (c *child) sqlOnly(ctx context.Context) (work, error) {
 		}
 		return nil
 	}, nil
+}
+
+// stopped returns nil when ctx ended (the child was told to stop: err is that), else err.
+func stopped(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
 }
 
 // produce sends Events records shaped like the relay's (key, value, the four headers) with the
