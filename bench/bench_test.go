@@ -322,6 +322,53 @@ func TestDrainMarkFlag(t *testing.T) {
 	}
 }
 
+// TestLatencyRatesFlag: -latency-rates takes rates in events/s, 1,000 by default, and names
+// itself when a rate is not one.
+func TestLatencyRatesFlag(t *testing.T) {
+	for _, tc := range []struct {
+		arg  string
+		want []float64
+		err  string
+	}{
+		{arg: "30,1000", want: []float64{30, 1000}},
+		{arg: " 200 ", want: []float64{200}},
+		{arg: "0", err: "-latency-rates"},
+		{arg: "fast", err: "-latency-rates"},
+		{arg: "100,", err: "-latency-rates"},
+	} {
+		o, err := parseFlags([]string{"-latency-rates", tc.arg})
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("-latency-rates %q: error %v, want one naming %s", tc.arg, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("-latency-rates %q: %v", tc.arg, err)
+		case tc.err == "" && !slices.Equal(o.LatencyRates, tc.want):
+			t.Errorf("-latency-rates %q: LatencyRates %v, want %v", tc.arg, o.LatencyRates, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || !slices.Equal(o.LatencyRates, []float64{1000}) {
+		t.Errorf("default -latency-rates: %v, %v; want [1000]", o.LatencyRates, err)
+	}
+}
+
+// TestLatencyOnlyRates runs the latency-only runs at two low rates: one result per rate, in
+// order, each with the events its writers committed at about that rate.
+func TestLatencyOnlyRates(t *testing.T) {
+	dbtest.Pool(t)
+	_, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "steady", "-latency-only", "1",
+		"-latency-rates", "50,200", "-no-settle", "-broker-log", t.TempDir())
+	if res.Steady == nil || len(res.Steady.Latency) != 2 {
+		t.Fatalf("latency-only runs: %+v, want 2\n%s", res.Steady, logs)
+	}
+	for i, rate := range []float64{50, 200} {
+		lr := res.Steady.Latency[i]
+		if lr.OfferedPerSec != rate || lr.Events == 0 || lr.WrittenPerSec < rate/2 || lr.WrittenPerSec > rate*1.5 || lr.CPUMsPer10k <= 0 {
+			t.Errorf("run %d: offered %.0f (want %.0f), %d events written at %.1f/s, relay CPU %.1f ms/10k",
+				i, lr.OfferedPerSec, rate, lr.Events, lr.WrittenPerSec, lr.CPUMsPer10k)
+		}
+	}
+}
+
 // TestDrainRetain runs the smallest drain with the relay and SQL-only in retain mode: both must
 // publish or mark every row, and the tables must say how they marked.
 func TestDrainRetain(t *testing.T) {

@@ -79,6 +79,9 @@ type options struct {
 	// 1,000 events/s, LatencyRepeats times, with the notifications per commit (quick A/B runs).
 	LatencyOnly    bool
 	LatencyRepeats int
+	// LatencyRates are the offered rates (events/s) of the latency-only runs; each repeat runs
+	// every one, in order. Default 1,000.
+	LatencyRates []float64
 	// Tail makes the steady section run only the tail runs (bench/tail.go), this many times.
 	Tail     int
 	Replot   bool
@@ -124,6 +127,7 @@ func parseFlags(args []string) (options, error) {
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
 	writeRepeats := fs.Int("write-repeats", 0, "rounds of the write-cost section's modes (0: the scale's, 2 at any factor, 1 for smoke)")
 	latencyOnly := fs.Int("latency-only", 0, "steady section: skip the rate search and the polling modes; measure the latency with the wake-up at 1,000 events/s this many times, with the notifications per commit and the load average (quick A/B runs; 0: the whole section)")
+	latencyRates := fs.String("latency-rates", "1000", "with -latency-only: the offered rates of its runs, events/s, comma-separated (each repeat runs every one, in order), to read what the relay costs at each")
 	tail := fs.Int("tail", 0, "steady section: run only the tail runs this many times: commit-to-ack and commit-to-consume (a consumer process of its own) at 1,000 events/s one per transaction and 5,000 events/s ten per transaction, the relay as deployed, pinned to one CPU and with GOMAXPROCS=1, with the other processes' CPU share during each run (0: off)")
 	noSettle := fs.Bool("no-settle", false, "start each section at once, without waiting for checkpoints, autovacuum and dirty pages (quick A/B runs)")
 	profile := fs.Bool("profile", false, "write a CPU profile of the relay during the 256 B, 100-key drain (relay-cpu.pprof), and what it allocated (relay-allocs.pprof)")
@@ -143,6 +147,13 @@ func parseFlags(args []string) (options, error) {
 	o := options{RelayBin: *relayBin, ScaleName: *scaleFlag, DatabaseURL: *db, Out: *out, Partitions: *partitions, Profile: *profile, NoSettle: *noSettle, Replot: *replot,
 		LatencyOnly: *latencyOnly > 0, LatencyRepeats: *latencyOnly, Tail: *tail,
 		Repeat: *repeat, ChildExe: *childExe, WatermillExe: *watermillExe, MaxInFlightBytes: *maxBytes, Linger: *linger, BrokerLog: *brokerLog, DrainMark: *drainMark}
+	for _, f := range strings.Split(*latencyRates, ",") {
+		r, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || r < 1 || r > 100000 {
+			return o, fmt.Errorf("-latency-rates: each rate must be a number of events/s between 1 and 100000, got %q", f)
+		}
+		o.LatencyRates = append(o.LatencyRates, r)
+	}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)
 	}

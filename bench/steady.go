@@ -254,8 +254,8 @@ func (b *bench) steady(ctx context.Context) error {
 // modeExactlyOnce names the latency run of exactly-once delivery (with the wake-up).
 const modeExactlyOnce = "notify-exactly-once"
 
-// latencyOnly measures the latency with the wake-up at 1,000 events/s, b.opts.LatencyRepeats
-// times, and counts the notifications a second listener receives per commit: how many commits
+// latencyOnly measures the latency with the wake-up at each of b.opts.LatencyRates (1,000
+// events/s unless told), b.opts.LatencyRepeats times, and counts the notifications a second listener receives per commit: how many commits
 // paid for NOTIFY.
 func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema string, res *steadyResults) error {
 	if err := b.setTrigger(ctx, schema, true); err != nil {
@@ -285,20 +285,34 @@ func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema
 		}
 	}()
 	defer func() { stopListen(); <-listened }()
-	for i := range b.opts.LatencyRepeats {
-		c0, h0 := w.committed.Load(), heard.Load()
-		lr, err := b.latencyRun(ctx, w, relay, "notify", 1000)
-		if err != nil {
-			return err
-		}
-		if n := w.committed.Load() - c0; n > 0 {
-			lr.NotifiesPerTx = round3(float64(heard.Load()-h0) / float64(n))
-		}
-		lr.LoadAvg = loadAvg()
-		res.Latency = append(res.Latency, lr)
-		b.log.Printf("latency-only run %d at 1000/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms (commit-to-publish p99 %.2f); relay cpu %.1f ms/10k; per event %.2f claims (%.2f empty), %.2f marks; %.3f notifications per commit; load average %.1f",
-			i, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.PublishP99, lr.CPUMsPer10k, lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent, lr.NotifiesPerTx, lr.LoadAvg)
+	rates := b.opts.LatencyRates
+	if len(rates) == 0 {
+		rates = []float64{1000}
 	}
+	for i := range b.opts.LatencyRepeats {
+		for _, rate := range rates {
+			if err := b.latencyOnlyRun(ctx, w, relay, &heard, i, rate, res); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// latencyOnlyRun is one run of latencyOnly, at rate events/s; heard counts the notifications.
+func (b *bench) latencyOnlyRun(ctx context.Context, w *writers, relay *proc, heard *atomic.Int64, i int, rate float64, res *steadyResults) error {
+	c0, h0 := w.committed.Load(), heard.Load()
+	lr, err := b.latencyRun(ctx, w, relay, "notify", rate)
+	if err != nil {
+		return err
+	}
+	if n := w.committed.Load() - c0; n > 0 {
+		lr.NotifiesPerTx = round3(float64(heard.Load()-h0) / float64(n))
+	}
+	lr.LoadAvg = loadAvg()
+	res.Latency = append(res.Latency, lr)
+	b.log.Printf("latency-only run %d at %.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms (commit-to-publish p99 %.2f); relay cpu %.1f ms/10k, its database sessions %.1f; per event %.2f claims (%.2f empty), %.2f marks; %.3f notifications per commit; load average %.1f",
+		i, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.PublishP99, lr.CPUMsPer10k, lr.DBCPUMsPer10k, lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent, lr.NotifiesPerTx, lr.LoadAvg)
 	return nil
 }
 
