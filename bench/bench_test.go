@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -532,5 +533,20 @@ func TestCPUShares(t *testing.T) {
 	s := []float64{1, 2, 5, 5, 6}
 	if got := shareAtMost(s, 5); got != 0.8 {
 		t.Errorf("shareAtMost 5: %.2f, want 0.8", got)
+	}
+}
+
+// TestRSSReadsAgain: rss reads /proc/self/statm from its one open file anew each time, so it
+// sees memory the process touched since the last read.
+func TestRSSReadsAgain(t *testing.T) {
+	before := rss()
+	b := make([]byte, 64<<20)
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = 1
+	}
+	after := rss()
+	runtime.KeepAlive(b)
+	if before <= 0 || after < before+32<<20 {
+		t.Errorf("rss: %d bytes before touching 64 MiB, %d after; want at least 32 MiB more", before, after)
 	}
 }
