@@ -514,7 +514,9 @@ type session struct {
 	rest     []int64      // reused by skipRun
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
-	wake     wakeState    // the wake-up protocol's state (wake.go)
+	// claimedRows counts the rows the session's claims returned: how often Horizon looks.
+	claimedRows int64
+	wake        wakeState // the wake-up protocol's state (wake.go)
 
 	// cuts: claims may stop inside their transactions (CutClaims); txRest is what the last
 	// claim left (ClaimedRest). See stream.go.
@@ -667,6 +669,7 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 		}
 	}
 	s.lastRows = len(out)
+	s.claimedRows += int64(len(out))
 	return out, nil
 }
 
