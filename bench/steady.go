@@ -255,8 +255,8 @@ func (b *bench) steady(ctx context.Context) error {
 const modeExactlyOnce = "notify-exactly-once"
 
 // latencyOnly measures the latency with the wake-up at each of b.opts.LatencyRates (1,000
-// events/s unless told), b.opts.LatencyRepeats times, and counts the notifications a second listener receives per commit: how many commits
-// paid for NOTIFY.
+// events/s unless told), b.opts.LatencyRepeats times, and counts the notifications a second
+// listener receives per commit: how many commits paid for NOTIFY.
 func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema string, res *steadyResults) error {
 	if err := b.setTrigger(ctx, schema, true); err != nil {
 		return err
@@ -498,8 +498,7 @@ func (w *writers) warm(ctx context.Context) error {
 		wg.Go(func() {
 			msgs := make([]postgres.Message, w.perTx)
 			for j := range msgs {
-				msgs[j] = postgres.Message{AggregateType: "bench", AggregateID: strconv.Itoa(i),
-					EventType: "bench.created", Payload: slab()[:256], EventID: newUUID()}
+				msgs[j] = benchMessage(strconv.Itoa(i), slab()[:256])
 			}
 			errs[i] = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error { return w.appendFn(ctx, tx, msgs) })
 			if errs[i] == nil {
@@ -512,6 +511,11 @@ func (w *writers) warm(ctx context.Context) error {
 		return fmt.Errorf("writers' warm-up: %w", err)
 	}
 	return nil
+}
+
+// benchMessage is one event of the steady section's writers: of aggregate id, with payload.
+func benchMessage(id string, payload []byte) postgres.Message {
+	return postgres.Message{AggregateType: "bench", AggregateID: id, EventType: "bench.created", Payload: payload, EventID: newUUID()}
 }
 
 // track starts recording when each event's commit returned; untrack stops and returns them.
@@ -589,8 +593,7 @@ func (w *writers) run(ctx context.Context, rate float64) {
 				}
 				for j := range msgs {
 					off := rng.Int64N(slabSize - 256)
-					msgs[j] = postgres.Message{AggregateType: "bench", AggregateID: strconv.Itoa(rng.IntN(100)),
-						EventType: "bench.created", Payload: slab()[off : off+256], EventID: newUUID()}
+					msgs[j] = benchMessage(strconv.Itoa(rng.IntN(100)), slab()[off:off+256])
 				}
 				// A started transaction is finished even when the run ends, so every commit is counted.
 				txctx := context.WithoutCancel(ctx)

@@ -53,7 +53,7 @@ type horizon struct {
 func (s *session) Horizon(ctx context.Context) (int64, error) {
 	h := &s.hz
 	since := time.Since(h.last)
-	if h.off || since < horizonEvery || s.claimedRows-h.claimed < horizonRows && since < horizonEveryMax {
+	if h.off || since < horizonEvery || (s.claimedRows-h.claimed < horizonRows && since < horizonEveryMax) {
 		return h.safe, nil
 	}
 	ctx, cancel := s.op(ctx)

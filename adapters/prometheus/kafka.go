@@ -41,8 +41,9 @@ type kafkaHooks struct {
 }
 
 // OnNewClient implements kgo.HookNewClient: kprom registers its collectors, then its produce
-// counters give way to produceCounts' (a registry takes a collector back given any collector
-// with the same descriptors: see prom.Registerer's Unregister).
+// counters give way to produceCounts' and its request series to brokerCounts' (a registry
+// takes a collector back given any collector with the same descriptors: see
+// prom.Registerer's Unregister).
 func (h *kafkaHooks) OnNewClient(c *kgo.Client) {
 	h.Metrics.OnNewClient(c)
 	for _, v := range append(newProduceCounts().vecs(), newBrokerCounts().vecs()...) {
@@ -53,7 +54,8 @@ func (h *kafkaHooks) OnNewClient(c *kgo.Client) {
 	}
 }
 
-// OnClientClosed implements kgo.HookClientClosed: kprom's collectors and produceCounts' go.
+// OnClientClosed implements kgo.HookClientClosed: kprom's collectors, produceCounts' and
+// brokerCounts' go.
 func (h *kafkaHooks) OnClientClosed(c *kgo.Client) {
 	h.Metrics.OnClientClosed(c)
 	for _, v := range append(h.produce.vecs(), h.brokers.vecs()...) {
