@@ -352,6 +352,63 @@ func TestLatencyRatesFlag(t *testing.T) {
 	}
 }
 
+// TestProduceFloorFlag: -produce-floor takes cadences between 1 ms and 1 s, none by default,
+// and names itself in its errors.
+func TestProduceFloorFlag(t *testing.T) {
+	for _, tc := range []struct {
+		arg  string
+		want []time.Duration
+		err  string
+	}{
+		{arg: "1ms,3ms", want: []time.Duration{time.Millisecond, 3 * time.Millisecond}},
+		{arg: " 25ms ", want: []time.Duration{25 * time.Millisecond}},
+		{arg: "500us", err: "-produce-floor"},
+		{arg: "2s", err: "-produce-floor"},
+		{arg: "3", err: "-produce-floor"},
+		{arg: "1ms,", err: "-produce-floor"},
+	} {
+		o, err := parseFlags([]string{"-produce-floor", tc.arg})
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("-produce-floor %q: error %v, want one naming %s", tc.arg, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("-produce-floor %q: %v", tc.arg, err)
+		case tc.err == "" && !slices.Equal(o.ProduceFloor, tc.want):
+			t.Errorf("-produce-floor %q: ProduceFloor %v, want %v", tc.arg, o.ProduceFloor, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || len(o.ProduceFloor) != 0 {
+		t.Errorf("default -produce-floor: %v, %v; want none", o.ProduceFloor, err)
+	}
+}
+
+// TestProduceFloor runs one latency-only run with two produce-floor runs after it: each
+// publishes every record of its rate and time, and times each one from produce to ack.
+func TestProduceFloor(t *testing.T) {
+	dbtest.Pool(t)
+	opts, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "steady", "-latency-only", "1",
+		"-latency-rates", "300", "-produce-floor", "1ms,20ms", "-no-settle", "-broker-log", t.TempDir())
+	if res.Steady == nil || len(res.Steady.Latency) != 1 || len(res.Steady.ProduceFloor) != 2 {
+		t.Fatalf("latency-only run and its produce floors: %+v, want 1 and 2\n%s", res.Steady, logs)
+	}
+	want := int64(300 * opts.Scale.LatencyRun.Seconds())
+	for i, every := range []time.Duration{time.Millisecond, 20 * time.Millisecond} {
+		fr := res.Steady.ProduceFloor[i]
+		if fr.Every != every || fr.OfferedPerSec != 300 || fr.Events != want {
+			t.Errorf("floor %d: every %s at %.0f/s, %d events; want every %s at 300/s, %d events", i, fr.Every, fr.OfferedPerSec, fr.Events, every, want)
+		}
+		if run := opts.Scale.LatencyRun.Seconds(); fr.Seconds < 0.9*run {
+			t.Errorf("floor %d: published %d events in %.2f s, want them paced over %.0f s", i, fr.Events, fr.Seconds, run)
+		}
+		if fr.P50 <= 0 || fr.P99 < fr.P50 || fr.CPUMsPer10k <= 0 {
+			t.Errorf("floor %d: produce-to-ack p50 %.3f ms, p99 %.3f ms, cpu %.1f ms/10k", i, fr.P50, fr.P99, fr.CPUMsPer10k)
+		}
+	}
+	if !strings.Contains(logs, "produce floor run 0 at 300/s, handed over every 20ms") {
+		t.Errorf("the log does not report the 20ms floor:\n%s", logs)
+	}
+}
+
 // TestLatencyOnlyRates runs the latency-only runs at two low rates: one result per rate, in
 // order, each with the events its writers committed at about that rate.
 func TestLatencyOnlyRates(t *testing.T) {

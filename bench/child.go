@@ -70,6 +70,11 @@ type childConfig struct {
 	Events      int64 `json:"events,omitempty"`
 	PayloadSize int   `json:"payload_size,omitempty"`
 	Keys        int   `json:"keys,omitempty"`
+	// For the produce role: when positive, the records go out at Rate a second, those due handed
+	// to the producer together once every Every (a millisecond when zero), and the report's
+	// latencies are each record's produce-to-ack time; 0: as fast as the producer takes them.
+	Rate  float64       `json:"rate,omitempty"`
+	Every time.Duration `json:"every,omitempty"`
 	// For the relay role: its kafka.format and kafka.record_timestamp; "" is the default.
 	KafkaFormat     string `json:"kafka_format,omitempty"`
 	RecordTimestamp string `json:"record_timestamp,omitempty"`
@@ -144,8 +149,9 @@ func runChild(cfgJSON string) error {
 	}
 	if cfg.GoMaxProcs > 0 {
 		runtime.GOMAXPROCS(cfg.GoMaxProcs)
-	} else if cfg.Role == roleRelay {
-		// As `outbox-relay run` does: one P while the relay uses little CPU.
+	} else if cfg.Role == roleRelay || cfg.Role == roleProduce && cfg.Rate > 0 {
+		// As `outbox-relay run` does: one P while the relay uses little CPU. The paced producer
+		// is the relay's floor, so it runs as the relay does.
 		defer procs.Start(ctx, slog.New(slog.DiscardHandler))()
 	}
 	c := &child{cfg: cfg, out: bufio.NewWriter(os.Stdout)}
@@ -923,23 +929,29 @@ func (c *child) produce(ctx context.Context) (work, error) {
 	if err := cl.Ping(pctx); err != nil {
 		return nil, err
 	}
-	keys := make([][]byte, c.cfg.Keys)
+	keys := make([][]byte, max(c.cfg.Keys, 1))
 	for i := range keys {
 		keys[i] = []byte(strconv.Itoa(i))
+	}
+	now := []byte(time.Now().UTC().Format(time.RFC3339Nano))
+	record := func(i int64) *kgo.Record {
+		off := payloadOffset(i, c.cfg.PayloadSize)
+		return &kgo.Record{Topic: topic, Key: keys[i%int64(len(keys))], Value: slab()[off : off+int64(c.cfg.PayloadSize)],
+			Headers: []kgo.RecordHeader{
+				{Key: kafka.HeaderEventID, Value: []byte(newUUID())},
+				{Key: kafka.HeaderEventType, Value: []byte("bench.created")},
+				{Key: kafka.HeaderAggregateType, Value: []byte("bench")},
+				{Key: kafka.HeaderOccurredAt, Value: now},
+			}}
+	}
+	if c.cfg.Rate > 0 {
+		return c.producePaced(cl, record), nil
 	}
 	return func(ctx context.Context) error {
 		defer cl.Close()
 		var failed atomic.Value
-		now := []byte(time.Now().UTC().Format(time.RFC3339Nano))
 		for i := int64(1); i <= c.cfg.Events && ctx.Err() == nil; i++ {
-			off := payloadOffset(i, c.cfg.PayloadSize)
-			rec := &kgo.Record{Topic: topic, Key: keys[i%int64(len(keys))], Value: slab()[off : off+int64(c.cfg.PayloadSize)],
-				Headers: []kgo.RecordHeader{
-					{Key: kafka.HeaderEventID, Value: []byte(newUUID())},
-					{Key: kafka.HeaderEventType, Value: []byte("bench.created")},
-					{Key: kafka.HeaderAggregateType, Value: []byte("bench")},
-					{Key: kafka.HeaderOccurredAt, Value: now},
-				}}
+			rec := record(i)
 			cl.Produce(ctx, rec, func(_ *kgo.Record, err error) {
 				if err != nil {
 					failed.CompareAndSwap(nil, err)
@@ -957,6 +969,54 @@ func (c *child) produce(ctx context.Context) (work, error) {
 		c.freeze()
 		return nil
 	}, nil
+}
+
+// producePaced is the produce role at c.cfg.Rate records a second: once every c.cfg.Every it
+// hands the producer the records due by then, as a relay would hand over what one claim (or a
+// stream of committed rows) returned, and it records each record's produce-to-ack latency. Its
+// CPU is what publishing alone costs at that rate and cadence: the floor of any relay built on
+// the same producer, however it reads the outbox.
+func (c *child) producePaced(cl *kgo.Client, record func(i int64) *kgo.Record) work {
+	every := c.cfg.Every
+	if every <= 0 {
+		every = time.Millisecond
+	}
+	return func(ctx context.Context) error {
+		defer cl.Close()
+		var failed atomic.Value
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		start := time.Now()
+		for i := int64(0); i < c.cfg.Events && ctx.Err() == nil; {
+			select {
+			case <-ctx.Done():
+			case <-tick.C:
+			}
+			due := min(c.cfg.Events, int64(time.Since(start).Seconds()*c.cfg.Rate))
+			for ; i < due; i++ {
+				at := time.Now()
+				cl.Produce(ctx, record(i+1), func(_ *kgo.Record, err error) {
+					if err != nil {
+						failed.CompareAndSwap(nil, err)
+						return
+					}
+					d := float64(time.Since(at).Nanoseconds()) / 1e6
+					c.mu.Lock()
+					c.lat = append(c.lat, d)
+					c.mu.Unlock()
+					c.events.Add(1)
+				})
+			}
+		}
+		if err := cl.Flush(ctx); err != nil && ctx.Err() == nil {
+			return err
+		}
+		if err, _ := failed.Load().(error); err != nil {
+			return err
+		}
+		c.freeze()
+		return nil
+	}
 }
 
 // newUUID returns a random (version 4) UUID in text form.

@@ -82,6 +82,9 @@ type options struct {
 	// LatencyRates are the offered rates (events/s) of the latency-only runs; each repeat runs
 	// every one, in order. Default 1,000.
 	LatencyRates []float64
+	// ProduceFloor are the cadences of the produce-floor runs beside each latency-only run: a
+	// bare producer publishing at the same rate, the records due handed over once per cadence.
+	ProduceFloor []time.Duration
 	// Tail makes the steady section run only the tail runs (bench/tail.go), this many times.
 	Tail     int
 	Replot   bool
@@ -127,6 +130,7 @@ func parseFlags(args []string) (options, error) {
 	replot := fs.Bool("replot", false, "measure nothing: redraw the charts and tables.md from the results.json in -out")
 	writeRepeats := fs.Int("write-repeats", 0, "rounds of the write-cost section's modes (0: the scale's, 2 at any factor, 1 for smoke)")
 	latencyOnly := fs.Int("latency-only", 0, "steady section: skip the rate search and the polling modes; measure the latency with the wake-up at 1,000 events/s this many times, with the notifications per commit and the load average (quick A/B runs; 0: the whole section)")
+	produceFloor := fs.String("produce-floor", "", "with -latency-only: after each run, a bare franz-go producer publishes at the same rate for as long, the records due handed over once per each of these comma-separated cadences (e.g. 1ms,3ms); its CPU is the floor of any relay on this producer, however it reads the outbox")
 	latencyRates := fs.String("latency-rates", "1000", "with -latency-only: the offered rates of its runs, events/s, comma-separated (each repeat runs every one, in order), to read what the relay costs at each")
 	tail := fs.Int("tail", 0, "steady section: run only the tail runs this many times: commit-to-ack and commit-to-consume (a consumer process of its own) at 1,000 events/s one per transaction and 5,000 events/s ten per transaction, the relay as deployed, pinned to one CPU and with GOMAXPROCS=1, with the other processes' CPU share during each run (0: off)")
 	noSettle := fs.Bool("no-settle", false, "start each section at once, without waiting for checkpoints, autovacuum and dirty pages (quick A/B runs)")
@@ -153,6 +157,15 @@ func parseFlags(args []string) (options, error) {
 			return o, fmt.Errorf("-latency-rates: each rate must be a number of events/s between 1 and 100000, got %q", f)
 		}
 		o.LatencyRates = append(o.LatencyRates, r)
+	}
+	if *produceFloor != "" {
+		for _, f := range strings.Split(*produceFloor, ",") {
+			d, err := time.ParseDuration(strings.TrimSpace(f))
+			if err != nil || d < time.Millisecond || d > time.Second {
+				return o, fmt.Errorf("-produce-floor: each cadence must be a duration between 1ms and 1s, got %q", f)
+			}
+			o.ProduceFloor = append(o.ProduceFloor, d)
+		}
 	}
 	if o.Repeat < 1 || o.Repeat > 20 {
 		return o, fmt.Errorf("-repeat: must be between 1 and 20, got %d", o.Repeat)

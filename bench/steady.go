@@ -87,7 +87,9 @@ type steadyResults struct {
 	PollWriterLimited   bool            `json:"poll_writer_limited"`
 	PollWriterMaxPerSec float64         `json:"poll_writer_max_per_sec,omitempty"`
 	Latency             []latencyResult `json:"latency"`
-	Tail                []tailResult    `json:"tail,omitempty"` // the -tail runs
+	// ProduceFloor holds the produce-floor runs of the latency-only runs (-produce-floor).
+	ProduceFloor []floorResult `json:"produce_floor,omitempty"`
+	Tail         []tailResult  `json:"tail,omitempty"` // the -tail runs
 }
 
 // steady runs the search for the highest flat rate and the latency measurements.
@@ -128,7 +130,7 @@ func (b *bench) steady(ctx context.Context) error {
 	res := &steadyResults{}
 	b.res.Steady = res
 	if b.opts.LatencyOnly {
-		return b.latencyOnly(ctx, w, relay, schema, res)
+		return b.latencyOnly(ctx, w, relay, br, schema, res)
 	}
 
 	// The search, with the wake-up and with polling alone (NOTIFY serializes the writers'
@@ -257,7 +259,7 @@ const modeExactlyOnce = "notify-exactly-once"
 // latencyOnly measures the latency with the wake-up at each of b.opts.LatencyRates (1,000
 // events/s unless told), b.opts.LatencyRepeats times, and counts the notifications a second
 // listener receives per commit: how many commits paid for NOTIFY.
-func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema string, res *steadyResults) error {
+func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, br *broker, schema string, res *steadyResults) error {
 	if err := b.setTrigger(ctx, schema, true); err != nil {
 		return err
 	}
@@ -294,6 +296,16 @@ func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, schema
 			if err := b.latencyOnlyRun(ctx, w, relay, &heard, i, rate, res); err != nil {
 				return err
 			}
+			for _, every := range b.opts.ProduceFloor {
+				fr, err := b.produceFloor(ctx, br, rate, every)
+				if err != nil {
+					return fmt.Errorf("produce floor at %.0f/s every %s: %w", rate, every, err)
+				}
+				fr.Run = i
+				res.ProduceFloor = append(res.ProduceFloor, fr)
+				b.log.Printf("produce floor run %d at %.0f/s, handed over every %s: produce-to-ack p50 %.2f ms p99 %.2f ms; cpu %.1f ms/10k (%d events)",
+					i, rate, every, fr.P50, fr.P99, fr.CPUMsPer10k, fr.Events)
+			}
 		}
 	}
 	return nil
@@ -314,6 +326,46 @@ func (b *bench) latencyOnlyRun(ctx context.Context, w *writers, relay *proc, hea
 	b.log.Printf("latency-only run %d at %.0f/s (written %.0f/s): p50 %.2f ms p99 %.2f ms p99.9 %.2f ms (commit-to-publish p99 %.2f); relay cpu %.1f ms/10k, its database sessions %.1f; per event %.2f claims (%.2f empty), %.2f marks; %.3f notifications per commit; load average %.1f",
 		i, rate, lr.WrittenPerSec, lr.P50, lr.P99, lr.P999, lr.PublishP99, lr.CPUMsPer10k, lr.DBCPUMsPer10k, lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, lr.MarksPerEvent, lr.NotifiesPerTx, lr.LoadAvg)
 	return nil
+}
+
+// floorResult is one produce-floor run: a bare producer (no database) publishing the steady
+// section's records at OfferedPerSec for a latency run's time, those due handed over together
+// once every Every. Its CPU is what publishing alone costs at that rate: the part of the relay's
+// CPU that no way of reading the outbox can save.
+type floorResult struct {
+	OfferedPerSec float64       `json:"offered_per_sec"`
+	Every         time.Duration `json:"every_ns"`
+	Run           int           `json:"run"`
+	Events        int64         `json:"events"`
+	Seconds       float64       `json:"seconds"` // from the first hand-over to the last ack
+	P50           float64       `json:"produce_to_ack_p50_ms"`
+	P99           float64       `json:"produce_to_ack_p99_ms"`
+	CPUMsPer10k   float64       `json:"cpu_ms_per_10k"` // the producer's process, idle time included
+}
+
+// produceFloor runs one produce-floor run on br at rate events/s, handing over every every.
+func (b *bench) produceFloor(ctx context.Context, br *broker, rate float64, every time.Duration) (floorResult, error) {
+	fr := floorResult{OfferedPerSec: rate, Every: every}
+	events := int64(math.Round(rate * b.opts.Scale.LatencyRun.Seconds()))
+	p, err := b.start(ctx, childConfig{Role: roleProduce, Brokers: br.addrs, Events: events, PayloadSize: 256, Keys: 100, Rate: rate, Every: every})
+	if err != nil {
+		return fr, err
+	}
+	defer func() { _ = p.stop() }()
+	if err := p.send("go"); err != nil {
+		return fr, err
+	}
+	rep, err := p.report(ctx, b.opts.Scale.LatencyRun+2*time.Minute)
+	if err != nil {
+		return fr, err
+	}
+	if rep.Events != events || len(rep.LatenciesMS) == 0 {
+		return fr, fmt.Errorf("%d of %d records acknowledged (%d latencies)", rep.Events, events, len(rep.LatenciesMS))
+	}
+	fr.Events, fr.Seconds = rep.Events, round3(rep.WallSec)
+	fr.P50, fr.P99 = round3(quantile(rep.LatenciesMS, 0.50)), round3(quantile(rep.LatenciesMS, 0.99))
+	fr.CPUMsPer10k = (rep.CPUUserSec + rep.CPUSysSec) * 1000 / (float64(rep.Events) / 10000)
+	return fr, nil
 }
 
 // fastPoll is the poll interval of the "poll-fast" latency runs.
