@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 )
 
 // fence holds the context of the records the publisher was last handed: the relay's term
@@ -69,6 +71,9 @@ func (f *fence) dialer(cfg Config, tc *tls.Config) kgo.Opt {
 		if err != nil {
 			return nil, err
 		}
+		// Reads and writes that do not wake the runtime's monitor thread (internal/rawconn),
+		// under TLS when there is TLS.
+		conn = rawconn.Wrap(conn)
 		if tc != nil {
 			c := tc.Clone()
 			if c.ServerName == "" {

@@ -22,6 +22,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/bounds"
+	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -247,6 +248,9 @@ func ParseURL(url string) (*pgx.ConnConfig, error) {
 	if err != nil {
 		return nil, fmt.Errorf("database.url: cannot parse the connection string (not shown): %s", parseReason(url, err))
 	}
+	// The sockets read and write without waking the runtime's monitor thread (internal/rawconn);
+	// TLS, when the string asks for it, runs on top.
+	cfg.DialFunc = pgconn.DialFunc(rawconn.Dial(rawconn.DialFunc(cfg.DialFunc)))
 	return cfg, nil
 }
 

@@ -21,6 +21,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -71,7 +72,12 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	for _, c := range commands() {
 		if c.name == args[0] {
-			err := c.run(ctx, args[1:], stdout, stderr)
+			// Before any connection is dialled: OUTBOX_RAW_IO=off is the kill switch of the
+			// sockets' raw reads and writes (internal/rawconn).
+			err := rawconn.Configure(os.Getenv)
+			if err == nil {
+				err = c.run(ctx, args[1:], stdout, stderr)
+			}
 			if errors.Is(err, pflag.ErrHelp) {
 				return 0
 			}

@@ -27,6 +27,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/backoff"
 	"github.com/outbox-relay/outbox-relay/internal/procs"
+	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 )
 
 func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -58,6 +59,7 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 		cfg.tracingSpans = spans
 	}
 	setMemoryLimit(cfg, tp != nil, os.Getenv, log)
+	log.Debug("socket reads and writes", "raw", rawconn.Enabled(), "switch", rawconn.EnvVar)
 	stopProcs := procs.Start(ctx, log) // one P while the relay uses little CPU (internal/procs)
 	defer stopProcs()
 	// Started: what start-up touched of the binary is no longer needed resident.
@@ -290,6 +292,7 @@ func startOutbox(ctx context.Context, cfg *Config, reg *prom.Registry, log *slog
 		return nil, fmt.Errorf("database.url: invalid connection string")
 	}
 	poolCfg.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	poolCfg.ConnConfig.DialFunc = connCfg.DialFunc // raw reads and writes, as the relay's sessions (postgres.ParseURL)
 	poolCfg.MaxConns = 3
 	if bal != nil {
 		poolCfg.ConnConfig.RuntimeParams["application_name"] = bal.applicationName(cfg.Name) + " pool"
