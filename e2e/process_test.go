@@ -2,9 +2,13 @@ package e2e_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -243,4 +247,59 @@ func TestTwoRelayProcesses(t *testing.T) {
 	if v.duplicates > maxInFlight {
 		t.Errorf("D: %d duplicates after one kill, more than relay.max_in_flight (%d)", v.duplicates, maxInFlight)
 	}
+}
+
+// TestRelayProcessRawIOSwitch runs the binary with each setting of OUTBOX_RAW_IO under writers
+// that roll back and hold transactions open: the log says which reads and writes the relay
+// uses, and every committed event is published once, in order. A value the switch does not know
+// stops the binary at start with an error naming the variable.
+func TestRelayProcessRawIOSwitch(t *testing.T) {
+	relayBinary(t)
+	for _, tc := range []struct {
+		value string
+		raw   bool
+	}{{"off", false}, {"on", true}} {
+		t.Run(tc.value, func(t *testing.T) {
+			f := newFixture(t, 20, 3)
+			env := f.relayEnv("OUTBOX_RAW_IO="+tc.value, "OUTBOX_LOG_LEVEL=debug")
+			stop := make(chan struct{})
+			wait := f.run(load{writers: 4, rollback: 0.10, hold: 0.10}, stop)
+			p := startRelayProc(t, "relay-"+tc.value, env)
+			deadline := time.Now().Add(time.Minute)
+			var line map[string]any
+			for line = p.logLine("socket reads and writes"); line == nil; line = p.logLine("socket reads and writes") {
+				if !p.running() || time.Now().After(deadline) {
+					close(stop)
+					wait()
+					t.Fatalf("no \"socket reads and writes\" line within a minute (exited: %v, %v)", !p.running(), p.err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if raw, _ := line["raw"].(bool); raw != tc.raw {
+				t.Errorf("OUTBOX_RAW_IO=%s: the log says raw=%v, want %v", tc.value, line["raw"], tc.raw)
+			}
+			// Let the writers commit a while with the relay running, then drain.
+			for time.Now().Before(deadline) && f.tokens.Load() < 300 {
+				time.Sleep(20 * time.Millisecond)
+			}
+			close(stop)
+			wait()
+			f.waitDrained(2 * time.Minute)
+			if code := p.terminate(t, time.Minute); code != 0 {
+				t.Errorf("exited %d after SIGTERM, want 0", code)
+			}
+			if v := f.oracle.check(t, readTopic(t, f.broker.Addrs, f.topic)); v.duplicates != 0 {
+				t.Errorf("%d duplicates without a restart, want 0", v.duplicates)
+			}
+		})
+	}
+	t.Run("unknown value", func(t *testing.T) {
+		cmd := exec.Command(relayBinary(t), "run")
+		cmd.Env = append(os.Environ(), "OUTBOX_RAW_IO=sometimes")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), `OUTBOX_RAW_IO: must be on or off, got "sometimes"`) {
+			t.Errorf("OUTBOX_RAW_IO=sometimes: %v, output %q; want exit 1 and an error naming the variable", err, out)
+		}
+	})
 }
