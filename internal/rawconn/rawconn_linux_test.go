@@ -171,7 +171,7 @@ func TestEnds(t *testing.T) {
 		if err != nil || string(got) != "last" {
 			t.Fatalf("read to the end: %q, %v; want \"last\" and io.EOF", got, err)
 		}
-		if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		if n, err := c.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
 			t.Fatalf("read after the end: %d, %v; want io.EOF", n, err)
 		}
 	})
