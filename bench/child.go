@@ -982,15 +982,21 @@ func (c *child) produce(ctx context.Context) (work, error) {
 				c.events.Add(1)
 			})
 		}
-		if err := cl.Flush(ctx); err != nil && ctx.Err() == nil {
-			return err
-		}
-		if err, _ := failed.Load().(error); err != nil {
-			return err
-		}
-		c.freeze()
-		return nil
+		return c.endProduce(ctx, cl, &failed)
 	}, nil
+}
+
+// endProduce ends a produce run: it waits for the acknowledgements of every record handed
+// over, returns the first failure, if any, and otherwise prints the final report.
+func (c *child) endProduce(ctx context.Context, cl *kgo.Client, failed *atomic.Value) error {
+	if err := cl.Flush(ctx); err != nil && ctx.Err() == nil {
+		return err
+	}
+	if err, _ := failed.Load().(error); err != nil {
+		return err
+	}
+	c.freeze()
+	return nil
 }
 
 // producePaced is the produce role at c.cfg.Rate records a second: once every c.cfg.Every it
@@ -1030,14 +1036,7 @@ func (c *child) producePaced(cl *kgo.Client, record func(i int64) *kgo.Record) w
 				})
 			}
 		}
-		if err := cl.Flush(ctx); err != nil && ctx.Err() == nil {
-			return err
-		}
-		if err, _ := failed.Load().(error); err != nil {
-			return err
-		}
-		c.freeze()
-		return nil
+		return c.endProduce(ctx, cl, &failed)
 	}
 }
 
