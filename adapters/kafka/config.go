@@ -285,12 +285,7 @@ func (c Config) clientOptsFenced(f *fence) ([]kgo.Opt, error) {
 			return nil, err
 		}
 	}
-	switch {
-	case f != nil:
-		opts = append(opts, f.dialer(c, tc))
-	case tc != nil:
-		opts = append(opts, kgo.DialTLSConfig(tc))
-	}
+	opts = append(opts, dialer(c, tc, f))
 	m, err := c.SASL.mechanism()
 	if err != nil {
 		return nil, err

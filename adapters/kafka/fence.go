@@ -62,17 +62,16 @@ func (c fencedConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
-// dialer returns the publisher's kgo.Dialer: a TCP connection (TLS with tc when not nil) behind
-// the fence.
-func (f *fence) dialer(cfg Config, tc *tls.Config) kgo.Opt {
+// dialer returns the clients' kgo.Dialer: a TCP connection whose reads and writes do not wake
+// the runtime's monitor thread (internal/rawconn), with TLS on top when tc is not nil, behind
+// the fence f when f is not nil (the publisher's).
+func dialer(cfg Config, tc *tls.Config, f *fence) kgo.Opt {
 	return kgo.Dialer(func(ctx context.Context, network, host string) (net.Conn, error) {
 		d := &net.Dialer{Timeout: cfg.DialTimeout}
 		conn, err := d.DialContext(ctx, network, host)
 		if err != nil {
 			return nil, err
 		}
-		// Reads and writes that do not wake the runtime's monitor thread (internal/rawconn),
-		// under TLS when there is TLS.
 		conn = rawconn.Wrap(conn)
 		if tc != nil {
 			c := tc.Clone()
@@ -87,6 +86,9 @@ func (f *fence) dialer(cfg Config, tc *tls.Config) kgo.Opt {
 				return nil, err
 			}
 			conn = tconn
+		}
+		if f == nil {
+			return conn, nil
 		}
 		return fencedConn{Conn: conn, f: f}, nil
 	})
