@@ -145,8 +145,9 @@ func runChild(cfgJSON string) error {
 	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
 		return fmt.Errorf("child config: %w", err)
 	}
-	signal.Ignore(syscall.SIGINT)                        // the parent decides when children end
-	if err := rawconn.Configure(os.Getenv); err != nil { // OUTBOX_RAW_IO=off, as for the relay
+	signal.Ignore(syscall.SIGINT) // the parent decides when children end
+	// OUTBOX_RAW_IO=off turns the sockets' raw reads and writes off, as for `outbox-relay`.
+	if err := rawconn.Configure(os.Getenv); err != nil {
 		return err
 	}
 	ctx := context.Background()
