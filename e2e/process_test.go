@@ -251,17 +251,19 @@ func TestTwoRelayProcesses(t *testing.T) {
 
 // TestRelayProcessRawIOSwitch runs the binary with each setting of OUTBOX_RAW_IO under writers
 // that roll back and hold transactions open: the log says which reads and writes the relay
-// uses, and every committed event is published once, in order. A value the switch does not know
+// uses (at info when they are Go's own, the exception), and every committed event is published
+// once, in order. A value the switch does not know
 // stops the binary at start with an error naming the variable.
 func TestRelayProcessRawIOSwitch(t *testing.T) {
 	relayBinary(t)
 	for _, tc := range []struct {
 		value string
 		raw   bool
-	}{{"off", false}, {"on", true}} {
+		level string // the mode is logged at info when off, at debug when on
+	}{{"off", false, "info"}, {"on", true, "debug"}} {
 		t.Run(tc.value, func(t *testing.T) {
 			f := newFixture(t, 20, 3)
-			env := f.relayEnv("OUTBOX_RAW_IO="+tc.value, "OUTBOX_LOG_LEVEL=debug")
+			env := f.relayEnv("OUTBOX_RAW_IO="+tc.value, "OUTBOX_LOG_LEVEL="+tc.level)
 			stop := make(chan struct{})
 			wait := f.run(load{writers: 4, rollback: 0.10, hold: 0.10}, stop)
 			p := startRelayProc(t, "relay-"+tc.value, env)

@@ -59,7 +59,12 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 		cfg.tracingSpans = spans
 	}
 	setMemoryLimit(cfg, tp != nil, os.Getenv, log)
-	log.Debug("socket reads and writes", "raw", rawconn.Enabled(), "switch", rawconn.EnvVar)
+	// Off is the exception an operator chose (or a platform without raw calls): say it at info.
+	level := slog.LevelDebug
+	if !rawconn.Enabled() {
+		level = slog.LevelInfo
+	}
+	log.Log(ctx, level, "socket reads and writes", "raw", rawconn.Enabled(), "switch", rawconn.EnvVar)
 	stopProcs := procs.Start(ctx, log) // one P while the relay uses little CPU (internal/procs)
 	defer stopProcs()
 	// Started: what start-up touched of the binary is no longer needed resident.
