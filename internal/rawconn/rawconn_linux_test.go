@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -147,7 +148,14 @@ func TestEnds(t *testing.T) {
 			_, err := c.Read(make([]byte, 10))
 			errc <- err
 		}()
-		time.Sleep(20 * time.Millisecond) // let the read wait in the poller; the test holds without it
+		// Close once the read waits in the poller, so that Close has to wake it.
+		deadline := time.Now().Add(10 * time.Second)
+		for !readWaiting() {
+			if time.Now().After(deadline) {
+				t.Fatal("the read did not wait in the poller within 10s")
+			}
+			time.Sleep(time.Millisecond)
+		}
 		c.Close()
 		select {
 		case err := <-errc:
@@ -247,4 +255,15 @@ func TestConfigure(t *testing.T) {
 			t.Errorf("%s=%q: error %q does not name the variable", EnvVar, tc.value, err)
 		}
 	}
+}
+
+// readWaiting reports whether a goroutine is in conn.Read, waiting in the network poller.
+func readWaiting() bool {
+	buf := make([]byte, 1<<20)
+	for _, g := range bytes.Split(buf[:runtime.Stack(buf, true)], []byte("\n\n")) {
+		if bytes.Contains(g, []byte("(*pollDesc).waitRead")) && bytes.Contains(g, []byte("rawconn.(*conn).Read")) {
+			return true
+		}
+	}
+	return false
 }
