@@ -22,6 +22,13 @@ import (
 // writersN is the number of concurrent writers of the steady-state and write-cost sections.
 const writersN = 8
 
+// The steady writers' events: steadyPayload bytes each, over steadyKeys keys. The produce floor
+// publishes the same records.
+const (
+	steadyPayload = 256
+	steadyKeys    = 100
+)
+
 // stepResult is one offered rate of the search for the highest rate with flat lag.
 type stepResult struct {
 	Mode           string  `json:"mode"`             // "notify" or "poll"
@@ -347,7 +354,7 @@ type floorResult struct {
 func (b *bench) produceFloor(ctx context.Context, br *broker, rate float64, every time.Duration) (floorResult, error) {
 	fr := floorResult{OfferedPerSec: rate, Every: every}
 	events := int64(math.Round(rate * b.opts.Scale.LatencyRun.Seconds()))
-	p, err := b.start(ctx, childConfig{Role: roleProduce, Brokers: br.addrs, Events: events, PayloadSize: 256, Keys: 100, Rate: rate, Every: every})
+	p, err := b.start(ctx, childConfig{Role: roleProduce, Brokers: br.addrs, Events: events, PayloadSize: steadyPayload, Keys: steadyKeys, Rate: rate, Every: every})
 	if err != nil {
 		return fr, err
 	}
@@ -550,7 +557,7 @@ func (w *writers) warm(ctx context.Context) error {
 		wg.Go(func() {
 			msgs := make([]postgres.Message, w.perTx)
 			for j := range msgs {
-				msgs[j] = benchMessage(strconv.Itoa(i), slab()[:256])
+				msgs[j] = benchMessage(strconv.Itoa(i), slab()[:steadyPayload])
 			}
 			errs[i] = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error { return w.appendFn(ctx, tx, msgs) })
 			if errs[i] == nil {
@@ -644,8 +651,8 @@ func (w *writers) run(ctx context.Context, rate float64) {
 					next = next.Add(interval)
 				}
 				for j := range msgs {
-					off := rng.Int64N(slabSize - 256)
-					msgs[j] = benchMessage(strconv.Itoa(rng.IntN(100)), slab()[off:off+256])
+					off := rng.Int64N(slabSize - steadyPayload)
+					msgs[j] = benchMessage(strconv.Itoa(rng.IntN(steadyKeys)), slab()[off:off+steadyPayload])
 				}
 				// A started transaction is finished even when the run ends, so every commit is counted.
 				txctx := context.WithoutCancel(ctx)
