@@ -30,6 +30,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app/relay"
+	"github.com/outbox-relay/outbox-relay/internal/hrtimer"
 	"github.com/outbox-relay/outbox-relay/internal/procs"
 	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 )
@@ -146,9 +147,13 @@ func runChild(cfgJSON string) error {
 		return fmt.Errorf("child config: %w", err)
 	}
 	signal.Ignore(syscall.SIGINT) // the parent decides when children end
-	// OUTBOX_RAW_IO=off turns the sockets' raw reads and writes off, as for `outbox-relay`.
+	// OUTBOX_RAW_IO=off turns the sockets' raw reads and writes and the linger's timerfd off,
+	// as for `outbox-relay`.
 	if err := rawconn.Configure(os.Getenv); err != nil {
 		return err
+	}
+	if !rawconn.Enabled() {
+		hrtimer.Disable()
 	}
 	ctx := context.Background()
 	if cfg.Role == roleKfake {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outbox-relay/outbox-relay/internal/hrtimer"
 )
 
 // The wake-up protocol: writers notify only while the relay sleeps (sql/migrations/004_wake.sql).
@@ -38,7 +40,8 @@ import (
 // transaction open, the relay polls every sleepLockWait instead of sleeping.
 //
 // While rows keep coming, the session does not take the sleep lock: it lingers for its linger
-// (StoreConfig.Linger, relay.linger, 2 ms by default) and claims again, and writers, finding the
+// (StoreConfig.Linger, relay.linger, 2.5 ms by default, on a timerfd: internal/hrtimer) and
+// claims again, and writers, finding the
 // relay awake, do not notify, so flat-out writers keep their group commits. It takes the lock
 // once emptyToSleep claims in a row came back empty: busy writers on a loaded machine often leave
 // a millisecond or two without a commit, and with one empty claim the relay went to sleep (and
@@ -65,7 +68,10 @@ import (
 // its database sessions' per 10k events. With 2 ms it stays awake from 500 rows a second, the
 // writers stop notifying and each claim gathers two or three commits: p50 2.1-2.7 ms, p99
 // 4.6-10.6 ms, 1.9-2.2 s and 0.65-0.81 s (BENCHMARKS.md, "CPUs (GOMAXPROCS) follow the load,
-// and a 2 ms linger"; p99 is the host's noise in both).
+// and a 2 ms linger"; p99 is the host's noise in both). Those lingers slept on Go's timers,
+// which fire 0.1-0.5 ms late and wake the process twice for a 2 ms sleep; the linger now sleeps
+// on a timerfd (internal/hrtimer), and the default 2.5 ms (400 rows a second) claims as often
+// as 2 ms did, for about 0.9x the relay's CPU (BENCHMARKS.md, "The linger's wasted wake-up").
 // The probe below is what lets a relay asleep at such a rate go back to polling.
 const (
 	sleepLockWait = 20 * time.Millisecond
@@ -260,12 +266,10 @@ func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
 			// Rows are coming and the writers do not notify an awake relay: look again soon. A
 			// notification now is one sent before the relay woke (see heard): the timer, not it,
 			// ends the wait.
-			t := time.NewTimer(min(timeout, w.linger()))
-			defer t.Stop()
-			select {
-			case <-t.C:
-			case <-ctx.Done():
+			if s.lingerTimer == nil {
+				s.lingerTimer = hrtimer.New()
 			}
+			_ = s.lingerTimer.Sleep(ctx, min(timeout, w.linger())) // a stop ends it early: the loop sees ctx
 			s.notified.Store(true)
 			return nil
 		}

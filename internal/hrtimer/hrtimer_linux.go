@@ -1,0 +1,105 @@
+package hrtimer
+
+import (
+	"context"
+	"errors"
+	"os"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// Linux's timerfd flags (linux/timerfd.h: the values of O_NONBLOCK and O_CLOEXEC) and its clock
+// (linux/time.h).
+const (
+	tfdNonblock    = syscall.O_NONBLOCK
+	tfdCloexec     = syscall.O_CLOEXEC
+	clockMonotonic = 1
+)
+
+// sysTimer is a one-shot timerfd whose expiry the network poller waits for.
+type sysTimer struct {
+	f  *os.File // non-blocking, so registered with the poller
+	rc syscall.RawConn
+	fd uintptr
+	// cancelled is closed by the callback that ended a sleep on its context (after its
+	// deadline is set), so that sleep can clear the deadline before the next.
+	cancelled chan struct{}
+}
+
+// newSysTimer returns a timerfd-backed timer, or nil if the kernel refuses one (a seccomp
+// profile, an old kernel).
+func newSysTimer() *sysTimer {
+	fd, _, e := syscall.RawSyscall(syscall.SYS_TIMERFD_CREATE, clockMonotonic, tfdNonblock|tfdCloexec, 0)
+	if e != 0 {
+		return nil
+	}
+	f := os.NewFile(fd, "timerfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		_ = f.Close()
+		return nil
+	}
+	return &sysTimer{f: f, rc: rc, fd: fd}
+}
+
+// arm sets the timer to expire once, d from now (0 disarms it). Arming also clears an expiry
+// not read yet.
+func (s *sysTimer) arm(d time.Duration) error {
+	spec := [4]int64{0, 0, int64(d / time.Second), int64(d % time.Second)} // itimerspec: interval, value
+	if _, _, e := syscall.RawSyscall6(syscall.SYS_TIMERFD_SETTIME, s.fd, 0, uintptr(unsafe.Pointer(&spec)), 0, 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// sleep arms the timer and waits in the poller for its expiry, or until ctx ends.
+func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
+	if err := s.arm(d); err != nil {
+		return err
+	}
+	stop := func() bool { return true }
+	if ctx.Done() != nil {
+		s.cancelled = make(chan struct{})
+		done := s.cancelled
+		stop = context.AfterFunc(ctx, func() {
+			_ = s.f.SetReadDeadline(time.Unix(1, 0)) // in the past: the read below returns
+			close(done)
+		})
+	}
+	var buf [8]byte // the number of expiries
+	var rerr error
+	armed := true
+	err := s.rc.Read(func(fd uintptr) bool {
+		if armed {
+			// Just armed: not expired yet, so wait in the poller without a read. An expiry
+			// that came already is an edge the poller holds for the wait.
+			armed = false
+			return false
+		}
+		_, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+		if e == syscall.EAGAIN {
+			return false // not expired yet: wait in the poller
+		}
+		if e != 0 {
+			rerr = e
+		}
+		return true
+	})
+	if !stop() {
+		// ctx ended and the callback ran or runs: wait for it, then undo what it did.
+		<-s.cancelled
+		_ = s.f.SetReadDeadline(time.Time{})
+		_ = s.arm(0)
+		return ctx.Err()
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			_ = s.f.SetReadDeadline(time.Time{})
+		}
+		return err
+	}
+	return rerr
+}
+
+func (s *sysTimer) close() { _ = s.f.Close() }
