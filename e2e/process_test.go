@@ -251,7 +251,7 @@ func TestTwoRelayProcesses(t *testing.T) {
 
 // TestRelayProcessRawIOSwitch runs the binary with each setting of OUTBOX_RAW_IO under writers
 // that roll back and hold transactions open: the log says which reads and writes the relay
-// uses (at info when they are Go's own, the exception), and every committed event is published
+// uses and what its linger sleeps on (at info when Go's own, the exception), and every committed event is published
 // once, in order. A value the switch does not know
 // stops the binary at start with an error naming the variable.
 func TestRelayProcessRawIOSwitch(t *testing.T) {
@@ -279,6 +279,9 @@ func TestRelayProcessRawIOSwitch(t *testing.T) {
 			}
 			if raw, _ := line["raw"].(bool); raw != tc.raw {
 				t.Errorf("OUTBOX_RAW_IO=%s: the log says raw=%v, want %v", tc.value, line["raw"], tc.raw)
+			}
+			if fd, _ := line["linger_timerfd"].(bool); fd != tc.raw {
+				t.Errorf("OUTBOX_RAW_IO=%s: the log says linger_timerfd=%v, want %v", tc.value, line["linger_timerfd"], tc.raw)
 			}
 			// Let the writers commit a while with the relay running, then drain.
 			for time.Now().Before(deadline) && f.tokens.Load() < 300 {

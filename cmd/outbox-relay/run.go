@@ -26,6 +26,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/adapters/prometheus"
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/backoff"
+	"github.com/outbox-relay/outbox-relay/internal/hrtimer"
 	"github.com/outbox-relay/outbox-relay/internal/procs"
 	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 )
@@ -64,7 +65,7 @@ func runCmd(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if !rawconn.Enabled() {
 		level = slog.LevelInfo
 	}
-	log.Log(ctx, level, "socket reads and writes", "raw", rawconn.Enabled(), "switch", rawconn.EnvVar)
+	log.Log(ctx, level, "socket reads and writes", "raw", rawconn.Enabled(), "linger_timerfd", hrtimer.Enabled(), "switch", rawconn.EnvVar)
 	stopProcs := procs.Start(ctx, log) // one P while the relay uses little CPU (internal/procs)
 	defer stopProcs()
 	// Started: what start-up touched of the binary is no longer needed resident.

@@ -28,6 +28,10 @@ var off atomic.Bool
 // Timers already made stay as they are.
 func Disable() { off.Store(true) }
 
+// Enabled reports whether New makes timers on a timerfd: on Linux, until Disable. (A kernel that
+// refuses a timerfd still gets Go's timers from New.)
+func Enabled() bool { return supported && !off.Load() }
+
 // Timer waits on one goroutine at a time: Sleep must not be called concurrently.
 type Timer struct {
 	sys *sysTimer // nil: Go's timers

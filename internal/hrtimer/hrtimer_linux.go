@@ -17,6 +17,8 @@ const (
 	clockMonotonic = 1
 )
 
+const supported = true
+
 // sysTimer is a one-shot timerfd whose expiry the network poller waits for.
 type sysTimer struct {
 	f  *os.File // non-blocking, so registered with the poller

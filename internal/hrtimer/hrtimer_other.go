@@ -7,6 +7,8 @@ import (
 	"time"
 )
 
+const supported = false
+
 // sysTimer does not exist outside Linux: newSysTimer returns nil, and Timer uses Go's timers.
 type sysTimer struct{}
 

@@ -20,8 +20,8 @@ func sleepFor(ctx context.Context, t *Timer, d time.Duration) (time.Duration, er
 func TestSleepWaitsItsDuration(t *testing.T) {
 	tm := New()
 	defer tm.Close()
-	if runtime.GOOS == "linux" && !tm.Precise() {
-		t.Fatal("no timerfd on Linux")
+	if runtime.GOOS == "linux" && (!tm.Precise() || !Enabled()) {
+		t.Fatalf("no timerfd on Linux (Enabled %v)", Enabled())
 	}
 	for _, d := range []time.Duration{time.Millisecond, 2 * time.Millisecond, 2500 * time.Microsecond, 20 * time.Millisecond} {
 		for range 5 {
@@ -132,6 +132,9 @@ func TestCloseReleasesTheTimerfd(t *testing.T) {
 func TestDisable(t *testing.T) {
 	t.Cleanup(func() { off.Store(false) })
 	Disable()
+	if Enabled() {
+		t.Fatal("Enabled after Disable")
+	}
 	tm := New()
 	defer tm.Close()
 	if tm.Precise() {
