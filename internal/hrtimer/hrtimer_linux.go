@@ -2,7 +2,6 @@ package hrtimer
 
 import (
 	"context"
-	"errors"
 	"os"
 	"syscall"
 	"time"
@@ -57,9 +56,6 @@ func (s *sysTimer) arm(d time.Duration) error {
 
 // sleep arms the timer and waits in the poller for its expiry, or until ctx ends.
 func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
-	if err := s.arm(d); err != nil {
-		return err
-	}
 	stop := func() bool { return true }
 	if ctx.Done() != nil {
 		s.cancelled = make(chan struct{})
@@ -70,21 +66,24 @@ func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
 		})
 	}
 	var buf [8]byte // the number of expiries
-	var rerr error
-	armed := true
+	var ferr error
+	armed := false
 	err := s.rc.Read(func(fd uintptr) bool {
-		if armed {
-			// Just armed: not expired yet, so wait in the poller without a read. An expiry
-			// that came already is an edge the poller holds for the wait.
-			armed = false
-			return false
+		if !armed {
+			// Armed here, not before Read: Read first makes the poller forget the descriptor's
+			// last readiness, so an expiry before that (a goroutine held up between arming and
+			// Read) would be lost, and the wait with it. Armed after, the expiry, even an
+			// immediate one, is an edge the wait below sees; until then there is nothing to read.
+			armed = true
+			ferr = s.arm(d)
+			return ferr != nil
 		}
 		_, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
 		if e == syscall.EAGAIN {
 			return false // not expired yet: wait in the poller
 		}
 		if e != 0 {
-			rerr = e
+			ferr = e
 		}
 		return true
 	})
@@ -96,12 +95,9 @@ func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
 		return ctx.Err()
 	}
 	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			_ = s.f.SetReadDeadline(time.Time{})
-		}
 		return err
 	}
-	return rerr
+	return ferr
 }
 
 func (s *sysTimer) close() { _ = s.f.Close() }

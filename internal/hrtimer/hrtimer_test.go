@@ -111,6 +111,46 @@ func TestSleepCancelRacesExpiry(t *testing.T) {
 	}
 }
 
+// Sleeps shorter than the time it takes to start waiting (1 ns to 20 µs), while other goroutines
+// keep the poller busy on the other processors: every one ends. An expiry that came before the
+// wait began, and that another thread's poll took, must not be lost.
+func TestSleepShorterThanItsSetUp(t *testing.T) {
+	tm := New()
+	defer tm.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Go(func() { // timers and channel wake-ups: the poller runs on every processor
+			tk := time.NewTicker(50 * time.Microsecond)
+			defer tk.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tk.C:
+				}
+			}
+		})
+	}
+	defer func() { close(stop); wg.Wait() }()
+	done := make(chan int, 1)
+	go func() {
+		for i := range 20000 {
+			d := time.Duration(1 + i%20000) // 1 ns to 20 µs
+			if err := tm.Sleep(context.Background(), d); err != nil {
+				t.Errorf("Sleep(%v): %v", d, err)
+				break
+			}
+		}
+		done <- 0
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("20,000 sleeps of at most 20 µs did not end within two minutes: a wake-up was lost")
+	}
+}
+
 func TestCloseReleasesTheTimerfd(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("timerfd is Linux's")
