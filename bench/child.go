@@ -1018,13 +1018,17 @@ func (c *child) producePaced(cl *kgo.Client, record func(i int64) *kgo.Record) w
 	return func(ctx context.Context) error {
 		defer cl.Close()
 		var failed atomic.Value
-		tick := time.NewTicker(every)
-		defer tick.Stop()
+		// Paced on the timer the relay's linger uses (internal/hrtimer, a timerfd unless
+		// OUTBOX_RAW_IO=off), so the floor wakes as the relay does: Go's ticker rounds its
+		// sleeps down to whole milliseconds and would add a wake-up per hand-over.
+		tm := hrtimer.New()
+		defer tm.Close()
 		start := time.Now()
+		next := start
 		for i := int64(0); i < c.cfg.Events && ctx.Err() == nil; {
-			select {
-			case <-ctx.Done():
-			case <-tick.C:
+			next = next.Add(every)
+			if err := tm.Sleep(ctx, time.Until(next)); err != nil {
+				break
 			}
 			due := min(c.cfg.Events, int64(time.Since(start).Seconds()*c.cfg.Rate))
 			for ; i < due; i++ {
