@@ -152,9 +152,6 @@ func runChild(cfgJSON string) error {
 	if err := rawconn.Configure(os.Getenv); err != nil {
 		return err
 	}
-	if !rawconn.Enabled() {
-		hrtimer.Disable()
-	}
 	ctx := context.Background()
 	if cfg.Role == roleKfake {
 		return runKfake(cfg)

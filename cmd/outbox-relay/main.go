@@ -21,7 +21,6 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/outbox-relay/outbox-relay/internal/hrtimer"
 	"github.com/outbox-relay/outbox-relay/internal/rawconn"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
@@ -75,11 +74,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		if c.name == args[0] {
 			// Before any connection is dialled: OUTBOX_RAW_IO=off is the kill switch of the
 			// sockets' raw reads and writes (internal/rawconn) and of the linger's timerfd
-			// (internal/hrtimer).
+			// (internal/hrtimer follows it).
 			err := rawconn.Configure(os.Getenv)
-			if !rawconn.Enabled() {
-				hrtimer.Disable()
-			}
 			if err == nil {
 				err = c.run(ctx, args[1:], stdout, stderr)
 			}

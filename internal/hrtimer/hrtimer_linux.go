@@ -23,9 +23,6 @@ type sysTimer struct {
 	f  *os.File // non-blocking, so registered with the poller
 	rc syscall.RawConn
 	fd uintptr
-	// cancelled is closed by the callback that ended a sleep on its context (after its
-	// deadline is set), so that sleep can clear the deadline before the next.
-	cancelled chan struct{}
 }
 
 // newSysTimer returns a timerfd-backed timer, or nil if the kernel refuses one (a seccomp
@@ -57,12 +54,14 @@ func (s *sysTimer) arm(d time.Duration) error {
 // sleep arms the timer and waits in the poller for its expiry, or until ctx ends.
 func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
 	stop := func() bool { return true }
+	// cancelled is closed by the callback that ends the sleep on ctx, once it set the deadline,
+	// so the sleep can clear the deadline before the next.
+	var cancelled chan struct{}
 	if ctx.Done() != nil {
-		s.cancelled = make(chan struct{})
-		done := s.cancelled
+		cancelled = make(chan struct{})
 		stop = context.AfterFunc(ctx, func() {
 			_ = s.f.SetReadDeadline(time.Unix(1, 0)) // in the past: the read below returns
-			close(done)
+			close(cancelled)
 		})
 	}
 	var buf [8]byte // the number of expiries
@@ -89,7 +88,7 @@ func (s *sysTimer) sleep(ctx context.Context, d time.Duration) error {
 	})
 	if !stop() {
 		// ctx ended and the callback ran or runs: wait for it, then undo what it did.
-		<-s.cancelled
+		<-cancelled
 		_ = s.f.SetReadDeadline(time.Time{})
 		_ = s.arm(0)
 		return ctx.Err()
