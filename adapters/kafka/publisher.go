@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -89,6 +90,10 @@ var (
 	_ relay.ReleasingSink = (*Publisher)(nil)
 )
 
+// produceRequestSlack is what a produce request may hold beyond one batch of
+// kafka.max_record_bytes: its header, and the names and framing of its topics and partitions.
+const produceRequestSlack = 64 << 10
+
 // NewPublisher returns a publisher with an idempotent, acks=all producer, which hashes each
 // topic's keys with the partition count it saw first for the topic. extra options (hooks such
 // as metrics) are added to the client's.
@@ -121,6 +126,12 @@ func NewPublisherWith(cfg Config, deps PublisherDeps, extra ...kgo.Opt) (*Publis
 		kgo.ProducerBatchMaxBytesFn(parts.batchMaxBytes(cfg.MaxRecordBytes)),
 		kgo.MaxBufferedRecords(1<<20), // the relay bounds what is in flight; never block Publish
 		kgo.MaxBufferedBytes(0),
+		// A produce request carries at most one full batch: franz-go encodes a request whole into
+		// one pooled buffer, so requests that held every partition's batch (several MiB in a
+		// backlog) kept a second copy of the payloads in flight that large, and the pool's
+		// buffers, grown again after each collection, were a quarter of what a drain allocated.
+		// Up to five requests still go out at once to each broker.
+		kgo.BrokerMaxWriteBytes(int32(cfg.MaxRecordBytes+produceRequestSlack)),
 	)
 	if cfg.AutoCreateTopics {
 		opts = append(opts, kgo.AllowAutoTopicCreation())
@@ -163,21 +174,43 @@ func (p *Publisher) Ping(ctx context.Context) error {
 	return nil
 }
 
-// produced is a record in flight: the record, its four fixed headers and the relay's callback in
-// one allocation. The record's Context is the produced itself, so the promise finds the callback
-// without a closure per record.
+// produced is a record in flight: the record, its four fixed headers, the bytes of its key and
+// header values when they fit in text, and the relay's callback in one object, which the promise
+// (settle) hands back to producedPool. The record is its first field, so the promise, given the
+// record, finds the callback without a closure or a lookup per record (producedOf).
 type produced struct {
-	context.Context
-	rec     kgo.Record
+	rec     kgo.Record // first: producedOf
 	headers [4]kgo.RecordHeader
+	text    [producedText]byte
 	done    func(error)
 	span    trace.Span // the record's publish span; nil when tracing is off
 }
 
+// producedText holds a record's key and header values when they fit: a UUID key and event id,
+// a type of 40 bytes each and the occurred-at time.
+const producedText = 192
+
+// The record is produced's first field (producedOf): this does not compile otherwise.
+const _ = uint(0) - uint(unsafe.Offsetof(produced{}.rec))
+
+// producedOf returns the produced whose record r is: every record the publisher hands franz-go is
+// the rec field, at offset 0, of a produced.
+func producedOf(r *kgo.Record) *produced { return (*produced)(unsafe.Pointer(r)) }
+
+// producedPool recycles the records in flight. Allocated per record, they and their keys and
+// header values were a third of the bytes a drain allocated (about 450 B an event), and under
+// the memory limit the bytes allocated set how often the collector runs. franz-go refers to a
+// record only until its promise returns (the hooks run before it), and the relay's callback
+// keeps nothing of it, so settle recycles it once the callback returned. What franz-go may keep
+// longer is the record's Context: the goroutine that waits for a new topic's partitions watches
+// the first record's, and may look at it again after the record was acknowledged. So the
+// Context is the caller's own, never the recycled object (which an earlier version made it).
+var producedPool = sync.Pool{New: func() any { return new(produced) }}
+
 // settle is the promise of every record: it hands the broker's verdict to the relay's callback,
 // and keeps track of the topics that do not exist.
 func (p *Publisher) settle(r *kgo.Record, err error) {
-	pr := r.Context.(*produced)
+	pr := producedOf(r)
 	switch {
 	case err == nil:
 		if p.missingN.Load() > 0 {
@@ -193,6 +226,8 @@ func (p *Publisher) settle(r *kgo.Record, err error) {
 		endPublish(pr.span, r, err)
 	}
 	pr.done(classify(r, err))
+	*pr = produced{}
+	producedPool.Put(pr)
 }
 
 // missingFix says what makes a missing topic exist.
@@ -249,8 +284,7 @@ func (p *Publisher) Record(m *relay.Message) (*kgo.Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	pr.rec.Context = nil
-	return &pr.rec, nil
+	return &pr.rec, nil // never produced, so never recycled: the caller's to keep
 }
 
 // record builds the record of m, with extra headers after the row's.
@@ -286,8 +320,13 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 	if m.Payload == nil && !p.cfg.Tombstones {
 		return nil, nil, fmt.Errorf("%w: payload is NULL and tombstones are disabled (kafka.tombstones)", relay.ErrInvalidMessage)
 	}
-	// The key and the four header values share one allocation: a record costs the relay less CPU.
-	buf := make([]byte, 0, len(m.AggregateID)+len(m.EventID)+len(m.EventType)+len(m.AggregateType)+len(time.RFC3339Nano))
+	pr := producedPool.Get().(*produced)
+	// The key and the four header values share the record's text, or one allocation when they
+	// do not fit in it.
+	buf := pr.text[:0]
+	if n := len(m.AggregateID) + len(m.EventID) + len(m.EventType) + len(m.AggregateType) + len(time.RFC3339Nano); n > len(pr.text) {
+		buf = make([]byte, 0, n)
+	}
 	piece := func(s string) []byte {
 		start := len(buf)
 		buf = append(buf, s...)
@@ -296,7 +335,7 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 	keyBytes, eventID, eventType, aggregateType := piece(m.AggregateID), piece(m.EventID), piece(m.EventType), piece(m.AggregateType)
 	start := len(buf)
 	buf = m.OccurredAt.UTC().AppendFormat(buf, time.RFC3339Nano)
-	pr := &produced{rec: kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload}}
+	pr.rec = kgo.Record{Topic: topic, Key: keyBytes, Value: m.Payload}
 	rec := &pr.rec
 	if p.cfg.RecordTimestamp == TimestampOccurredAt {
 		// Kafka timestamps are milliseconds since 1970, never negative; franz-go takes a zero
@@ -307,7 +346,6 @@ func (p *Publisher) record(m *relay.Message, extra ...kgo.RecordHeader) (*produc
 		}
 		rec.Timestamp = m.OccurredAt
 	}
-	rec.Context = pr
 	rec.Headers = append(pr.headers[:0],
 		kgo.RecordHeader{Key: HeaderEventID, Value: eventID},
 		kgo.RecordHeader{Key: HeaderEventType, Value: eventType},
@@ -501,7 +539,7 @@ func (p *Publisher) Publish(ctx context.Context, m *relay.Message, done func(err
 		}
 	}
 	p.report(ts)
-	pr.Context, pr.done = ctx, done
+	pr.rec.Context, pr.done = ctx, done
 	p.fence.set(ctx)
 	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil
@@ -527,7 +565,7 @@ func (p *Publisher) Replay(ctx context.Context, m *relay.Message, topic string, 
 		return err
 	}
 	p.report(ts)
-	pr.Context, pr.done = ctx, done
+	pr.rec.Context, pr.done = ctx, done
 	p.fence.set(ctx)
 	p.cl.Produce(ctx, &pr.rec, p.promise)
 	return nil

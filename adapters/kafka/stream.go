@@ -65,7 +65,7 @@ func (p *TxPublisher) PublishStreamed(ctx context.Context, m *relay.Message, pro
 		p.open, p.began = true, time.Now()
 	}
 	p.pub.report(ts)
-	pr.Context, pr.done = ctx, func(err error) {
+	pr.rec.Context, pr.done = ctx, func(err error) {
 		if err != nil {
 			p.streamFailed.Store(true)
 		}

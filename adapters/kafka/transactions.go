@@ -509,7 +509,7 @@ func (p *TxPublisher) Publish(ctx context.Context, m *relay.Message, done func(e
 	p.handing = true
 	rec := &txRecord{id: m.ID, done: done}
 	p.pub.report(ts)
-	pr.Context, pr.done = ctx, rec.result
+	pr.rec.Context, pr.done = ctx, rec.result
 	p.pub.fence.set(ctx)
 	p.pub.cl.Produce(ctx, &pr.rec, p.pub.promise)
 	p.recs = append(p.recs, rec)

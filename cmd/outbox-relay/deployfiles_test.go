@@ -305,7 +305,7 @@ func TestKubernetesManifestReferences(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ranges := regexp.MustCompile(`(\d+)[–-](\d+) MiB`).FindAllStringSubmatch(m.text, -1)
+	ranges := regexp.MustCompile(`(\d+(?:\.\d+)?)[–-](\d+(?:\.\d+)?) MiB`).FindAllStringSubmatch(m.text, -1)
 	if len(ranges) == 0 {
 		t.Errorf("%s quotes no resident memory figures (N–M MiB); the limit should say what it is based on", kubernetesFile)
 	}

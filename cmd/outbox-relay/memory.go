@@ -7,14 +7,14 @@ import (
 
 // The soft memory limit `run` gives the Go runtime when GOMEMLIMIT is unset:
 // memoryLimitBase plus memoryLimitPerInFlight times the outboxes' relay.max_in_flight_bytes,
-// 32 MiB at the defaults. A drain holds about twice its in-flight bytes live (the claimed rows,
-// and franz-go's encoded produce requests, which copy them) plus 2–6 MiB of everything else
-// (9–14 MiB at the defaults); left to GOGC=100 alone the heap doubles that, and the pages the
-// collector freed go back to the kernel only slowly, which put the anonymous memory of a 1 KB
-// drain at 34–41 MiB. Under the limit the runtime returns them sooner. It leaves the live heap
-// twice the in-flight bytes and 10 MiB of room, so the collector never runs flat out to stay
-// under it: at 24 MiB it did (3–5 times the collections, drains up to 5 times slower), at
-// 28 MiB it ran 3 times as often as without a limit (BENCHMARKS.md, "Memory, second pass").
+// 24 MiB at the defaults. A drain holds its in-flight bytes live (the claimed rows), one or two
+// produce requests of at most a batch each (franz-go encodes a request whole, a copy of its
+// payloads), the records in flight, and 2–6 MiB of everything else; left to GOGC=100 alone the
+// heap doubles that, and the pages the collector freed go back to the kernel only slowly. Under
+// the limit the runtime returns them sooner. It leaves the live heap room enough that the
+// collector never runs flat out to stay under it: with 4 MiB in flight and a 24 MiB limit it
+// ran six times as often as under 32 MiB (BENCHMARKS.md, "Memory, third pass"; the second
+// pass found the same at 24 and 28 MiB before the produce requests were capped).
 // Tracing adds memoryLimitTracing: the span processor's queue and export buffers took 27–30 MiB
 // more with every span sampled (BENCHMARKS.md, "Cost of the ecosystem features").
 const (

@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// TestMemoryLimitFollowsInFlightBytes: the soft memory limit is 32 MiB at the defaults, grows
+// TestMemoryLimitFollowsInFlightBytes: the soft memory limit is 24 MiB at the defaults, grows
 // with every outbox's relay.max_in_flight_bytes, and has 32 MiB more with tracing on.
 func TestMemoryLimitFollowsInFlightBytes(t *testing.T) {
 	configEnv(t, validEnv)
@@ -14,11 +14,11 @@ func TestMemoryLimitFollowsInFlightBytes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := memoryLimit(cfg, false); got != 32<<20 {
-		t.Errorf("defaults: %d MiB, want 32", got>>20)
+	if got := memoryLimit(cfg, false); got != 24<<20 {
+		t.Errorf("defaults: %d MiB, want 24", got>>20)
 	}
-	if got := memoryLimit(cfg, true); got != 64<<20 {
-		t.Errorf("defaults, tracing on: %d MiB, want 64", got>>20)
+	if got := memoryLimit(cfg, true); got != 56<<20 {
+		t.Errorf("defaults, tracing on: %d MiB, want 56", got>>20)
 	}
 	cfg, err = loadFor(t, `
 relay:
