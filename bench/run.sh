@@ -4,7 +4,8 @@
 # BENCH_REPEAT is how many times each drain's sql-only, naive and relay variants run (default 3
 # at full size, 1 for smoke; the tables take the medians). Extra arguments go to the bench
 # command (see `go run ./bench -h`). Results, charts and the relay's CPU profile land in
-# bench/results/ (BENCH_OUT to change).
+# bench/results/ (BENCH_OUT to change), and binary-rss.txt the peak RSS of the real
+# `outbox-relay run` draining 1 KB rows (bench/binary-rss.sh: 1M rows, 20k for smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scale="${BENCH_SCALE:-1}"
@@ -23,6 +24,15 @@ if ! go build -C bench/watermill -o "$PWD/bin/bench-watermill" .; then
   rm -f bin/bench-watermill
 fi
 bin/bench -scale "$scale" -repeat "$repeat" -child-exe bin/bench-child -watermill-exe bin/bench-watermill -out "$out" -profile "$@"
+# The real binary's peak RSS in a 1 KB drain (issue 21, item 4), beside the child's figures:
+# `outbox-relay run` as deployed, with its default memory limit, which the bench's child does not set.
+binary_rows=1000000
+if [ "$scale" = smoke ]; then binary_rows=20000; fi
+if N="$binary_rows" bench/binary-rss.sh >"$out/binary-rss.txt" 2>&1; then
+	cat "$out/binary-rss.txt"
+else
+	echo "bench: bench/binary-rss.sh failed: $(tail -3 "$out/binary-rss.txt")" >&2
+fi
 if [ -f "$out/relay-cpu.pprof" ]; then
 	go tool pprof -top -nodecount=40 bin/bench-child "$out/relay-cpu.pprof" >"$out/relay-cpu-top.txt" 2>/dev/null || true
 	echo "relay CPU profile: $out/relay-cpu.pprof (top: $out/relay-cpu-top.txt)"

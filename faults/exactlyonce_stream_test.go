@@ -15,7 +15,7 @@ import (
 // streamed inside one Kafka transaction (app/relay/stream.go), never held whole.
 
 // hugeTxRows is the size of the huge transaction of the stream tests: rows of about 1 KB, 150 MB
-// in all, 37 times the default relay.max_in_flight_bytes (4 MiB).
+// in all, 71 times the default relay.max_in_flight_bytes (2 MiB).
 const hugeTxRows = 150000
 
 // streamEnv is the environment of a relay in exactly-once mode with a transaction timeout long
@@ -65,7 +65,7 @@ func streamOptions() options {
 }
 
 // TestFaultEO12HugeTransaction: one database transaction of 150,000 rows of about 1 KB (150 MB)
-// between small ones is published by a relay with the default memory budget (4 MiB): its peak
+// between small ones is published by a relay with the default memory budget (2 MiB): its peak
 // resident memory stays far below the transaction's size, and a read_committed reader sees every
 // event once, in order per key, and the huge transaction in one Kafka transaction.
 func TestFaultEO12HugeTransaction(t *testing.T) {
