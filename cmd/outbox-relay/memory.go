@@ -13,7 +13,7 @@ import (
 // heap doubles that, and the pages the collector freed go back to the kernel only slowly. Under
 // the limit the runtime returns them sooner. It leaves the live heap room enough that the
 // collector never runs flat out to stay under it: with 4 MiB in flight and a 24 MiB limit it
-// ran six times as often as under 32 MiB (BENCHMARKS.md, "Memory, third pass"; the second
+// ran six to eight times as often as under 32 MiB (BENCHMARKS.md, "Memory, third pass"; the second
 // pass found the same at 24 and 28 MiB before the produce requests were capped).
 // Tracing adds memoryLimitTracing: the span processor's queue and export buffers took 27–30 MiB
 // more with every span sampled (BENCHMARKS.md, "Cost of the ecosystem features").
