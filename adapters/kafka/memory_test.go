@@ -34,33 +34,36 @@ func (w *produceWrites) OnBrokerWrite(_ kgo.BrokerMetadata, key int16, written i
 	}
 }
 
-// publishAll publishes msgs without waiting between them, then waits until every one is
-// acknowledged, and fails t on the first error.
-func publishAll(t *testing.T, pub *kafka.Publisher, msgs []*relay.Message) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
+// publishAll publishes msgs without waiting between them, then waits until the broker answered
+// every one, and returns the first error. ctx bounds the wait: the producer fails the records
+// still buffered when it ends. Safe to call from any goroutine.
+func publishAll(ctx context.Context, pub *kafka.Publisher, msgs []*relay.Message) error {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var first error
+	fail := func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if first == nil {
+			first = err
+		}
+	}
 	for _, m := range msgs {
 		wg.Add(1)
 		err := pub.Publish(ctx, m, func(err error) {
 			defer wg.Done()
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil && first == nil {
-				first = fmt.Errorf("row %d: %w", m.ID, err)
+			if err != nil {
+				fail(fmt.Errorf("row %d: %w", m.ID, err))
 			}
 		})
 		if err != nil {
-			t.Fatalf("publish row %d: %v", m.ID, err)
+			wg.Done()
+			fail(fmt.Errorf("publish row %d: %w", m.ID, err))
+			break
 		}
 	}
 	wg.Wait()
-	if first != nil {
-		t.Fatal(first)
-	}
+	return first
 }
 
 // TestPublisherProduceRequestsStayNearOneBatch: franz-go encodes each produce request whole into
@@ -86,7 +89,11 @@ func TestPublisherProduceRequestsStayNearOneBatch(t *testing.T) {
 			AggregateID: fmt.Sprintf("o-%d", i%600), EventType: "order.placed", Payload: bytes.Repeat([]byte{'x'}, size),
 			OccurredAt: time.Now()}
 	}
-	publishAll(t, pub, msgs)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := publishAll(ctx, pub, msgs); err != nil {
+		t.Fatal(err)
+	}
 	most, limit := writes.most.Load(), int64(maxRecord+kafka.ProduceRequestSlack)
 	t.Logf("%d produce requests, the largest %d bytes (cap %d)", writes.n.Load(), most, limit)
 	if most > limit {
@@ -129,7 +136,13 @@ func TestPublisherRecycledRecordsKeepTheirContent(t *testing.T) {
 						Payload:    fmt.Appendf(nil, `{"id":%d,"pad":"%s"}`, id, bytes.Repeat([]byte{'p'}, id%300)),
 						OccurredAt: time.Unix(int64(id), 0)}
 				}
-				publishAll(t, pub, msgs)
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+				err := publishAll(ctx, pub, msgs)
+				cancel()
+				if err != nil {
+					t.Error(err) // not Fatal: this is not the test's goroutine
+					return
+				}
 			}
 		}()
 	}

@@ -71,23 +71,15 @@ func (o *liveObserver) get(topic string) int {
 // publishRound publishes one message per key and waits for every acknowledgement.
 func publishRound(t *testing.T, pub *kafka.Publisher, keys int, round int) {
 	t.Helper()
-	errs := make(chan error, keys)
-	for k := range keys {
-		m := &relay.Message{EventID: fmt.Sprintf("e-%d-%d", round, k), AggregateType: "order", AggregateID: fmt.Sprintf("k%02d", k),
+	msgs := make([]*relay.Message, keys)
+	for k := range msgs {
+		msgs[k] = &relay.Message{EventID: fmt.Sprintf("e-%d-%d", round, k), AggregateType: "order", AggregateID: fmt.Sprintf("k%02d", k),
 			EventType: "placed", Payload: []byte("{}"), OccurredAt: time.Now()}
-		if err := pub.Publish(context.Background(), m, func(err error) { errs <- err }); err != nil {
-			t.Fatalf("publish: %v", err)
-		}
 	}
-	for range keys {
-		select {
-		case err := <-errs:
-			if err != nil {
-				t.Fatalf("round %d: %v", round, err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Fatalf("round %d: no acknowledgement within 30s", round)
-		}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := publishAll(ctx, pub, msgs); err != nil {
+		t.Fatalf("round %d: %v", round, err)
 	}
 }
 
