@@ -105,6 +105,7 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("latency %s at %.0f/s: malformed %+v", l.Mode, l.OfferedPerSec, l)
 		}
 	}
+	checkSidecar(t, got, opts.Scale.SidecarRuns)
 	checkPeers(t, got.Peers, variants == len(drainVariants), 2)
 	checkFeatures(t, got, 2)
 	if b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md")); err != nil || !bytes.Contains(b, []byte("### Cost of the ecosystem features")) {
@@ -149,6 +150,77 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("chart %s: %v", name, err)
 		} else if !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
 			t.Errorf("chart %s is not a PNG", name)
+		}
+	}
+}
+
+// TestSidecar runs the sidecar section with two runs: each run at 1,000 events/s is followed
+// by a bare producer at that run's claim cadence, the real binary is measured idle, and the
+// targets table judges all four of the section's figures.
+func TestSidecar(t *testing.T) {
+	dbtest.Pool(t)
+	opts, res, logs := runBench(t, 10*time.Minute, "-scale", "smoke", "-only", "sidecar", "-sidecar-runs", "2", "-no-settle", "-broker-log", t.TempDir())
+	if res.Sidecar == nil {
+		t.Fatalf("no sidecar results\n%s", logs)
+	}
+	checkSidecar(t, *res, 2)
+	names := map[string]bool{}
+	for _, tr := range res.Targets {
+		names[strings.SplitN(tr.Name, " (", 2)[0]] = true
+	}
+	for _, want := range []string{"relay CPU at 1k ev/s, one per tx", "its database sessions' CPU at 1k ev/s",
+		"p99 commit-to-ack in those runs", "idle relay + its database sessions' CPU"} {
+		if !names[want] {
+			t.Errorf("no target %q among %v", want, names)
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md"))
+	if err != nil || !bytes.Contains(b, []byte("### A sidecar's cost at 1000 events/s and idle")) || !bytes.Contains(b, []byte("Idle (`outbox-relay run`")) {
+		t.Errorf("tables.md has no sidecar table with the idle line (%v):\n%s", err, b)
+	}
+}
+
+// checkSidecar checks the sidecar section of got: runs runs at 1,000 events/s with their
+// figures, a produce floor after each at the cadence of its claims, and the idle relay measured
+// for the scale's window with its sessions found.
+func checkSidecar(t *testing.T, got results, runs int) {
+	t.Helper()
+	sc := got.Sidecar
+	if sc == nil || len(sc.Runs) != runs || len(sc.Floor) != runs {
+		t.Fatalf("sidecar section: %+v, want %d runs and %d produce floors", sc, runs, runs)
+	}
+	for i, r := range sc.Runs {
+		if r.Run != i || r.OfferedPerSec != sidecarRate || r.Events == 0 || r.CPUMsPer10k <= 0 || r.DBCPUMsPer10k <= 0 || r.ClaimsPerEvent <= 0 || r.P50 > r.P99 {
+			t.Errorf("sidecar run %d: incomplete %+v", i, r)
+			continue
+		}
+		f := sc.Floor[i]
+		if want := claimCadence(r.ClaimsPerEvent, sidecarRate); f.Run != i || f.Every != want || f.OfferedPerSec != sidecarRate || f.Events == 0 || f.CPUMsPer10k <= 0 {
+			t.Errorf("sidecar run %d's produce floor: %+v, want every %s (%.3f claims per event)", i, f, want, r.ClaimsPerEvent)
+		}
+	}
+	idle := got.Sidecar.Idle
+	if idle == nil || idle.Error != "" || idle.Seconds < got.Sizes.IdleRun.Seconds() || idle.Sessions == 0 || idle.RelayCPUPerHour < 0 || idle.DBCPUPerHour < 0 {
+		t.Errorf("sidecar idle: %+v, want %s measured with the relay's sessions", idle, got.Sizes.IdleRun)
+	}
+}
+
+// TestClaimCadence: a relay's claims per event at a rate give the cadence of its claims,
+// rounded to 0.1 ms and kept within what -produce-floor accepts; none without claims.
+func TestClaimCadence(t *testing.T) {
+	for _, tc := range []struct {
+		perEvent, rate float64
+		want           time.Duration
+	}{
+		{0.34, 1000, 2900 * time.Microsecond},
+		{0.5, 1000, 2 * time.Millisecond},
+		{1, 10, 100 * time.Millisecond},
+		{2, 1000, time.Millisecond}, // more than one claim a millisecond: the floor's least cadence
+		{1, 0.5, time.Second},       // one claim in two seconds: its greatest
+		{0, 1000, 0},                // no claims: no cadence
+	} {
+		if got := claimCadence(tc.perEvent, tc.rate); got != tc.want {
+			t.Errorf("claimCadence(%v, %v) = %s, want %s", tc.perEvent, tc.rate, got, tc.want)
 		}
 	}
 }
@@ -455,8 +527,8 @@ func TestDrainRetain(t *testing.T) {
 func runBench(t *testing.T, timeout time.Duration, args ...string) (options, *results, string) {
 	t.Helper()
 	base := []string{"-db", dbtest.URL(), "-out", t.TempDir()}
-	if !slices.Contains(args, "-only") || strings.Contains(args[slices.Index(args, "-only")+1], "outboxes") {
-		base = append(base, "-relay-bin", relayBin(t)) // the outboxes section runs the daemon
+	if only := slices.Index(args, "-only"); only < 0 || strings.Contains(args[only+1], "outboxes") || strings.Contains(args[only+1], "sidecar") {
+		base = append(base, "-relay-bin", relayBin(t)) // the outboxes section runs the daemon, the sidecar section idle
 	}
 	opts, err := parseFlags(append(base, args...))
 	if err != nil {

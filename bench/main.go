@@ -117,7 +117,7 @@ const (
 )
 
 // sections, in the order they run.
-var allSections = []string{"drain", "steady", "peers", "features", "write", "health", "memory", "outboxes", "live"}
+var allSections = []string{"drain", "steady", "sidecar", "peers", "features", "write", "health", "memory", "outboxes", "live"}
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -144,7 +144,8 @@ func parseFlags(args []string) (options, error) {
 	drainMark := fs.String("drain-mark", postgres.MarkDelete, "how the relay and the SQL-only baseline mark rows in the drains: "+postgres.MarkDelete+" (the default) or "+postgres.MarkRetain+" (rows kept with dispatched_at set; no purge runs during a drain; the naive loop always deletes)")
 	brokerLog := fs.String("broker-log", "", "where the broker (kfake) keeps its log: a directory for its segment files (a fresh one inside it per broker), or "+brokerLogMemory+" for kfake's in-memory log (default "+brokerLogTmpfs+" where it exists, else "+brokerLogMemory+")")
 	liveRepeats := fs.Int("live-repeats", 0, "rounds of the live section's two modes (0: the scale's, 3 at any factor, 1 for smoke)")
-	relayBin := fs.String("relay-bin", "bin/outbox-relay", "the outbox-relay binary the outboxes section runs (make build writes it)")
+	sidecarRuns := fs.Int("sidecar-runs", 0, "runs of the sidecar section at 1,000 events/s, each followed by a bare producer at the relay's cadence (0: the scale's, 5 at any factor, 1 for smoke)")
+	relayBin := fs.String("relay-bin", "bin/outbox-relay", "the outbox-relay binary the outboxes section runs, and the sidecar section idle (make build writes it)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
@@ -227,6 +228,9 @@ func parseFlags(args []string) (options, error) {
 		sc.Matrix = keep
 	}
 	o.Scale = sc
+	if *sidecarRuns > 0 {
+		o.Scale.SidecarRuns = *sidecarRuns
+	}
 	if *liveRepeats > 0 {
 		o.Scale.LiveRepeats = *liveRepeats
 	}
@@ -261,6 +265,9 @@ type scale struct {
 	MaxRate      int           `json:"steady_max_rate"` // the search stops here
 	LiveBacklog  int64         `json:"live_backlog"`    // rows of the live-backlog section's backlog (200k at full size)
 	LiveRepeats  int           `json:"live_repeats"`    // rounds of its two modes
+	SidecarRuns  int           `json:"sidecar_runs"`    // runs at 1,000 events/s in the sidecar section
+	IdleWarm     time.Duration `json:"idle_warm"`       // the idle relay's start-up, not measured
+	IdleRun      time.Duration `json:"idle_run"`        // how long the idle relay is measured
 }
 
 // drainCase is one payload size and key count of the drain matrix.
@@ -274,7 +281,8 @@ func parseScale(s string) (scale, error) {
 	if s == "smoke" {
 		sc := scale{Factor: 0, DrainSmall: 2000, DrainLarge: 500, Step: time.Second,
 			LatencyRun: time.Second, WriteRun: time.Second, WriteRepeats: 1, HealthEvents: 2000,
-			Backlog: 4000, MaxRate: 1000, LiveBacklog: 2000, LiveRepeats: 1}
+			Backlog: 4000, MaxRate: 1000, LiveBacklog: 2000, LiveRepeats: 1,
+			SidecarRuns: 1, IdleWarm: time.Second, IdleRun: 2 * time.Second}
 		sc.Matrix = []drainCase{{256, 100, sc.DrainSmall}, {16 << 10, 1, sc.DrainLarge}}
 		return sc, nil
 	}
@@ -295,6 +303,9 @@ func parseScale(s string) (scale, error) {
 		MaxRate:      64000,
 		LiveBacklog:  max(int64(2e5*f), 1000),
 		LiveRepeats:  3,
+		SidecarRuns:  5,
+		IdleWarm:     10 * time.Second,
+		IdleRun:      max(time.Duration(float64(2*time.Minute)*f), 20*time.Second),
 	}
 	for _, p := range []int{256, 1 << 10, 16 << 10} {
 		for _, k := range []int{1, 100, 10000} {
@@ -338,7 +349,7 @@ func run(ctx context.Context, opts options, lg *log.Logger) (*results, error) {
 	b.res.Machine = machineInfo(ctx, pool)
 	defer func() { b.coll.close() }()
 	sections := map[string]func(context.Context) error{
-		"drain": b.drain, "steady": b.steady, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory, "outboxes": b.outboxes, "live": b.live,
+		"drain": b.drain, "steady": b.steady, "sidecar": b.sidecar, "peers": b.peers, "features": b.features, "write": b.writeCost, "health": b.health, "memory": b.memory, "outboxes": b.outboxes, "live": b.live,
 	}
 	var errs []error
 	for _, s := range allSections {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -29,6 +30,9 @@ type results struct {
 	Machine               machine        `json:"machine"`
 	Drain                 []drainResult  `json:"drain"`
 	Steady                *steadyResults `json:"steady,omitempty"`
+	// Sidecar is what a relay costs at 1,000 events/s beside the bare producer at its cadence,
+	// and idle (issue 21).
+	Sidecar *sidecarResults `json:"sidecar,omitempty"`
 	// Peers is commit-to-ack latency and CPU at 1k events/s of the relay and its baselines (the
 	// naive loop, SQL-only, Watermill's forwarder), each run in rounds of alternating order; Mode
 	// names the variant.
@@ -140,6 +144,32 @@ func (b *bench) targets() []targetResult {
 				add("p99 commit-to-ack at 1k ev/s, wake-up on", "<= 5 ms", l.P99 <= 5, "%.2f ms", l.P99)
 			}
 		}
+	}
+	if sc := b.res.Sidecar; sc != nil && len(sc.Runs) > 0 {
+		var cpu, db, p99 []float64
+		for _, r := range sc.Runs {
+			cpu, db, p99 = append(cpu, r.CPUMsPer10k), append(db, r.DBCPUMsPer10k), append(p99, r.P99)
+		}
+		var floor []float64
+		for _, f := range sc.Floor {
+			floor = append(floor, f.CPUMsPer10k)
+		}
+		beside := ""
+		if len(floor) > 0 {
+			beside = fmt.Sprintf("; a bare producer at its cadence %.0f", median(floor))
+		}
+		n := len(sc.Runs)
+		add(fmt.Sprintf("relay CPU at 1k ev/s, one per tx (median of %d)", n), "<= 1000 ms/10k", median(cpu) <= 1000,
+			"%.0f [%.0f–%.0f]%s", median(cpu), slices.Min(cpu), slices.Max(cpu), beside)
+		add(fmt.Sprintf("its database sessions' CPU at 1k ev/s (median of %d)", n), "<= 500 ms/10k", median(db) <= 500,
+			"%.0f [%.0f–%.0f]", median(db), slices.Min(db), slices.Max(db))
+		add(fmt.Sprintf("p99 commit-to-ack in those runs (median of %d)", n), "<= 5 ms", median(p99) <= 5,
+			"%.2f [%.2f–%.2f] ms", median(p99), slices.Min(p99), slices.Max(p99))
+	}
+	if sc := b.res.Sidecar; sc != nil && sc.Idle != nil && sc.Idle.Error == "" {
+		i := sc.Idle
+		add(fmt.Sprintf("idle relay + its database sessions' CPU (%.0f s, an hour's worth)", i.Seconds), "<= 10 s/h",
+			i.RelayCPUPerHour+i.DBCPUPerHour <= 10, "%.2f s/h (relay %.2f, database %.2f)", i.RelayCPUPerHour+i.DBCPUPerHour, i.RelayCPUPerHour, i.DBCPUPerHour)
 	}
 	if wc := b.res.Write; wc != nil && len(wc.Medians) > 0 {
 		add("writers flat out, relay running: trigger on / off", ">= 0.95x", wc.NotifyFactor >= 0.95, "%.2fx", wc.NotifyFactor)

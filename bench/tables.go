@@ -172,6 +172,8 @@ func (b *bench) tables(w io.Writer) {
 		tailTable(w, s.Tail)
 	}
 
+	sidecarTable(w, r.Sidecar)
+
 	if ps := peerSummaries(r.Peers); len(ps) > 0 {
 		fmt.Fprintf(w, "### Beside its peers at %d events/s (8 writers, one event per transaction)\n\n", peerRate)
 		fmt.Fprintln(w, "Commit to acknowledgement: the relay's broker acknowledgement; the naive loop's ProduceSync returning; SQL-only's mark (it has no broker); Watermill's Kafka publisher returning in its forwarder. CPU per 10k events includes the idle time between events. Each figure is the median of the variant's runs; the range is the lowest and highest p99.")
@@ -354,4 +356,36 @@ func (b *bench) exactlyOnceTable(w io.Writer, sums []drainSummary) {
 			aloCPU, eo.CPUMsPer10k, aloDB, eo.DBCPUMsPer10k, eo.TxPerSec, eo.Markers, eo.MarkersPerSec, perTx)
 	}
 	fmt.Fprintln(w)
+}
+
+// sidecarTable writes the sidecar section: each run at 1,000 events/s beside the bare producer
+// at the relay's cadence in that run, then the idle relay.
+func sidecarTable(w io.Writer, sc *sidecarResults) {
+	if sc == nil || len(sc.Runs) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "### A sidecar's cost at %d events/s and idle\n\n", sidecarRate)
+	fmt.Fprintln(w, "8 writers, one event per transaction, the relay at its defaults. After each run a bare franz-go producer (no database) publishes the same rate for as long, handing its records over once per the relay's claim cadence in that run: what publishing alone costs on this host, the floor of any relay on this producer. CPU per 10k events includes the idle time between events.")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| run | written ev/s | p50 ms | p99 ms | relay CPU ms / 10k | database CPU ms / 10k | claims / event | claim cadence | bare producer CPU ms / 10k | relay ÷ producer | load average |")
+	fmt.Fprintln(w, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, l := range sc.Runs {
+		every, floor, x := "-", "-", "-"
+		for _, f := range sc.Floor {
+			if f.Run == l.Run {
+				every, floor, x = f.Every.String(), fmt.Sprintf("%.0f", f.CPUMsPer10k), ratio(l.CPUMsPer10k, f.CPUMsPer10k)
+			}
+		}
+		fmt.Fprintf(w, "| %d | %.0f | %.2f | %.2f | %.0f | %.0f | %.2f | %s | %s | %s | %.1f |\n", l.Run, l.WrittenPerSec, l.P50, l.P99,
+			l.CPUMsPer10k, l.DBCPUMsPer10k, l.ClaimsPerEvent, every, floor, x, l.LoadAvg)
+	}
+	fmt.Fprintln(w)
+	if i := sc.Idle; i != nil {
+		if i.Error != "" {
+			fmt.Fprintf(w, "Idle: not measured: %s\n\n", i.Error)
+		} else {
+			fmt.Fprintf(w, "Idle (`outbox-relay run` over an empty outbox, %.0f s): relay %.2f s of CPU an hour, its %d database sessions %.2f, together %.2f.\n\n",
+				i.Seconds, i.RelayCPUPerHour, i.Sessions, i.DBCPUPerHour, i.RelayCPUPerHour+i.DBCPUPerHour)
+		}
+	}
 }
