@@ -83,8 +83,10 @@ func publish(t *testing.T, p *kafka.TxPublisher, tx, first, last int64) []error 
 	return out
 }
 
-// readCommitted returns the payloads the topic holds, read at read_committed (or not).
-func readTopic(t *testing.T, e *txEnv, committed bool) []string {
+// readTopic returns the payloads the topic holds, read at read_committed (or not), each with its
+// tx-id header, sorted. It waits up to a minute for want records (a loaded host may take seconds
+// to make a committed transaction readable), then until a poll of two seconds brings no more.
+func readTopic(t *testing.T, e *txEnv, committed bool, want int) []string {
 	t.Helper()
 	opts := []kgo.Opt{kgo.SeedBrokers(e.b.Addrs...), kgo.ConsumeTopics(e.topic), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart())}
 	if committed {
@@ -96,6 +98,7 @@ func readTopic(t *testing.T, e *txEnv, committed bool) []string {
 	}
 	defer cl.Close()
 	var out []string
+	deadline := time.Now().Add(time.Minute)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		fs := cl.PollFetches(ctx)
@@ -105,7 +108,7 @@ func readTopic(t *testing.T, e *txEnv, committed bool) []string {
 			n++
 			out = append(out, string(r.Value)+"/"+kafkatest.Header(r, kafka.HeaderTxID))
 		})
-		if n == 0 {
+		if n == 0 && (len(out) >= want || time.Now().After(deadline)) {
 			slices.Sort(out)
 			return out
 		}
@@ -134,7 +137,7 @@ func TestTxPublisherCommitsRecoversAndFences(t *testing.T) {
 			t.Fatalf("row %d: %v", i+6, err)
 		}
 	}
-	if got, want := readTopic(t, e, true), []string{"1/77", "2/77", "3/77", "4/77", "5/77", "6/78", "7/78"}; !slices.Equal(got, want) {
+	if got, want := readTopic(t, e, true, 7), []string{"1/77", "2/77", "3/77", "4/77", "5/77", "6/78", "7/78"}; !slices.Equal(got, want) {
 		t.Fatalf("read_committed: %v, want %v", got, want)
 	}
 	p2, ids := e.publisher(t)
@@ -151,7 +154,7 @@ func TestTxPublisherCommitsRecoversAndFences(t *testing.T) {
 			t.Fatalf("row %d: %v", i+10, err)
 		}
 	}
-	if got, want := readTopic(t, e, true), []string{"1/77", "10/80", "2/77", "3/77", "4/77", "5/77", "6/78", "7/78"}; !slices.Equal(got, want) {
+	if got, want := readTopic(t, e, true, 8), []string{"1/77", "10/80", "2/77", "3/77", "4/77", "5/77", "6/78", "7/78"}; !slices.Equal(got, want) {
 		t.Fatalf("read_committed after the fenced publisher: %v, want %v", got, want)
 	}
 	// Marked rows are left out of the next progress record.
@@ -195,7 +198,7 @@ func TestTxPublisherAbortsOnAFailedRecord(t *testing.T) {
 	if refused == 0 {
 		t.Fatalf("no row failed with the broker's error: %v", errs)
 	}
-	if got := readTopic(t, e, true); len(got) != 0 {
+	if got := readTopic(t, e, true, 0); len(got) != 0 {
 		t.Fatalf("read_committed sees %v of an aborted transaction", got)
 	}
 	for i, err := range publish(t, p, 91, 11, 12) {
@@ -203,10 +206,10 @@ func TestTxPublisherAbortsOnAFailedRecord(t *testing.T) {
 			t.Fatalf("row %d after the abort: %v", i+11, err)
 		}
 	}
-	if got, want := readTopic(t, e, true), []string{"11/91", "12/91"}; !slices.Equal(got, want) {
+	if got, want := readTopic(t, e, true, 2), []string{"11/91", "12/91"}; !slices.Equal(got, want) {
 		t.Fatalf("read_committed: %v, want %v", got, want)
 	}
-	t.Logf("refused %d, aborted %d; read_uncommitted sees %d records", refused, aborted, len(readTopic(t, e, false)))
+	t.Logf("refused %d, aborted %d; read_uncommitted sees %d records", refused, aborted, len(readTopic(t, e, false, 0)))
 }
 
 // TestTxPublisherLostEndTxn: a commit whose EndTxn gets no answer (the connection drops) has an
@@ -238,7 +241,7 @@ func TestTxPublisherLostEndTxn(t *testing.T) {
 		t.Fatalf("%d of 3 rows failed: a transaction is all or none", failed)
 	}
 	_, ids := e.publisher(t)
-	committed := readTopic(t, e, true)
+	committed := readTopic(t, e, true, len(ids))
 	if len(ids) != len(committed) || (failed == 0 && len(ids) != 3) {
 		t.Fatalf("recover names %v but read_committed sees %v (%d rows failed)", ids, committed, failed)
 	}
@@ -326,7 +329,7 @@ func TestTxPublisherRefusedRowAbortsItsHandOver(t *testing.T) {
 	if errs := publish(t, p, 10, 4, 5); slices.ContainsFunc(errs, func(err error) bool { return err != nil }) {
 		t.Fatalf("the next hand-over: %v, want it committed", errs)
 	}
-	if got := readTopic(t, e, true); !slices.Equal(got, []string{"4/10", "5/10"}) { // payload/tx-id
+	if got := readTopic(t, e, true, 2); !slices.Equal(got, []string{"4/10", "5/10"}) { // payload/tx-id
 		t.Fatalf("read_committed: %v, want only the next hand-over's rows 4 and 5", got)
 	}
 }

@@ -51,6 +51,7 @@ type horizon struct {
 
 // Horizon implements relay.Session.
 func (s *session) Horizon(ctx context.Context) (int64, error) {
+	s.dropPrefetched()
 	h := &s.hz
 	since := time.Since(h.last)
 	if h.off || since < horizonEvery || (s.claimedRows-h.claimed < horizonRows && since < horizonEveryMax) {

@@ -533,6 +533,11 @@ type session struct {
 	// claim left (ClaimedRest). See stream.go.
 	cuts   bool
 	txRest *relay.TxRest
+
+	// idle is the last claim's bounds when it was an idle relay's poll; pre the claim Blocked
+	// sent with its own statement, for the Claim that follows (prefetch.go).
+	idle idlePoll
+	pre  *prefetched
 }
 
 func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -542,6 +547,7 @@ func (s *session) op(ctx context.Context) (context.Context, context.CancelFunc) 
 // TryLead implements relay.Session with a session-level advisory lock: it lasts as long as the
 // connection, so a dead relay's leadership ends with its connection.
 func (s *session) TryLead(ctx context.Context) (bool, error) {
+	s.dropPrefetched()
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	var readOnly, locked bool
@@ -584,12 +590,20 @@ func (s *session) TryLead(ctx context.Context) (bool, error) {
 // StoreConfig.WaitForReplication on, the rows are returned only once the standbys have them.
 func (s *session) Claim(ctx context.Context, from int64, skip []int64, limit, maxBytes int, hold relay.Blocked) ([]relay.Message, error) {
 	if s.wake.release {
+		s.dropPrefetched() // the claim comes after the sleep lock is let go
 		if err := s.releaseSleep(ctx); err != nil {
 			return nil, err
 		}
 	}
 	sent := time.Now()
-	out, err := s.claim(ctx, from, skip, limit, maxBytes, hold)
+	var out []relay.Message
+	var err error
+	if pre := s.takePrefetched(from, skip, limit, maxBytes, hold); pre != nil {
+		out, sent = pre.rows, pre.sent
+	} else {
+		out, err = s.claim(ctx, from, skip, limit, maxBytes, hold)
+	}
+	s.noteIdleClaim(from, skip, limit, maxBytes, hold, out, err)
 	if err == nil {
 		s.claimed(len(out))
 		if s.term != nil {
@@ -628,6 +642,12 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	if err != nil {
 		return nil, s.wrap(err)
 	}
+	return s.readClaim(rows, limit, maxBytes)
+}
+
+// readClaim reads the rows of a claim query of at most limit rows and about maxBytes bytes, and
+// closes them.
+func (s *session) readClaim(rows pgx.Rows, limit, maxBytes int) ([]relay.Message, error) {
 	defer rows.Close()
 	// As many as the last claim returned, so a caught-up relay's are small: at low rates a
 	// claim returns a row or two, and a floor of 64 messages (13 KB) a claim was most of what
@@ -637,6 +657,7 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	// left to the collector) was a fifth of what a 1 KB drain allocated. An empty claim
 	// allocates none.
 	var out []relay.Message
+	var err error
 	first := min(limit, max(claimCapMin, s.lastRows))
 	if s.lastFull {
 		first = limit
@@ -976,6 +997,7 @@ func (s *session) takeOverSilent(ctx context.Context) (bool, error) {
 
 // Retry implements relay.Session.
 func (s *session) Retry(ctx context.Context, id int64, reason string, delay time.Duration) error {
+	s.dropPrefetched()
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	_, err := s.conn.Exec(ctx, s.store.q.retry, id, reasonText(reason), delay)
@@ -984,6 +1006,7 @@ func (s *session) Retry(ctx context.Context, id int64, reason string, delay time
 
 // Park implements relay.Session.
 func (s *session) Park(ctx context.Context, id int64, reason string) error {
+	s.dropPrefetched()
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	_, err := s.conn.Exec(ctx, s.store.q.park, id, reasonText(reason))
@@ -999,10 +1022,19 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, 
 	if withParked {
 		q = s.store.q.blocked
 	}
+	if s.prefetchable() {
+		return s.blockedAndClaim(ctx, q, withParked, out)
+	}
 	rows, err := s.conn.Query(ctx, q)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
+	err = readBlocked(rows, withParked, out)
+	return out, s.wrap(err)
+}
+
+// readBlocked reads the rows of the blocked keys' query into out.
+func readBlocked(rows pgx.Rows, withParked bool, out relay.Blocked) error {
 	var at, aid string
 	var id int64
 	var parked bool
@@ -1010,14 +1042,14 @@ func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, 
 	if withParked {
 		dest = []any{&parked, &at, &aid, &id}
 	}
-	_, err = pgx.ForEachRow(rows, dest, func() error {
+	_, err := pgx.ForEachRow(rows, dest, func() error {
 		k := relay.BlockKey(at, aid)
 		if _, seen := out[k]; parked || !seen { // a parked key waits for no row: 0 wins
 			out[k] = id
 		}
 		return nil
 	})
-	return out, s.wrap(err)
+	return err
 }
 
 // Notified implements relay.Session.
@@ -1025,6 +1057,7 @@ func (s *session) Notified() bool { return s.notified.Swap(false) }
 
 // Close implements relay.Session.
 func (s *session) Close(ctx context.Context) error {
+	s.dropPrefetched()
 	if s.term != nil {
 		s.term.end()
 	}

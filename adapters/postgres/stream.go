@@ -107,6 +107,7 @@ func (s *Store) restQuery() string {
 
 // ClaimRest implements relay.TxStreamer.
 func (s *session) ClaimRest(ctx context.Context, rest *relay.TxRest, limit, maxBytes int) ([]relay.Message, *relay.TxRest, error) {
+	s.dropPrefetched()
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	sent := time.Now()

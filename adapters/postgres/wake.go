@@ -247,6 +247,7 @@ func (s *session) Asleep() bool { return s.wake.asleep && s.wake.checked }
 // Wait implements relay.Session: see the protocol above. It returns at once, with Notified
 // set, when the relay must claim before it may sleep.
 func (s *session) Wait(ctx context.Context, timeout time.Duration) error {
+	s.dropPrefetched()
 	w := &s.wake
 	if w.release {
 		if err := s.releaseSleep(ctx); err != nil {
