@@ -196,6 +196,23 @@ func (b *bench) startBroker(ctx context.Context) (*broker, error) {
 
 func (br *broker) close() { _ = br.p.stop() }
 
+// latencyRelay starts the bench's relay child on schema's outbox, publishing to br, marking by
+// delete and reporting when each event was acknowledged, with cfg's other settings, and lets it
+// go.
+func (b *bench) latencyRelay(ctx context.Context, schema string, br *broker, cfg childConfig) (*proc, error) {
+	cfg.Role, cfg.DatabaseURL, cfg.Schema, cfg.Brokers = roleRelay, b.opts.DatabaseURL, schema, br.addrs
+	cfg.Mark, cfg.Latency = postgres.MarkDelete, true
+	p, err := b.start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.send("go"); err != nil {
+		_ = p.stop()
+		return nil, err
+	}
+	return p, nil
+}
+
 // schema creates a fresh schema with the outbox migrated, and returns its name.
 func (b *bench) schema(ctx context.Context, section string) (string, error) {
 	name := fmt.Sprintf("bench_%d_%s", os.Getpid(), section)

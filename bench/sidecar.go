@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/outbox-relay/outbox-relay/adapters/postgres"
 )
 
 // The sidecar section measures what a relay costs beside a service at a low rate (issue 21,
@@ -58,15 +57,11 @@ func (b *bench) sidecar(ctx context.Context) error {
 		return err
 	}
 	defer br.close()
-	relay, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
-		Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true})
+	relay, err := b.latencyRelay(ctx, schema, br, childConfig{})
 	if err != nil {
 		return err
 	}
 	defer func() { _ = relay.stop() }()
-	if err := relay.send("go"); err != nil {
-		return err
-	}
 	w, err := b.newWriters(ctx, schema)
 	if err != nil {
 		return err

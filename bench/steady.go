@@ -120,15 +120,11 @@ func (b *bench) steady(ctx context.Context) error {
 	if b.opts.Profile {
 		profile, _ = filepath.Abs(filepath.Join(b.opts.Out, "relay-steady-cpu.pprof"))
 	}
-	relay, err := b.start(ctx, childConfig{Role: roleRelay, DatabaseURL: b.opts.DatabaseURL, Schema: schema,
-		Brokers: br.addrs, Mark: postgres.MarkDelete, Latency: true, Profile: profile})
+	relay, err := b.latencyRelay(ctx, schema, br, childConfig{Profile: profile})
 	if err != nil {
 		return err
 	}
 	defer func() { _ = relay.stop() }()
-	if err := relay.send("go"); err != nil {
-		return err
-	}
 	w, err := b.newWriters(ctx, schema)
 	if err != nil {
 		return err
