@@ -57,7 +57,6 @@ func (s *session) prefetchable() bool {
 // blockedAndClaim reads the blocked keys' query q into out and, in the same round trip, runs the
 // idle poll's claim, which it keeps for the next Claim.
 func (s *session) blockedAndClaim(ctx context.Context, q string, withParked bool, out relay.Blocked) (relay.Blocked, error) {
-	s.pre = nil
 	limit, maxBytes := s.idle.limit, s.idle.maxBytes
 	s.txRest = nil
 	s.dec.pool.budget(maxBytes)

@@ -187,6 +187,16 @@ func TestIdlePollIsOneRoundTrip(t *testing.T) {
 	drop(c)
 	poll()
 
+	// Two reloads in a row: the claim follows the second.
+	reload()
+	e := insert("e")
+	reload()
+	if rows := poll(); len(rows) != 1 || rows[0].ID != e {
+		t.Fatalf("claim after a second reload: %v; want row %d committed between the two", rows, e)
+	}
+	drop(e)
+	poll()
+
 	// A row committed after the prefetched claim: that claim does not see it, and the writer's
 	// notification wakes the session for the claim that does.
 	_ = sess.Notified()

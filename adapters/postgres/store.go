@@ -1015,6 +1015,7 @@ func (s *session) Park(ctx context.Context, id int64, reason string) error {
 
 // Blocked implements relay.Session. With the parked keys, both sets are read in one round trip.
 func (s *session) Blocked(ctx context.Context, withParked bool) (relay.Blocked, error) {
+	s.dropPrefetched() // a claim after this reload follows it
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	out := make(relay.Blocked)
