@@ -136,18 +136,9 @@ func (b *bench) idle(ctx context.Context, br *broker) (res idleResult) {
 	}
 	defer b.dropSchema(schema)
 	app := fmt.Sprintf("outbox-relay-bench-idle-%d", os.Getpid())
-	url := b.opts.DatabaseURL
-	if strings.Contains(url, "://") {
-		sep := "?"
-		if strings.Contains(url, "?") {
-			sep = "&"
-		}
-		url += sep + "application_name=" + app
-	} else {
-		url += " application_name=" + app
-	}
 	cmd := exec.CommandContext(ctx, bin, "run")
-	cmd.Env = append(os.Environ(), "OUTBOX_DATABASE_URL="+url, "OUTBOX_DATABASE_SCHEMA="+schema,
+	// PGAPPNAME names its sessions (the driver reads it), whatever form the URL has.
+	cmd.Env = append(os.Environ(), "PGAPPNAME="+app, "OUTBOX_DATABASE_URL="+b.opts.DatabaseURL, "OUTBOX_DATABASE_SCHEMA="+schema,
 		"OUTBOX_KAFKA_BROKERS="+strings.Join(br.addrs, ","), "OUTBOX_HTTP_ADDR=127.0.0.1:0")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
