@@ -80,8 +80,8 @@ func (b *bench) sidecar(ctx context.Context) error {
 		lr.Run, lr.LoadAvg = i, loadAvg()
 		res.Runs = append(res.Runs, lr)
 		every := claimCadence(lr.ClaimsPerEvent, sidecarRate)
-		b.log.Printf("sidecar run %d at %d/s (written %.0f/s): p50 %.2f ms p99 %.2f ms; relay cpu %.1f ms/10k, its database sessions %.1f; %.2f claims per event (one every %s); load average %.1f",
-			i, sidecarRate, lr.WrittenPerSec, lr.P50, lr.P99, lr.CPUMsPer10k, lr.DBCPUMsPer10k, lr.ClaimsPerEvent, every, lr.LoadAvg)
+		b.log.Printf("sidecar run %d at %d/s (written %.0f/s): p50 %.2f ms p99 %.2f ms; relay cpu %.1f ms/10k, its database sessions %.1f; %.2f claims per event (%.2f empty; one every %s); %.3f notifications per commit; load average %.1f",
+			i, sidecarRate, lr.WrittenPerSec, lr.P50, lr.P99, lr.CPUMsPer10k, lr.DBCPUMsPer10k, lr.ClaimsPerEvent, lr.EmptyClaimsPerEvent, every, lr.NotifiesPerTx, lr.LoadAvg)
 		if every == 0 {
 			continue
 		}

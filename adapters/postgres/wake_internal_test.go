@@ -91,7 +91,7 @@ func TestQuietPollingGoesToSleep(t *testing.T) {
 // when it was woken at probeRate a second or more, not sooner and not at a lower rate.
 func TestProbeAfterASpellAsleepAtARate(t *testing.T) {
 	t0 := time.Unix(1000, 0)
-	w := wakeState{asleepAt: t0}
+	w := wakeState{probeFrom: t0}
 	perSpell := int64(probeRate) * int64(probeAfter) / int64(time.Second)
 	w.heardN.Add(perSpell)
 	if w.probe(t0.Add(probeAfter / 2)) {
@@ -100,10 +100,32 @@ func TestProbeAfterASpellAsleepAtARate(t *testing.T) {
 	if !w.probe(t0.Add(probeAfter)) {
 		t.Fatalf("no probe after probeAfter at %d notifications", perSpell)
 	}
-	w = wakeState{asleepAt: t0}
+	w = wakeState{probeFrom: t0}
 	w.heardN.Add(perSpell - 1)
 	if w.probe(t0.Add(probeAfter)) {
 		t.Fatalf("probed at %d notifications, below probeRate", perSpell-1)
+	}
+}
+
+// TestProbeCountsNoIdleSpellAgainstARate: a session asleep over an idle outbox for a long time,
+// then woken at probeRate, probes one window after the commits began, not once they made up for
+// the idle spell (at 1,000 commits a second after 20 s idle, that took 5 s, each commit
+// notifying and claimed alone meanwhile).
+func TestProbeCountsNoIdleSpellAgainstARate(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	w := wakeState{probeFrom: t0}
+	perSpell := int64(probeRate) * int64(probeAfter) / int64(time.Second)
+	begin := t0.Add(20 * time.Second) // the first commit after the idle spell, and its claim
+	w.heardN.Add(1)
+	if w.probe(begin) {
+		t.Fatal("probed at the first notification after 20 s asleep")
+	}
+	w.heardN.Add(perSpell)
+	if w.probe(begin.Add(probeAfter / 2)) {
+		t.Fatal("probed before the window after the idle spell was probeAfter long")
+	}
+	if !w.probe(begin.Add(probeAfter)) {
+		t.Fatalf("no probe %s after %d notifications followed 20 s asleep", probeAfter, perSpell)
 	}
 }
 
