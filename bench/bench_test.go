@@ -175,7 +175,8 @@ func TestSidecar(t *testing.T) {
 		}
 	}
 	b, err := os.ReadFile(filepath.Join(opts.Out, "tables.md"))
-	if err != nil || !bytes.Contains(b, []byte("### A sidecar's cost at 1000 events/s and idle")) || !bytes.Contains(b, []byte("Idle (`outbox-relay run`")) {
+	if err != nil || !bytes.Contains(b, []byte("### A sidecar's cost at 1000 events/s and idle")) || !bytes.Contains(b, []byte("Idle (`outbox-relay run`")) ||
+		!bytes.Contains(b, []byte("| notifications / commit |")) {
 		t.Errorf("tables.md has no sidecar table with the idle line (%v):\n%s", err, b)
 	}
 }
@@ -198,6 +199,11 @@ func checkSidecar(t *testing.T, got results, runs int) {
 		if want := claimCadence(r.ClaimsPerEvent, sidecarRate); f.Run != i || f.Every != want || f.OfferedPerSec != sidecarRate || f.Events == 0 || f.CPUMsPer10k <= 0 {
 			t.Errorf("sidecar run %d's produce floor: %+v, want every %s (%.3f claims per event)", i, f, want, r.ClaimsPerEvent)
 		}
+	}
+	// The relay waits asleep over the empty outbox before the first run, so that run's first
+	// commit notifies it, and the second listener counts that notification.
+	if sc.Runs[0].NotifiesPerTx <= 0 {
+		t.Errorf("sidecar run 0: no notification counted: %+v", sc.Runs[0])
 	}
 	idle := got.Sidecar.Idle
 	if idle == nil || idle.Error != "" || idle.Seconds < got.Sizes.IdleRun.Seconds() || idle.Sessions == 0 || idle.RelayCPUPerHour < 0 || idle.DBCPUPerHour < 0 {

@@ -70,12 +70,21 @@ func (b *bench) sidecar(ctx context.Context) error {
 	if err := b.setTrigger(ctx, schema, true); err != nil {
 		return err
 	}
+	heard, stopListen, err := b.countNotifications(ctx, schema)
+	if err != nil {
+		return err
+	}
+	defer stopListen()
 	res := &sidecarResults{}
 	b.res.Sidecar = res
 	for i := range b.opts.Scale.SidecarRuns {
+		c0, h0 := w.committed.Load(), heard.Load()
 		lr, err := b.latencyRun(ctx, w, relay, "notify", sidecarRate)
 		if err != nil {
 			return fmt.Errorf("run %d: %w", i, err)
+		}
+		if n := w.committed.Load() - c0; n > 0 {
+			lr.NotifiesPerTx = round3(float64(heard.Load()-h0) / float64(n))
 		}
 		lr.Run, lr.LoadAvg = i, loadAvg()
 		res.Runs = append(res.Runs, lr)

@@ -266,37 +266,18 @@ func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, br *br
 	if err := b.setTrigger(ctx, schema, true); err != nil {
 		return err
 	}
-	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	heard, stopListen, err := b.countNotifications(ctx, schema)
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{postgres.Table{Schema: schema}.WithDefaults().Channel()}.Sanitize()); err != nil {
-		return err
-	}
-	lctx, stopListen := context.WithCancel(ctx)
-	listened := make(chan struct{})
-	var heard atomic.Int64
-	go func() {
-		defer close(listened)
-		for lctx.Err() == nil {
-			if _, err := conn.WaitForNotification(lctx); err != nil {
-				if lctx.Err() == nil {
-					return
-				}
-				continue
-			}
-			heard.Add(1)
-		}
-	}()
-	defer func() { stopListen(); <-listened }()
+	defer stopListen()
 	rates := b.opts.LatencyRates
 	if len(rates) == 0 {
 		rates = []float64{1000}
 	}
 	for i := range b.opts.LatencyRepeats {
 		for _, rate := range rates {
-			if err := b.latencyOnlyRun(ctx, w, relay, &heard, i, rate, res); err != nil {
+			if err := b.latencyOnlyRun(ctx, w, relay, heard, i, rate, res); err != nil {
 				return err
 			}
 			for _, every := range b.opts.ProduceFloor {
@@ -312,6 +293,40 @@ func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, br *br
 		}
 	}
 	return nil
+}
+
+// countNotifications listens on the outbox's wake-up channel in schema, as a second listener
+// beside the relay, and counts the notifications it receives until stop is called: how many
+// commits paid for NOTIFY.
+func (b *bench) countNotifications(ctx context.Context, schema string) (heard *atomic.Int64, stop func(), err error) {
+	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{postgres.Table{Schema: schema}.WithDefaults().Channel()}.Sanitize()); err != nil {
+		_ = conn.Close(context.Background())
+		return nil, nil, err
+	}
+	lctx, stopListen := context.WithCancel(ctx)
+	listened := make(chan struct{})
+	heard = new(atomic.Int64)
+	go func() {
+		defer close(listened)
+		for lctx.Err() == nil {
+			if _, err := conn.WaitForNotification(lctx); err != nil {
+				if lctx.Err() == nil {
+					return
+				}
+				continue
+			}
+			heard.Add(1)
+		}
+	}()
+	return heard, func() {
+		stopListen()
+		<-listened
+		_ = conn.Close(context.Background())
+	}, nil
 }
 
 // latencyOnlyRun is one run of latencyOnly, at rate events/s; heard counts the notifications.
