@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/adapters/postgres"
+	"github.com/outbox-relay/outbox-relay/app/relay"
 	"github.com/outbox-relay/outbox-relay/internal/dbtest"
 )
 
@@ -37,13 +38,17 @@ func TestClaimReadsTheBacklogInIDOrder(t *testing.T) {
 	}
 	sess := dbtest.Session(t, table, dbtest.URL())
 	for _, from := range []int64{0, n / 2} {
-		plan, err := postgres.ExplainClaim(ctx, sess, from, 1000)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.Contains(plan, `"Bitmap`) || strings.Contains(plan, `"Node Type": "Sort"`) ||
-			!strings.Contains(plan, `"Index Name": "outbox_pending_idx"`) {
-			t.Errorf("claim from %d: want an ordered index scan of outbox_pending_idx, no bitmap scan and no sort; plan:\n%s", from, plan)
+		for name, explain := range map[string]func(context.Context, relay.Session, int64, int) (string, error){
+			"claim of two ranges": postgres.ExplainClaim, "claim of one range": postgres.ExplainClaimAbove,
+		} {
+			plan, err := explain(ctx, sess, from, 1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(plan, `"Bitmap`) || strings.Contains(plan, `"Node Type": "Sort"`) ||
+				!strings.Contains(plan, `"Index Name": "outbox_pending_idx"`) {
+				t.Errorf("%s from %d: want an ordered index scan of outbox_pending_idx, no bitmap scan and no sort; plan:\n%s", name, from, plan)
+			}
 		}
 	}
 	rows, err := sess.Claim(ctx, 0, nil, 1000, 1<<30, nil)

@@ -16,6 +16,15 @@ func ExplainClaim(ctx context.Context, sess relay.Session, from int64, limit int
 	return plan, err
 }
 
+// ExplainClaimAbove returns EXPLAIN (FORMAT JSON) of the claim of one range (claimAboveQuery)
+// sess runs from from, leaving out no id, on the session's own connection.
+func ExplainClaimAbove(ctx context.Context, sess relay.Session, from int64, limit int) (string, error) {
+	s := sess.(*session)
+	var plan string
+	err := s.conn.QueryRow(ctx, `EXPLAIN (FORMAT JSON) `+s.store.q.claimAbove, from, []int64{}, limit).Scan(&plan)
+	return plan, err
+}
+
 // ExplainMark returns EXPLAIN (FORMAT JSON) of the mark of ids on sess's mark connection (opened
 // if need be, with its settings), in a transaction rolled back.
 func ExplainMark(ctx context.Context, sess relay.Session, ids []int64) (string, error) {
@@ -59,3 +68,15 @@ func wholeTxsBefore(t Table, claim, held string) string {
 		ORDER BY ` + t.id("") + `)
 		ORDER BY id`
 }
+
+// ClaimOfTwoRangesOnly makes sess's claims the claim of two ranges around the ids in flight,
+// never the claim of one range (claimAboveQuery): BenchmarkClaimCaughtUp compares them.
+func ClaimOfTwoRangesOnly(sess relay.Session) {
+	s := sess.(*session)
+	q := *s.store
+	q.q.claimAbove = ""
+	s.store = &q
+}
+
+// BackendPID returns the process id of sess's server backend.
+func BackendPID(sess relay.Session) int32 { return sess.(*session).pid }

@@ -110,7 +110,7 @@ var (
 )
 
 type queries struct {
-	claim, claimHold, mark, retry, park, failing, blocked, lock, listen, leading, repl string
+	claim, claimAbove, claimHold, mark, retry, park, failing, blocked, lock, listen, leading, repl string
 }
 
 // holdCond leaves out the rows of the held keys, the pairs ($6[i], $7[i]), but for the heads $8.
@@ -133,6 +133,20 @@ func claimPart(t Table, cols, cond string) string {
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
 			AND ` + t.id("") + ` >= $5 AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))
 		ORDER BY ` + t.id("") + ` LIMIT $4)`
+}
+
+// claimAboveQuery is the claim of the rows of the columns cols from id $1, leaving out the ids
+// $2 (a few, never NULL), in one ordered range: the claim of a relay that keeps up, with no
+// more than a few ids in flight past where it claims from (claimAbove). Its plan is one index
+// scan under a limit. The plan of claimQuery, two of them under a merge with a hashed subplan
+// each, took as long to set up, at every execution of its generic plan, as to run: a quarter of
+// its backend's CPU at 1,000 events a second (perf; BENCHMARKS.md, "The claim of one range").
+func claimAboveQuery(t Table, cols string) string {
+	return `SELECT ` + cols + `
+		FROM ` + t.outbox() + `
+		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+			AND ` + t.id("") + ` >= $1 AND ` + t.id("") + ` <> ALL($2::bigint[])
+		ORDER BY ` + t.id("") + ` LIMIT $3`
 }
 
 // claimQuery is the claim of the rows of the columns cols, in the two ranges around the run of
@@ -372,6 +386,9 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
 		claim: claimQuery(t, claimCols(t, false), ""),
+		// The same from the first id past the rows in flight, when no more than aboveMax of
+		// them lie at or above it (claimAbove): one ordered range.
+		claimAbove: claimAboveQuery(t, claimCols(t, false)),
 		// The same, leaving out the rows of held keys: used only while some key is held, so the
 		// common claim pays nothing for it.
 		claimHold: claimQuery(t, claimCols(t, false), holdCond(t)),
@@ -406,7 +423,7 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	}
 	if cfg.Transactions {
 		s.txs = true
-		s.q.claim = wholeTxs(t, claimQuery(t, claimIDs(t), ""), "")
+		s.q.claim, s.q.claimAbove = wholeTxs(t, claimQuery(t, claimIDs(t), ""), ""), ""
 		s.q.claimHold = wholeTxs(t, claimQuery(t, claimIDs(t), holdCond(t)), holdExpr(t))
 	}
 	return s, nil
@@ -519,6 +536,7 @@ type session struct {
 	dec      claimDecoder // reused by every Claim of the session
 	sorted   []int64      // reused by skipRun
 	rest     []int64      // reused by skipRun
+	above    []int64      // reused by claimAbove
 	hz       horizon      // Horizon's state (horizon.go)
 	lastRows int          // rows the last Claim returned: the next one's first capacity
 	lastFull bool         // the last Claim stopped at its row or byte bound: the next one's capacity is its own bound
@@ -633,9 +651,13 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	s.dec.pool.budget(maxBytes)
 	var rows pgx.Rows
 	var err error
-	if len(hold) == 0 {
+	start, above, one := s.claimAbove(from, lo, hi, rest, s.sorted)
+	switch {
+	case len(hold) == 0 && one:
+		rows, err = s.conn.Query(ctx, s.store.q.claimAbove, claimFormats, start, above, limit)
+	case len(hold) == 0:
 		rows, err = s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
-	} else {
+	default:
 		types, ids, heads := holdArgs(hold)
 		rows, err = s.conn.Query(ctx, s.store.q.claimHold, claimFormats, lo, hi, rest, limit, from, types, ids, heads)
 	}
@@ -767,6 +789,53 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 	}
 	s.rest = rest
 	return lo, hi, rest
+}
+
+// aboveMax is the most ids in flight a claim from one range (claimAboveQuery) leaves out one by
+// one: its index scan walks past each of them (a heap fetch each), and compares every row with
+// all of them. Past about 30 that costs what the simpler plan saves: the backend's CPU per claim
+// of two new rows with 5 ids in flight past the claim's start was 0.67x that of the claim of two
+// ranges, with 15 0.8x, with 30 0.95x (BenchmarkClaimCaughtUp).
+const aboveMax = 16
+
+// claimAbove returns where a claim from from, leaving out the ids in flight, may start instead,
+// and the ids in flight past that start; one reports whether they are few enough for the claim
+// from one range (aboveMax), and the session's query has one (not with whole transactions).
+// start passes from only over ids in flight, so the two claims return the same rows. lo and hi
+// are the run of consecutive ids in flight and rest the others (skipRun); when rest is not
+// empty, sorted is every id in flight in order (skipRun's). A caught-up relay claims from its
+// horizon, which trails its newest rows by a few tens of ids: just below its rows in flight
+// (acknowledged, not yet marked), or inside them. At 1,000 events a second 7 claims in 10
+// started below them, with a few to a few tens in flight.
+func (s *session) claimAbove(from, lo, hi int64, rest, sorted []int64) (start int64, above []int64, one bool) {
+	if s.store.q.claimAbove == "" {
+		return 0, nil, false
+	}
+	if len(rest) == 0 { // every id in flight is in [lo, hi]
+		switch {
+		case lo > hi || from > hi: // none in flight, or all below from
+			return from, []int64{}, true
+		case from >= lo:
+			return hi + 1, []int64{}, true
+		case hi-lo+1 > aboveMax: // the claim of two ranges steps over the run
+			return 0, nil, false
+		}
+		above = s.above[:0] // the run lies past from: left out one by one
+		for id := lo; id <= hi; id++ {
+			above = append(above, id)
+		}
+		s.above = above
+		return from, above, true
+	}
+	i, _ := slices.BinarySearch(sorted, from)
+	start = from
+	for i < len(sorted) && sorted[i] == start {
+		start, i = start+1, i+1
+	}
+	if above = sorted[i:]; len(above) > aboveMax {
+		return 0, nil, false
+	}
+	return start, above, true
 }
 
 // scanClaimed appends the message of the current row to out, with Scan.
