@@ -9,7 +9,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -93,30 +92,11 @@ func (b *bench) writeCost(ctx context.Context) error {
 	}
 	defer b.dropSchema(schema)
 	table := postgres.Table{Schema: schema}.WithDefaults()
-	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
+	heard, stopListen, err := b.countNotifications(ctx, schema) // as the relay's session would
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{table.Channel()}.Sanitize()); err != nil {
-		return err
-	}
-	lctx, stopListen := context.WithCancel(ctx)
-	listened := make(chan struct{})
-	var heard atomic.Int64 // notifications the listener received
-	go func() {
-		defer close(listened)
-		for lctx.Err() == nil {
-			if _, err := conn.WaitForNotification(lctx); err != nil {
-				if lctx.Err() == nil {
-					return
-				}
-				continue
-			}
-			heard.Add(1)
-		}
-	}()
-	defer func() { stopListen(); <-listened }()
+	defer stopListen()
 	// The awake lock, held on a connection of its own in the awake mode.
 	awakeConn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
 	if err != nil {

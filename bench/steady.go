@@ -295,9 +295,9 @@ func (b *bench) latencyOnly(ctx context.Context, w *writers, relay *proc, br *br
 	return nil
 }
 
-// countNotifications listens on the outbox's wake-up channel in schema, as a second listener
-// beside the relay, and counts the notifications it receives until stop is called: how many
-// commits paid for NOTIFY.
+// countNotifications listens on the outbox's wake-up channel in schema (beside the relay, or
+// in its place) and counts the notifications it receives until stop is called: how many commits
+// paid for NOTIFY.
 func (b *bench) countNotifications(ctx context.Context, schema string) (heard *atomic.Int64, stop func(), err error) {
 	conn, err := pgx.Connect(ctx, b.opts.DatabaseURL)
 	if err != nil {

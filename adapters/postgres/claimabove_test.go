@@ -55,24 +55,8 @@ func TestClaimFromOneRangePastTheRowsInFlight(t *testing.T) {
 		SELECT 'one', (i % 7)::text, 'One', 'x' FROM generate_series(1, $1::int) AS i`, n); err != nil {
 		t.Fatal(err)
 	}
-	conn, err := postgres.ParseURL(dbtest.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	tr := &lastSQL{}
-	conn.Tracer = tr
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess, err := store.Open(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sess.Close(context.Background()) }()
-	if led, err := sess.TryLead(ctx); err != nil || !led {
-		t.Fatalf("lead: %v, %v", led, err)
-	}
+	sess := tracedLeader(ctx, t, table, tr)
 	ids := func(lo, hi int64) []int64 {
 		var out []int64
 		for id := lo; id <= hi; id++ {

@@ -62,24 +62,8 @@ func TestIdlePollIsOneRoundTrip(t *testing.T) {
 	pool, table := dbtest.Schema(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	conn, err := postgres.ParseURL(dbtest.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	rt := &roundTrips{}
-	conn.Tracer = rt
-	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess, err := store.Open(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sess.Close(context.Background()) }()
-	if led, err := sess.TryLead(ctx); err != nil || !led {
-		t.Fatalf("lead: %v, %v", led, err)
-	}
+	sess := tracedLeader(ctx, t, table, rt)
 	const limit, budget = 1000, 1 << 20
 	poll := func() []relay.Message {
 		t.Helper()
@@ -218,4 +202,28 @@ func TestIdlePollIsOneRoundTrip(t *testing.T) {
 	if rows := poll(); len(rows) != 1 || rows[0].ID != d {
 		t.Fatalf("claim after the wake-up: %v; want row %d", rows, d)
 	}
+}
+
+// tracedLeader opens a session on table whose connection reports its statements to tracer,
+// makes it the leader, and closes it when the test ends.
+func tracedLeader(ctx context.Context, t *testing.T, table postgres.Table, tracer pgx.QueryTracer) relay.Session {
+	t.Helper()
+	conn, err := postgres.ParseURL(dbtest.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Tracer = tracer
+	store, err := postgres.NewStore(conn, postgres.StoreConfig{Table: table})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := store.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sess.Close(context.Background()) })
+	if led, err := sess.TryLead(ctx); err != nil || !led {
+		t.Fatalf("lead: %v, %v", led, err)
+	}
+	return sess
 }
