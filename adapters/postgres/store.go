@@ -793,10 +793,10 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 
 // aboveMax is the most ids in flight a claim from one range (claimAboveQuery) leaves out one by
 // one: its index scan walks past each of them (a heap fetch each), and compares every row with
-// all of them. Past about 30 that costs what the simpler plan saves: the backend's CPU per claim
-// of two new rows with 5 ids in flight past the claim's start was 0.67x that of the claim of two
-// ranges, with 15 0.8x, with 30 0.95x (BenchmarkClaimCaughtUp).
-const aboveMax = 16
+// all of them, so its gain shrinks as they grow: the backend's CPU per claim of two new rows
+// with 5 ids in flight past the claim's start was 0.67-0.72x that of the claim of two ranges,
+// with 15 0.76-0.8x, with 30 0.89-0.95x (BenchmarkClaimCaughtUp, two series).
+const aboveMax = 32
 
 // claimAbove returns where a claim from from, leaving out the ids in flight, may start instead,
 // and the ids in flight past that start; one reports whether they are few enough for the claim
