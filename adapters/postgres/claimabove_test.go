@@ -41,10 +41,11 @@ func (l *lastSQL) get() string {
 // TestClaimFromOneRangePastTheRowsInFlight: a claim with no more than a few ids in flight past
 // its start, once the start passed over the ids in flight it lies on, is the claim of one range,
 // leaving the few out one by one; any other claim is the claim of two ranges around the run of
-// ids in flight. Either returns exactly the pending rows from its start that are not in flight,
-// in id order: with nothing in flight, with the start inside the run, past it, below a short run
-// and below a long one, with ids in flight past the run (a row committed late), and with more of
-// them than one range leaves out.
+// ids in flight, leaving the others out one by one when they are few, by a hashed subplan when
+// not. Each returns exactly the pending rows from its start that are not in flight, in id order:
+// with nothing in flight, with the start inside the run, past it, below a short run and below a
+// long one, with ids in flight past the run (a row committed late), and with more of them than
+// one range leaves out.
 func TestClaimFromOneRangePastTheRowsInFlight(t *testing.T) {
 	t.Parallel()
 	pool, table := dbtest.Schema(t)
@@ -66,22 +67,37 @@ func TestClaimFromOneRangePastTheRowsInFlight(t *testing.T) {
 	}
 	late := append(ids(10, 49), 53, 60)          // a run, and two rows past it
 	many := append(ids(10, 49), ids(61, 100)...) // two runs of 40: 40 ids past the longest
+	// How the claim left the ids in flight out: one range, or two around the run with the
+	// others left out one by one or by a hashed subplan.
+	const one, few, hashed = "one range", "two ranges, <> ALL", "two ranges, hashed"
+	form := func(sql string) string {
+		switch {
+		case !strings.Contains(sql, "UNION ALL"):
+			return one
+		case strings.Contains(sql, "<> ALL($3::bigint[])"):
+			return few
+		case strings.Contains(sql, "NOT IN (SELECT unnest($3::bigint[]))"):
+			return hashed
+		}
+		return "unknown"
+	}
 	for _, tc := range []struct {
-		name     string
-		from     int64
-		skip     []int64
-		oneRange bool
+		name string
+		from int64
+		skip []int64
+		form string
 	}{
-		{"nothing in flight", 0, nil, true},
-		{"from inside the run", 30, ids(10, 49), true},
-		{"from the run's first id", 10, ids(10, 49), true},
-		{"from past the run", 70, ids(10, 49), true},
-		{"from below the run", 5, ids(10, 49), false},
-		{"from below a short run", 5, ids(10, 19), true},
-		{"from inside the run, rows in flight past it", 30, late, true},
-		{"from the first row in flight past the run", 53, late, true},
-		{"more in flight past the run than one range leaves out", 20, many, false},
-		{"from the second run", 61, many, true},
+		{"nothing in flight", 0, nil, one},
+		{"from inside the run", 30, ids(10, 49), one},
+		{"from the run's first id", 10, ids(10, 49), one},
+		{"from past the run", 70, ids(10, 49), one},
+		{"from below the run", 5, ids(10, 49), few},
+		{"from below a short run", 5, ids(10, 19), one},
+		{"from inside the run, rows in flight past it", 30, late, one},
+		{"from the first row in flight past the run", 53, late, one},
+		{"more in flight past the run than one range leaves out", 20, many, hashed},
+		{"from below two long runs", 5, many, hashed},
+		{"from the second run", 61, many, one},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const limit = 30
@@ -102,8 +118,8 @@ func TestClaimFromOneRangePastTheRowsInFlight(t *testing.T) {
 			if !slices.Equal(got, want) {
 				t.Errorf("claim from %d: ids %v, want %v", tc.from, got, want)
 			}
-			if one := strings.Contains(tr.get(), "<> ALL("); one != tc.oneRange {
-				t.Errorf("claim from %d: the claim of one range %v, want %v; sent:\n%s", tc.from, one, tc.oneRange, tr.get())
+			if got := form(tr.get()); got != tc.form {
+				t.Errorf("claim from %d: %s, want %s; sent:\n%s", tc.from, got, tc.form, tr.get())
 			}
 		})
 	}
@@ -113,24 +129,27 @@ func TestClaimFromOneRangePastTheRowsInFlight(t *testing.T) {
 // past a run of ids in flight (acknowledged, not yet marked) that lies past where the claim
 // starts (the horizon trails it), as at 1,000 events a second. It reports the server backend's
 // CPU per claim (backend-µs/op, from /proc: Linux, and a server on this host) beside ns/op, for
-// the claim of two ranges around the run and for the claim of one range that leaves the run out
-// one by one.
+// the claim of one range that leaves the run out one by one, and for the claim of two ranges
+// around the run, with the other ids in flight (none here) left out by a hashed subplan or by
+// <> ALL.
 //
 //	go test -run '^$' -bench ClaimCaughtUp -benchtime 20000x -count 5 ./adapters/postgres/
 func BenchmarkClaimCaughtUp(b *testing.B) {
+	const (
+		oneRange  = "one range"
+		twoFew    = "two ranges, <> ALL"
+		twoHashed = "two ranges, hashed"
+	)
 	for _, tc := range []struct {
-		name     string
+		form     string
 		inFlight int
-		two      bool
 	}{
-		{"two ranges/5 in flight", 5, true},
-		{"one range/5 in flight", 5, false},
-		{"two ranges/15 in flight", 15, true},
-		{"one range/15 in flight", 15, false},
-		{"two ranges/30 in flight", 30, true},
-		{"one range/30 in flight", 30, false},
+		{twoHashed, 5}, {twoFew, 5}, {oneRange, 5},
+		{twoHashed, 15}, {twoFew, 15}, {oneRange, 15},
+		{twoHashed, 30}, {twoFew, 30}, {oneRange, 30},
+		{twoHashed, 60}, {twoFew, 60}, // past aboveMax: two ranges
 	} {
-		b.Run(tc.name, func(b *testing.B) {
+		b.Run(fmt.Sprintf("%s/%d in flight", tc.form, tc.inFlight), func(b *testing.B) {
 			pool, table := dbtest.Schema(b)
 			ctx := context.Background()
 			ident := pgx.Identifier{table.Schema, table.Name}.Sanitize()
@@ -145,8 +164,8 @@ func BenchmarkClaimCaughtUp(b *testing.B) {
 				b.Fatal(err)
 			}
 			sess := dbtest.Session(b, table, dbtest.URL())
-			if tc.two {
-				postgres.ClaimOfTwoRangesOnly(sess)
+			if tc.form != oneRange {
+				postgres.ClaimOfTwoRangesOnly(sess, tc.form == twoHashed)
 			}
 			var skip []int64
 			for id := int64(marked + 1); id <= int64(marked+tc.inFlight); id++ {

@@ -39,7 +39,8 @@ func TestClaimReadsTheBacklogInIDOrder(t *testing.T) {
 	sess := dbtest.Session(t, table, dbtest.URL())
 	for _, from := range []int64{0, n / 2} {
 		for name, explain := range map[string]func(context.Context, relay.Session, int64, int) (string, error){
-			"claim of two ranges": postgres.ExplainClaim, "claim of one range": postgres.ExplainClaimAbove,
+			"claim of two ranges": postgres.ExplainClaim, "claim of two ranges, <> ALL": postgres.ExplainClaimFew,
+			"claim of one range": postgres.ExplainClaimAbove,
 		} {
 			plan, err := explain(ctx, sess, from, 1000)
 			if err != nil {

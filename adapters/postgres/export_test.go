@@ -16,6 +16,16 @@ func ExplainClaim(ctx context.Context, sess relay.Session, from int64, limit int
 	return plan, err
 }
 
+// ExplainClaimFew returns EXPLAIN (FORMAT JSON) of the claim of two ranges that leaves the ids
+// in flight outside the run out one by one (restFew) sess runs from from, with nothing in
+// flight, on the session's own connection.
+func ExplainClaimFew(ctx context.Context, sess relay.Session, from int64, limit int) (string, error) {
+	s := sess.(*session)
+	var plan string
+	err := s.conn.QueryRow(ctx, `EXPLAIN (FORMAT JSON) `+s.store.q.claimFew, int64(1), int64(0), []int64{}, limit, from).Scan(&plan)
+	return plan, err
+}
+
 // ExplainClaimAbove returns EXPLAIN (FORMAT JSON) of the claim of one range (claimAboveQuery)
 // sess runs from from, leaving out no id, on the session's own connection.
 func ExplainClaimAbove(ctx context.Context, sess relay.Session, from int64, limit int) (string, error) {
@@ -48,8 +58,8 @@ func ExplainMark(ctx context.Context, sess relay.Session, ids []int64) (string, 
 // with wholeTxsBefore: TestWholeTxsReadsWhatTheirFirstFormRead compares them.
 func ClaimQueries(s *Store) (claim, claimHold, refClaim, refClaimHold string) {
 	t := s.table
-	base := claimQuery(t, claimCols(t, true), "")
-	baseHold := claimQuery(t, claimCols(t, true), holdCond(t))
+	base := claimQuery(t, claimCols(t, true), "", restHashed)
+	baseHold := claimQuery(t, claimCols(t, true), holdCond(t), restHashed)
 	return s.q.claim, s.q.claimHold, wholeTxsBefore(t, base, ""), wholeTxsBefore(t, baseHold, holdExpr(t))
 }
 
@@ -70,11 +80,16 @@ func wholeTxsBefore(t Table, claim, held string) string {
 }
 
 // ClaimOfTwoRangesOnly makes sess's claims the claim of two ranges around the ids in flight,
-// never the claim of one range (claimAboveQuery): BenchmarkClaimCaughtUp compares them.
-func ClaimOfTwoRangesOnly(sess relay.Session) {
+// never the claim of one range (claimAboveQuery), and with hashed, when hashed, the ids in
+// flight outside the run left out by a hashed subplan however few (restHashed):
+// BenchmarkClaimCaughtUp compares them.
+func ClaimOfTwoRangesOnly(sess relay.Session, hashed bool) {
 	s := sess.(*session)
 	q := *s.store
 	q.q.claimAbove = ""
+	if hashed {
+		q.q.claimFew = ""
+	}
 	s.store = &q
 }
 

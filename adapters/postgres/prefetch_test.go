@@ -20,8 +20,10 @@ import (
 type roundTrips struct{ queries, batches, claims atomic.Int64 }
 
 func (r *roundTrips) count(sql string) {
-	// The claim of two ranges around the ids in flight, or the claim of one range past them.
-	if strings.Contains(sql, "NOT IN (SELECT unnest($3::bigint[]))") || strings.Contains(sql, "<> ALL($2::bigint[])") {
+	// The claim of two ranges around the ids in flight (the others left out hashed or one by
+	// one), or the claim of one range past them.
+	if strings.Contains(sql, "NOT IN (SELECT unnest($3::bigint[]))") || strings.Contains(sql, "<> ALL($3::bigint[])") ||
+		strings.Contains(sql, "<> ALL($2::bigint[])") {
 		r.claims.Add(1)
 	}
 }

@@ -110,7 +110,7 @@ var (
 )
 
 type queries struct {
-	claim, claimAbove, claimHold, mark, retry, park, failing, blocked, lock, listen, leading, repl string
+	claim, claimFew, claimAbove, claimHold, mark, retry, park, failing, blocked, lock, listen, leading, repl string
 }
 
 // holdCond leaves out the rows of the held keys, the pairs ($6[i], $7[i]), but for the heads $8.
@@ -126,14 +126,31 @@ func holdExpr(t Table) string {
 }
 
 // claimPart is one ordered range of the claim query, of the columns cols (claimCols, or
-// claimIDs for a claim that wholeTxs extends).
-func claimPart(t Table, cols, cond string) string {
+// claimIDs for a claim that wholeTxs extends), leaving out the ids in flight $3 as rest says.
+func claimPart(t Table, cols, cond string, rest skipRest) string {
+	out := t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))`
+	if rest == restFew {
+		out = t.id("") + ` <> ALL($3::bigint[])`
+	}
 	return `(SELECT ` + cols + `
 		FROM ` + t.outbox() + `
 		WHERE dispatched_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) AND ` + cond + `
-			AND ` + t.id("") + ` >= $5 AND ` + t.id("") + ` NOT IN (SELECT unnest($3::bigint[]))
+			AND ` + t.id("") + ` >= $5 AND ` + out + `
 		ORDER BY ` + t.id("") + ` LIMIT $4)`
 }
+
+// skipRest is how a claim of two ranges leaves out the ids in flight outside their run ($3).
+type skipRest int
+
+const (
+	// restHashed: NOT IN a subplan, hashed once per range at every execution. Any number of
+	// ids.
+	restHashed skipRest = iota
+	// restFew: <> ALL, a comparison with each of them per row read, and no subplan to set up
+	// (an empty array, never NULL, when none is in flight outside the run): for at most
+	// aboveMax ids, as in nearly every claim of a caught-up relay.
+	restFew
+)
 
 // claimAboveQuery is the claim of the rows of the columns cols from id $1, leaving out the ids
 // $2 (a few, never NULL), in one ordered range: the claim of a relay that keeps up, with no
@@ -151,8 +168,8 @@ func claimAboveQuery(t Table, cols string) string {
 
 // claimQuery is the claim of the rows of the columns cols, in the two ranges around the run of
 // ids in flight, each range also under cond (holdCond, or "").
-func claimQuery(t Table, cols, cond string) string {
-	return claimPart(t, cols, t.id("")+` < $1`+cond) + ` UNION ALL ` + claimPart(t, cols, t.id("")+` > $2`+cond) + ` ORDER BY id LIMIT $4`
+func claimQuery(t Table, cols, cond string, rest skipRest) string {
+	return claimPart(t, cols, t.id("")+` < $1`+cond, rest) + ` UNION ALL ` + claimPart(t, cols, t.id("")+` > $2`+cond, rest) + ` ORDER BY id LIMIT $4`
 }
 
 // claimCols is the claim's list of columns (claimColumns). The writing transaction is read only
@@ -385,13 +402,15 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
 		// one; the run needs no check, as no other row can have an id inside it. One statement,
 		// so one snapshot.
-		claim: claimQuery(t, claimCols(t, false), ""),
+		claim: claimQuery(t, claimCols(t, false), "", restHashed),
+		// The same with few ids in flight outside the run (aboveMax).
+		claimFew: claimQuery(t, claimCols(t, false), "", restFew),
 		// The same from the first id past the rows in flight, when no more than aboveMax of
 		// them lie at or above it (claimAbove): one ordered range.
 		claimAbove: claimAboveQuery(t, claimCols(t, false)),
 		// The same, leaving out the rows of held keys: used only while some key is held, so the
 		// common claim pays nothing for it.
-		claimHold: claimQuery(t, claimCols(t, false), holdCond(t)),
+		claimHold: claimQuery(t, claimCols(t, false), holdCond(t), restHashed),
 		mark:      mark,
 		retry: `UPDATE ` + t.outbox() + ` SET attempts = attempts + 1, last_error = $2,
 				next_attempt_at = now() + $3::interval WHERE ` + t.id("") + ` = $1`,
@@ -423,8 +442,8 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 	}
 	if cfg.Transactions {
 		s.txs = true
-		s.q.claim, s.q.claimAbove = wholeTxs(t, claimQuery(t, claimIDs(t), ""), ""), ""
-		s.q.claimHold = wholeTxs(t, claimQuery(t, claimIDs(t), holdCond(t)), holdExpr(t))
+		s.q.claim, s.q.claimFew, s.q.claimAbove = wholeTxs(t, claimQuery(t, claimIDs(t), "", restHashed), ""), "", ""
+		s.q.claimHold = wholeTxs(t, claimQuery(t, claimIDs(t), holdCond(t), restHashed), holdExpr(t))
 	}
 	return s, nil
 }
@@ -655,6 +674,11 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	switch {
 	case len(hold) == 0 && one:
 		rows, err = s.conn.Query(ctx, s.store.q.claimAbove, claimFormats, start, above, limit)
+	case len(hold) == 0 && len(rest) <= aboveMax && s.store.q.claimFew != "":
+		if rest == nil {
+			rest = []int64{} // not NULL: id <> ALL(NULL) is never true
+		}
+		rows, err = s.conn.Query(ctx, s.store.q.claimFew, claimFormats, lo, hi, rest, limit, from)
 	case len(hold) == 0:
 		rows, err = s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
 	default:
@@ -791,12 +815,14 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 	return lo, hi, rest
 }
 
-// aboveMax is the most ids in flight a claim from one range (claimAboveQuery) leaves out one by
-// one: its index scan walks past each of them (a heap fetch each), and compares every row with
-// all of them, so its gain shrinks as they grow: the backend's CPU per claim of two new rows
-// with 5 ids in flight past the claim's start was 0.67-0.72x that of the claim of two ranges,
-// with 15 0.76-0.8x, with 30 0.89-0.95x (BenchmarkClaimCaughtUp, two series).
-const aboveMax = 32
+// aboveMax is the most ids in flight a claim leaves out one by one: the claim of one range
+// (claimAboveQuery) those past its start, the claim of two ranges (restFew) those outside the
+// run. The claim of one range walks past each of its ids (a heap fetch each), so its gain over
+// the claim of two ranges shrinks as they grow: the backend's CPU per claim of two new rows, with
+// 5 ids in flight past the start, was 37 us for one range, 42 for two ranges with <> ALL, 52 for
+// two ranges with hashed subplans; with 15, 40, 45 and 51; with 30, 50, 46 and 52
+// (BenchmarkClaimCaughtUp, medians of three). One range costs no more than two up to about 25.
+const aboveMax = 24
 
 // claimAbove returns where a claim from from, leaving out the ids in flight, may start instead,
 // and the ids in flight past that start; one reports whether they are few enough for the claim
