@@ -399,11 +399,12 @@ func NewStore(conn *pgx.ConnConfig, cfg StoreConfig) (*Store, error) {
 		replMode: cfg.WaitForReplication, onReplWait: cfg.OnReplicationWait, linger: cfg.Linger}
 	s.q = queries{
 		// The claim reads from id $5 in two ordered ranges, below and above the longest run of
-		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) one by
-		// one; the run needs no check, as no other row can have an id inside it. One statement,
-		// so one snapshot.
+		// consecutive ids in flight ($1..$2), leaving out the other ids in flight ($3) by a
+		// hashed subplan; the run needs no check, as no other row can have an id inside it. One
+		// statement, so one snapshot.
 		claim: claimQuery(t, claimCols(t, false), "", restHashed),
-		// The same with few ids in flight outside the run (aboveMax).
+		// The same with no more than aboveMax other ids in flight, left out one by one, with no
+		// subplan to set up: nearly every claim of two ranges.
 		claimFew: claimQuery(t, claimCols(t, false), "", restFew),
 		// The same from the first id past the rows in flight, when no more than aboveMax of
 		// them lie at or above it (claimAbove): one ordered range.
