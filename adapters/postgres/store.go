@@ -820,8 +820,8 @@ func (s *session) skipRun(skip []int64) (lo, hi int64, rest []int64) {
 // (claimAboveQuery) those past its start, the claim of two ranges (restFew) those outside the
 // run. The claim of one range walks past each of its ids (a heap fetch each), so its gain over
 // the claim of two ranges shrinks as they grow: the backend's CPU per claim of two new rows, with
-// 5 ids in flight past the start, was 37 us for one range, 42 for two ranges with <> ALL, 52 for
-// two ranges with hashed subplans; with 15, 40, 45 and 51; with 30, 50, 46 and 52
+// 5 ids in flight past the start, was 37 us for one range, 41 for two ranges with <> ALL, 53 for
+// two ranges with hashed subplans; with 15, 40.5, 46.5 and 50.5; with 30, 50, 44.5 and 51.5
 // (BenchmarkClaimCaughtUp, medians of three). One range costs no more than two up to about 25.
 const aboveMax = 24
 
