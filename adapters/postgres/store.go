@@ -671,20 +671,18 @@ func (s *session) claim(ctx context.Context, from int64, skip []int64, limit, ma
 	s.dec.pool.budget(maxBytes)
 	var rows pgx.Rows
 	var err error
-	start, above, one := s.claimAbove(from, lo, hi, rest, s.sorted)
-	switch {
-	case len(hold) == 0 && one:
+	if len(hold) > 0 {
+		types, ids, heads := holdArgs(hold)
+		rows, err = s.conn.Query(ctx, s.store.q.claimHold, claimFormats, lo, hi, rest, limit, from, types, ids, heads)
+	} else if start, above, one := s.claimAbove(from, lo, hi, rest, s.sorted); one {
 		rows, err = s.conn.Query(ctx, s.store.q.claimAbove, claimFormats, start, above, limit)
-	case len(hold) == 0 && len(rest) <= aboveMax && s.store.q.claimFew != "":
+	} else if len(rest) <= aboveMax && s.store.q.claimFew != "" {
 		if rest == nil {
 			rest = []int64{} // not NULL: id <> ALL(NULL) is never true
 		}
 		rows, err = s.conn.Query(ctx, s.store.q.claimFew, claimFormats, lo, hi, rest, limit, from)
-	case len(hold) == 0:
+	} else {
 		rows, err = s.conn.Query(ctx, s.store.q.claim, claimFormats, lo, hi, rest, limit, from)
-	default:
-		types, ids, heads := holdArgs(hold)
-		rows, err = s.conn.Query(ctx, s.store.q.claimHold, claimFormats, lo, hi, rest, limit, from, types, ids, heads)
 	}
 	if err != nil {
 		return nil, s.wrap(err)
